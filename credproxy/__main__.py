@@ -1,0 +1,3 @@
+from credproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,377 @@
+"""The ``credproxy`` command: argument wiring only.
+
+``credproxy token`` runs inside sandboxes on every API call, so it is
+dispatched before anything else is imported (not even argparse); host-side
+commands import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+from credproxy.errors import (
+    EXIT_FAILURE,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    CredproxyError,
+    DaemonUnavailable,
+    UsageError,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["token"]:
+        from credproxy.client import token_main
+
+        return token_main(args[1:])
+    parser = _parser()
+    ns = parser.parse_args(args)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        result: int = ns.func(ns)
+        return result
+    except CredproxyError as exc:
+        print(f"credproxy {ns.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> Any:
+    import argparse
+
+    from credproxy.daemon import version
+
+    p = argparse.ArgumentParser(
+        prog="credproxy",
+        description="Serve OAuth access tokens to sandboxes; keep refresh tokens on the host.",
+    )
+    p.add_argument("--version", action="version", version=f"credproxy {version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    s.add_argument(
+        "--idle-exit",
+        type=_seconds,
+        metavar="SECONDS",
+        help="exit 0 after this long with no session and no connection",
+    )
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser(
+        "run",
+        help="run a command with a sandbox session",
+        description="Open a sandbox session, run CMD with CREDPROXY_SOCKET set, close it after. "
+        "'{socket}' in an argument is replaced by the session's socket path.",
+    )
+    s.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="GRANT",
+        help="PROVIDER, PROVIDER:BUCKET, key:NAME or '*' (repeatable)",
+    )
+    s.add_argument(
+        "--allow-uid",
+        action="append",
+        default=[],
+        type=int,
+        metavar="UID",
+        help="also accept connections from this uid (repeatable; root is never implied)",
+    )
+    s.add_argument("--name", default="", help="a name for the session in status and logs")
+    s.add_argument(
+        "--capability",
+        action="store_true",
+        help="require a capability token (passed to CMD in CREDPROXY_CAPABILITY)",
+    )
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("token", help="(inside a sandbox) print an access token")
+    s.add_argument("provider")
+    s.add_argument("--bucket")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("import", help="store a token given as JSON")
+    s.add_argument("provider")
+    s.add_argument("--bucket", default="default")
+    s.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin (default)")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("logout", help="remove a stored token (its renewals stop)")
+    s.add_argument("provider")
+    s.add_argument("--bucket", default="default")
+    s.set_defaults(func=cmd_logout)
+
+    k = sub.add_parser("key", help="manage API keys")
+    ksub = k.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    s = ksub.add_parser("set", help="store an API key read from stdin")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_key_set)
+    s = ksub.add_parser("rm", help="remove an API key")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_key_rm)
+
+    s = sub.add_parser("status", help="sessions, grants, tokens and renewals (no secrets)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("install-units", help="write the systemd user units")
+    s.add_argument("--user", action="store_true", default=True, help="(default) user units")
+    s.set_defaults(func=cmd_install_units)
+    return p
+
+
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+# --- host commands ------------------------------------------------------------
+
+
+def cmd_serve(ns: Any) -> int:
+    from credproxy import daemon
+
+    return daemon.main(ns.idle_exit)
+
+
+def _store() -> Any:
+    from credproxy import paths
+    from credproxy.store import TokenStore
+
+    return TokenStore(paths.state_dir())
+
+
+def _notify_daemon(provider: str, bucket: str) -> None:
+    """Tell a running daemon that a token changed; fine if none runs."""
+    from credproxy import paths
+    from credproxy.client import Client
+
+    try:
+        with Client(paths.control_socket(), timeout=5) as c:
+            c.call("token_changed", {"provider": provider, "bucket": bucket})
+    except CredproxyError:
+        pass
+
+
+def cmd_import(ns: Any) -> int:
+    import json
+    import os
+    import time
+
+    from credproxy.store import check_name, normalize_token
+
+    check_name("provider", ns.provider)
+    check_name("bucket", ns.bucket)
+    source = "standard input" if ns.file == "-" else ns.file
+    try:
+        if ns.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(ns.file, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(
+            f"{source} is not valid JSON (line {getattr(exc, 'lineno', '?')})"
+        ) from None
+    token = normalize_token(raw, time.time())
+    os.umask(0o077)
+    store = _store()
+    with store.locked(ns.provider, ns.bucket):
+        store.write(ns.provider, ns.bucket, token)
+    _notify_daemon(ns.provider, ns.bucket)
+    expiry = token.get("expiry")
+    left = "no expiry" if expiry is None else f"expires in {int(expiry - time.time())} s"
+    rt = "with" if token.get("refresh_token") else "without"
+    print(f"stored {ns.provider}:{ns.bucket} ({left}, {rt} refresh token)")
+    return EXIT_OK
+
+
+def cmd_logout(ns: Any) -> int:
+    store = _store()
+    with store.locked(ns.provider, ns.bucket):
+        removed = store.remove(ns.provider, ns.bucket)
+    _notify_daemon(ns.provider, ns.bucket)
+    if not removed:
+        print(f"credproxy logout: no token stored for {ns.provider}:{ns.bucket}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(f"removed {ns.provider}:{ns.bucket}")
+    return EXIT_OK
+
+
+def cmd_key_set(ns: Any) -> int:
+    import os
+
+    from credproxy.store import check_name
+
+    check_name("key", ns.name)
+    if sys.stdin.isatty():
+        print(f"Enter the value of {ns.name}, then Ctrl-D:", file=sys.stderr)
+    value = sys.stdin.read()
+    if value.endswith("\n"):
+        value = value[:-1]
+    if not value:
+        raise UsageError("the key value (read from stdin) is empty")
+    os.umask(0o077)
+    _store().write_key(ns.name, value)
+    print(f"stored key {ns.name}")
+    return EXIT_OK
+
+
+def cmd_key_rm(ns: Any) -> int:
+    if not _store().remove_key(ns.name):
+        print(f"credproxy key rm: no key named {ns.name}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(f"removed key {ns.name}")
+    return EXIT_OK
+
+
+def cmd_status(ns: Any) -> int:
+    import json
+
+    from credproxy import paths
+    from credproxy.client import Client
+
+    try:
+        with Client(paths.control_socket(), timeout=5) as c:
+            status = c.call("status")
+    except DaemonUnavailable:
+        status = _offline_status()
+    if ns.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(_render_status(status))
+    return EXIT_OK
+
+
+def _offline_status() -> dict[str, Any]:
+    import time
+
+    from credproxy.errors import StoreError
+
+    store = _store()
+    tokens = []
+    now = time.time()
+    for provider in store.providers():
+        for bucket in store.buckets(provider):
+            entry: dict[str, Any] = {"provider": provider, "bucket": bucket}
+            try:
+                tok = store.read(provider, bucket) or {}
+            except StoreError as exc:
+                entry["error"] = str(exc)
+                tokens.append(entry)
+                continue
+            exp = tok.get("expiry")
+            entry["expires_in"] = None if exp is None else round(exp - now)
+            entry["refreshable"] = bool(tok.get("refresh_token")) and exp is not None
+            tokens.append(entry)
+    return {"daemon": None, "sessions": [], "tokens": tokens, "keys": store.key_names()}
+
+
+def _render_status(st: dict[str, Any]) -> str:
+    lines = []
+    d = st.get("daemon")
+    if d:
+        lines.append(f"daemon: pid {d['pid']}, version {d['version']}, since {d['running_since']}")
+    else:
+        lines.append("daemon: not running")
+    sessions = st.get("sessions", [])
+    lines.append(f"sessions: {len(sessions)}")
+    for s in sessions:
+        lines.append(
+            f"  {s['id']} {s['name']!r}: grants {', '.join(s['grants']) or '-'}; "
+            f"{s['connections']} connections; launcher pid {s['launcher_pid']}"
+        )
+        for r in s.get("renewals", []):
+            state = (
+                "re-auth required"
+                if r["reauth_required"]
+                else "gave up"
+                if r["gave_up"]
+                else f"next renewal {r['next_renewal']} (in {r['next_renewal_in']} s)"
+            )
+            extra = (
+                f", {r['failures']} failures, last error: {r['last_error']}"
+                if r["failures"]
+                else ""
+            )
+            lines.append(f"    {r['provider']}:{r['bucket']}: {state}{extra}")
+    tokens = st.get("tokens", [])
+    lines.append(f"tokens: {len(tokens)}")
+    for t in tokens:
+        if "error" in t:
+            lines.append(f"  {t['provider']}:{t['bucket']}: unreadable: {t['error']}")
+            continue
+        bits = [f"expires in {t.get('expires_in')} s"]
+        bits.append("refreshable" if t.get("refreshable") else "not refreshable")
+        if t.get("reauth_required"):
+            bits.append("RE-AUTH REQUIRED")
+        if t.get("failures"):
+            bits.append(f"{t['failures']} consecutive failures (last: {t.get('last_error')})")
+        if t.get("next_renewal"):
+            bits.append(f"next renewal {t['next_renewal']}")
+        lines.append(f"  {t['provider']}:{t['bucket']}: " + ", ".join(bits))
+    keys = st.get("keys", [])
+    lines.append(f"keys: {', '.join(keys) if keys else '-'}")
+    return "\n".join(lines)
+
+
+def cmd_install_units(ns: Any) -> int:
+    import shutil
+    from pathlib import Path
+
+    from credproxy import units
+
+    exe = shutil.which("credproxy") or str(Path(sys.argv[0]).resolve())
+    dest = Path.home() / ".config" / "systemd" / "user"
+    written = units.install_units(dest, exe)
+    for path in written:
+        print(f"wrote {path}")
+    print("next: systemctl --user daemon-reload && systemctl --user enable --now credproxy.socket")
+    return EXIT_OK
+
+
+# --- credproxy run --------------------------------------------------------------
+
+
+def cmd_run(ns: Any) -> int:
+    from credproxy import launcher
+
+    cmd = list(ns.cmd)
+    if cmd[:1] == ["--"]:
+        cmd = cmd[1:]
+    if not cmd:
+        _die_usage("run needs a command: credproxy run --allow GRANT -- CMD [ARGS...]")
+    return launcher.run(
+        cmd,
+        allow=ns.allow,
+        allow_uids=ns.allow_uid,
+        name=ns.name,
+        capability=ns.capability,
+    )
+
+
+def _die_usage(message: str) -> NoReturn:
+    print(f"credproxy: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+__all__ = ["EXIT_FAILURE", "main"]

@@ -1,0 +1,383 @@
+"""The wire protocol, sans I/O: bytes in, events and bytes out.
+
+Theory of operation
+-------------------
+
+A connection carries frames: a 4-byte unsigned big-endian length, then that many
+bytes of UTF-8 JSON holding one object. This is llxprt-code's credential-proxy
+framing, kept byte for byte so that its inner client works against us.
+
+:class:`FrameReader` only splits the stream. :class:`ServerConnection` is the
+per-connection state machine on top of it::
+
+    AWAIT_HANDSHAKE --(valid handshake)--> OPEN --(fatal error)--> CLOSED
+          |
+          +--(bad version / capability)--> CLOSED (after one error reply)
+
+The first frame is always the handshake, whatever its ``op`` (llxprt's client
+sends no ``id`` there and treats the first reply as the handshake reply). Once
+OPEN, every frame is a request ``{"v", "id", "op", "payload"}``; the state
+machine checks the envelope, duplicate ids and the in-flight cap, and hands
+well-formed requests to the caller as :class:`Request` events. The caller
+answers each with :meth:`ServerConnection.reply_ok` / :meth:`reply_error`,
+which also enforce the 64 KiB response limit for v1 peers.
+
+What closes a connection without a reply (llxprt does the same, and a peer
+that sends these is not speaking the protocol): an oversized length, invalid
+UTF-8 or JSON, a frame that is not a JSON object. What gets an error reply and
+keeps the connection: a bad envelope (missing or mistyped ``id``/``op``/
+``payload``), a duplicate in-flight id, more than ``max_in_flight`` requests.
+
+Nothing here touches a socket or a clock; the shell feeds bytes and writes the
+bytes it is given. The one timing rule of the protocol, "a body must arrive
+within 5 s of its header", is exposed as :attr:`FrameReader.awaiting_body` for
+the shell to enforce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import msgspec
+
+from credproxy.errors import InvalidName, ProtocolError
+
+MAX_FRAME = 65_536  # largest payload we accept (and the v1 response limit)
+BODY_DEADLINE = 5.0  # seconds for a body to follow its header
+MIN_VERSION, MAX_VERSION = 1, 2
+NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+MAX_ID_LENGTH = 128
+
+_HEADER = 4
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame header announced more than :data:`MAX_FRAME` bytes."""
+
+
+class MalformedFrame(ProtocolError):
+    """A frame body is not a UTF-8 JSON object."""
+
+
+def frame(payload: bytes) -> bytes:
+    """Prefix *payload* with its 4-byte big-endian length."""
+    return len(payload).to_bytes(_HEADER, "big") + payload
+
+
+def encode(obj: Any) -> bytes:
+    """Encode *obj* as JSON and frame it."""
+    return frame(_encoder.encode(obj))
+
+
+class FrameReader:
+    """Split a byte stream into frame payloads.
+
+    ``feed(data)`` stores bytes; ``next_frame()`` returns the next complete
+    payload or ``None`` if more bytes are needed. A header announcing more than
+    ``max_frame`` bytes raises :class:`FrameTooLarge` as soon as the header is
+    complete, before any of the body is buffered.
+    """
+
+    __slots__ = ("_buf", "_max", "_need")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+        self._need: int | None = None  # body length once the header is read
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_frame(self) -> bytes | None:
+        buf = self._buf
+        if self._need is None:
+            if len(buf) < _HEADER:
+                return None
+            need = int.from_bytes(buf[:_HEADER], "big")
+            if need > self._max:
+                raise FrameTooLarge(f"frame of {need} bytes exceeds the {self._max}-byte limit")
+            del buf[:_HEADER]
+            self._need = need
+        need = self._need
+        if len(buf) < need:
+            return None
+        payload = bytes(buf[:need])
+        del buf[:need]
+        self._need = None
+        return payload
+
+    @property
+    def awaiting_body(self) -> bool:
+        """True while a header has been read and its body is incomplete.
+
+        The body deadline runs only in this state: one to three stray bytes of
+        a header never arm it (llxprt's rule).
+        """
+        return self._need is not None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+def decode_object(payload: bytes) -> dict[str, Any]:
+    """Decode one frame payload, which must be a JSON object."""
+    try:
+        obj = _decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise MalformedFrame("frame is not valid UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise MalformedFrame("frame is not a JSON object")
+    return obj
+
+
+# --- events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A well-formed request the caller must answer exactly once."""
+
+    id: str
+    op: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Bytes to write now; ``close`` means close the connection after writing."""
+
+    data: bytes
+    close: bool = False
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+Event = Request | Send | _NeedData
+
+AWAIT_HANDSHAKE, OPEN, CLOSED = "AWAIT_HANDSHAKE", "OPEN", "CLOSED"
+
+
+def handshake_error(code: str, message: str) -> bytes:
+    """A handshake-shaped refusal, for peers refused before they speak."""
+    return encode({"v": 1, "op": "handshake", "ok": False, "code": code, "error": message})
+
+
+def negotiate(frame_obj: dict[str, Any]) -> int | None:
+    """The protocol version both sides support, or ``None``.
+
+    Accepts ``payload.minVersion``/``maxVersion`` (integers, min <= max) and
+    picks the highest common version; otherwise a bare numeric ``v`` within
+    range is taken as is (what llxprt's v1 client sends).
+    """
+    payload = frame_obj.get("payload")
+    if isinstance(payload, dict):
+        lo, hi = payload.get("minVersion"), payload.get("maxVersion")
+        if _is_int(lo) and _is_int(hi):
+            if lo <= hi:
+                if hi < MIN_VERSION or lo > MAX_VERSION:
+                    return None
+                return min(MAX_VERSION, hi)
+    v = frame_obj.get("v")
+    if _is_int(v):
+        if MIN_VERSION <= v <= MAX_VERSION:
+            return v
+    return None
+
+
+def _is_int(x: object) -> TypeGuard[int]:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def capability_digest(token: str) -> bytes:
+    """What a session keeps of its capability token: the SHA-256, never the token."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+_CAPABILITY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ServerConnection:
+    """The server side of one connection (see the module docstring).
+
+    Args:
+        capability: SHA-256 digest of the session's capability token, or
+            ``None`` when the session does not require one.
+        max_in_flight: requests a peer may have unanswered at once; more get
+            ``RESOURCE_EXHAUSTED``.
+    """
+
+    def __init__(self, *, capability: bytes | None = None, max_in_flight: int = 16) -> None:
+        self.state = AWAIT_HANDSHAKE
+        self.version = 0
+        self._reader = FrameReader()
+        self._capability = capability
+        self._max_in_flight = max_in_flight
+        self._in_flight: set[str] = set()
+
+    # -- input --
+
+    def receive_data(self, data: bytes) -> None:
+        """Store bytes from the peer; call :meth:`next_event` to process them."""
+        self._reader.feed(data)
+
+    @property
+    def awaiting_body(self) -> bool:
+        return self._reader.awaiting_body
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def next_event(self) -> Event:
+        """The next event, or :data:`NEED_DATA`.
+
+        Raises:
+            ProtocolError: the peer broke framing; close without replying.
+        """
+        if self.state == CLOSED:
+            raise ProtocolError("connection is closed")
+        try:
+            payload = self._reader.next_frame()
+            if payload is None:
+                return NEED_DATA
+            obj = decode_object(payload)
+        except ProtocolError:
+            self.state = CLOSED
+            raise
+        if self.state == AWAIT_HANDSHAKE:
+            return self._handshake(obj)
+        return self._request(obj)
+
+    def _handshake(self, obj: dict[str, Any]) -> Send:
+        version = negotiate(obj)
+        if version is None:
+            self.state = CLOSED
+            return Send(handshake_error("UNKNOWN_VERSION", "Unsupported protocol version"), True)
+        if self._capability is not None:
+            payload = obj.get("payload")
+            token = payload.get("capabilityToken") if isinstance(payload, dict) else None
+            if not (
+                isinstance(token, str)
+                and _CAPABILITY_RE.match(token)
+                and hmac.compare_digest(capability_digest(token), self._capability)
+            ):
+                self.state = CLOSED
+                return Send(
+                    handshake_error("UNAUTHORIZED", "Invalid or missing capability token"), True
+                )
+        self.state = OPEN
+        self.version = version
+        return Send(
+            encode({"v": version, "op": "handshake", "ok": True, "data": {"version": version}})
+        )
+
+    def _request(self, obj: dict[str, Any]) -> Request | Send:
+        rid, op, payload = obj.get("id"), obj.get("op"), obj.get("payload", {})
+        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LENGTH:
+            echo = rid if isinstance(rid, str) else "unknown"
+            return Send(self._error(echo[:MAX_ID_LENGTH], "INVALID_REQUEST", _ID_PROBLEM))
+        if not isinstance(op, str) or not op:
+            return Send(self._error(rid, "INVALID_REQUEST", "missing or non-string 'op'"))
+        if payload is None:
+            payload = {}
+        if not isinstance(payload, dict):
+            return Send(self._error(rid, "INVALID_REQUEST", "'payload' must be a JSON object"))
+        if rid in self._in_flight:
+            return Send(self._error(rid, "INVALID_REQUEST", "Duplicate request id"))
+        if len(self._in_flight) >= self._max_in_flight:
+            return Send(
+                self._error(
+                    rid,
+                    "RESOURCE_EXHAUSTED",
+                    f"more than {self._max_in_flight} requests in flight on this connection",
+                )
+            )
+        self._in_flight.add(rid)
+        return Request(rid, op, payload)
+
+    # -- output --
+
+    def reply_ok(self, rid: str, data: Any) -> bytes:
+        """Answer request *rid* with ``data`` (any JSON-encodable object)."""
+        return self.reply_ok_raw(rid, _encoder.encode(data))
+
+    def reply_ok_raw(self, rid: str, data_json: bytes) -> bytes:
+        """Answer request *rid* with an already-encoded JSON object (the hot path)."""
+        self._in_flight.discard(rid)
+        body = b'{"id":' + _encoder.encode(rid) + b',"ok":true,"data":' + data_json + b"}"
+        if self.version == 1 and len(body) > MAX_FRAME:
+            return self._error(rid, "RESPONSE_TOO_LARGE", "response exceeds 64 KiB for a v1 peer")
+        return frame(body)
+
+    def reply_error(
+        self, rid: str, code: str, message: str, retry_after: int | None = None
+    ) -> bytes:
+        """Answer request *rid* with an error; ``retry_after`` in seconds for RATE_LIMITED."""
+        self._in_flight.discard(rid)
+        return self._error(rid, code, message, retry_after)
+
+    def _error(self, rid: str, code: str, message: str, retry_after: int | None = None) -> bytes:
+        obj: dict[str, Any] = {"id": rid, "ok": False, "code": code, "error": message}
+        if retry_after is not None:
+            obj["retryAfter"] = retry_after
+        return encode(obj)
+
+
+_ID_PROBLEM = f"missing or invalid 'id' (a string of 1 to {MAX_ID_LENGTH} characters)"
+
+
+# --- payload helpers --------------------------------------------------------
+
+
+def name_field(payload: dict[str, Any], field: str, *, default: str | None = None) -> str:
+    """A validated provider, bucket or key name from *payload*.
+
+    Raises:
+        InvalidName: missing (with no default), not a string, or not matching
+            ``^[A-Za-z0-9._@-]{1,64}$``.
+    """
+    value = payload.get(field)
+    if value is None:
+        if default is None:
+            raise InvalidName(f"missing '{field}'")
+        return default
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise InvalidName(f"'{field}' must be a name matching {NAME_RE.pattern}")
+    return value
+
+
+class TokenBucket:
+    """A per-connection request-rate limit (sans IO: the caller passes ``now``).
+
+    ``rate`` requests per second sustained, ``burst`` at once; ``rate == 0``
+    disables the limit.
+    """
+
+    __slots__ = ("_burst", "_last", "_level", "_rate")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._level, self._last = float(burst), now
+
+    def take(self, now: float) -> float:
+        """Spend one request; 0.0 if allowed, else the seconds until one is."""
+        if self._rate <= 0:
+            return 0.0
+        level = min(self._burst, self._level + (now - self._last) * self._rate)
+        self._last = now
+        if level >= 1.0:
+            self._level = level - 1.0
+            return 0.0
+        self._level = level
+        return (1.0 - level) / self._rate

@@ -1,0 +1,255 @@
+"""Unix-socket listeners and the per-connection loop (trio shell).
+
+The protocol logic lives in :mod:`credproxy.protocol`; this module moves bytes
+between a socket and a :class:`~credproxy.protocol.ServerConnection`, enforces
+the timing limits (body deadline, idle timeout, request rate), and isolates
+failures: whatever one client sends, only its own connection is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import socket as stdsocket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from credproxy import logs
+from credproxy.config import Limits
+from credproxy.errors import CredproxyError, DaemonUnavailable, ProtocolError
+from credproxy.protocol import (
+    BODY_DEADLINE,
+    NEED_DATA,
+    Request,
+    Send,
+    ServerConnection,
+    TokenBucket,
+    handshake_error,
+)
+
+log = logs.get("credproxy.server")
+_PEERCRED = struct.Struct("3i")
+RECV_SIZE = 65_536
+
+
+class AlreadyRunning(CredproxyError):
+    """Another daemon answers on the socket path."""
+
+
+def make_private_dir(path: Path) -> None:
+    """Create *path* 0700 (parents too) and refuse one that is not ours or is open.
+
+    Raises:
+        CredproxyError: the directory belongs to someone else or is a symlink.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CredproxyError(f"{path} is not a directory; remove it and retry")
+    if st.st_uid != os.getuid():
+        raise CredproxyError(f"{path} belongs to uid {st.st_uid}; refusing to put sockets there")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+async def bind_unix(path: Path, backlog: int = 1024) -> trio.socket.SocketType:
+    """Bind and listen on *path*, reclaiming a stale socket file safely.
+
+    The socket is born 0600: it is bound under umask 177 (no chmod window),
+    synchronously, so no other task runs while the process umask is changed.
+    If the path is taken, it is reclaimed only when it is a socket and a
+    probe-connect is refused (its daemon is gone); a live listener raises
+    :class:`AlreadyRunning` and anything that is not a socket is left alone.
+    """
+    sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        try:
+            _bind_private(sock, path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise CredproxyError(f"cannot bind {path}: {exc.strerror}") from None
+            await _reclaim(path)
+            _bind_private(sock, path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.socket.from_stdlib_socket(sock)
+
+
+def _bind_private(sock: stdsocket.socket, path: Path) -> None:
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+
+
+async def _reclaim(path: Path) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise CredproxyError(f"{path} exists and is not a socket; remove it and retry")
+    probe = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    with probe:
+        try:
+            with trio.fail_after(2):
+                await probe.connect(str(path))
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens: the daemon that bound it is gone
+            return
+        except (OSError, trio.TooSlowError):
+            pass
+    raise AlreadyRunning(f"another credproxy daemon is listening on {path}")
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer, as the kernel reports it (SO_PEERCRED)."""
+    raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+async def refuse(sock: trio.socket.SocketType, code: str, message: str) -> None:
+    """Tell a refused peer why (one handshake-shaped error frame), then close."""
+    with sock, trio.move_on_after(1), contextlib.suppress(OSError):
+        await send_all(sock, handshake_error(code, message))
+
+
+class Handler(Protocol):
+    """What a listener serves: the control socket or one sandbox session."""
+
+    capability: bytes | None
+
+    def fast(self, conn: ServerConnection, req: Request) -> bytes | None:
+        """Answer without waiting (the cached ``get_token``), or None to go slow."""
+
+    async def slow(self, conn: ServerConnection, req: Request) -> bytes:
+        """Answer a request that may wait (a refresh, a store write)."""
+
+
+async def serve_connection(
+    sock: trio.socket.SocketType,
+    handler: Handler,
+    limits: Limits,
+    label: str,
+    on_internal_error: Callable[[BaseException, Request], Awaitable[bytes]] | None = None,
+) -> None:
+    """Run one connection until the peer closes it, breaks the protocol or idles out.
+
+    Never raises for anything the peer does; internal errors in a request
+    become ``INTERNAL_ERROR`` replies (without exception text).
+    """
+    conn = ServerConnection(capability=handler.capability, max_in_flight=limits.max_in_flight)
+    now = trio.current_time()
+    bucket = TokenBucket(limits.requests_per_second, limits.request_burst, now)
+    send_lock = trio.StrictFIFOLock()
+    idle_deadline = now + limits.idle_timeout
+    body_deadline = math.inf
+    reason = "closed by peer"
+
+    async def send(data: bytes) -> None:
+        async with send_lock:
+            await send_all(sock, data)
+
+    async def answer_slow(req: Request) -> None:
+        try:
+            out = await handler.slow(conn, req)
+        except Exception:  # a bug: never let it take the connection down silently
+            log.exception("request_failed", conn=label, op=req.op)
+            out = conn.reply_error(req.id, "INTERNAL_ERROR", "internal error; see the daemon log")
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await send(out)
+
+    with sock:
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    while True:
+                        deadline = body_deadline
+                        if conn.in_flight == 0:
+                            deadline = min(deadline, idle_deadline)
+                        with trio.CancelScope(deadline=deadline) as scope:
+                            data = await sock.recv(RECV_SIZE)
+                        if scope.cancelled_caught:
+                            if conn.awaiting_body:
+                                reason = "frame body did not arrive within 5 s"
+                                break
+                            if conn.in_flight == 0:
+                                reason = "idle timeout"
+                                break
+                            continue
+                        if not data:
+                            break
+                        conn.receive_data(data)
+                        while True:
+                            ev = conn.next_event()
+                            if ev is NEED_DATA:
+                                break
+                            now = trio.current_time()
+                            idle_deadline = now + limits.idle_timeout
+                            if isinstance(ev, Send):
+                                await send(ev.data)
+                                if ev.close:
+                                    reason = "handshake refused"
+                                    return
+                                continue
+                            assert isinstance(ev, Request)
+                            wait = bucket.take(now)
+                            if wait:
+                                await send(
+                                    conn.reply_error(
+                                        ev.id,
+                                        "RATE_LIMITED",
+                                        "too many requests on this connection; slow down",
+                                        retry_after=max(1, math.ceil(wait)),
+                                    )
+                                )
+                                continue
+                            try:
+                                out = handler.fast(conn, ev)
+                            except Exception:
+                                log.exception("request_failed", conn=label, op=ev.op)
+                                out = conn.reply_error(
+                                    ev.id, "INTERNAL_ERROR", "internal error; see the daemon log"
+                                )
+                            if out is not None:
+                                await send(out)
+                            else:
+                                nursery.start_soon(answer_slow, ev)
+                        if conn.awaiting_body:
+                            if body_deadline == math.inf:
+                                body_deadline = trio.current_time() + BODY_DEADLINE
+                        else:
+                            body_deadline = math.inf
+                except ProtocolError as exc:
+                    reason = f"protocol error: {exc}"
+                finally:
+                    nursery.cancel_scope.cancel()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = f"socket error: {type(exc).__name__}"
+        log.debug("connection_closed", conn=label, reason=reason)
+
+
+async def connect_unix(path: Path) -> trio.socket.SocketType:
+    """Connect to a daemon socket (used by tests and the daemon's own probes)."""
+    sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        await sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise DaemonUnavailable(f"nothing answers on {path}: {exc.strerror}") from None
+    return sock

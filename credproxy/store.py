@@ -1,0 +1,319 @@
+"""The on-disk token and API-key store.
+
+Layout under the state directory (directories 0700, files 0600)::
+
+    tokens/<provider>/<bucket>.json   one token per file
+    keys/<name>                       one API key per file (the raw value)
+    locks/<provider>/<bucket>.lock    per-key flock targets (never renamed)
+
+Writes are atomic and durable: a temp file in the same directory is written,
+fsynced, renamed over the target, and the directory is fsynced. A reader
+therefore sees the old token or the new one, never a truncated file, and a
+crash at any point leaves one of the two on disk.
+
+Locks are separate files because the token file is replaced by rename on
+every write: an flock on it would lock an inode that is about to be unlinked.
+
+This module is synchronous (plain ``os`` calls). The daemon calls the slow
+parts (fsync) from a worker thread; the CLI calls them directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from credproxy.errors import InvalidName, InvalidToken, StoreError
+from credproxy.protocol import NAME_RE
+
+DEFAULT_BUCKET = "default"
+
+# Fault injection for crash tests: when CREDPROXY_FAULT names a checkpoint, the
+# process stops itself there (SIGSTOP) so a test can SIGKILL it at exactly
+# that point. Read once; costs one comparison per checkpoint otherwise.
+_FAULT = os.environ.get("CREDPROXY_FAULT")
+
+
+def checkpoint(name: str) -> None:
+    """Stop the process here if ``CREDPROXY_FAULT`` names this checkpoint."""
+    if _FAULT is not None and name == _FAULT:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidName(f"{kind} name {name!r} must match {NAME_RE.pattern}")
+    return name
+
+
+def normalize_token(raw: Any, now: float) -> dict[str, Any]:
+    """Validate token JSON (as given to ``import``) and return what is stored.
+
+    ``expires_in`` (seconds from *now*) is turned into ``expiry`` (epoch
+    seconds); unknown fields are kept.
+
+    Raises:
+        InvalidToken: with a message naming the field at fault.
+    """
+    if not isinstance(raw, dict):
+        raise InvalidToken("token must be a JSON object")
+    token = dict(raw)
+    at = token.get("access_token")
+    if not isinstance(at, str) or not at:
+        raise InvalidToken("token needs a non-empty string 'access_token'")
+    rt = token.get("refresh_token")
+    if rt is not None and not isinstance(rt, str):
+        raise InvalidToken("'refresh_token' must be a string")
+    if rt == "":
+        del token["refresh_token"]
+    expires_in = token.pop("expires_in", None)
+    if "expiry" in token:
+        expiry = token["expiry"]
+        if isinstance(expiry, bool) or not isinstance(expiry, int | float) or expiry < 0:
+            raise InvalidToken("'expiry' must be a number of seconds since the epoch")
+        if expiry > 1e11:
+            raise InvalidToken("'expiry' looks like milliseconds; give epoch seconds")
+    elif expires_in is not None:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+            raise InvalidToken("'expires_in' must be a number of seconds")
+        token["expiry"] = int(now + expires_in)
+    tt = token.setdefault("token_type", "Bearer")
+    if not isinstance(tt, str):
+        raise InvalidToken("'token_type' must be a string")
+    return token
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+class TokenStore:
+    """Tokens and API keys under *root* (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tokens_dir = root / "tokens"
+        self.keys_dir = root / "keys"
+        self.locks_dir = root / "locks"
+
+    # -- paths --
+
+    def token_path(self, provider: str, bucket: str = DEFAULT_BUCKET) -> Path:
+        check_name("provider", provider)
+        check_name("bucket", bucket)
+        return self.tokens_dir / provider / f"{bucket}.json"
+
+    def key_path(self, name: str) -> Path:
+        return self.keys_dir / check_name("key", name)
+
+    def lock_path(self, provider: str, bucket: str) -> Path:
+        check_name("provider", provider)
+        check_name("bucket", bucket)
+        return self.locks_dir / provider / f"{bucket}.lock"
+
+    # -- tokens --
+
+    def read(self, provider: str, bucket: str = DEFAULT_BUCKET) -> dict[str, Any] | None:
+        """The stored token, or ``None`` if there is none.
+
+        Raises:
+            StoreError: the file exists but cannot be read or is not a token.
+        """
+        return self._read_json(self.token_path(provider, bucket))
+
+    def read_with_signature(
+        self, provider: str, bucket: str = DEFAULT_BUCKET
+    ) -> tuple[dict[str, Any] | None, tuple[int, int] | None]:
+        """The token and the :meth:`signature` of the file it was read from."""
+        path = self.token_path(provider, bucket)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+        return self._decode(path, data), (st.st_ino, st.st_mtime_ns)
+
+    def signature(self, provider: str, bucket: str = DEFAULT_BUCKET) -> tuple[int, int] | None:
+        """(inode, mtime) of the token file, or ``None``: changes on every write.
+
+        Every write renames a new file into place, so a different inode means
+        a different token; the daemon uses this to keep its in-memory copy
+        without re-reading the file on each request.
+        """
+        try:
+            st = os.stat(self.token_path(provider, bucket))
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
+
+    def write(self, provider: str, bucket: str, token: dict[str, Any]) -> None:
+        """Store *token* atomically and durably (see the module docstring)."""
+        path = self.token_path(provider, bucket)
+        self._atomic_write(path, _encoder.encode(token))
+
+    def remove(self, provider: str, bucket: str = DEFAULT_BUCKET) -> bool:
+        """Delete a token; False if there was none."""
+        path = self.token_path(provider, bucket)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot remove {path}: {exc.strerror}") from None
+        _fsync_dir(path.parent)
+        return True
+
+    def providers(self) -> list[str]:
+        return sorted(p for p in _listdir(self.tokens_dir) if NAME_RE.match(p) and self.buckets(p))
+
+    def buckets(self, provider: str) -> list[str]:
+        check_name("provider", provider)
+        names = _listdir(self.tokens_dir / provider)
+        return sorted(n[:-5] for n in names if n.endswith(".json") and NAME_RE.match(n[:-5]))
+
+    # -- API keys --
+
+    def read_key(self, name: str) -> str | None:
+        path = self.key_path(name)
+        try:
+            return path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"cannot read key file {path}: {type(exc).__name__}") from None
+
+    def write_key(self, name: str, value: str) -> None:
+        self._atomic_write(self.key_path(name), value.encode("utf-8"))
+
+    def remove_key(self, name: str) -> bool:
+        path = self.key_path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def key_names(self) -> list[str]:
+        return sorted(n for n in _listdir(self.keys_dir) if NAME_RE.match(n))
+
+    # -- locking --
+
+    def open_lock(self, provider: str, bucket: str) -> int:
+        """Open (creating) the lock file of a key; the caller flocks and closes it."""
+        path = self.lock_path(provider, bucket)
+        _makedirs(path.parent)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open lock file {path}: {exc.strerror}") from None
+
+    @contextmanager
+    def locked(self, provider: str, bucket: str) -> Iterator[None]:
+        """Hold the key's exclusive flock (blocking) for the ``with`` body."""
+        fd = self.open_lock(provider, bucket)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    # -- internals --
+
+    def _read_json(self, path: Path) -> dict[str, Any] | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+        return self._decode(path, data)
+
+    @staticmethod
+    def _decode(path: Path, data: bytes) -> dict[str, Any]:
+        try:
+            obj = _decoder.decode(data)
+        except msgspec.DecodeError:
+            raise StoreError(f"{path} is not valid JSON; re-import the token") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("access_token"), str):
+            raise StoreError(f"{path} does not hold a token; re-import it")
+        return obj
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        _makedirs(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                checkpoint("store-written")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            checkpoint("store-fsynced")
+            os.rename(tmp, path)
+            checkpoint("store-renamed")
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            with _suppress_oserror():
+                os.unlink(tmp)
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+
+
+@contextmanager
+def _suppress_oserror() -> Iterator[None]:
+    with suppress(OSError):
+        yield
+
+
+def _makedirs(path: Path) -> None:
+    """Create *path* and parents 0700; refuse a directory someone else owns."""
+    old = os.umask(0o077)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise StoreError(f"{path} belongs to uid {st.st_uid}, not to you; refusing to use it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        # Tighten, once, a directory a user or older version made too open.
+        os.chmod(path, 0o700)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
