@@ -183,15 +183,13 @@ def negotiate(frame_obj: dict[str, Any]) -> int | None:
     payload = frame_obj.get("payload")
     if isinstance(payload, dict):
         lo, hi = payload.get("minVersion"), payload.get("maxVersion")
-        if _is_int(lo) and _is_int(hi):
-            if lo <= hi:
-                if hi < MIN_VERSION or lo > MAX_VERSION:
-                    return None
-                return min(MAX_VERSION, hi)
+        if _is_int(lo) and _is_int(hi) and lo <= hi:
+            if hi < MIN_VERSION or lo > MAX_VERSION:
+                return None
+            return min(MAX_VERSION, hi)
     v = frame_obj.get("v")
-    if _is_int(v):
-        if MIN_VERSION <= v <= MAX_VERSION:
-            return v
+    if _is_int(v) and MIN_VERSION <= v <= MAX_VERSION:
+        return v
     return None
 
 
