@@ -1,0 +1,183 @@
+"""The refresh grant over HTTPS: the only module that imports httpx.
+
+:class:`HttpTokenEndpoint` implements :class:`credproxy.oauth.TokenEndpoint`
+with one shared ``httpx.AsyncClient``. The codec in ``credproxy/oauth.py``
+builds the form and judges the answer; this module only moves bytes and turns
+every httpx exception into :class:`~credproxy.errors.RefreshFailed` at the
+boundary, so nothing above it needs to know httpx exists.
+
+What never leaves this module: the refresh token, the client secret and the
+response body. Exceptions are raised ``from None`` and name only the host of
+the token URL and the httpx exception class, because an httpx exception
+carries the request (form body included) and its message may quote the URL.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from credproxy import oauth
+from credproxy.config import Provider
+from credproxy.errors import RefreshFailed
+
+__all__ = ["MAX_RESPONSE_BYTES", "HttpTokenEndpoint"]
+
+#: A token response is a few kilobytes; anything bigger is not one.
+MAX_RESPONSE_BYTES = 1 << 20
+
+# Every exception httpx raises on purpose. HTTPError covers transport errors
+# (connect, read, timeouts, protocol) and decoding errors; the others are
+# siblings outside that hierarchy.
+_HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, httpx.CookieConflict)
+
+
+# A mount of None means "the client's own transport", i.e. no proxy.
+_LOOPBACK_PATTERNS = ("all://127.0.0.1", "all://localhost", "all://[::1]")
+
+
+class HttpTokenEndpoint:
+    """Refreshes tokens with ``POST token_url`` (``client_secret_post``).
+
+    *wall_clock* gives the epoch time used to turn ``expires_in`` into an
+    absolute expiry (tests inject a fake one). *timeout* bounds each phase of
+    a request (connect at most 5 s); a token endpoint that does not answer in
+    time is a :class:`~credproxy.errors.RefreshFailed` like any other
+    transport failure.
+
+    The ``httpx.AsyncClient`` (and its TLS context, ~100 ms to build) is
+    created on the first refresh, so a daemon that never refreshes never pays
+    for it. Call :meth:`aclose` on shutdown.
+    """
+
+    def __init__(
+        self,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        timeout: float = 10.0,
+    ) -> None:
+        self._wall_clock = wall_clock
+        self._timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._client else "idle")
+        return f"<HttpTokenEndpoint {state} timeout={self._timeout}>"
+
+    def _get_client(self) -> httpx.AsyncClient:
+        # No await between the check and the assignment, so concurrent first
+        # refreshes in one trio loop still share a single client.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                # The system trust store rather than certifi's bundle, so
+                # corporate CAs installed on the host are honoured.
+                verify=ssl.create_default_context(),
+                timeout=httpx.Timeout(self._timeout, connect=min(5.0, self._timeout)),
+                # A token endpoint that redirects is misconfigured; following
+                # it would re-send the refresh token somewhere else.
+                follow_redirects=False,
+                # HTTPS_PROXY / NO_PROXY from the environment apply, except to
+                # loopback: a development IdP on 127.0.0.1 must not be sent to
+                # a corporate proxy (httpx, like curl, would do so otherwise).
+                trust_env=True,
+                mounts=dict.fromkeys(_LOOPBACK_PATTERNS),
+                headers={"Accept": "application/json", "User-Agent": "credproxy"},
+            )
+        return self._client
+
+    async def refresh(self, provider: Provider, refresh_token: str) -> dict[str, Any]:
+        """Exchange *refresh_token* at ``provider.token_url``.
+
+        The client secret is read from ``provider.client_secret_file`` on
+        every call, so rotating the file needs no daemon restart.
+
+        Returns:
+            The parsed token (see :func:`credproxy.oauth.parse_refresh_response`),
+            not yet merged with the stored one.
+
+        Raises:
+            RefreshFailed: the secret file cannot be read, the endpoint is
+                unreachable, too slow, or answers anything but a usable token
+                or a rejection; also after :meth:`aclose`.
+            ReauthRequired: the endpoint rejected the refresh token or the
+                client (``invalid_grant``, ``invalid_client``, 401, ...).
+        """
+        if self._closed:
+            raise RefreshFailed("the HTTP client is closed (the daemon is shutting down)")
+        client_secret = await _read_client_secret(provider.client_secret_file)
+        form = oauth.refresh_form(provider, refresh_token, client_secret)
+        # The userinfo part of a URL may hold a password; name the host only.
+        host = urlsplit(provider.token_url).hostname or "the token endpoint"
+        # Taken before sending: expires_in counts from when the IdP answered,
+        # so the computed expiry is early by one round trip, never late.
+        now = self._wall_clock()
+        try:
+            status, body = await self._post(provider.token_url, form)
+        except _HTTPX_ERRORS as exc:
+            raise RefreshFailed(f"refresh for {host} failed: {type(exc).__name__}") from None
+        except _ResponseTooLarge:
+            raise RefreshFailed(
+                f"refresh for {host} failed: response larger than {MAX_RESPONSE_BYTES} bytes"
+            ) from None
+        return oauth.parse_refresh_response(status, body, now)
+
+    async def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
+        client = self._get_client()
+        async with client.stream("POST", url, data=form) as response:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_RESPONSE_BYTES:
+                    raise _ResponseTooLarge
+            return response.status_code, bytes(body)
+
+    async def aclose(self) -> None:
+        """Close the shared client; later refreshes raise RefreshFailed. Idempotent."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
+class _ResponseTooLarge(Exception):
+    pass
+
+
+async def _read_client_secret(path: str | None) -> str | None:
+    """The client secret from *path* (``~`` expanded, surrounding whitespace stripped).
+
+    Read in a worker thread: a secret file on a slow or hung network home
+    directory must not stall the daemon's event loop.
+
+    Raises:
+        RefreshFailed: the file cannot be read, is not UTF-8 or is empty. The
+            message names the file and the reason, never the content.
+    """
+    if path is None:
+        return None
+    return await trio.to_thread.run_sync(_read_client_secret_sync, path)
+
+
+def _read_client_secret_sync(path: str) -> str:
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RefreshFailed(f"cannot read client_secret_file {path}: {reason}") from None
+    try:
+        secret = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        # str(UnicodeDecodeError) quotes the offending byte; say less.
+        raise RefreshFailed(f"client_secret_file {path} is not UTF-8 text") from None
+    if not secret:
+        raise RefreshFailed(f"client_secret_file {path} is empty")
+    return secret

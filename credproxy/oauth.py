@@ -1,0 +1,217 @@
+"""The OAuth 2.0 refresh grant (RFC 6749 section 6) as a sans-IO codec.
+
+This module builds the request form and judges the response; it never opens a
+connection. ``credproxy/http.py`` moves the bytes, and tests can feed
+:func:`parse_refresh_response` any status and body they like.
+
+Error classification
+--------------------
+
+The daemon needs one question answered about a failed refresh: *will trying
+again help?*
+
+- :class:`~credproxy.errors.ReauthRequired` (no): the identity provider says
+  the grant or the client is no good (``invalid_grant``, ``invalid_client``,
+  ``unauthorized_client``) or answers 401. Retrying a revoked refresh token
+  only hammers the IdP; the user has to log in again.
+- :class:`~credproxy.errors.RefreshFailed` (yes): everything else. 5xx, 429,
+  a 200 without a usable token, HTML from a captive portal, an unknown 400.
+
+Messages name the HTTP status and the OAuth ``error`` code and nothing else
+from the response. Bodies and ``error_description`` are never quoted: an IdP
+(or a proxy in front of it) may echo the request, refresh token included,
+and messages end up in logs and on sandbox sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from credproxy.config import Provider
+from credproxy.errors import ReauthRequired, RefreshFailed
+
+__all__ = [
+    "REAUTH_ERRORS",
+    "TokenEndpoint",
+    "merge_refreshed",
+    "parse_refresh_response",
+    "refresh_form",
+]
+
+#: OAuth ``error`` codes that mean the refresh token or the client was rejected.
+REAUTH_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
+
+# Registered error codes (RFC 6749 5.2, RFC 6750, RFC 8628, vendor additions
+# such as GitHub's "bad_refresh_token") are lowercase words joined by "_", "."
+# or "-". Only values of that shape are quoted in messages. Merely stripping
+# characters outside [A-Za-z0-9_.-] would not do: a refresh token echoed into
+# "error" is usually made of exactly those characters, and almost always
+# contains a digit or a capital letter, which this shape refuses.
+_ERROR_CODE_RE = re.compile(r"[a-z]+(?:[_.-][a-z]+)*")
+_MAX_ERROR_CODE = 64
+
+# RFC 6749 7.1: the type the client must use; "Bearer" when the IdP omits it.
+_DEFAULT_TOKEN_TYPE = "Bearer"  # noqa: S105 (a token type, not a secret)
+
+
+def refresh_form(
+    provider: Provider, refresh_token: str, client_secret: str | None
+) -> dict[str, str]:
+    """The ``application/x-www-form-urlencoded`` fields of a refresh request.
+
+    The client authenticates with ``client_secret_post`` when *client_secret*
+    is given; ``scope`` is sent only when the provider configures scopes
+    (omitting it asks for the scope originally granted, RFC 6749 section 6).
+    """
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": refresh_token,
+        "client_id": provider.client_id,
+    }
+    if client_secret is not None:
+        form["client_secret"] = client_secret
+    if provider.scopes:
+        form["scope"] = " ".join(provider.scopes)
+    return form
+
+
+def parse_refresh_response(status: int, body: bytes, now: float) -> dict[str, Any]:
+    """Turn the token endpoint's answer into a token dict (not yet merged).
+
+    *now* is the wall-clock time the request was sent; ``expires_in`` is
+    counted from it, so the computed ``expiry`` errs on the early side.
+
+    On success (200 with a JSON object carrying a string ``access_token``)
+    the result keeps every field of the answer except ``expires_in``, which
+    becomes an absolute ``expiry`` (an ``expiry`` sent by the IdP is kept when
+    there is no ``expires_in``; with neither, the token has no expiry).
+    ``token_type`` defaults to ``"Bearer"``. An empty or null
+    ``refresh_token`` is dropped, so that :func:`merge_refreshed` keeps the
+    old one.
+
+    Raises:
+        ReauthRequired: 401, or a 400 (or 200) whose ``error`` is one of
+            :data:`REAUTH_ERRORS`.
+        RefreshFailed: anything else that is not a usable token.
+    """
+    payload = _json_object(body)
+    error = payload.get("error") if payload is not None else None
+
+    if status != 200 or payload is None or "access_token" not in payload:
+        code = _error_code(error)
+        where = f"HTTP {status}" + (f", error {code}" if code else "")
+        if status == 401 or (status in (200, 400) and error in REAUTH_ERRORS):
+            raise ReauthRequired(
+                f"the identity provider rejected the refresh token ({where}); "
+                "log in again and `credproxy import` a new token"
+            )
+        if status == 200:
+            what = "no JSON object" if payload is None else "no access_token"
+            raise RefreshFailed(f"the token endpoint answered {where} with {what}")
+        raise RefreshFailed(f"the token endpoint answered {where}")
+
+    access_token = payload["access_token"]
+    if not isinstance(access_token, str) or not access_token:
+        raise RefreshFailed("the token endpoint answered HTTP 200 with an unusable access_token")
+
+    token = dict(payload)
+    expires_in = token.pop("expires_in", None)
+    if expires_in is not None:
+        seconds = _seconds(expires_in)
+        if seconds is None:
+            raise RefreshFailed("the token endpoint answered HTTP 200 with an invalid expires_in")
+        token["expiry"] = now + seconds
+    elif "expiry" in token:
+        seconds = _seconds(token["expiry"])
+        if seconds is None:
+            raise RefreshFailed("the token endpoint answered HTTP 200 with an invalid expiry")
+        token["expiry"] = seconds
+
+    token_type = token.get("token_type")
+    if not isinstance(token_type, str) or not token_type:
+        token["token_type"] = _DEFAULT_TOKEN_TYPE
+
+    refresh_token = token.get("refresh_token", "")
+    if refresh_token is None or refresh_token == "":
+        token.pop("refresh_token", None)
+    elif not isinstance(refresh_token, str):
+        raise RefreshFailed("the token endpoint answered HTTP 200 with an invalid refresh_token")
+    return token
+
+
+def merge_refreshed(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The token to store after a refresh: ``{**old, **new}``, with two exceptions.
+
+    - The old ``refresh_token`` is kept when *new* has none (or an empty one):
+      an IdP that does not rotate simply omits it (RFC 6749 section 6), and
+      losing it would log the user out.
+    - The old ``expiry`` is dropped when *new* has none: it describes the old
+      access token, and keeping it would make the fresh token look expired and
+      trigger another refresh at once.
+    """
+    merged = {**old, **new}
+    if not new.get("refresh_token") and old.get("refresh_token"):
+        merged["refresh_token"] = old["refresh_token"]
+    if "expiry" not in new:
+        merged.pop("expiry", None)
+    merged.pop("expires_in", None)
+    return merged
+
+
+class TokenEndpoint(Protocol):
+    """Something that performs the refresh grant against an identity provider.
+
+    ``credproxy.http.HttpTokenEndpoint`` is the real one; tests of the renewal
+    machinery use in-memory fakes with the same shape.
+    """
+
+    async def refresh(self, provider: Provider, refresh_token: str) -> dict[str, Any]:
+        """Exchange *refresh_token* for a new token (parsed, not merged with the old one).
+
+        Raises:
+            RefreshFailed: a transient failure; worth retrying later.
+            ReauthRequired: the refresh token or the client was rejected.
+        """
+        ...
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError and UnicodeDecodeError.
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _error_code(error: object) -> str:
+    """*error* if it has the shape of a registered OAuth error code, else a placeholder."""
+    if error is None:
+        return ""
+    if isinstance(error, str) and len(error) <= _MAX_ERROR_CODE and _ERROR_CODE_RE.fullmatch(error):
+        return error
+    return "(unrecognised code)"
+
+
+def _seconds(value: object) -> float | None:
+    """A non-negative finite number of seconds from a JSON number or numeric string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        # Some IdPs send "3600"; accept plain decimal integers only.
+        if not value.isascii() or not value.isdigit() or len(value) > 15:
+            return None
+        value = int(value)
+    if not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond float range
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds

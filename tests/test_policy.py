@@ -1,0 +1,295 @@
+"""Renewal policy: pure functions of (token, now, config, rng)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from credproxy import policy
+from credproxy.config import Renewal
+
+CFG = Renewal()
+NOW = 1_700_000_000.0
+
+
+class _FixedRandom(random.Random):
+    """A Random whose ``random()`` always returns one value, to pin the jitter."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self._value = value
+
+    def random(self) -> float:
+        return self._value
+
+
+LOWEST = _FixedRandom(0.0)
+HIGHEST = _FixedRandom(1.0 - 2**-53)  # the largest value random() can return
+
+
+# -- lead -------------------------------------------------------------------------
+
+
+def test_lead_of_an_hour_long_token_is_ten_percent() -> None:
+    """A 3600 s token is renewed max(300, 360) = 360 s before expiry."""
+    assert policy.lead(3600, CFG) == 360
+
+
+def test_lead_has_a_floor_of_min_lead() -> None:
+    """A 1000 s token gets min_lead (300 s) rather than 10 % (100 s)."""
+    assert policy.lead(1000, CFG) == 300
+
+
+def test_lead_floors_the_fraction() -> None:
+    """The fractional lead is rounded down to whole seconds."""
+    assert policy.lead(3605, CFG) == 360
+
+
+def test_lead_of_a_short_token_is_half_its_life() -> None:
+    """A 60 s token renews at half-life instead of being due at once."""
+    assert policy.lead(60, CFG) == 30
+
+
+def test_lead_of_an_expired_token_is_zero() -> None:
+    """Nothing is left to lead for an expired token."""
+    assert policy.lead(0, CFG) == 0
+    assert policy.lead(-5, CFG) == 0
+
+
+# -- renewal deadline --------------------------------------------------------------
+
+
+def test_hour_long_token_fires_between_3240_and_3270_seconds() -> None:
+    """R16.2: a 3600 s token fires 3240-3270 s after it is served."""
+    earliest = policy.renewal_deadline(NOW + 3600, NOW, CFG, LOWEST)
+    latest = policy.renewal_deadline(NOW + 3600, NOW, CFG, HIGHEST)
+    assert earliest - NOW == 3240
+    # <= rather than <: at epoch magnitude a float cannot resolve the open end.
+    assert 3269.9 < latest - NOW <= 3270
+
+
+def test_sixty_second_token_fires_at_about_half_life() -> None:
+    """A 60 s token fires 30 s (+ at most 3 s jitter) after now."""
+    assert policy.renewal_deadline(NOW + 60, NOW, CFG, LOWEST) - NOW == 30
+    assert policy.renewal_deadline(NOW + 60, NOW, CFG, HIGHEST) - NOW <= 33
+
+
+def test_five_second_token_fires_at_about_two_and_a_half_seconds() -> None:
+    """A 5 s token fires 2.5 s (+ at most 0.25 s jitter) after now."""
+    assert policy.renewal_deadline(NOW + 5, NOW, CFG, LOWEST) - NOW == 2.5
+    assert policy.renewal_deadline(NOW + 5, NOW, CFG, HIGHEST) - NOW <= 2.75
+
+
+def test_expired_token_is_renewed_at_once() -> None:
+    """A token whose expiry has passed gets the deadline "now"."""
+    assert policy.renewal_deadline(NOW - 10, NOW, CFG, HIGHEST) == NOW
+    assert policy.renewal_deadline(NOW, NOW, CFG, HIGHEST) == NOW
+
+
+def test_jitter_is_spread_by_the_rng() -> None:
+    """Different random draws give different deadlines within the jitter window."""
+    rng = random.Random(42)
+    deadlines = {policy.renewal_deadline(NOW + 3600, NOW, CFG, rng) for _ in range(50)}
+    assert len(deadlines) > 40
+    assert all(3240 <= d - NOW < 3270 for d in deadlines)
+
+
+def test_configured_renewal_constants_are_honoured() -> None:
+    """A config without jitter and a 50 % fraction renews an hour token at half-life."""
+    cfg = Renewal(min_lead=0, lead_fraction=0.5, max_jitter=0)
+    assert policy.renewal_deadline(NOW + 3600, NOW, cfg, HIGHEST) == NOW + 1800
+
+
+epochs = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+lifetimes = st.floats(min_value=1e-3, max_value=1e7, allow_nan=False)
+renewals = st.builds(
+    Renewal,
+    min_lead=st.floats(min_value=0, max_value=3600),
+    lead_fraction=st.floats(min_value=0, max_value=0.99),
+    max_jitter=st.floats(min_value=0, max_value=600),
+)
+
+
+@given(now=epochs, remaining=lifetimes, cfg=renewals, seed=st.integers())
+def test_deadline_lies_between_now_and_expiry(
+    now: float, remaining: float, cfg: Renewal, seed: int
+) -> None:
+    """For any live token and any config, the timer fires no earlier than now and before expiry."""
+    expiry = now + remaining
+    deadline = policy.renewal_deadline(expiry, now, cfg, random.Random(seed))
+    assert now <= deadline <= expiry
+
+
+@given(remaining=lifetimes, cfg=renewals)
+def test_lead_never_exceeds_half_the_remaining_life(remaining: float, cfg: Renewal) -> None:
+    """The lead is at most remaining / 2 and never negative."""
+    assert 0 <= policy.lead(remaining, cfg) <= remaining / 2
+
+
+@given(remaining=st.floats(min_value=1, max_value=1e7), cfg=renewals, seed=st.integers())
+def test_jitter_stays_within_its_bounds(remaining: float, cfg: Renewal, seed: int) -> None:
+    """Jitter is in [0, min(max_jitter, lead / 10)) on top of remaining - lead."""
+    now = 1000.0
+    lead = policy.lead(remaining, cfg)
+    deadline = policy.renewal_deadline(now + remaining, now, cfg, random.Random(seed))
+    jitter = deadline - (now + remaining - lead)
+    bound = min(cfg.max_jitter, lead / 10)
+    assert -1e-6 <= jitter <= bound + 1e-6
+    if bound > 1e-3:
+        assert jitter < bound
+
+
+# -- backoff ------------------------------------------------------------------------
+
+
+def test_backoff_doubles_from_thirty_seconds_up_to_the_cap() -> None:
+    """R16.7: retries wait 30, 60, 120, ... seconds, capped at 1800."""
+    delays = [policy.retry_delay(n, CFG) for n in range(1, 11)]
+    assert delays == [30, 60, 120, 240, 480, 960, 1800, 1800, 1800, 1800]
+
+
+def test_backoff_survives_absurd_failure_counts() -> None:
+    """Ten thousand failures still give the cap, not an overflow."""
+    assert policy.retry_delay(10_000, CFG) == 1800
+
+
+def test_backoff_treats_counts_below_one_as_the_first_failure() -> None:
+    """A zero or negative failure count waits retry_base."""
+    assert policy.retry_delay(0, CFG) == 30
+    assert policy.retry_delay(-3, CFG) == 30
+
+
+@given(failures=st.integers(min_value=1, max_value=5000))
+def test_backoff_is_capped_and_monotonic(failures: int) -> None:
+    """Every delay is within [retry_base, retry_cap] and never shorter than the previous one."""
+    delay = policy.retry_delay(failures, CFG)
+    assert CFG.retry_base <= delay <= CFG.retry_cap
+    assert delay >= policy.retry_delay(failures - 1, CFG)
+
+
+def test_gives_up_after_max_failures() -> None:
+    """The tenth consecutive failure is the last one with the default config."""
+    assert not policy.gives_up(9, CFG)
+    assert policy.gives_up(10, CFG)
+    assert policy.gives_up(1, Renewal(max_failures=1))
+
+
+# -- wall-clock slices ----------------------------------------------------------------
+
+
+def test_sleep_slice_is_at_most_thirty_seconds() -> None:
+    """A distant deadline is approached in 30 s slices."""
+    assert policy.SLICE == 30
+    assert policy.sleep_slice(NOW + 3600, NOW) == 30
+
+
+def test_sleep_slice_is_the_rest_when_close() -> None:
+    """Within the last slice the timer sleeps exactly until the deadline."""
+    assert policy.sleep_slice(NOW + 12.5, NOW) == 12.5
+
+
+def test_sleep_slice_is_zero_after_a_jump_past_the_deadline() -> None:
+    """A wall clock that jumped past the deadline (suspend) means "fire now"."""
+    assert policy.sleep_slice(NOW, NOW + 7200) == 0
+
+
+# -- on fire ------------------------------------------------------------------------------
+
+
+def _token(expiry: float, refresh_token: str | None = "rt") -> dict[str, object]:
+    token: dict[str, object] = {"access_token": "at", "expiry": expiry, "token_type": "Bearer"}
+    if refresh_token is not None:
+        token["refresh_token"] = refresh_token
+    return token
+
+
+def test_fire_after_logout_stops() -> None:
+    """A token removed from the store stops its timer."""
+    assert policy.decide_on_fire(None, NOW + 60, NOW + 30) == policy.Stop()
+
+
+@pytest.mark.parametrize("refresh_token", [None, ""])
+def test_fire_without_refresh_token_stops(refresh_token: str | None) -> None:
+    """A token that can no longer be refreshed stops its timer."""
+    stored = _token(NOW + 60, refresh_token)
+    assert policy.decide_on_fire(stored, NOW + 60, NOW + 30) == policy.Stop()
+
+
+def test_fire_without_expiry_stops() -> None:
+    """A token replaced by one without a usable expiry has nothing to schedule against."""
+    stored = {"access_token": "at", "refresh_token": "rt", "expiry": "soon"}
+    assert policy.decide_on_fire(stored, NOW + 60, NOW + 30) == policy.Stop()
+
+
+def test_fire_after_renewal_elsewhere_reschedules_for_the_new_expiry() -> None:
+    """R16.3: a token renewed by another process is rescheduled, not refreshed again."""
+    stored = _token(NOW + 3630)
+    assert policy.decide_on_fire(stored, NOW + 60, NOW + 30) == policy.Reschedule(NOW + 3630)
+
+
+def test_fire_on_the_scheduled_token_refreshes() -> None:
+    """The token the timer was set for is refreshed."""
+    stored = _token(NOW + 60)
+    assert policy.decide_on_fire(stored, NOW + 60, NOW + 30) == policy.Refresh()
+
+
+def test_fire_after_long_suspend_refreshes_even_if_renewed_elsewhere() -> None:
+    """A newer expiry that has also passed is refreshed at once, not rescheduled."""
+    stored = _token(NOW + 120)
+    assert policy.decide_on_fire(stored, NOW + 60, NOW + 7200) == policy.Refresh()
+
+
+def test_fire_accepts_integer_expiry() -> None:
+    """Stores written by other tools hold integer expiries; those count too."""
+    stored = _token(int(NOW) + 3600)
+    assert policy.decide_on_fire(stored, NOW + 60, NOW) == policy.Reschedule(NOW + 3600)
+
+
+def test_boolean_expiry_is_not_an_expiry() -> None:
+    """``"expiry": true`` is rejected rather than read as 1."""
+    assert policy.token_expiry({"expiry": True}) is None
+    assert policy.token_expiry({"expiry": float("inf")}) is None
+    assert policy.token_expiry({"expiry": 12}) == 12.0
+
+
+# -- serve time ------------------------------------------------------------------------
+
+
+def test_serve_refreshes_inside_the_margin() -> None:
+    """With 59 s left and the default 60 s margin, get_token refreshes first."""
+    assert policy.needs_refresh_on_serve(NOW + 59, NOW, None, CFG)
+    assert not policy.needs_refresh_on_serve(NOW + 61, NOW, None, CFG)
+
+
+def test_serve_margin_is_capped_at_half_the_observed_lifetime() -> None:
+    """A token that lives 60 s is not refreshed on every call, only in its second half."""
+    assert not policy.needs_refresh_on_serve(NOW + 45, NOW, 60, CFG)
+    assert policy.needs_refresh_on_serve(NOW + 29, NOW, 60, CFG)
+
+
+def test_serve_refreshes_an_expired_token() -> None:
+    """An expired token always needs a refresh before it is served."""
+    assert policy.needs_refresh_on_serve(NOW - 1, NOW, 5, CFG)
+
+
+# -- refresh_token op cooldown -------------------------------------------------------------
+
+
+def test_cooldown_is_zero_without_a_previous_refresh() -> None:
+    """A key never refreshed may be refreshed at once."""
+    assert policy.cooldown_left(None, NOW, CFG) == 0
+
+
+def test_cooldown_counts_down_thirty_seconds() -> None:
+    """Ten seconds after a refresh, twenty remain; after thirty, none."""
+    assert policy.cooldown_left(NOW, NOW + 10, CFG) == 20
+    assert policy.cooldown_left(NOW, NOW + 30, CFG) == 0
+    assert policy.cooldown_left(NOW, NOW + 3000, CFG) == 0
+
+
+def test_cooldown_is_bounded_when_the_clock_goes_backwards() -> None:
+    """A wall clock stepped back an hour does not extend the cooldown past 30 s."""
+    assert policy.cooldown_left(NOW, NOW - 3600, CFG) == 30
