@@ -1,0 +1,305 @@
+"""Shared test fixtures: real sockets, a real token endpoint, an injectable wall clock.
+
+Testing policy (after trio-websocket's): everything runs on this machine only.
+In-process daemon tests run the real daemon (:func:`credproxy.daemon.serve`)
+in the test's own trio loop, over real Unix sockets in a short temporary
+directory, against the development identity provider served over real HTTP on
+127.0.0.1. Tests that involve time use ``autojump_clock``; the daemon's wall
+clock is a :class:`WallClock` that follows trio's clock and can jump (a
+simulated suspend). End-to-end tests run the installed ``credproxy``
+executable in subprocesses.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from credproxy import devidp
+from credproxy.config import Config
+from credproxy.daemon import Daemon, serve
+from credproxy.grants import Grants
+from credproxy.http import HttpTokenEndpoint
+from credproxy.store import TokenStore
+
+BASE_EPOCH = 1_800_000_000.0
+CREDPROXY = str(Path(sys.executable).with_name("credproxy"))
+
+
+class WallClock:
+    """Epoch seconds that follow trio's clock, plus jumps (suspend, clock changes)."""
+
+    def __init__(self, base: float = BASE_EPOCH) -> None:
+        self.base = base
+        self.offset = 0.0
+        self.t0 = trio.current_time()
+
+    def __call__(self) -> float:
+        return self.base + (trio.current_time() - self.t0) + self.offset
+
+    def jump(self, seconds: float) -> None:
+        """The wall clock moves by *seconds* while trio's clock does not (a suspend)."""
+        self.offset += seconds
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    """A short temporary directory (Unix socket paths are limited to 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Dirs:
+    root: Path
+    state: Path
+    runtime: Path
+    config: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            CREDPROXY_STATE_DIR=str(self.state),
+            CREDPROXY_RUNTIME_DIR=str(self.runtime),
+            CREDPROXY_CONFIG=str(self.config),
+            PYTHONUNBUFFERED="1",
+        )
+        for name in ("CREDPROXY_SOCKET", "LLXPRT_CREDENTIAL_SOCKET", "NOTIFY_SOCKET",
+                     "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "CREDPROXY_FAULT"):
+            env.pop(name, None)
+        env.update(extra)
+        return env
+
+
+@pytest.fixture
+def dirs(tmp_short: Path) -> Dirs:
+    """State, runtime and config paths for one test (the config file may not exist)."""
+    return Dirs(tmp_short, tmp_short / "state", tmp_short / "run", tmp_short / "config.toml")
+
+
+def cli(
+    dirs: Dirs, *args: str, input: str | None = None, timeout: float = 30, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``credproxy`` executable with the test's directories."""
+    return subprocess.run(
+        [CREDPROXY, *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dirs.env(**env),
+        check=False,
+    )
+
+
+def make_config(**sections: Any) -> Config:
+    """A :class:`Config` from plain data, e.g. ``make_config(limits={"idle_timeout": 5})``."""
+    return msgspec.convert(sections, Config)
+
+
+def write_token(store: TokenStore, provider: str, token: dict[str, Any], bucket: str = "default") -> None:
+    store.write(provider, bucket, token)
+
+
+# --- a raw protocol peer --------------------------------------------------------
+
+
+class Peer:
+    """A hand-driven client: sends exactly the bytes a test says, reads frames back."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.received = bytearray()  # every byte the server sent us
+        self._ids = 0
+
+    @classmethod
+    async def connect(cls, path: Path | str) -> Peer:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.connect(str(path))
+        return cls(sock)
+
+    async def send_raw(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[await self.sock.send(view) :]
+
+    async def send(self, obj: Any) -> None:
+        body = json.dumps(obj).encode()
+        await self.send_raw(len(body).to_bytes(4, "big") + body)
+
+    async def recv(self) -> dict[str, Any] | None:
+        """The next frame, or None if the server closed the connection."""
+        while True:
+            if len(self.buf) >= 4:
+                size = int.from_bytes(self.buf[:4], "big")
+                if len(self.buf) >= 4 + size:
+                    body = bytes(self.buf[4 : 4 + size])
+                    del self.buf[: 4 + size]
+                    obj: dict[str, Any] = json.loads(body)
+                    return obj
+            try:
+                data = await self.sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.buf += data
+            self.received += data
+
+    async def handshake(self, lo: int = 1, hi: int = 2, capability: str | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"minVersion": lo, "maxVersion": hi}
+        if capability is not None:
+            payload["capabilityToken"] = capability
+        await self.send({"v": 1, "op": "handshake", "payload": payload})
+        reply = await self.recv()
+        assert reply is not None, "server closed the connection during the handshake"
+        return reply
+
+    async def call(self, op: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._ids += 1
+        rid = f"r{self._ids}"
+        await self.send({"v": 2, "id": rid, "op": op, "payload": payload or {}})
+        reply = await self.recv()
+        assert reply is not None, f"server closed the connection instead of answering {op}"
+        assert reply["id"] == rid
+        return reply
+
+    async def closed_by_server(self) -> bool:
+        """True once the server closes the connection (reads and drops frames until then)."""
+        while True:
+            if await self.recv() is None:
+                return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- the in-process daemon --------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    daemon: Daemon
+    store: TokenStore
+    idp: devidp.DevIdP
+    token_url: str
+    wall: WallClock
+    dirs: Dirs
+
+    async def session(self, *grants: str, allow_uids: tuple[int, ...] = (), capability: bytes | None = None) -> Any:
+        return await self.daemon.open_session(
+            Grants.parse(list(grants)), frozenset(allow_uids), "test", capability, None
+        )
+
+    async def peer(self, session: Any, handshake: bool = True) -> Peer:
+        p = await Peer.connect(session.socket_path)
+        if handshake:
+            reply = await p.handshake()
+            assert reply["ok"] is True, reply
+        return p
+
+    def login(self, provider: str = "dev", bucket: str = "default") -> dict[str, Any]:
+        """Mint a token family at the IdP and store its first token (like `credproxy import`)."""
+        token = self.idp.mint()
+        self.store.write(provider, bucket, token)
+        return token
+
+
+StartDaemon = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[StartDaemon]:
+    """Start the real daemon in this test's trio loop; returns a :class:`Harness`.
+
+    Keyword arguments are config sections (``limits={...}``, ``renewal={...}``);
+    ``lifetime=`` sets the IdP's access-token lifetime. A provider named
+    ``dev`` points at the in-loop development IdP.
+    """
+    endpoints: list[HttpTokenEndpoint] = []
+    daemons: list[Daemon] = []
+
+    async def start(lifetime: float = 3600, **sections: Any) -> Harness:
+        wall = WallClock()
+        idp = devidp.DevIdP(lifetime=lifetime, clock=wall)
+        token_url = await nursery.start(devidp.serve, idp)
+        providers = dict(sections.pop("providers", {}))
+        providers.setdefault("dev", {"token_url": token_url, "client_id": idp.client_id})
+        cfg = make_config(providers=providers, **sections)
+        store = TokenStore(dirs.state)
+        endpoint = HttpTokenEndpoint(wall_clock=wall, timeout=10)
+        endpoints.append(endpoint)
+        daemon = await nursery.start(
+            functools.partial(
+                serve,
+                cfg,
+                store=store,
+                runtime=dirs.runtime,
+                endpoint=endpoint,
+                wall_clock=wall,
+                rng=random.Random(7),
+            )
+        )
+        daemons.append(daemon)
+        return Harness(daemon, store, idp, token_url, wall, dirs)
+
+    yield start
+    for d in daemons:
+        d.stop()
+    for e in endpoints:
+        await e.aclose()
+
+
+def stop_daemon(dirs: Dirs, timeout: float = 10) -> int | None:
+    """SIGTERM the background daemon of *dirs* (if any) and wait; returns its pid."""
+    import signal
+    import time
+
+    proc = cli(dirs, "status", "--json")
+    daemon = json.loads(proc.stdout).get("daemon") if proc.returncode == 0 else None
+    if not daemon:
+        return None
+    pid = int(daemon["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return pid
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return pid
+        time.sleep(0.02)
+    raise AssertionError(f"daemon {pid} did not exit within {timeout} s of SIGTERM")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture
+def background_daemon(dirs: Dirs) -> Iterator[Dirs]:
+    """Directories for tests whose `credproxy run` starts a daemon; it is stopped afterwards."""
+    yield dirs
+    stop_daemon(dirs)
