@@ -282,13 +282,16 @@ class Refresher:
         except (RefreshFailed, ReauthRequired) as exc:
             self._failed(key, st, exc, reason)
             raise
-        # From here on the old refresh token may already be spent: the new one
-        # must reach the disk whatever happens to whoever asked for it.
-        with trio.CancelScope(shield=True):
-            merged = merge_refreshed(stored.token, new)
-            checkpoint("refresh-got-response")
-            await trio.to_thread.run_sync(self.store.write, provider, bucket, merged)
-            entry = self.cache.put(key, merged)
+        # The old refresh token may be spent now: the new one must reach the
+        # disk whatever happens to whoever asked. There is deliberately no
+        # await between the response and the durable write, so no
+        # cancellation (session close, shutdown) can land in between. The
+        # write (one small file, fsync, rename, fsync) blocks the loop for a
+        # few milliseconds, once per refresh.
+        merged = merge_refreshed(stored.token, new)
+        checkpoint("refresh-got-response")
+        self.store.write(provider, bucket, merged)
+        entry = self.cache.put(key, merged)
         st.failures = 0
         st.last_error = None
         st.reauth_required = False
