@@ -81,8 +81,15 @@ class Dirs:
             CREDPROXY_CONFIG=str(self.config),
             PYTHONUNBUFFERED="1",
         )
-        for name in ("CREDPROXY_SOCKET", "LLXPRT_CREDENTIAL_SOCKET", "NOTIFY_SOCKET",
-                     "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "CREDPROXY_FAULT"):
+        for name in (
+            "CREDPROXY_SOCKET",
+            "LLXPRT_CREDENTIAL_SOCKET",
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "CREDPROXY_FAULT",
+        ):
             env.pop(name, None)
         env.update(extra)
         return env
@@ -114,7 +121,9 @@ def make_config(**sections: Any) -> Config:
     return msgspec.convert(sections, Config)
 
 
-def write_token(store: TokenStore, provider: str, token: dict[str, Any], bucket: str = "default") -> None:
+def write_token(
+    store: TokenStore, provider: str, token: dict[str, Any], bucket: str = "default"
+) -> None:
     store.write(provider, bucket, token)
 
 
@@ -164,7 +173,9 @@ class Peer:
             self.buf += data
             self.received += data
 
-    async def handshake(self, lo: int = 1, hi: int = 2, capability: str | None = None) -> dict[str, Any]:
+    async def handshake(
+        self, lo: int = 1, hi: int = 2, capability: str | None = None
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {"minVersion": lo, "maxVersion": hi}
         if capability is not None:
             payload["capabilityToken"] = capability
@@ -204,7 +215,9 @@ class Harness:
     wall: WallClock
     dirs: Dirs
 
-    async def session(self, *grants: str, allow_uids: tuple[int, ...] = (), capability: bytes | None = None) -> Any:
+    async def session(
+        self, *grants: str, allow_uids: tuple[int, ...] = (), capability: bytes | None = None
+    ) -> Any:
         return await self.daemon.open_session(
             Grants.parse(list(grants)), frozenset(allow_uids), "test", capability, None
         )

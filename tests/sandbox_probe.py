@@ -35,7 +35,9 @@ def main() -> None:
     replies = [exchange({"v": 1, "op": "handshake", "payload": {"minVersion": 1, "maxVersion": 2}})]
     for i, arg in enumerate(sys.argv[1:]):
         op, _, payload = arg.partition(":")
-        replies.append(exchange({"v": 2, "id": str(i), "op": op, "payload": json.loads(payload or "{}")}))
+        replies.append(
+            exchange({"v": 2, "id": str(i), "op": op, "payload": json.loads(payload or "{}")})
+        )
     sock.close()
     print(json.dumps({"replies": replies, "received_hex": received.hex()}))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CREDPROXY, Dirs, cli, stop_daemon
 
 PROBE = str(Path(__file__).with_name("sandbox_probe.py"))
@@ -33,7 +31,12 @@ def _setup_canaries(dirs: Dirs) -> None:
         'client_id = "demo-client"\n'
         f'client_secret_file = "{secret_file}"\n'
     )
-    token = {"access_token": SERVED_AT, "refresh_token": RT_CANARY, "expires_in": 3600, "scope": "read"}
+    token = {
+        "access_token": SERVED_AT,
+        "refresh_token": RT_CANARY,
+        "expires_in": 3600,
+        "scope": "read",
+    }
     assert cli(dirs, "import", "demo", input=json.dumps(token)).returncode == 0
     other = {"access_token": OTHER_AT_CANARY, "refresh_token": RT_CANARY + "-2", "expires_in": 3600}
     assert cli(dirs, "import", "other", input=json.dumps(other)).returncode == 0
@@ -50,23 +53,48 @@ def test_bwrap_sandbox_gets_token_and_nothing_else(background_daemon: Dirs) -> N
     dirs = background_daemon
     _setup_canaries(dirs)
     inner = (
-        f"{sys.executable} {PROBE} 'get_token:{{\"provider\":\"demo\"}}' "
-        "'get_token:{\"provider\":\"other\"}' 'get_api_key:{\"name\":\"secret-key\"}' "
+        f'{sys.executable} {PROBE} \'get_token:{{"provider":"demo"}}\' '
+        '\'get_token:{"provider":"other"}\' \'get_api_key:{"name":"secret-key"}\' '
         "'list_providers:' 'list_api_keys:' > /tmp/probe.json && "
         f"{CREDPROXY} token demo > /tmp/token.txt && env > /tmp/env.txt && "
         "cat /tmp/probe.json && echo '--TOKEN--' && cat /tmp/token.txt && echo '--ENV--' && cat /tmp/env.txt"
     )
     proc = cli(
         dirs,
-        "run", "--allow", "demo", "--",
-        "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-        "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", str(dirs.root),
-        "--ro-bind", sys.prefix, sys.prefix,  # the virtual environment may live under /tmp
-        "--bind", "{socket}", "/run/credproxy.sock",
-        "--setenv", "CREDPROXY_SOCKET", "/run/credproxy.sock",
-        "--unsetenv", "LLXPRT_CREDENTIAL_SOCKET",
-        "--unshare-all", "--die-with-parent",
-        "sh", "-c", inner,
+        "run",
+        "--allow",
+        "demo",
+        "--",
+        "bwrap",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+        "--tmpfs",
+        str(dirs.root),
+        "--ro-bind",
+        sys.prefix,
+        sys.prefix,  # the virtual environment may live under /tmp
+        "--bind",
+        "{socket}",
+        "/run/credproxy.sock",
+        "--setenv",
+        "CREDPROXY_SOCKET",
+        "/run/credproxy.sock",
+        "--unsetenv",
+        "LLXPRT_CREDENTIAL_SOCKET",
+        "--unshare-all",
+        "--die-with-parent",
+        "sh",
+        "-c",
+        inner,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
@@ -104,17 +132,19 @@ def test_other_uid_is_refused_unless_allowed(background_daemon: Dirs) -> None:
     for path in (dirs.root, dirs.runtime, dirs.runtime / "s"):
         path.mkdir(parents=True, exist_ok=True)
     script = (
-        "chmod 0711 {root} {root}/run {root}/run/s && chmod 0666 \"$CREDPROXY_SOCKET\" && "
+        f'chmod 0711 {dirs.root} {dirs.root}/run {dirs.root}/run/s && chmod 0666 "$CREDPROXY_SOCKET" && '
         "setpriv --reuid=65534 --regid=65534 --clear-groups "
-        "{py} {probe} 'get_token:{{\"provider\":\"demo\"}}'"
-    ).format(root=dirs.root, py=sys.executable, probe=PROBE)
+        f'{sys.executable} {PROBE} \'get_token:{{"provider":"demo"}}\''
+    )
     refused = cli(dirs, "run", "--allow", "demo", "--", "sh", "-c", script, timeout=60)
     # The daemon sends its refusal and closes: the probe fails before any token arrives.
     assert refused.returncode != 0
     assert SERVED_AT not in refused.stdout
     log = (dirs.runtime / "daemon.log").read_text()
     assert '"peer_refused"' in log and '"uid":65534' in log
-    allowed = cli(dirs, "run", "--allow", "demo", "--allow-uid", "65534", "--", "sh", "-c", script, timeout=60)
+    allowed = cli(
+        dirs, "run", "--allow", "demo", "--allow-uid", "65534", "--", "sh", "-c", script, timeout=60
+    )
     assert allowed.returncode == 0, allowed.stderr
     reply = json.loads(allowed.stdout)["replies"][1]
     assert reply["data"]["access_token"] == SERVED_AT
@@ -125,11 +155,11 @@ def test_refused_peer_gets_a_clear_error(background_daemon: Dirs) -> None:
     dirs = background_daemon
     _setup_canaries(dirs)
     script = (
-        "chmod 0711 {root} {root}/run {root}/run/s && chmod 0666 \"$CREDPROXY_SOCKET\" && "
-        "setpriv --reuid=65534 --regid=65534 --clear-groups {py} -c "
-        "'import os,socket;s=socket.socket(socket.AF_UNIX);s.connect(os.environ[\"CREDPROXY_SOCKET\"]);"
-        "h=s.recv(4);print(s.recv(int.from_bytes(h,\"big\")).decode())'"
-    ).format(root=dirs.root, py=sys.executable)
+        f'chmod 0711 {dirs.root} {dirs.root}/run {dirs.root}/run/s && chmod 0666 "$CREDPROXY_SOCKET" && '
+        f"setpriv --reuid=65534 --regid=65534 --clear-groups {sys.executable} -c "
+        '\'import os,socket;s=socket.socket(socket.AF_UNIX);s.connect(os.environ["CREDPROXY_SOCKET"]);'
+        'h=s.recv(4);print(s.recv(int.from_bytes(h,"big")).decode())\''
+    )
     proc = cli(dirs, "run", "--allow", "demo", "--", "sh", "-c", script, timeout=60)
     assert proc.returncode == 0, proc.stderr
     frame = json.loads(proc.stdout)
@@ -142,12 +172,34 @@ def test_sigkill_of_launcher_closes_its_session_within_a_second(background_daemo
     dirs = background_daemon
     _setup_canaries(dirs)
     keeper = subprocess.Popen(
-        [CREDPROXY, "run", "--allow", "demo", "--", "sh", "-c", 'echo "$CREDPROXY_SOCKET"; exec sleep 60'],
-        env=dirs.env(), stdout=subprocess.PIPE, text=True,
+        [
+            CREDPROXY,
+            "run",
+            "--allow",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            'echo "$CREDPROXY_SOCKET"; exec sleep 60',
+        ],
+        env=dirs.env(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     victim = subprocess.Popen(
-        [CREDPROXY, "run", "--allow", "demo", "--", "sh", "-c", 'echo "$CREDPROXY_SOCKET"; exec sleep 60'],
-        env=dirs.env(), stdout=subprocess.PIPE, text=True,
+        [
+            CREDPROXY,
+            "run",
+            "--allow",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            'echo "$CREDPROXY_SOCKET"; exec sleep 60',
+        ],
+        env=dirs.env(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert keeper.stdout is not None and victim.stdout is not None
@@ -158,11 +210,17 @@ def test_sigkill_of_launcher_closes_its_session_within_a_second(background_daemo
         victim.wait()
         killed_at = time.monotonic()
         while os.path.exists(victim_sock):
-            assert time.monotonic() - killed_at < 1.0, "session socket still there 1 s after SIGKILL"
+            assert time.monotonic() - killed_at < 1.0, (
+                "session socket still there 1 s after SIGKILL"
+            )
             time.sleep(0.01)
         token = subprocess.run(
-            [CREDPROXY, "token", "demo"], env=dirs.env(CREDPROXY_SOCKET=keeper_sock),
-            capture_output=True, text=True, timeout=10, check=False,
+            [CREDPROXY, "token", "demo"],
+            env=dirs.env(CREDPROXY_SOCKET=keeper_sock),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
         assert (token.returncode, token.stdout.strip()) == (0, SERVED_AT)
         status = json.loads(cli(dirs, "status", "--json").stdout)
@@ -182,8 +240,19 @@ def test_sigterm_stops_the_daemon_cleanly(background_daemon: Dirs) -> None:
     dirs = background_daemon
     _setup_canaries(dirs)
     runner = subprocess.Popen(
-        [CREDPROXY, "run", "--allow", "demo", "--", "sh", "-c", 'echo "$CREDPROXY_SOCKET"; exec sleep 30'],
-        env=dirs.env(), stdout=subprocess.PIPE, text=True,
+        [
+            CREDPROXY,
+            "run",
+            "--allow",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            'echo "$CREDPROXY_SOCKET"; exec sleep 30',
+        ],
+        env=dirs.env(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert runner.stdout is not None

@@ -21,7 +21,9 @@ async def _two_tokens(start_daemon: StartDaemon) -> Harness:
     return h
 
 
-async def test_get_token_serves_the_access_token_without_refresh_token(start_daemon: StartDaemon) -> None:
+async def test_get_token_serves_the_access_token_without_refresh_token(
+    start_daemon: StartDaemon,
+) -> None:
     """get_token returns the stored token, unknown fields included, minus refresh_token."""
     h = await _two_tokens(start_daemon)
     s = await h.session("a")
@@ -93,7 +95,9 @@ async def test_api_keys_follow_grants(start_daemon: StartDaemon) -> None:
     p.close()
 
 
-async def test_mutations_and_oauth_are_forbidden_on_a_sandbox_socket(start_daemon: StartDaemon) -> None:
+async def test_mutations_and_oauth_are_forbidden_on_a_sandbox_socket(
+    start_daemon: StartDaemon,
+) -> None:
     """save_token, remove_token and oauth_* answer FORBIDDEN and change nothing."""
     h = await _two_tokens(start_daemon)
     s = await h.session("*")
@@ -108,7 +112,10 @@ async def test_mutations_and_oauth_are_forbidden_on_a_sandbox_socket(start_daemo
         assert (reply["ok"], reply["code"]) == (False, "FORBIDDEN"), op
     assert h.store.read("a")["access_token"] == "AT-a"
     unknown = await p.call("frobnicate")
-    assert (unknown["code"], unknown["error"]) == ("INVALID_REQUEST", "Unknown operation: frobnicate")
+    assert (unknown["code"], unknown["error"]) == (
+        "INVALID_REQUEST",
+        "Unknown operation: frobnicate",
+    )
     p.close()
 
 
@@ -124,7 +131,9 @@ async def test_session_socket_is_private_and_removed_on_close(start_daemon: Star
     assert not path.exists()
 
 
-async def test_capability_token_is_required_when_the_session_has_one(start_daemon: StartDaemon) -> None:
+async def test_capability_token_is_required_when_the_session_has_one(
+    start_daemon: StartDaemon,
+) -> None:
     """A session opened with a capability refuses handshakes without it (UNAUTHORIZED) and accepts the right one."""
     from credproxy.protocol import capability_digest
 
@@ -140,5 +149,10 @@ async def test_capability_token_is_required_when_the_session_has_one(start_daemo
     assert (await p.handshake(capability="cd" * 32))["code"] == "UNAUTHORIZED"
     p.close()
     p = await h.peer(s, handshake=False)
-    assert (await p.handshake(capability=cap)) == {"v": 2, "op": "handshake", "ok": True, "data": {"version": 2}}
+    assert (await p.handshake(capability=cap)) == {
+        "v": 2,
+        "op": "handshake",
+        "ok": True,
+        "data": {"version": 2},
+    }
     p.close()

@@ -1,0 +1,373 @@
+"""Proactive renewal and coordinated refresh, through the live daemon.
+
+Every test runs the real daemon in the test's trio loop under
+``autojump_clock``: virtual hours pass in milliseconds. The upstream is the
+development IdP over real HTTP on loopback; it rotates refresh tokens and
+revokes the whole family when a rotated one is reused, so any double spend
+shows up as ``reuse_count`` > 0 and an ``invalid_grant``.
+"""
+
+from __future__ import annotations
+
+import trio
+from conftest import Harness, Peer, StartDaemon
+
+HOUR = 3600.0
+LONG_IDLE = {"idle_timeout": 1e9}  # these tests hold one connection across virtual hours
+
+
+async def _serve_once(
+    h: Harness, provider: str = "dev", grants: tuple[str, ...] = ("dev",)
+) -> tuple[object, Peer, dict]:
+    s = await h.session(*grants)
+    p = await h.peer(s)
+    reply = await p.call("get_token", {"provider": provider})
+    assert reply["ok"] is True, reply
+    return s, p, reply["data"]
+
+
+async def test_hour_token_renews_between_3240_and_3270_s(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """A 3600 s token first served at t=0 is refreshed between 3240 s and 3270 s later (R16.1, R16.2)."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    await trio.sleep(3240 - 0.5)
+    assert h.idp.refresh_count == 0
+    await trio.sleep(31)
+    assert h.idp.refresh_count == 1
+    assert h.idp.reuse_count == 0
+    p.close()
+
+
+async def test_no_timer_without_refresh_token_or_expiry(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """Tokens lacking a refresh token or an expiry are served but never renewed."""
+    h = await start_daemon(limits=LONG_IDLE)
+    h.store.write("dev", "default", {"access_token": "no-rt", "expiry": h.wall() + HOUR})
+    h.store.write("dev", "noexp", {"access_token": "no-exp", "refresh_token": "RT-x"})
+    s = await h.session("dev")
+    p = await h.peer(s)
+    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == "no-rt"
+    assert (await p.call("get_token", {"provider": "dev", "bucket": "noexp"}))["data"][
+        "access_token"
+    ] == "no-exp"
+    assert h.daemon.status()["sessions"][0]["renewals"] == []
+    await trio.sleep(2 * HOUR - 61)
+    assert len(h.idp.requests) == 0
+    p.close()
+
+
+async def test_second_serve_does_not_add_a_timer(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """Serving the same key again in one session schedules nothing new: one refresh per renewal."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    for _ in range(5):
+        assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
+    assert len(h.daemon.status()["sessions"][0]["renewals"]) == 1
+    await trio.sleep(3300)
+    assert h.idp.refresh_count == 1
+    p.close()
+
+
+async def test_expired_token_is_refreshed_before_it_is_served(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """An already expired token is refreshed at once and the fresh one is served."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    token = h.idp.mint()
+    token["expiry"] = h.wall() - 10
+    h.store.write("dev", "default", token)
+    _, p, served = await _serve_once(h)
+    assert h.idp.refresh_count == 1
+    assert served["access_token"] != token["access_token"]
+    assert served["expiry"] > h.wall() + HOUR - 5
+    assert h.idp.is_access_token_valid(served["access_token"])
+    p.close()
+
+
+async def test_timer_reschedules_when_renewed_elsewhere(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """When another process renewed the token before the timer fires, the timer reschedules instead of refreshing (R16.3)."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    first = h.login()
+    _, p, _ = await _serve_once(h)
+    await trio.sleep(1000)
+    # Another process refreshes with the stored refresh token and writes the result.
+    status, renewed = h.idp.handle_token_request(
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": first["refresh_token"],
+            "client_id": h.idp.client_id,
+        }
+    )
+    assert status == 200
+    renewed["expiry"] = h.wall() + renewed.pop("expires_in")
+    h.store.write("dev", "default", renewed)
+    assert h.idp.refresh_count == 1
+    await trio.sleep(3300 - 1000)  # t=3300: past the original deadline, no refresh by the daemon
+    assert h.idp.refresh_count == 1
+    # Rescheduled at ~3250 for the new expiry 4600: lead 300, so it fires at 4300-4330.
+    await trio.sleep(4290 - 3300)
+    assert h.idp.refresh_count == 1
+    await trio.sleep(50)
+    assert h.idp.refresh_count == 2
+    assert h.idp.reuse_count == 0
+    p.close()
+
+
+async def test_reschedules_after_each_success(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """Each successful renewal schedules the next one for the new expiry (R16.6)."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    await trio.sleep(5 * 3270 + 1)
+    assert h.idp.refresh_count == 5
+    assert h.idp.reuse_count == 0
+    served = (await p.call("get_token", {"provider": "dev"}))["data"]
+    assert h.idp.is_access_token_valid(served["access_token"])
+    p.close()
+
+
+async def test_backoff_doubles_to_the_cap_then_gives_up(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """Failed renewals retry after 30, 60, 120 ... s capped at 1800 s, and stop after 10 consecutive failures (R16.7)."""
+    h = await start_daemon(lifetime=20 * HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    h.idp.fail_next("server_error", count=100)
+    # 20 h token: lead = max(300, 7200) -> first attempt at 64800 s + jitter in [0, 30).
+    await trio.sleep(64800 - 1)
+    assert len(h.idp.requests) == 0
+    while len(h.idp.requests) == 0:
+        await trio.sleep(0.25)
+    last = trio.current_time()
+    for n, delay in enumerate([30, 60, 120, 240, 480, 960, 1800, 1800, 1800], start=2):
+        await trio.sleep(delay - 1)
+        assert len(h.idp.requests) == n - 1, f"attempt {n} came early"
+        while len(h.idp.requests) < n:
+            await trio.sleep(0.25)
+        gap, last = trio.current_time() - last, trio.current_time()
+        assert delay - 0.5 <= gap <= delay + 1.5, (n, delay, gap)
+    renewal = h.daemon.status()["sessions"][0]["renewals"][0]
+    assert renewal["failures"] == 10
+    assert renewal["gave_up"] is True and renewal["next_renewal"] is None
+    assert "500" in renewal["last_error"]
+    await trio.sleep(10 * HOUR)
+    assert len(h.idp.requests) == 10
+    p.close()
+
+
+async def test_invalid_grant_is_not_retried(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """invalid_grant marks the key re-auth required, with no retry, and status says so."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    h.idp.fail_next("invalid_grant", count=5)
+    await trio.sleep(3300)
+    assert len(h.idp.requests) == 1
+    await trio.sleep(5 * HOUR)
+    assert len(h.idp.requests) == 1
+    st = h.daemon.status()
+    assert st["sessions"][0]["renewals"][0]["reauth_required"] is True
+    assert st["tokens"][0]["reauth_required"] is True
+    p.close()
+
+
+async def test_closing_a_session_cancels_all_its_timers(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """After its session closes, the endpoint sees no refresh for that session's keys; another session's renewals continue."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login("dev", "default")
+    h.login("dev", "b2")
+    h.login("dev", "mine")
+    s1 = await h.session("dev:default", "dev:b2")
+    p1 = await h.peer(s1)
+    for bucket in ("default", "b2"):
+        assert (await p1.call("get_token", {"provider": "dev", "bucket": bucket}))["ok"]
+    s2 = await h.session("dev:mine")
+    p2 = await h.peer(s2)
+    assert (await p2.call("get_token", {"provider": "dev", "bucket": "mine"}))["ok"]
+    p1.close()
+    assert await h.daemon.close_session(s1.id)
+    await trio.sleep(3 * 3270 + 1)
+    assert h.idp.refresh_count == 3  # only "mine", three times
+    p2.close()
+
+
+async def test_logout_cancels_that_keys_timers_only(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """Removing one key (logout) cancels its timers everywhere; the session's other keys keep renewing."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login("dev", "default")
+    h.login("dev", "keep")
+    s = await h.session("dev")
+    p = await h.peer(s)
+    for bucket in ("default", "keep"):
+        assert (await p.call("get_token", {"provider": "dev", "bucket": bucket}))["ok"]
+    h.store.remove("dev", "default")
+    assert h.daemon.token_changed(("dev", "default")) == 1
+    await trio.sleep(2 * 3270 + 1)
+    assert h.idp.refresh_count == 2  # "keep" twice, "default" never
+    assert [r["bucket"] for r in h.daemon.status()["sessions"][0]["renewals"]] == ["keep"]
+    p.close()
+
+
+async def test_timer_stops_when_token_removed_behind_its_back(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """A timer that fires and finds its token gone stops without calling the endpoint."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    h.store.remove("dev", "default")  # no notification to the daemon
+    await trio.sleep(4 * HOUR)
+    assert len(h.idp.requests) == 0
+    p.close()
+
+
+async def test_short_lived_tokens_renew_at_half_life(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """60 s and 5 s tokens renew about every half-life, not in a loop, and are always valid when served."""
+    for lifetime, window, lo, hi in ((60.0, 600.0, 17, 21), (5.0, 60.0, 20, 25)):
+        h = await start_daemon(lifetime=lifetime, limits=LONG_IDLE)
+        h.login()
+        _, p, _ = await _serve_once(h)
+        start = h.idp.refresh_count
+        for _ in range(int(window / (lifetime / 4))):
+            await trio.sleep(lifetime / 4)
+            served = (await p.call("get_token", {"provider": "dev"}))["data"]
+            assert served["expiry"] > h.wall(), "served an expired token"
+        renewals = h.idp.refresh_count - start
+        assert lo <= renewals <= hi, (lifetime, renewals)
+        assert h.idp.reuse_count == 0
+        p.close()
+        h.daemon.stop()
+
+
+async def test_suspend_is_noticed_within_30_s_and_nothing_expired_is_served(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """After an 8-hour suspend (wall clock jumps, trio's does not) the token is renewed within 30 s, and a request right after resume gets a fresh token."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    await trio.sleep(600)
+    h.wall.jump(8 * HOUR)
+    await trio.sleep(30.5)
+    assert h.idp.refresh_count == 1
+    served = (await p.call("get_token", {"provider": "dev"}))["data"]
+    assert served["expiry"] > h.wall() + HOUR - 60
+    p.close()
+
+
+async def test_request_right_after_resume_is_never_served_expired(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """A get_token that arrives the instant the laptop resumes is refreshed first, not served expired."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    h.wall.jump(8 * HOUR)
+    served = (await p.call("get_token", {"provider": "dev"}))["data"]
+    assert served["expiry"] > h.wall()
+    assert h.idp.refresh_count == 1
+    await trio.sleep(60)
+    assert h.idp.refresh_count == 1  # the timer found it renewed and rescheduled
+    assert h.idp.reuse_count == 0
+    p.close()
+
+
+async def test_concurrent_get_token_on_expired_key_makes_one_refresh(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """200 concurrent get_token calls on an expired key cause exactly one upstream refresh, and all get the new token."""
+    h = await start_daemon(lifetime=HOUR, limits={"max_connections": 300, **LONG_IDLE})
+    token = h.idp.mint()
+    token["expiry"] = h.wall() - 1
+    h.store.write("dev", "default", token)
+    s = await h.session("dev")
+    h.idp.fail_next("slow", delay=2)  # keep the refresh in flight while the others arrive
+    served: list[str] = []
+
+    async def one() -> None:
+        peer = await h.peer(s)
+        reply = await peer.call("get_token", {"provider": "dev"})
+        served.append(reply["data"]["access_token"])
+        peer.close()
+
+    async with trio.open_nursery() as n:
+        for _ in range(200):
+            n.start_soon(one)
+    assert h.idp.refresh_count == 1
+    assert len(served) == 200 and len(set(served)) == 1
+    assert served[0] != token["access_token"]
+
+
+async def test_refresh_token_op_cooldown(start_daemon: StartDaemon, autojump_clock: object) -> None:
+    """refresh_token refreshes once; within 30 s it returns the current token while valid, else RATE_LIMITED with retryAfter."""
+    h = await start_daemon(lifetime=20.0, limits=LONG_IDLE)
+    h.login()
+    s = await h.session("dev")
+    p = await h.peer(s)
+    first = await p.call("refresh_token", {"provider": "dev"})
+    assert first["ok"] and "refresh_token" not in first["data"]
+    assert h.idp.refresh_count == 1
+    again = await p.call("refresh_token", {"provider": "dev"})
+    assert again["data"]["access_token"] == first["data"]["access_token"]
+    assert h.idp.refresh_count == 1
+    # The cooldown (30 s) is longer than this token lives (20 s).
+    await trio.sleep(21)
+    s2 = await h.session("dev")  # a session that has no timer renewing the key
+    p2 = await h.peer(s2)
+    limited = await p2.call("refresh_token", {"provider": "dev"})
+    if h.idp.refresh_count == 1:  # nothing renewed it meanwhile: expired and in cooldown
+        assert limited["code"] == "RATE_LIMITED"
+        assert isinstance(limited["retryAfter"], int) and 1 <= limited["retryAfter"] <= 9
+    await trio.sleep(10)
+    ok = await p2.call("refresh_token", {"provider": "dev"})
+    assert ok["ok"] is True
+    assert h.idp.reuse_count == 0
+    p.close()
+    p2.close()
+
+
+async def test_refresh_completes_its_write_when_the_session_closes(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """A refresh whose request went out lands on disk even though its session closed meanwhile."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    token = h.idp.mint()
+    token["expiry"] = h.wall() - 1
+    h.store.write("dev", "default", token)
+    s = await h.session("dev")
+    p = await h.peer(s)
+    h.idp.fail_next("slow", delay=3)
+    await p.send({"v": 2, "id": "x", "op": "get_token", "payload": {"provider": "dev"}})
+    await trio.sleep(1)  # the request is at the IdP now
+    assert await h.daemon.close_session(s.id)
+    await trio.sleep(5)
+    stored = h.store.read("dev", "default")
+    assert stored is not None and stored["refresh_token"] != token["refresh_token"]
+    assert h.idp.refresh_count == 1
+    # The rotated refresh token on disk is the live one: the next refresh works.
+    s2 = await h.session("dev")
+    p2 = await h.peer(s2)
+    assert (await p2.call("refresh_token", {"provider": "dev"}))["ok"] is True
+    assert h.idp.reuse_count == 0
+    p.close()
+    p2.close()
