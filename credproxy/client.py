@@ -224,13 +224,20 @@ def token_main(argv: list[str]) -> int:
         print(f"credproxy token: {exc}", file=sys.stderr)
         return exc.exit_code
     if as_json:
-        print(json.dumps(token, sort_keys=True))
+        out = json.dumps(token, sort_keys=True)
     else:
         at = token.get("access_token")
         if not isinstance(at, str):
             print("credproxy token: the served token has no access_token", file=sys.stderr)
             return EXIT_FAILURE
-        print(at)
+        out = at
+    try:
+        print(out, flush=True)
+    except BrokenPipeError:
+        # The reader went away (`credproxy token x | head -c0`): not our error
+        # to report, but stdout must not be flushed again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     return EXIT_OK
 
 
