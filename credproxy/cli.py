@@ -196,6 +196,7 @@ def cmd_import(ns: Any) -> int:
     os.umask(0o077)
     store = _store()
     with store.locked(ns.provider, ns.bucket):
+        store.recover_pending(ns.provider, ns.bucket)  # clears leftovers of a killed refresh
         store.write(ns.provider, ns.bucket, token)
     _notify_daemon(ns.provider, ns.bucket)
     expiry = token.get("expiry")

@@ -253,6 +253,13 @@ class Refresher:
         self, key: Key, seen_expiry: float | None, reason: str
     ) -> Entry:
         provider, bucket = key
+        if self.store.recover_pending(provider, bucket):
+            log.warning(
+                "token_recovered",
+                provider=provider,
+                bucket=bucket,
+                why="a refresh interrupted before its rename",
+            )
         stored = self.cache.get(key)  # re-read under the lock: the double-check
         if stored is None:
             raise NotFound(f"no token for {provider}:{bucket}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import signal
 import stat
 import time
@@ -163,6 +164,49 @@ class TokenStore:
         """Store *token* atomically and durably (see the module docstring)."""
         path = self.token_path(provider, bucket)
         self._atomic_write(path, _encoder.encode(token))
+
+    def recover_pending(self, provider: str, bucket: str = DEFAULT_BUCKET) -> bool:
+        """Adopt a newer token that a killed write left in a temp file; True if one was.
+
+        A refresh writes the rotated token to a temp file before renaming it
+        into place. If the process dies between the two, the old refresh
+        token on disk is already spent at the IdP, while the temp file holds
+        the live one. Call this only while holding the key's lock (no write
+        of this key is in progress then): a complete temp token with a later
+        expiry than the stored one is renamed into place; every temp file of
+        the key is removed.
+        """
+        path = self.token_path(provider, bucket)
+        pattern = re.compile(rf"^\.{re.escape(path.name)}\.\d+\.\d+\.tmp$")
+        pending = [path.parent / n for n in _listdir(path.parent) if pattern.match(n)]
+        if not pending:
+            return False
+        try:
+            current = self.read(provider, bucket)
+        except StoreError:
+            current = None
+        best: tuple[float, Path] | None = None
+        floor = _expiry_of(current)
+        for tmp in pending:
+            try:
+                token = self._decode(tmp, tmp.read_bytes())
+            except (OSError, StoreError):
+                continue  # truncated or unreadable: never adopted
+            exp = _expiry_of(token)
+            if exp > floor and (best is None or exp > best[0]):
+                best = (exp, tmp)
+        if best is not None:
+            fd = os.open(best[1], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(best[1], path)
+            _fsync_dir(path.parent)
+        for tmp in pending:
+            with _suppress_oserror():
+                tmp.unlink()
+        return best is not None
 
     def remove(self, provider: str, bucket: str = DEFAULT_BUCKET) -> bool:
         """Delete a token; False if there was none."""
@@ -310,6 +354,13 @@ def _fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _expiry_of(token: dict[str, Any] | None) -> float:
+    exp = None if token is None else token.get("expiry")
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return float("-inf")
+    return float(exp)
 
 
 def _listdir(path: Path) -> list[str]:

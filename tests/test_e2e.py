@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import CREDPROXY, Dirs, cli, stop_daemon
 
 PROBE = str(Path(__file__).with_name("sandbox_probe.py"))

@@ -10,6 +10,7 @@ shows up as ``reuse_count`` > 0 and an ``invalid_grant``.
 from __future__ import annotations
 
 import trio
+
 from conftest import Harness, Peer, StartDaemon
 
 HOUR = 3600.0
