@@ -1,0 +1,375 @@
+"""Daemon lifecycle with real processes and signals: socket activation, sd_notify,
+SIGTERM, idle exit, the watchdog, and one daemon per runtime directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CREDPROXY, Dirs, cli
+from credproxy.client import Client
+
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+needs_socket_activate = pytest.mark.skipif(
+    SOCKET_ACTIVATE is None,
+    reason="systemd-socket-activate not installed (Debian/Ubuntu package: systemd)",
+)
+OWN_READY = b"READY=1\nSTATUS=0 sessions, 0 renewal timers"  # the daemon's own datagram
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+Spawn = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start a process with stderr in a file; every process is killed at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+    files: list[Any] = []
+
+    def start(cmd: list[str], env: dict[str, str], stderr: Path) -> subprocess.Popen[bytes]:
+        err = stderr.open("wb")
+        files.append(err)
+        proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+    for f in files:
+        f.close()
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll *check* until it returns something truthy; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines in a daemon's stderr file (other lines are skipped)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events
+
+
+def wait_event(
+    path: Path, event: str, proc: subprocess.Popen[bytes], timeout: float = 15
+) -> dict[str, Any]:
+    """Wait for the first log line with ``"event": event`` (fail early if *proc* died)."""
+
+    def check() -> dict[str, Any] | None:
+        for e in log_events(path):
+            if e.get("event") == event:
+                return e
+        assert proc.poll() is None, f"exited {proc.returncode}: {path.read_text()}"
+        return None
+
+    found: dict[str, Any] = wait_for(check, timeout, f"{event} in {path.name}")
+    return found
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"pid {proc.pid} still running after {timeout} s") from None
+
+
+def serve(spawn: Spawn, dirs: Dirs, *args: str, name: str = "daemon", **env: str) -> Any:
+    """Start ``credproxy serve ARGS`` on *dirs*; returns (process, stderr path)."""
+    stderr = dirs.root / f"{name}.err"
+    proc = spawn([CREDPROXY, "serve", *args], dirs.env(**env), stderr)
+    return proc, stderr
+
+
+def receive_until(
+    sock: socket.socket, done: Callable[[list[bytes]], bool], timeout: float
+) -> list[bytes]:
+    """Collect datagrams until *done* says so or *timeout* seconds pass."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while not done(got):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            got.append(sock.recv(4096))
+        except TimeoutError:
+            break
+    return got
+
+
+@pytest.fixture
+def notify_socket(dirs: Dirs) -> Iterator[socket.socket]:
+    """A datagram socket at ``<root>/notify`` playing the service manager."""
+    dirs.root.mkdir(parents=True, exist_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(dirs.root / "notify"))
+        yield sock
+
+
+def control(dirs: Dirs, op: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    with Client(dirs.runtime / "credproxy.sock", timeout=10) as c:
+        return c.call(op, payload)
+
+
+# --- 1. socket activation ------------------------------------------------------------
+
+
+@needs_socket_activate
+def test_socket_activation_ready_status_and_stop(
+    dirs: Dirs, spawn: Spawn, notify_socket: socket.socket
+) -> None:
+    """Under systemd-socket-activate the first connect starts the daemon, which serves on the inherited socket, announces READY with its STATUS, and on SIGTERM sends STOPPING=1, exits 0 and leaves systemd's socket file in place."""
+    # Like credproxy.socket (%t/credproxy/credproxy.sock, DirectoryMode=0700): the
+    # systemd-owned socket sits in the runtime directory, where the daemon also
+    # takes daemon.lock and puts session sockets under s/, and where the CLI looks.
+    dirs.runtime.mkdir(mode=0o700, parents=True)
+    path = dirs.runtime / "credproxy.sock"
+    stderr = dirs.root / "activate.err"
+    proc = spawn(
+        [
+            SOCKET_ACTIVATE or "",
+            "-l",
+            str(path),
+            "--fdname=credproxy",
+            "-E",
+            f"NOTIFY_SOCKET={notify_socket.getsockname()}",
+            "-E",
+            f"CREDPROXY_STATE_DIR={dirs.state}",
+            "-E",
+            f"CREDPROXY_RUNTIME_DIR={dirs.runtime}",
+            "-E",
+            f"CREDPROXY_CONFIG={dirs.config}",
+            "--",
+            CREDPROXY,
+            "serve",
+        ],
+        dirs.env(),
+        stderr,
+    )
+    wait_for(lambda: path.exists() or proc.poll() is not None, 10, "the listening socket")
+    assert proc.poll() is None, stderr.read_text()
+    inode = os.stat(path).st_ino
+
+    # Not running yet: still systemd-socket-activate, no lock taken, nothing announced.
+    time.sleep(0.3)
+    assert os.readlink(f"/proc/{proc.pid}/exe") == os.path.realpath(SOCKET_ACTIVATE or "")
+    assert not (dirs.runtime / "daemon.lock").exists()
+    assert receive_until(notify_socket, lambda got: bool(got), 0.1) == []
+
+    # The first connect starts it (systemd-socket-activate execs in place, same pid).
+    with Client(path, timeout=15) as client:
+        reply = client.call("ping")
+    assert reply["pid"] == proc.pid
+    assert os.readlink(f"/proc/{proc.pid}/exe") != os.path.realpath(SOCKET_ACTIVATE or "")
+    ready = wait_event(stderr, "daemon_ready", proc)
+    assert ready["control"] == "systemd"  # it used the inherited socket, it bound none
+    assert os.stat(path).st_ino == inode
+
+    # systemd-socket-activate 252 sends no READY=1 of its own; newer ones do
+    # (systemd PR #38148). The daemon's own datagram carries STATUS= with READY.
+    got = receive_until(notify_socket, lambda got: OWN_READY in got, 10)
+    assert OWN_READY in got, got
+
+    # The CLI finds the daemon through the same (systemd-owned) path.
+    status = cli(dirs, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["daemon"]["pid"] == proc.pid
+    assert "daemon: pid" in cli(dirs, "status").stdout
+
+    proc.send_signal(signal.SIGTERM)
+    assert wait_exit(proc, 10) == 0, stderr.read_text()
+    got = receive_until(notify_socket, lambda got: b"STOPPING=1" in got, 5)
+    assert b"STOPPING=1" in got, got
+    assert path.exists() and os.stat(path).st_ino == inode  # systemd's to remove
+    assert (dirs.runtime / "s").is_dir()
+
+
+# --- 2. SIGTERM with renewals pending --------------------------------------------------
+
+
+def test_sigterm_cancels_pending_renewals(dirs: Dirs, spawn: Spawn) -> None:
+    """SIGTERM with a renewal timer pending exits 0 within 2 s, and the token endpoint sees no refresh afterwards."""
+    dirs.root.mkdir(parents=True, exist_ok=True)
+    mint, url_file, idp_err = dirs.root / "mint.json", dirs.root / "url", dirs.root / "idp.err"
+    idp = spawn(
+        [
+            sys.executable,
+            "-m",
+            "credproxy.devidp",
+            "--port",
+            "0",
+            "--lifetime",
+            "8",
+            "--mint",
+            str(mint),
+            "--port-file",
+            str(url_file),
+        ],
+        dirs.env(),
+        idp_err,
+    )
+
+    def token_url() -> str | None:
+        assert idp.poll() is None, idp_err.read_text()
+        return url_file.read_text().strip() if url_file.exists() else None
+
+    url = wait_for(token_url, 15, "the devidp port file")
+
+    def refreshes() -> int:
+        return sum("refresh family" in line for line in idp_err.read_text().splitlines())
+
+    dirs.config.write_text(f'[providers.dev]\ntoken_url = "{url}"\nclient_id = "credproxy-dev"\n')
+    imported = cli(dirs, "import", "dev", str(mint))
+    assert imported.returncode == 0, imported.stderr
+
+    proc, stderr = serve(spawn, dirs)
+    wait_event(stderr, "daemon_ready", proc)
+    opened = control(dirs, "open_session", {"grants": ["dev"], "watch_launcher": False})
+    served_at = time.monotonic()
+    with Client(opened["socket"], timeout=10) as c:
+        assert c.get_token("dev")["access_token"].startswith("devat-")
+    scheduled = wait_event(stderr, "renewal_scheduled", proc)
+    fires_at = served_at + scheduled["in_seconds"]
+    [session] = control(dirs, "status")["sessions"]
+    assert session["renewals"][0]["next_renewal"] is not None
+    assert refreshes() == 0  # served from the store, no refresh yet
+
+    assert time.monotonic() < fires_at - 0.5, "too slow to SIGTERM before the renewal"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert wait_exit(proc, 10) == 0, stderr.read_text()
+    assert time.monotonic() - sent < 2.0
+
+    time.sleep(max(0.0, fires_at + 1.5 - time.monotonic()))
+    assert refreshes() == 0, idp_err.read_text()
+    assert idp.poll() is None  # the endpoint was up the whole time
+    assert not (dirs.runtime / "credproxy.sock").exists()
+    assert not Path(opened["socket"]).exists()
+
+
+# --- 3. --idle-exit ----------------------------------------------------------------------
+
+
+def test_idle_exit_without_clients(dirs: Dirs, spawn: Spawn) -> None:
+    """`credproxy serve --idle-exit 1` exits 0 about one second after it is ready when nothing connects."""
+    proc, stderr = serve(spawn, dirs, "--idle-exit", "1")
+    wait_event(stderr, "daemon_ready", proc)
+    ready_at = time.monotonic()
+    assert wait_exit(proc, 5) == 0, stderr.read_text()
+    elapsed = time.monotonic() - ready_at
+    assert 0.8 <= elapsed < 3.0, elapsed
+    assert "idle_exit" in [e.get("event") for e in log_events(stderr)]
+    assert not (dirs.runtime / "credproxy.sock").exists()
+
+
+def test_idle_exit_waits_for_sessions_to_close(dirs: Dirs, spawn: Spawn) -> None:
+    """An open session keeps an `--idle-exit 1` daemon running; after close_session it exits once the idle time has passed, not before."""
+    proc, stderr = serve(spawn, dirs, "--idle-exit", "1")
+    wait_event(stderr, "daemon_ready", proc)
+    opened = control(dirs, "open_session", {"grants": [], "watch_launcher": False})
+    time.sleep(2.5)  # well past the idle time, with no connection open
+    assert proc.poll() is None, stderr.read_text()
+
+    control(dirs, "close_session", {"session": opened["session"]})
+    closed_at = time.monotonic()
+    time.sleep(max(0.0, closed_at + 0.5 - time.monotonic()))
+    assert proc.poll() is None, "exited before the idle time passed"
+    assert wait_exit(proc, 3.0 - (time.monotonic() - closed_at)) == 0, stderr.read_text()
+    assert time.monotonic() - closed_at >= 0.9
+
+
+# --- 4. watchdog -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("watchdog_pid", ["unset", "own", "other"])
+def test_watchdog_pings(
+    dirs: Dirs, spawn: Spawn, notify_socket: socket.socket, watchdog_pid: str
+) -> None:
+    """With WATCHDOG_USEC=400000 the daemon sends WATCHDOG=1 at least three times a second, unless WATCHDOG_PID names another process."""
+    env = dirs.env(NOTIFY_SOCKET=notify_socket.getsockname(), WATCHDOG_USEC="400000")
+    env.pop("WATCHDOG_PID", None)
+    if watchdog_pid == "other":
+        env["WATCHDOG_PID"] = "1"
+    cmd = [CREDPROXY, "serve"]
+    if watchdog_pid == "own":  # exec keeps the pid, so $$ is the daemon's pid
+        cmd = ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$0" serve', CREDPROXY]
+    stderr = dirs.root / "daemon.err"
+    proc = spawn(cmd, env, stderr)
+    got = receive_until(notify_socket, lambda got: OWN_READY in got, 15)
+    assert OWN_READY in got, (got, stderr.read_text())
+    got = receive_until(notify_socket, lambda got: False, 1.0)
+    pings = got.count(b"WATCHDOG=1")
+    if watchdog_pid == "other":
+        assert pings == 0, got
+    else:
+        assert pings >= 3, got
+    proc.send_signal(signal.SIGTERM)
+    assert wait_exit(proc, 10) == 0, stderr.read_text()
+
+
+# --- 5. one daemon per runtime directory ---------------------------------------------------
+
+
+def test_second_daemon_refuses_and_first_keeps_serving(dirs: Dirs, spawn: Spawn) -> None:
+    """A second `credproxy serve` on the same runtime directory exits non-zero with one stderr line saying another daemon runs, and the first keeps serving."""
+    first, first_err = serve(spawn, dirs, name="first")
+    wait_event(first_err, "daemon_ready", first)
+    second, second_err = serve(spawn, dirs, name="second")
+    code = wait_exit(second, 15)
+    lines = second_err.read_text().strip().splitlines()
+    assert code != 0
+    assert len(lines) == 1, lines
+    assert "another credproxy daemon is running" in lines[0]
+    assert control(dirs, "ping")["pid"] == first.pid
+    assert first.poll() is None
+    first.send_signal(signal.SIGTERM)
+    assert wait_exit(first, 10) == 0
+
+
+def test_stale_control_socket_is_reclaimed(dirs: Dirs, spawn: Spawn) -> None:
+    """The control socket file a SIGKILLed daemon leaves behind is reclaimed by the next `credproxy serve`, which then serves."""
+    first, first_err = serve(spawn, dirs, name="first")
+    wait_event(first_err, "daemon_ready", first)
+    first.kill()
+    wait_exit(first, 10)
+    path = dirs.runtime / "credproxy.sock"
+    assert path.is_socket()  # left behind: nobody removed it
+    second, second_err = serve(spawn, dirs, name="second")
+    wait_event(second_err, "daemon_ready", second)
+    assert control(dirs, "ping")["pid"] == second.pid
+    second.send_signal(signal.SIGTERM)
+    assert wait_exit(second, 10) == 0, second_err.read_text()
+    assert not path.exists()
