@@ -56,6 +56,24 @@ class WallClock:
         self.offset += seconds
 
 
+SECRET_MARKERS = ("devat-", "devrt-", "CANARY")  # dev IdP tokens and test canaries
+
+
+@pytest.fixture(autouse=True)
+def no_secrets_in_logs() -> Iterator[list[Any]]:
+    """Every test: no log event of the in-process daemon carries a token or canary value.
+
+    Events are captured before any redaction, so this checks what the code
+    passes to the logger, not what a filter later hides.
+    """
+    import structlog
+
+    with structlog.testing.capture_logs() as events:
+        yield events
+    leaks = [e for e in events if any(m in repr(e) for m in SECRET_MARKERS)]
+    assert leaks == [], f"secret-looking values in log events: {leaks[:3]}"
+
+
 @pytest.fixture
 def tmp_short() -> Iterator[Path]:
     """A short temporary directory (Unix socket paths are limited to 108 bytes)."""
