@@ -336,13 +336,17 @@ def _render_status(st: dict[str, Any]) -> str:
 
 
 def cmd_install_units(ns: Any) -> int:
+    import os
     import shutil
     from pathlib import Path
 
     from credproxy import units
 
-    exe = shutil.which("credproxy") or str(Path(sys.argv[0]).resolve())
-    dest = Path.home() / ".config" / "systemd" / "user"
+    # ExecStart= must be absolute: the executable on PATH, else the one running now.
+    found = shutil.which("credproxy")
+    exe = os.path.abspath(found) if found else str(Path(sys.argv[0]).resolve())
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    dest = Path(config_home) / "systemd" / "user"
     written = units.install_units(dest, exe)
     for path in written:
         print(f"wrote {path}")

@@ -193,3 +193,20 @@ def test_units_are_found_from_the_source_checkout() -> None:
         pytest.skip("credproxy is installed from a wheel here; test_packaging covers that")
     texts = unit_texts("/usr/bin/credproxy")
     assert texts["credproxy.socket"] == (SHIPPED / "credproxy.socket").read_text()
+
+
+def test_install_units_command_writes_units_and_says_what_next(tmp_path: Path) -> None:
+    """`credproxy install-units` writes both units under $XDG_CONFIG_HOME/systemd/user with ExecStart at the installed executable."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("credproxy")
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), PATH=f"{exe.parent}:{os.environ['PATH']}")
+    proc = subprocess.run([str(exe), "install-units"], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    unit_dir = tmp_path / "cfg" / "systemd" / "user"
+    service = (unit_dir / "credproxy.service").read_text()
+    assert f"ExecStart={exe} serve --idle-exit 300" in service
+    assert (unit_dir / "credproxy.socket").exists()
+    assert "systemctl --user enable --now credproxy.socket" in proc.stdout
