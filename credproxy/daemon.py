@@ -784,9 +784,13 @@ async def _watchdog(interval: float) -> None:
 
 
 def raise_fd_limit() -> None:
+    """Use the hard RLIMIT_NOFILE: every sandbox connection is a file descriptor."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            log.warning("fd_limit_unchanged", soft=soft, hard=hard)
 
 
 def main(idle_exit: float | None) -> int:
