@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import msgspec
 
 from credproxy.errors import ConfigError
+from credproxy.protocol import NAME_RULE, is_name
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -44,7 +44,7 @@ class Renewal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-connection and per-session limits on sandbox sockets."""
+    """Limits per connection (every socket) and per session (the connection cap)."""
 
     requests_per_second: float = 200  # sustained rate per connection; 0 disables
     request_burst: int = 400  # bucket size of that rate
@@ -116,10 +116,8 @@ def _convert(raw: Any, kind: type[Any], path: Path, text: str, prefix: list[str]
 def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = []
     for name, prov in cfg.providers.items():
-        if not NAME_RE.match(name):
-            out.append(
-                (f"provider name {name!r} must match {NAME_RE.pattern}", ["providers", name])
-            )
+        if not is_name(name):
+            out.append((f"provider name {name!r} must be {NAME_RULE}", ["providers", name]))
         url = urlsplit(prov.token_url)
         if url.scheme != "https" and not (url.scheme == "http" and url.hostname in LOOPBACK_HOSTS):
             out.append(

@@ -74,7 +74,8 @@ from credproxy.store import DEFAULT_BUCKET, TokenStore
 
 log = logs.get("credproxy.daemon")
 
-SHUTDOWN_GRACE = 8.0  # seconds for in-flight refreshes to land; < TimeoutStopSec
+SHUTDOWN_GRACE = 8.0  # seconds for in-flight refreshes to land; < TimeoutStopSec (10 s)
+UPSTREAM_TIMEOUT = 6.0  # per phase of a refresh request; a sent request fits the grace
 FORBIDDEN_OPS = frozenset({"save_token", "remove_token"})
 _GENERIC = "internal error; see the daemon log"
 
@@ -158,6 +159,8 @@ class Daemon:
         self.connections += 1
         try:
             await serve_connection(sock, ControlHandler(self, pid), self.cfg.limits, "control")
+        except Exception:  # last resort: one connection must never take the daemon down
+            log.exception("connection_crashed", conn="control")
         finally:
             self.connections -= 1
 
@@ -190,14 +193,14 @@ class Daemon:
         self, session: Session, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         make_private_dir(self.sessions_dir)
-        pidfd = None
-        if session.launcher_pid is not None:
-            try:
-                pidfd = os.pidfd_open(session.launcher_pid)
-            except ProcessLookupError:
-                raise UsageError("the launcher exited before its session opened") from None
-        listener = await bind_unix(session.socket_path)
+        pidfd = listener = None
         try:
+            if session.launcher_pid is not None:
+                try:
+                    pidfd = os.pidfd_open(session.launcher_pid)
+                except ProcessLookupError:
+                    raise UsageError("the launcher exited before its session opened") from None
+            listener = await bind_unix(session.socket_path)
             with session.scope:
                 async with trio.open_nursery() as nursery:
                     session.nursery = nursery
@@ -216,18 +219,18 @@ class Daemon:
                     self._status_changed()
                     task_status.started()
         finally:
-            listener.close()
-            with _ignore_missing():
-                os.unlink(session.socket_path)
+            if listener is not None:
+                listener.close()
+                with _ignore_missing():
+                    os.unlink(session.socket_path)
             if pidfd is not None:
                 os.close(pidfd)
-            self.sessions.pop(session.id, None)
-            log.info(
-                "session_closed",
-                session=session.id,
-                timers_cancelled=sum(1 for t in session.timers.values() if t.deadline is not None)
-                or len(session.timers),
-            )
+            if self.sessions.pop(session.id, None) is not None:
+                log.info(
+                    "session_closed",
+                    session=session.id,
+                    timers_cancelled=sum(1 for t in session.timers.values() if not t.gave_up),
+                )
             session.closed.set()
             self._status_changed()
 
@@ -273,6 +276,8 @@ class Daemon:
     async def _sandbox_connection(self, session: Session, sock: trio.socket.SocketType) -> None:
         try:
             await serve_connection(sock, SessionHandler(self, session), self.cfg.limits, session.id)
+        except Exception:  # last resort: one connection must never take the daemon down
+            log.exception("connection_crashed", conn=session.id)
         finally:
             session.connections -= 1
             self.connections -= 1
@@ -299,6 +304,7 @@ class Daemon:
             session.nursery.start_soon(
                 renewal_timer, self.refresher, key, entry.expiry, timer, session.id, self.rng
             )
+            self._status_changed()
         stats = session.served.get(key)
         if stats is None:
             stats = session.served[key] = [0, 0.0]
@@ -341,6 +347,15 @@ class Daemon:
         """The CLI changed *key* in the store; stop timers if it is gone."""
         self.cache.drop(key)
         if self.store.signature(*key) is not None:
+            # A new login: forget the old failures, and let sessions whose
+            # renewal had given up (re-auth required) schedule it again on
+            # their next get_token.
+            self.refresher.status.pop(key, None)
+            for session in self.sessions.values():
+                timer = session.timers.get(key)
+                if timer is not None and timer.done:
+                    del session.timers[key]
+            log.info("token_replaced", provider=key[0], bucket=key[1])
             return 0
         cancelled = 0
         for session in self.sessions.values():
@@ -517,9 +532,7 @@ class ControlHandler:
             return conn.reply_error(req.id, exc.code, str(exc))
         except OSError as exc:
             log.error("open_session_failed", error=exc.strerror)
-            return conn.reply_error(
-                req.id, "INTERNAL_ERROR", f"cannot open session: {exc.strerror}"
-            )
+            return conn.reply_error(req.id, "INTERNAL_ERROR", _GENERIC)
 
 
 class SessionHandler:
@@ -599,7 +612,9 @@ class SessionHandler:
     async def _refresh_op(self, key: Key, entry: Entry) -> Entry:
         d = self.d
         st = d.refresher.key_status(key)
-        left = policy.cooldown_left(st.last_refresh, d.wall(), d.cfg.renewal)
+        # The cooldown counts attempts, not successes: a failing IdP is not
+        # hammered by a sandbox that keeps asking.
+        left = policy.cooldown_left(st.last_attempt, d.wall(), d.cfg.renewal)
         if left > 0:
             if entry.expiry is None or entry.expiry > d.wall():
                 return entry
@@ -608,8 +623,8 @@ class SessionHandler:
             )
         if not entry.refreshable:
             raise ReauthRequired(
-                f"{key[0]}:{key[1]} has no refresh token; log in again and "
-                f"`credproxy import {key[0]}`"
+                f"{key[0]}:{key[1]} cannot be refreshed (no refresh token or no expiry "
+                f"stored); log in again and `credproxy import {key[0]}`"
             )
         return await d.refresher.refresh(key, None, reason="requested")
 
@@ -640,6 +655,8 @@ async def _accept_forever(listener: trio.socket.SocketType) -> Any:
     while True:
         try:
             sock, _ = await listener.accept()
+        except trio.ClosedResourceError:
+            return  # the listener was closed: shutdown has begun
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log.error("accept_failed", error=exc.strerror)
@@ -746,6 +763,8 @@ async def serve(
                         await daemon.stop_event.wait()
                         systemd.notify("STOPPING=1")
                         log.info("daemon_stopping", sessions=len(daemon.sessions))
+                        for listener in listeners:  # stop accepting at once
+                            listener.close()
                         main.cancel_scope.cancel()
                 finally:
                     # Sessions and timers are gone with the main nursery. Give
@@ -802,7 +821,7 @@ def main(idle_exit: float | None) -> int:
     inherited = [s for _, s in systemd.listen_fds()]
     from credproxy.http import HttpTokenEndpoint
 
-    endpoint = HttpTokenEndpoint()
+    endpoint = HttpTokenEndpoint(timeout=UPSTREAM_TIMEOUT)
 
     async def run() -> None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from credproxy.errors import UsageError
-from credproxy.protocol import NAME_RE
+from credproxy.protocol import NAME_RULE, is_name
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,10 @@ class Grants:
                 continue
             head, sep, tail = spec.partition(":")
             names = [head, tail] if sep else [head]
-            if not all(NAME_RE.match(n) for n in names):
+            if not all(is_name(n) for n in names):
                 raise UsageError(
                     f"grant {spec!r} must be PROVIDER, PROVIDER:BUCKET, key:NAME or '*' "
-                    f"(names match {NAME_RE.pattern})"
+                    f"(names are {NAME_RULE})"
                 )
             if not sep:
                 providers.add(head)

@@ -49,7 +49,8 @@ from credproxy.errors import InvalidName, ProtocolError
 MAX_FRAME = 65_536  # largest payload we accept (and the v1 response limit)
 BODY_DEADLINE = 5.0  # seconds for a body to follow its header
 MIN_VERSION, MAX_VERSION = 1, 2
-NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+NAME_RULE = "1-64 of A-Z a-z 0-9 . _ @ - (not . or ..)"
 MAX_ID_LENGTH = 128
 
 _HEADER = 4
@@ -130,7 +131,8 @@ def decode_object(payload: bytes) -> dict[str, Any]:
     """Decode one frame payload, which must be a JSON object."""
     try:
         obj = _decoder.decode(payload)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # RecursionError: JSON nested deeper than the decoder allows.
         raise MalformedFrame("frame is not valid UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise MalformedFrame("frame is not a JSON object")
@@ -350,9 +352,20 @@ def name_field(payload: dict[str, Any], field: str, *, default: str | None = Non
         if default is None:
             raise InvalidName(f"missing '{field}'")
         return default
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise InvalidName(f"'{field}' must be a name matching {NAME_RE.pattern}")
+    if not is_name(value):
+        raise InvalidName(f"'{field}' must be a name of {NAME_RULE}")
     return value
+
+
+def is_name(value: object) -> TypeGuard[str]:
+    """A valid provider, bucket or key name: ``[A-Za-z0-9._@-]{1,64}``, whole string.
+
+    ``.`` and ``..`` are refused although the pattern allows them: names
+    become path components of the store.
+    """
+    return (
+        isinstance(value, str) and NAME_RE.fullmatch(value) is not None and value not in (".", "..")
+    )
 
 
 class TokenBucket:

@@ -164,6 +164,7 @@ class KeyStatus:
     last_error: str | None = None
     reauth_required: bool = False
     last_refresh: float | None = None  # wall time of the last successful refresh
+    last_attempt: float | None = None  # wall time of the last request upstream
     refreshes: int = 0
 
 
@@ -284,6 +285,7 @@ class Refresher:
             self._failed(key, st, err, reason)
             raise err
         checkpoint("refresh-before-request")
+        st.last_attempt = self.wall()
         try:
             new = await self.endpoint.refresh(prov, rt)
         except (RefreshFailed, ReauthRequired) as exc:
@@ -342,6 +344,7 @@ class Timer:
     last_error: str | None = None
     reauth_required: bool = False
     gave_up: bool = False
+    done: bool = False  # the task has ended (gave up, stopped, or cancelled)
 
 
 async def sleep_until_wall(deadline: float, wall_clock: Callable[[], float]) -> None:
@@ -464,9 +467,10 @@ async def renewal_timer(
                     in_seconds=round(timer.deadline - wall(), 1),
                 )
         finally:
-            if timer.scope.cancelled_caught or timer.scope.cancel_called:
+            if timer.scope.cancel_called:
                 log.info("renewal_cancelled", session=session, provider=provider, bucket=bucket)
             timer.deadline = None
+            timer.done = True
 
 
 def retry_after(seconds: float) -> int:

@@ -15,7 +15,6 @@ import os
 import socket as stdsocket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +36,7 @@ from credproxy.protocol import (
 log = logs.get("credproxy.server")
 _PEERCRED = struct.Struct("3i")
 RECV_SIZE = 65_536
+SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
 
 
 class AlreadyRunning(CredproxyError):
@@ -146,9 +146,13 @@ async def serve_connection(
     handler: Handler,
     limits: Limits,
     label: str,
-    on_internal_error: Callable[[BaseException, Request], Awaitable[bytes]] | None = None,
 ) -> None:
     """Run one connection until the peer closes it, breaks the protocol or idles out.
+
+    Deadlines: a frame body must follow its header within 5 s; with nothing
+    in flight, the connection closes after ``limits.idle_timeout`` without a
+    request; a reply that cannot be written within :data:`SEND_TIMEOUT` (a
+    peer that does not read) closes the connection.
 
     Never raises for anything the peer does; internal errors in a request
     become ``INTERNAL_ERROR`` replies (without exception text).
@@ -159,31 +163,44 @@ async def serve_connection(
     send_lock = trio.StrictFIFOLock()
     idle_deadline = now + limits.idle_timeout
     body_deadline = math.inf
+    recv_scope: trio.CancelScope | None = None
     reason = "closed by peer"
+
+    def recv_deadline() -> float:
+        return body_deadline if conn.in_flight else min(body_deadline, idle_deadline)
 
     async def send(data: bytes) -> None:
         async with send_lock:
-            await send_all(sock, data)
+            with trio.fail_after(SEND_TIMEOUT):
+                await send_all(sock, data)
 
     async def answer_slow(req: Request) -> None:
+        nonlocal idle_deadline
         try:
             out = await handler.slow(conn, req)
         except Exception:  # a bug: never let it take the connection down silently
             log.exception("request_failed", conn=label, op=req.op)
             out = conn.reply_error(req.id, "INTERNAL_ERROR", "internal error; see the daemon log")
-        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        try:
             await send(out)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            nursery.cancel_scope.cancel()  # the peer is gone or does not read: close
+            return
+        if conn.in_flight == 0:
+            # The idle clock starts again now that nothing is in flight.
+            idle_deadline = trio.current_time() + limits.idle_timeout
+            if recv_scope is not None:
+                recv_scope.deadline = recv_deadline()
 
     with sock:
         try:
             async with trio.open_nursery() as nursery:
                 try:
                     while True:
-                        deadline = body_deadline
-                        if conn.in_flight == 0:
-                            deadline = min(deadline, idle_deadline)
-                        with trio.CancelScope(deadline=deadline) as scope:
+                        with trio.CancelScope(deadline=recv_deadline()) as scope:
+                            recv_scope = scope
                             data = await sock.recv(RECV_SIZE)
+                        recv_scope = None
                         if scope.cancelled_caught:
                             if conn.awaiting_body:
                                 reason = "frame body did not arrive within 5 s"
@@ -201,6 +218,7 @@ async def serve_connection(
                                 break
                             now = trio.current_time()
                             idle_deadline = now + limits.idle_timeout
+                            body_deadline = math.inf  # a frame completed
                             if isinstance(ev, Send):
                                 await send(ev.data)
                                 if ev.close:
@@ -230,16 +248,18 @@ async def serve_connection(
                                 await send(out)
                             else:
                                 nursery.start_soon(answer_slow, ev)
-                        if conn.awaiting_body:
-                            if body_deadline == math.inf:
-                                body_deadline = trio.current_time() + BODY_DEADLINE
-                        else:
-                            body_deadline = math.inf
+                        if conn.awaiting_body and body_deadline == math.inf:
+                            body_deadline = trio.current_time() + BODY_DEADLINE
                 except ProtocolError as exc:
                     reason = f"protocol error: {exc}"
                 finally:
                     nursery.cancel_scope.cancel()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ) as exc:
             reason = f"socket error: {type(exc).__name__}"
         log.debug("connection_closed", conn=label, reason=reason)
 

@@ -14,8 +14,10 @@ crash at any point leaves one of the two on disk.
 Locks are separate files because the token file is replaced by rename on
 every write: an flock on it would lock an inode that is about to be unlinked.
 
-This module is synchronous (plain ``os`` calls). The daemon calls the slow
-parts (fsync) from a worker thread; the CLI calls them directly.
+This module is synchronous (plain ``os`` calls). The daemon calls it from
+its event loop: a token write (one small file, two fsyncs) happens once per
+refresh, and keeping it on the loop means no await separates an upstream
+answer from its durable write.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 import msgspec
 
 from credproxy.errors import InvalidName, InvalidToken, StoreError
-from credproxy.protocol import NAME_RE
+from credproxy.protocol import NAME_RULE, is_name
 
 DEFAULT_BUCKET = "default"
 
@@ -52,8 +54,8 @@ def checkpoint(name: str) -> None:
 
 
 def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidName(f"{kind} name {name!r} must match {NAME_RE.pattern}")
+    if not is_name(name):
+        raise InvalidName(f"{kind} name {name!r} must be {NAME_RULE}")
     return name
 
 
@@ -177,8 +179,8 @@ class TokenStore:
         the key is removed.
         """
         path = self.token_path(provider, bucket)
-        pattern = re.compile(rf"^\.{re.escape(path.name)}\.\d+\.\d+\.tmp$")
-        pending = [path.parent / n for n in _listdir(path.parent) if pattern.match(n)]
+        pattern = re.compile(rf"\.{re.escape(path.name)}~\d+\.\d+\.tmp")
+        pending = [path.parent / n for n in _listdir(path.parent) if pattern.fullmatch(n)]
         if not pending:
             return False
         try:
@@ -221,12 +223,12 @@ class TokenStore:
         return True
 
     def providers(self) -> list[str]:
-        return sorted(p for p in _listdir(self.tokens_dir) if NAME_RE.match(p) and self.buckets(p))
+        return sorted(p for p in _listdir(self.tokens_dir) if is_name(p) and self.buckets(p))
 
     def buckets(self, provider: str) -> list[str]:
         check_name("provider", provider)
         names = _listdir(self.tokens_dir / provider)
-        return sorted(n[:-5] for n in names if n.endswith(".json") and NAME_RE.match(n[:-5]))
+        return sorted(n[:-5] for n in names if n.endswith(".json") and is_name(n[:-5]))
 
     # -- API keys --
 
@@ -252,7 +254,7 @@ class TokenStore:
         return True
 
     def key_names(self) -> list[str]:
-        return sorted(n for n in _listdir(self.keys_dir) if NAME_RE.match(n))
+        return sorted(n for n in _listdir(self.keys_dir) if is_name(n))
 
     # -- locking --
 
@@ -298,7 +300,8 @@ class TokenStore:
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         _makedirs(path.parent)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        # "~" is not allowed in names, so a temp file never lists as a token or key.
+        tmp = path.with_name(f".{path.name}~{os.getpid()}.{time.monotonic_ns()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:

@@ -260,7 +260,7 @@ def test_sigkill_anywhere_in_the_refresh_path_leaves_a_complete_token(
             with store.locked("dev", "default"):
                 recovered = store.recover_pending("dev", "default")
             stored = json.loads(path.read_bytes())
-            assert not list(path.parent.glob(".*.tmp"))
+            assert not list(path.parent.glob(".*~*.tmp"))
             assert stored["refresh_token"] in (old["refresh_token"],) or stored[
                 "refresh_token"
             ].startswith("devrt-")

@@ -379,3 +379,46 @@ async def test_refresh_completes_its_write_when_the_session_closes(
     assert h.idp.reuse_count == 0
     p.close()
     p2.close()
+
+
+async def test_reimport_restarts_a_renewal_that_needed_reauth(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """After invalid_grant stops a session's renewal, importing a new login makes the next get_token schedule renewal again."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    _, p, _ = await _serve_once(h)
+    h.idp.fail_next("invalid_grant")
+    await trio.sleep(3300)
+    assert h.daemon.status()["sessions"][0]["renewals"][0]["reauth_required"] is True
+    h.login()  # the user logs in again: `credproxy import` writes and notifies the daemon
+    assert h.daemon.token_changed(("dev", "default")) == 0
+    assert h.daemon.status()["tokens"][0].get("reauth_required") is None
+    assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
+    renewal = h.daemon.status()["sessions"][0]["renewals"][0]
+    assert renewal["reauth_required"] is False and renewal["next_renewal"] is not None
+    refreshed = h.idp.refresh_count
+    await trio.sleep(3300)
+    assert h.idp.refresh_count == refreshed + 1
+    p.close()
+
+
+async def test_refresh_op_cooldown_counts_failed_attempts(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """While the IdP fails, a sandbox calling refresh_token in a loop reaches it at most once per 30 s."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    s = await h.session("dev")
+    p = await h.peer(s)
+    h.idp.fail_next("server_error", count=1000)
+    for _ in range(20):
+        reply = await p.call("refresh_token", {"provider": "dev"})
+        # The current token is still valid, so the sandbox keeps being served it.
+        assert reply["ok"] is True or reply["code"] == "REFRESH_FAILED"
+        await trio.sleep(1)
+    assert len(h.idp.requests) == 1
+    await trio.sleep(15)
+    await p.call("refresh_token", {"provider": "dev"})
+    assert len(h.idp.requests) == 2
+    p.close()
