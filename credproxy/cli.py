@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return token_main(args[1:])
     parser = _parser()
-    ns = parser.parse_args(args)
+    ns, extra = parser.parse_known_args(args)
+    if ns.command == "import" and not any(e.startswith("-") and e != "-" for e in extra):
+        ns.args += extra  # `import PROVIDER --bucket B FILE`: FILE comes after the option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if ns.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -44,14 +48,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> Any:
     import argparse
+    from importlib import metadata
 
-    from credproxy.daemon import version
-
+    try:
+        version = metadata.version("credproxy")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
     p = argparse.ArgumentParser(
         prog="credproxy",
         description="Serve OAuth access tokens to sandboxes; keep refresh tokens on the host.",
     )
-    p.add_argument("--version", action="version", version=f"credproxy {version()}")
+    p.add_argument("--version", action="version", version=f"credproxy {version}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the daemon in the foreground")
@@ -99,9 +106,15 @@ def _parser() -> Any:
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("import", help="store a token given as JSON")
-    s.add_argument("provider")
+    # One positional list: argparse would otherwise bind an optional FILE together
+    # with PROVIDER and refuse `import PROVIDER --bucket B FILE`.
+    s.add_argument(
+        "args",
+        nargs="+",
+        metavar="PROVIDER [FILE|-]",
+        help="provider name, then a JSON file or - for stdin (default)",
+    )
     s.add_argument("--bucket", default="default")
-    s.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin (default)")
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("logout", help="remove a stored token (its renewals stop)")
@@ -169,20 +182,27 @@ def _notify_daemon(provider: str, bucket: str) -> None:
 
 
 def cmd_import(ns: Any) -> int:
+    if len(ns.args) > 2:
+        raise UsageError("import takes PROVIDER and at most one FILE")
+    return import_token(ns.args[0], ns.bucket, ns.args[1] if len(ns.args) > 1 else "-")
+
+
+def import_token(provider: str, bucket: str, file: str) -> int:
+    """Read token JSON from *file* (``-``: stdin), validate, store under the key's lock."""
     import json
     import os
     import time
 
     from credproxy.store import check_name, normalize_token
 
-    check_name("provider", ns.provider)
-    check_name("bucket", ns.bucket)
-    source = "standard input" if ns.file == "-" else ns.file
+    check_name("provider", provider)
+    check_name("bucket", bucket)
+    source = "standard input" if file == "-" else file
     try:
-        if ns.file == "-":
+        if file == "-":
             text = sys.stdin.read()
         else:
-            with open(ns.file, encoding="utf-8") as f:
+            with open(file, encoding="utf-8") as f:
                 text = f.read()
     except OSError as exc:
         raise UsageError(f"cannot read {source}: {exc.strerror}") from None
@@ -195,14 +215,14 @@ def cmd_import(ns: Any) -> int:
     token = normalize_token(raw, time.time())
     os.umask(0o077)
     store = _store()
-    with store.locked(ns.provider, ns.bucket):
-        store.recover_pending(ns.provider, ns.bucket)  # clears leftovers of a killed refresh
-        store.write(ns.provider, ns.bucket, token)
-    _notify_daemon(ns.provider, ns.bucket)
+    with store.locked(provider, bucket):
+        store.recover_pending(provider, bucket)  # clears leftovers of a killed refresh
+        store.write(provider, bucket, token)
+    _notify_daemon(provider, bucket)
     expiry = token.get("expiry")
     left = "no expiry" if expiry is None else f"expires in {int(expiry - time.time())} s"
     rt = "with" if token.get("refresh_token") else "without"
-    print(f"stored {ns.provider}:{ns.bucket} ({left}, {rt} refresh token)")
+    print(f"stored {provider}:{bucket} ({left}, {rt} refresh token)")
     return EXIT_OK
 
 

@@ -242,5 +242,5 @@ def token_main(argv: list[str]) -> int:
 
 
 def _usage(message: str) -> int:
-    print(f"credproxy token: {message}\n{TOKEN_USAGE}", file=sys.stderr)
+    print(f"credproxy token: {message} ({TOKEN_USAGE})", file=sys.stderr)
     return EXIT_USAGE

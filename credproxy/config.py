@@ -86,8 +86,10 @@ def parse(text: str, path: Path) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        # tomllib already says "(at line N, column M)".
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        # tomllib says "... (at line N, column M)": lead with FILE:N like every other error.
+        m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        where = f"{path}:{m.group(1)}" if m else str(path)
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
     # Providers are converted one by one so that an error names the provider
     # (msgspec reports dictionary keys as "[...]").
     providers = raw.get("providers", {})
@@ -119,7 +121,11 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
         if not is_name(name):
             out.append((f"provider name {name!r} must be {NAME_RULE}", ["providers", name]))
         url = urlsplit(prov.token_url)
-        if url.scheme != "https" and not (url.scheme == "http" and url.hostname in LOOPBACK_HOSTS):
+        if not url.hostname:
+            out.append(("token_url has no host", ["providers", name, "token_url"]))
+        elif url.scheme != "https" and not (
+            url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
+        ):
             out.append(
                 (
                     "token_url must be an https:// URL (plain http is allowed for loopback only)",
@@ -164,29 +170,34 @@ def _locate(path: Path, text: str, keys: list[str], message: str) -> str:
 
 
 def _find_line(text: str, keys: list[str]) -> int | None:
+    """The line that sets the field *keys* (or the closest enclosing table or key)."""
     if not keys:
         return None
-    lines = text.splitlines()
-    # Find the deepest [table] header that is a prefix of keys, then the key below it.
-    best: tuple[int, int] | None = None  # (line index, number of keys covered)
-    for i, raw in enumerate(lines):
-        m = re.match(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$", raw)
-        if not m:
-            continue
-        parts = [p.strip().strip('"') for p in m.group(1).split(".")]
-        if parts == keys[: len(parts)] and (best is None or len(parts) > best[1]):
-            best = (i, len(parts))
-    start, covered = best if best else (0, 0)
-    rest = keys[covered:]
-    if not rest:
-        return start + 1
-    key_re = re.compile(rf"^\s*\"?{re.escape(rest[0])}\"?\s*=")
-    for j in range(start + (1 if best else 0), len(lines)):
-        if j > start and best and re.match(r"^\s*\[", lines[j]):
-            break
-        if key_re.match(lines[j]):
-            return j + 1
-    return start + 1 if best else None
+    table: list[str] = []
+    best: tuple[int, int] | None = None  # (keys matched, line number)
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line.startswith("[") and not line.startswith("[["):
+            table = _split_key(line[1 : line.find("]")] if "]" in line else line[1:])
+            path = table
+        else:
+            m = re.match(r"^([^=#\[]+?)\s*=", line)
+            if not m:
+                continue
+            path = table + _split_key(m.group(1))
+        if path == keys:
+            return number
+        if path == keys[: len(path)] and (best is None or len(path) > best[0]):
+            best = (len(path), number)
+    return best[1] if best else None
+
+
+def _split_key(key: str) -> list[str]:
+    """Split a TOML (dotted) key into its parts, honouring quotes: ``a."b.c"`` -> a, b.c."""
+    parts: list[str] = []
+    for m in re.finditer(r'\s*(?:"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|([^.\s"\']+))\s*(?:\.|$)', key):
+        parts.append(next(g for g in m.groups() if g is not None))
+    return parts
 
 
 def to_builtins(cfg: Config) -> dict[str, Any]:

@@ -37,6 +37,8 @@ log = logs.get("credproxy.server")
 _PEERCRED = struct.Struct("3i")
 RECV_SIZE = 65_536
 SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
+# What a peer that hangs up, resets, or stops reading makes our socket calls raise.
+_PEER_GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
 class AlreadyRunning(CredproxyError):
@@ -183,7 +185,7 @@ async def serve_connection(
             out = conn.reply_error(req.id, "INTERNAL_ERROR", "internal error; see the daemon log")
         try:
             await send(out)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        except _PEER_GONE:
             nursery.cancel_scope.cancel()  # the peer is gone or does not read: close
             return
         if conn.in_flight == 0:
@@ -193,75 +195,71 @@ async def serve_connection(
                 recv_scope.deadline = recv_deadline()
 
     with sock:
-        try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    while True:
-                        with trio.CancelScope(deadline=recv_deadline()) as scope:
-                            recv_scope = scope
-                            data = await sock.recv(RECV_SIZE)
-                        recv_scope = None
-                        if scope.cancelled_caught:
-                            if conn.awaiting_body:
-                                reason = "frame body did not arrive within 5 s"
-                                break
-                            if conn.in_flight == 0:
-                                reason = "idle timeout"
-                                break
-                            continue
-                        if not data:
+        async with trio.open_nursery() as nursery:
+            try:
+                while True:
+                    with trio.CancelScope(deadline=recv_deadline()) as scope:
+                        recv_scope = scope
+                        data = await sock.recv(RECV_SIZE)
+                    recv_scope = None
+                    if scope.cancelled_caught:
+                        if conn.awaiting_body:
+                            reason = "frame body did not arrive within 5 s"
                             break
-                        conn.receive_data(data)
-                        while True:
-                            ev = conn.next_event()
-                            if ev is NEED_DATA:
-                                break
-                            now = trio.current_time()
-                            idle_deadline = now + limits.idle_timeout
-                            body_deadline = math.inf  # a frame completed
-                            if isinstance(ev, Send):
-                                await send(ev.data)
-                                if ev.close:
-                                    reason = "handshake refused"
-                                    return
-                                continue
-                            assert isinstance(ev, Request)
-                            wait = bucket.take(now)
-                            if wait:
-                                await send(
-                                    conn.reply_error(
-                                        ev.id,
-                                        "RATE_LIMITED",
-                                        "too many requests on this connection; slow down",
-                                        retry_after=max(1, math.ceil(wait)),
-                                    )
+                        if conn.in_flight == 0:
+                            reason = "idle timeout"
+                            break
+                        continue
+                    if not data:
+                        break
+                    conn.receive_data(data)
+                    while True:
+                        ev = conn.next_event()
+                        if ev is NEED_DATA:
+                            break
+                        now = trio.current_time()
+                        idle_deadline = now + limits.idle_timeout
+                        body_deadline = math.inf  # a frame completed
+                        if isinstance(ev, Send):
+                            await send(ev.data)
+                            if ev.close:
+                                reason = "handshake refused"
+                                return
+                            continue
+                        assert isinstance(ev, Request)
+                        wait = bucket.take(now)
+                        if wait:
+                            await send(
+                                conn.reply_error(
+                                    ev.id,
+                                    "RATE_LIMITED",
+                                    "too many requests on this connection; slow down",
+                                    retry_after=max(1, math.ceil(wait)),
                                 )
-                                continue
-                            try:
-                                out = handler.fast(conn, ev)
-                            except Exception:
-                                log.exception("request_failed", conn=label, op=ev.op)
-                                out = conn.reply_error(
-                                    ev.id, "INTERNAL_ERROR", "internal error; see the daemon log"
-                                )
-                            if out is not None:
-                                await send(out)
-                            else:
-                                nursery.start_soon(answer_slow, ev)
-                        if conn.awaiting_body and body_deadline == math.inf:
-                            body_deadline = trio.current_time() + BODY_DEADLINE
-                except ProtocolError as exc:
-                    reason = f"protocol error: {exc}"
-                finally:
-                    nursery.cancel_scope.cancel()
-        except (
-            OSError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.TooSlowError,
-        ) as exc:
-            reason = f"socket error: {type(exc).__name__}"
-        log.debug("connection_closed", conn=label, reason=reason)
+                            )
+                            continue
+                        try:
+                            out = handler.fast(conn, ev)
+                        except Exception:
+                            log.exception("request_failed", conn=label, op=ev.op)
+                            out = conn.reply_error(
+                                ev.id, "INTERNAL_ERROR", "internal error; see the daemon log"
+                            )
+                        if out is not None:
+                            await send(out)
+                        else:
+                            nursery.start_soon(answer_slow, ev)
+                    if conn.awaiting_body and body_deadline == math.inf:
+                        body_deadline = trio.current_time() + BODY_DEADLINE
+            except ProtocolError as exc:
+                reason = f"protocol error: {exc}"
+            except _PEER_GONE as exc:
+                # Caught here, inside the nursery: escaping it, the error
+                # would arrive wrapped in an ExceptionGroup.
+                reason = f"socket error: {type(exc).__name__}"
+            finally:
+                nursery.cancel_scope.cancel()
+    log.debug("connection_closed", conn=label, reason=reason)
 
 
 async def connect_unix(path: Path) -> trio.socket.SocketType:
