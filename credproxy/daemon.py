@@ -20,6 +20,7 @@ every timer it started go with it, and its socket file is removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -221,7 +222,7 @@ class Daemon:
         finally:
             if listener is not None:
                 listener.close()
-                with _ignore_missing():
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(session.socket_path)
             if pidfd is not None:
                 os.close(pidfd)
@@ -666,14 +667,6 @@ async def _accept_forever(listener: trio.socket.SocketType) -> Any:
         yield sock
 
 
-class _ignore_missing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, FileNotFoundError)
-
-
 # --- the whole daemon ---------------------------------------------------------
 
 
@@ -726,7 +719,7 @@ async def serve(
     try:
         make_private_dir(daemon.sessions_dir)
         for stale in os.listdir(daemon.sessions_dir):  # left by a daemon that crashed
-            with _ignore_missing():
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(daemon.sessions_dir / stale)
         if inherited:
             listeners = [trio.socket.from_stdlib_socket(s) for s in inherited]
@@ -735,7 +728,7 @@ async def serve(
         signals = (
             trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)
             if handle_signals
-            else _no_signals()
+            else contextlib.nullcontext()
         )
         with signals as sigs:
             async with trio.open_nursery() as refresh_nursery:
@@ -775,18 +768,10 @@ async def serve(
         for listener in listeners:
             listener.close()
         if own_socket:
-            with _ignore_missing():
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(control_path)
         os.close(lock_fd)
         log.info("daemon_stopped")
-
-
-class _no_signals:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 async def _signal_watch(sigs: Any, daemon: Daemon) -> None:

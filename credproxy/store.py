@@ -206,7 +206,7 @@ class TokenStore:
             os.rename(best[1], path)
             _fsync_dir(path.parent)
         for tmp in pending:
-            with _suppress_oserror():
+            with suppress(OSError):
                 tmp.unlink()
         return best is not None
 
@@ -317,15 +317,9 @@ class TokenStore:
             checkpoint("store-renamed")
             _fsync_dir(path.parent)
         except OSError as exc:
-            with _suppress_oserror():
+            with suppress(OSError):
                 os.unlink(tmp)
             raise StoreError(f"cannot write {path}: {exc.strerror}") from None
-
-
-@contextmanager
-def _suppress_oserror() -> Iterator[None]:
-    with suppress(OSError):
-        yield
 
 
 def _makedirs(path: Path) -> None:
