@@ -16,6 +16,7 @@ import pytest
 from conftest import CREDPROXY, Dirs, cli, stop_daemon
 
 PROBE = str(Path(__file__).with_name("sandbox_probe.py"))
+REPO = str(Path(__file__).resolve().parents[1])
 RT_CANARY = "RT-CANARY-7f3a9c"
 SECRET_CANARY = "CS-CANARY-41d2e8"
 OTHER_AT_CANARY = "AT-OTHER-CANARY-5b6e"
@@ -83,6 +84,9 @@ def test_bwrap_sandbox_gets_token_and_nothing_else(background_daemon: Dirs) -> N
         "--ro-bind",
         sys.prefix,
         sys.prefix,  # the virtual environment may live under /tmp
+        "--ro-bind",
+        REPO,
+        REPO,  # so may the checkout (the editable install and the probe)
         "--bind",
         "{socket}",
         "/run/credproxy.sock",
