@@ -21,7 +21,6 @@ import json
 import os
 import socket
 import sys
-from typing import Any
 
 from credproxy.errors import (
     BY_CODE,
@@ -33,6 +32,11 @@ from credproxy.errors import (
     ProtocolError,
     RateLimited,
 )
+
+# `typing` costs ~5 ms of `credproxy token`'s start-up; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SOCKET_ENV = ("CREDPROXY_SOCKET", "LLXPRT_CREDENTIAL_SOCKET")
 CAPABILITY_ENV = "CREDPROXY_CAPABILITY"

@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +81,9 @@ _GENERIC = "internal error; see the daemon log"
 
 
 def version() -> str:
-    try:
-        return metadata.version("credproxy")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    from credproxy._version import __version__
+
+    return __version__
 
 
 def iso(ts: float | None) -> str | None:
@@ -804,7 +802,7 @@ def main(idle_exit: float | None) -> int:
     cfg = config_mod.load(paths.config_file())
     raise_fd_limit()
     inherited = [s for _, s in systemd.listen_fds()]
-    from credproxy.http import HttpTokenEndpoint
+    from credproxy.http import HttpTokenEndpoint  # httpx itself loads at the first refresh
 
     endpoint = HttpTokenEndpoint(timeout=UPSTREAM_TIMEOUT)
 

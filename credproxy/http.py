@@ -18,25 +18,34 @@ import os
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
 import trio
 
 from credproxy import oauth
 from credproxy.config import Provider
 from credproxy.errors import RefreshFailed
 
+if TYPE_CHECKING:
+    import httpx
+
 __all__ = ["MAX_RESPONSE_BYTES", "HttpTokenEndpoint"]
 
 #: A token response is a few kilobytes; anything bigger is not one.
 MAX_RESPONSE_BYTES = 1 << 20
 
-# Every exception httpx raises on purpose. HTTPError covers transport errors
-# (connect, read, timeouts, protocol) and decoding errors; the others are
-# siblings outside that hierarchy.
-_HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, httpx.CookieConflict)
+
+def _httpx_errors() -> tuple[type[Exception], ...]:
+    """Every exception httpx raises on purpose.
+
+    HTTPError covers transport errors (connect, read, timeouts, protocol) and
+    decoding errors; the others are siblings outside that hierarchy. httpx is
+    imported here, at the first refresh, not at daemon start (~50 ms).
+    """
+    import httpx
+
+    return (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, httpx.CookieConflict)
 
 
 # A mount of None means "the client's own transport", i.e. no proxy.
@@ -76,6 +85,8 @@ class HttpTokenEndpoint:
         # No await between the check and the assignment, so concurrent first
         # refreshes in one trio loop still share a single client.
         if self._client is None:
+            import httpx
+
             self._client = httpx.AsyncClient(
                 # The system trust store rather than certifi's bundle, so
                 # corporate CAs installed on the host are honoured.
@@ -121,7 +132,7 @@ class HttpTokenEndpoint:
         now = self._wall_clock()
         try:
             status, body = await self._post(provider.token_url, form)
-        except _HTTPX_ERRORS as exc:
+        except _httpx_errors() as exc:
             raise RefreshFailed(f"refresh for {host} failed: {type(exc).__name__}") from None
         except _ResponseTooLarge:
             raise RefreshFailed(

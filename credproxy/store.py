@@ -108,6 +108,9 @@ class TokenStore:
         self.tokens_dir = root / "tokens"
         self.keys_dir = root / "keys"
         self.locks_dir = root / "locks"
+        # (provider, bucket) -> token file path, for tokens that exist (so a
+        # sandbox asking for made-up buckets cannot grow it).
+        self._token_paths: dict[tuple[str, str], str] = {}
 
     # -- paths --
 
@@ -156,10 +159,15 @@ class TokenStore:
         a different token; the daemon uses this to keep its in-memory copy
         without re-reading the file on each request.
         """
+        path = self._token_paths.get((provider, bucket))
+        if path is None:
+            path = str(self.token_path(provider, bucket))
         try:
-            st = os.stat(self.token_path(provider, bucket))
+            st = os.stat(path)
         except FileNotFoundError:
+            self._token_paths.pop((provider, bucket), None)
             return None
+        self._token_paths[(provider, bucket)] = path
         return (st.st_ino, st.st_mtime_ns)
 
     def write(self, provider: str, bucket: str, token: dict[str, Any]) -> None:

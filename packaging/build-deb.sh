@@ -57,11 +57,11 @@ if ! command -v dpkg-checkbuilddeps >/dev/null 2>&1 ||
 fi
 
 # The Debian version's upstream part must be the version pip will install.
-py_version=$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$src/pyproject.toml" | head -n 1)
+py_version=$(sed -n 's/^__version__ *= *"\([^"]*\)".*/\1/p' "$src/credproxy/_version.py" | head -n 1)
 deb_version=$(cd "$src" && dpkg-parsechangelog -S Version)
 case "$deb_version" in
 "$py_version"-*) ;;
-*) die "debian/changelog has $deb_version but pyproject.toml has $py_version" ;;
+*) die "debian/changelog has $deb_version but credproxy/_version.py has $py_version" ;;
 esac
 
 # A developer's Python environment must not reach the build (debian/rules also

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,9 +81,10 @@ def deb() -> Iterator[Path]:
 
 
 def _pyproject_version() -> str:
-    with (ROOT / "pyproject.toml").open("rb") as f:
-        version: str = tomllib.load(f)["project"]["version"]
-    return version
+    """The version the wheel gets (pyproject.toml reads it from credproxy/_version.py)."""
+    namespace: dict[str, str] = {}
+    exec((ROOT / "credproxy" / "_version.py").read_text(), namespace)
+    return namespace["__version__"]
 
 
 def test_package_installs_the_pyproject_version(deb: Path) -> None:
