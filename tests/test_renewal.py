@@ -422,3 +422,32 @@ async def test_refresh_op_cooldown_counts_failed_attempts(
     await p.call("refresh_token", {"provider": "dev"})
     assert len(h.idp.requests) == 2
     p.close()
+
+
+async def test_refresh_in_flight_lands_on_disk_when_the_daemon_stops(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """A refresh whose request went out completes its durable write although the daemon is told to stop meanwhile."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    token = h.idp.mint()
+    token["expiry"] = h.wall() - 1
+    h.store.write("dev", "default", token)
+    s = await h.session("dev")
+    p = await h.peer(s)
+    h.idp.fail_next("slow", delay=3)
+    await p.send({"v": 2, "id": "x", "op": "get_token", "payload": {"provider": "dev"}})
+    await trio.sleep(1)  # the request is at the IdP now
+    h.daemon.stop()
+    await trio.sleep(10)  # past the IdP's answer, within the shutdown grace
+    stored = h.store.read("dev", "default")
+    assert stored is not None and stored["refresh_token"] != token["refresh_token"]
+    assert h.idp.refresh_count == 1
+    status, _ = h.idp.handle_token_request(
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": stored["refresh_token"],
+            "client_id": h.idp.client_id,
+        }
+    )
+    assert status == 200  # the refresh token on disk is the live one
+    p.close()
