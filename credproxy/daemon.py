@@ -299,7 +299,10 @@ class Daemon:
         now = self.wall()
         if entry.refreshable and key not in session.timers and session.nursery is not None:
             assert entry.expiry is not None
-            timer = session.timers[key] = Timer()
+            # The deadline is set now, so `status` shows it from the first moment.
+            timer = session.timers[key] = Timer(
+                deadline=policy.renewal_deadline(entry.expiry, now, self.cfg.renewal, self.rng)
+            )
             session.nursery.start_soon(
                 renewal_timer, self.refresher, key, entry.expiry, timer, session.id, self.rng
             )

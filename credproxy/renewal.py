@@ -369,7 +369,8 @@ async def renewal_timer(
     wall = refresher.wall
     provider, bucket = key
     with timer.scope:
-        timer.deadline = policy.renewal_deadline(expiry, wall(), cfg, rng)
+        if timer.deadline is None:
+            timer.deadline = policy.renewal_deadline(expiry, wall(), cfg, rng)
         log.info(
             "renewal_scheduled",
             session=session,

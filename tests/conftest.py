@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,7 @@ class Harness:
     token_url: str
     wall: WallClock
     dirs: Dirs
+    peers: list[Peer] = field(default_factory=list)
 
     async def session(
         self, *grants: str, allow_uids: tuple[int, ...] = (), capability: bytes | None = None
@@ -242,6 +243,7 @@ class Harness:
 
     async def peer(self, session: Any, handshake: bool = True) -> Peer:
         p = await Peer.connect(session.socket_path)
+        self.peers.append(p)  # closed at teardown even if the test fails first
         if handshake:
             reply = await p.handshake()
             assert reply["ok"] is True, reply
@@ -267,6 +269,7 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
     """
     endpoints: list[HttpTokenEndpoint] = []
     daemons: list[Daemon] = []
+    harnesses: list[Harness] = []
 
     async def start(lifetime: float = 3600, **sections: Any) -> Harness:
         wall = WallClock()
@@ -290,9 +293,14 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
             )
         )
         daemons.append(daemon)
-        return Harness(daemon, store, idp, token_url, wall, dirs)
+        harness = Harness(daemon, store, idp, token_url, wall, dirs)
+        harnesses.append(harness)
+        return harness
 
     yield start
+    for h in harnesses:
+        for p in h.peers:
+            p.close()
     for d in daemons:
         d.stop()
     for e in endpoints:
