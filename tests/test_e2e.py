@@ -172,44 +172,44 @@ def test_refused_peer_gets_a_clear_error(background_daemon: Dirs) -> None:
     assert "65534" in frame["error"] and "--allow-uid" in frame["error"]
 
 
+def _hold_session(dirs: Dirs) -> tuple[subprocess.Popen[str], str]:
+    """Start `credproxy run` with a command that holds its session open; return it and its socket."""
+    proc = subprocess.Popen(
+        [
+            CREDPROXY,
+            "run",
+            "--allow",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            'echo "$CREDPROXY_SOCKET"; exec sleep 60',
+        ],
+        env=dirs.env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def _end(*procs: subprocess.Popen[str]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+        if p.stdout:
+            p.stdout.close()
+    # The `sleep` children of killed launchers are orphans: end them too.
+    subprocess.run(["pkill", "-f", "exec sleep 60"], check=False)
+
+
 def test_sigkill_of_launcher_closes_its_session_within_a_second(background_daemon: Dirs) -> None:
     """Killing `credproxy run` with SIGKILL removes its session socket within 1 s; other sessions keep being served."""
     dirs = background_daemon
     _setup_canaries(dirs)
-    keeper = subprocess.Popen(
-        [
-            CREDPROXY,
-            "run",
-            "--allow",
-            "demo",
-            "--",
-            "sh",
-            "-c",
-            'echo "$CREDPROXY_SOCKET"; exec sleep 60',
-        ],
-        env=dirs.env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    victim = subprocess.Popen(
-        [
-            CREDPROXY,
-            "run",
-            "--allow",
-            "demo",
-            "--",
-            "sh",
-            "-c",
-            'echo "$CREDPROXY_SOCKET"; exec sleep 60',
-        ],
-        env=dirs.env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    keeper, keeper_sock = _hold_session(dirs)
+    victim, victim_sock = _hold_session(dirs)
     try:
-        assert keeper.stdout is not None and victim.stdout is not None
-        keeper_sock = keeper.stdout.readline().strip()
-        victim_sock = victim.stdout.readline().strip()
         assert os.path.exists(victim_sock) and stat.S_ISSOCK(os.stat(victim_sock).st_mode)
         victim.kill()  # SIGKILL: no chance to close its session
         victim.wait()
@@ -231,37 +231,15 @@ def test_sigkill_of_launcher_closes_its_session_within_a_second(background_daemo
         status = json.loads(cli(dirs, "status", "--json").stdout)
         assert [s["socket"] for s in status["sessions"]] == [keeper_sock]
     finally:
-        for p in (keeper, victim):
-            p.kill()
-            p.wait()
-            if p.stdout:
-                p.stdout.close()
-        # The orphaned `sleep` children of the killed launchers are reaped by init.
-        subprocess.run(["pkill", "-f", "exec sleep 60"], check=False)
+        _end(keeper, victim)
 
 
 def test_sigterm_stops_the_daemon_cleanly(background_daemon: Dirs) -> None:
     """SIGTERM makes the daemon close its sessions, remove the sockets it created, and exit."""
     dirs = background_daemon
     _setup_canaries(dirs)
-    runner = subprocess.Popen(
-        [
-            CREDPROXY,
-            "run",
-            "--allow",
-            "demo",
-            "--",
-            "sh",
-            "-c",
-            'echo "$CREDPROXY_SOCKET"; exec sleep 30',
-        ],
-        env=dirs.env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    runner, sock = _hold_session(dirs)
     try:
-        assert runner.stdout is not None
-        sock = runner.stdout.readline().strip()
         assert os.path.exists(sock)
         assert stop_daemon(dirs) is not None
         assert not os.path.exists(sock)
@@ -269,7 +247,4 @@ def test_sigterm_stops_the_daemon_cleanly(background_daemon: Dirs) -> None:
         log = (dirs.runtime / "daemon.log").read_text()
         assert '"signal_received"' in log and '"daemon_stopped"' in log
     finally:
-        runner.kill()
-        runner.wait()
-        runner.stdout and runner.stdout.close()
-        subprocess.run(["pkill", "-f", "exec sleep 30"], check=False)
+        _end(runner)

@@ -354,10 +354,8 @@ async def test_refresh_token_op_cooldown(start_daemon: StartDaemon, autojump_clo
     p2.close()
 
 
-async def test_refresh_completes_its_write_when_the_session_closes(
-    start_daemon: StartDaemon, autojump_clock: object
-) -> None:
-    """A refresh whose request went out lands on disk even though its session closed meanwhile."""
+async def _refresh_in_flight(start_daemon: StartDaemon) -> tuple[Harness, dict, object, Peer]:
+    """An expired token, a slow IdP, and a get_token whose refresh request is at the IdP now."""
     h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
     token = h.idp.mint()
     token["expiry"] = h.wall() - 1
@@ -366,7 +364,15 @@ async def test_refresh_completes_its_write_when_the_session_closes(
     p = await h.peer(s)
     h.idp.fail_next("slow", delay=3)
     await p.send({"v": 2, "id": "x", "op": "get_token", "payload": {"provider": "dev"}})
-    await trio.sleep(1)  # the request is at the IdP now
+    await trio.sleep(1)
+    return h, token, s, p
+
+
+async def test_refresh_completes_its_write_when_the_session_closes(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """A refresh whose request went out lands on disk even though its session closed meanwhile."""
+    h, token, s, p = await _refresh_in_flight(start_daemon)
     assert await h.daemon.close_session(s.id)
     await trio.sleep(5)
     stored = h.store.read("dev", "default")
@@ -428,15 +434,7 @@ async def test_refresh_in_flight_lands_on_disk_when_the_daemon_stops(
     start_daemon: StartDaemon, autojump_clock: object
 ) -> None:
     """A refresh whose request went out completes its durable write although the daemon is told to stop meanwhile."""
-    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
-    token = h.idp.mint()
-    token["expiry"] = h.wall() - 1
-    h.store.write("dev", "default", token)
-    s = await h.session("dev")
-    p = await h.peer(s)
-    h.idp.fail_next("slow", delay=3)
-    await p.send({"v": 2, "id": "x", "op": "get_token", "payload": {"provider": "dev"}})
-    await trio.sleep(1)  # the request is at the IdP now
+    h, token, _, p = await _refresh_in_flight(start_daemon)
     h.daemon.stop()
     await trio.sleep(10)  # past the IdP's answer, within the shutdown grace
     stored = h.store.read("dev", "default")
