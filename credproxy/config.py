@@ -198,9 +198,3 @@ def _split_key(key: str) -> list[str]:
     for m in re.finditer(r'\s*(?:"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|([^.\s"\']+))\s*(?:\.|$)', key):
         parts.append(next(g for g in m.groups() if g is not None))
     return parts
-
-
-def to_builtins(cfg: Config) -> dict[str, Any]:
-    """The configuration as plain data (for ``status --json``)."""
-    out: dict[str, Any] = msgspec.to_builtins(cfg)
-    return out

@@ -94,13 +94,6 @@ class Entry:
     lifetime: float | None  # expiry minus the wall time this generation was first seen
 
 
-def _expiry(token: dict[str, Any]) -> float | None:
-    e = token.get("expiry")
-    if isinstance(e, bool) or not isinstance(e, int | float):
-        return None
-    return float(e)
-
-
 class TokenCache:
     def __init__(self, store: TokenStore, wall_clock: Callable[[], float]) -> None:
         self.store = store
@@ -133,7 +126,7 @@ class TokenCache:
     def _put(
         self, key: Key, token: dict[str, Any], sig: tuple[int, int], old: Entry | None
     ) -> Entry:
-        expiry = _expiry(token)
+        expiry = policy.token_expiry(token)
         lifetime = old.lifetime if old is not None else None
         if expiry is not None and (old is None or old.expiry != expiry):
             # A new generation: its remaining time is a lower bound of the
@@ -368,9 +361,8 @@ async def renewal_timer(
     cfg = refresher.cfg.renewal
     wall = refresher.wall
     provider, bucket = key
+    assert timer.deadline is not None, "the caller schedules the first deadline"
     with timer.scope:
-        if timer.deadline is None:
-            timer.deadline = policy.renewal_deadline(expiry, wall(), cfg, rng)
         log.info(
             "renewal_scheduled",
             session=session,

@@ -22,7 +22,7 @@ import trio
 
 from credproxy import logs
 from credproxy.config import Limits
-from credproxy.errors import CredproxyError, DaemonUnavailable, ProtocolError
+from credproxy.errors import CredproxyError, ProtocolError
 from credproxy.protocol import (
     BODY_DEADLINE,
     NEED_DATA,
@@ -313,14 +313,3 @@ async def serve_connection(
             finally:
                 nursery.cancel_scope.cancel()
     log.debug("connection_closed", conn=label, reason=reason)
-
-
-async def connect_unix(path: Path) -> trio.socket.SocketType:
-    """Connect to a daemon socket (used by tests and the daemon's own probes)."""
-    sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-    try:
-        await sock.connect(str(path))
-    except OSError as exc:
-        sock.close()
-        raise DaemonUnavailable(f"nothing answers on {path}: {exc.strerror}") from None
-    return sock

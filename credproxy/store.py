@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 
 from credproxy.errors import InvalidName, InvalidToken, StoreError
+from credproxy.policy import token_expiry
 from credproxy.protocol import NAME_RULE, is_name
 
 DEFAULT_BUCKET = "default"
@@ -196,13 +197,13 @@ class TokenStore:
         except StoreError:
             current = None
         best: tuple[float, Path] | None = None
-        floor = _expiry_of(current)
+        floor = _expiry_or_never(current)
         for tmp in pending:
             try:
                 token = self._decode(tmp, tmp.read_bytes())
             except (OSError, StoreError):
                 continue  # truncated or unreadable: never adopted
-            exp = _expiry_of(token)
+            exp = _expiry_or_never(token)
             if exp > floor and (best is None or exp > best[0]):
                 best = (exp, tmp)
         if best is not None:
@@ -361,11 +362,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _expiry_of(token: dict[str, Any] | None) -> float:
-    exp = None if token is None else token.get("expiry")
-    if isinstance(exp, bool) or not isinstance(exp, int | float):
-        return float("-inf")
-    return float(exp)
+def _expiry_or_never(token: dict[str, Any] | None) -> float:
+    exp = None if token is None else token_expiry(token)
+    return float("-inf") if exp is None else exp
 
 
 def _listdir(path: Path) -> list[str]:
