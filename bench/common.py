@@ -33,7 +33,7 @@ from typing import IO, Any
 
 # -- wire -----------------------------------------------------------------------
 
-#: credproxy's handshake, as credproxy.client sends it.
+#: credproxy's handshake, as credproxy.inner.client sends it.
 CP_HANDSHAKE = b'{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":2}}'
 
 #: SSH2_AGENTC_REQUEST_IDENTITIES (RFC draft-miller-ssh-agent, message 11).
@@ -305,9 +305,10 @@ def start_ssh_agent(stack: Stack) -> tuple[subprocess.Popen[bytes], Path]:
 def start_devidp(
     stack: Stack, lifetime: float
 ) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
-    """``python -m credproxy.devidp`` on a free port; returns (proc, token URL, minted token)."""
+    """``python -m credproxy.shell.devidp`` on a free port: (proc, token URL, minted token)."""
     port_file, mint = stack.path("devidp.url"), stack.path("devidp-mint.json")
-    argv = [sys.executable, "-m", "credproxy.devidp", "--port", "0", "--lifetime", str(lifetime)]
+    argv = [sys.executable, "-m", "credproxy.shell.devidp", "--port", "0"]
+    argv += ["--lifetime", str(lifetime)]
     argv += ["--mint", str(mint), "--port-file", str(port_file)]
     proc = stack.spawn(argv, env=clean_env(), log="devidp.log")
     wait_for(port_file.exists, 20, "devidp", proc)

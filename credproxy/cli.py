@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["token"]:
-        from credproxy.client import token_main
+        from credproxy.inner.client import token_main
 
         return token_main(args[1:])
     parser = _parser()
@@ -158,22 +158,22 @@ def _seconds(text: str) -> float:
 
 
 def cmd_serve(ns: Any) -> int:
-    from credproxy import daemon
+    from credproxy.shell import daemon
 
     return daemon.main(ns.idle_exit)
 
 
 def _store() -> Any:
-    from credproxy import paths
-    from credproxy.store import TokenStore
+    from credproxy.core.store import TokenStore
+    from credproxy.shell import paths
 
     return TokenStore(paths.state_dir())
 
 
 def _notify_daemon(provider: str, bucket: str) -> None:
     """Tell a running daemon that a token changed; fine if none runs."""
-    from credproxy import paths
-    from credproxy.client import Client
+    from credproxy.inner.client import Client
+    from credproxy.shell import paths
 
     try:
         with Client(paths.control_socket(), timeout=5) as c:
@@ -194,7 +194,7 @@ def import_token(provider: str, bucket: str, file: str) -> int:
     import os
     import time
 
-    from credproxy.store import check_name, normalize_token
+    from credproxy.core.store import check_name, normalize_token
 
     check_name("provider", provider)
     check_name("bucket", bucket)
@@ -242,7 +242,7 @@ def cmd_logout(ns: Any) -> int:
 def cmd_key_set(ns: Any) -> int:
     import os
 
-    from credproxy.store import check_name
+    from credproxy.core.store import check_name
 
     check_name("key", ns.name)
     if sys.stdin.isatty():
@@ -269,8 +269,8 @@ def cmd_key_rm(ns: Any) -> int:
 def cmd_status(ns: Any) -> int:
     import json
 
-    from credproxy import paths
-    from credproxy.client import Client
+    from credproxy.inner.client import Client
+    from credproxy.shell import paths
 
     try:
         with Client(paths.control_socket(), timeout=5) as c:
@@ -361,7 +361,7 @@ def cmd_install_units(ns: Any) -> int:
     import shutil
     from pathlib import Path
 
-    from credproxy import units
+    from credproxy.shell import units
 
     # ExecStart= must be absolute: the executable on PATH, else the one running now.
     found = shutil.which("credproxy")
@@ -379,7 +379,7 @@ def cmd_install_units(ns: Any) -> int:
 
 
 def cmd_run(ns: Any) -> int:
-    from credproxy import launcher
+    from credproxy.shell import launcher
 
     cmd = list(ns.cmd)
     if cmd[:1] == ["--"]:

@@ -124,7 +124,7 @@ class ProtocolError(CredproxyError):
 
 
 # Wire code -> exception class, for clients that turn error frames back into
-# exceptions (credproxy.client, the CLI).
+# exceptions (credproxy.inner.client, the CLI).
 BY_CODE: dict[str, type[CredproxyError]] = {
     "INVALID_REQUEST": UsageError,
     "NOT_FOUND": NotFound,

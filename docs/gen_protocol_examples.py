@@ -10,11 +10,11 @@ has the test dependencies; ``devidp`` needs h11)::
 ``--write`` replaces the text between the ``BEGIN GENERATED EXAMPLES`` and
 ``END GENERATED EXAMPLES`` markers of the given file.
 
-What runs: the real daemon (:func:`credproxy.daemon.serve`) in this process's
-trio loop, with a real :class:`~credproxy.store.TokenStore` in a temporary
+What runs: the real daemon (:func:`credproxy.shell.daemon.serve`) in this process's
+trio loop, with a real :class:`~credproxy.core.store.TokenStore` in a temporary
 directory, real Unix sockets, and the real HTTP refresh path
-(:class:`~credproxy.http.HttpTokenEndpoint`) talking to the development
-identity provider (:mod:`credproxy.devidp`) on 127.0.0.1. Every frame shown is
+(:class:`~credproxy.shell.http.HttpTokenEndpoint`) talking to the development
+identity provider (:mod:`credproxy.shell.devidp`) on 127.0.0.1. Every frame shown is
 the exact bytes that crossed a socket, captured by a raw-socket client.
 
 To make the output reproducible, the daemon's wall clock is a manual clock
@@ -45,13 +45,13 @@ import msgspec
 # A documentation tool, not part of the sans-IO core: it drives the daemon, so it needs trio.
 import trio  # noqa: TID251
 
-from credproxy import devidp, logs
-from credproxy.config import Config
-from credproxy.daemon import Daemon, serve
-from credproxy.grants import Grants
-from credproxy.http import HttpTokenEndpoint
-from credproxy.protocol import capability_digest
-from credproxy.store import TokenStore, normalize_token
+from credproxy.core.config import Config
+from credproxy.core.grants import Grants
+from credproxy.core.protocol import capability_digest
+from credproxy.core.store import TokenStore, normalize_token
+from credproxy.shell import devidp, logs
+from credproxy.shell.daemon import Daemon, serve
+from credproxy.shell.http import HttpTokenEndpoint
 
 BASE_EPOCH = 1_800_000_000.0
 DEMO_CAPABILITY = "0123456789abcdef" * 4  # 64 lowercase hex characters, a demo value

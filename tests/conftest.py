@@ -1,7 +1,7 @@
 """Shared test fixtures: real sockets, a real token endpoint, an injectable wall clock.
 
 Testing policy (after trio-websocket's): everything runs on this machine only.
-In-process daemon tests run the real daemon (:func:`credproxy.daemon.serve`)
+In-process daemon tests run the real daemon (:func:`credproxy.shell.daemon.serve`)
 in the test's own trio loop, over real Unix sockets in a short temporary
 directory, against the development identity provider served over real HTTP on
 127.0.0.1. Tests that involve time use ``autojump_clock``; the daemon's wall
@@ -29,12 +29,12 @@ import msgspec
 import pytest
 import trio
 
-from credproxy import devidp
-from credproxy.config import Config
-from credproxy.daemon import Daemon, serve
-from credproxy.grants import Grants
-from credproxy.http import HttpTokenEndpoint
-from credproxy.store import TokenStore
+from credproxy.core.config import Config
+from credproxy.core.grants import Grants
+from credproxy.core.store import TokenStore
+from credproxy.shell import devidp
+from credproxy.shell.daemon import Daemon, serve
+from credproxy.shell.http import HttpTokenEndpoint
 
 BASE_EPOCH = 1_800_000_000.0
 CREDPROXY = str(Path(sys.executable).with_name("credproxy"))

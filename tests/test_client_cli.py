@@ -25,8 +25,8 @@ import pytest
 import trio
 
 from conftest import CREDPROXY, Dirs, StartDaemon, cli
-from credproxy.client import Client
 from credproxy.errors import EXIT_NOT_FOUND, DaemonUnavailable, NotFound
+from credproxy.inner.client import Client
 
 EXPIRY = int(time.time()) + 3600
 TOKEN = {
@@ -55,7 +55,7 @@ def one_line(stderr: str) -> str:
 
 def store_token(dirs: Dirs, provider: str = "prov", bucket: str = "default", **extra: Any) -> Path:
     """Put a token on disk the way `credproxy import` would (without paying for a process)."""
-    from credproxy.store import TokenStore
+    from credproxy.core.store import TokenStore
 
     store = TokenStore(dirs.state)
     store.write(provider, bucket, dict(TOKEN, **extra))
@@ -177,7 +177,7 @@ def test_key_set_reads_stdin_and_key_rm_removes_it(dirs: Dirs) -> None:
 
 def test_status_without_daemon_shows_names_never_secrets(dirs: Dirs) -> None:
     """`status` and `status --json` with no daemon list tokens and key names, and no secret value."""
-    from credproxy.store import TokenStore
+    from credproxy.core.store import TokenStore
 
     store_token(dirs)
     store_token(dirs, "other", "work")
@@ -426,11 +426,11 @@ def test_python_client_raises_daemon_unavailable_when_nothing_listens(tmp_short:
 
 
 def test_client_module_imports_only_the_standard_library() -> None:
-    """Importing credproxy.client (and running `credproxy token --help`) loads no third-party module."""
+    """Importing credproxy.inner.client (and running `credproxy token --help`) loads no third-party module."""
     probe = """
 import json, sys
 before = set(sys.modules)
-import credproxy.client
+import credproxy.inner.client
 from credproxy.cli import main
 import contextlib, io
 with contextlib.redirect_stdout(io.StringIO()):
@@ -448,4 +448,4 @@ print(json.dumps({"foreign": foreign, "credproxy": sorted(m for m in loaded if m
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["foreign"] == []  # so no trio, httpx, structlog, msgspec or platformdirs
-    assert "credproxy.daemon" not in report["credproxy"]
+    assert "credproxy.shell.daemon" not in report["credproxy"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Dirs, cli
-from credproxy import config
+from credproxy.core import config
 from credproxy.errors import ConfigError
 
 PRODUCT_EXAMPLE = """\

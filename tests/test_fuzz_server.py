@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Harness, Peer, StartDaemon
-from credproxy.daemon import Session
-from credproxy.protocol import MAX_ID_LENGTH, frame
+from credproxy.core.protocol import MAX_ID_LENGTH, frame
+from credproxy.shell.daemon import Session
 
 CODES = {
     "INVALID_REQUEST",

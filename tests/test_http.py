@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.testing
 
-from credproxy import devidp
-from credproxy.config import Provider
+from credproxy.core.config import Provider
 from credproxy.errors import ReauthRequired, RefreshFailed, UpstreamError
-from credproxy.http import HttpTokenEndpoint
+from credproxy.shell import devidp
+from credproxy.shell.http import HttpTokenEndpoint
 
 NOW = 1_700_000_000.0
 CANARY_SECRET = "client-secret-CANARY-5e1f"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import CREDPROXY, Dirs, cli
-from credproxy.client import Client
+from credproxy.inner.client import Client
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 needs_socket_activate = pytest.mark.skipif(
@@ -228,7 +228,7 @@ def test_sigterm_cancels_pending_renewals(dirs: Dirs, spawn: Spawn) -> None:
         [
             sys.executable,
             "-m",
-            "credproxy.devidp",
+            "credproxy.shell.devidp",
             "--port",
             "0",
             "--lifetime",

@@ -20,8 +20,8 @@ import trio
 import trio.testing
 
 from conftest import Harness, Peer, StartDaemon
-from credproxy.daemon import Session
-from credproxy.protocol import frame
+from credproxy.core.protocol import frame
+from credproxy.shell.daemon import Session
 
 # --- helpers ----------------------------------------------------------------------
 

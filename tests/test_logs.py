@@ -8,7 +8,7 @@ import sys
 
 SCRIPT = r"""
 import sys
-from credproxy import logs
+from credproxy.shell import logs
 logs.configure()
 log = logs.get("t")
 

@@ -7,8 +7,8 @@ import traceback
 
 import pytest
 
-from credproxy import oauth
-from credproxy.config import Provider
+from credproxy.core import oauth
+from credproxy.core.config import Provider
 from credproxy.errors import ReauthRequired, RefreshFailed, UpstreamError
 
 NOW = 1_700_000_000.0

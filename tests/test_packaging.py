@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from credproxy.units import unit_texts
+from credproxy.shell.units import unit_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path("/usr/lib/credproxy/venv")
@@ -157,7 +157,7 @@ def test_installed_units_pass_systemd_analyze_verify(deb: Path) -> None:
 def test_environment_works_for_an_unprivileged_user(deb: Path) -> None:
     """A non-root user can import credproxy and its dependencies from the bundled environment."""
     code = (
-        "import sys, certifi, credproxy.units, httpx, msgspec, platformdirs, structlog, trio;"
+        "import sys, certifi, credproxy.shell.units, httpx, msgspec, platformdirs, structlog, trio;"
         "print(sys.prefix, certifi.where())"
     )
     result = subprocess.run(

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from credproxy import policy
-from credproxy.config import Renewal
+from credproxy.core import policy
+from credproxy.core.config import Renewal
 
 CFG = Renewal()
 NOW = 1_700_000_000.0

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from credproxy.errors import InvalidName, ProtocolError
-from credproxy.protocol import (
+from credproxy.core.protocol import (
     CLOSED,
     MAX_FRAME,
     NEED_DATA,
@@ -32,6 +31,7 @@ from credproxy.protocol import (
     frame,
     name_field,
 )
+from credproxy.errors import InvalidName, ProtocolError
 
 CAPABILITY = "0123456789abcdef" * 4
 

@@ -135,7 +135,7 @@ async def test_capability_token_is_required_when_the_session_has_one(
     start_daemon: StartDaemon,
 ) -> None:
     """A session opened with a capability refuses handshakes without it (UNAUTHORIZED) and accepts the right one."""
-    from credproxy.protocol import capability_digest
+    from credproxy.core.protocol import capability_digest
 
     cap = "ab" * 32
     h = await start_daemon()

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from conftest import CREDPROXY, Dirs
+from credproxy.core.store import TokenStore, normalize_token
 from credproxy.errors import InvalidName, InvalidToken
-from credproxy.store import TokenStore, normalize_token
 
 NOW = 1_800_000_000.0
 OLD = {

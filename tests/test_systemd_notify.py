@@ -1,4 +1,4 @@
-"""credproxy.systemd against real sockets: sd_notify datagrams, socket activation, watchdog."""
+"""credproxy.shell.systemd against real sockets: sd_notify datagrams, socket activation, watchdog."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from credproxy.systemd import listen_fds, notify, watchdog_interval
+from credproxy.shell.systemd import listen_fds, notify, watchdog_interval
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 needs_socket_activate = pytest.mark.skipif(
@@ -127,7 +127,7 @@ def test_notify_send_failure_returns_false(
 # the listening socket.
 CHILD = """
 import json, os, socket, sys
-from credproxy.systemd import listen_fds, notify
+from credproxy.shell.systemd import listen_fds, notify
 fds = listen_fds()
 report = {
     "names": [name for name, _ in fds],
@@ -240,7 +240,7 @@ def test_listen_fds_names_several_sockets_in_order(short_dir: Path) -> None:
 # exec (same pid), with the given LISTEN_PID offset, LISTEN_FDS and LISTEN_FDNAMES.
 SIMULATED = """
 import json, os, socket, sys
-from credproxy.systemd import listen_fds
+from credproxy.shell.systemd import listen_fds
 path, pid_offset, count, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.bind(path)

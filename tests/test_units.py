@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from credproxy import paths
-from credproxy.units import UNIT_NAMES, install_units, unit_texts
+from credproxy.shell import paths
+from credproxy.shell.units import UNIT_NAMES, install_units, unit_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "systemd"
@@ -154,8 +154,8 @@ def test_unit_texts_rejects_relative_or_multiline_paths(executable: str) -> None
 
 
 def test_units_and_paths_agree_on_locations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The socket unit listens where credproxy.paths puts the control socket, and the service
-    makes writable the state and runtime directories credproxy.paths uses."""
+    """The socket unit listens where credproxy.shell.paths puts the control socket, and the service
+    makes writable the state and runtime directories credproxy.shell.paths uses."""
     runtime, home = "/run/user/4242", "/home/someone"
     monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
     monkeypatch.setenv("HOME", home)
@@ -202,8 +202,12 @@ def test_install_units_command_writes_units_and_says_what_next(tmp_path: Path) -
     import sys
 
     exe = Path(sys.executable).with_name("credproxy")
-    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), PATH=f"{exe.parent}:{os.environ['PATH']}")
-    proc = subprocess.run([str(exe), "install-units"], env=env, capture_output=True, text=True, check=False)
+    env = dict(
+        os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), PATH=f"{exe.parent}:{os.environ['PATH']}"
+    )
+    proc = subprocess.run(
+        [str(exe), "install-units"], env=env, capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     unit_dir = tmp_path / "cfg" / "systemd" / "user"
     service = (unit_dir / "credproxy.service").read_text()

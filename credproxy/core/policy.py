@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from credproxy.config import Renewal
+from credproxy.core.config import Renewal
 
 __all__ = [
     "SLICE",

@@ -36,9 +36,9 @@ from typing import Any
 
 import msgspec
 
+from credproxy.core.policy import token_expiry
+from credproxy.core.protocol import NAME_RULE, is_name
 from credproxy.errors import InvalidName, InvalidToken, StoreError
-from credproxy.policy import token_expiry
-from credproxy.protocol import NAME_RULE, is_name
 
 DEFAULT_BUCKET = "default"
 

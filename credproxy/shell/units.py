@@ -33,7 +33,7 @@ def _unit_source(name: str) -> str:
         return packaged.read_text(encoding="utf-8")
     # An editable install or a source checkout: hatchling's force-include only
     # applies when building the wheel, so the units are still in systemd/.
-    checkout = Path(__file__).resolve().parent.parent / "systemd" / name
+    checkout = Path(__file__).resolve().parents[2] / "systemd" / name
     try:
         return checkout.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -1,7 +1,7 @@
 """The OAuth 2.0 refresh grant (RFC 6749 section 6) as a sans-IO codec.
 
 This module builds the request form and judges the response; it never opens a
-connection. ``credproxy/http.py`` moves the bytes, and tests can feed
+connection. ``credproxy/shell/http.py`` moves the bytes, and tests can feed
 :func:`parse_refresh_response` any status and body they like.
 
 Error classification
@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from credproxy.config import Provider
+from credproxy.core.config import Provider
 from credproxy.errors import ReauthRequired, RefreshFailed
 
 __all__ = [
@@ -165,7 +165,7 @@ def merge_refreshed(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str,
 class TokenEndpoint(Protocol):
     """Something that performs the refresh grant against an identity provider.
 
-    ``credproxy.http.HttpTokenEndpoint`` is the real one; tests of the renewal
+    ``credproxy.shell.http.HttpTokenEndpoint`` is the real one; tests of the renewal
     machinery use in-memory fakes with the same shape.
     """
 

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from credproxy.core.protocol import NAME_RULE, is_name
 from credproxy.errors import ConfigError
-from credproxy.protocol import NAME_RULE, is_name
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 

@@ -1,7 +1,7 @@
 """The refresh grant over HTTPS: the only module that imports httpx.
 
-:class:`HttpTokenEndpoint` implements :class:`credproxy.oauth.TokenEndpoint`
-with one shared ``httpx.AsyncClient``. The codec in ``credproxy/oauth.py``
+:class:`HttpTokenEndpoint` implements :class:`credproxy.core.oauth.TokenEndpoint`
+with one shared ``httpx.AsyncClient``. The codec in ``credproxy/core/oauth.py``
 builds the form and judges the answer; this module only moves bytes and turns
 every httpx exception into :class:`~credproxy.errors.RefreshFailed` at the
 boundary, so nothing above it needs to know httpx exists.
@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 import trio
 
-from credproxy import oauth
-from credproxy.config import Provider
+from credproxy.core import oauth
+from credproxy.core.config import Provider
 from credproxy.errors import RefreshFailed
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class HttpTokenEndpoint:
         every call, so rotating the file needs no daemon restart.
 
         Returns:
-            The parsed token (see :func:`credproxy.oauth.parse_refresh_response`),
+            The parsed token (see :func:`credproxy.core.oauth.parse_refresh_response`),
             not yet merged with the stored one.
 
         Raises:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from credproxy.core.protocol import NAME_RULE, is_name
 from credproxy.errors import UsageError
-from credproxy.protocol import NAME_RULE, is_name
 
 
 @dataclass(frozen=True)

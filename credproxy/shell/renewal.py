@@ -1,4 +1,4 @@
-"""Serving and renewing tokens (trio shell over :mod:`credproxy.policy`).
+"""Serving and renewing tokens (trio shell over :mod:`credproxy.core.policy`).
 
 Theory of operation
 -------------------
@@ -54,8 +54,10 @@ from typing import Any
 import msgspec
 import trio
 
-from credproxy import logs, policy
-from credproxy.config import Config
+from credproxy.core import policy
+from credproxy.core.config import Config
+from credproxy.core.oauth import TokenEndpoint, merge_refreshed
+from credproxy.core.store import TokenStore, checkpoint
 from credproxy.errors import (
     CredproxyError,
     NotFound,
@@ -63,10 +65,9 @@ from credproxy.errors import (
     RefreshFailed,
     StoreError,
 )
-from credproxy.oauth import TokenEndpoint, merge_refreshed
-from credproxy.store import TokenStore, checkpoint
+from credproxy.shell import logs
 
-log = logs.get("credproxy.renewal")
+log = logs.get("credproxy.shell.renewal")
 _encoder = msgspec.json.Encoder()
 Key = tuple[str, str]
 

@@ -15,7 +15,7 @@ It behaves like the strict IdPs credproxy exists for:
 :class:`DevIdP` is the state machine: it takes a request form and returns a
 status and a JSON object, and never does I/O (the clock is injected).
 :func:`serve` puts it on a trio + h11 HTTP server (``POST /token``,
-``GET /userinfo``), and :func:`main` is ``python -m credproxy.devidp`` for the
+``GET /userinfo``), and :func:`main` is ``python -m credproxy.shell.devidp`` for the
 README demo. Tests script failures with :meth:`DevIdP.fail_next`.
 
 Nothing here prints or records a token: requests are kept with the refresh
@@ -424,12 +424,12 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, reply: _Reply) 
     await stream.send_all(b"".join(conn.send(event) or b"" for event in events))
 
 
-# -- python -m credproxy.devidp ---------------------------------------------------
+# -- python -m credproxy.shell.devidp ---------------------------------------------------
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m credproxy.devidp",
+        prog="python -m credproxy.shell.devidp",
         description=(
             "Development OAuth token endpoint on loopback: short-lived access tokens, "
             "rotating refresh tokens, family revocation on refresh-token reuse."

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from credproxy import paths
-from credproxy.client import CAPABILITY_ENV, Client
 from credproxy.errors import EXIT_USAGE, CredproxyError, DaemonUnavailable, UsageError
+from credproxy.inner.client import CAPABILITY_ENV, Client
+from credproxy.shell import paths
 
 AUTOSTART_IDLE_EXIT = 30.0  # seconds an auto-started daemon lingers after the last session
 STARTUP_TIMEOUT = 10.0
@@ -73,7 +73,7 @@ def run(
 
 
 def _default_grants() -> list[str]:
-    from credproxy import config
+    from credproxy.core import config
 
     return list(config.load(paths.config_file()).sandbox.default_allow)
 

@@ -1,7 +1,7 @@
 """Unix-socket listeners and the per-connection loop (trio shell).
 
-The protocol logic lives in :mod:`credproxy.protocol`; this module moves bytes
-between a socket and a :class:`~credproxy.protocol.ServerConnection`, enforces
+The protocol logic lives in :mod:`credproxy.core.protocol`; this module moves bytes
+between a socket and a :class:`~credproxy.core.protocol.ServerConnection`, enforces
 the timing limits (body deadline, idle timeout, request rate), and isolates
 failures: whatever one client sends, only its own connection is closed.
 """
@@ -20,10 +20,8 @@ from typing import Protocol
 
 import trio
 
-from credproxy import logs
-from credproxy.config import Limits
-from credproxy.errors import CredproxyError, ProtocolError
-from credproxy.protocol import (
+from credproxy.core.config import Limits
+from credproxy.core.protocol import (
     BODY_DEADLINE,
     NEED_DATA,
     Request,
@@ -32,8 +30,10 @@ from credproxy.protocol import (
     TokenBucket,
     handshake_error,
 )
+from credproxy.errors import CredproxyError, ProtocolError
+from credproxy.shell import logs
 
-log = logs.get("credproxy.server")
+log = logs.get("credproxy.shell.server")
 _PEERCRED = struct.Struct("3i")
 RECV_SIZE = 65_536
 SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read

@@ -38,9 +38,13 @@ from typing import Any
 
 import trio
 
-from credproxy import config as config_mod
-from credproxy import logs, paths, policy, systemd
-from credproxy.config import Config
+from credproxy.core import config as config_mod
+from credproxy.core import policy
+from credproxy.core.config import Config
+from credproxy.core.grants import Grants
+from credproxy.core.oauth import TokenEndpoint
+from credproxy.core.protocol import Request, ServerConnection, capability_digest, name_field
+from credproxy.core.store import DEFAULT_BUCKET, TokenStore
 from credproxy.errors import (
     CredproxyError,
     Forbidden,
@@ -51,10 +55,8 @@ from credproxy.errors import (
     StoreError,
     UsageError,
 )
-from credproxy.grants import Grants
-from credproxy.oauth import TokenEndpoint
-from credproxy.protocol import Request, ServerConnection, capability_digest, name_field
-from credproxy.renewal import (
+from credproxy.shell import logs, paths, systemd
+from credproxy.shell.renewal import (
     Entry,
     Key,
     Refresher,
@@ -63,16 +65,15 @@ from credproxy.renewal import (
     renewal_timer,
     retry_after,
 )
-from credproxy.server import (
+from credproxy.shell.server import (
     bind_unix,
     make_private_dir,
     peer_credentials,
     refuse,
     serve_connection,
 )
-from credproxy.store import DEFAULT_BUCKET, TokenStore
 
-log = logs.get("credproxy.daemon")
+log = logs.get("credproxy.shell.daemon")
 
 SHUTDOWN_GRACE = 8.0  # seconds for in-flight refreshes to land; < TimeoutStopSec (10 s)
 UPSTREAM_TIMEOUT = 6.0  # per phase of a refresh request; a sent request fits the grace
@@ -805,7 +806,7 @@ def main(idle_exit: float | None) -> int:
     cfg = config_mod.load(paths.config_file())
     raise_fd_limit()
     inherited = [s for _, s in systemd.listen_fds()]
-    from credproxy.http import HttpTokenEndpoint  # httpx itself loads at the first refresh
+    from credproxy.shell.http import HttpTokenEndpoint  # httpx itself loads at the first refresh
 
     endpoint = HttpTokenEndpoint(timeout=UPSTREAM_TIMEOUT)
 

@@ -1,0 +1,250 @@
+"""A blocking client for credproxy sockets. Standard library only.
+
+This is what runs inside a sandbox (``credproxy token``) and what programs
+import, so it must start in the time Python itself needs: no trio, httpx,
+structlog, msgspec or platformdirs here.
+
+    from credproxy.inner.client import Client
+    with Client() as c:                      # $CREDPROXY_SOCKET
+        token = c.get_token("example")       # dict without refresh_token
+        print(token["access_token"])
+
+Errors are :mod:`credproxy.errors` exceptions: ``NotFound`` for a token that is
+missing or not granted, ``Unauthorized``/``Forbidden``/``RateLimited``/
+``ReauthRequired`` for refusals, ``DaemonUnavailable`` when nothing answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import sys
+
+from credproxy.errors import (
+    BY_CODE,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    CredproxyError,
+    DaemonUnavailable,
+    ProtocolError,
+    RateLimited,
+)
+
+# `typing` costs ~5 ms of `credproxy token`'s start-up; annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+SOCKET_ENV = ("CREDPROXY_SOCKET", "LLXPRT_CREDENTIAL_SOCKET")
+CAPABILITY_ENV = "CREDPROXY_CAPABILITY"
+MAX_FRAME = 4 * 1024 * 1024  # what we accept from the server (v2 allows large replies)
+
+
+def socket_from_env() -> str:
+    """The socket named by ``CREDPROXY_SOCKET`` or ``LLXPRT_CREDENTIAL_SOCKET``.
+
+    Raises:
+        DaemonUnavailable: neither is set.
+    """
+    for name in SOCKET_ENV:
+        value = os.environ.get(name)
+        if value:
+            return value
+    raise DaemonUnavailable(
+        "CREDPROXY_SOCKET is not set; run this inside `credproxy run -- ...` "
+        "or point CREDPROXY_SOCKET at a session socket"
+    )
+
+
+class Client:
+    """One connection to a credproxy socket; requests are sent one at a time."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        capability: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.path = os.fspath(path) if path is not None else socket_from_env()
+        self.capability = capability if capability is not None else os.environ.get(CAPABILITY_ENV)
+        self.timeout = timeout
+        self.version = 0
+        self._sock: socket.socket | None = None
+        self._ids = itertools.count(1)
+
+    # -- connection --
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(
+                f"cannot reach credproxy at {self.path}: {exc.strerror or exc}"
+            ) from None
+        self._sock = sock
+        payload: dict[str, Any] = {"minVersion": 1, "maxVersion": 2}
+        if self.capability:
+            payload["capabilityToken"] = self.capability
+        reply = self._roundtrip({"v": 1, "op": "handshake", "payload": payload})
+        if reply.get("ok") is not True:
+            self.close()
+            raise _error_from(reply)
+        self.version = int(reply.get("data", {}).get("version", 1))
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        if self._sock is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests --
+
+    def call(self, op: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send one request and return its ``data``, or raise its error."""
+        if self._sock is None:
+            self.connect()
+        rid = str(next(self._ids))
+        reply = self._roundtrip({"v": self.version, "id": rid, "op": op, "payload": payload or {}})
+        if reply.get("id") != rid:
+            self.close()
+            raise ProtocolError("credproxy answered a different request; connection closed")
+        if reply.get("ok") is True:
+            data = reply.get("data", {})
+            return data if isinstance(data, dict) else {}
+        raise _error_from(reply)
+
+    def get_token(self, provider: str, bucket: str | None = None) -> dict[str, Any]:
+        return self.call("get_token", _key(provider, bucket))
+
+    def refresh_token(self, provider: str, bucket: str | None = None) -> dict[str, Any]:
+        return self.call("refresh_token", _key(provider, bucket))
+
+    def get_api_key(self, name: str) -> str:
+        return str(self.call("get_api_key", {"name": name})["key"])
+
+    def list_providers(self) -> list[str]:
+        return list(self.call("list_providers")["providers"])
+
+    def list_buckets(self, provider: str) -> list[str]:
+        return list(self.call("list_buckets", {"provider": provider})["buckets"])
+
+    # -- framing --
+
+    def _roundtrip(self, obj: dict[str, Any]) -> dict[str, Any]:
+        sock = self._sock
+        assert sock is not None
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        try:
+            sock.sendall(len(body).to_bytes(4, "big") + body)
+            size = int.from_bytes(self._recv_exact(4), "big")
+            if size > MAX_FRAME:
+                raise ProtocolError(f"credproxy sent an oversized frame ({size} bytes)")
+            reply = json.loads(self._recv_exact(size))
+        except (OSError, ValueError) as exc:
+            self.close()
+            if isinstance(exc, TimeoutError):
+                raise DaemonUnavailable(
+                    f"credproxy at {self.path} did not answer in time"
+                ) from None
+            raise DaemonUnavailable(f"connection to credproxy at {self.path} lost") from None
+        if not isinstance(reply, dict):
+            self.close()
+            raise ProtocolError("credproxy sent a reply that is not a JSON object")
+        return reply
+
+    def _recv_exact(self, n: int) -> bytes:
+        assert self._sock is not None
+        chunks, left = [], n
+        while left:
+            chunk = self._sock.recv(min(left, 1 << 16))
+            if not chunk:
+                raise ConnectionResetError("connection closed by credproxy")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+
+def _key(provider: str, bucket: str | None) -> dict[str, Any]:
+    return {"provider": provider} if bucket is None else {"provider": provider, "bucket": bucket}
+
+
+def _error_from(reply: dict[str, Any]) -> CredproxyError:
+    code = str(reply.get("code") or "INTERNAL_ERROR")
+    message = str(reply.get("error") or code)
+    if code == "RATE_LIMITED":
+        return RateLimited(message, int(reply.get("retryAfter") or 1))
+    err = BY_CODE.get(code, CredproxyError)(message)
+    err.code = code
+    return err
+
+
+# --- `credproxy token` -------------------------------------------------------
+
+TOKEN_USAGE = "usage: credproxy token PROVIDER [--bucket BUCKET] [--json]"  # noqa: S105
+
+
+def token_main(argv: list[str]) -> int:
+    """``credproxy token PROVIDER [--bucket B] [--json]``: print an access token."""
+    provider = bucket = None
+    as_json = False
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            print(TOKEN_USAGE)
+            print("Print the access token for PROVIDER from the socket in $CREDPROXY_SOCKET.")
+            return EXIT_OK
+        if arg == "--json":
+            as_json = True
+        elif arg == "--bucket" or arg.startswith("--bucket="):
+            bucket = arg.partition("=")[2] if "=" in arg else next(args, None)
+            if not bucket:
+                return _usage("--bucket needs a value")
+        elif arg.startswith("-"):
+            return _usage(f"unknown option {arg}")
+        elif provider is None:
+            provider = arg
+        else:
+            return _usage(f"unexpected argument {arg!r}")
+    if provider is None:
+        return _usage("PROVIDER is required")
+    try:
+        with Client() as client:
+            token = client.get_token(provider, bucket)
+    except CredproxyError as exc:
+        print(f"credproxy token: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if as_json:
+        out = json.dumps(token, sort_keys=True)
+    else:
+        at = token.get("access_token")
+        if not isinstance(at, str):
+            print("credproxy token: the served token has no access_token", file=sys.stderr)
+            return EXIT_FAILURE
+        out = at
+    try:
+        print(out, flush=True)
+    except BrokenPipeError:
+        # The reader went away (`credproxy token x | head -c0`): not our error
+        # to report, but stdout must not be flushed again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _usage(message: str) -> int:
+    print(f"credproxy token: {message} ({TOKEN_USAGE})", file=sys.stderr)
+    return EXIT_USAGE
