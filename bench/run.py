@@ -36,6 +36,7 @@ serving path. Child processes run with bytecode caching on, in a private
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -313,25 +314,39 @@ def figure1(report: Report, cp: Peer, agent: Peer, mode: Mode) -> dict[str, Any]
     return out
 
 
+def _threads(pid: int) -> list[int]:
+    """Every thread of *pid* (the daemon serves sandbox sockets from a thread of its own)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid]
+
+
 def _pinned(fn: Any, pids: list[int]) -> Any:
-    """Run *fn* with this process and *pids* on one CPU; None where affinity cannot be set."""
+    """Run *fn* with this process and every thread of *pids* on one CPU.
+
+    None where affinity cannot be set. ``sched_setaffinity(pid)`` moves only the
+    thread whose id is *pid*: each thread is pinned by its own id.
+    """
     if not hasattr(os, "sched_setaffinity"):
         return None
     me = os.getpid()
-    saved = {pid: os.sched_getaffinity(pid) for pid in [me, *pids]}
+    tids = [tid for pid in [me, *pids] for tid in _threads(pid)]
+    saved = {tid: os.sched_getaffinity(tid) for tid in tids}
     cpu = {min(saved[me])}
     try:
-        for pid in saved:
-            os.sched_setaffinity(pid, cpu)
+        for tid in saved:
+            os.sched_setaffinity(tid, cpu)
     except OSError:
-        for pid, mask in saved.items():
-            os.sched_setaffinity(pid, mask)
+        for tid, mask in saved.items():
+            os.sched_setaffinity(tid, mask)
         return None
     try:
         return fn()
     finally:
-        for pid, mask in saved.items():
-            os.sched_setaffinity(pid, mask)
+        for tid, mask in saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, mask)
 
 
 # -- figure 2: 64 client processes ----------------------------------------------------

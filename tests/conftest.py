@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,16 @@ class WallClock:
     def jump(self, seconds: float) -> None:
         """The wall clock moves by *seconds* while trio's clock does not (a suspend)."""
         self.offset += seconds
+
+
+class RealWallClock:
+    """The real wall clock, for a daemon whose serving loop runs in its own thread.
+
+    ``jump`` is not available: that thread reads ``time.time()`` itself.
+    """
+
+    def __call__(self) -> float:
+        return time.time()
 
 
 SECRET_MARKERS = ("devat-", "devrt-", "CANARY")  # dev IdP tokens and test canaries
@@ -265,14 +276,18 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
 
     Keyword arguments are config sections (``limits={...}``, ``renewal={...}``);
     ``lifetime=`` sets the IdP's access-token lifetime. A provider named
-    ``dev`` points at the in-loop development IdP.
+    ``dev`` points at the in-loop development IdP. ``serving_thread=True``
+    runs the serving loop in its own thread, as ``credproxy serve`` does; its
+    clocks are then the real ones (not for ``autojump_clock`` tests).
     """
     endpoints: list[HttpTokenEndpoint] = []
     daemons: list[Daemon] = []
     harnesses: list[Harness] = []
 
-    async def start(lifetime: float = 3600, **sections: Any) -> Harness:
-        wall = WallClock()
+    async def start(
+        lifetime: float = 3600, *, serving_thread: bool = False, **sections: Any
+    ) -> Harness:
+        wall: Any = RealWallClock() if serving_thread else WallClock()
         idp = devidp.DevIdP(lifetime=lifetime, clock=wall)
         token_url = await nursery.start(devidp.serve, idp)
         providers = dict(sections.pop("providers", {}))
@@ -280,6 +295,11 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
         cfg = make_config(providers=providers, **sections)
         store = TokenStore(dirs.state)
         endpoint = HttpTokenEndpoint(wall_clock=wall, timeout=10)
+        extra: dict[str, Any] = (
+            {"serving_thread": True, "wall_clock": time.time}
+            if serving_thread
+            else {"wall_clock": wall}
+        )
         endpoints.append(endpoint)
         daemon = await nursery.start(
             functools.partial(
@@ -288,8 +308,8 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
                 store=store,
                 runtime=dirs.runtime,
                 endpoint=endpoint,
-                wall_clock=wall,
                 rng=random.Random(7),
+                **extra,
             )
         )
         daemons.append(daemon)

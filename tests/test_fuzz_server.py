@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from conftest import Harness, Peer, StartDaemon
 from credproxy.core.protocol import MAX_ID_LENGTH, frame
-from credproxy.shell.daemon import Session
+from credproxy.shell.sessions import Session
 
 CODES = {
     "INVALID_REQUEST",

@@ -21,7 +21,7 @@ import trio.testing
 
 from conftest import Harness, Peer, StartDaemon
 from credproxy.core.protocol import frame
-from credproxy.shell.daemon import Session
+from credproxy.shell.sessions import Session
 
 # --- helpers ----------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from credproxy.core.connection import TokenBucket
+from credproxy.core.names import name_field
 from credproxy.core.protocol import (
     CLOSED,
     MAX_FRAME,
@@ -24,12 +26,10 @@ from credproxy.core.protocol import (
     Request,
     Send,
     ServerConnection,
-    TokenBucket,
     capability_digest,
     decode_object,
     encode,
     frame,
-    name_field,
 )
 from credproxy.errors import InvalidName, ProtocolError
 

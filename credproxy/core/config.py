@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from credproxy.core.protocol import NAME_RULE, is_name
+from credproxy.core.names import NAME_RULE, is_name
 from credproxy.errors import ConfigError
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from credproxy.core.protocol import NAME_RULE, is_name
+from credproxy.core.names import NAME_RULE, is_name
 from credproxy.errors import UsageError
 
 

@@ -44,13 +44,11 @@ from typing import Any, TypeGuard
 
 import msgspec
 
-from credproxy.errors import InvalidName, ProtocolError
+from credproxy.errors import ProtocolError
 
 MAX_FRAME = 65_536  # largest payload we accept (and the v1 response limit)
 BODY_DEADLINE = 5.0  # seconds for a body to follow its header
 MIN_VERSION, MAX_VERSION = 1, 2
-NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
-NAME_RULE = "1-64 of A-Z a-z 0-9 . _ @ - (not . or ..)"
 MAX_ID_LENGTH = 128
 
 _HEADER = 4
@@ -224,6 +222,7 @@ class ServerConnection:
         self._capability = capability
         self._max_in_flight = max_in_flight
         self._in_flight: set[str] = set()
+        self._shared: set[str] = set()  # in flight, but waiting on another request's work
 
     # -- input --
 
@@ -236,8 +235,24 @@ class ServerConnection:
         return self._reader.awaiting_body
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed."""
+        return self._reader.buffered
+
+    @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    def share(self, rid: str) -> None:
+        """Request *rid* waits on the same work as an earlier request in flight.
+
+        It stays in flight (its id is taken until it is answered) but no longer
+        counts against ``max_in_flight``: llxprt's client sends a burst of
+        ``get_token`` on one connection, and twenty of them waiting on one
+        coalesced refresh cost what one does.
+        """
+        if rid in self._in_flight:
+            self._shared.add(rid)
 
     def next_event(self) -> Event:
         """The next event, or :data:`NEED_DATA`.
@@ -295,7 +310,7 @@ class ServerConnection:
             return Send(self._error(rid, "INVALID_REQUEST", "'payload' must be a JSON object"))
         if rid in self._in_flight:
             return Send(self._error(rid, "INVALID_REQUEST", "Duplicate request id"))
-        if len(self._in_flight) >= self._max_in_flight:
+        if len(self._in_flight) - len(self._shared) >= self._max_in_flight:
             return Send(
                 self._error(
                     rid,
@@ -315,6 +330,7 @@ class ServerConnection:
     def reply_ok_raw(self, rid: str, data_json: bytes) -> bytes:
         """Answer request *rid* with an already-encoded JSON object (the hot path)."""
         self._in_flight.discard(rid)
+        self._shared.discard(rid)
         body = b'{"id":' + _encoder.encode(rid) + b',"ok":true,"data":' + data_json + b"}"
         if self.version == 1 and len(body) > MAX_FRAME:
             return self._error(rid, "RESPONSE_TOO_LARGE", "response exceeds 64 KiB for a v1 peer")
@@ -325,6 +341,7 @@ class ServerConnection:
     ) -> bytes:
         """Answer request *rid* with an error; ``retry_after`` in seconds for RATE_LIMITED."""
         self._in_flight.discard(rid)
+        self._shared.discard(rid)
         return self._error(rid, code, message, retry_after)
 
     def _error(self, rid: str, code: str, message: str, retry_after: int | None = None) -> bytes:
@@ -335,60 +352,3 @@ class ServerConnection:
 
 
 _ID_PROBLEM = f"missing or invalid 'id' (a string of 1 to {MAX_ID_LENGTH} characters)"
-
-
-# --- payload helpers --------------------------------------------------------
-
-
-def name_field(payload: dict[str, Any], field: str, *, default: str | None = None) -> str:
-    """A validated provider, bucket or key name from *payload*.
-
-    Raises:
-        InvalidName: missing (with no default), not a string, or not matching
-            ``^[A-Za-z0-9._@-]{1,64}$``.
-    """
-    value = payload.get(field)
-    if value is None:
-        if default is None:
-            raise InvalidName(f"missing '{field}'")
-        return default
-    if not is_name(value):
-        raise InvalidName(f"'{field}' must be a name of {NAME_RULE}")
-    return value
-
-
-def is_name(value: object) -> TypeGuard[str]:
-    """A valid provider, bucket or key name: ``[A-Za-z0-9._@-]{1,64}``, whole string.
-
-    ``.`` and ``..`` are refused although the pattern allows them: names
-    become path components of the store.
-    """
-    return (
-        isinstance(value, str) and NAME_RE.fullmatch(value) is not None and value not in (".", "..")
-    )
-
-
-class TokenBucket:
-    """A per-connection request-rate limit (sans IO: the caller passes ``now``).
-
-    ``rate`` requests per second sustained, ``burst`` at once; ``rate == 0``
-    disables the limit.
-    """
-
-    __slots__ = ("_burst", "_last", "_level", "_rate")
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self._rate, self._burst = rate, float(burst)
-        self._level, self._last = float(burst), now
-
-    def take(self, now: float) -> float:
-        """Spend one request; 0.0 if allowed, else the seconds until one is."""
-        if self._rate <= 0:
-            return 0.0
-        level = min(self._burst, self._level + (now - self._last) * self._rate)
-        self._last = now
-        if level >= 1.0:
-            self._level = level - 1.0
-            return 0.0
-        self._level = level
-        return (1.0 - level) / self._rate

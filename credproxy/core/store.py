@@ -36,11 +36,9 @@ from typing import Any
 
 import msgspec
 
+from credproxy.core.names import DEFAULT_BUCKET, check_name, is_name
 from credproxy.core.policy import token_expiry
-from credproxy.core.protocol import NAME_RULE, is_name
-from credproxy.errors import InvalidName, InvalidToken, StoreError
-
-DEFAULT_BUCKET = "default"
+from credproxy.errors import InvalidToken, StoreError
 
 # Fault injection for crash tests: when CREDPROXY_FAULT names a checkpoint, the
 # process stops itself there (SIGSTOP) so a test can SIGKILL it at exactly
@@ -48,16 +46,10 @@ DEFAULT_BUCKET = "default"
 _FAULT = os.environ.get("CREDPROXY_FAULT")
 
 
-def checkpoint(name: str) -> None:
+def fault_point(name: str) -> None:
     """Stop the process here if ``CREDPROXY_FAULT`` names this checkpoint."""
     if _FAULT is not None and name == _FAULT:
         os.kill(os.getpid(), signal.SIGSTOP)
-
-
-def check_name(kind: str, name: str) -> str:
-    if not is_name(name):
-        raise InvalidName(f"{kind} name {name!r} must be {NAME_RULE}")
-    return name
 
 
 def normalize_token(raw: Any, now: float) -> dict[str, Any]:
@@ -317,13 +309,13 @@ class TokenStore:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                checkpoint("store-written")
+                fault_point("store-written")
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            checkpoint("store-fsynced")
+            fault_point("store-fsynced")
             os.rename(tmp, path)
-            checkpoint("store-renamed")
+            fault_point("store-renamed")
             _fsync_dir(path.parent)
         except OSError as exc:
             with suppress(OSError):

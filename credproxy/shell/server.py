@@ -1,44 +1,29 @@
-"""Unix-socket listeners and the per-connection loop (trio shell).
+"""Unix-socket listeners: private directories, binding, peer credentials (trio shell).
 
-The protocol logic lives in :mod:`credproxy.core.protocol`; this module moves bytes
-between a socket and a :class:`~credproxy.core.protocol.ServerConnection`, enforces
-the timing limits (body deadline, idle timeout, request rate), and isolates
-failures: whatever one client sends, only its own connection is closed.
+What happens on a connection once it is accepted lives in
+:mod:`credproxy.shell.fastpath` (sandbox sockets) and
+:mod:`credproxy.shell.streams` (the control socket).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import socket as stdsocket
 import stat
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
 
 import trio
 
-from credproxy.core.config import Limits
-from credproxy.core.protocol import (
-    BODY_DEADLINE,
-    NEED_DATA,
-    Request,
-    Send,
-    ServerConnection,
-    TokenBucket,
-    handshake_error,
-)
-from credproxy.errors import CredproxyError, ProtocolError
+from credproxy.core.protocol import handshake_error
+from credproxy.errors import CredproxyError
 from credproxy.shell import logs
 
-log = logs.get("credproxy.shell.server")
+log = logs.get("credproxy.server")
 _PEERCRED = struct.Struct("3i")
-RECV_SIZE = 65_536
-SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
-# What a peer that hangs up, resets, or stops reading makes our socket calls raise.
-_PEER_GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
 class AlreadyRunning(CredproxyError):
@@ -125,191 +110,23 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
         view = view[sent:]
 
 
-async def _send_all_raw(raw: stdsocket.socket, data: bytes) -> None:
-    """Write all of *data* to a non-blocking stdlib socket, waiting while it is full."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[raw.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(raw)
-
-
-class _closing:
-    """Close a stdlib socket trio may have registered (notify_closing first)."""
-
-    def __init__(self, raw: stdsocket.socket) -> None:
-        self.raw = raw
-
-    def __enter__(self) -> stdsocket.socket:
-        return self.raw
-
-    def __exit__(self, *exc: object) -> None:
-        trio.lowlevel.notify_closing(self.raw)
-        self.raw.close()
-
-
 async def refuse(sock: trio.socket.SocketType, code: str, message: str) -> None:
     """Tell a refused peer why (one handshake-shaped error frame), then close."""
     with sock, trio.move_on_after(1), contextlib.suppress(OSError):
         await send_all(sock, handshake_error(code, message))
 
 
-class Handler(Protocol):
-    """What a listener serves: the control socket or one sandbox session."""
-
-    capability: bytes | None
-
-    def fast(self, conn: ServerConnection, req: Request) -> bytes | None:
-        """Answer without waiting (the cached ``get_token``), or None to go slow."""
-
-    async def slow(self, conn: ServerConnection, req: Request) -> bytes:
-        """Answer a request that may wait (a refresh, a store write)."""
-
-
-async def serve_connection(
-    sock: trio.socket.SocketType,
-    handler: Handler,
-    limits: Limits,
-    label: str,
-) -> None:
-    """Run one connection until the peer closes it, breaks the protocol or idles out.
-
-    Deadlines: a frame body must follow its header within 5 s; with nothing
-    in flight, the connection closes after ``limits.idle_timeout`` without a
-    request; a reply that cannot be written within :data:`SEND_TIMEOUT` (a
-    peer that does not read) closes the connection.
-
-    Never raises for anything the peer does; internal errors in a request
-    become ``INTERNAL_ERROR`` replies (without exception text).
-    """
-    conn = ServerConnection(capability=handler.capability, max_in_flight=limits.max_in_flight)
-    now = trio.current_time()
-    bucket = TokenBucket(limits.requests_per_second, limits.request_burst, now)
-    send_lock = trio.StrictFIFOLock()
-    idle_deadline = now + limits.idle_timeout
-    body_deadline = math.inf
-    recv_scope: trio.CancelScope | None = None
-    reason = "closed by peer"
-
-    def recv_deadline() -> float:
-        return body_deadline if conn.in_flight else min(body_deadline, idle_deadline)
-
-    # The hot path talks to the stdlib socket directly (trio.lowlevel waits):
-    # one scheduler pass per request instead of three.
-    raw = stdsocket.socket(fileno=sock.detach())
-
-    async def send(data: bytes) -> None:
-        # Fast path: no other task is mid-reply and the kernel takes the whole
-        # reply at once: no lock, no timeout scope, no trip through the scheduler.
-        if not send_lock.locked():
-            try:
-                sent = raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        async with send_lock:
-            with trio.fail_after(SEND_TIMEOUT):
-                await _send_all_raw(raw, data)
-
-    async def answer_slow(req: Request) -> None:
-        nonlocal idle_deadline
+async def accept_forever(listener: trio.socket.SocketType) -> AsyncIterator[trio.socket.SocketType]:
+    """Yield accepted sockets until the listener is closed; ride out fd exhaustion."""
+    while True:
         try:
-            out = await handler.slow(conn, req)
-        except Exception:  # a bug: never let it take the connection down silently
-            log.exception("request_failed", conn=label, op=req.op)
-            out = conn.reply_error(req.id, "INTERNAL_ERROR", "internal error; see the daemon log")
-        try:
-            await send(out)
-        except _PEER_GONE:
-            nursery.cancel_scope.cancel()  # the peer is gone or does not read: close
-            return
-        if conn.in_flight == 0:
-            # The idle clock starts again now that nothing is in flight.
-            idle_deadline = trio.current_time() + limits.idle_timeout
-            if recv_scope is not None:
-                recv_scope.deadline = recv_deadline()
-
-    with _closing(raw):
-        async with trio.open_nursery() as nursery:
-            try:
-                while True:
-                    waited = timed_out = False
-                    while True:
-                        try:
-                            data = raw.recv(RECV_SIZE)
-                            break
-                        except BlockingIOError:
-                            pass
-                        with trio.CancelScope(deadline=recv_deadline()) as scope:
-                            recv_scope = scope
-                            await trio.lowlevel.wait_readable(raw)
-                        recv_scope = None
-                        if scope.cancelled_caught:
-                            timed_out = True
-                            break
-                        waited = True
-                    if not timed_out and not waited:
-                        # Data was already buffered: yield once per read so
-                        # one busy peer cannot starve the others.
-                        await trio.lowlevel.checkpoint()
-                    if timed_out:
-                        if conn.awaiting_body:
-                            reason = "frame body did not arrive within 5 s"
-                            break
-                        if conn.in_flight == 0:
-                            reason = "idle timeout"
-                            break
-                        continue
-                    if not data:
-                        break
-                    conn.receive_data(data)
-                    while True:
-                        ev = conn.next_event()
-                        if ev is NEED_DATA:
-                            break
-                        now = trio.current_time()
-                        idle_deadline = now + limits.idle_timeout
-                        body_deadline = math.inf  # a frame completed
-                        if isinstance(ev, Send):
-                            await send(ev.data)
-                            if ev.close:
-                                reason = "handshake refused"
-                                return
-                            continue
-                        assert isinstance(ev, Request)
-                        wait = bucket.take(now)
-                        if wait:
-                            await send(
-                                conn.reply_error(
-                                    ev.id,
-                                    "RATE_LIMITED",
-                                    "too many requests on this connection; slow down",
-                                    retry_after=max(1, math.ceil(wait)),
-                                )
-                            )
-                            continue
-                        try:
-                            out = handler.fast(conn, ev)
-                        except Exception:
-                            log.exception("request_failed", conn=label, op=ev.op)
-                            out = conn.reply_error(
-                                ev.id, "INTERNAL_ERROR", "internal error; see the daemon log"
-                            )
-                        if out is not None:
-                            await send(out)
-                        else:
-                            nursery.start_soon(answer_slow, ev)
-                    if conn.awaiting_body and body_deadline == math.inf:
-                        body_deadline = trio.current_time() + BODY_DEADLINE
-            except ProtocolError as exc:
-                reason = f"protocol error: {exc}"
-            except _PEER_GONE as exc:
-                # Caught here, inside the nursery: escaping it, the error
-                # would arrive wrapped in an ExceptionGroup.
-                reason = f"socket error: {type(exc).__name__}"
-            finally:
-                nursery.cancel_scope.cancel()
-    log.debug("connection_closed", conn=label, reason=reason)
+            sock, _ = await listener.accept()
+        except trio.ClosedResourceError:
+            return  # the listener was closed: shutdown has begun
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("accept_failed", error=exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            raise
+        yield sock

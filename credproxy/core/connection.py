@@ -1,0 +1,161 @@
+"""One client connection with its limits, sans I/O: bytes in, requests and bytes out.
+
+Theory of operation
+-------------------
+
+:class:`Connection` wraps the protocol state machine
+(:class:`~credproxy.core.protocol.ServerConnection`) with what PRODUCT.md
+section 7 asks of every connection, as pure bookkeeping over a ``now`` that the
+caller passes in (trio's clock, or ``time.monotonic`` in the fast path's
+thread):
+
+* a per-connection request rate (:class:`TokenBucket`); a request over it is
+  answered ``RATE_LIMITED`` at once and never reaches a handler;
+* a body deadline: a frame's body must arrive within 5 s of its header;
+* an idle timeout: with nothing in flight, ``idle_timeout`` seconds without a
+  complete frame closes the connection;
+* encoding once: a handler returns JSON data or raises; :meth:`answer` and
+  :meth:`fail` turn that into the reply frame, clear the request's in-flight
+  id, and hide internal errors (their text goes to the daemon log, never to
+  the peer).
+
+The caller (a driver: :mod:`credproxy.shell.fastpath` for sandbox sockets,
+:mod:`credproxy.shell.streams` for the control socket) reads bytes, calls
+:meth:`receive_data` and :meth:`next_event` until :data:`NEED_DATA`, writes
+what it is given, calls :meth:`after_read` once per read, and closes the
+connection when :meth:`expired` says why.
+"""
+
+from __future__ import annotations
+
+import math
+
+from credproxy.core.config import Limits
+from credproxy.core.protocol import (
+    BODY_DEADLINE,
+    NEED_DATA,
+    Event,
+    Request,
+    Send,
+    ServerConnection,
+)
+from credproxy.errors import CredproxyError, RateLimited
+
+__all__ = ["GENERIC_ERROR", "NEED_DATA", "Connection", "Request", "Send", "TokenBucket"]
+
+GENERIC_ERROR = "internal error; see the daemon log"
+
+
+class TokenBucket:
+    """A request-rate limit: ``rate`` per second sustained, ``burst`` at once; 0 disables it."""
+
+    __slots__ = ("_burst", "_last", "_level", "_rate")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._level, self._last = float(burst), now
+
+    def take(self, now: float) -> float:
+        """Spend one request; 0.0 if allowed, else the seconds until one is."""
+        if self._rate <= 0:
+            return 0.0
+        level = min(self._burst, self._level + (now - self._last) * self._rate)
+        self._last = now
+        if level >= 1.0:
+            self._level = level - 1.0
+            return 0.0
+        self._level = level
+        return (1.0 - level) / self._rate
+
+
+class Connection:
+    """Protocol state, rate limit and deadlines of one connection (see the module docstring)."""
+
+    __slots__ = ("_body_deadline", "_idle", "_idle_deadline", "_rate", "protocol")
+
+    def __init__(self, limits: Limits, now: float, *, capability: bytes | None = None) -> None:
+        self.protocol = ServerConnection(capability=capability, max_in_flight=limits.max_in_flight)
+        self._rate = TokenBucket(limits.requests_per_second, limits.request_burst, now)
+        self._idle = limits.idle_timeout
+        self._idle_deadline = now + limits.idle_timeout
+        self._body_deadline = math.inf
+
+    # -- input --
+
+    def receive_data(self, data: bytes) -> None:
+        self.protocol.receive_data(data)
+
+    def next_event(self, now: float) -> Event:
+        """The next :class:`Send` or :class:`Request`, or :data:`NEED_DATA`.
+
+        Raises:
+            ProtocolError: the peer broke framing; close without replying.
+        """
+        event = self.protocol.next_event()
+        if event is NEED_DATA:
+            return event
+        self._idle_deadline = now + self._idle  # a frame completed
+        self._body_deadline = math.inf
+        if isinstance(event, Request):
+            wait = self._rate.take(now)
+            if wait:
+                limited = RateLimited(
+                    "too many requests on this connection; slow down", max(1, math.ceil(wait))
+                )
+                return Send(self.fail(event.id, limited, now))
+        return event
+
+    def after_read(self, now: float) -> None:
+        """Arm the body deadline if a header arrived without its whole body."""
+        if self.protocol.awaiting_body and self._body_deadline == math.inf:
+            self._body_deadline = now + BODY_DEADLINE
+
+    # -- output --
+
+    def answer(self, rid: str, data_json: bytes, now: float) -> bytes:
+        """The reply frame for request *rid*: ``data_json`` is an encoded JSON value."""
+        out = self.protocol.reply_ok_raw(rid, data_json)
+        self._answered(now)
+        return out
+
+    def fail(self, rid: str, exc: CredproxyError, now: float | None = None) -> bytes:
+        """The error frame for request *rid*; an internal error's text is never sent."""
+        message = GENERIC_ERROR if exc.code == "INTERNAL_ERROR" else str(exc)
+        retry = exc.retry_after if isinstance(exc, RateLimited) else None
+        out = self.protocol.reply_error(rid, exc.code, message, retry)
+        if now is not None:
+            self._answered(now)
+        return out
+
+    def share(self, rid: str) -> None:
+        self.protocol.share(rid)
+
+    def _answered(self, now: float) -> None:
+        if self.protocol.in_flight == 0:
+            # The idle clock starts again now that nothing is in flight.
+            self._idle_deadline = now + self._idle
+
+    # -- time --
+
+    @property
+    def in_flight(self) -> int:
+        return self.protocol.in_flight
+
+    @property
+    def buffered(self) -> bool:
+        """True if bytes from the peer wait to be parsed (a driver that paused resumes)."""
+        return self.protocol.buffered > 0
+
+    def deadline(self) -> float:
+        """The earliest instant at which :meth:`expired` may say something (or inf)."""
+        if self.protocol.in_flight:
+            return self._body_deadline
+        return min(self._body_deadline, self._idle_deadline)
+
+    def expired(self, now: float) -> str | None:
+        """Why the connection must close at *now*, or None."""
+        if now >= self._body_deadline:
+            return "frame body did not arrive within 5 s"
+        if not self.protocol.in_flight and now >= self._idle_deadline:
+            return "idle timeout"
+        return None

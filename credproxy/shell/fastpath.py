@@ -1,0 +1,450 @@
+"""The serving loop of every sandbox connection: one epoll set, answers in batches.
+
+Theory of operation
+-------------------
+
+A cached ``get_token`` is most of what a daemon does, and it needs no waiting:
+the answer is bytes the daemon already has. So one loop owns an epoll set over
+every sandbox connection and answers such requests inline, in fair batches per
+wake-up (one read per ready connection, at most :data:`BATCH` requests each,
+the rest on the next pass), without a trip through trio's scheduler per
+request. Everything that may wait (a refresh, the ``refresh_token`` op) is
+handed to the trio side, and its answer comes back to this loop, which writes
+it: each connection has exactly one writer.
+
+The loop runs in one of two ways, chosen by measuring (``docs/design.md``):
+
+* in its own thread (``credproxy serve``): it blocks in ``epoll_wait`` with
+  the GIL released, and answers at the cost of the system calls and the
+  decoding. Hand-offs to trio go through ``TrioToken.run_sync_soon``.
+* as one trio task that waits on the epoll file descriptor (the in-process
+  tests): the same code, on trio's clock, so ``autojump_clock`` drives every
+  deadline.
+
+Per connection the sans-IO :class:`~credproxy.core.connection.Connection`
+keeps the protocol state, the rate limit and the body and idle deadlines; this
+module adds the send deadline (a reply that cannot be written within
+:data:`SEND_TIMEOUT` closes the connection) and backpressure (while a reply is
+pending, the connection is not read). Deadlines sit in a heap with lazy
+deletion: a connection has an entry only for the earliest instant it may
+expire, re-pushed when that instant passes and the connection is still alive.
+
+What the trio side publishes, and when this loop may use it, is decided by
+:class:`~credproxy.shell.handlers.SandboxOps`: a session's ``ready`` table
+maps a key to the reply bytes and the wall-clock instant after which they
+must not be served. Closing a session sets ``session.open = False`` before
+anything else; this loop checks it before every reply.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import math
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from credproxy.core.config import Limits
+from credproxy.core.connection import NEED_DATA, Connection, Request, Send
+from credproxy.errors import CredproxyError, ProtocolError
+from credproxy.shell import logs
+from credproxy.shell.handlers import Defer, Outcome, Ready, SandboxOps
+
+log = logs.get("credproxy.fastpath")
+
+RECV_SIZE = 65_536
+BATCH = 64  # requests answered per connection per wake-up before the others get their turn
+SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
+MAX_SHARED = 256  # get_token requests of one key that may wait together on one connection
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+
+
+class SandboxConnection:
+    """One sandbox connection as the loop sees it."""
+
+    __slots__ = (
+        "close_when_flushed",
+        "closed",
+        "engine",
+        "heap_at",
+        "out",
+        "send_deadline",
+        "session",
+        "slow_scopes",
+        "sock",
+        "waiting",
+    )
+
+    def __init__(self, sock: socket.socket, session: Any, engine: Connection) -> None:
+        self.sock = sock
+        self.session = session
+        self.engine = engine
+        self.out = bytearray()
+        self.send_deadline = math.inf
+        self.heap_at = math.inf
+        self.closed = False
+        self.close_when_flushed = False
+        self.waiting: dict[Any, list[str]] = {}  # key -> get_token ids waiting on one answer
+        self.slow_scopes: set[trio.CancelScope] = set()  # touched by the trio side only
+
+    def deadline(self) -> float:
+        return min(self.engine.deadline(), self.send_deadline)
+
+
+class FastPath:
+    """The loop over all sandbox connections (see the module docstring).
+
+    Args:
+        ops: what the requests mean (fast answers and the slow hand-off).
+        limits: per-connection limits.
+        to_trio: runs a callable in the trio thread soon (``run_sync_soon``, or
+            a direct call when the loop is itself a trio task).
+        clock: monotonic seconds for connection deadlines.
+    """
+
+    def __init__(
+        self,
+        ops: SandboxOps,
+        limits: Limits,
+        *,
+        to_trio: Callable[..., None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.ops = ops
+        self.limits = limits
+        self.to_trio = to_trio
+        self.clock = clock
+        self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake_fd, _IN)
+        self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._conns: dict[int, SandboxConnection] = {}
+        self._heap: list[tuple[float, int, SandboxConnection]] = []
+        self._seq = itertools.count()
+        self._backlog: list[SandboxConnection] = []
+        self._stopped = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- called from the trio side (thread-safe) -----------------------------
+
+    def add(self, sock: socket.socket, session: Any) -> None:
+        """Serve *sock* (an accepted, authorised connection of *session*) from now on."""
+        sock.setblocking(False)
+        self._command("add", sock, session)
+
+    def deliver(
+        self, conn: SandboxConnection, op: str, key: Any, rid: str, outcome: Outcome
+    ) -> None:
+        """The answer to a request handed to the trio side."""
+        self._command("deliver", conn, op, key, rid, outcome)
+
+    def revoke(self, session: Any) -> None:
+        """Close every connection of *session* (whose ``open`` is already False)."""
+        self._command("revoke", session)
+
+    def _command(self, *command: Any) -> None:
+        if self._closed:
+            return  # the loop has stopped and closed every connection
+        self._commands.append(command)
+        with contextlib.suppress(OSError):  # closed by a loop stopping right now
+            os.eventfd_write(self._wake_fd, 1)
+
+    # -- running -------------------------------------------------------------
+
+    def start_thread(self) -> None:
+        """Run the loop in its own thread until :meth:`stop`."""
+        self._thread = threading.Thread(
+            target=self._run_thread, name="credproxy-fastpath", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and close every connection (waits for the thread)."""
+        self._stopped = True
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake_fd, 1)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run_thread(self) -> None:
+        try:
+            while not self._stopped:
+                timeout = self._timeout()
+                events = self._epoll.poll(-1 if timeout is None else timeout)
+                self._turn(events)
+        except Exception:  # a bug: say so, and stop serving rather than spin
+            log.exception("fastpath_crashed")
+        finally:
+            self._shutdown()
+
+    async def run_in_trio(self) -> None:
+        """Run the loop as this trio task until cancelled (or :meth:`stop`)."""
+        try:
+            while not self._stopped:
+                timeout = self._timeout()
+                if timeout is None or timeout > 0:
+                    deadline = math.inf if timeout is None else trio.current_time() + timeout
+                    with trio.move_on_at(deadline):
+                        await trio.lowlevel.wait_readable(self._epoll.fileno())
+                else:
+                    await trio.lowlevel.checkpoint()
+                self._turn(self._epoll.poll(0))
+        finally:
+            self._shutdown()
+
+    def _timeout(self) -> float | None:
+        """Seconds the loop may sleep: 0 with a backlog, else until the next deadline."""
+        if self._backlog or self._commands:
+            return 0.0
+        if not self._heap:
+            return None
+        return max(0.0, self._heap[0][0] - self.clock())
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        for conn in list(self._conns.values()):
+            self._close(conn, "daemon stopping")
+        self._epoll.close()
+        os.close(self._wake_fd)
+
+    # -- one turn of the loop ------------------------------------------------
+
+    def _turn(self, events: list[tuple[int, int]]) -> None:
+        now = self.clock()
+        conns = self._conns
+        backlog, self._backlog = self._backlog, []
+        for conn in backlog:
+            if not conn.closed:
+                self._process(conn, now)
+        for fd, mask in events:
+            if fd == self._wake_fd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake_fd)
+                continue
+            ready = conns.get(fd)
+            if ready is None:
+                continue
+            if mask & _OUT:
+                self._flush(ready, now)
+            elif mask & (_IN | select.EPOLLHUP | select.EPOLLERR):
+                self._read(ready, now)
+        while self._commands:
+            self._run_command(self._commands.popleft(), now)
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, _, conn = heapq.heappop(heap)
+            if conn.closed or at != conn.heap_at:
+                continue  # a stale entry: the connection has an earlier one, or is gone
+            conn.heap_at = math.inf
+            if now >= conn.send_deadline:
+                self._close(conn, "peer does not read its replies")
+                continue
+            reason = conn.engine.expired(now)
+            if reason is not None:
+                self._close(conn, reason)
+            else:
+                self._track(conn)
+
+    def _run_command(self, command: tuple[Any, ...], now: float) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, sock, session = command
+            if not session.open:
+                sock.close()
+                self.to_trio(self.ops.connection_closed, session, None)
+                return
+            engine = Connection(self.limits, now, capability=session.capability)
+            conn = SandboxConnection(sock, session, engine)
+            self._conns[sock.fileno()] = conn
+            self._epoll.register(sock.fileno(), _IN)
+            self._track(conn)
+        elif kind == "deliver":
+            _, conn, op, key, rid, outcome = command
+            if conn.closed:
+                return
+            if not conn.session.open:
+                self._close(conn, "session closed")
+                return
+            rids = conn.waiting.pop(key, [rid]) if op == "get_token" else [rid]
+            self._write(conn, b"".join(self._reply(conn, r, outcome, now) for r in rids), now)
+        elif kind == "revoke":
+            _, session = command
+            for conn in [c for c in self._conns.values() if c.session is session]:
+                self._close(conn, "session closed")
+
+    # -- reading and answering ---------------------------------------------------
+
+    def _read(self, conn: SandboxConnection, now: float) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close(conn, f"socket error: {type(exc).__name__}")
+            return
+        if not data:
+            self._close(conn, "closed by peer")
+            return
+        conn.engine.receive_data(data)
+        self._process(conn, now)
+
+    def _process(self, conn: SandboxConnection, now: float) -> None:
+        """Answer up to :data:`BATCH` buffered requests of *conn*."""
+        engine = conn.engine
+        out: list[bytes] = []
+        close_after = False
+        try:
+            for _ in range(BATCH):
+                event = engine.next_event(now)
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Request):
+                    out.append(self._request(conn, event, now))
+                    continue
+                assert isinstance(event, Send)
+                out.append(event.data)
+                if event.close:
+                    close_after = True
+                    break
+            else:
+                self._backlog.append(conn)  # more may be buffered: next turn
+        except ProtocolError as exc:
+            self._write(conn, b"".join(out), now)
+            self._close(conn, f"protocol error: {exc}")
+            return
+        engine.after_read(now)
+        self._write(conn, b"".join(out), now, close_after=close_after)
+
+    def _request(self, conn: SandboxConnection, req: Request, now: float) -> bytes:
+        session = conn.session
+        if not session.open:
+            return b""  # revoked: the connection is about to close
+        try:
+            answer = self.ops.fast(session, req)
+        except CredproxyError as exc:
+            return self._fail(conn, req.id, req.op, exc, now)
+        except Exception:
+            log.exception("request_failed", session=session.id, op=req.op)
+            return conn.engine.fail(req.id, CredproxyError("bug"), now)
+        if isinstance(answer, Ready):
+            return self._serve(conn, req.id, answer, now)
+        if isinstance(answer, Defer):
+            if answer.op == "get_token":
+                waiting = conn.waiting.get(answer.key)
+                if waiting is not None and len(waiting) < MAX_SHARED:
+                    waiting.append(req.id)
+                    conn.engine.share(req.id)
+                    return b""
+                conn.waiting.setdefault(answer.key, []).append(req.id)
+            self.to_trio(self.ops.defer, self, conn, req.id, answer)
+            return b""
+        return conn.engine.answer(req.id, answer, now)
+
+    def _reply(self, conn: SandboxConnection, rid: str, outcome: Outcome, now: float) -> bytes:
+        if isinstance(outcome, Ready):
+            return self._serve(conn, rid, outcome, now)
+        return self._fail(conn, rid, "deferred", outcome, now)
+
+    def _serve(self, conn: SandboxConnection, rid: str, ready: Ready, now: float) -> bytes:
+        session = conn.session
+        self.ops.count_serve(session, ready)
+        log.info(
+            "token_served",
+            session=session.id,
+            provider=ready.key.provider,
+            bucket=ready.key.bucket,
+            fp=ready.fp,
+            expires_in=None if ready.expiry is None else int(ready.expiry - self.ops.wall()),
+        )
+        return conn.engine.answer(rid, ready.served, now)
+
+    def _fail(
+        self, conn: SandboxConnection, rid: str, op: str, exc: CredproxyError, now: float
+    ) -> bytes:
+        if exc.code == "INTERNAL_ERROR":
+            # Store and other host-side errors: the details (paths, causes) go
+            # to the daemon log; the sandbox learns only that it failed.
+            log.error("request_failed", session=conn.session.id, op=op, error=str(exc))
+        return conn.engine.fail(rid, exc, now)
+
+    # -- writing -----------------------------------------------------------------
+
+    def _write(
+        self, conn: SandboxConnection, data: bytes, now: float, *, close_after: bool = False
+    ) -> None:
+        if conn.closed:
+            return
+        if conn.out:
+            conn.out += data
+        elif data:
+            try:
+                sent = conn.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._close(conn, f"socket error: {type(exc).__name__}")
+                return
+            if sent < len(data):
+                conn.out += data[sent:]
+                conn.send_deadline = now + SEND_TIMEOUT
+                # Backpressure: no more reading until the peer takes its replies.
+                self._epoll.modify(conn.sock.fileno(), _OUT)
+        if close_after:
+            if conn.out:
+                conn.close_when_flushed = True
+            else:
+                self._close(conn, "handshake refused")
+                return
+        self._track(conn)
+
+    def _flush(self, conn: SandboxConnection, now: float) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close(conn, f"socket error: {type(exc).__name__}")
+            return
+        del conn.out[:sent]
+        if conn.out:
+            return
+        conn.send_deadline = math.inf
+        if conn.close_when_flushed:
+            self._close(conn, "handshake refused")
+            return
+        self._epoll.modify(conn.sock.fileno(), _IN)
+        if conn.engine.buffered:
+            self._backlog.append(conn)
+        self._track(conn)
+
+    # -- deadlines and closing -------------------------------------------------
+
+    def _track(self, conn: SandboxConnection) -> None:
+        at = conn.deadline()
+        if at < conn.heap_at:
+            conn.heap_at = at
+            heapq.heappush(self._heap, (at, next(self._seq), conn))
+
+    def _close(self, conn: SandboxConnection, reason: str) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        fd = conn.sock.fileno()
+        self._conns.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(fd)
+        conn.sock.close()
+        log.debug("connection_closed", conn=conn.session.id, reason=reason)
+        self.to_trio(self.ops.connection_closed, conn.session, conn)

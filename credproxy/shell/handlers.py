@@ -1,0 +1,296 @@
+"""What requests mean: the operations of a sandbox socket and of the control socket.
+
+Handlers are op tables (trio-websocket's ``handlers = {Event: method}``): each
+operation returns data or raises a :class:`~credproxy.errors.CredproxyError`;
+the connection encodes the reply, clears the in-flight id and hides internal
+errors, once (:class:`credproxy.core.connection.Connection`).
+
+Sandbox operations come in two kinds. *Fast* ones answer from what the daemon
+already holds, without waiting, and run in the serving loop
+(:mod:`credproxy.shell.fastpath`), possibly in its own thread: they only read
+(the session's grants and ``ready`` table, the store's directory listings and
+key files). An operation that may wait returns :class:`Defer` with the key it
+has already looked up and checked; the trio side runs :meth:`SandboxOps.slow`
+in the session's nursery and hands the :data:`Outcome` back to the loop.
+
+A served token is published in the session's ``ready`` table
+(:class:`Ready`: the reply bytes and the wall-clock instant after which they
+must not be served), so that the next ``get_token`` of that key is fast. The
+first serve of a refreshable token in a session always takes the slow path,
+which is where the session's renewal timer is started (R16.1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from credproxy.core.grants import Grants
+from credproxy.core.names import Key, key_field, name_field
+from credproxy.core.protocol import capability_digest
+from credproxy.core.store import TokenStore
+from credproxy.errors import CredproxyError, Forbidden, NotFound, UsageError
+from credproxy.shell import logs
+
+if TYPE_CHECKING:
+    from credproxy.shell.fastpath import FastPath, SandboxConnection
+    from credproxy.shell.sessions import Session, Sessions
+    from credproxy.shell.tokens import Entry, Tokens
+
+log = logs.get("credproxy.handlers")
+_encoder = msgspec.json.Encoder()
+
+FORBIDDEN_OPS = frozenset({"save_token", "remove_token"})
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A token a session may be served as is until the wall-clock instant ``until``."""
+
+    key: Key
+    served: bytes  # the JSON of the token without refresh_token
+    fp: str
+    expiry: float | None
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """The request needs the trio side: ``op`` on ``key`` (granted, checked)."""
+
+    op: str
+    key: Key
+
+
+Outcome = Ready | CredproxyError
+
+
+class SandboxOps:
+    """The operations a sandbox may use, limited to its session's grants."""
+
+    def __init__(self, tokens: Tokens, store: TokenStore, wall: Callable[[], float]) -> None:
+        self.tokens = tokens
+        self.store = store
+        self.wall = wall
+        self._fast: dict[str, Callable[[Session, dict[str, Any]], bytes | Ready | Defer]] = {
+            "get_token": self.get_token,
+            "refresh_token": self.refresh_token,
+            "list_providers": self.list_providers,
+            "list_buckets": self.list_buckets,
+            "get_bucket_stats": self.get_bucket_stats,
+            "get_api_key": self.get_api_key,
+            "list_api_keys": self.list_api_keys,
+            "has_api_key": self.has_api_key,
+        }
+
+    # -- fast: run in the serving loop ----------------------------------------
+
+    def fast(self, session: Session, req: Any) -> bytes | Ready | Defer:
+        """Answer *req* now (encoded JSON data or a :class:`Ready` token), or :class:`Defer` it."""
+        handler = self._fast.get(req.op)
+        if handler is None:
+            if req.op in FORBIDDEN_OPS or req.op.startswith("oauth_"):
+                raise Forbidden(f"{req.op} is not available to a sandbox")
+            raise UsageError(f"Unknown operation: {req.op}")
+        return handler(session, req.payload)
+
+    def _granted_key(self, session: Session, payload: dict[str, Any]) -> Key:
+        key = key_field(payload)
+        if not session.grants.token_allowed(*key):
+            # Missing and not granted answer alike, so a sandbox cannot probe.
+            raise NotFound(f"no token for {key} in this session")
+        return key
+
+    def get_token(self, session: Session, payload: dict[str, Any]) -> Ready | Defer:
+        key = self._granted_key(session, payload)
+        ready = session.ready.get(key)
+        if ready is not None and self.wall() < ready.until:
+            return ready
+        return Defer("get_token", key)
+
+    def refresh_token(self, session: Session, payload: dict[str, Any]) -> Defer:
+        return Defer("refresh_token", self._granted_key(session, payload))
+
+    def list_providers(self, session: Session, payload: dict[str, Any]) -> bytes:
+        grants = session.grants
+        names = [
+            p
+            for p in self.store.providers()
+            if grants.provider_visible(p)
+            and any(grants.token_allowed(p, b) for b in self.store.buckets(p))
+        ]
+        return _encoder.encode({"providers": names})
+
+    def list_buckets(self, session: Session, payload: dict[str, Any]) -> bytes:
+        provider = name_field(payload, "provider")
+        buckets = [
+            b for b in self.store.buckets(provider) if session.grants.token_allowed(provider, b)
+        ]
+        return _encoder.encode({"buckets": buckets})
+
+    def get_bucket_stats(self, session: Session, payload: dict[str, Any]) -> bytes:
+        key = self._granted_key(session, payload)
+        if self.store.signature(*key) is None:
+            raise NotFound(f"no token for {key} in this session")
+        count, last_ms = session.served.get(key, (0, 0.0))
+        total = sum(v[0] for k, v in session.served.items() if k.provider == key.provider) or 1
+        out: dict[str, Any] = {
+            "bucket": key.bucket,
+            "requestCount": int(count),
+            "percentage": round(100.0 * count / total, 1),
+        }
+        if last_ms:
+            out["lastUsed"] = int(last_ms)
+        return _encoder.encode(out)
+
+    def get_api_key(self, session: Session, payload: dict[str, Any]) -> bytes:
+        name = name_field(payload, "name")
+        value = self.store.read_key(name) if session.grants.key_allowed(name) else None
+        if value is None:
+            raise NotFound(f"no API key {name} in this session")
+        log.info("key_served", session=session.id, name=name)
+        return _encoder.encode({"key": value})
+
+    def list_api_keys(self, session: Session, payload: dict[str, Any]) -> bytes:
+        names = [k for k in self.store.key_names() if session.grants.key_allowed(k)]
+        return _encoder.encode({"keys": names})
+
+    def has_api_key(self, session: Session, payload: dict[str, Any]) -> bytes:
+        name = name_field(payload, "name")
+        exists = session.grants.key_allowed(name) and self.store.read_key(name) is not None
+        return _encoder.encode({"exists": exists})
+
+    def count_serve(self, session: Session, ready: Ready) -> None:
+        """Account one serve of *ready* (called by the serving loop only)."""
+        stats = session.served.get(ready.key)
+        if stats is None:
+            stats = session.served[ready.key] = [0, 0.0]
+        stats[0] += 1
+        stats[1] = self.wall() * 1000
+
+    # -- slow: run in trio ---------------------------------------------------
+
+    def defer(self, fast: FastPath, conn: SandboxConnection, rid: str, deferred: Defer) -> None:
+        """Start the slow part of a request (in the trio thread)."""
+        session = conn.session
+        if not session.open or session.nursery is None:
+            fast.deliver(conn, deferred.op, deferred.key, rid, NotFound("session closed"))
+            return
+        session.nursery.start_soon(self._run_slow, fast, conn, rid, deferred)
+
+    async def _run_slow(
+        self, fast: FastPath, conn: SandboxConnection, rid: str, deferred: Defer
+    ) -> None:
+        with trio.CancelScope() as scope:
+            conn.slow_scopes.add(scope)
+            try:
+                outcome = await self.slow(conn.session, deferred)
+            finally:
+                conn.slow_scopes.discard(scope)
+            fast.deliver(conn, deferred.op, deferred.key, rid, outcome)
+
+    async def slow(self, session: Session, deferred: Defer) -> Outcome:
+        """The token ``get_token`` or ``refresh_token`` serves, or the error to answer."""
+        try:
+            if deferred.op == "get_token":
+                entry = await self.tokens.get(deferred.key)
+            else:
+                entry = await self.tokens.refresh_requested(deferred.key)
+        except CredproxyError as exc:
+            return exc
+        except Exception:
+            log.exception("request_failed", session=session.id, op=deferred.op)
+            return CredproxyError("internal error")
+        return self.publish(session, deferred.key, entry)
+
+    def publish(self, session: Session, key: Key, entry: Entry) -> Ready:
+        """Make *entry* what *session* serves for *key*; start its renewal on first serve."""
+        ready = Ready(key, entry.served, entry.fp, entry.expiry, self.tokens.serve_until(entry))
+        if session.open:
+            session.ready[key] = ready
+            session.ensure_timer(self.tokens, key, entry)
+        return ready
+
+    def connection_closed(self, session: Session, conn: SandboxConnection | None) -> None:
+        """The serving loop closed a connection (in the trio thread)."""
+        session.connection_closed()
+        if conn is not None:
+            for scope in conn.slow_scopes:
+                scope.cancel()
+
+
+class ControlOps:
+    """Admin operations; only on the control socket, only for the daemon's own uid."""
+
+    def __init__(
+        self, sessions: Sessions, tokens: Tokens, status: Callable[[], dict[str, Any]], version: str
+    ) -> None:
+        self.sessions = sessions
+        self.tokens = tokens
+        self.status = status
+        self.version = version
+
+    def table(self, peer_pid: int) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """The operations of one control connection (whose peer is *peer_pid*)."""
+
+        async def open_session(payload: dict[str, Any]) -> dict[str, Any]:
+            return await self.open_session(payload, peer_pid)
+
+        return {
+            "ping": self.ping,
+            "status": lambda _payload: self.status(),
+            "token_changed": self.token_changed,
+            "open_session": open_session,
+            "close_session": self.close_session,
+        }
+
+    def ping(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": self.version}
+
+    def token_changed(self, payload: dict[str, Any]) -> dict[str, Any]:
+        key = key_field(payload)
+        return {"timers_cancelled": self.sessions.token_changed(key, self.tokens.changed(key))}
+
+    async def open_session(self, payload: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+        grants = Grants.parse(_str_list(payload.get("grants", []), "grants"))
+        uids = payload.get("allow_uids", [])
+        if not isinstance(uids, list) or not all(
+            isinstance(u, int) and not isinstance(u, bool) and 0 <= u < 2**32 for u in uids
+        ):
+            raise UsageError("'allow_uids' must be a list of uids")
+        name = payload.get("name") or ""
+        if not isinstance(name, str) or len(name) > 128:
+            raise UsageError("'name' must be a string of at most 128 characters")
+        cap = payload.get("capability")
+        if cap is not None and not (
+            isinstance(cap, str) and len(cap) == 64 and all(c in "0123456789abcdef" for c in cap)
+        ):
+            raise UsageError("'capability' must be 64 lowercase hex characters")
+        watch = payload.get("watch_launcher", True)
+        session = await self.sessions.open(
+            grants,
+            frozenset(uids),
+            name,
+            capability_digest(cap) if cap else None,
+            peer_pid if watch else None,
+        )
+        return {"session": session.id, "socket": str(session.socket_path)}
+
+    async def close_session(self, payload: dict[str, Any]) -> dict[str, Any]:
+        sid = payload.get("session")
+        if not isinstance(sid, str):
+            raise UsageError("missing 'session'")
+        if not await self.sessions.close(sid):
+            raise NotFound(f"no session {sid}")
+        return {}
+
+
+def _str_list(value: object, field_name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"'{field_name}' must be a list of strings")
+    return value

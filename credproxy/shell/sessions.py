@@ -1,0 +1,287 @@
+"""Sandbox sessions: their sockets, their connections, their renewal timers (trio shell).
+
+Task tree of one session (all inside the session's cancel scope)::
+
+    Sessions.run_session
+     └─ session nursery
+         ├─ accept loop: peer checks, then the connection goes to the serving loop
+         ├─ launcher watch (pidfd): the launcher exits -> the session closes
+         ├─ slow requests handed over by the serving loop
+         └─ renewal timers (one per key served, R16.1)
+
+Closing a session is ``session.open = False`` (the serving loop checks it
+before every reply), a revoke sent to the serving loop (which closes its
+connections), and one ``scope.cancel()``: the listener, the slow requests and
+every timer go with it, and its socket file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket as stdsocket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from credproxy.core.grants import Grants
+from credproxy.core.names import Key
+from credproxy.core.renewal import RenewalTimer
+from credproxy.errors import UsageError
+from credproxy.shell import logs
+from credproxy.shell.server import (
+    accept_forever,
+    bind_unix,
+    make_private_dir,
+    peer_credentials,
+    refuse,
+)
+
+if TYPE_CHECKING:
+    from credproxy.shell.fastpath import FastPath
+    from credproxy.shell.handlers import Ready
+    from credproxy.shell.tokens import Entry, Tokens
+
+log = logs.get("credproxy.sessions")
+
+
+@dataclass(eq=False)
+class Session:
+    """One sandbox's view of the daemon (PRODUCT.md section 2)."""
+
+    id: str
+    name: str
+    grants: Grants
+    allow_uids: frozenset[int]
+    capability: bytes | None
+    socket_path: Path
+    launcher_pid: int | None
+    created: float
+    open: bool = True  # False from the moment closing starts: nothing more is served
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    nursery: trio.Nursery | None = None
+    connections: int = 0
+    timers: dict[Key, tuple[RenewalTimer, trio.CancelScope]] = field(default_factory=dict)
+    served: dict[Key, list[float]] = field(default_factory=dict)  # key -> [count, last ms]
+    ready: dict[Key, Ready] = field(default_factory=dict)  # what the serving loop may answer
+    closed: trio.Event = field(default_factory=trio.Event)
+    on_change: Callable[[], None] = lambda: None
+
+    def ensure_timer(self, tokens: Tokens, key: Key, entry: Entry) -> None:
+        """Start this session's renewal timer for *key* on its first serve (R16.1)."""
+        if not entry.refreshable or self.nursery is None:
+            return
+        current = self.timers.get(key)
+        if current is not None and current[0].ended is None:
+            return  # a second serve is a no-op for this session
+        timer = tokens.new_timer(key, entry)
+        scope = trio.CancelScope()
+        self.timers[key] = (timer, scope)
+        self.nursery.start_soon(self._keep_renewed, tokens, timer, scope, key)
+        self.on_change()
+
+    async def _keep_renewed(
+        self, tokens: Tokens, timer: RenewalTimer, scope: trio.CancelScope, key: Key
+    ) -> None:
+        with scope:
+            await tokens.keep_renewed(timer, key, self.id)
+        self.on_change()
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+        self.on_change()
+
+
+class Sessions:
+    """Every open sandbox session of the daemon.
+
+    Args:
+        directory: where session sockets are bound.
+        fast: the serving loop of every sandbox connection.
+        max_connections: open connections per session.
+        nursery: where session supervisors run.
+        wall_clock: epoch seconds.
+        on_change: called when sessions, connections or timers change (STATUS=).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        fast: FastPath,
+        max_connections: int,
+        nursery: trio.Nursery,
+        *,
+        wall_clock: Callable[[], float],
+        on_change: Callable[[], None],
+    ) -> None:
+        self.directory = directory
+        self.fast = fast
+        self.max_connections = max_connections
+        self.nursery = nursery
+        self.wall = wall_clock
+        self.on_change = on_change
+        self.uid = os.getuid()
+        self.by_id: dict[str, Session] = {}
+
+    def __iter__(self) -> Any:
+        return iter(list(self.by_id.values()))
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    @property
+    def connections(self) -> int:
+        return sum(s.connections for s in self.by_id.values())
+
+    def timer_count(self) -> int:
+        return sum(len(s.timers) for s in self.by_id.values())
+
+    async def open(
+        self,
+        grants: Grants,
+        allow_uids: frozenset[int],
+        name: str,
+        capability: bytes | None,
+        launcher_pid: int | None,
+    ) -> Session:
+        """Open a session: bind its socket and start serving it.
+
+        Raises:
+            UsageError: the launcher exited before its session opened.
+            CredproxyError: the socket could not be bound.
+        """
+        sid = secrets.token_hex(8)
+        session = Session(
+            id=sid,
+            name=name or sid,
+            grants=grants,
+            allow_uids=allow_uids,
+            capability=capability,
+            socket_path=self.directory / f"{sid}.sock",
+            launcher_pid=launcher_pid,
+            created=self.wall(),
+            on_change=self.on_change,
+        )
+        await self.nursery.start(self._run, session)
+        return session
+
+    async def close(self, sid: str) -> bool:
+        """Close session *sid* and wait until it is gone; False if there is none."""
+        session = self.by_id.get(sid)
+        if session is None:
+            return False
+        self._revoke(session)
+        await session.closed.wait()
+        return True
+
+    def _revoke(self, session: Session) -> None:
+        if session.open:
+            session.open = False
+            session.ready.clear()
+            self.fast.revoke(session)
+        session.scope.cancel()
+
+    async def _run(
+        self, session: Session, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        make_private_dir(self.directory)
+        pidfd = listener = None
+        try:
+            if session.launcher_pid is not None:
+                try:
+                    pidfd = os.pidfd_open(session.launcher_pid)
+                except ProcessLookupError:
+                    raise UsageError("the launcher exited before its session opened") from None
+            listener = await bind_unix(session.socket_path)
+            with session.scope:
+                async with trio.open_nursery() as nursery:
+                    session.nursery = nursery
+                    nursery.start_soon(self._accept, session, listener)
+                    if pidfd is not None:
+                        nursery.start_soon(self._watch_launcher, session, pidfd)
+                    self.by_id[session.id] = session
+                    log.info(
+                        "session_opened",
+                        session=session.id,
+                        name=session.name,
+                        grants=session.grants.specs(),
+                        allow_uids=sorted(session.allow_uids),
+                        launcher_pid=session.launcher_pid,
+                    )
+                    self.on_change()
+                    task_status.started()
+        finally:
+            self._revoke(session)
+            if listener is not None:
+                listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(session.socket_path)
+            if pidfd is not None:
+                os.close(pidfd)
+            if self.by_id.pop(session.id, None) is not None:
+                log.info(
+                    "session_closed",
+                    session=session.id,
+                    timers_cancelled=sum(1 for t, _ in session.timers.values() if not t.gave_up),
+                )
+            session.closed.set()
+            self.on_change()
+
+    async def _watch_launcher(self, session: Session, pidfd: int) -> None:
+        await trio.lowlevel.wait_readable(pidfd)
+        log.info("launcher_exited", session=session.id, pid=session.launcher_pid)
+        self._revoke(session)
+
+    async def _accept(self, session: Session, listener: trio.socket.SocketType) -> None:
+        assert session.nursery is not None
+        async for sock in accept_forever(listener):
+            pid, uid, _ = peer_credentials(sock)
+            if uid != self.uid and uid not in session.allow_uids:
+                log.warning("peer_refused", session=session.id, uid=uid, pid=pid)
+                session.nursery.start_soon(
+                    refuse,
+                    sock,
+                    "UNAUTHORIZED",
+                    f"uid {uid} is not allowed on this socket (credproxy run --allow-uid)",
+                )
+                continue
+            if session.connections >= self.max_connections:
+                log.warning("connection_refused", session=session.id, why="connection cap")
+                session.nursery.start_soon(
+                    refuse,
+                    sock,
+                    "RESOURCE_EXHAUSTED",
+                    f"this session already has {session.connections} connections",
+                )
+                continue
+            session.connections += 1
+            self.fast.add(stdsocket.socket(fileno=sock.detach()), session)
+
+    def token_changed(self, key: Key, still_stored: bool) -> int:
+        """The command line changed *key* in the store; returns the timers it stopped."""
+        for session in self.by_id.values():
+            session.ready.pop(key, None)
+        if still_stored:
+            # A new login: sessions whose renewal had ended (re-auth required,
+            # gave up) schedule it again on their next get_token.
+            for session in self.by_id.values():
+                current = session.timers.get(key)
+                if current is not None and current[0].ended is not None:
+                    del session.timers[key]
+            log.info("token_replaced", provider=key.provider, bucket=key.bucket)
+            return 0
+        cancelled = 0
+        for session in self.by_id.values():
+            current = session.timers.pop(key, None)
+            if current is not None:
+                current[1].cancel()
+                cancelled += 1
+        log.info(
+            "token_removed", provider=key.provider, bucket=key.bucket, timers_cancelled=cancelled
+        )
+        self.on_change()
+        return cancelled
