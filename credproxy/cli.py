@@ -96,7 +96,8 @@ def _parser() -> Any:
     s.add_argument(
         "--capability",
         action="store_true",
-        help="require a capability token (passed to CMD in CREDPROXY_CAPABILITY)",
+        help="require a capability token, handed to CMD on fd 3 "
+        "(CREDPROXY_CAPABILITY_FD=3, LLXPRT_CAPABILITY_FD=3), not in the environment",
     )
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     s.set_defaults(func=cmd_run)
@@ -194,7 +195,8 @@ def import_token(provider: str, bucket: str, file: str) -> int:
     import os
     import time
 
-    from credproxy.core.store import check_name, normalize_token
+    from credproxy.core.names import check_name
+    from credproxy.core.store import normalize_token
 
     check_name("provider", provider)
     check_name("bucket", bucket)
@@ -242,7 +244,7 @@ def cmd_logout(ns: Any) -> int:
 def cmd_key_set(ns: Any) -> int:
     import os
 
-    from credproxy.core.store import check_name
+    from credproxy.core.names import check_name
 
     check_name("key", ns.name)
     if sys.stdin.isatty():

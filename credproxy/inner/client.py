@@ -12,13 +12,22 @@ structlog, msgspec or platformdirs here.
 Errors are :mod:`credproxy.errors` exceptions: ``NotFound`` for a token that is
 missing or not granted, ``Unauthorized``/``Forbidden``/``RateLimited``/
 ``ReauthRequired`` for refusals, ``DaemonUnavailable`` when nothing answers.
+
+A session opened with ``credproxy run --capability`` also wants its capability
+token in the handshake. The client takes it from, in this order: the
+``capability`` argument; ``$CREDPROXY_CAPABILITY`` (for people who set it
+themselves); the file descriptor named by ``$CREDPROXY_CAPABILITY_FD`` or
+``$LLXPRT_CAPABILITY_FD`` (what ``credproxy run --capability`` hands over: fd 3,
+64 lowercase hex characters and a newline).
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
+import select
 import socket
 import sys
 
@@ -31,6 +40,7 @@ from credproxy.errors import (
     DaemonUnavailable,
     ProtocolError,
     RateLimited,
+    Unauthorized,
 )
 
 # `typing` costs ~5 ms of `credproxy token`'s start-up; annotations are strings here.
@@ -40,6 +50,10 @@ if TYPE_CHECKING:
 
 SOCKET_ENV = ("CREDPROXY_SOCKET", "LLXPRT_CREDENTIAL_SOCKET")
 CAPABILITY_ENV = "CREDPROXY_CAPABILITY"
+CAPABILITY_FD_ENV = ("CREDPROXY_CAPABILITY_FD", "LLXPRT_CAPABILITY_FD")
+CAPABILITY_READ_LIMIT = 129  # 64 hex + newline is 65 bytes; reading more shows trailing junk
+CAPABILITY_PIPE_WAIT = 2.0  # seconds to wait for a pipe's writer before giving up
+_HEX = frozenset("0123456789abcdef")
 MAX_FRAME = 4 * 1024 * 1024  # what we accept from the server (v2 allows large replies)
 
 
@@ -59,6 +73,105 @@ def socket_from_env() -> str:
     )
 
 
+class CapabilityUnavailable(Unauthorized):
+    """The capability file descriptor named in the environment cannot be used.
+
+    The message names the variable and the descriptor, never what was read.
+    """
+
+
+def capability_from_env() -> str | None:
+    """The capability token this process was given, or None if it was given none.
+
+    ``$CREDPROXY_CAPABILITY`` wins; otherwise the descriptor named by
+    ``$CREDPROXY_CAPABILITY_FD`` (else ``$LLXPRT_CAPABILITY_FD``) is read.
+
+    Raises:
+        CapabilityUnavailable: the named descriptor is not open, not readable,
+            or does not hold 64 lowercase hex characters (and a newline).
+    """
+    value = os.environ.get(CAPABILITY_ENV)
+    if value:
+        return value
+    for name in CAPABILITY_FD_ENV:
+        spec = os.environ.get(name)
+        if spec:
+            return read_capability_fd(name, spec)
+    return None
+
+
+def read_capability_fd(name: str, spec: str) -> str:
+    """Read and check the capability token on the descriptor *spec* (from ``$name``).
+
+    The descriptor is read with ``pread`` at offset 0 where it allows that (a
+    file or a memfd, which is what ``credproxy run --capability`` passes): that
+    moves no shared file offset, so every process that inherits the
+    descriptor, and the same process again, reads the whole token. A pipe
+    cannot be read that way; its content goes to its first reader only, and a
+    second reader gets an empty pipe and this error. The descriptor is left
+    open for the next reader.
+
+    Raises:
+        CapabilityUnavailable: see :func:`capability_from_env`.
+    """
+    # Echo the value only once it is known to be a short number: someone may
+    # have put the token itself in the variable by mistake.
+    if not (spec.isascii() and spec.isdigit() and len(spec) <= 7 and int(spec) >= 3):
+        raise CapabilityUnavailable(
+            f"{name} is not a file descriptor number (3 or more); run this inside "
+            "`credproxy run --capability -- ...`, which sets it"
+        )
+    fd = int(spec)
+    where = f"{name}={fd}: file descriptor {fd}"
+    try:
+        data = _read_fd(fd)
+    except TimeoutError:
+        raise CapabilityUnavailable(
+            f"{where} is a pipe that stayed empty for {CAPABILITY_PIPE_WAIT:g} s"
+        ) from None
+    except OSError as exc:
+        what = "is not open" if exc.errno == errno.EBADF else f"cannot be read ({exc.strerror})"
+        raise CapabilityUnavailable(
+            f"{where} {what}; run this inside `credproxy run --capability -- ...`, which opens it"
+        ) from None
+    token = data.removesuffix(b"\n")
+    if not data:
+        problem = "is empty (a pipe gives its content to its first reader only)"
+    elif len(token) != 64 or not _HEX.issuperset(token.decode("latin-1")):
+        problem = "does not hold a capability token (64 lowercase hex characters and a newline)"
+    else:
+        return token.decode("ascii")
+    raise CapabilityUnavailable(f"{where} {problem}")
+
+
+def _read_fd(fd: int) -> bytes:
+    """Up to CAPABILITY_READ_LIMIT bytes of *fd*: pread from 0, else (a pipe) read."""
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        while got < CAPABILITY_READ_LIMIT:
+            chunk = os.pread(fd, CAPABILITY_READ_LIMIT - got, got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        if exc.errno != errno.ESPIPE or chunks:  # ESPIPE: a pipe, socket or terminal
+            raise
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while got < CAPABILITY_READ_LIMIT:
+        if not poller.poll(CAPABILITY_PIPE_WAIT * 1000):
+            raise TimeoutError
+        chunk = os.read(fd, CAPABILITY_READ_LIMIT - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 class Client:
     """One connection to a credproxy socket; requests are sent one at a time."""
 
@@ -70,7 +183,17 @@ class Client:
         timeout: float = 30.0,
     ) -> None:
         self.path = os.fspath(path) if path is not None else socket_from_env()
-        self.capability = capability if capability is not None else os.environ.get(CAPABILITY_ENV)
+        self.capability = capability
+        # A capability descriptor that cannot be read matters only to a session
+        # that requires a token: the control socket and sessions opened without
+        # --capability accept the connection without one. So the problem is
+        # kept, and raised only if the handshake is refused.
+        self._capability_problem: CapabilityUnavailable | None = None
+        if capability is None:
+            try:
+                self.capability = capability_from_env()
+            except CapabilityUnavailable as exc:
+                self._capability_problem = exc
         self.timeout = timeout
         self.version = 0
         self._sock: socket.socket | None = None
@@ -95,6 +218,10 @@ class Client:
         reply = self._roundtrip({"v": 1, "op": "handshake", "payload": payload})
         if reply.get("ok") is not True:
             self.close()
+            if self._capability_problem is not None and reply.get("code") == "UNAUTHORIZED":
+                raise CapabilityUnavailable(
+                    f"this session requires a capability token: {self._capability_problem}"
+                )
             raise _error_from(reply)
         self.version = int(reply.get("data", {}).get("version", 1))
 

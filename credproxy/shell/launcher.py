@@ -7,11 +7,18 @@ If no daemon answers on the control socket, one is started in the background
 (``credproxy serve --idle-exit``), so ``credproxy run`` works the same with or
 without systemd. Two launchers racing to start one are fine: the daemon holds
 an instance lock, the loser exits, and both launchers find the winner.
+
+With ``--capability`` the session's capability token reaches CMD on file
+descriptor 3 (``$CREDPROXY_CAPABILITY_FD`` and llxprt's ``$LLXPRT_CAPABILITY_FD``
+say so), never in the environment, where every process of the sandbox could read
+it in ``/proc/PID/environ`` and every child would carry it along. See
+:func:`_capability_memfd` for why fd 3 is a sealed memfd and not a pipe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import signal
@@ -22,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from credproxy.errors import EXIT_USAGE, CredproxyError, DaemonUnavailable, UsageError
-from credproxy.inner.client import CAPABILITY_ENV, Client
+from credproxy.inner.client import CAPABILITY_ENV, CAPABILITY_FD_ENV, Client
 from credproxy.shell import paths
 
 AUTOSTART_IDLE_EXIT = 30.0  # seconds an auto-started daemon lingers after the last session
 STARTUP_TIMEOUT = 10.0
+CAPABILITY_FD = 3  # the descriptor llxprt's CLI reads (LLXPRT_CAPABILITY_FD must be "3")
 
 
 def run(
@@ -59,11 +67,15 @@ def run(
         opened = c.call("open_session", payload)
     sid, sock = str(opened["session"]), str(opened["socket"])
     env = dict(os.environ, CREDPROXY_SOCKET=sock, LLXPRT_CREDENTIAL_SOCKET=sock)
+    # A token or descriptor named by an enclosing session means nothing here
+    # (CMD gets no descriptor above 2 but ours), and the client would prefer it.
+    for var in (CAPABILITY_ENV, *CAPABILITY_FD_ENV):
+        env.pop(var, None)
     if cap:
-        env[CAPABILITY_ENV] = cap
+        env.update(dict.fromkeys(CAPABILITY_FD_ENV, str(CAPABILITY_FD)))
     argv = [a.replace("{socket}", sock) for a in cmd]
     try:
-        return _run_child(argv, env)
+        return _run_child(argv, env, capability=cap)
     finally:
         try:
             with Client(control, timeout=15) as c:
@@ -78,9 +90,9 @@ def _default_grants() -> list[str]:
     return list(config.load(paths.config_file()).sandbox.default_allow)
 
 
-def _run_child(argv: list[str], env: dict[str, str]) -> int:
+def _run_child(argv: list[str], env: dict[str, str], *, capability: str | None) -> int:
     try:
-        child = subprocess.Popen(argv, env=env)
+        child = _spawn(argv, env, capability)
     except OSError as exc:
         print(f"credproxy run: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
@@ -102,6 +114,99 @@ def _run_child(argv: list[str], env: dict[str, str]) -> int:
         for signum, handler in old.items():
             signal.signal(signum, handler)
     return 128 - status if status < 0 else status
+
+
+def _spawn(argv: list[str], env: dict[str, str], capability: str | None) -> subprocess.Popen[bytes]:
+    """Start CMD; with *capability*, CMD's fd 3 is a sealed memfd holding it.
+
+    CMD inherits no descriptor above 2 but that one (``close_fds``, as
+    without ``--capability``). The memfd is close-on-exec in this process and
+    is closed here once CMD has its copy, so nothing else this launcher starts
+    (the daemon, started earlier) can inherit it.
+
+    ``pass_fds`` keeps a descriptor at the number it has here, so the memfd is
+    placed at fd 3 of this process for the instant of the spawn. Whatever this
+    process had on fd 3 is moved aside and put back afterwards, untouched. If
+    that was a descriptor inherited from the caller (``credproxy run ... 3<file``),
+    CMD would not have received it anyway (fds above 2 are never passed on);
+    a note on stderr says that CMD's fd 3 is the capability instead.
+    """
+    if capability is None:
+        return subprocess.Popen(argv, env=env)
+    saved = _move_aside(CAPABILITY_FD)
+    try:
+        if saved is not None and saved[1]:
+            print(
+                f"credproxy run: note: CMD gets the capability token on fd {CAPABILITY_FD}; "
+                f"the fd {CAPABILITY_FD} that credproxy run inherited is not passed on "
+                "(no descriptor above 2 is)",
+                file=sys.stderr,
+            )
+        memfd = _capability_memfd(capability)
+        if memfd != CAPABILITY_FD:
+            os.dup2(memfd, CAPABILITY_FD, inheritable=False)
+            os.close(memfd)
+        # Popen makes fd 3 inheritable in the child only, after the fork.
+        return subprocess.Popen(argv, env=env, pass_fds=(CAPABILITY_FD,))
+    finally:
+        _put_back(CAPABILITY_FD, saved)
+
+
+def _capability_memfd(token: str) -> int:
+    """A sealed, close-on-exec memfd holding *token* and a newline.
+
+    Why a memfd and not a pipe: a pipe's content goes to its first reader, but
+    fd 3 is inherited by every process of the sandbox, and `credproxy token`
+    runs many times there, each a new process. A memfd read with ``pread`` at
+    offset 0 (what :mod:`credproxy.inner.client` does) gives the whole token to
+    every reader, every time, and moves nothing. llxprt's CLI reads fd 3 once
+    at start-up with plain ``read`` until end of file (at most 128 bytes,
+    ``^[0-9a-f]{64}\\n$``) and closes it: from a fresh memfd at offset 0 that
+    is the same as reading a pipe; it does move the offset that all inheritors
+    share, which ``pread`` readers do not mind. The seals (no write, grow,
+    shrink, or further seals) mean no process in the sandbox can change what
+    the others read. Like an environment variable, the descriptor is readable
+    by every process that holds it (and through ``/proc/PID/fd`` by those that
+    may ptrace a holder); unlike one, it is not copied into every descendant's
+    environment, not printed by ``env``, and a reader that wants it confined
+    (llxprt) closes it, so its children never see it.
+    """
+    try:
+        fd = os.memfd_create("credproxy-capability", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:  # e.g. a seccomp filter of an enclosing sandbox
+        raise CredproxyError(
+            f"cannot create the capability descriptor (memfd_create: {exc.strerror}); "
+            "run without --capability"
+        ) from None
+    try:
+        os.write(fd, f"{token}\n".encode())  # 65 bytes into fresh memory: never short
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        os.lseek(fd, 0, os.SEEK_SET)  # for readers that use plain read (llxprt)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _move_aside(fd: int) -> tuple[int, bool] | None:
+    """Duplicate what is open on *fd* elsewhere: (the copy, was it inheritable), or None."""
+    try:
+        inheritable = os.get_inheritable(fd)
+    except OSError:
+        return None  # not open
+    return os.dup(fd), inheritable
+
+
+def _put_back(fd: int, saved: tuple[int, bool] | None) -> None:
+    """Restore *fd* as :func:`_move_aside` found it (closed, if it was not open)."""
+    if saved is None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        return
+    copy, inheritable = saved
+    os.dup2(copy, fd, inheritable=inheritable)
+    os.close(copy)
 
 
 def ensure_daemon(control: Path) -> None:
