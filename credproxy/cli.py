@@ -373,6 +373,13 @@ def cmd_install_units(ns: Any) -> int:
     written = units.install_units(dest, exe)
     for path in written:
         print(f"wrote {path}")
+    if any(Path(exe).is_relative_to(tmp) for tmp in ("/tmp", "/var/tmp")):  # noqa: S108
+        print(
+            f"credproxy install-units: warning: {exe} is under a temporary directory, which "
+            "the service cannot see (PrivateTmp=yes); install credproxy elsewhere "
+            "(pipx install .) and run install-units again",
+            file=sys.stderr,
+        )
     print("next: systemctl --user daemon-reload && systemctl --user enable --now credproxy.socket")
     return EXIT_OK
 

@@ -38,3 +38,32 @@ def test_tracebacks_have_no_locals_and_secret_fields_are_redacted() -> None:
     assert oops["refresh_token"] == "[redacted]" and oops["api_key"] == "[redacted]"
     assert oops["fp"] == "0123456789ab"
     assert "CANARY" not in proc.stderr
+
+
+MESSAGE_SCRIPT = r"""
+from credproxy.shell import logs
+logs.configure()
+log = logs.get("t")
+try:
+    try:
+        int("RT-CANARY-msg")  # a library quoting its input in the message
+    except ValueError as exc:
+        raise KeyError("AT-CANARY-msg") from exc
+except KeyError:
+    log.exception("request_failed")
+"""
+
+
+def test_exception_messages_never_reach_the_log() -> None:
+    """A logged exception (and its cause) keeps its type and frames, but not its message, which may quote a secret."""
+    proc = subprocess.run(
+        [sys.executable, "-c", MESSAGE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    (line,) = [json.loads(x) for x in proc.stderr.splitlines()]
+    assert [e["exc_type"] for e in line["exception"]] == ["KeyError", "ValueError"]
+    assert all(e["frames"] for e in line["exception"])
+    assert "CANARY" not in proc.stderr

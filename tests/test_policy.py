@@ -1,10 +1,13 @@
-"""Renewal policy: pure functions of (token, now, config, rng)."""
+"""Renewal policy: pure functions of (token, now, config, rng).
+
+The timer's transitions (what to do on firing, after success or failure) are
+tested in test_renewal_machine.py; serve-time decisions in test_serving.py.
+"""
 
 from __future__ import annotations
 
 import random
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -196,56 +199,7 @@ def test_sleep_slice_is_zero_after_a_jump_past_the_deadline() -> None:
     assert policy.sleep_slice(NOW, NOW + 7200) == 0
 
 
-# -- on fire ------------------------------------------------------------------------------
-
-
-def _token(expiry: float, refresh_token: str | None = "rt") -> dict[str, object]:
-    token: dict[str, object] = {"access_token": "at", "expiry": expiry, "token_type": "Bearer"}
-    if refresh_token is not None:
-        token["refresh_token"] = refresh_token
-    return token
-
-
-def test_fire_after_logout_stops() -> None:
-    """A token removed from the store stops its timer."""
-    assert policy.decide_on_fire(None, NOW + 60, NOW + 30) == policy.Stop()
-
-
-@pytest.mark.parametrize("refresh_token", [None, ""])
-def test_fire_without_refresh_token_stops(refresh_token: str | None) -> None:
-    """A token that can no longer be refreshed stops its timer."""
-    stored = _token(NOW + 60, refresh_token)
-    assert policy.decide_on_fire(stored, NOW + 60, NOW + 30) == policy.Stop()
-
-
-def test_fire_without_expiry_stops() -> None:
-    """A token replaced by one without a usable expiry has nothing to schedule against."""
-    stored = {"access_token": "at", "refresh_token": "rt", "expiry": "soon"}
-    assert policy.decide_on_fire(stored, NOW + 60, NOW + 30) == policy.Stop()
-
-
-def test_fire_after_renewal_elsewhere_reschedules_for_the_new_expiry() -> None:
-    """R16.3: a token renewed by another process is rescheduled, not refreshed again."""
-    stored = _token(NOW + 3630)
-    assert policy.decide_on_fire(stored, NOW + 60, NOW + 30) == policy.Reschedule(NOW + 3630)
-
-
-def test_fire_on_the_scheduled_token_refreshes() -> None:
-    """The token the timer was set for is refreshed."""
-    stored = _token(NOW + 60)
-    assert policy.decide_on_fire(stored, NOW + 60, NOW + 30) == policy.Refresh()
-
-
-def test_fire_after_long_suspend_refreshes_even_if_renewed_elsewhere() -> None:
-    """A newer expiry that has also passed is refreshed at once, not rescheduled."""
-    stored = _token(NOW + 120)
-    assert policy.decide_on_fire(stored, NOW + 60, NOW + 7200) == policy.Refresh()
-
-
-def test_fire_accepts_integer_expiry() -> None:
-    """Stores written by other tools hold integer expiries; those count too."""
-    stored = _token(int(NOW) + 3600)
-    assert policy.decide_on_fire(stored, NOW + 60, NOW) == policy.Reschedule(NOW + 3600)
+# -- token expiry ------------------------------------------------------------------------
 
 
 def test_boolean_expiry_is_not_an_expiry() -> None:
@@ -253,43 +207,3 @@ def test_boolean_expiry_is_not_an_expiry() -> None:
     assert policy.token_expiry({"expiry": True}) is None
     assert policy.token_expiry({"expiry": float("inf")}) is None
     assert policy.token_expiry({"expiry": 12}) == 12.0
-
-
-# -- serve time ------------------------------------------------------------------------
-
-
-def test_serve_refreshes_inside_the_margin() -> None:
-    """With 59 s left and the default 60 s margin, get_token refreshes first."""
-    assert policy.needs_refresh_on_serve(NOW + 59, NOW, None, CFG)
-    assert not policy.needs_refresh_on_serve(NOW + 61, NOW, None, CFG)
-
-
-def test_serve_margin_is_capped_at_half_the_observed_lifetime() -> None:
-    """A token that lives 60 s is not refreshed on every call, only in its second half."""
-    assert not policy.needs_refresh_on_serve(NOW + 45, NOW, 60, CFG)
-    assert policy.needs_refresh_on_serve(NOW + 29, NOW, 60, CFG)
-
-
-def test_serve_refreshes_an_expired_token() -> None:
-    """An expired token always needs a refresh before it is served."""
-    assert policy.needs_refresh_on_serve(NOW - 1, NOW, 5, CFG)
-
-
-# -- refresh_token op cooldown -------------------------------------------------------------
-
-
-def test_cooldown_is_zero_without_a_previous_refresh() -> None:
-    """A key never refreshed may be refreshed at once."""
-    assert policy.cooldown_left(None, NOW, CFG) == 0
-
-
-def test_cooldown_counts_down_thirty_seconds() -> None:
-    """Ten seconds after a refresh, twenty remain; after thirty, none."""
-    assert policy.cooldown_left(NOW, NOW + 10, CFG) == 20
-    assert policy.cooldown_left(NOW, NOW + 30, CFG) == 0
-    assert policy.cooldown_left(NOW, NOW + 3000, CFG) == 0
-
-
-def test_cooldown_is_bounded_when_the_clock_goes_backwards() -> None:
-    """A wall clock stepped back an hour does not extend the cooldown past 30 s."""
-    assert policy.cooldown_left(NOW, NOW - 3600, CFG) == 30

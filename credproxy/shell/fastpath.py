@@ -75,6 +75,7 @@ class SandboxConnection:
         "close_when_flushed",
         "closed",
         "engine",
+        "eof",
         "heap_at",
         "out",
         "send_deadline",
@@ -93,6 +94,7 @@ class SandboxConnection:
         self.heap_at = math.inf
         self.closed = False
         self.close_when_flushed = False
+        self.eof = False  # the peer shut down its side; answer what is in flight, then close
         self.waiting: dict[Any, list[str]] = {}  # key -> get_token ids waiting on one answer
         self.slow_scopes: set[trio.CancelScope] = set()  # touched by the trio side only
 
@@ -279,6 +281,8 @@ class FastPath:
                 return
             rids = conn.waiting.pop(key, [rid]) if op == "get_token" else [rid]
             self._write(conn, b"".join(self._reply(conn, r, outcome, now) for r in rids), now)
+            if conn.eof and not conn.out and conn.engine.in_flight == 0:
+                self._close(conn, "closed by peer")
         elif kind == "revoke":
             _, session = command
             for conn in [c for c in self._conns.values() if c.session is session]:
@@ -295,7 +299,13 @@ class FastPath:
             self._close(conn, f"socket error: {type(exc).__name__}")
             return
         if not data:
-            self._close(conn, "closed by peer")
+            if conn.engine.in_flight == 0 and not conn.out:
+                self._close(conn, "closed by peer")
+                return
+            # A half-close (`nc -N`, a script's `shutdown(SHUT_WR)`): answer
+            # what is in flight, then close. Nothing more is read.
+            conn.eof = True
+            self._epoll.modify(conn.sock.fileno(), _OUT if conn.out else 0)
             return
         conn.engine.receive_data(data)
         self._process(conn, now)
@@ -338,16 +348,22 @@ class FastPath:
         except Exception:
             log.exception("request_failed", session=session.id, op=req.op)
             return conn.engine.fail(req.id, CredproxyError("bug"), now)
+        if isinstance(answer, Ready | Defer) and req.op == "get_token":
+            waiting = conn.waiting.get(answer.key)
+            if waiting is not None:
+                # An earlier get_token of this key is still being answered:
+                # wait with it, so replies leave in the order requests came
+                # (even if the token is ready by now). The first MAX_SHARED
+                # cost no in-flight slot; later ones count as usual.
+                if len(waiting) < MAX_SHARED:
+                    conn.engine.share(req.id)
+                waiting.append(req.id)
+                return b""
         if isinstance(answer, Ready):
             return self._serve(conn, req.id, answer, now)
         if isinstance(answer, Defer):
             if answer.op == "get_token":
-                waiting = conn.waiting.get(answer.key)
-                if waiting is not None and len(waiting) < MAX_SHARED:
-                    waiting.append(req.id)
-                    conn.engine.share(req.id)
-                    return b""
-                conn.waiting.setdefault(answer.key, []).append(req.id)
+                conn.waiting[answer.key] = [req.id]
             self.to_trio(self.ops.defer, self, conn, req.id, answer)
             return b""
         return conn.engine.answer(req.id, answer, now)
@@ -423,6 +439,12 @@ class FastPath:
         conn.send_deadline = math.inf
         if conn.close_when_flushed:
             self._close(conn, "handshake refused")
+            return
+        if conn.eof:
+            if conn.engine.in_flight == 0:
+                self._close(conn, "closed by peer")
+            else:
+                self._epoll.modify(conn.sock.fileno(), 0)
             return
         self._epoll.modify(conn.sock.fileno(), _IN)
         if conn.engine.buffered:

@@ -217,6 +217,17 @@ def ensure_daemon(control: Path) -> None:
     """
     if _answers(control):
         return
+    unit = _enabled_socket_unit()
+    if unit is not None:
+        # The socket unit should have answered: say so instead of covering up
+        # a service that fails to start.
+        print(
+            f"credproxy run: nothing answers on {control} although credproxy.socket is "
+            "enabled; "
+            "starting a daemon in the background instead (see `systemctl --user status "
+            "credproxy.socket credproxy.service`)",
+            file=sys.stderr,
+        )
     runtime = control.parent
     old = os.umask(0o077)
     try:
@@ -246,6 +257,13 @@ def ensure_daemon(control: Path) -> None:
             return
         time.sleep(0.02)
     raise DaemonUnavailable(f"the credproxy daemon did not start; see {log_path}")
+
+
+def _enabled_socket_unit() -> Path | None:
+    """The link `systemctl --user enable credproxy.socket` made, if the user enabled it."""
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    link = Path(config_home) / "systemd" / "user" / "sockets.target.wants" / "credproxy.socket"
+    return link if os.path.lexists(link) else None
 
 
 def _answers(control: Path) -> bool:

@@ -4,7 +4,9 @@ Two rules keep secrets out:
 
 * Tracebacks are rendered **without locals** (structlog's default
   ``dict_tracebacks`` shows them, and a local named ``refresh_token`` would be
-  printed verbatim).
+  printed verbatim) and **without exception messages**: a message is text a
+  library built from its input (``int("<token>")`` puts the token in it), so
+  only the exception's type and frames are logged.
 * A last-chance processor replaces the value of any key that looks like it
   holds a secret (``token``, ``secret``, ``key`` values, ``authorization``,
   ``password``), whatever the caller passed. Callers log fingerprints
@@ -75,15 +77,37 @@ def _timestamp(
     return event
 
 
+_WITHHELD = "[message withheld: it may quote a secret]"
+
+
+def _tracebacks_without_messages(exc_info: Any) -> list[dict[str, Any]]:
+    """structlog's dict tracebacks, minus locals, exception messages and notes."""
+    stacks: list[dict[str, Any]] = _traceback_dicts(exc_info)
+
+    def scrub(stack: dict[str, Any]) -> None:
+        if stack.get("exc_value"):
+            stack["exc_value"] = _WITHHELD
+        stack["exc_notes"] = []
+        stack["syntax_error"] = None
+        for inner in stack.get("exceptions") or ():
+            for sub in inner:
+                scrub(sub)
+
+    for stack in stacks:
+        scrub(stack)
+    return stacks
+
+
+_traceback_dicts = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+
+
 def configure(level: str = "info") -> None:
     """Send JSON lines to stderr. Idempotent."""
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             _timestamp,
-            structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-            ),
+            structlog.processors.ExceptionRenderer(_tracebacks_without_messages),
             _redact,
             structlog.processors.JSONRenderer(serializer=_serialize),
         ],

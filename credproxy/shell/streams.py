@@ -33,6 +33,7 @@ _encoder = msgspec.json.Encoder()
 
 RECV_SIZE = 65_536
 SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
+DRAIN_TIMEOUT = 30.0  # seconds requests in flight may take after the peer shut down its side
 # What a peer that hangs up, resets, or stops reading makes our stream calls raise.
 _PEER_GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
@@ -56,6 +57,7 @@ async def serve_stream(
     conn = Connection(limits, trio.current_time(), capability=capability)
     send_lock = trio.StrictFIFOLock()
     recv_scope = trio.CancelScope()
+    answered = trio.Event()  # set whenever the last request in flight is answered
 
     async def send(data: bytes) -> None:
         async with send_lock:
@@ -70,6 +72,8 @@ async def serve_stream(
             nursery.cancel_scope.cancel()  # the peer is gone or does not read: close
             return
         recv_scope.deadline = conn.deadline()  # the idle clock may have started again
+        if conn.in_flight == 0:
+            answered.set()
 
     reason = "closed by peer"
     async with stream, trio.open_nursery() as nursery:
@@ -86,6 +90,12 @@ async def serve_stream(
                         break
                     continue
                 if not data:
+                    # The peer shut down its side (or closed): answer what is
+                    # still in flight before closing, in bounded time.
+                    with trio.move_on_after(DRAIN_TIMEOUT):
+                        while conn.in_flight:
+                            answered = trio.Event()
+                            await answered.wait()
                     break
                 conn.receive_data(bytes(data))
                 while True:

@@ -302,11 +302,15 @@ class Tokens:
     async def _fly(self, key: Key, flight: _Flight, seen_expiry: float | None, reason: str) -> None:
         try:
             flight.result = await self._locked_refresh(key, seen_expiry, reason)
+        except NotFound as exc:
+            flight.error = exc  # logged out: not a failure of the key
         except CredproxyError as exc:
+            self._failed(key, exc, reason)
             flight.error = exc
         except Exception:
             log.exception("refresh_crashed", provider=key.provider, bucket=key.bucket)
             flight.error = RefreshFailed("internal error during refresh; see the daemon log")
+            self._failed(key, flight.error, reason)
         finally:
             del self._flights[key]
             flight.done.set()
@@ -344,26 +348,18 @@ class Tokens:
         health = self.health(key)
         rt = stored.token.get("refresh_token")
         if not isinstance(rt, str) or not rt:
-            err: CredproxyError = ReauthRequired(
+            raise ReauthRequired(
                 f"{key} has no refresh token; log in again and `credproxy import {provider}`"
             )
-            self._failed(key, health, err, reason)
-            raise err
         prov = self.cfg.providers.get(provider)
         if prov is None:
-            err = RefreshFailed(
+            raise RefreshFailed(
                 f"provider {provider!r} is not configured; add [providers.{provider}] "
                 "to the config file"
             )
-            self._failed(key, health, err, reason)
-            raise err
         fault_point("refresh-before-request")
         health.attempted(self.wall())
-        try:
-            new = await self.endpoint.refresh(prov, rt)
-        except (RefreshFailed, ReauthRequired) as exc:
-            self._failed(key, health, exc, reason)
-            raise
+        new = await self.endpoint.refresh(prov, rt)
         # The old refresh token may be spent now: the new one must reach the
         # disk whatever happens to whoever asked. There is deliberately no
         # await between the response and the durable write, so no
@@ -389,7 +385,9 @@ class Tokens:
         )
         return entry
 
-    def _failed(self, key: Key, health: KeyHealth, exc: CredproxyError, reason: str) -> None:
+    def _failed(self, key: Key, exc: CredproxyError, reason: str) -> None:
+        """Count one failed refresh of *key* (every kind but a logout)."""
+        health = self.health(key)
         health.failed(str(exc), reauth=isinstance(exc, ReauthRequired))
         log.warning(
             "refresh_failed",
