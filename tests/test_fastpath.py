@@ -550,11 +550,14 @@ async def test_internal_store_error_on_a_deferred_get_token_does_not_leak_its_te
 # --- the audit log --------------------------------------------------------------------
 
 
-async def test_one_token_served_event_per_served_token(
-    start_daemon: StartDaemon, peers: Peers, no_secrets_in_logs: list[dict[str, Any]]
+async def test_serves_are_audited_first_at_once_then_as_one_count_per_interval(
+    start_daemon: StartDaemon,
+    peers: Peers,
+    no_secrets_in_logs: list[dict[str, Any]],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Ten fast serves after a first slow one log exactly eleven token_served events; a refused get_token logs none."""
-    h = await start_daemon()
+    """The first serve of a token is logged at once; the next ten are one token_served line with count=10 a minute later; a refused get_token logs none."""
+    h = await start_daemon(renewal={"serve_margin": 60})
     h.login()
     s = await h.session("dev")
     p = await peers.open(s)
@@ -563,18 +566,25 @@ async def test_one_token_served_event_per_served_token(
         await token(p)
     refused = await p.call("get_token", {"provider": "other"})
     assert refused["code"] == "NOT_FOUND"
-    served = [e for e in no_secrets_in_logs if e["event"] == "token_served"]
-    assert len(served) == 11
-    assert {(e["session"], e["provider"], e["bucket"]) for e in served} == {
+
+    def served() -> list[dict[str, Any]]:
+        return [e for e in no_secrets_in_logs if e["event"] == "token_served"]
+
+    assert [e["count"] for e in served()] == [1]
+    await trio.sleep(59)
+    assert [e["count"] for e in served()] == [1], "the count line came before the interval"
+    await trio.sleep(2)
+    assert [e["count"] for e in served()] == [1, 10]
+    assert {(e["session"], e["provider"], e["bucket"]) for e in served()} == {
         (s.id, "dev", "default")
     }
-    assert len({e["fp"] for e in served}) == 1
+    assert len({e["fp"] for e in served()}) == 1
 
 
-async def test_one_token_served_event_per_pipelined_reply(
+async def test_audit_counts_every_pipelined_reply_and_is_flushed_when_the_session_closes(
     start_daemon: StartDaemon, peers: Peers, no_secrets_in_logs: list[dict[str, Any]]
 ) -> None:
-    """Ten get_token pipelined on a fresh session (one deferred, nine waiting on it) log exactly ten token_served events."""
+    """Ten get_token pipelined on a fresh session (one deferred, nine waiting on it) are audited as 1 + 9, the 9 logged when the session closes."""
     h = await start_daemon()
     h.login()
     s = await h.session("dev")
@@ -585,4 +595,31 @@ async def test_one_token_served_event_per_pipelined_reply(
         got = await replies(p, 10)
     assert all(r["ok"] for r in got)
     served = [e for e in no_secrets_in_logs if e["event"] == "token_served"]
-    assert len(served) == 10
+    assert [e["count"] for e in served] == [1]
+    assert await h.daemon.close_session(s.id)
+    with trio.fail_after(2):
+        while len([e for e in no_secrets_in_logs if e["event"] == "token_served"]) < 2:
+            await trio.sleep(0.01)
+    served = [e for e in no_secrets_in_logs if e["event"] == "token_served"]
+    assert sum(e["count"] for e in served) == 10
+
+
+async def test_a_refreshed_token_is_audited_at_once_with_the_old_tokens_count(
+    start_daemon: StartDaemon,
+    peers: Peers,
+    no_secrets_in_logs: list[dict[str, Any]],
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """When the served token changes, the old one's pending count and the new one's first serve are logged right away."""
+    h = await start_daemon(renewal={"serve_margin": 60})
+    h.login()
+    s = await h.session("dev")
+    p = await peers.open(s)
+    first = await token(p)
+    for _ in range(4):
+        await token(p)
+    r = await p.call("refresh_token", {"provider": "dev"})
+    assert r["ok"] and r["data"]["access_token"] != first
+    served = [e for e in no_secrets_in_logs if e["event"] == "token_served"]
+    assert [e["count"] for e in served] == [1, 4, 1]
+    assert served[0]["fp"] == served[1]["fp"] != served[2]["fp"]

@@ -71,11 +71,12 @@ class TokenBucket:
 class Connection:
     """Protocol state, rate limit and deadlines of one connection (see the module docstring)."""
 
-    __slots__ = ("_body_deadline", "_idle", "_idle_deadline", "_rate", "protocol")
+    __slots__ = ("_body_deadline", "_idle", "_idle_deadline", "_limited", "_rate", "protocol")
 
     def __init__(self, limits: Limits, now: float, *, capability: bytes | None = None) -> None:
         self.protocol = ServerConnection(capability=capability, max_in_flight=limits.max_in_flight)
         self._rate = TokenBucket(limits.requests_per_second, limits.request_burst, now)
+        self._limited = limits.requests_per_second > 0
         self._idle = limits.idle_timeout
         self._idle_deadline = now + limits.idle_timeout
         self._body_deadline = math.inf
@@ -96,7 +97,7 @@ class Connection:
             return event
         self._idle_deadline = now + self._idle  # a frame completed
         self._body_deadline = math.inf
-        if isinstance(event, Request):
+        if self._limited and isinstance(event, Request):
             wait = self._rate.take(now)
             if wait:
                 limited = RateLimited(

@@ -45,6 +45,7 @@ __all__ = [
     "on_refresh_request",
     "serve_margin",
     "serve_until",
+    "true_expiry",
 ]
 
 
@@ -55,6 +56,33 @@ class TokenFacts:
     expiry: float | None  # epoch seconds; None: the token does not say
     refreshable: bool  # has a refresh token and an expiry
     lifetime: float | None  # the longest lifetime observed for this key, if known
+    # The instant the token expires on a clock that wall-clock steps cannot move
+    # and that counts suspend (CLOCK_BOOTTIME): when the daemon first saw it,
+    # plus the seconds it had left then. None when unknown.
+    boot_deadline: float | None = None
+
+    def at(self, now: float, boot_now: float) -> TokenFacts:
+        """These facts with the expiry a clock step cannot stretch (see :func:`true_expiry`)."""
+        expiry = true_expiry(self, now, boot_now)
+        if expiry == self.expiry:
+            return self
+        return TokenFacts(expiry, self.refreshable, self.lifetime, self.boot_deadline)
+
+
+def true_expiry(facts: TokenFacts, now: float, boot_now: float) -> float | None:
+    """The earlier of the stored (wall-clock) expiry and the one the boot clock implies.
+
+    A token received while the wall clock was an hour ahead carries an expiry an
+    hour too late; once the clock is put back, the wall clock alone would claim
+    an hour more than the token has. The boot clock counted the real seconds
+    since the daemon saw it, so ``now + (boot_deadline - boot_now)`` is the
+    expiry in today's wall-clock terms. A step forward only makes the wall
+    expiry earlier, which is safe. Either way the result is never later than
+    the real end of the token's life.
+    """
+    if facts.expiry is None or facts.boot_deadline is None:
+        return facts.expiry
+    return min(facts.expiry, now + (facts.boot_deadline - boot_now))
 
 
 @dataclass(frozen=True, slots=True)

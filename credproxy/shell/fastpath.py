@@ -54,6 +54,7 @@ import trio
 
 from credproxy.core.config import Limits
 from credproxy.core.connection import NEED_DATA, Connection, Request, Send
+from credproxy.core.throttle import AUDIT_INTERVAL, ServeAudit
 from credproxy.errors import CredproxyError, ProtocolError
 from credproxy.shell import logs
 from credproxy.shell.handlers import Defer, Outcome, Ready, SandboxOps
@@ -77,7 +78,9 @@ class SandboxConnection:
         "engine",
         "eof",
         "heap_at",
+        "mask",
         "out",
+        "paused",
         "send_deadline",
         "session",
         "slow_scopes",
@@ -95,6 +98,8 @@ class SandboxConnection:
         self.closed = False
         self.close_when_flushed = False
         self.eof = False  # the peer shut down its side; answer what is in flight, then close
+        self.paused = False  # MAX_SHARED get_token wait on one answer: parse no more until it comes
+        self.mask = _IN  # what the epoll set waits for on this connection
         self.waiting: dict[Any, list[str]] = {}  # key -> get_token ids waiting on one answer
         self.slow_scopes: set[trio.CancelScope] = set()  # touched by the trio side only
 
@@ -131,6 +136,7 @@ class FastPath:
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
         self._conns: dict[int, SandboxConnection] = {}
         self._heap: list[tuple[float, int, SandboxConnection]] = []
+        self._audits: list[tuple[float, int, Any, Any]] = []  # (due, seq, session, key)
         self._seq = itertools.count()
         self._backlog: list[SandboxConnection] = []
         self._stopped = False
@@ -210,14 +216,19 @@ class FastPath:
         """Seconds the loop may sleep: 0 with a backlog, else until the next deadline."""
         if self._backlog or self._commands:
             return 0.0
-        if not self._heap:
+        due = min(
+            self._heap[0][0] if self._heap else math.inf,
+            self._audits[0][0] if self._audits else math.inf,
+        )
+        if due == math.inf:
             return None
-        return max(0.0, self._heap[0][0] - self.clock())
+        return max(0.0, due - self.clock())
 
     def _shutdown(self) -> None:
         self._closed = True
         for conn in list(self._conns.values()):
             self._close(conn, "daemon stopping")
+        self._flush_audits(None, math.inf)
         self._epoll.close()
         os.close(self._wake_fd)
 
@@ -244,6 +255,8 @@ class FastPath:
                 self._read(ready, now)
         while self._commands:
             self._run_command(self._commands.popleft(), now)
+        if self._audits and self._audits[0][0] <= now:
+            self._flush_audits(None, now)
         heap = self._heap
         while heap and heap[0][0] <= now:
             at, _, conn = heapq.heappop(heap)
@@ -280,6 +293,10 @@ class FastPath:
                 self._close(conn, "session closed")
                 return
             rids = conn.waiting.pop(key, [rid]) if op == "get_token" else [rid]
+            if conn.paused and op == "get_token":
+                conn.paused = False
+                if conn.engine.buffered:
+                    self._backlog.append(conn)
             self._write(conn, b"".join(self._reply(conn, r, outcome, now) for r in rids), now)
             if conn.eof and not conn.out and conn.engine.in_flight == 0:
                 self._close(conn, "closed by peer")
@@ -287,6 +304,7 @@ class FastPath:
             _, session = command
             for conn in [c for c in self._conns.values() if c.session is session]:
                 self._close(conn, "session closed")
+            self._flush_audits(session, now)
 
     # -- reading and answering ---------------------------------------------------
 
@@ -305,7 +323,7 @@ class FastPath:
             # A half-close (`nc -N`, a script's `shutdown(SHUT_WR)`): answer
             # what is in flight, then close. Nothing more is read.
             conn.eof = True
-            self._epoll.modify(conn.sock.fileno(), _OUT if conn.out else 0)
+            self._interest(conn)
             return
         conn.engine.receive_data(data)
         self._process(conn, now)
@@ -317,6 +335,8 @@ class FastPath:
         close_after = False
         try:
             for _ in range(BATCH):
+                if conn.paused:
+                    break  # resumed when the answer they wait on is delivered
                 event = engine.next_event(now)
                 if event is NEED_DATA:
                     break
@@ -329,7 +349,8 @@ class FastPath:
                     close_after = True
                     break
             else:
-                self._backlog.append(conn)  # more may be buffered: next turn
+                if engine.buffered:
+                    self._backlog.append(conn)  # more may be buffered: next turn
         except ProtocolError as exc:
             self._write(conn, b"".join(out), now)
             self._close(conn, f"protocol error: {exc}")
@@ -355,9 +376,10 @@ class FastPath:
                 # wait with it, so replies leave in the order requests came
                 # (even if the token is ready by now). The first MAX_SHARED
                 # cost no in-flight slot; later ones count as usual.
-                if len(waiting) < MAX_SHARED:
-                    conn.engine.share(req.id)
+                conn.engine.share(req.id)
                 waiting.append(req.id)
+                if len(waiting) >= MAX_SHARED:
+                    conn.paused = True  # flow control: parse nothing more until they are answered
                 return b""
         if isinstance(answer, Ready):
             return self._serve(conn, req.id, answer, now)
@@ -375,16 +397,51 @@ class FastPath:
 
     def _serve(self, conn: SandboxConnection, rid: str, ready: Ready, now: float) -> bytes:
         session = conn.session
-        self.ops.count_serve(session, ready)
+        wall = self.ops.wall()
+        self.ops.count_serve(session, ready, wall)
+        key = ready.key
+        audit = session.audit.get(key)
+        if audit is None or audit.is_new(ready.fp):
+            if audit is not None:
+                self._log_count(session, key, audit, wall)
+            session.audit[key] = ServeAudit(ready.fp, ready.expiry)
+            self._log_served(session, key, ready.fp, ready.expiry, wall, 1)
+        elif audit.count():
+            heapq.heappush(self._audits, (now + AUDIT_INTERVAL, next(self._seq), session, key))
+        return conn.engine.answer(rid, ready.served, now)
+
+    def _log_served(
+        self, session: Any, key: Any, fp: str, expiry: float | None, wall: float, count: int
+    ) -> None:
+        """The audit line of *count* serves of one token (PRODUCT.md section 7)."""
         log.info(
             "token_served",
             session=session.id,
-            provider=ready.key.provider,
-            bucket=ready.key.bucket,
-            fp=ready.fp,
-            expires_in=None if ready.expiry is None else int(ready.expiry - self.ops.wall()),
+            provider=key.provider,
+            bucket=key.bucket,
+            fp=fp,
+            expires_in=None if expiry is None else int(expiry - wall),
+            count=count,
         )
-        return conn.engine.answer(rid, ready.served, now)
+
+    def _log_count(self, session: Any, key: Any, audit: ServeAudit, wall: float) -> None:
+        count = audit.take()
+        if count:
+            self._log_served(session, key, audit.fp, audit.expiry, wall, count)
+
+    def _flush_audits(self, session: Any | None, now: float) -> None:
+        """Log the counted serves that are due (all of *session*'s, or all, when given)."""
+        wall = self.ops.wall()
+        if session is not None:
+            for key, audit in session.audit.items():
+                self._log_count(session, key, audit, wall)
+            return
+        heap = self._audits
+        while heap and heap[0][0] <= now:
+            _, _, due_session, key = heapq.heappop(heap)
+            audit = due_session.audit.get(key)
+            if audit is not None:
+                self._log_count(due_session, key, audit, wall)
 
     def _fail(
         self, conn: SandboxConnection, rid: str, op: str, exc: CredproxyError, now: float
@@ -415,15 +472,30 @@ class FastPath:
             if sent < len(data):
                 conn.out += data[sent:]
                 conn.send_deadline = now + SEND_TIMEOUT
-                # Backpressure: no more reading until the peer takes its replies.
-                self._epoll.modify(conn.sock.fileno(), _OUT)
         if close_after:
             if conn.out:
                 conn.close_when_flushed = True
             else:
                 self._close(conn, "handshake refused")
                 return
+        self._interest(conn)
         self._track(conn)
+
+    def _interest(self, conn: SandboxConnection) -> None:
+        """Wait for what *conn* needs: room to write pending replies, else requests.
+
+        Backpressure: while replies are pending, or the connection is paused
+        or half-closed, nothing more is read.
+        """
+        if conn.out:
+            mask = _OUT
+        elif conn.eof or conn.paused:
+            mask = 0
+        else:
+            mask = _IN
+        if mask != conn.mask:
+            conn.mask = mask
+            self._epoll.modify(conn.sock.fileno(), mask)
 
     def _flush(self, conn: SandboxConnection, now: float) -> None:
         try:
@@ -440,14 +512,11 @@ class FastPath:
         if conn.close_when_flushed:
             self._close(conn, "handshake refused")
             return
-        if conn.eof:
-            if conn.engine.in_flight == 0:
-                self._close(conn, "closed by peer")
-            else:
-                self._epoll.modify(conn.sock.fileno(), 0)
+        if conn.eof and conn.engine.in_flight == 0:
+            self._close(conn, "closed by peer")
             return
-        self._epoll.modify(conn.sock.fileno(), _IN)
-        if conn.engine.buffered:
+        self._interest(conn)
+        if conn.engine.buffered and not conn.paused:
             self._backlog.append(conn)
         self._track(conn)
 

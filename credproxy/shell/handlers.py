@@ -46,6 +46,7 @@ log = logs.get("credproxy.handlers")
 _encoder = msgspec.json.Encoder()
 
 FORBIDDEN_OPS = frozenset({"save_token", "remove_token"})
+MAX_KEY_MEMO = 4096  # distinct valid (provider, bucket) pairs remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class SandboxOps:
         self.tokens = tokens
         self.store = store
         self.wall = wall
+        self._keys: dict[tuple[Any, Any], Key] = {}  # validated (provider, bucket) pairs
         self._fast: dict[str, Callable[[Session, dict[str, Any]], bytes | Ready | Defer]] = {
             "get_token": self.get_token,
             "refresh_token": self.refresh_token,
@@ -100,7 +102,15 @@ class SandboxOps:
         return handler(session, req.payload)
 
     def _granted_key(self, session: Session, payload: dict[str, Any]) -> Key:
-        key = key_field(payload)
+        # Names are checked once per distinct (provider, bucket) pair, not per
+        # request: this is the hot path of every get_token.
+        raw = (payload.get("provider"), payload.get("bucket"))
+        try:
+            key = self._keys[raw]
+        except (KeyError, TypeError):  # TypeError: an unhashable value, not a name
+            key = key_field(payload)
+            if len(self._keys) < MAX_KEY_MEMO:
+                self._keys[raw] = key
         if not session.grants.token_allowed(*key):
             # Missing and not granted answer alike, so a sandbox cannot probe.
             raise NotFound(f"no token for {key} in this session")
@@ -165,13 +175,13 @@ class SandboxOps:
         exists = session.grants.key_allowed(name) and self.store.read_key(name) is not None
         return _encoder.encode({"exists": exists})
 
-    def count_serve(self, session: Session, ready: Ready) -> None:
-        """Account one serve of *ready* (called by the serving loop only)."""
+    def count_serve(self, session: Session, ready: Ready, wall: float) -> None:
+        """Account one serve of *ready* at wall time *wall* (called by the serving loop only)."""
         stats = session.served.get(ready.key)
         if stats is None:
             stats = session.served[ready.key] = [0, 0.0]
         stats[0] += 1
-        stats[1] = self.wall() * 1000
+        stats[1] = wall * 1000
 
     # -- slow: run in trio ---------------------------------------------------
 

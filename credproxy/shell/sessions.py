@@ -31,6 +31,7 @@ import trio
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key
 from credproxy.core.renewal import RenewalTimer
+from credproxy.core.throttle import ServeAudit, Throttle
 from credproxy.errors import UsageError
 from credproxy.shell import logs
 from credproxy.shell.server import (
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from credproxy.shell.tokens import Entry, Tokens
 
 log = logs.get("credproxy.sessions")
+
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between refused-connection log lines of one session
 
 
 @dataclass(eq=False)
@@ -68,6 +71,10 @@ class Session:
     timers: dict[Key, tuple[RenewalTimer, trio.CancelScope]] = field(default_factory=dict)
     served: dict[Key, list[float]] = field(default_factory=dict)  # key -> [count, last ms]
     ready: dict[Key, Ready] = field(default_factory=dict)  # what the serving loop may answer
+    # Owned by the serving loop: serves counted but not yet logged (core/throttle.py).
+    audit: dict[Key, ServeAudit] = field(default_factory=dict)
+    # At most one refused-connection line per interval; the next says how many were not logged.
+    refusals: Throttle = field(default_factory=lambda: Throttle(REFUSAL_LOG_INTERVAL))
     closed: trio.Event = field(default_factory=trio.Event)
     on_change: Callable[[], None] = lambda: None
 
@@ -196,7 +203,11 @@ class Sessions:
                     pidfd = os.pidfd_open(session.launcher_pid)
                 except ProcessLookupError:
                     raise UsageError("the launcher exited before its session opened") from None
-            listener = await bind_unix(session.socket_path)
+            listener = await bind_unix(
+                session.socket_path,
+                for_others=bool(session.allow_uids),
+                path_dirs=(self.directory.parent, self.directory),
+            )
             with session.scope:
                 async with trio.open_nursery() as nursery:
                     session.nursery = nursery
@@ -241,7 +252,11 @@ class Sessions:
         async for sock in accept_forever(listener):
             pid, uid, _ = peer_credentials(sock)
             if uid != self.uid and uid not in session.allow_uids:
-                log.warning("peer_refused", session=session.id, uid=uid, pid=pid)
+                suppressed = session.refusals.allow(trio.current_time())
+                if suppressed is not None:
+                    log.warning(
+                        "peer_refused", session=session.id, uid=uid, pid=pid, suppressed=suppressed
+                    )
                 session.nursery.start_soon(
                     refuse,
                     sock,
@@ -250,7 +265,14 @@ class Sessions:
                 )
                 continue
             if session.connections >= self.max_connections:
-                log.warning("connection_refused", session=session.id, why="connection cap")
+                suppressed = session.refusals.allow(trio.current_time())
+                if suppressed is not None:
+                    log.warning(
+                        "connection_refused",
+                        session=session.id,
+                        why="connection cap",
+                        suppressed=suppressed,
+                    )
                 session.nursery.start_soon(
                     refuse,
                     sock,
