@@ -67,9 +67,33 @@ class KeyHealth:
     last_refresh: float | None = None  # wall time of the last successful refresh
     last_attempt: float | None = None  # wall time of the last request upstream
     refreshes: int = 0
+    # Wall time since when the key's newest token (and its rotated refresh
+    # token) exists only in the daemon's memory: its durable write failed.
+    unsaved_since: float | None = None
+    save_failures: int = 0  # failed attempts to write it since then
+
+    @property
+    def unsaved(self) -> bool:
+        return self.unsaved_since is not None
 
     def attempted(self, now: float) -> None:
         self.last_attempt = now
+
+    def not_durable(self, error: str, now: float) -> None:
+        """The newest token could not be written; it lives in memory only, for now."""
+        if self.unsaved_since is None:
+            self.unsaved_since = now
+        self.save_failures += 1
+        self.last_error = f"the renewed token is not on disk yet (kept in memory): {error}"
+
+    def saved(self) -> None:
+        """The newest token is on disk (or was superseded by a new login)."""
+        if self.unsaved_since is not None and (self.last_error or "").startswith(
+            "the renewed token is not on disk"
+        ):
+            self.last_error = None
+        self.unsaved_since = None
+        self.save_failures = 0
 
     def succeeded(self, now: float) -> None:
         self.failures = 0

@@ -14,6 +14,12 @@ crash at any point leaves one of the two on disk.
 Locks are separate files because the token file is replaced by rename on
 every write: an flock on it would lock an inode that is about to be unlinked.
 
+A refresh writes through a :class:`Reservation`: the temp file is created and
+its blocks allocated (``posix_fallocate``) *before* the refresh request goes
+out, so a full disk is found while the old refresh token is still good, and
+the answer, once it arrives, goes into space that is already ours (one
+``pwrite``, no directory operation) before anything else happens.
+
 This module is synchronous (plain ``os`` calls). The daemon calls it from
 its event loop: a token write (one small file, two fsyncs) happens once per
 refresh, and keeping it on the loop means no await separates an upstream
@@ -92,6 +98,70 @@ def normalize_token(raw: Any, now: float) -> dict[str, Any]:
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 
+RESERVE_MIN = 8192  # bytes claimed for a token write: a token with an id_token is a few KiB
+
+
+class Reservation:
+    """A temp file with its space allocated, waiting for one write (see :meth:`TokenStore.reserve`).
+
+    Until :meth:`commit` the file holds zeros, which never decode as a token,
+    so :meth:`TokenStore.recover_pending` ignores (and removes) it.
+    """
+
+    __slots__ = ("fd", "path", "size", "tmp")
+
+    def __init__(self, path: Path, tmp: Path, fd: int, size: int) -> None:
+        self.path = path
+        self.tmp = tmp
+        self.fd: int | None = fd
+        self.size = size
+
+    def commit(self, data: bytes) -> None:
+        """Write *data* into the reserved file and rename it into place, durably.
+
+        The bytes reach the file first (one ``pwrite`` into allocated blocks,
+        padded with spaces, which JSON ignores, so the file decodes whole at
+        every instant), then fsync, rename and fsync of the directory. After
+        the ``pwrite`` a SIGKILL loses nothing: the next holder of the key's
+        lock adopts the temp file.
+
+        Raises:
+            StoreError: a step failed; the reservation is released.
+        """
+        fd = self.fd
+        if fd is None:
+            raise StoreError(f"cannot write {self.path}: reservation already used")
+        self.fd = None
+        try:
+            try:
+                padded = data + b" " * (self.size - len(data))
+                view = memoryview(padded)
+                offset = 0
+                while offset < len(padded):
+                    offset += os.pwrite(fd, view[offset:], offset)
+                fault_point("store-written")
+                with suppress(OSError):  # the padding is harmless if this fails
+                    os.ftruncate(fd, len(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fault_point("store-fsynced")
+            os.rename(self.tmp, self.path)
+            fault_point("store-renamed")
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            with suppress(OSError):
+                os.unlink(self.tmp)
+            raise StoreError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def release(self) -> None:
+        """Give the space back without writing (the refresh produced nothing to store)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(self.tmp)
+
 
 class TokenStore:
     """Tokens and API keys under *root* (see the module docstring)."""
@@ -164,9 +234,30 @@ class TokenStore:
         return (st.st_ino, st.st_mtime_ns)
 
     def write(self, provider: str, bucket: str, token: dict[str, Any]) -> None:
-        """Store *token* atomically and durably (see the module docstring)."""
+        """Store *token* atomically and durably (see the module docstring).
+
+        Raises:
+            StoreError: it could not be written (full or read-only disk, ...);
+                the stored token is unchanged.
+        """
         path = self.token_path(provider, bucket)
         self._atomic_write(path, _encoder.encode(token))
+
+    def reserve(
+        self, provider: str, bucket: str, like: dict[str, Any] | None = None
+    ) -> Reservation:
+        """Claim the space for the next write of a token, before asking for it.
+
+        The size is twice that of *like* (the token being refreshed), at least
+        :data:`RESERVE_MIN`. Call it holding the key's lock; :meth:`Reservation.commit`
+        or :meth:`Reservation.release` the result.
+
+        Raises:
+            StoreError: no space, a read-only disk, or another I/O error.
+        """
+        path = self.token_path(provider, bucket)
+        size = RESERVE_MIN if like is None else max(RESERVE_MIN, 2 * len(_encoder.encode(like)))
+        return _reserve(path, size)
 
     def recover_pending(self, provider: str, bucket: str = DEFAULT_BUCKET) -> bool:
         """Adopt a newer token that a killed write left in a temp file; True if one was.
@@ -178,6 +269,10 @@ class TokenStore:
         of this key is in progress then): a complete temp token with a later
         expiry than the stored one is renamed into place; every temp file of
         the key is removed.
+
+        Raises:
+            StoreError: a newer temp token exists but could not be put in
+                place (read-only disk, ...); do not refresh from the older one.
         """
         path = self.token_path(provider, bucket)
         pattern = re.compile(rf"\.{re.escape(path.name)}~\d+\.\d+\.tmp")
@@ -199,13 +294,20 @@ class TokenStore:
             if exp > floor and (best is None or exp > best[0]):
                 best = (exp, tmp)
         if best is not None:
-            fd = os.open(best[1], os.O_RDONLY | os.O_CLOEXEC)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(best[1], path)
-            _fsync_dir(path.parent)
+                fd = os.open(best[1], os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(best[1], path)
+                _fsync_dir(path.parent)
+            except OSError as exc:
+                # The newer token stays in its temp file for the next try;
+                # refreshing from the older one on disk would spend a spent token.
+                raise StoreError(
+                    f"cannot adopt the newer token left in {best[1].name}: {exc.strerror}"
+                ) from None
         for tmp in pending:
             with suppress(OSError):
                 tmp.unlink()
@@ -260,12 +362,25 @@ class TokenStore:
     # -- locking --
 
     def open_lock(self, provider: str, bucket: str) -> int:
-        """Open (creating) the lock file of a key; the caller flocks and closes it."""
+        """Open (creating) the lock file of a key; the caller flocks and closes it.
+
+        On a read-only disk an existing lock file is opened read-only (flock
+        does not need write access), so a refresh can still be coordinated.
+
+        Raises:
+            StoreError: the lock file does not exist and cannot be created.
+        """
         path = self.lock_path(provider, bucket)
-        _makedirs(path.parent)
         try:
+            _makedirs(path.parent)
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                pass
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"cannot open lock file {path}: {exc.strerror}") from None
 
     @contextmanager
@@ -300,27 +415,38 @@ class TokenStore:
         return obj
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
-        _makedirs(path.parent)
-        # "~" is not allowed in names, so a temp file never lists as a token or key.
-        tmp = path.with_name(f".{path.name}~{os.getpid()}.{time.monotonic_ns()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                fault_point("store-written")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fault_point("store-fsynced")
-            os.rename(tmp, path)
-            fault_point("store-renamed")
-            _fsync_dir(path.parent)
-        except OSError as exc:
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+        _reserve(path, len(data)).commit(data)
+
+
+def _reserve(path: Path, size: int) -> Reservation:
+    """Create a temp file beside *path* and allocate *size* bytes for it."""
+    _makedirs(path.parent)
+    # "~" is not allowed in names, so a temp file never lists as a token or key.
+    tmp = path.with_name(f".{path.name}~{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        if size:
+            _allocate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+    return Reservation(path, tmp, fd, size)
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Make sure *size* bytes of *fd* are backed by disk blocks (ENOSPC now, not later)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        # A file system without fallocate: writing the bytes claims them as well.
+        os.pwrite(fd, bytes(size), 0)
 
 
 def _makedirs(path: Path) -> None:
@@ -332,12 +458,15 @@ def _makedirs(path: Path) -> None:
         raise StoreError(f"cannot create {path}: {exc.strerror}") from None
     finally:
         os.umask(old)
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise StoreError(f"{path} belongs to uid {st.st_uid}, not to you; refusing to use it")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        # Tighten, once, a directory a user or older version made too open.
-        os.chmod(path, 0o700)
+    try:
+        st = path.stat()
+        if st.st_uid != os.getuid():
+            raise StoreError(f"{path} belongs to uid {st.st_uid}, not to you; refusing to use it")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            # Tighten, once, a directory a user or older version made too open.
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise StoreError(f"cannot use {path}: {exc.strerror}") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -28,6 +28,22 @@ Refresh, one at a time
     abandons a response already requested; on shutdown the daemon gives that
     nursery a grace period.
 
+Never losing a rotated refresh token
+    The space for the new token is claimed before the request goes out
+    (:meth:`TokenStore.reserve`), so a full disk is met while the old refresh
+    token still works, and the answer goes into a file the moment it arrives.
+    If the durable write fails anyway (read-only remount, I/O error, a disk
+    that was full at reservation), the merged token becomes the key's cache
+    entry *without* being on disk: it is "unsaved". The cache entry stays
+    valid while the store file is unchanged, so every path (``get_token``,
+    ``refresh_token``, other sessions, the next refresh) uses the newest
+    token and its refresh token, never the spent one on disk. A task in the
+    refresh nursery retries the write with backoff, and every refresh of the
+    key tries it first; ``status`` shows ``unsaved_since`` and the log says
+    ``token_not_durable`` (error level) until ``token_saved``. If the store
+    file changes meanwhile (a new login by ``credproxy import``, a logout),
+    the store wins and the unsaved token is dropped.
+
 Key health
     One :class:`~credproxy.core.renewal.KeyHealth` per key: failures,
     last error, re-auth required, last attempt (the ``refresh_token`` op's
@@ -47,6 +63,7 @@ import hashlib
 import os
 import random
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +75,7 @@ from credproxy.core.config import Config
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import End, Failure, KeyHealth, Refresh, RenewalTimer, Wait
-from credproxy.core.store import TokenStore, fault_point
+from credproxy.core.store import Reservation, TokenStore, fault_point
 from credproxy.errors import (
     CredproxyError,
     NotFound,
@@ -73,6 +90,8 @@ log = logs.get("credproxy.tokens")
 _encoder = msgspec.json.Encoder()
 
 LOCK_POLL = 0.02  # seconds between flock attempts while another process refreshes
+SAVE_RETRY_BASE = 1.0  # seconds before retrying the write of an unsaved token, doubling
+SAVE_RETRY_CAP = 60.0
 RECHECK = 1.0  # seconds a served answer may be reused before the store is looked at again
 
 
@@ -145,10 +164,20 @@ class Tokens:
         self._entries: dict[Key, Entry] = {}
         self._health: dict[Key, KeyHealth] = {}
         self._flights: dict[Key, _Flight] = {}
+        # Keys whose newest token is only in memory (its durable write failed),
+        # and the keys with a task retrying that write.
+        self._unsaved: dict[Key, Entry] = {}
+        self._unsaved_error: dict[Key, str] = {}
+        self._savers: set[Key] = set()
+        self._closing = trio.Event()
 
     def close(self) -> None:
-        """No new refreshes from now on (shutdown); those under way finish."""
+        """No new refreshes from now on (shutdown); those under way finish.
+
+        Unsaved tokens get one last write attempt at once.
+        """
         self._nursery = None
+        self._closing.set()
 
     # -- the cache -----------------------------------------------------------
 
@@ -160,12 +189,13 @@ class Tokens:
         """
         sig = self.store.signature(*key)
         entry = self._entries.get(key)
-        if sig is None:
-            if entry is not None:
-                del self._entries[key]
-            return None
-        if entry is not None and entry.signature == sig:
+        if entry is not None and entry.signature == sig and sig is not None:
             return entry
+        if key in self._unsaved:
+            self._drop_unsaved(key, "the stored token was replaced or removed")
+        if sig is None:
+            self._entries.pop(key, None)
+            return None
         token, sig = self.store.read_with_signature(*key)
         if token is None or sig is None:
             self._entries.pop(key, None)
@@ -208,8 +238,10 @@ class Tokens:
     def changed(self, key: Key) -> bool:
         """The command line replaced or removed *key*; True if it is still stored.
 
-        A new login forgets the old failures.
+        A new login forgets the old failures (and an unsaved older token).
         """
+        if key in self._unsaved:
+            self._drop_unsaved(key, "a new login or a logout replaced it")
         self._entries.pop(key, None)
         self._health.pop(key, None)
         return self.store.signature(*key) is not None
@@ -316,23 +348,41 @@ class Tokens:
             flight.done.set()
 
     async def _locked_refresh(self, key: Key, seen_expiry: float | None, reason: str) -> Entry:
+        fd = await self._lock(key)
+        try:
+            return await self._refresh_holding_lock(key, seen_expiry, reason)
+        finally:
+            os.close(fd)
+
+    async def _lock(self, key: Key) -> int:
+        """Take the key's flock, polling so the loop never blocks; close the fd to release.
+
+        Raises:
+            StoreError: the lock file cannot be opened (e.g. a read-only state
+                directory without one).
+        """
         fd = self.store.open_lock(*key)
         try:
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    return fd
                 except BlockingIOError:
                     await trio.sleep(LOCK_POLL)
-            return await self._refresh_holding_lock(key, seen_expiry, reason)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
 
     async def _refresh_holding_lock(
         self, key: Key, seen_expiry: float | None, reason: str
     ) -> Entry:
         provider, bucket = key
-        if self.store.recover_pending(provider, bucket):
+        if key in self._unsaved:
+            # Our newest token is only in memory: it, not the spent one on
+            # disk, is what this refresh starts from, whether or not it can be
+            # written now. No temp file can be newer than it.
+            self._save_unsaved(key)
+        elif self.store.recover_pending(provider, bucket):
             log.warning(
                 "token_recovered",
                 provider=provider,
@@ -357,23 +407,35 @@ class Tokens:
                 f"provider {provider!r} is not configured; add [providers.{provider}] "
                 "to the config file"
             )
-        fault_point("refresh-before-request")
-        health.attempted(self.wall())
-        new = await self.endpoint.refresh(prov, rt)
-        # The old refresh token may be spent now: the new one must reach the
-        # disk whatever happens to whoever asked. There is deliberately no
-        # await between the response and the durable write, so no
-        # cancellation (session close, shutdown) can land in between. The
-        # write (one small file, fsync, rename, fsync) blocks the loop for a
-        # few milliseconds, once per refresh.
-        merged = merge_refreshed(stored.token, new)
-        fault_point("refresh-got-response")
-        self.store.write(provider, bucket, merged)
-        sig = self.store.signature(provider, bucket)
-        if sig is None:
-            raise StoreError("token vanished right after it was written")
-        entry = self._remember(key, merged, sig)
+        # Claim the disk space for the answer before asking: a full disk is
+        # met now, while the refresh token in hand still works. If it cannot
+        # be claimed, refresh anyway (the answer is then kept in memory):
+        # refusing would only let the access token run out.
+        reservation: Reservation | None = None
+        try:
+            reservation = self.store.reserve(provider, bucket, stored.token)
+        except StoreError as exc:
+            log.warning("store_reserve_failed", provider=provider, bucket=bucket, error=str(exc))
+        try:
+            fault_point("refresh-before-request")
+            health.attempted(self.wall())
+            new = await self.endpoint.refresh(prov, rt)
+            # The old refresh token may be spent now: the new one must reach
+            # the disk whatever happens to whoever asked. There is
+            # deliberately no await between the response and the write, so
+            # no cancellation (session close, shutdown) can land in between;
+            # the bytes go into the reserved file first, which a SIGKILL
+            # after that point cannot take back (recover_pending adopts it).
+            merged = merge_refreshed(stored.token, new)
+            fault_point("refresh-got-response")
+            entry = self._store_refreshed(key, merged, reservation, stored.signature)
+            reservation = None
+        finally:
+            if reservation is not None:
+                reservation.release()
         health.succeeded(self.wall())
+        if key in self._unsaved:
+            health.not_durable(self._unsaved_error.pop(key, "write failed"), self.wall())
         log.info(
             "token_refreshed",
             provider=provider,
@@ -382,8 +444,147 @@ class Tokens:
             fp=entry.fp,
             expires_in=None if entry.expiry is None else int(entry.expiry - self.wall()),
             rotated=merged.get("refresh_token") != rt,
+            durable=key not in self._unsaved,
         )
         return entry
+
+    def _store_refreshed(
+        self,
+        key: Key,
+        merged: dict[str, Any],
+        reservation: Reservation | None,
+        base: tuple[int, int],
+    ) -> Entry:
+        """Write a refreshed token; if that fails, make it the unsaved newest token in memory.
+
+        *base* is the signature of the store file it was refreshed from.
+        Synchronous on purpose (no await, so no cancellation, in between).
+        """
+        provider, bucket = key
+        try:
+            if reservation is not None:
+                reservation.commit(_encoder.encode(merged))
+            else:
+                self.store.write(provider, bucket, merged)
+            sig = self.store.signature(provider, bucket)
+            if sig is None:
+                raise StoreError("token vanished right after it was written")
+        except StoreError as exc:
+            entry = self._remember(key, merged, base)
+            self._unsaved[key] = entry
+            self._unsaved_error[key] = str(exc)
+            log.error(
+                "token_not_durable",
+                provider=provider,
+                bucket=bucket,
+                fp=entry.fp,
+                error=str(exc),
+                why="the rotated refresh token is kept in memory and written when the disk allows",
+            )
+            self._start_saver(key)
+            return entry
+        if key in self._unsaved:
+            del self._unsaved[key]
+            self.health(key).saved()
+        return self._remember(key, merged, sig)
+
+    def _save_unsaved(self, key: Key) -> bool:
+        """Write the key's unsaved token, holding its lock; True if nothing is left unsaved."""
+        entry = self._unsaved.get(key)
+        if entry is None:
+            return True
+        provider, bucket = key
+        if self.entry(key) is not entry:
+            return True  # the store changed: entry() dropped the unsaved token
+        health = self.health(key)
+        try:
+            self.store.write(provider, bucket, entry.token)
+            sig = self.store.signature(provider, bucket)
+            if sig is None:
+                raise StoreError("token vanished right after it was written")
+        except StoreError as exc:
+            health.not_durable(str(exc), self.wall())
+            log.warning(
+                "token_save_failed",
+                provider=provider,
+                bucket=bucket,
+                fp=entry.fp,
+                error=str(exc),
+                attempts=health.save_failures,
+            )
+            return False
+        del self._unsaved[key]
+        since = health.unsaved_since
+        health.saved()
+        self._remember(key, entry.token, sig)
+        with suppress(StoreError):
+            self.store.recover_pending(provider, bucket)  # removes temp files of failed writes
+        log.warning(
+            "token_saved",
+            provider=provider,
+            bucket=bucket,
+            fp=entry.fp,
+            unsaved_for=None if since is None else round(self.wall() - since, 1),
+        )
+        return True
+
+    def _drop_unsaved(self, key: Key, why: str) -> None:
+        entry = self._unsaved.pop(key)
+        health = self._health.get(key)
+        if health is not None:
+            health.saved()
+        log.warning(
+            "unsaved_token_dropped", provider=key.provider, bucket=key.bucket, fp=entry.fp, why=why
+        )
+
+    def _start_saver(self, key: Key) -> None:
+        if key not in self._savers and self._nursery is not None:
+            self._savers.add(key)
+            self._nursery.start_soon(self._keep_saving, key)
+
+    async def _keep_saving(self, key: Key) -> None:
+        """Retry writing *key*'s unsaved token with backoff until it lands (refresh nursery).
+
+        Never raises: a store that keeps failing is retried, up to every
+        :data:`SAVE_RETRY_CAP` seconds, for as long as the daemon runs. On
+        shutdown it tries once more at once; if that fails too, it says
+        loudly that the login will be lost with the process.
+        """
+        delay = SAVE_RETRY_BASE
+        try:
+            while key in self._unsaved:
+                with trio.move_on_after(delay):
+                    await self._closing.wait()
+                closing = self._closing.is_set()
+                try:
+                    fd = await self._lock(key)
+                except StoreError as exc:
+                    log.warning(
+                        "token_save_failed",
+                        provider=key.provider,
+                        bucket=key.bucket,
+                        error=str(exc),
+                    )
+                    saved = False
+                else:
+                    try:
+                        saved = self._save_unsaved(key)
+                    finally:
+                        os.close(fd)
+                if saved:
+                    return
+                if closing:
+                    log.error(
+                        "token_lost_at_exit",
+                        provider=key.provider,
+                        bucket=key.bucket,
+                        why="the daemon is stopping and the renewed token could not be written;"
+                        " the next refresh from the stored one will be refused",
+                    )
+                    return
+                delay = min(SAVE_RETRY_CAP, delay * 2)
+        finally:
+            self._savers.discard(key)
 
     def _failed(self, key: Key, exc: CredproxyError, reason: str) -> None:
         """Count one failed refresh of *key* (every kind but a logout)."""
@@ -427,7 +628,11 @@ class Tokens:
                         step = timer.on_failure(Failure.REAUTH, self.wall())
                     except NotFound:
                         step = timer.on_failure(Failure.GONE, self.wall())
-                    except (RefreshFailed, StoreError):
+                    except CredproxyError:
+                        # RefreshFailed, StoreError (a full or read-only disk,
+                        # a lock file that cannot be opened) and anything else
+                        # named: counted in KeyHealth by _fly, retried with
+                        # backoff. A timer never takes its session down.
                         step = timer.on_failure(Failure.TRANSIENT, self.wall())
                     else:
                         step = timer.on_success(entry.expiry, self.wall())
