@@ -42,19 +42,36 @@ CREDPROXY = str(Path(sys.executable).with_name("credproxy"))
 
 
 class WallClock:
-    """Epoch seconds that follow trio's clock, plus jumps (suspend, clock changes)."""
+    """Epoch seconds that follow trio's clock, plus suspends and clock steps.
+
+    Three clocks in one: the host's wall clock (``wall()``, what the daemon
+    reads), the true time (:meth:`true`, what the identity provider reads) and
+    the boot clock (:meth:`boot`, ``CLOCK_BOOTTIME``). A suspend moves all
+    three while trio's clock stands still; a step moves the wall clock only.
+    """
 
     def __init__(self, base: float = BASE_EPOCH) -> None:
         self.base = base
-        self.offset = 0.0
+        self.offset = 0.0  # suspends
+        self.stepped = 0.0  # wall-clock steps
         self.t0 = trio.current_time()
 
     def __call__(self) -> float:
+        return self.true() + self.stepped
+
+    def true(self) -> float:
         return self.base + (trio.current_time() - self.t0) + self.offset
+
+    def boot(self) -> float:
+        return 1000.0 + (trio.current_time() - self.t0) + self.offset
 
     def jump(self, seconds: float) -> None:
         """The wall clock moves by *seconds* while trio's clock does not (a suspend)."""
         self.offset += seconds
+
+    def step(self, seconds: float) -> None:
+        """The host's wall clock is set *seconds* ahead (or back): nothing else moves."""
+        self.stepped += seconds
 
 
 class RealWallClock:
@@ -288,7 +305,7 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
         lifetime: float = 3600, *, serving_thread: bool = False, **sections: Any
     ) -> Harness:
         wall: Any = RealWallClock() if serving_thread else WallClock()
-        idp = devidp.DevIdP(lifetime=lifetime, clock=wall)
+        idp = devidp.DevIdP(lifetime=lifetime, clock=wall.true if not serving_thread else wall)
         token_url = await nursery.start(devidp.serve, idp)
         providers = dict(sections.pop("providers", {}))
         providers.setdefault("dev", {"token_url": token_url, "client_id": idp.client_id})
@@ -296,9 +313,9 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
         store = TokenStore(dirs.state)
         endpoint = HttpTokenEndpoint(wall_clock=wall, timeout=10)
         extra: dict[str, Any] = (
-            {"serving_thread": True, "wall_clock": time.time}
+            {"serving_thread": True}
             if serving_thread
-            else {"wall_clock": wall}
+            else {"wall_clock": wall, "boot_clock": wall.boot}
         )
         endpoints.append(endpoint)
         daemon = await nursery.start(

@@ -24,6 +24,7 @@ from credproxy.core.serving import (
     on_refresh_request,
     serve_margin,
     serve_until,
+    true_expiry,
 )
 
 CFG = Renewal()  # serve_margin 60, refresh_cooldown 30
@@ -270,3 +271,37 @@ def test_a_serve_answer_stays_right_until_serve_until(
     later = now + frac * (until - now)
     assume(later < until)  # the window is half-open; rounding may land on its end
     assert on_get(t, later, cfg) == Serve()
+
+
+# --- clock steps ---------------------------------------------------------------
+
+
+def test_true_expiry_is_the_earlier_of_the_wall_and_boot_clock_expiries() -> None:
+    """A stored expiry an hour too late (received while the clock ran ahead) gives way to the boot clock's."""
+    facts = TokenFacts(
+        expiry=NOW + 7200, refreshable=True, lifetime=3600, boot_deadline=500.0 + 3600
+    )
+    assert true_expiry(facts, NOW, 500.0) == NOW + 3600
+    assert facts.at(NOW, 500.0).expiry == NOW + 3600
+    # A wall clock put forward only makes the wall expiry the earlier one.
+    ahead = TokenFacts(NOW + 1000, True, 3600, boot_deadline=500.0 + 3600)
+    assert true_expiry(ahead, NOW, 500.0) == NOW + 1000
+    assert ahead.at(NOW, 500.0) is ahead
+
+
+@given(
+    remaining=st.floats(min_value=-1e6, max_value=1e6),
+    step=st.floats(min_value=-1e6, max_value=1e6),
+    elapsed=st.floats(min_value=0, max_value=1e6),
+)
+def test_true_expiry_never_outlives_the_token(
+    remaining: float, step: float, elapsed: float
+) -> None:
+    """Whatever step the wall clock took since the token was seen, the true expiry is never later than its real end."""
+    boot0 = 1000.0
+    facts = TokenFacts(NOW + remaining, True, None, boot_deadline=boot0 + remaining)
+    wall_now, boot_now = NOW + elapsed + step, boot0 + elapsed
+    expiry = true_expiry(facts, wall_now, boot_now)
+    assert expiry is not None
+    real_left = remaining - elapsed
+    assert expiry - wall_now <= real_left + 1e-6

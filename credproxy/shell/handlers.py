@@ -51,7 +51,7 @@ MAX_KEY_MEMO = 4096  # distinct valid (provider, bucket) pairs remembered
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """A token a session may be served as is until the wall-clock instant ``until``."""
+    """A token a session may be served as is until ``until`` on the boot clock."""
 
     key: Key
     served: bytes  # the JSON of the token without refresh_token
@@ -74,10 +74,17 @@ Outcome = Ready | CredproxyError
 class SandboxOps:
     """The operations a sandbox may use, limited to its session's grants."""
 
-    def __init__(self, tokens: Tokens, store: TokenStore, wall: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        tokens: Tokens,
+        store: TokenStore,
+        wall: Callable[[], float],
+        boot: Callable[[], float],
+    ) -> None:
         self.tokens = tokens
         self.store = store
         self.wall = wall
+        self.boot = boot
         self._keys: dict[tuple[Any, Any], Key] = {}  # validated (provider, bucket) pairs
         self._fast: dict[str, Callable[[Session, dict[str, Any]], bytes | Ready | Defer]] = {
             "get_token": self.get_token,
@@ -119,7 +126,7 @@ class SandboxOps:
     def get_token(self, session: Session, payload: dict[str, Any]) -> Ready | Defer:
         key = self._granted_key(session, payload)
         ready = session.ready.get(key)
-        if ready is not None and self.wall() < ready.until:
+        if ready is not None and self.boot() < ready.until:
             return ready
         return Defer("get_token", key)
 
@@ -220,7 +227,9 @@ class SandboxOps:
 
     def publish(self, session: Session, key: Key, entry: Entry) -> Ready:
         """Make *entry* what *session* serves for *key*; start its renewal on first serve."""
-        ready = Ready(key, entry.served, entry.fp, entry.expiry, self.tokens.serve_until(entry))
+        ready = Ready(
+            key, entry.served, entry.fp, self.tokens.expiry(entry), self.tokens.serve_until(entry)
+        )
         if session.open:
             session.ready[key] = ready
             session.ensure_timer(self.tokens, key, entry)

@@ -142,6 +142,9 @@ class Tokens:
         endpoint: where refresh requests go.
         refresh_nursery: where refreshes run (outliving whoever asked).
         wall_clock: epoch seconds.
+        boot_clock: seconds on a clock that wall-clock steps do not move and
+            that counts suspend (``CLOCK_BOOTTIME``): what freshness is
+            decided with, beside the stored wall-clock expiry.
         rng: the source of renewal jitter.
     """
 
@@ -153,12 +156,14 @@ class Tokens:
         refresh_nursery: trio.Nursery,
         *,
         wall_clock: Callable[[], float],
+        boot_clock: Callable[[], float],
         rng: random.Random,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.endpoint = endpoint
         self.wall = wall_clock
+        self.boot = boot_clock
         self.rng = rng
         self._nursery: trio.Nursery | None = refresh_nursery
         self._entries: dict[Key, Entry] = {}
@@ -206,15 +211,22 @@ class Tokens:
         old = self._entries.get(key)
         expiry = policy.token_expiry(token)
         lifetime = old.facts.lifetime if old is not None else None
+        boot_deadline = old.facts.boot_deadline if old is not None else None
         if expiry is not None and (old is None or old.expiry != expiry):
             # A new generation: its remaining time is a lower bound of the
             # key's lifetime; keep the largest seen so a token imported late
             # in its life does not shrink the serve margin for good.
-            lifetime = max(lifetime or 0.0, expiry - self.wall())
+            remaining = expiry - self.wall()
+            lifetime = max(lifetime or 0.0, remaining)
+            # Where its life ends on the boot clock, which no wall-clock step
+            # moves: exact for a token just received (its expiry is now +
+            # expires_in), the wall clock's word for one first seen on disk.
+            boot_deadline = self.boot() + remaining
         facts = serving.TokenFacts(
             expiry=expiry,
             refreshable=bool(token.get("refresh_token")) and expiry is not None,
             lifetime=lifetime,
+            boot_deadline=boot_deadline,
         )
         entry = Entry(
             token=token,
@@ -263,7 +275,8 @@ class Tokens:
             RefreshFailed: a refresh was due, failed, and the old token has expired.
         """
         entry = self._get_entry(key)
-        decision = serving.on_get(entry.facts, self.wall(), self.cfg.renewal)
+        facts = self.facts(entry)
+        decision = serving.on_get(facts, self.wall(), self.cfg.renewal)
         if isinstance(decision, serving.Reauth):
             raise ReauthRequired(
                 f"the token for {key} {decision.why}; log in again and "
@@ -274,7 +287,7 @@ class Tokens:
         try:
             return await self.refresh(key, entry.expiry, reason="on-demand")
         except (RefreshFailed, ReauthRequired):
-            if serving.after_failed_refresh(entry.facts, self.wall()) is None:
+            if serving.after_failed_refresh(self.facts(entry), self.wall()) is None:
                 raise
             return entry
 
@@ -288,7 +301,7 @@ class Tokens:
         entry = self._get_entry(key)
         health = self._health.get(key)
         decision = serving.on_refresh_request(
-            entry.facts,
+            self.facts(entry),
             None if health is None else health.last_attempt,
             self.wall(),
             self.cfg.renewal,
@@ -303,9 +316,23 @@ class Tokens:
             )
         return await self.refresh(key, None, reason="requested")
 
+    def facts(self, entry: Entry) -> serving.TokenFacts:
+        """*entry*'s facts with the expiry no wall-clock step can stretch."""
+        return entry.facts.at(self.wall(), self.boot())
+
+    def expiry(self, entry: Entry) -> float | None:
+        """*entry*'s true expiry in wall-clock terms (see :func:`serving.true_expiry`)."""
+        return serving.true_expiry(entry.facts, self.wall(), self.boot())
+
     def serve_until(self, entry: Entry) -> float:
-        """Until which wall-clock instant *entry* may be served without asking again."""
-        return serving.serve_until(entry.facts, self.wall(), self.cfg.renewal, RECHECK)
+        """Until which instant of the boot clock *entry* may be served without asking again.
+
+        On the boot clock, not the wall clock: a wall clock put back must not
+        stretch the reuse of an answer (the serving loop compares with it).
+        """
+        now, boot = self.wall(), self.boot()
+        until = serving.serve_until(entry.facts.at(now, boot), now, self.cfg.renewal, RECHECK)
+        return boot + (until - now)
 
     # -- refreshing ----------------------------------------------------------
 
@@ -604,8 +631,27 @@ class Tokens:
 
     def new_timer(self, key: Key, entry: Entry) -> RenewalTimer:
         """A renewal timer for a refreshable *entry* that was just served."""
-        assert entry.expiry is not None
-        return RenewalTimer(entry.expiry, self.wall(), self.cfg.renewal, self.rng, self.health(key))
+        expiry = self.expiry(entry)
+        assert expiry is not None
+        return RenewalTimer(expiry, self.wall(), self.cfg.renewal, self.rng, self.health(key))
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Sleep until the wall-clock instant *deadline*, or as long on the boot clock.
+
+        Both clocks are looked at every 30 s at most (R16.3): a suspend moves
+        both, and is noticed; a wall clock put back would postpone the
+        deadline, but the boot clock, which no step moves, fires it on time; a
+        wall clock put forward fires it early, which is safe.
+        """
+        boot_deadline = self.boot() + (deadline - self.wall())
+        while True:
+            step = min(
+                policy.sleep_slice(deadline, self.wall()),
+                policy.sleep_slice(boot_deadline, self.boot()),
+            )
+            if step <= 0:
+                return
+            await trio.sleep(step)
 
     async def keep_renewed(self, timer: RenewalTimer, key: Key, session: str) -> None:
         """Run *timer* until it ends or is cancelled (with its session, or a logout)."""
@@ -614,7 +660,7 @@ class Tokens:
         log.info("renewal_scheduled", in_seconds=round(timer.deadline - self.wall(), 1), **fields)
         try:
             while timer.deadline is not None:
-                await sleep_until_wall(timer.deadline, self.wall)
+                await self.sleep_until(timer.deadline)
                 try:
                     stored = self.entry(key)
                 except StoreError as exc:
@@ -635,7 +681,7 @@ class Tokens:
                         # backoff. A timer never takes its session down.
                         step = timer.on_failure(Failure.TRANSIENT, self.wall())
                     else:
-                        step = timer.on_success(entry.expiry, self.wall())
+                        step = timer.on_success(self.expiry(entry), self.wall())
                 _log_step(step, timer, self.wall(), fields)
         finally:
             if timer.ended is None:
@@ -660,10 +706,4 @@ def _log_step(step: Wait | End, timer: RenewalTimer, now: float, fields: dict[st
         log.info(step.event, in_seconds=round(step.deadline - now, 1), **fields)
 
 
-async def sleep_until_wall(deadline: float, wall_clock: Callable[[], float]) -> None:
-    """Sleep until the wall clock reaches *deadline*, re-checking at least every 30 s."""
-    while True:
-        step = policy.sleep_slice(deadline, wall_clock())
-        if step <= 0:
-            return
-        await trio.sleep(step)
+
