@@ -152,7 +152,7 @@ def test_negative_renewal_values_are_refused(tmp_path: Path, field: str) -> None
     """A negative renewal duration is refused, naming its line and field."""
     path, msg = error_of(tmp_path, f"[renewal]\nmax_failures = 3\n{field} = -1\n")
     assert msg.startswith(f"{path}:3: field renewal.{field}:")
-    assert "negative" in msg
+    assert "(got -1.0)" in msg
 
 
 @pytest.mark.parametrize(
@@ -169,6 +169,79 @@ def test_out_of_range_values_are_refused(tmp_path: Path, text: str, field: str) 
     path, msg = error_of(tmp_path, text)
     assert msg.startswith(f"{path}:")
     assert f"field {field}:" in msg
+
+
+FLOAT_FIELDS = [
+    ("renewal", "min_lead"),
+    ("renewal", "lead_fraction"),
+    ("renewal", "max_jitter"),
+    ("renewal", "retry_base"),
+    ("renewal", "retry_cap"),
+    ("renewal", "serve_margin"),
+    ("renewal", "refresh_cooldown"),
+    ("limits", "requests_per_second"),
+    ("limits", "idle_timeout"),
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "+nan"])
+@pytest.mark.parametrize(("section", "field"), FLOAT_FIELDS, ids=[f for _, f in FLOAT_FIELDS])
+def test_nan_and_infinity_are_refused(tmp_path: Path, section: str, field: str, value: str) -> None:
+    """TOML's nan and inf are refused for every number, naming the file, the line and the field."""
+    path, msg = error_of(tmp_path, f"# tuning\n[{section}]\n{field} = {value}\n")
+    assert msg.startswith(f"{path}:3: field {section}.{field}:")
+    assert "finite" in msg
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "expect"),
+    [
+        ("renewal", "refresh_cooldown", "-1", "at least 0"),
+        ("renewal", "retry_base", "0", "greater than 0"),
+        ("renewal", "lead_fraction", "0.6", "from 0 to 0.5"),
+        ("renewal", "lead_fraction", "-0.1", "from 0 to 0.5"),
+        ("renewal", "max_failures", "0", "at least 1"),
+        ("limits", "requests_per_second", "-5", "at least 0"),
+        ("limits", "request_burst", "0", "at least 1"),
+        ("limits", "max_connections", "0", "at least 1"),
+        ("limits", "max_connections", "-3", "at least 1"),
+        ("limits", "idle_timeout", "0", "greater than 0"),
+        ("limits", "max_in_flight", "0", "at least 1"),
+    ],
+)
+def test_numbers_outside_their_documented_range_are_refused(
+    tmp_path: Path, section: str, field: str, value: str, expect: str
+) -> None:
+    """Each number outside its documented range is refused with the range it must lie in."""
+    path, msg = error_of(tmp_path, f"[{section}]\n\n{field} = {value}\n")
+    assert msg.startswith(f"{path}:3: field {section}.{field}:")
+    assert expect in msg
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[renewal]\nmin_lead = 0\nmax_jitter = 0\nserve_margin = 0\nrefresh_cooldown = 0\n",
+        "[renewal]\nlead_fraction = 0.5\nretry_base = 0.001\nretry_cap = 0.001\nmax_failures = 1\n",
+        "[limits]\nrequests_per_second = 0\nrequest_burst = 1\nmax_connections = 1\n"
+        "idle_timeout = 0.5\nmax_in_flight = 1\n",
+    ],
+    ids=["renewal-zeros", "renewal-edges", "limits-edges"],
+)
+def test_the_edges_of_each_documented_range_are_accepted(tmp_path: Path, text: str) -> None:
+    """The smallest (and largest) value each documented range allows loads without complaint."""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    config.load(path)
+
+
+def test_serve_refuses_to_start_on_a_nan(dirs: Dirs) -> None:
+    """`credproxy serve` with `min_lead = nan` exits 2 naming the file, line and field, and binds nothing."""
+    dirs.config.write_text("[renewal]\nmin_lead = nan\n")
+    result = cli(dirs, "serve", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"credproxy serve: {dirs.config}:2: field renewal.min_lead:")
+    assert not (dirs.runtime / "credproxy.sock").exists()
 
 
 def test_missing_required_provider_field_is_named(tmp_path: Path) -> None:

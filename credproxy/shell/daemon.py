@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import random
 import resource
@@ -59,6 +60,9 @@ log = logs.get("credproxy.daemon")
 
 SHUTDOWN_GRACE = 8.0  # seconds for in-flight refreshes to land; < TimeoutStopSec (10 s)
 UPSTREAM_TIMEOUT = 6.0  # per phase of a refresh request; a sent request fits the grace
+
+
+_BOOT_CLOCK = functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
 
 
 def version() -> str:
@@ -198,8 +202,9 @@ class Daemon:
             out["error"] = str(exc)
             return out
         if entry is not None:
-            out["expiry"] = iso(entry.expiry)
-            out["expires_in"] = None if entry.expiry is None else round(entry.expiry - now)
+            expiry = self.tokens.expiry(entry)  # what is true, whatever the wall clock did
+            out["expiry"] = iso(expiry)
+            out["expires_in"] = None if expiry is None else round(expiry - now)
             out["refreshable"] = entry.refreshable
         health = self.tokens.known_health(key)
         if health is not None:
@@ -209,6 +214,8 @@ class Daemon:
                 reauth_required=health.reauth_required,
                 last_refresh=iso(health.last_refresh),
                 refreshes=health.refreshes,
+                unsaved_since=iso(health.unsaved_since),
+                save_failures=health.save_failures,
             )
         nexts = [
             s.timers[key][0].deadline
@@ -257,9 +264,11 @@ def _take_instance_lock(runtime: Path) -> int:
 
     Binding first and probing a stale socket is not enough on its own: a
     daemon that has bound but not yet listened refuses the probe, and a second
-    daemon would unlink its socket. The lock closes that window.
+    daemon would unlink its socket. The lock closes that window. It is opened
+    ``O_NOFOLLOW`` and must be a regular file of ours: a planted symlink is
+    refused, not followed.
     """
-    fd = os.open(runtime / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = paths.open_nofollow(runtime / "daemon.lock", os.O_RDWR, "instance lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -270,6 +279,13 @@ def _take_instance_lock(runtime: Path) -> int:
     return fd
 
 
+def _check_state_dir(root: Path) -> None:
+    """Refuse a state directory that is not ours; repair (and say so) one others may write."""
+    old = paths.secure_dir(root, what="state directory", follow_symlinks=True)
+    if old is not None:
+        log.warning("directory_repaired", path=str(root), mode=f"{old:04o}", now="0700")
+
+
 async def serve(
     cfg: Config,
     *,
@@ -278,6 +294,7 @@ async def serve(
     endpoint: TokenEndpoint,
     idle_exit: float | None = None,
     wall_clock: Callable[[], float] = time.time,
+    boot_clock: Callable[[], float] = _BOOT_CLOCK,
     rng: random.Random | None = None,
     handle_signals: bool = False,
     inherited: list[stdsocket.socket] | None = None,
@@ -294,9 +311,10 @@ async def serve(
     Startup errors (another daemon, an unusable directory) raise before
     ``task_status.started()``.
     """
-    if serving_thread and wall_clock is not time.time:
-        raise ValueError("the serving thread reads time.time(); pass no other wall clock")
-    make_private_dir(runtime)
+    if serving_thread and (wall_clock is not time.time or boot_clock is not _BOOT_CLOCK):
+        raise ValueError("the serving thread reads the real clocks; pass no others")
+    _check_state_dir(store.root)
+    make_private_dir(runtime, searchable_ok=False)  # no session yet: nothing is shared
     lock_fd = _take_instance_lock(runtime)
     sessions_dir = runtime / "s"
     control_path = runtime / "credproxy.sock"
@@ -304,7 +322,7 @@ async def serve(
     listeners: list[trio.socket.SocketType] = []
     daemon: Daemon | None = None
     try:
-        make_private_dir(sessions_dir)
+        make_private_dir(sessions_dir, searchable_ok=False)
         for stale in os.listdir(sessions_dir):  # left by a daemon that crashed
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sessions_dir / stale)
@@ -325,11 +343,12 @@ async def serve(
                     endpoint,
                     refresh_nursery,
                     wall_clock=wall_clock,
+                    boot_clock=boot_clock,
                     rng=rng or random.Random(),  # noqa: S311 - jitter, not crypto
                 )
                 try:
                     async with trio.open_nursery() as main:
-                        sandbox_ops = SandboxOps(tokens, store, wall_clock)
+                        sandbox_ops = SandboxOps(tokens, store, wall_clock, boot_clock)
                         if serving_thread:
                             token = trio.lowlevel.current_trio_token()
                             fast = FastPath(

@@ -22,6 +22,7 @@ import fcntl
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -66,6 +67,8 @@ def run(
     with Client(control, timeout=15) as c:
         opened = c.call("open_session", payload)
     sid, sock = str(opened["session"]), str(opened["socket"])
+    if allow_uids:
+        _note_closed_path(Path(sock))
     env = dict(os.environ, CREDPROXY_SOCKET=sock, LLXPRT_CREDENTIAL_SOCKET=sock)
     # A token or descriptor named by an enclosing session means nothing here
     # (CMD gets no descriptor above 2 but ours), and the client would prefer it.
@@ -82,6 +85,28 @@ def run(
                 c.call("close_session", {"session": sid})
         except CredproxyError:
             pass  # the daemon is gone or already closed it (pidfd watch)
+
+
+def _note_closed_path(sock: Path) -> None:
+    """Say so when another uid cannot reach *sock* by its path (a 0700 parent).
+
+    The daemon opens the socket and the directories it owns to other uids;
+    the ones above (``/run/user/UID`` is 0700) are the user's. Bind-mounting
+    the socket into the sandbox (``{socket}``) needs no path on the host.
+    """
+    for parent in sock.parents:
+        try:
+            searchable = os.stat(parent).st_mode & stat.S_IXOTH
+        except OSError:
+            continue
+        if not searchable:
+            print(
+                f"credproxy run: note: other uids cannot reach {sock} by its path, "
+                f"because {parent} is not searchable by them; bind-mount the socket into "
+                "the sandbox ({socket}) or use a CREDPROXY_RUNTIME_DIR they can search",
+                file=sys.stderr,
+            )
+            return
 
 
 def _default_grants() -> list[str]:
@@ -231,9 +256,21 @@ def ensure_daemon(control: Path) -> None:
     runtime = control.parent
     old = os.umask(0o077)
     try:
-        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The daemon checks the runtime directory too, but the log is opened
+        # here first: refuse a directory of someone else's and a planted
+        # symlink before writing anything there.
+        repaired = paths.secure_dir(
+            runtime, what="runtime directory", allowed=(paths.PRIVATE, paths.SEARCHABLE)
+        )
+        if repaired is not None:
+            print(
+                f"credproxy run: warning: the runtime directory {runtime} was mode "
+                f"{repaired:04o} (open to other users); it is 0700 now",
+                file=sys.stderr,
+            )
         log_path = runtime / "daemon.log"
-        with open(log_path, "ab") as log_file:
+        log_fd = paths.open_nofollow(log_path, os.O_WRONLY | os.O_APPEND, "daemon log")
+        with open(log_fd, "ab") as log_file:
             subprocess.Popen(
                 [
                     sys.executable,

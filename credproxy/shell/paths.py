@@ -6,8 +6,12 @@ Defaults come from platformdirs; ``CREDPROXY_CONFIG``, ``CREDPROXY_STATE_DIR`` a
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
+
+from credproxy.errors import CredproxyError
 
 APP = "credproxy"
 
@@ -54,3 +58,97 @@ def control_socket() -> Path:
 def sessions_dir() -> Path:
     """Directory of the per-sandbox session sockets."""
     return runtime_dir() / "s"
+
+
+PRIVATE = 0o700
+SEARCHABLE = 0o711  # others may pass through (to a socket opened for them), never list
+
+
+def secure_dir(
+    path: Path,
+    *,
+    what: str,
+    allowed: tuple[int, ...] = (PRIVATE,),
+    follow_symlinks: bool = False,
+) -> int | None:
+    """Create *path* (mode 0700, parents too) and make sure only we control it.
+
+    A directory that belongs to another uid, or is not a directory (a symlink
+    included: whoever could plant it chose where our files go), is refused. A
+    mode outside *allowed* (say a group- or world-writable 0777) is repaired to
+    0700 through a descriptor, so the check and the repair act on the same
+    directory. With *follow_symlinks* (the state directory, which users may
+    keep on another disk) a symlink is followed and its target checked.
+    Returns the old mode when it repaired one, so that the caller can say so;
+    ``None`` when nothing needed repairing.
+
+    Raises:
+        CredproxyError: the directory cannot be used; the message names it.
+    """
+    try:
+        path.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a dangling symlink or a file: reported below
+    except OSError as exc:
+        raise CredproxyError(f"cannot create the {what} {path}: {exc.strerror}") from None
+    try:
+        nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | nofollow | os.O_CLOEXEC)
+    except OSError as exc:
+        if not follow_symlinks and os.path.islink(path):
+            raise CredproxyError(
+                f"the {what} {path} is a symbolic link; refusing to use it "
+                "(remove it, or point the CREDPROXY_* variable at the real directory)"
+            ) from None
+        if exc.errno == errno.ENOTDIR:
+            raise CredproxyError(
+                f"the {what} {path} is not a directory; remove it and retry"
+            ) from None
+        raise CredproxyError(f"cannot open the {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise CredproxyError(
+                f"the {what} {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+                "refusing to use it"
+            )
+        mode = stat.S_IMODE(st.st_mode)
+        if mode in allowed:
+            return None
+        os.fchmod(fd, PRIVATE)
+        return mode
+    finally:
+        os.close(fd)
+
+
+def set_dir_mode(path: Path, mode: int) -> None:
+    """Set the mode of our directory *path* if it differs, never through a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def open_nofollow(path: Path, flags: int, what: str) -> int:
+    """``os.open`` a file we create or append to, refusing a symlink or someone else's file.
+
+    Raises:
+        CredproxyError: *path* is a symlink, not a regular file, or not ours.
+    """
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CredproxyError(
+                f"{path} is a symbolic link; refusing to write the {what} through it (remove it)"
+            ) from None
+        raise CredproxyError(f"cannot open the {what} {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise CredproxyError(
+            f"{path} is not a regular file of yours; refusing to use it as the {what} (remove it)"
+        )
+    return fd

@@ -38,6 +38,7 @@ from credproxy.shell.server import (
     accept_forever,
     bind_unix,
     make_private_dir,
+    open_path_for_others,
     peer_credentials,
     refuse,
 )
@@ -231,6 +232,11 @@ class Sessions:
                 listener.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(session.socket_path)
+                if session.allow_uids:
+                    # The last session open to other uids closes the path again.
+                    open_path_for_others(
+                        (self.directory.parent, self.directory), self.directory, opening=False
+                    )
             if pidfd is not None:
                 os.close(pidfd)
             if self.by_id.pop(session.id, None) is not None:
