@@ -107,7 +107,13 @@ def _parser() -> Any:
     s.add_argument("--bucket")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("import", help="store a token given as JSON")
+    s = sub.add_parser(
+        "import",
+        help="store a token given as JSON, or adopt another tool's login (--from)",
+        description="Store a token given as JSON. With --from TOOL, adopt the login of "
+        "claude-code, codex or gemini-cli from its own credentials file (FILE defaults to "
+        "the tool's usual path); the tool must then no longer refresh its copy.",
+    )
     # One positional list: argparse would otherwise bind an optional FILE together
     # with PROVIDER and refuse `import PROVIDER --bucket B FILE`.
     s.add_argument(
@@ -117,7 +123,46 @@ def _parser() -> Any:
         help="provider name, then a JSON file or - for stdin (default)",
     )
     s.add_argument("--bucket", default="default")
+    s.add_argument(
+        "--from",
+        dest="from_tool",
+        metavar="TOOL",
+        help="adopt the login in TOOL's credentials file: claude-code, codex or gemini-cli",
+    )
+    s.add_argument(
+        "--retire-source",
+        action="store_true",
+        help="with --from: replace the refresh token in TOOL's file with a marker so "
+        "that TOOL cannot spend it (a 0600 backup of the file is kept)",
+    )
     s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser(
+        "login",
+        help="log in to a provider on this host and store the token",
+        description="Log in with the device flow (RFC 8628), the browser and a loopback "
+        "redirect (PKCE), or by pasting the code; the token is stored like `import` does "
+        "and a running daemon serves it at once. Only the user code is shown, no secret.",
+    )
+    s.add_argument("provider")
+    s.add_argument("--bucket", default="default")
+    s.add_argument(
+        "--flow",
+        choices=["device", "loopback", "paste"],
+        help="default: the provider's flow, else device when it has a "
+        "device_authorization_url, else loopback",
+    )
+    s.add_argument(
+        "--no-browser", action="store_true", help="print the URL instead of opening a browser"
+    )
+    s.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="give up after this long (default 300 for loopback and paste; "
+        "the device flow ends when its code expires)",
+    )
+    s.set_defaults(func=cmd_login)
 
     s = sub.add_parser("logout", help="remove a stored token (its renewals stop)")
     s.add_argument("provider")
@@ -168,7 +213,17 @@ def _store() -> Any:
     from credproxy.core.store import TokenStore
     from credproxy.shell import paths
 
-    return TokenStore(paths.state_dir())
+    root = paths.state_dir()
+    # The same check the daemon makes at start: refuse a state directory of
+    # another uid, repair (and say so) one that others may write to.
+    repaired = paths.secure_dir(root, what="state directory", follow_symlinks=True)
+    if repaired is not None:
+        print(
+            f"credproxy: warning: the state directory {root} was mode {repaired:04o}; "
+            "it is 0700 now (only you may read your tokens)",
+            file=sys.stderr,
+        )
+    return TokenStore(root)
 
 
 def _notify_daemon(provider: str, bucket: str) -> None:
@@ -186,17 +241,19 @@ def _notify_daemon(provider: str, bucket: str) -> None:
 def cmd_import(ns: Any) -> int:
     if len(ns.args) > 2:
         raise UsageError("import takes PROVIDER and at most one FILE")
-    return import_token(ns.args[0], ns.bucket, ns.args[1] if len(ns.args) > 1 else "-")
+    file = ns.args[1] if len(ns.args) > 1 else None
+    if ns.from_tool is not None:
+        return adopt_login(ns.args[0], ns.bucket, ns.from_tool, file, ns.retire_source)
+    if ns.retire_source:
+        raise UsageError("--retire-source goes with --from TOOL")
+    return import_token(ns.args[0], ns.bucket, file or "-")
 
 
 def import_token(provider: str, bucket: str, file: str) -> int:
     """Read token JSON from *file* (``-``: stdin), validate, store under the key's lock."""
     import json
-    import os
-    import time
 
     from credproxy.core.names import check_name
-    from credproxy.core.store import normalize_token
 
     check_name("provider", provider)
     check_name("bucket", bucket)
@@ -215,6 +272,17 @@ def import_token(provider: str, bucket: str, file: str) -> int:
         raise UsageError(
             f"{source} is not valid JSON (line {getattr(exc, 'lineno', '?')})"
         ) from None
+    store_token(provider, bucket, raw)
+    return EXIT_OK
+
+
+def store_token(provider: str, bucket: str, raw: Any) -> dict[str, Any]:
+    """Normalize token JSON *raw*, store it under the key's lock, tell the daemon; say so."""
+    import os
+    import time
+
+    from credproxy.core.store import normalize_token
+
     token = normalize_token(raw, time.time())
     os.umask(0o077)
     store = _store()
@@ -226,6 +294,93 @@ def import_token(provider: str, bucket: str, file: str) -> int:
     left = "no expiry" if expiry is None else f"expires in {int(expiry - time.time())} s"
     rt = "with" if token.get("refresh_token") else "without"
     print(f"stored {provider}:{bucket} ({left}, {rt} refresh token)")
+    return token
+
+
+#: The preset that refreshes the login each tool makes (see docs/providers.md).
+_ADOPT_PRESETS = {"claude-code": "claude", "codex": "codex", "gemini-cli": "gemini"}
+
+
+def adopt_login(provider: str, bucket: str, tool: str, file: str | None, retire: bool) -> int:
+    """Store the login in *tool*'s credentials file; with *retire*, disable the tool's copy."""
+    import os
+    from pathlib import Path
+
+    from credproxy.core import adopt
+    from credproxy.core.names import check_name
+    from credproxy.shell.adopt import read_source, retire_source
+
+    check_name("provider", provider)
+    check_name("bucket", bucket)
+    if tool not in adopt.TOOLS:
+        raise UsageError(f"unknown tool {tool!r}; --from takes one of: {', '.join(adopt.TOOLS)}")
+    if file == "-":
+        raise UsageError("--from reads the tool's own file: give its path, not -")
+    path = Path(file).expanduser() if file else adopt.default_path(tool, Path.home(), os.environ)
+    raw = adopt.parse_source(tool, read_source(path), str(path))
+    store_token(provider, bucket, raw)
+    title = adopt.TOOLS[tool].title
+    if retire:
+        backup = retire_source(tool, path, raw["refresh_token"])
+        print(
+            f"retired the refresh token in {path} (backup: {backup}, mode 0600); "
+            f"{title} can no longer refresh that login: give it tokens from credproxy"
+        )
+    else:
+        print(
+            f"important: {title} must no longer refresh its copy in {path}; if both refresh "
+            "the same refresh token, they log each other out. Stop using that login in "
+            f"{title}, or run this again with --retire-source to disable it (a backup is kept)."
+        )
+    _config_hint(provider, _ADOPT_PRESETS[tool])
+    return EXIT_OK
+
+
+def _config_hint(provider: str, preset: str) -> None:
+    """Say how to configure *provider* if the config does not define it yet."""
+    from credproxy.core.config import load
+    from credproxy.errors import ConfigError
+    from credproxy.shell import paths
+
+    try:
+        if provider in load(paths.config_file()).providers:
+            return
+    except ConfigError:
+        return  # the daemon reports a bad config in full; not this command's business
+    print(
+        f"note: credproxy cannot refresh {provider} until {paths.config_file()} has "
+        f'[providers.{provider}] with preset = "{preset}" (see docs/providers.md)'
+    )
+
+
+def cmd_login(ns: Any) -> int:
+    """Run a login flow; store the token only if it succeeded (Ctrl-C stores nothing)."""
+    import signal
+
+    from credproxy.core import config, login
+    from credproxy.core.names import check_name
+    from credproxy.errors import NotFound
+    from credproxy.shell import paths
+    from credproxy.shell.login import log_in
+
+    check_name("provider", ns.provider)
+    check_name("bucket", ns.bucket)
+    cfg = config.load(paths.config_file())
+    provider = cfg.providers.get(ns.provider)
+    if provider is None:
+        raise NotFound(
+            f"no provider {ns.provider} in {paths.config_file()}; add [providers.{ns.provider}] "
+            "(a preset is the quickest: see docs/providers.md)"
+        )
+    flow = login.choose_flow(ns.provider, provider, ns.flow)
+    token = log_in(ns.provider, provider, flow, no_browser=ns.no_browser, give_up_after=ns.timeout)
+    # From here on the login has happened: a Ctrl-C must not cut the store
+    # write (or the daemon's notice) in half, so SIGINT waits until after.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        store_token(ns.provider, ns.bucket, token)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return EXIT_OK
 
 

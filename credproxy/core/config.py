@@ -7,10 +7,11 @@ half-understood configuration. A missing file means "all defaults".
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
@@ -22,35 +23,106 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """An OAuth 2.0 client: where and as whom to refresh tokens."""
+    """An OAuth 2.0 client: where and as whom to refresh tokens and to log in.
+
+    The login keys are named after RFC 8414 metadata, shortened like
+    ``token_url``: ``authorization_url`` (authorization code + PKCE, loopback
+    or paste), ``device_authorization_url`` (RFC 8628 device flow). ``flow``
+    picks the default of ``credproxy login``; ``redirect_port`` fixes the
+    loopback port when the client's registered redirect demands one.
+    ``preset`` names a provider preset whose values the other keys override.
+    """
 
     token_url: str
     client_id: str
     client_secret_file: str | None = None
     scopes: list[str] = msgspec.field(default_factory=list)
+    authorization_url: str | None = None
+    device_authorization_url: str | None = None
+    flow: Literal["device", "loopback", "paste"] | None = None
+    redirect_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    # The redirect URI registered for the client, when it must be that exact one:
+    # a loopback http URL (its port is listened on and its path is the
+    # callback), or an https page that shows the code (paste flow only).
+    redirect_uri: str | None = None
+    preset: str | None = None
+
+
+#: The Provider fields that hold endpoint URLs: https, or plain http on loopback.
+PROVIDER_URL_FIELDS = (
+    "token_url",
+    "authorization_url",
+    "device_authorization_url",
+    "redirect_uri",
+)
 
 
 class Renewal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Renewal constants, all in seconds (PRODUCT.md section 6)."""
+    """Renewal constants, all in seconds (PRODUCT.md section 6).
 
-    min_lead: float = 300
-    lead_fraction: float = 0.1
-    max_jitter: float = 30
-    retry_base: float = 30
-    retry_cap: float = 1800
-    max_failures: int = 10
-    serve_margin: float = 60
-    refresh_cooldown: float = 30
+    Every value must be a finite number in the range noted beside it (see
+    :data:`RANGES`); ``nan`` and ``inf``, which TOML allows, are refused.
+    """
+
+    min_lead: float = 300  # >= 0: renew at least this long before expiry
+    lead_fraction: float = 0.1  # 0 to 0.5: the lead is capped at half the lifetime anyway
+    max_jitter: float = 30  # >= 0
+    retry_base: float = 30  # > 0: 0 would retry a failing refresh in a busy loop
+    retry_cap: float = 1800  # >= retry_base
+    max_failures: int = 10  # >= 1 consecutive failures before renewal gives up
+    serve_margin: float = 60  # >= 0: get_token refreshes first when less is left
+    refresh_cooldown: float = 30  # >= 0: the refresh_token op reaches the IdP at most this often
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Limits per connection (every socket) and per session (the connection cap)."""
+    """Limits per connection (every socket) and per session (the connection cap).
 
-    requests_per_second: float = 200  # sustained rate per connection; 0 disables
-    request_burst: int = 400  # bucket size of that rate
-    max_connections: int = 128  # open connections per session
-    idle_timeout: float = 600  # seconds without a request before a connection is closed
-    max_in_flight: int = 16  # requests in flight per connection (llxprt's figure)
+    Finite numbers in the range noted beside each (see :data:`RANGES`).
+    """
+
+    requests_per_second: float = 200  # >= 0: sustained rate per connection; 0 disables
+    request_burst: int = 400  # >= 1: bucket size of that rate
+    max_connections: int = 128  # >= 1: open connections per session
+    idle_timeout: float = 600  # > 0: seconds without a request before a connection is closed
+    max_in_flight: int = 16  # >= 1: requests in flight per connection (llxprt's figure)
+
+
+class Range(NamedTuple):
+    """The values a number in the config may take: finite, and within these bounds."""
+
+    low: float
+    low_inclusive: bool = True
+    high: float | None = None  # inclusive
+
+    def describe(self) -> str:
+        low = f"{'at least' if self.low_inclusive else 'greater than'} {self.low:g}"
+        return low if self.high is None else f"from {self.low:g} to {self.high:g}"
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value >= self.low if self.low_inclusive else value > self.low
+        return above and (self.high is None or value <= self.high)
+
+
+# Documented ranges of every number in the config (README "Use", PRODUCT.md
+# section 4). A value outside its range would not fail loudly later: a NaN
+# min_lead renews in a loop, a negative cooldown lets a sandbox hammer the IdP.
+RANGES: dict[tuple[str, str], Range] = {
+    ("renewal", "min_lead"): Range(0),
+    ("renewal", "lead_fraction"): Range(0, high=0.5),
+    ("renewal", "max_jitter"): Range(0),
+    ("renewal", "retry_base"): Range(0, low_inclusive=False),
+    ("renewal", "retry_cap"): Range(0, low_inclusive=False),  # and >= retry_base
+    ("renewal", "max_failures"): Range(1),
+    ("renewal", "serve_margin"): Range(0),
+    ("renewal", "refresh_cooldown"): Range(0),
+    ("limits", "requests_per_second"): Range(0),
+    ("limits", "request_burst"): Range(1),
+    ("limits", "max_connections"): Range(1),
+    ("limits", "idle_timeout"): Range(0, low_inclusive=False),
+    ("limits", "max_in_flight"): Range(1),
+}
 
 
 class Sandbox(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -59,11 +131,23 @@ class Sandbox(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     default_allow: list[str] = msgspec.field(default_factory=list)
 
 
+class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the person on the host hears that a login is needed (without a shell).
+
+    ``command`` is run as given, with the message as one more argument and
+    ``CREDPROXY_PROVIDER``, ``CREDPROXY_BUCKET`` and ``CREDPROXY_LOGIN`` (the
+    command to run) in its environment; e.g. ``["notify-send", "credproxy"]``.
+    """
+
+    command: list[str] = msgspec.field(default_factory=list)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     providers: dict[str, Provider] = msgspec.field(default_factory=dict)
     renewal: Renewal = msgspec.field(default_factory=Renewal)
     limits: Limits = msgspec.field(default_factory=Limits)
     sandbox: Sandbox = msgspec.field(default_factory=Sandbox)
+    notify: Notify = msgspec.field(default_factory=Notify)
 
 
 def load(path: Path) -> Config:
@@ -94,7 +178,14 @@ def parse(text: str, path: Path) -> Config:
     # (msgspec reports dictionary keys as "[...]").
     providers = raw.get("providers", {})
     if isinstance(providers, dict):
+        from credproxy.core.presets import PresetError, apply_preset
+
         for name, table in providers.items():
+            if isinstance(table, dict):  # a preset fills in what the table leaves out
+                try:
+                    providers[name] = table = apply_preset(name, table)
+                except PresetError as exc:
+                    raise ConfigError(_locate(path, text, exc.keys, str(exc))) from None
             _convert(table, Provider, path, text, ["providers", name])
     cfg: Config = _convert(raw, Config, path, text, [])
     for problem, keys in _problems(cfg):
@@ -120,36 +211,30 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
     for name, prov in cfg.providers.items():
         if not is_name(name):
             out.append((f"provider name {name!r} must be {NAME_RULE}", ["providers", name]))
-        url = urlsplit(prov.token_url)
-        if not url.hostname:
-            out.append(("token_url has no host", ["providers", name, "token_url"]))
-        elif url.scheme != "https" and not (
-            url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
-        ):
-            out.append(
-                (
-                    "token_url must be an https:// URL (plain http is allowed for loopback only)",
-                    ["providers", name, "token_url"],
+        for key in PROVIDER_URL_FIELDS:
+            value = getattr(prov, key)
+            if value is None:
+                continue
+            url = urlsplit(value)
+            if not url.hostname:
+                out.append((f"{key} has no host", ["providers", name, key]))
+            elif url.scheme != "https" and not (
+                url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
+            ):
+                out.append(
+                    (
+                        f"{key} must be an https:// URL (plain http is allowed for loopback only)",
+                        ["providers", name, key],
+                    )
                 )
-            )
+    for (section, field), allowed in RANGES.items():
+        value = getattr(getattr(cfg, section), field)
+        if not allowed.admits(value):
+            problem = f"must be a finite number, {allowed.describe()} (got {value!r})"
+            out.append((f"{field} {problem}", [section, field]))
     r = cfg.renewal
-    for field in ("min_lead", "max_jitter", "retry_base", "retry_cap", "serve_margin"):
-        if getattr(r, field) < 0:
-            out.append((f"{field} must not be negative", ["renewal", field]))
     if r.retry_cap < r.retry_base:
         out.append(("retry_cap must be at least retry_base", ["renewal", "retry_cap"]))
-    if not 0 <= r.lead_fraction < 1:
-        out.append(("lead_fraction must be in [0, 1)", ["renewal", "lead_fraction"]))
-    if r.max_failures < 1:
-        out.append(("max_failures must be at least 1", ["renewal", "max_failures"]))
-    lim = cfg.limits
-    if lim.requests_per_second < 0:
-        out.append(("requests_per_second must not be negative", ["limits", "requests_per_second"]))
-    for field in ("request_burst", "max_connections", "max_in_flight"):
-        if getattr(lim, field) < 1:
-            out.append((f"{field} must be at least 1", ["limits", field]))
-    if lim.idle_timeout <= 0:
-        out.append(("idle_timeout must be positive", ["limits", "idle_timeout"]))
     return out
 
 

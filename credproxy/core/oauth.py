@@ -105,10 +105,7 @@ def parse_refresh_response(status: int, body: bytes, now: float) -> dict[str, An
         code = _error_code(error)
         where = f"HTTP {status}" + (f", error {code}" if code else "")
         if status == 401 or (status in (200, 400) and error in REAUTH_ERRORS):
-            raise ReauthRequired(
-                f"the identity provider rejected the refresh token ({where}); "
-                "log in again and `credproxy import` a new token"
-            )
+            raise ReauthRequired(f"the identity provider rejected the refresh token ({where})")
         if status == 200:
             what = "no JSON object" if payload is None else "no access_token"
             raise RefreshFailed(f"the token endpoint answered {where} with {what}")

@@ -18,6 +18,19 @@ status and a JSON object, and never does I/O (the clock is injected).
 ``GET /userinfo``), and :func:`main` is ``python -m credproxy.shell.devidp`` for the
 README demo. Tests script failures with :meth:`DevIdP.fail_next`.
 
+It also logs people in, so ``credproxy login`` runs its real flows against it:
+
+- ``POST /device_authorization`` starts a device flow (RFC 8628); the person
+  (or a test) approves it with a plain ``GET /device?user_code=X&action=approve``
+  (``deny``, ``expire`` and ``slow_down`` script the other outcomes), and the
+  token endpoint answers the ``device_code`` grant accordingly. A poll that
+  comes sooner than the interval answers ``slow_down``, as RFC 8628 allows.
+- ``GET /authorize`` (authorization code + PKCE S256, RFC 7636) approves at
+  once and redirects back to the loopback ``redirect_uri`` with ``code`` and
+  ``state`` (``devidp_action=deny`` in the query redirects with
+  ``access_denied``); the token endpoint checks the ``code_verifier`` against
+  the challenge, so a following HTTP client plays the browser.
+
 Nothing here prints or records a token: requests are kept with the refresh
 token and client secret replaced by a short SHA-256 :func:`fingerprint`.
 """
@@ -25,6 +38,7 @@ token and client secret replaced by a short SHA-256 :func:`fingerprint`.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import hmac
 import json
@@ -38,17 +52,28 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from html import escape
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import h11
 import trio
 
-__all__ = ["FAULT_KINDS", "DevIdP", "fingerprint", "main", "serve"]
+__all__ = ["DEVICE_ACTIONS", "FAULT_KINDS", "DevIdP", "fingerprint", "main", "serve"]
 
 #: What :meth:`DevIdP.fail_next` can script.
 FAULT_KINDS = frozenset({"server_error", "invalid_grant", "slow", "malformed", "no_refresh_token"})
+
+#: What ``GET /device?user_code=X&action=...`` can do to a pending device flow.
+DEVICE_ACTIONS = frozenset({"approve", "deny", "expire", "slow_down"})
+
+_DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# RFC 8628 6.1: a short code from an alphabet without vowels and look-alikes.
+_USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
+_CODE_LIFETIME = 120.0  # seconds an authorization code stays usable
+_POLL_TOLERANCE = 0.5  # seconds a poll may come early before it counts as too fast
+_SECRET_FORM_KEYS = ("refresh_token", "client_secret", "code", "code_verifier", "device_code")
 
 _MAX_REQUEST_BYTES = 64 * 1024
 _READ_TIMEOUT = 10.0  # seconds to receive a whole request
@@ -74,6 +99,31 @@ class _Fault:
     delay: float = 0.0
 
 
+@dataclass
+class _DeviceGrant:
+    """One device flow in progress (keyed by its device code)."""
+
+    client_id: str
+    user_code: str
+    scope: str | None
+    expires_at: float
+    interval: float
+    state: str = "pending"  # pending | approved | denied | expired
+    slow_down_next: bool = False
+    last_poll: float | None = None
+
+
+@dataclass
+class _AuthCode:
+    """One authorization code issued by ``/authorize``, not yet exchanged."""
+
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    scope: str | None
+    expires_at: float
+
+
 class DevIdP:
     """The token endpoint's state. No I/O: callers pass forms in and get answers out.
 
@@ -89,7 +139,12 @@ class DevIdP:
     - ``requests``: every token request received, as a form with
       ``refresh_token`` and ``client_secret`` replaced by :func:`fingerprint`;
     - ``events``: one line per refresh or reuse, fingerprints only (what
-      :func:`serve` logs).
+      :func:`serve` logs);
+    - ``login_count``: tokens issued by the code and device grants;
+    - ``too_fast_polls``: device polls that came sooner than the interval.
+
+    *device_interval* and *device_expires_in* are what a device
+    authorization response announces (RFC 8628 3.2).
     """
 
     def __init__(
@@ -99,11 +154,20 @@ class DevIdP:
         clock: Callable[[], float] = time.time,
         client_id: str = "credproxy-dev",
         client_secret: str | None = None,
+        device_interval: float = 5,
+        device_expires_in: float = 600,
     ) -> None:
         self.lifetime = lifetime
         self.clock = clock
         self.client_id = client_id
         self._client_secret = client_secret
+        self.device_interval = device_interval
+        self.device_expires_in = device_expires_in
+        self.login_count = 0
+        self.too_fast_polls = 0
+        self._device_grants: dict[str, _DeviceGrant] = {}  # device code -> grant
+        self._user_codes: dict[str, str] = {}  # user code -> device code
+        self._auth_codes: dict[str, _AuthCode] = {}
         self.refresh_count = 0
         self.reuse_count = 0
         self.families_revoked = 0
@@ -210,10 +274,15 @@ class DevIdP:
         if kind == "malformed":
             return 200, {}
 
-        if form.get("grant_type") != "refresh_token":
+        grant_type = form.get("grant_type")
+        if grant_type not in ("refresh_token", "authorization_code", _DEVICE_GRANT):
             return 400, {"error": "unsupported_grant_type"}
         if not self._client_ok(form):
             return 401, {"error": "invalid_client"}
+        if grant_type == "authorization_code":
+            return self._code_grant(form)
+        if grant_type == _DEVICE_GRANT:
+            return self._device_grant(form)
         presented = form.get("refresh_token", "")
         family = self._refresh_tokens.get(presented)
         if family is None:
@@ -255,6 +324,175 @@ class DevIdP:
         )
         return 200, answer
 
+    # -- logging in ------------------------------------------------------------------
+
+    def _login_answer(self, how: str, scope: str | None) -> tuple[int, dict[str, Any]]:
+        token = self.mint()
+        self.login_count += 1
+        answer: dict[str, Any] = {
+            "access_token": token["access_token"],
+            "refresh_token": token["refresh_token"],
+            "token_type": "Bearer",
+            "expires_in": int(self.lifetime)
+            if float(self.lifetime).is_integer()
+            else self.lifetime,
+        }
+        if scope:
+            answer["scope"] = scope
+        self.events.append(
+            f"login family {len(self._families)} by {how}: "
+            f"refresh token {fingerprint(token['refresh_token'])}"
+        )
+        return 200, answer
+
+    def handle_authorize(self, query: Mapping[str, str]) -> tuple[int, str]:
+        """Answer ``GET /authorize?...``: (302, Location) or (400, a reason for the page).
+
+        Approves at once: there is no person to ask. An unknown client or a
+        redirect URI that is neither loopback ``http`` nor ``https`` gets a 400
+        page and no redirect (RFC 6749 4.1.2.1); other errors redirect with
+        ``error``.
+        """
+        if not hmac.compare_digest(query.get("client_id", ""), self.client_id):
+            return 400, "unknown client_id"
+        redirect_uri = query.get("redirect_uri", "")
+        target = urlsplit(redirect_uri)
+        loopback = target.scheme == "http" and target.hostname in ("127.0.0.1", "localhost", "::1")
+        if not loopback and target.scheme != "https":
+            # https: a page of the provider's that shows the code (a paste flow).
+            return 400, "redirect_uri must be loopback http:// (RFC 8252 7.3) or https://"
+        state = query.get("state")
+
+        def back(**params: str) -> tuple[int, str]:
+            if state is not None:
+                params["state"] = state
+            joined = "&".join(p for p in (target.query, urlencode(params)) if p)
+            return 302, urlunsplit(target._replace(query=joined))
+
+        if query.get("response_type") != "code":
+            return back(error="unsupported_response_type")
+        challenge = query.get("code_challenge", "")
+        if query.get("code_challenge_method") != "S256" or not challenge:
+            return back(error="invalid_request", error_description="PKCE S256 required")
+        if query.get("devidp_action") == "deny":
+            self.events.append("authorization denied (scripted)")
+            return back(error="access_denied")
+        code = "devac-" + secrets.token_urlsafe(24)
+        self._auth_codes[code] = _AuthCode(
+            client_id=self.client_id,
+            redirect_uri=redirect_uri,
+            challenge=challenge,
+            scope=query.get("scope"),
+            expires_at=self.clock() + _CODE_LIFETIME,
+        )
+        self.events.append(f"authorization code {fingerprint(code)} issued")
+        return back(code=code)
+
+    def _code_grant(self, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+        # Codes are single-use: popped before any check, so a failed try burns it.
+        issued = self._auth_codes.pop(form.get("code", ""), None)
+        if issued is None or self.clock() >= issued.expires_at:
+            return 400, {"error": "invalid_grant", "error_description": "unknown or expired code"}
+        if not hmac.compare_digest(form.get("redirect_uri", ""), issued.redirect_uri):
+            return 400, {"error": "invalid_grant", "error_description": "redirect_uri mismatch"}
+        verifier = form.get("code_verifier", "")
+        digest = hashlib.sha256(verifier.encode("utf-8")).digest()
+        computed = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+        if not verifier or not hmac.compare_digest(computed, issued.challenge):
+            self.events.append("code exchange refused: PKCE verifier does not match")
+            return 400, {"error": "invalid_grant", "error_description": "PKCE check failed"}
+        return self._login_answer("authorization code", issued.scope)
+
+    def handle_device_authorization(
+        self, form: Mapping[str, str], base_url: str
+    ) -> tuple[int, dict[str, Any]]:
+        """Answer ``POST /device_authorization`` (RFC 8628 3.1, 3.2).
+
+        *base_url* (``http://HOST:PORT``) is where the approval page lives.
+        """
+        self.requests.append(_redact(form))
+        if not self._client_ok(form):
+            return 401, {"error": "invalid_client"}
+        device_code = "devdc-" + secrets.token_urlsafe(24)
+        raw = "".join(secrets.choice(_USER_CODE_ALPHABET) for _ in range(8))
+        user_code = f"{raw[:4]}-{raw[4:]}"
+        self._device_grants[device_code] = _DeviceGrant(
+            client_id=self.client_id,
+            user_code=user_code,
+            scope=form.get("scope"),
+            expires_at=self.clock() + self.device_expires_in,
+            interval=self.device_interval,
+        )
+        self._user_codes[user_code] = device_code
+        self.events.append(f"device flow started: user code {user_code}")
+        return 200, {
+            "device_code": device_code,
+            "user_code": user_code,
+            "verification_uri": f"{base_url}/device",
+            "verification_uri_complete": f"{base_url}/device?{urlencode({'user_code': user_code})}",
+            "expires_in": _number(self.device_expires_in),
+            "interval": _number(self.device_interval),
+        }
+
+    def device_action(self, user_code: str, action: str) -> tuple[int, str]:
+        """The person's answer on the approval page: (HTTP status, one line for the page).
+
+        ``approve`` and ``deny`` decide the flow; ``expire`` makes the next
+        poll answer ``expired_token``; ``slow_down`` makes it answer
+        ``slow_down`` once.
+        """
+        device_code = self._user_codes.get(user_code.strip().upper())
+        grant = self._device_grants.get(device_code or "")
+        if grant is None:
+            return 404, "unknown or finished user code"
+        if action not in DEVICE_ACTIONS:
+            return 400, f"unknown action; use one of {', '.join(sorted(DEVICE_ACTIONS))}"
+        if action == "slow_down":
+            grant.slow_down_next = True
+        else:
+            grant.state = {"approve": "approved", "deny": "denied", "expire": "expired"}[action]
+        self.events.append(f"device flow {grant.user_code}: {action}")
+        return 200, f"{grant.user_code}: {action} recorded; return to your terminal"
+
+    def _device_grant(self, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+        device_code = form.get("device_code", "")
+        grant = self._device_grants.get(device_code)
+        if grant is None:
+            return 400, {"error": "invalid_grant", "error_description": "unknown device code"}
+        now = self.clock()
+        too_fast = grant.last_poll is not None and now - grant.last_poll < (
+            grant.interval - _POLL_TOLERANCE
+        )
+        grant.last_poll = now
+        if grant.state == "expired" or now >= grant.expires_at:
+            return self._end_device(device_code, "expired_token")
+        if grant.state == "denied":
+            return self._end_device(device_code, "access_denied")
+        if too_fast or grant.slow_down_next:
+            if too_fast:
+                self.too_fast_polls += 1
+            grant.slow_down_next = False
+            grant.interval += 5  # RFC 8628 3.5: the client must add 5 s too
+            why = "polled too fast" if too_fast else "scripted"
+            self.events.append(f"device poll {grant.user_code}: slow_down ({why})")
+            return 400, {"error": "slow_down"}
+        if grant.state == "pending":
+            self.events.append(f"device poll {grant.user_code}: authorization_pending")
+            return 400, {"error": "authorization_pending"}
+        self._forget_device(device_code)
+        self.events.append(f"device poll {grant.user_code}: approved")
+        return self._login_answer("device code", grant.scope)
+
+    def _end_device(self, device_code: str, error: str) -> tuple[int, dict[str, Any]]:
+        grant = self._forget_device(device_code)
+        self.events.append(f"device poll {grant.user_code}: {error}")
+        return 400, {"error": error}
+
+    def _forget_device(self, device_code: str) -> _DeviceGrant:
+        grant = self._device_grants.pop(device_code)
+        self._user_codes.pop(grant.user_code, None)
+        return grant
+
     def _client_ok(self, form: Mapping[str, str]) -> bool:
         if not hmac.compare_digest(form.get("client_id", ""), self.client_id):
             return False
@@ -265,9 +503,14 @@ class DevIdP:
 
 def _redact(form: Mapping[str, str]) -> dict[str, str]:
     return {
-        key: fingerprint(value) if key in ("refresh_token", "client_secret") else value
+        key: fingerprint(value) if key in _SECRET_FORM_KEYS else value
         for key, value in form.items()
     }
+
+
+def _number(seconds: float) -> float | int:
+    """Whole seconds as an integer, as real IdPs send them."""
+    return int(seconds) if float(seconds).is_integer() else seconds
 
 
 # -- HTTP ------------------------------------------------------------------------
@@ -319,16 +562,17 @@ async def _serve_listeners(
 ) -> NoReturn:
     host, bound_port = listeners[0].socket.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    task_status.started(f"http://{shown}:{bound_port}/token")
-    await trio.serve_listeners(partial(_handle, idp, log), listeners)
+    base_url = f"http://{shown}:{bound_port}"
+    task_status.started(f"{base_url}/token")
+    await trio.serve_listeners(partial(_handle, idp, log, base_url), listeners)
 
 
 async def _handle(
-    idp: DevIdP, log: Callable[[str], None] | None, stream: trio.SocketStream
+    idp: DevIdP, log: Callable[[str], None] | None, base_url: str, stream: trio.SocketStream
 ) -> None:
     async with stream:
         try:
-            await _handle_one(idp, log, stream)
+            await _handle_one(idp, log, base_url, stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass  # the client went away or spoke nonsense; nothing to answer
         except Exception as exc:  # a bug here must not take the server down
@@ -336,7 +580,7 @@ async def _handle(
 
 
 async def _handle_one(
-    idp: DevIdP, log: Callable[[str], None] | None, stream: trio.SocketStream
+    idp: DevIdP, log: Callable[[str], None] | None, base_url: str, stream: trio.SocketStream
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_BYTES)
     request: h11.Request | None = None
@@ -361,19 +605,72 @@ async def _handle_one(
         return
 
     method = request.method.decode("ascii", "replace")
-    target = request.target.decode("ascii", "replace").split("?", 1)[0]
+    target, _, query_text = request.target.decode("ascii", "replace").partition("?")
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
+    query = dict(parse_qsl(query_text, keep_blank_values=True))
 
+    events_before = len(idp.events)
     if target == "/token":
         if method != "POST":
             reply = _json_reply(405, {"error": "invalid_request"})
         else:
             reply = await _token(idp, log, bytes(body))
+            events_before = len(idp.events)  # _token logged its own
     elif target == "/userinfo":
         reply = _userinfo(idp, headers.get("authorization", ""))
+    elif target == "/device_authorization" and method == "POST":
+        form = _form(bytes(body))
+        if form is None:
+            reply = _json_reply(400, {"error": "invalid_request"})
+        else:
+            reply = _json_reply(*idp.handle_device_authorization(form, base_url))
+    elif target == "/device" and method == "GET":
+        reply = _device_page(idp, query)
+    elif target == "/authorize" and method == "GET":
+        status, where = idp.handle_authorize(query)
+        if status == 302:
+            reply = _Reply(302, b"", "text/plain", (("Location", where),))
+        else:
+            reply = _html(status, "Authorization refused", where)
     else:
         reply = _json_reply(404, {"error": "not_found"})
+    if log is not None:
+        for line in idp.events[events_before:]:
+            log(f"devidp: {line}")
     await _send(conn, stream, reply)
+
+
+def _form(body: bytes) -> dict[str, str] | None:
+    try:
+        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return None
+
+
+def _html(status: int, title: str, text: str) -> _Reply:
+    page = (
+        f"<!doctype html><title>{escape(title)}</title>"
+        f"<h1>{escape(title)}</h1><p>{escape(text)}</p>"
+    )
+    return _Reply(status, page.encode("utf-8"), "text/html; charset=utf-8")
+
+
+def _device_page(idp: DevIdP, query: Mapping[str, str]) -> _Reply:
+    """``GET /device``: the approval page; with ``action=`` it records the person's answer."""
+    user_code = query.get("user_code", "")
+    action = query.get("action")
+    if action is not None:
+        status, text = idp.device_action(user_code, action)
+        return _html(status, "Device login", text)
+    buttons = "".join(
+        f'<button name="action" value="{a}">{a}</button>' for a in ("approve", "deny")
+    )
+    page = (
+        "<!doctype html><title>Device login</title><h1>Device login (development IdP)</h1>"
+        '<form method="get" action="/device"><label>User code '
+        f'<input name="user_code" value="{escape(user_code)}"></label> {buttons}</form>'
+    )
+    return _Reply(200, page.encode("utf-8"), "text/html; charset=utf-8")
 
 
 async def _token(idp: DevIdP, log: Callable[[str], None] | None, body: bytes) -> _Reply:
@@ -442,6 +739,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--client-id", default="credproxy-dev", help="accepted client_id")
     parser.add_argument(
+        "--device-interval",
+        type=float,
+        default=5,
+        help="polling interval announced by the device flow, seconds (default 5)",
+    )
+    parser.add_argument(
+        "--device-expires-in",
+        type=float,
+        default=600,
+        help="lifetime of a device code, seconds (default 600)",
+    )
+    parser.add_argument(
         "--mint",
         metavar="FILE",
         type=Path,
@@ -453,6 +762,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.lifetime <= 0:
         parser.error("--lifetime must be positive")
+    if args.device_interval < 0 or args.device_expires_in <= 0:
+        parser.error("--device-interval must not be negative, --device-expires-in must be positive")
     return args
 
 
@@ -480,7 +791,12 @@ def _stderr(line: str) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    idp = DevIdP(lifetime=args.lifetime, client_id=args.client_id)
+    idp = DevIdP(
+        lifetime=args.lifetime,
+        client_id=args.client_id,
+        device_interval=args.device_interval,
+        device_expires_in=args.device_expires_in,
+    )
     # Bound outside any nursery, so "address already in use" arrives as a plain
     # OSError rather than wrapped in an ExceptionGroup.
     listeners = await trio.open_tcp_listeners(args.port, host=args.host)

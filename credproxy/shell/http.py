@@ -1,4 +1,4 @@
-"""The refresh grant over HTTPS: the only module that imports httpx.
+"""The refresh grant (and the login grants) over HTTPS: the only module that imports httpx.
 
 :class:`HttpTokenEndpoint` implements :class:`credproxy.core.oauth.TokenEndpoint`
 with one shared ``httpx.AsyncClient``. The codec in ``credproxy/core/oauth.py``
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from credproxy.core import oauth
+from credproxy.core import login, oauth
 from credproxy.core.config import Provider
 from credproxy.errors import RefreshFailed
 
@@ -139,6 +139,71 @@ class HttpTokenEndpoint:
                 f"refresh for {host} failed: response larger than {MAX_RESPONSE_BYTES} bytes"
             ) from None
         return oauth.parse_refresh_response(status, body, now)
+
+    # -- the login grants (credproxy login) ------------------------------------------
+
+    async def device_authorization(self, provider: Provider) -> login.DeviceAuthorization:
+        """Start a device flow: ``POST device_authorization_url`` (RFC 8628 3.1).
+
+        Raises:
+            LoginFailed: unreachable, too slow, or not a usable device authorization
+                response (:func:`credproxy.core.login.parse_device_authorization`).
+            RefreshFailed: the client secret file cannot be read.
+        """
+        if provider.device_authorization_url is None:
+            raise login.LoginFailed("this provider has no device_authorization_url")
+        form = login.device_authorization_form(provider)
+        now = self._wall_clock()
+        status, body = await self._login_post(provider, provider.device_authorization_url, form)
+        return login.parse_device_authorization(status, body, now)
+
+    async def poll_device_token(
+        self, provider: Provider, device_code: str
+    ) -> tuple[int, bytes, float]:
+        """One device-flow poll of ``token_url``: (status, body, time sent), judged by the caller.
+
+        Raises:
+            LoginFailed: the endpoint could not be reached or answered too much.
+        """
+        form = login.device_token_form(provider, device_code)
+        now = self._wall_clock()
+        status, body = await self._login_post(provider, provider.token_url, form)
+        return status, body, now
+
+    async def exchange_code(
+        self, provider: Provider, code: str, pkce: login.Pkce, redirect_uri: str
+    ) -> dict[str, Any]:
+        """Exchange an authorization code (with its PKCE verifier) at ``token_url``.
+
+        Returns:
+            The token, parsed like a refreshed one (``expiry``, not ``expires_in``).
+
+        Raises:
+            LoginFailed: unreachable, or the code was refused (the message names
+                the HTTP status and OAuth error code only).
+        """
+        form = login.code_form(provider, code, pkce, redirect_uri)
+        now = self._wall_clock()
+        status, body = await self._login_post(provider, provider.token_url, form)
+        return login.parse_token_response(status, body, now)
+
+    async def _login_post(
+        self, provider: Provider, url: str, form: dict[str, str]
+    ) -> tuple[int, bytes]:
+        if self._closed:
+            raise login.LoginFailed("the HTTP client is closed")
+        client_secret = await _read_client_secret(provider.client_secret_file)
+        if client_secret is not None:
+            form = {**form, "client_secret": client_secret}
+        host = urlsplit(url).hostname or "the identity provider"
+        try:
+            return await self._post(url, form)
+        except _httpx_errors() as exc:
+            raise login.LoginFailed(f"the request to {host} failed: {type(exc).__name__}") from None
+        except _ResponseTooLarge:
+            raise login.LoginFailed(
+                f"the answer of {host} is larger than {MAX_RESPONSE_BYTES} bytes"
+            ) from None
 
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
         client = self._get_client()

@@ -72,7 +72,7 @@ import trio
 
 from credproxy.core import policy, serving
 from credproxy.core.config import Config
-from credproxy.core.names import Key
+from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import End, Failure, KeyHealth, Refresh, RenewalTimer, Wait
 from credproxy.core.store import Reservation, TokenStore, fault_point
@@ -92,7 +92,14 @@ _encoder = msgspec.json.Encoder()
 LOCK_POLL = 0.02  # seconds between flock attempts while another process refreshes
 SAVE_RETRY_BASE = 1.0  # seconds before retrying the write of an unsaved token, doubling
 SAVE_RETRY_CAP = 60.0
+NOTIFY_TIMEOUT = 10.0  # seconds a [notify] command may run
 RECHECK = 1.0  # seconds a served answer may be reused before the store is looked at again
+
+
+def login_command(key: Key) -> str:
+    """The command the person on the host runs to log *key* in again."""
+    bucket = "" if key.bucket == DEFAULT_BUCKET else f" --bucket {key.bucket}"
+    return f"credproxy login {key.provider}{bucket}"
 
 
 def fingerprint(secret: str) -> str:
@@ -175,6 +182,7 @@ class Tokens:
         self._unsaved_error: dict[Key, str] = {}
         self._savers: set[Key] = set()
         self._closing = trio.Event()
+        self._told: set[Key] = set()  # keys whose need of a new login the host was told
 
     def close(self) -> None:
         """No new refreshes from now on (shutdown); those under way finish.
@@ -256,6 +264,7 @@ class Tokens:
             self._drop_unsaved(key, "a new login or a logout replaced it")
         self._entries.pop(key, None)
         self._health.pop(key, None)
+        self._told.discard(key)  # a new login (or a logout) ends the need to tell
         return self.store.signature(*key) is not None
 
     # -- serving -------------------------------------------------------------
@@ -278,16 +287,15 @@ class Tokens:
         facts = self.facts(entry)
         decision = serving.on_get(facts, self.wall(), self.cfg.renewal)
         if isinstance(decision, serving.Reauth):
-            raise ReauthRequired(
-                f"the token for {key} {decision.why}; log in again and "
-                f"`credproxy import {key.provider}`"
-            )
+            raise self.reauth(key, f"the token {decision.why}")
         if isinstance(decision, serving.Serve):
             return entry
         try:
             return await self.refresh(key, entry.expiry, reason="on-demand")
-        except (RefreshFailed, ReauthRequired):
+        except (RefreshFailed, ReauthRequired) as exc:
             if serving.after_failed_refresh(self.facts(entry), self.wall()) is None:
+                if isinstance(exc, ReauthRequired):
+                    raise self.reauth(key, str(exc)) from None
                 raise
             return entry
 
@@ -311,10 +319,11 @@ class Tokens:
         if isinstance(decision, serving.RateLimit):
             raise RateLimited(f"{key} was refreshed moments ago; retry later", decision.retry_after)
         if isinstance(decision, serving.Reauth):
-            raise ReauthRequired(
-                f"{key} {decision.why}; log in again and `credproxy import {key.provider}`"
-            )
-        return await self.refresh(key, None, reason="requested")
+            raise self.reauth(key, f"the token {decision.why}")
+        try:
+            return await self.refresh(key, None, reason="requested")
+        except ReauthRequired as exc:
+            raise self.reauth(key, str(exc)) from None
 
     def facts(self, entry: Entry) -> serving.TokenFacts:
         """*entry*'s facts with the expiry no wall-clock step can stretch."""
@@ -323,6 +332,43 @@ class Tokens:
     def expiry(self, entry: Entry) -> float | None:
         """*entry*'s true expiry in wall-clock terms (see :func:`serving.true_expiry`)."""
         return serving.true_expiry(entry.facts, self.wall(), self.boot())
+
+    def reauth(self, key: Key, why: str) -> ReauthRequired:
+        """The error a sandbox gets when *key* needs a new login; the host is told once.
+
+        The message names the command to run on the host. The person hears it
+        once per key (a log event, ``status``, and ``[notify] command`` when
+        configured) until a new login or a logout of the key.
+        """
+        login = login_command(key)
+        health = self.health(key)
+        health.reauth_required = True
+        if key not in self._told:
+            self._told.add(key)
+            log.warning("reauth_needed", provider=key.provider, bucket=key.bucket, login=login)
+            if self.cfg.notify.command and self._nursery is not None:
+                self._nursery.start_soon(self._notify, key, why, login)
+        return ReauthRequired(f"{key} needs a new login ({why}); on the host run: {login}")
+
+    async def _notify(self, key: Key, why: str, login: str) -> None:
+        """Run ``[notify] command`` (no shell), with a bounded wait and its outcome logged."""
+        argv = [*self.cfg.notify.command, f"credproxy: {key} needs a new login ({why}): {login}"]
+        env = dict(
+            os.environ,
+            CREDPROXY_PROVIDER=key.provider,
+            CREDPROXY_BUCKET=key.bucket,
+            CREDPROXY_LOGIN=login,
+        )
+        try:
+            with trio.fail_after(NOTIFY_TIMEOUT):
+                result = await trio.run_process(
+                    argv, env=env, check=False, stdin=b"", capture_stdout=True, capture_stderr=True
+                )
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("notify_failed", command=argv[0], error=type(exc).__name__)
+            return
+        if result.returncode != 0:
+            log.warning("notify_failed", command=argv[0], status=result.returncode)
 
     def serve_until(self, entry: Entry) -> float:
         """Until which instant of the boot clock *entry* may be served without asking again.
@@ -425,9 +471,7 @@ class Tokens:
         health = self.health(key)
         rt = stored.token.get("refresh_token")
         if not isinstance(rt, str) or not rt:
-            raise ReauthRequired(
-                f"{key} has no refresh token; log in again and `credproxy import {provider}`"
-            )
+            raise ReauthRequired(f"{key} has no refresh token")
         prov = self.cfg.providers.get(provider)
         if prov is None:
             raise RefreshFailed(
@@ -670,7 +714,8 @@ class Tokens:
                 if isinstance(step, Refresh):
                     try:
                         entry = await self.refresh(key, step.seen_expiry, reason="proactive")
-                    except ReauthRequired:
+                    except ReauthRequired as exc:
+                        self.reauth(key, str(exc))  # tells the host, once
                         step = timer.on_failure(Failure.REAUTH, self.wall())
                     except NotFound:
                         step = timer.on_failure(Failure.GONE, self.wall())
@@ -704,6 +749,3 @@ def _log_step(step: Wait | End, timer: RenewalTimer, now: float, fields: dict[st
         )
     else:
         log.info(step.event, in_seconds=round(step.deadline - now, 1), **fields)
-
-
-

@@ -1,0 +1,260 @@
+"""Provider presets: ``[providers.NAME] preset = "…"`` fills in what is known.
+
+A preset is data: the config keys it fills in (endpoints, client id, flow,
+fixed loopback port), the keys the user must still set, and where the facts
+come from. :func:`apply_preset` merges it *under* the provider's own table, so
+any key written in the config file wins over the preset, key by key (a list
+such as ``scopes`` is replaced, not extended).
+
+Every value here comes from ``reference/providers.md`` (the project's sourced
+list of OAuth facts) or from a public source checked against the provider's own
+documentation or the tool's own source; ``docs/providers.md`` cites the source
+of each preset. A preset sets ``scopes`` only where the tool itself sends that
+scope when it refreshes (Claude Code), since credproxy sends ``scopes`` on
+refresh too. Where a fact is not published (an installed-app client secret
+kept out of this repository, your own client id), the preset leaves the key
+unset and says so: a key that refresh needs (``token_url``, ``client_id``,
+``client_secret_file`` where the client has a secret) is listed in
+:attr:`Preset.required`, and a missing one is a :class:`PresetError` at load
+time with a hint; a key that only a login flow needs is listed in
+:attr:`Preset.login_needs` and left to ``credproxy login`` to ask for.
+
+Pure: no I/O, no clock. ``credproxy.core.config.parse`` calls
+:func:`apply_preset` on every ``[providers.X]`` table before decoding it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from credproxy.errors import ConfigError
+
+__all__ = ["PRESETS", "Preset", "PresetError", "apply_preset"]
+
+
+class PresetError(ConfigError):
+    """A ``preset`` key names no preset, or a preset lacks a value the user must set.
+
+    ``keys`` is the config path of the field at fault (``["providers", NAME,
+    "preset"]``), so that the config loader can add the file and line.
+    """
+
+    def __init__(self, message: str, keys: list[str]) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+class Preset(NamedTuple):
+    """What a preset knows about one provider, and what it leaves to the user."""
+
+    title: str
+    #: Config keys filled in when the provider's table does not set them.
+    defaults: Mapping[str, Any]
+    #: Keys refresh cannot do without that the preset does not know: key -> hint.
+    required: Mapping[str, str]
+    #: Keys only a login flow needs that the preset does not know: key -> hint.
+    login_needs: Mapping[str, str]
+    #: Where the facts come from (reference/providers.md and its sources).
+    source: str
+
+
+# GitHub: "Authorizing OAuth apps" (device flow) and "Refreshing user access tokens",
+# github/docs; the same URLs are golang.org/x/oauth2's endpoints.GitHub.
+_GITHUB_DEVICE_CODE = "https://github.com/login/device/code"
+_GITHUB_TOKEN = "https://github.com/login/oauth/access_token"  # noqa: S105 (a URL)
+# Google: google-auth-library-nodejs OAuth2Client (the library Gemini CLI logs in with).
+_GOOGLE_AUTHORIZE = "https://accounts.google.com/o/oauth2/v2/auth"
+_GOOGLE_TOKEN = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
+# Microsoft identity platform v2.0 endpoints, for the "organizations" tenant alias (any
+# work or school account; the one alias both the protocol docs and MSAL accept for the
+# device flow). A single-tenant app registration sets both URLs with its own tenant.
+_ENTRA = "https://login.microsoftonline.com/organizations/oauth2/v2.0"
+# GitLab.com: GitLab's doc/api/oauth2.md gives the paths; golang.org/x/oauth2's
+# endpoints.GitLab the gitlab.com host.
+_GITLAB = "https://gitlab.com/oauth"
+
+#: Every known preset, by the name used in ``preset = "…"``.
+PRESETS: dict[str, Preset] = {
+    "claude": Preset(
+        title="Claude (Claude Code's public client)",
+        defaults={
+            "token_url": "https://platform.claude.com/v1/oauth/token",
+            "client_id": "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
+            # Claude Code adds code=true to every authorization request.
+            "authorization_url": "https://claude.ai/oauth/authorize?code=true",
+            # The Claude.ai scopes: what Claude Code also sends when it refreshes.
+            "scopes": [
+                "user:profile",
+                "user:inference",
+                "user:sessions:claude_code",
+                "user:mcp_servers",
+            ],
+            "flow": "loopback",
+        },
+        required={},
+        login_needs={},
+        source="providers.md §1 (Claude row); authorization endpoint and scopes from "
+        "Claude Code's cli.js (@anthropic-ai/claude-code 2.1.50 on npm)",
+    ),
+    "codex": Preset(
+        title="Codex / ChatGPT login",
+        defaults={
+            "token_url": "https://auth.openai.com/oauth/token",
+            "client_id": "app_EMoamEEZ73f0CkXaXp7hrann",
+            "authorization_url": "https://auth.openai.com/oauth/authorize",
+            "flow": "loopback",
+            # The client's registered redirect, sent as it is and listened on.
+            "redirect_uri": "http://localhost:1455/auth/callback",
+        },
+        required={},
+        login_needs={
+            "scopes": 'Codex asks for ["openid", "profile", "email", "offline_access", '
+            '"api.connectors.read", "api.connectors.invoke"] (codex-rs/login/src/server.rs); '
+            "not a preset default because Codex refreshes without a scope",
+        },
+        source="providers.md §1 (Codex row); authorization endpoint, scopes and redirect "
+        "from openai/codex codex-rs/login/src/server.rs",
+    ),
+    "gemini": Preset(
+        title="Gemini CLI (Google installed-app client)",
+        defaults={
+            "token_url": _GOOGLE_TOKEN,
+            "client_id": "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com",
+            # Gemini CLI asks for offline access on every authorization request.
+            "authorization_url": f"{_GOOGLE_AUTHORIZE}?access_type=offline",
+            "flow": "loopback",
+        },
+        required={
+            "client_secret_file": "a file holding Gemini CLI's installed-app client secret "
+            "(OAUTH_CLIENT_SECRET in google-gemini/gemini-cli "
+            "packages/core/src/code_assist/oauth2.ts; see docs/providers.md)",
+        },
+        login_needs={
+            "scopes": 'Gemini CLI asks for ["https://www.googleapis.com/auth/cloud-platform", '
+            '"https://www.googleapis.com/auth/userinfo.email", '
+            '"https://www.googleapis.com/auth/userinfo.profile"]; not a preset default '
+            "because Gemini CLI refreshes without a scope",
+        },
+        source="providers.md §1 (Gemini CLI row); client id, scopes and redirect from "
+        "google-gemini/gemini-cli packages/core/src/code_assist/oauth2.ts; authorization "
+        "endpoint from google-auth-library-nodejs src/auth/oauth2client.ts",
+    ),
+    "copilot": Preset(
+        title="GitHub Copilot (GitHub device flow)",
+        defaults={
+            "token_url": _GITHUB_TOKEN,
+            "client_id": "Iv1.b507a08c87ecfe98",
+            "device_authorization_url": _GITHUB_DEVICE_CODE,
+            "flow": "device",
+        },
+        required={},
+        login_needs={},
+        source="providers.md §1 (GitHub Copilot row); token endpoint from GitHub's device "
+        "flow docs (github/docs authorizing-oauth-apps.md)",
+    ),
+    "qwen": Preset(
+        title="Qwen (device code with PKCE)",
+        defaults={
+            "token_url": "https://chat.qwen.ai/api/v1/oauth2/token",
+            "client_id": "f0304373b74a44d2b584a3fb70ca9e56",
+            "device_authorization_url": "https://chat.qwen.ai/api/v1/oauth2/device/code",
+            "flow": "device",
+        },
+        required={},
+        login_needs={},
+        source="providers.md §1 (Qwen row)",
+    ),
+    "github": Preset(
+        title="GitHub OAuth app or GitHub App (your client id)",
+        defaults={
+            "token_url": _GITHUB_TOKEN,
+            "device_authorization_url": _GITHUB_DEVICE_CODE,
+            "flow": "device",
+        },
+        required={
+            "client_id": "your OAuth app's client id (enable the device flow in its settings)",
+        },
+        login_needs={},
+        source="providers.md §1 (generic IdPs row); endpoints from github/docs "
+        "authorizing-oauth-apps.md and refreshing-user-access-tokens.md",
+    ),
+    "google": Preset(
+        title="Google (your OAuth client)",
+        defaults={
+            "token_url": _GOOGLE_TOKEN,
+            "authorization_url": _GOOGLE_AUTHORIZE,
+            "flow": "loopback",
+        },
+        required={
+            "client_id": "your OAuth client's id",
+        },
+        login_needs={},
+        source="providers.md §1 (generic IdPs row); endpoints from google-auth-library-nodejs "
+        "src/auth/oauth2client.ts",
+    ),
+    "entra": Preset(
+        title="Microsoft Entra (your app registration; tenant 'organizations')",
+        defaults={
+            "token_url": f"{_ENTRA}/token",
+            "device_authorization_url": f"{_ENTRA}/devicecode",
+            "flow": "device",
+        },
+        required={
+            "client_id": "your app registration's client id",
+        },
+        login_needs={
+            "scopes": "the scopes to consent to, with offline_access for a refresh token "
+            '(e.g. ["offline_access", "User.Read"]); Entra requires scope on the device request',
+        },
+        source="providers.md §1 (generic IdPs row); endpoints and tenant aliases from "
+        "MicrosoftDocs/entra-docs docs/identity-platform/v2-oauth2-device-code.md",
+    ),
+    "gitlab": Preset(
+        title="GitLab.com (your OAuth application; device flow since 17.2)",
+        defaults={
+            "token_url": f"{_GITLAB}/token",
+            "authorization_url": f"{_GITLAB}/authorize",
+            "device_authorization_url": f"{_GITLAB}/authorize_device",
+            "flow": "device",
+        },
+        required={
+            "client_id": "your OAuth application's id",
+        },
+        login_needs={},
+        source="providers.md §1 (generic IdPs row); paths from GitLab's doc/api/oauth2.md, "
+        "gitlab.com host from golang.org/x/oauth2 endpoints.GitLab",
+    ),
+}
+
+
+def apply_preset(name: str, table: dict[str, Any]) -> dict[str, Any]:
+    """The ``[providers.NAME]`` *table* with its preset's defaults filled in.
+
+    *name* is the provider's name (used in messages); the preset is the
+    table's ``preset`` key, which is kept in the result. A table without one
+    is returned as a copy, unchanged. Keys the table sets win over the preset.
+
+    Raises:
+        PresetError: ``preset`` is not a string or names no preset (the
+            message lists the known ones), or the preset lacks a key refresh
+            needs and the table does not set it (the message says what to set).
+    """
+    chosen = table.get("preset")
+    if chosen is None:
+        return dict(table)
+    where = ["providers", name, "preset"]
+    known = ", ".join(sorted(PRESETS))
+    if not isinstance(chosen, str):
+        raise PresetError(f"preset must be a string, one of: {known}", where)
+    preset = PRESETS.get(chosen)
+    if preset is None:
+        raise PresetError(f"unknown preset {chosen!r}; known presets: {known}", where)
+    merged = {**preset.defaults, **table}
+    for key, hint in preset.required.items():
+        if key not in merged:
+            raise PresetError(
+                f"preset {chosen!r} does not set {key}; set it in [providers.{name}]: {hint}",
+                ["providers", name, key],
+            )
+    return merged

@@ -1,0 +1,517 @@
+"""`credproxy login` end to end: the installed executable against the development IdP, both as processes.
+
+The test plays the person: it approves or denies the device flow with a plain
+HTTP GET on the IdP's approval URL, and plays the browser by following the
+authorization redirect with httpx (which lands on credproxy's loopback
+listener) or by pasting the redirect URL into credproxy's standard input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx
+import pytest
+
+from conftest import CREDPROXY, Dirs, cli
+from credproxy.core import login as codec
+from credproxy.core.config import Provider
+from credproxy.core.login import code_challenge
+from credproxy.shell.devidp import DevIdP
+
+#: Prefixes of every secret the development IdP issues (device code,
+#: authorization code, access and refresh tokens): none may reach a terminal.
+SECRET_PREFIXES = ("devdc-", "devac-", "devat-", "devrt-")
+OLD_TOKEN = {
+    "access_token": "AT-OLD-CANARY-51c0",
+    "refresh_token": "RT-OLD-CANARY-9e2a",
+    "expires_in": 3600,
+}
+
+
+@dataclass
+class Idp:
+    """``python -m credproxy.shell.devidp`` running as a child of the test."""
+
+    proc: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+    def events(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.events():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the IdP never logged {text!r}:\n{self.events()}")
+            time.sleep(0.02)
+
+    def device(self, user_code: str, action: str) -> httpx.Response:
+        """Play the person on the approval page."""
+        return httpx.get(f"{self.base}/device", params={"user_code": user_code, "action": action})
+
+
+@pytest.fixture
+def idp(background_daemon: Dirs) -> Iterator[Idp]:
+    """The development IdP (1 s device interval) and a config whose provider ``dev`` logs in there."""
+    dirs = background_daemon
+    url_file, log = dirs.root / "idp.url", dirs.root / "idp.log"
+    with log.open("wb") as log_out:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "credproxy.shell.devidp", "--port", "0"),
+                *("--device-interval", "1", "--port-file", str(url_file)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log_out,
+            env=dirs.env(),
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not url_file.exists():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the IdP did not start"
+            time.sleep(0.02)
+        token_url = url_file.read_text().strip()
+        base = token_url.removesuffix("/token")
+        dirs.config.write_text(
+            "[providers.dev]\n"
+            f'token_url = "{token_url}"\n'
+            'client_id = "credproxy-dev"\n'
+            f'authorization_url = "{base}/authorize"\n'
+            f'device_authorization_url = "{base}/device_authorization"\n'
+        )
+        yield Idp(proc, base, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@dataclass
+class Login:
+    """A running ``credproxy login``; its stderr lines are collected by a thread."""
+
+    proc: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+    stdout: str = ""
+    stderr: str = ""
+
+    def line(self, pred: Callable[[str], bool], timeout: float = 20) -> str:
+        """The next stderr line for which *pred* holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"credproxy login never printed the line: {self.seen}"
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if pred(line):
+                return line
+
+    def finish(self, timeout: float = 30) -> int:
+        """Wait for the exit status; collect the output and close the pipes."""
+        code = self.proc.wait(timeout=timeout)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.stdout = self.proc.stdout.read()
+        self._reader.join(timeout=5)
+        self.stderr = "".join(self.seen)
+        self.close()
+        return code
+
+    def close(self) -> None:
+        """End the process if it still runs (by its pid), and close the pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def auth_url(self) -> str:
+        return self.line(lambda s: s.startswith("http")).strip()
+
+    def callback_port(self, url: str) -> int:
+        redirect = dict(parse_qsl(urlsplit(url).query))["redirect_uri"]
+        port = urlsplit(redirect).port
+        assert port is not None
+        return port
+
+    _reader: threading.Thread = field(init=False)
+
+
+StartLogin = Callable[..., Login]
+
+
+@pytest.fixture
+def start_login() -> Iterator[StartLogin]:
+    """Start ``credproxy login dev --no-browser ARGS``; whatever still runs is ended afterwards."""
+    started: list[Login] = []
+
+    def start(dirs: Dirs, *args: str) -> Login:
+        login = _spawn_login(dirs, *args)
+        started.append(login)
+        return login
+
+    yield start
+    for login in started:
+        login.close()
+
+
+def _spawn_login(dirs: Dirs, *args: str) -> Login:
+    proc = subprocess.Popen(
+        [CREDPROXY, "login", "dev", "--no-browser", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dirs.env(),
+    )
+    login = Login(proc)
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            login.seen.append(line)
+            login.lines.put(line)
+
+    login._reader = threading.Thread(target=read, daemon=True)
+    login._reader.start()
+    return login
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file and directory under *root*: mode and content (directories: empty)."""
+    out: dict[str, tuple[int, bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            data = path.read_bytes() if path.is_file() else b""
+            out[str(path.relative_to(root))] = (st.st_mode, data)
+    return out
+
+
+def import_old(dirs: Dirs) -> dict[str, tuple[int, bytes]]:
+    """Store an old token first, so that "unchanged" means it is still there, byte for byte."""
+    proc = cli(dirs, "import", "dev", input=json.dumps(OLD_TOKEN))
+    assert proc.returncode == 0, proc.stderr
+    return snapshot(dirs.state)
+
+
+def served(dirs: Dirs) -> tuple[str, dict[str, Any]]:
+    """What a sandbox session is served for ``dev``, and the daemon's status seen from inside."""
+    proc = cli(
+        dirs,
+        "run",
+        "--allow",
+        "dev",
+        "--",
+        "sh",
+        "-c",
+        f"{CREDPROXY} token dev && {CREDPROXY} status --json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    token, _, status = proc.stdout.partition("\n")
+    return token.strip(), json.loads(status)
+
+
+def assert_logged_in(dirs: Dirs, login: Login) -> None:
+    """The store holds a fresh IdP token, a sandbox is served it and its renewal is scheduled."""
+    stored = json.loads((dirs.state / "tokens" / "dev" / "default.json").read_text())
+    assert stored["access_token"].startswith("devat-")
+    assert stored["refresh_token"].startswith("devrt-")
+    assert 0 < stored["expiry"] - time.time() <= 60
+    assert "stored dev:default" in login.stdout
+    token, status = served(dirs)
+    assert token == stored["access_token"]
+    renewals = [r for s in status["sessions"] for r in s["renewals"]]
+    assert any(
+        (r["provider"], r["bucket"]) == ("dev", "default") and r["next_renewal"] for r in renewals
+    ), status
+    assert_no_secrets(login)
+
+
+def assert_no_secrets(login: Login, *idps: Idp) -> None:
+    """No code, device code or token appears on the terminal or in the IdP's log."""
+    for text in (login.stdout, login.stderr, *(i.events() for i in idps)):
+        assert not any(p in text for p in SECRET_PREFIXES), text
+
+
+def assert_failed_cleanly(dirs: Dirs, login: Login, before: dict[str, Any], why: str) -> None:
+    """Exit 1, one line on stderr saying *why*, the store byte-for-byte unchanged."""
+    assert login.finish() == 1
+    last = login.stderr.strip().splitlines()[-1]
+    assert last.startswith("credproxy login: ") and why in last, login.stderr
+    assert "Traceback" not in login.stderr
+    assert snapshot(dirs.state) == before
+    assert_no_secrets(login)
+
+
+def assert_port_closed(port: int) -> None:
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def user_code(login: Login) -> str:
+    return login.line(lambda s: "enter the code:" in s).split(":")[-1].strip()
+
+
+# -- the device flow ------------------------------------------------------------------
+
+
+def test_device_flow_pending_then_slow_down_then_approved(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Pending, then slow_down (honoured: +5 s), then approval stores the token and a sandbox is served it."""
+    dirs = background_daemon
+    import_old(dirs)
+    assert served(dirs)[0] == OLD_TOKEN["access_token"]  # a daemon now runs with the old token
+    login = start_login(dirs)
+    code = user_code(login)
+    idp.wait_for(f"device poll {code}: authorization_pending")
+    assert idp.device(code, "slow_down").status_code == 200
+    idp.wait_for(f"device poll {code}: slow_down (scripted)")
+    assert idp.device(code, "approve").status_code == 200
+    assert login.finish() == 0, login.stderr
+    assert f"device poll {code}: approved" in idp.events()
+    assert "polled too fast" not in idp.events()  # the +5 s of slow_down was kept
+    assert code in login.stderr  # the one value meant for the person
+    assert_logged_in(dirs, login)
+    assert_no_secrets(login, idp)
+
+
+@pytest.mark.parametrize(("action", "why"), [("deny", "denied"), ("expire", "expired")])
+def test_device_flow_denied_or_expired_stores_nothing(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin, action: str, why: str
+) -> None:
+    """A denied or expired device code ends the login with one line and an unchanged store."""
+    dirs = background_daemon
+    before = import_old(dirs)
+    login = start_login(dirs, "--flow", "device")
+    code = user_code(login)
+    assert idp.device(code, action).status_code == 200
+    assert_failed_cleanly(dirs, login, before, why)
+    assert_no_secrets(login, idp)
+
+
+# -- authorization code + PKCE with a loopback redirect ---------------------------------
+
+
+def test_loopback_flow_approved(idp: Idp, background_daemon: Dirs, start_login: StartLogin) -> None:
+    """The browser's redirect reaches the listener, the code is exchanged, the page says so, the port closes."""
+    dirs = background_daemon
+    import_old(dirs)
+    login = start_login(dirs, "--flow", "loopback")
+    url = login.auth_url()
+    page = httpx.get(url, follow_redirects=True)
+    assert page.status_code == 200 and "Logged in" in page.text
+    assert login.finish() == 0, login.stderr
+    assert_logged_in(dirs, login)
+    assert_no_secrets(login, idp)
+    assert_port_closed(login.callback_port(url))
+
+
+def test_loopback_wrong_state_is_refused_and_nothing_stored(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """A redirect whose state is not the one sent is refused before any exchange; the store is unchanged."""
+    dirs = background_daemon
+    before = import_old(dirs)
+    login = start_login(dirs, "--flow", "loopback")
+    url = login.auth_url()
+    redirect = httpx.get(url).headers["location"]
+    parts = urlsplit(redirect)
+    query = dict(parse_qsl(parts.query))
+    query["state"] = "forged-state"
+    page = httpx.get(urlunsplit(parts._replace(query=urlencode(query))))
+    assert page.status_code == 400 and "wrong state" in page.text
+    assert_failed_cleanly(dirs, login, before, "wrong state")
+    assert "login family" not in idp.events()  # the code was never exchanged
+    assert_port_closed(login.callback_port(url))
+
+
+def test_loopback_pkce_verifier_mismatch_is_refused_by_the_idp(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """When the IdP holds another challenge, it refuses credproxy's verifier; nothing is stored."""
+    dirs = background_daemon
+    before = import_old(dirs)
+    login = start_login(dirs, "--flow", "loopback")
+    parts = urlsplit(login.auth_url())
+    query = dict(parse_qsl(parts.query))
+    query["code_challenge"] = code_challenge("a-verifier-credproxy-does-not-have-0123456789")
+    page = httpx.get(urlunsplit(parts._replace(query=urlencode(query))), follow_redirects=True)
+    assert page.status_code == 400 and "invalid_grant" in page.text
+    assert_failed_cleanly(dirs, login, before, "invalid_grant")
+    assert "PKCE verifier does not match" in idp.events()
+
+
+def test_loopback_time_out_ends_the_wait_cleanly(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """With no browser answer, --timeout ends the login with one line; store unchanged, port closed."""
+    dirs = background_daemon
+    before = import_old(dirs)
+    login = start_login(dirs, "--flow", "loopback", "--timeout", "1")
+    url = login.auth_url()
+    assert_failed_cleanly(dirs, login, before, "no answer within 1 s")
+    assert_port_closed(login.callback_port(url))
+
+
+def test_ctrl_c_leaves_the_store_unchanged_and_no_listener(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """SIGINT while waiting for the browser exits 130, stores nothing and closes the port."""
+    dirs = background_daemon
+    before = import_old(dirs)
+    login = start_login(dirs, "--flow", "loopback")
+    url = login.auth_url()
+    login.line(lambda s: s.startswith("Waiting"))
+    login.proc.send_signal(signal.SIGINT)
+    assert login.finish() == 130
+    assert "Traceback" not in login.stderr
+    assert snapshot(dirs.state) == before
+    assert_port_closed(login.callback_port(url))
+
+
+# -- paste ---------------------------------------------------------------------------
+
+
+def test_paste_flow_with_the_redirect_url(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Pasting the URL the browser was sent to completes the login; a sandbox is served the token."""
+    dirs = background_daemon
+    import_old(dirs)
+    login = start_login(dirs, "--flow", "paste")
+    redirect = httpx.get(login.auth_url()).headers["location"]
+    login.line(lambda s: "paste the code" in s)
+    assert login.proc.stdin is not None
+    login.proc.stdin.write(redirect + "\n")
+    login.proc.stdin.flush()
+    assert login.finish() == 0, login.stderr
+    assert_logged_in(dirs, login)
+    assert_no_secrets(login, idp)
+
+
+def test_paste_flow_refuses_a_url_with_the_wrong_state(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """A pasted redirect URL with a foreign state is refused and nothing is stored."""
+    dirs = background_daemon
+    before = import_old(dirs)
+    login = start_login(dirs, "--flow", "paste")
+    redirect = httpx.get(login.auth_url()).headers["location"]
+    assert login.proc.stdin is not None
+    login.proc.stdin.write(redirect.replace("state=", "state=x") + "\n")
+    login.proc.stdin.flush()
+    assert_failed_cleanly(dirs, login, before, "wrong state")
+
+
+def test_login_to_an_unknown_provider_says_what_to_configure(background_daemon: Dirs) -> None:
+    """A provider missing from the config exits 3 with a line naming the config table."""
+    proc = cli(background_daemon, "login", "nosuch", "--no-browser")
+    assert proc.returncode == 3
+    assert "[providers.nosuch]" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- the development IdP's login endpoints, in process ----------------------------------
+
+
+def test_devidp_code_grant_checks_pkce_and_records_no_secret() -> None:
+    """The IdP issues a code for our challenge, exchanges it once for the right verifier only, and records fingerprints."""
+    idp_state = DevIdP(lifetime=60)
+    pkce = codec.Pkce.from_entropy(b"\x05" * 32)
+    redirect_uri = codec.loopback_redirect_uri(4321)
+    provider = Provider(
+        token_url="http://127.0.0.1:1/token",
+        client_id=idp_state.client_id,
+        authorization_url="http://127.0.0.1:1/authorize",
+    )
+    url = codec.authorization_url(provider, redirect_uri, "st", pkce)
+    status, location = idp_state.handle_authorize(dict(parse_qsl(urlsplit(url).query)))
+    assert status == 302
+    result = codec.parse_callback_target(location.removeprefix("http://127.0.0.1:4321"), "st")
+    assert result is not None and result.code is not None
+    wrong = codec.Pkce.from_entropy(b"\x06" * 32)
+    form = codec.code_form(provider, result.code, wrong, redirect_uri)
+    assert idp_state.handle_token_request(form)[1]["error"] == "invalid_grant"
+    # The failed try burnt the code: a code is good for one exchange only.
+    form = codec.code_form(provider, result.code, pkce, redirect_uri)
+    assert idp_state.handle_token_request(form)[1]["error"] == "invalid_grant"
+    status, location = idp_state.handle_authorize(dict(parse_qsl(urlsplit(url).query)))
+    result = codec.parse_callback_target(location.removeprefix("http://127.0.0.1:4321"), "st")
+    assert result is not None and result.code is not None
+    status, answer = idp_state.handle_token_request(
+        codec.code_form(provider, result.code, pkce, redirect_uri)
+    )
+    assert status == 200 and answer["access_token"].startswith("devat-")
+    recorded = repr(idp_state.requests)
+    assert pkce.verifier not in recorded and result.code not in recorded
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_registered_localhost_redirect_uri_is_sent_as_is_and_listened_on(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """A provider whose client registered http://localhost:PORT/auth/callback (Codex's shape) logs in through exactly that URI."""
+    dirs = background_daemon
+    port = _free_port()
+    registered = f"http://localhost:{port}/auth/callback"
+    dirs.config.write_text(dirs.config.read_text() + f'redirect_uri = "{registered}"\n')
+    login = start_login(dirs, "--flow", "loopback")
+    url = login.auth_url()
+    assert dict(parse_qsl(urlsplit(url).query))["redirect_uri"] == registered
+    redirect = httpx.get(url).headers["location"]
+    assert redirect.startswith(registered + "?")
+    page = httpx.get(redirect.replace("localhost", "127.0.0.1", 1))
+    assert page.status_code == 200 and "Logged in" in page.text
+    assert login.finish() == 0, login.stderr
+    assert_logged_in(dirs, login)
+    assert_port_closed(port)
+
+
+def test_a_redirect_uri_off_this_machine_needs_the_paste_flow(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """With a registered https redirect page (Claude's shape), loopback is refused with advice and paste takes the code it shows."""
+    dirs = background_daemon
+    dirs.config.write_text(
+        dirs.config.read_text() + 'redirect_uri = "https://idp.invalid/oauth/code/callback"\n'
+    )
+    refused = start_login(dirs, "--flow", "loopback")
+    assert refused.finish() != 0
+    assert "use --flow paste" in refused.stderr
+    login = start_login(dirs, "--flow", "paste")
+    url = login.auth_url()
+    assert dict(parse_qsl(urlsplit(url).query))["redirect_uri"].startswith("https://idp.invalid/")
+    redirect = httpx.get(url).headers["location"]  # where the provider's page would show the code
+    query = dict(parse_qsl(urlsplit(redirect).query))
+    assert login.proc.stdin is not None
+    login.proc.stdin.write(f"{query['code']}#{query['state']}\n")
+    login.proc.stdin.flush()
+    assert login.finish() == 0, login.stderr
+    assert_logged_in(dirs, login)
