@@ -493,6 +493,14 @@ def _render_status(st: dict[str, Any]) -> str:
                 else ""
             )
             lines.append(f"    {r['provider']}:{r['bucket']}: {state}{extra}")
+        for prof in s.get("profiles", []):
+            buckets = ", ".join(
+                b["bucket"]
+                + ("*" if b["bucket"] == prof["current"] else "")
+                + ("" if b["state"] == "ok" else f" ({b['state']})")
+                for b in prof["buckets"]
+            )
+            lines.append(f"    profile {prof['provider']} [{prof['strategy']}]: {buckets}")
     tokens = st.get("tokens", [])
     lines.append(f"tokens: {len(tokens)}")
     for t in tokens:

@@ -82,6 +82,24 @@ class RateLimited(CredproxyError):
         self.retry_after = retry_after
 
 
+class AllBucketsExhausted(CredproxyError):
+    """No bucket of the profile could serve; ``reasons`` maps each bucket to why.
+
+    ``retry_after`` is the soonest a quota-exhausted bucket is served again
+    (seconds), when one is.
+    """
+
+    code = "ALL_BUCKETS_EXHAUSTED"
+    exit_code = EXIT_REFUSED
+
+    def __init__(
+        self, message: str, reasons: dict[str, str], retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reasons = reasons
+        self.retry_after = retry_after
+
+
 class ResourceExhausted(CredproxyError):
     """A connection or session limit was reached."""
 
@@ -135,6 +153,7 @@ BY_CODE: dict[str, type[CredproxyError]] = {
     "REAUTH_REQUIRED": ReauthRequired,
     "REFRESH_FAILED": RefreshFailed,
     "RESOURCE_EXHAUSTED": ResourceExhausted,
+    "ALL_BUCKETS_EXHAUSTED": CredproxyError,
     "RESPONSE_TOO_LARGE": CredproxyError,
     "INTERNAL_ERROR": CredproxyError,
 }

@@ -308,7 +308,12 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
         idp = devidp.DevIdP(lifetime=lifetime, clock=wall.true if not serving_thread else wall)
         token_url = await nursery.start(devidp.serve, idp)
         providers = dict(sections.pop("providers", {}))
-        providers.setdefault("dev", {"token_url": token_url, "client_id": idp.client_id})
+        # `dev` points at the in-loop IdP; keys a test gives for it are added.
+        providers["dev"] = {
+            "token_url": token_url,
+            "client_id": idp.client_id,
+            **providers.get("dev", {}),
+        }
         cfg = make_config(providers=providers, **sections)
         store = TokenStore(dirs.state)
         endpoint = HttpTokenEndpoint(wall_clock=wall, timeout=10)

@@ -46,6 +46,10 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # callback), or an https page that shows the code (paste flow only).
     redirect_uri: str | None = None
     preset: str | None = None
+    # Several accounts: the ordered buckets `get_token` without a bucket may
+    # serve (the default profile), and how it picks among them.
+    buckets: list[str] = msgspec.field(default_factory=list)
+    strategy: Literal["fill-first", "round-robin"] = "fill-first"
 
 
 #: The Provider fields that hold endpoint URLs: https, or plain http on loopback.
@@ -122,7 +126,16 @@ RANGES: dict[tuple[str, str], Range] = {
     ("limits", "max_connections"): Range(1),
     ("limits", "idle_timeout"): Range(0, low_inclusive=False),
     ("limits", "max_in_flight"): Range(1),
+    ("failover", "quota_hold"): Range(0, low_inclusive=False),
+    ("failover", "max_quota_hold"): Range(0, low_inclusive=False),  # and >= quota_hold
 }
+
+
+class Failover(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Buckets reported quota-exhausted, in seconds (see :data:`RANGES`)."""
+
+    quota_hold: float = 60  # > 0: held this long when the report gives no retry-after
+    max_quota_hold: float = 86_400  # >= quota_hold: a reported retry-after is capped here
 
 
 class Sandbox(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -147,6 +160,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     renewal: Renewal = msgspec.field(default_factory=Renewal)
     limits: Limits = msgspec.field(default_factory=Limits)
     sandbox: Sandbox = msgspec.field(default_factory=Sandbox)
+    failover: Failover = msgspec.field(default_factory=Failover)
     notify: Notify = msgspec.field(default_factory=Notify)
 
 
@@ -211,6 +225,14 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
     for name, prov in cfg.providers.items():
         if not is_name(name):
             out.append((f"provider name {name!r} must be {NAME_RULE}", ["providers", name]))
+        bad = [b for b in prov.buckets if not is_name(b)]
+        if bad or len(set(prov.buckets)) != len(prov.buckets):
+            out.append(
+                (
+                    f"buckets must be distinct names of {NAME_RULE}",
+                    ["providers", name, "buckets"],
+                )
+            )
         for key in PROVIDER_URL_FIELDS:
             value = getattr(prov, key)
             if value is None:
@@ -235,6 +257,8 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
     r = cfg.renewal
     if r.retry_cap < r.retry_base:
         out.append(("retry_cap must be at least retry_base", ["renewal", "retry_cap"]))
+    if cfg.failover.max_quota_hold < cfg.failover.quota_hold:
+        out.append(("max_quota_hold must be at least quota_hold", ["failover", "max_quota_hold"]))
     return out
 
 

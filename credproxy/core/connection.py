@@ -39,7 +39,7 @@ from credproxy.core.protocol import (
     Send,
     ServerConnection,
 )
-from credproxy.errors import CredproxyError, RateLimited
+from credproxy.errors import AllBucketsExhausted, CredproxyError, RateLimited
 
 __all__ = ["GENERIC_ERROR", "NEED_DATA", "Connection", "Request", "Send", "TokenBucket"]
 
@@ -122,8 +122,11 @@ class Connection:
     def fail(self, rid: str, exc: CredproxyError, now: float | None = None) -> bytes:
         """The error frame for request *rid*; an internal error's text is never sent."""
         message = GENERIC_ERROR if exc.code == "INTERNAL_ERROR" else str(exc)
-        retry = exc.retry_after if isinstance(exc, RateLimited) else None
-        out = self.protocol.reply_error(rid, exc.code, message, retry)
+        retry = exc.retry_after if isinstance(exc, RateLimited | AllBucketsExhausted) else None
+        extra = (
+            {"bucketFailureReasons": exc.reasons} if isinstance(exc, AllBucketsExhausted) else None
+        )
+        out = self.protocol.reply_error(rid, exc.code, message, retry, extra)
         if now is not None:
             self._answered(now)
         return out

@@ -1,8 +1,10 @@
 """What a sandbox session may read.
 
-A grant is ``PROVIDER`` (every bucket of it), ``PROVIDER:BUCKET``, ``key:NAME``
-(one API key) or ``*`` (everything). The prefix ``key:`` always means an API
-key, so a provider literally named ``key`` can only be granted whole.
+A grant is ``PROVIDER`` (every bucket of it), ``PROVIDER:BUCKET``,
+``PROVIDER:B1,B2,...`` (those buckets, and that order as the session's profile
+for ``get_token`` without a bucket), ``key:NAME`` (one API key) or ``*``
+(everything). The prefix ``key:`` always means an API key, so a provider
+literally named ``key`` can only be granted whole.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ class Grants:
     providers: frozenset[str] = field(default_factory=frozenset)
     buckets: frozenset[tuple[str, str]] = field(default_factory=frozenset)
     keys: frozenset[str] = field(default_factory=frozenset)
+    # provider -> ordered buckets, from PROVIDER:B1,B2 grants
+    profiles: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
     def parse(cls, specs: list[str]) -> Grants:
@@ -31,6 +35,7 @@ class Grants:
         providers: set[str] = set()
         buckets: set[tuple[str, str]] = set()
         keys: set[str] = set()
+        profiles: dict[str, tuple[str, ...]] = {}
         for spec in specs:
             if not isinstance(spec, str):
                 raise UsageError("grants must be strings")
@@ -38,6 +43,20 @@ class Grants:
                 everything = True
                 continue
             head, sep, tail = spec.partition(":")
+            if sep and head != "key" and "," in tail:
+                order = tuple(tail.split(","))
+                if (
+                    not is_name(head)
+                    or not all(is_name(b) for b in order)
+                    or (len(set(order)) != len(order) or head in profiles)
+                ):
+                    raise UsageError(
+                        f"grant {spec!r} must be PROVIDER:B1,B2,... with distinct bucket "
+                        f"names of {NAME_RULE}, once per provider"
+                    )
+                profiles[head] = order
+                buckets.update((head, b) for b in order)
+                continue
             names = [head, tail] if sep else [head]
             if not all(is_name(n) for n in names):
                 raise UsageError(
@@ -50,7 +69,20 @@ class Grants:
                 keys.add(tail)
             else:
                 buckets.add((head, tail))
-        return cls(everything, frozenset(providers), frozenset(buckets), frozenset(keys))
+        return cls(
+            everything,
+            frozenset(providers),
+            frozenset(buckets),
+            frozenset(keys),
+            tuple(sorted(profiles.items())),
+        )
+
+    def profile(self, provider: str) -> tuple[str, ...] | None:
+        """The bucket order a ``PROVIDER:B1,B2`` grant gave *provider*, if any."""
+        for name, order in self.profiles:
+            if name == provider:
+                return order
+        return None
 
     def token_allowed(self, provider: str, bucket: str) -> bool:
         return self.everything or provider in self.providers or (provider, bucket) in self.buckets
@@ -69,6 +101,8 @@ class Grants:
     def specs(self) -> list[str]:
         out = ["*"] if self.everything else []
         out += sorted(self.providers)
-        out += sorted(f"{p}:{b}" for p, b in self.buckets)
+        in_profiles = {(p, b) for p, order in self.profiles for b in order}
+        out += sorted(f"{p}:{b}" for p, b in self.buckets if (p, b) not in in_profiles)
+        out += [f"{p}:{','.join(order)}" for p, order in self.profiles]
         out += sorted(f"key:{k}" for k in self.keys)
         return out

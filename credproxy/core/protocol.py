@@ -337,17 +337,35 @@ class ServerConnection:
         return frame(body)
 
     def reply_error(
-        self, rid: str, code: str, message: str, retry_after: int | None = None
+        self,
+        rid: str,
+        code: str,
+        message: str,
+        retry_after: int | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> bytes:
-        """Answer request *rid* with an error; ``retry_after`` in seconds for RATE_LIMITED."""
+        """Answer request *rid* with an error.
+
+        ``retry_after`` in seconds (``RATE_LIMITED``, ``ALL_BUCKETS_EXHAUSTED``);
+        ``extra`` adds fields such as ``bucketFailureReasons``.
+        """
         self._in_flight.discard(rid)
         self._shared.discard(rid)
-        return self._error(rid, code, message, retry_after)
+        return self._error(rid, code, message, retry_after, extra)
 
-    def _error(self, rid: str, code: str, message: str, retry_after: int | None = None) -> bytes:
+    def _error(
+        self,
+        rid: str,
+        code: str,
+        message: str,
+        retry_after: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
         obj: dict[str, Any] = {"id": rid, "ok": False, "code": code, "error": message}
         if retry_after is not None:
             obj["retryAfter"] = retry_after
+        if extra:
+            obj.update(extra)
         return encode(obj)
 
 

@@ -36,6 +36,7 @@ from credproxy.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    AllBucketsExhausted,
     CredproxyError,
     DaemonUnavailable,
     ProtocolError,
@@ -314,6 +315,14 @@ def _error_from(reply: dict[str, Any]) -> CredproxyError:
     message = str(reply.get("error") or code)
     if code == "RATE_LIMITED":
         return RateLimited(message, int(reply.get("retryAfter") or 1))
+    if code == "ALL_BUCKETS_EXHAUSTED":
+        reasons = reply.get("bucketFailureReasons")
+        retry = reply.get("retryAfter")
+        return AllBucketsExhausted(
+            message,
+            {str(k): str(v) for k, v in reasons.items()} if isinstance(reasons, dict) else {},
+            retry if isinstance(retry, int) else None,
+        )
     err = BY_CODE.get(code, CredproxyError)(message)
     err.code = code
     return err

@@ -175,6 +175,7 @@ class Daemon:
                     "connections": s.connections,
                     "created": iso(s.created),
                     "renewals": renewals,
+                    "profiles": self.fast.ops.profiles_status(s),
                 }
             )
         tokens = [
@@ -348,7 +349,13 @@ async def serve(
                 )
                 try:
                     async with trio.open_nursery() as main:
-                        sandbox_ops = SandboxOps(tokens, store, wall_clock, boot_clock)
+                        sandbox_ops = SandboxOps(
+                            tokens,
+                            store,
+                            wall_clock,
+                            boot_clock,
+                            all_sessions=lambda: list(daemon.sessions) if daemon else [],
+                        )
                         if serving_thread:
                             token = trio.lowlevel.current_trio_token()
                             fast = FastPath(

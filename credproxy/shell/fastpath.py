@@ -64,6 +64,7 @@ log = logs.get("credproxy.fastpath")
 RECV_SIZE = 65_536
 BATCH = 64  # requests answered per connection per wake-up before the others get their turn
 SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
+GET_OPS = frozenset({"get_token", "get_token_profile"})  # deferred serves that share waits
 MAX_SHARED = 256  # get_token requests of one key that may wait together on one connection
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -292,8 +293,8 @@ class FastPath:
             if not conn.session.open:
                 self._close(conn, "session closed")
                 return
-            rids = conn.waiting.pop(key, [rid]) if op == "get_token" else [rid]
-            if conn.paused and op == "get_token":
+            rids = conn.waiting.pop(key, [rid]) if op in GET_OPS else [rid]
+            if conn.paused and op in GET_OPS:
                 conn.paused = False
                 if conn.engine.buffered:
                     self._backlog.append(conn)
@@ -384,7 +385,7 @@ class FastPath:
         if isinstance(answer, Ready):
             return self._serve(conn, req.id, answer, now)
         if isinstance(answer, Defer):
-            if answer.op == "get_token":
+            if answer.op in GET_OPS:
                 conn.waiting[answer.key] = [req.id]
             self.to_trio(self.ops.defer, self, conn, req.id, answer)
             return b""
@@ -393,6 +394,8 @@ class FastPath:
     def _reply(self, conn: SandboxConnection, rid: str, outcome: Outcome, now: float) -> bytes:
         if isinstance(outcome, Ready):
             return self._serve(conn, rid, outcome, now)
+        if isinstance(outcome, bytes):
+            return conn.engine.answer(rid, outcome, now)
         return self._fail(conn, rid, "deferred", outcome, now)
 
     def _serve(self, conn: SandboxConnection, rid: str, ready: Ready, now: float) -> bytes:

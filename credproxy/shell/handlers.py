@@ -23,18 +23,28 @@ which is where the session's renewal timer is started (R16.1).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
+from credproxy.core import failover, serving
+from credproxy.core.failover import Profile
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key, key_field, name_field
 from credproxy.core.protocol import capability_digest
 from credproxy.core.store import TokenStore
-from credproxy.errors import CredproxyError, Forbidden, NotFound, UsageError
+from credproxy.errors import (
+    AllBucketsExhausted,
+    CredproxyError,
+    Forbidden,
+    NotFound,
+    ReauthRequired,
+    StoreError,
+    UsageError,
+)
 from credproxy.shell import logs
 
 if TYPE_CHECKING:
@@ -65,10 +75,14 @@ class Defer:
     """The request needs the trio side: ``op`` on ``key`` (granted, checked)."""
 
     op: str
-    key: Key
+    key: Key  # for get_token_profile: Key(provider, "") (no bucket is named "")
+    detail: Any = None  # what the fast part already parsed (report_failure's report)
 
 
-Outcome = Ready | CredproxyError
+# A served token, encoded JSON data, or the error to answer.
+Outcome = Ready | bytes | CredproxyError
+
+REPORT_REASONS = {"quota-exhausted": "quota-exhausted", "unauthorized": "unauthorized"}
 
 
 class SandboxOps:
@@ -80,11 +94,13 @@ class SandboxOps:
         store: TokenStore,
         wall: Callable[[], float],
         boot: Callable[[], float],
+        all_sessions: Callable[[], Iterable[Session]] = tuple,
     ) -> None:
         self.tokens = tokens
         self.store = store
         self.wall = wall
         self.boot = boot
+        self.all_sessions = all_sessions
         self._keys: dict[tuple[Any, Any], Key] = {}  # validated (provider, bucket) pairs
         self._fast: dict[str, Callable[[Session, dict[str, Any]], bytes | Ready | Defer]] = {
             "get_token": self.get_token,
@@ -95,6 +111,7 @@ class SandboxOps:
             "get_api_key": self.get_api_key,
             "list_api_keys": self.list_api_keys,
             "has_api_key": self.has_api_key,
+            "report_failure": self.report_failure,
         }
 
     # -- fast: run in the serving loop ----------------------------------------
@@ -124,11 +141,202 @@ class SandboxOps:
         return key
 
     def get_token(self, session: Session, payload: dict[str, Any]) -> Ready | Defer:
+        if payload.get("bucket") is None:
+            profile = self.profile(session, name_field(payload, "provider"))
+            if profile is not None:
+                return self._profile_get_token(session, profile)
         key = self._granted_key(session, payload)
         ready = session.ready.get(key)
         if ready is not None and self.boot() < ready.until:
             return ready
         return Defer("get_token", key)
+
+    # -- several accounts ----------------------------------------------------------
+
+    def profile(self, session: Session, provider: str) -> Profile | None:
+        """*provider*'s profile in *session* when it has two or more buckets, else None.
+
+        From a ``PROVIDER:B1,B2`` grant, else from the provider's configured
+        ``buckets`` that the session is granted. One bucket is no profile: such
+        a session is served exactly as without one (its bucket, or ``default``).
+        """
+        if provider in session.profiles:
+            return session.profiles[provider]
+        prov = self.tokens.cfg.providers.get(provider)
+        order = session.grants.profile(provider)
+        if order is None and prov is not None:
+            order = tuple(b for b in prov.buckets if session.grants.token_allowed(provider, b))
+        strategy = prov.strategy if prov is not None else "fill-first"
+        profile = Profile(provider, order, strategy) if order and len(order) > 1 else None
+        session.profiles[provider] = profile
+        return profile
+
+    def _profile_get_token(self, session: Session, profile: Profile) -> Ready | Defer:
+        """The current bucket's token if it can be served now, else the failover walk (trio)."""
+        n = len(profile.buckets)
+        index = session.current.get(profile.provider, 0) % n
+        key = Key(profile.provider, profile.buckets[index])
+        ready = session.ready.get(key)
+        if ready is not None and self.boot() < ready.until and not self.tokens.quota_held(key):
+            if profile.strategy == "round-robin":
+                session.current[profile.provider] = (index + 1) % n
+            return ready
+        return Defer("get_token_profile", Key(profile.provider, ""))
+
+    async def _walk(self, session: Session, provider: str) -> Ready:
+        """Failover's three passes (credproxy.core.failover) for one get_token without a bucket.
+
+        Raises:
+            AllBucketsExhausted: no bucket could serve (the host is asked for
+                the logins that would cure it, at once).
+        """
+        profile = self.profile(session, provider)
+        assert profile is not None
+        walk = failover.Walk(profile, session.current.get(provider, 0))
+        cfg = self.tokens.cfg.renewal
+        while (bucket := walk.next()) is not None:
+            key = Key(provider, bucket)
+            try:
+                entry = self.tokens.entry(key)
+            except StoreError:
+                walk.failed(bucket, "no-token")
+                continue
+            health = self.tokens.known_health(key)
+            verdict = failover.classify(
+                None if entry is None else self.tokens.facts(entry),
+                health is not None and health.reauth_required,
+                self.tokens.marks(key),
+                self.wall(),
+                cfg,
+            )
+            if isinstance(verdict, str):
+                walk.failed(bucket, verdict)
+                continue
+            assert entry is not None
+            if isinstance(verdict, serving.Refresh):
+                try:
+                    entry = await self.tokens.refresh(key, entry.expiry, reason="failover")
+                except ReauthRequired:
+                    walk.failed(bucket, "reauth-failed")
+                    continue
+                except NotFound:
+                    walk.failed(bucket, "no-token")
+                    continue
+                except CredproxyError:
+                    if serving.after_failed_refresh(self.tokens.facts(entry), self.wall()) is None:
+                        walk.failed(bucket, "expired-refresh-failed")
+                        continue
+            walk.served(bucket)
+            session.current[provider] = failover.next_current(profile, bucket)
+            if walk.reasons:
+                log.info(
+                    "bucket_failover",
+                    session=session.id,
+                    provider=provider,
+                    served=bucket,
+                    reasons={b: r for b, r in walk.reasons.items() if r != "skipped"},
+                )
+            return self.publish(session, key, entry)
+        marks = {b: self.tokens.marks(Key(provider, b)) for b in profile.buckets}
+        out = walk.exhausted(marks, self.wall())
+        listed = ", ".join(f"{b}: {r}" for b, r in out.reasons.items())
+        message = f"every bucket of {provider} failed ({listed})"
+        if out.login:
+            message += "; on the host run: " + self.tokens.reauth_many(
+                provider, out.login, "every bucket failed"
+            )
+        log.warning(
+            "all_buckets_exhausted", session=session.id, provider=provider, reasons=out.reasons
+        )
+        raise AllBucketsExhausted(message, dict(out.reasons), out.retry_after)
+
+    def report_failure(self, session: Session, payload: dict[str, Any]) -> bytes | Defer:
+        """A sandbox that called the API itself reports what happened (429, 401, 403, 5xx).
+
+        Only a granted bucket; nothing a sandbox reports can mark a bucket
+        healthy, and a 5xx is not a quota failure.
+        """
+        key = self._granted_key(session, payload)
+        status, reason = payload.get("status"), payload.get("reason")
+        if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
+            raise UsageError("'status' must be an HTTP status code")
+        if reason is not None and reason not in REPORT_REASONS:
+            raise UsageError(
+                "'reason' must be quota-exhausted or unauthorized (a report cannot mark a "
+                "bucket healthy)"
+            )
+        retry = payload.get("retryAfter")
+        if retry is not None and (
+            isinstance(retry, bool) or not isinstance(retry, int | float) or not retry >= 0
+        ):
+            raise UsageError("'retryAfter' must be a number of seconds")
+        if reason == "quota-exhausted" or status == 429:
+            return Defer("report_failure", key, ("quota-exhausted", retry))
+        if reason == "unauthorized" or status in (401, 403):
+            return Defer("report_failure", key, ("unauthorized", None))
+        if status is not None and 500 <= status < 600:
+            return _encoder.encode(
+                {"recorded": None, "why": "a server error is not a quota failure"}
+            )
+        raise UsageError("report a 429, 401 or 403 'status', or a 'reason'")
+
+    async def _report(self, session: Session, key: Key, kind: str, retry: float | None) -> bytes:
+        if kind == "quota-exhausted":
+            until = self.tokens.mark_quota(key, retry)
+            for other in self.sessions_with(key):
+                other.ready.pop(key, None)
+            return _encoder.encode({"recorded": kind, "until": int(until * 1000)})
+        # 401/403: the token may have been revoked early. A refresh through the
+        # refresh_token op's rules: coalesced, and at most once per cooldown, so
+        # a thousand reports cost at most one refresh.
+        try:
+            entry = await self.tokens.refresh_requested(key)
+        except CredproxyError as exc:
+            return _encoder.encode({"recorded": kind, "refreshed": False, "why": exc.code})
+        self.publish(session, key, entry)
+        return _encoder.encode({"recorded": kind, "refreshed": True})
+
+    def sessions_with(self, key: Key) -> list[Session]:
+        """Every open session that has *key* ready to serve."""
+        return [s for s in self.all_sessions() if key in s.ready]
+
+    def profiles_status(self, session: Session) -> list[dict[str, Any]]:
+        """Each profile *session* has, with its buckets' state (for ``status``)."""
+        names = {p for p, _ in session.grants.profiles} | {
+            name for name, prov in self.tokens.cfg.providers.items() if len(prov.buckets) > 1
+        }
+        out = []
+        for provider in sorted(names):
+            profile = self.profile(session, provider)
+            if profile is None:
+                continue
+            current = profile.buckets[session.current.get(provider, 0) % len(profile.buckets)]
+            out.append(
+                {
+                    "provider": provider,
+                    "strategy": profile.strategy,
+                    "current": current,
+                    "buckets": [
+                        {"bucket": b, **self.bucket_state(Key(provider, b))}
+                        for b in profile.buckets
+                    ],
+                }
+            )
+        return out
+
+    def bucket_state(self, key: Key) -> dict[str, Any]:
+        """What ``get_bucket_stats`` and ``status`` say of a bucket's health now."""
+        now = self.wall()
+        marks = self.tokens.marks(key)
+        health = self.tokens.known_health(key)
+        if marks.held(now):
+            assert marks.quota_until is not None
+            return {"state": "quota-exhausted", "until": int(marks.quota_until * 1000)}
+        if health is not None and health.reauth_required:
+            return {"state": "reauth-failed"}
+        if health is not None and health.failures:
+            return {"state": "expired-refresh-failed", "failures": health.failures}
+        return {"state": "ok"}
 
     def refresh_token(self, session: Session, payload: dict[str, Any]) -> Defer:
         return Defer("refresh_token", self._granted_key(session, payload))
@@ -163,6 +371,7 @@ class SandboxOps:
         }
         if last_ms:
             out["lastUsed"] = int(last_ms)
+        out.update(self.bucket_state(key))
         return _encoder.encode(out)
 
     def get_api_key(self, session: Session, payload: dict[str, Any]) -> bytes:
@@ -214,6 +423,11 @@ class SandboxOps:
     async def slow(self, session: Session, deferred: Defer) -> Outcome:
         """The token ``get_token`` or ``refresh_token`` serves, or the error to answer."""
         try:
+            if deferred.op == "get_token_profile":
+                return await self._walk(session, deferred.key.provider)
+            if deferred.op == "report_failure":
+                kind, retry = deferred.detail
+                return await self._report(session, deferred.key, kind, retry)
             if deferred.op == "get_token":
                 entry = await self.tokens.get(deferred.key)
             else:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from credproxy.core.failover import Profile
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key
 from credproxy.core.renewal import RenewalTimer
@@ -72,6 +73,10 @@ class Session:
     timers: dict[Key, tuple[RenewalTimer, trio.CancelScope]] = field(default_factory=dict)
     served: dict[Key, list[float]] = field(default_factory=dict)  # key -> [count, last ms]
     ready: dict[Key, Ready] = field(default_factory=dict)  # what the serving loop may answer
+    # Several accounts: the profile of each provider (None: no profile) and
+    # the index of the bucket get_token without a bucket starts from.
+    profiles: dict[str, Profile | None] = field(default_factory=dict)
+    current: dict[str, int] = field(default_factory=dict)
     # Owned by the serving loop: serves counted but not yet logged (core/throttle.py).
     audit: dict[Key, ServeAudit] = field(default_factory=dict)
     # At most one refused-connection line per interval; the next says how many were not logged.

@@ -70,8 +70,9 @@ from typing import Any
 import msgspec
 import trio
 
-from credproxy.core import policy, serving
+from credproxy.core import failover, policy, serving
 from credproxy.core.config import Config
+from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import End, Failure, KeyHealth, Refresh, RenewalTimer, Wait
@@ -183,6 +184,7 @@ class Tokens:
         self._savers: set[Key] = set()
         self._closing = trio.Event()
         self._told: set[Key] = set()  # keys whose need of a new login the host was told
+        self._marks: dict[Key, BucketMarks] = {}  # quota holds, per key (several accounts)
 
     def close(self) -> None:
         """No new refreshes from now on (shutdown); those under way finish.
@@ -332,6 +334,55 @@ class Tokens:
     def expiry(self, entry: Entry) -> float | None:
         """*entry*'s true expiry in wall-clock terms (see :func:`serving.true_expiry`)."""
         return serving.true_expiry(entry.facts, self.wall(), self.boot())
+
+    # -- several accounts: quota holds ------------------------------------------
+
+    def marks(self, key: Key) -> BucketMarks:
+        """The quota hold and reports of *key* (made on first use)."""
+        marks = self._marks.get(key)
+        if marks is None:
+            marks = self._marks[key] = BucketMarks()
+        return marks
+
+    def quota_held(self, key: Key) -> bool:
+        """True while *key* is held as quota-exhausted (read by the serving loop too)."""
+        marks = self._marks.get(key)
+        return marks is not None and marks.held(self.wall())
+
+    def mark_quota(self, key: Key, retry_after: float | None) -> float:
+        """Hold *key* as quota-exhausted; returns the wall-clock instant the hold ends."""
+        fo = self.cfg.failover
+        marks = self.marks(key)
+        marks.reports += 1
+        until = self.wall() + failover.quota_hold(retry_after, fo.quota_hold, fo.max_quota_hold)
+        # A later report may extend a hold, never shorten one.
+        marks.quota_until = max(until, marks.quota_until or until)
+        log.info(
+            "bucket_quota_exhausted",
+            provider=key.provider,
+            bucket=key.bucket,
+            held_for=round(marks.quota_until - self.wall()),
+        )
+        return marks.quota_until
+
+    def reauth_many(self, provider: str, buckets: tuple[str, ...], why: str) -> str:
+        """Ask the host for one new login of several buckets at once; returns the commands."""
+        keys = [Key(provider, b) for b in buckets]
+        logins = "; ".join(login_command(k) for k in keys)
+        fresh = [k for k in keys if k not in self._told]
+        for key in keys:
+            self.health(key).reauth_required = True
+        if fresh:
+            self._told.update(fresh)
+            log.warning(
+                "reauth_needed",
+                provider=provider,
+                buckets=[k.bucket for k in fresh],
+                login=logins,
+            )
+            if self.cfg.notify.command and self._nursery is not None:
+                self._nursery.start_soon(self._notify, fresh[0], why, logins)
+        return logins
 
     def reauth(self, key: Key, why: str) -> ReauthRequired:
         """The error a sandbox gets when *key* needs a new login; the host is told once.
