@@ -22,6 +22,22 @@ from credproxy.errors import ConfigError
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
+class Api(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The API behind a provider, for the HTTP proxy on session sockets.
+
+    ``http://credproxy/PROVIDER[:BUCKET]/REST`` from a sandbox goes to
+    ``base_url`` + ``/REST`` with ``headers`` added: each value is a template
+    where ``{access_token}``, ``{token_type}`` or any other stored token field
+    (never the refresh token), and ``{key:NAME}`` (an API key the session is
+    granted), are filled in outside the sandbox.
+    """
+
+    base_url: str
+    headers: dict[str, str] = msgspec.field(
+        default_factory=lambda: {"Authorization": "Bearer {access_token}"}
+    )
+
+
 class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An OAuth 2.0 client: where and as whom to refresh tokens and to log in.
 
@@ -50,6 +66,7 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # serve (the default profile), and how it picks among them.
     buckets: list[str] = msgspec.field(default_factory=list)
     strategy: Literal["fill-first", "round-robin"] = "fill-first"
+    api: Api | None = None
 
 
 #: The Provider fields that hold endpoint URLs: https, or plain http on loopback.
@@ -126,16 +143,29 @@ RANGES: dict[tuple[str, str], Range] = {
     ("limits", "max_connections"): Range(1),
     ("limits", "idle_timeout"): Range(0, low_inclusive=False),
     ("limits", "max_in_flight"): Range(1),
-    ("failover", "quota_hold"): Range(0, low_inclusive=False),
-    ("failover", "max_quota_hold"): Range(0, low_inclusive=False),  # and >= quota_hold
+    ("failover", "quota_hold"): Range(1),
+    ("proxy", "max_streams"): Range(1),
+    ("proxy", "retry_body_limit"): Range(0),
+    ("proxy", "max_header_bytes"): Range(1024),
+    ("proxy", "read_timeout"): Range(0, low_inclusive=False),
+    ("failover", "max_quota_hold"): Range(1),  # and >= quota_hold
 }
 
 
 class Failover(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Buckets reported quota-exhausted, in seconds (see :data:`RANGES`)."""
 
-    quota_hold: float = 60  # > 0: held this long when the report gives no retry-after
+    quota_hold: float = 60  # >= 1: held this long when the report gives no retry-after
     max_quota_hold: float = 86_400  # >= quota_hold: a reported retry-after is capped here
+
+
+class Proxy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The HTTP API proxy on session sockets (see :data:`RANGES`)."""
+
+    max_streams: int = 64  # >= 1: proxied requests in flight per session
+    retry_body_limit: int = 8 * 1024 * 1024  # >= 0: bodies up to this are kept for the 401 retry
+    max_header_bytes: int = 65_536  # >= 1024: request line and headers
+    read_timeout: float = 300.0  # > 0: an upstream silent this long ends the response
 
 
 class Sandbox(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -161,6 +191,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     sandbox: Sandbox = msgspec.field(default_factory=Sandbox)
     failover: Failover = msgspec.field(default_factory=Failover)
+    proxy: Proxy = msgspec.field(default_factory=Proxy)
     notify: Notify = msgspec.field(default_factory=Notify)
 
 
@@ -233,20 +264,22 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
                     ["providers", name, "buckets"],
                 )
             )
-        for key in PROVIDER_URL_FIELDS:
-            value = getattr(prov, key)
+        urls = [(key, getattr(prov, key), [key]) for key in PROVIDER_URL_FIELDS]
+        if prov.api is not None:
+            urls.append(("base_url", prov.api.base_url, ["api", "base_url"]))
+        for key, value, where in urls:
             if value is None:
                 continue
             url = urlsplit(value)
             if not url.hostname:
-                out.append((f"{key} has no host", ["providers", name, key]))
+                out.append((f"{key} has no host", ["providers", name, *where]))
             elif url.scheme != "https" and not (
                 url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
             ):
                 out.append(
                     (
                         f"{key} must be an https:// URL (plain http is allowed for loopback only)",
-                        ["providers", name, key],
+                        ["providers", name, *where],
                     )
                 )
     for (section, field), allowed in RANGES.items():

@@ -281,6 +281,9 @@ class SandboxOps:
         raise UsageError("report a 429, 401 or 403 'status', or a 'reason'")
 
     async def _report(self, session: Session, key: Key, kind: str, retry: float | None) -> bytes:
+        if self.store.signature(*key) is None:
+            # Only stored buckets are held: made-up names cannot grow the table.
+            raise NotFound(f"no token for {key} in this session")
         if kind == "quota-exhausted":
             until = self.tokens.mark_quota(key, retry)
             for other in self.sessions_with(key):
@@ -289,12 +292,15 @@ class SandboxOps:
         # 401/403: the token may have been revoked early. A refresh through the
         # refresh_token op's rules: coalesced, and at most once per cooldown, so
         # a thousand reports cost at most one refresh.
+        health = self.tokens.health(key)
+        before = health.refreshes
         try:
             entry = await self.tokens.refresh_requested(key)
         except CredproxyError as exc:
             return _encoder.encode({"recorded": kind, "refreshed": False, "why": exc.code})
         self.publish(session, key, entry)
-        return _encoder.encode({"recorded": kind, "refreshed": True})
+        # Inside the cooldown the current token is kept: say whether it changed.
+        return _encoder.encode({"recorded": kind, "refreshed": health.refreshes > before})
 
     def sessions_with(self, key: Key) -> list[Session]:
         """Every open session that has *key* ready to serve."""

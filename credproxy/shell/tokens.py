@@ -369,9 +369,9 @@ class Tokens:
         """Ask the host for one new login of several buckets at once; returns the commands."""
         keys = [Key(provider, b) for b in buckets]
         logins = "; ".join(login_command(k) for k in keys)
+        # Only told, not marked re-auth required: a bucket whose refresh failed
+        # for a moment (the network) stays one the next walk tries to refresh.
         fresh = [k for k in keys if k not in self._told]
-        for key in keys:
-            self.health(key).reauth_required = True
         if fresh:
             self._told.update(fresh)
             log.warning(
