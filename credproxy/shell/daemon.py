@@ -45,6 +45,8 @@ from credproxy.errors import CredproxyError, StoreError
 from credproxy.shell import logs, paths, systemd
 from credproxy.shell.fastpath import FastPath
 from credproxy.shell.handlers import ControlOps, SandboxOps
+from credproxy.shell.http import ApiClient
+from credproxy.shell.proxy import ApiProxy
 from credproxy.shell.server import (
     accept_forever,
     bind_unix,
@@ -322,6 +324,7 @@ async def serve(
     own_socket = not inherited
     listeners: list[trio.socket.SocketType] = []
     daemon: Daemon | None = None
+    api_client = ApiClient(read=cfg.proxy.read_timeout)
     try:
         make_private_dir(sessions_dir, searchable_ok=False)
         for stale in os.listdir(sessions_dir):  # left by a daemon that crashed
@@ -356,6 +359,15 @@ async def serve(
                             boot_clock,
                             all_sessions=lambda: list(daemon.sessions) if daemon else [],
                         )
+                        proxy = ApiProxy(cfg, tokens, sandbox_ops, api_client)
+
+                        def start_http(session: Any, sock: stdsocket.socket, data: bytes) -> None:
+                            if not session.open or session.nursery is None:
+                                sock.close()
+                                session.connection_closed()
+                                return
+                            session.nursery.start_soon(proxy.serve, session, sock, data)
+
                         if serving_thread:
                             token = trio.lowlevel.current_trio_token()
                             fast = FastPath(
@@ -363,10 +375,15 @@ async def serve(
                                 cfg.limits,
                                 to_trio=token.run_sync_soon,
                                 clock=time.monotonic,
+                                http=start_http,
                             )
                         else:
                             fast = FastPath(
-                                sandbox_ops, cfg.limits, to_trio=_call_now, clock=trio.current_time
+                                sandbox_ops,
+                                cfg.limits,
+                                to_trio=_call_now,
+                                clock=trio.current_time,
+                                http=start_http,
                             )
                         changed = _status_notifier(lambda: daemon.sessions if daemon else None)
                         sessions = Sessions(
@@ -424,6 +441,8 @@ async def serve(
                     tokens.close()
                     refresh_nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
     finally:
+        with trio.CancelScope(shield=True):
+            await api_client.aclose()
         for listener in listeners:
             listener.close()
         if own_socket:

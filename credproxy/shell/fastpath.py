@@ -78,6 +78,7 @@ class SandboxConnection:
         "closed",
         "engine",
         "eof",
+        "fresh",
         "heap_at",
         "mask",
         "out",
@@ -99,6 +100,7 @@ class SandboxConnection:
         self.closed = False
         self.close_when_flushed = False
         self.eof = False  # the peer shut down its side; answer what is in flight, then close
+        self.fresh = True  # nothing read yet: the first byte tells frames from HTTP
         self.paused = False  # MAX_SHARED get_token wait on one answer: parse no more until it comes
         self.mask = _IN  # what the epoll set waits for on this connection
         self.waiting: dict[Any, list[str]] = {}  # key -> get_token ids waiting on one answer
@@ -126,8 +128,10 @@ class FastPath:
         *,
         to_trio: Callable[..., None],
         clock: Callable[[], float],
+        http: Callable[[Any, socket.socket, bytes], None] | None = None,
     ) -> None:
         self.ops = ops
+        self.http = http
         self.limits = limits
         self.to_trio = to_trio
         self.clock = clock
@@ -326,6 +330,13 @@ class FastPath:
             conn.eof = True
             self._interest(conn)
             return
+        if conn.fresh:
+            conn.fresh = False
+            # A frame header starts with 0x00 (frames are at most 64 KiB); an
+            # HTTP request line with a letter: that connection is the API proxy's.
+            if self.http is not None and data[:1].isalpha():
+                self._hand_over(conn, data)
+                return
         conn.engine.receive_data(data)
         self._process(conn, now)
 
@@ -530,6 +541,16 @@ class FastPath:
         if at < conn.heap_at:
             conn.heap_at = at
             heapq.heappush(self._heap, (at, next(self._seq), conn))
+
+    def _hand_over(self, conn: SandboxConnection, data: bytes) -> None:
+        """Give an HTTP connection, with what was read of it, to the trio side."""
+        conn.closed = True  # for the loop it is gone; the socket lives on over there
+        fd = conn.sock.fileno()
+        self._conns.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(fd)
+        assert self.http is not None
+        self.to_trio(self.http, conn.session, conn.sock, data)
 
     def _close(self, conn: SandboxConnection, reason: str) -> None:
         if conn.closed:

@@ -257,3 +257,94 @@ def _read_client_secret_sync(path: str) -> str:
     if not secret:
         raise RefreshFailed(f"client_secret_file {path} is empty")
     return secret
+
+
+# -- the API proxy's upstream ------------------------------------------------------------
+
+
+class UpstreamUnavailable(RefreshFailed):
+    """The API upstream could not be reached, or broke off (the message names host and kind)."""
+
+
+class UpstreamResponse:
+    """An upstream response whose body is read as it arrives (bytes as sent: no decoding)."""
+
+    def __init__(self, response: httpx.Response, host: str) -> None:
+        self._response = response
+        self._host = host
+        self.status = response.status_code
+        self.headers: list[tuple[bytes, bytes]] = list(response.headers.raw)
+
+    async def chunks(self) -> Any:
+        """The body, chunk by chunk, as the upstream sends it.
+
+        Raises:
+            UpstreamUnavailable: the upstream broke off or stalled past the read timeout.
+        """
+        errors = _httpx_errors()
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except errors as exc:
+            raise UpstreamUnavailable(
+                f"{self._host} broke off the response ({type(exc).__name__})"
+            ) from None
+
+
+class ApiClient:
+    """One shared ``httpx.AsyncClient`` for every proxied API request.
+
+    The system trust store (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` add a
+    corporate CA, or a test's own), explicit timeouts, no redirects followed
+    (a redirect is passed back to the client as it is), and ``HTTPS_PROXY``
+    honoured except for loopback. Created on first use; :meth:`aclose` on
+    shutdown.
+    """
+
+    def __init__(self, *, connect: float = 10.0, read: float = 300.0, write: float = 60.0) -> None:
+        self._timeouts = (connect, read, write)
+        self._client: httpx.AsyncClient | None = None
+
+    def _get_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            import httpx
+
+            connect, read, write = self._timeouts
+            self._client = httpx.AsyncClient(
+                verify=ssl.create_default_context(),
+                timeout=httpx.Timeout(connect=connect, read=read, write=write, pool=connect),
+                follow_redirects=False,
+                trust_env=True,
+                mounts=dict.fromkeys(_LOOPBACK_PATTERNS),
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            )
+        return self._client
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        content: Any,
+    ) -> UpstreamResponse:
+        """Send a request whose body is *content* (bytes or an async iterator of bytes).
+
+        Raises:
+            UpstreamUnavailable: not reached, or no answer in time.
+        """
+        client = self._get_client()
+        host = urlsplit(url).hostname or "the upstream"
+        try:
+            request = client.build_request(method, url, headers=headers, content=content)
+            response = await client.send(request, stream=True)
+        except _httpx_errors() as exc:
+            raise UpstreamUnavailable(f"{host} did not answer ({type(exc).__name__})") from None
+        return UpstreamResponse(response, host)
+
+    async def close_response(self, response: UpstreamResponse) -> None:
+        await response._response.aclose()
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
