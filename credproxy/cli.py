@@ -31,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         from credproxy.inner.client import token_main
 
         return token_main(args[1:])
+    if args[:1] == ["forward"]:
+        from credproxy.inner.forward import main as forward_main
+
+        return forward_main(args[1:])
+    if args[:1] == ["git-credential"]:
+        from credproxy.inner.gitcred import main as git_credential_main
+
+        return git_credential_main(args[1:])
     parser = _parser()
     ns, extra = parser.parse_known_args(args)
     if ns.command == "import" and not any(e.startswith("-") and e != "-" for e in extra):

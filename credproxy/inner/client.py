@@ -330,25 +330,48 @@ def _error_from(reply: dict[str, Any]) -> CredproxyError:
 
 # --- `credproxy token` -------------------------------------------------------
 
-TOKEN_USAGE = "usage: credproxy token PROVIDER [--bucket BUCKET] [--json]"  # noqa: S105
+TOKEN_USAGE = (
+    "usage: credproxy token PROVIDER [--bucket BUCKET] "  # noqa: S105
+    "[--format raw|json|header|env|kubectl|aws-process|docker] [--json]"
+)
+TOKEN_HELP = """\
+Print the access token for PROVIDER from the socket in $CREDPROXY_SOCKET.
+
+--format raw          the access token (the default)
+--format json         the served JSON (--json is the same)
+--format header       Authorization: Bearer <token>, for curl -H
+--format env          export CREDPROXY_ACCESS_TOKEN=... lines, for eval
+--format kubectl      an ExecCredential (client.authentication.k8s.io/v1)
+--format aws-process  a credential_process answer (needs AWS fields in the token)
+--format docker       a docker credential helper answer; the server URL on stdin
+See docs/integrations.md for each tool's configuration."""  # noqa: S105
+STDIN_LIMIT = 64 * 1024  # a server URL, for --format docker
+# The names of credproxy.inner.formats.FORMATS (a test keeps them equal): raw and
+# json, what helpers run most often, are printed here without importing that module.
+FORMAT_NAMES = ("raw", "json", "header", "env", "kubectl", "aws-process", "docker")
 
 
 def token_main(argv: list[str]) -> int:
-    """``credproxy token PROVIDER [--bucket B] [--json]``: print an access token."""
+    """``credproxy token PROVIDER [--bucket B] [--format F]``: print an access token."""
     provider = bucket = None
-    as_json = False
+    fmt = "raw"
     args = iter(argv)
     for arg in args:
         if arg in ("-h", "--help"):
             print(TOKEN_USAGE)
-            print("Print the access token for PROVIDER from the socket in $CREDPROXY_SOCKET.")
+            print(TOKEN_HELP)
             return EXIT_OK
         if arg == "--json":
-            as_json = True
+            fmt = "json"
         elif arg == "--bucket" or arg.startswith("--bucket="):
             bucket = arg.partition("=")[2] if "=" in arg else next(args, None)
             if not bucket:
                 return _usage("--bucket needs a value")
+        elif arg == "--format" or arg.startswith("--format="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, None)
+            if value not in FORMAT_NAMES:
+                return _usage(f"--format needs one of {', '.join(FORMAT_NAMES)}")
+            fmt = value
         elif arg.startswith("-"):
             return _usage(f"unknown option {arg}")
         elif provider is None:
@@ -357,20 +380,28 @@ def token_main(argv: list[str]) -> int:
             return _usage(f"unexpected argument {arg!r}")
     if provider is None:
         return _usage("PROVIDER is required")
+    stdin = sys.stdin.read(STDIN_LIMIT) if fmt == "docker" and sys.stdin else ""
     try:
         with Client() as client:
             token = client.get_token(provider, bucket)
+        if fmt == "raw":
+            out = token.get("access_token")
+            if not isinstance(out, str) or not out:
+                raise CredproxyError("the served token has no access_token")
+        elif fmt == "json":
+            out = json.dumps(token, sort_keys=True)
+        else:
+            from credproxy.inner.formats import FORMATS
+
+            out = FORMATS[fmt](token, stdin)
     except CredproxyError as exc:
         print(f"credproxy token: {exc}", file=sys.stderr)
         return exc.exit_code
-    if as_json:
-        out = json.dumps(token, sort_keys=True)
-    else:
-        at = token.get("access_token")
-        if not isinstance(at, str):
-            print("credproxy token: the served token has no access_token", file=sys.stderr)
-            return EXIT_FAILURE
-        out = at
+    return print_out(out)
+
+
+def print_out(out: str) -> int:
+    """Print *out* and a newline; a reader that went away is exit 1, not a traceback."""
     try:
         print(out, flush=True)
     except BrokenPipeError:
