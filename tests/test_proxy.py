@@ -417,3 +417,25 @@ async def test_smuggling_and_oversized_headers_close_that_connection_only(
     assert upstream.received == []
     p = await h.peer(s)
     assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
+
+
+async def test_a_429_without_a_bucket_is_retried_once_on_the_next_bucket(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """With a profile a,b, an upstream 429 on a holds a and the request is sent again with b's token; the client sees the 200."""
+    upstream.script.append(answer(429))
+    h = await start_daemon(providers={"dev": {"api": {"base_url": upstream.url}}})
+    h.login(bucket="a")
+    h.login(bucket="b")
+    s = await h.session("dev:a,b")
+    c = await HttpClient.connect(s.socket_path)
+    status, _, _ = await c.call("POST", "/dev/x", body=b"once")
+    assert status == 200
+    first, retry = upstream.received
+    token_a = h.store.read("dev", "a")["access_token"]
+    token_b = h.store.read("dev", "b")["access_token"]
+    assert first["headers"]["authorization"] == f"Bearer {token_a}"
+    assert retry["headers"]["authorization"] == f"Bearer {token_b}"
+    assert retry["body"] == b"once"
+    assert h.daemon.tokens.quota_held(Key("dev", "a"))
+    await c.aclose()

@@ -183,7 +183,7 @@ class SandboxOps:
             return ready
         return Defer("get_token_profile", Key(profile.provider, ""))
 
-    async def _walk(self, session: Session, provider: str) -> Ready:
+    async def walk(self, session: Session, provider: str) -> Ready:
         """Failover's three passes (credproxy.core.failover) for one get_token without a bucket.
 
         Raises:
@@ -430,7 +430,7 @@ class SandboxOps:
         """The token ``get_token`` or ``refresh_token`` serves, or the error to answer."""
         try:
             if deferred.op == "get_token_profile":
-                return await self._walk(session, deferred.key.provider)
+                return await self.walk(session, deferred.key.provider)
             if deferred.op == "report_failure":
                 kind, retry = deferred.detail
                 return await self._report(session, deferred.key, kind, retry)

@@ -40,7 +40,7 @@ import json
 import re
 import socket as stdsocket
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote
 
 import h11
@@ -81,6 +81,16 @@ FROM_SANDBOX_DROPPED = HOP_BY_HOP | {
     b"expect",
 }
 _FIELD = re.compile(r"\{([A-Za-z0-9_.:@-]+)\}")
+
+
+class Route(NamedTuple):
+    """Where a request goes: the key whose token it carries, and the upstream URL's parts."""
+
+    key: Key
+    base_url: str
+    rest: str  # the path after /PROVIDER[:BUCKET]/
+    query: str  # "?..." or ""
+    explicit: bool  # the bucket was named (else the profile's current one)
 
 
 class HttpError(Exception):
@@ -181,14 +191,22 @@ class ApiProxy:
         key: Key | None = None
         status, sent, path = 0, 0, "-"
         try:
-            key, base_url, rest, query = self._route(session, method, req.target, req.headers)
+            key, base_url, rest, query, explicit = self._route(
+                session, method, req.target, req.headers
+            )
             path = "/" + rest
             if self._streams.get(session.id, 0) >= self.cfg.proxy.max_streams:
                 raise HttpError(503, "too many proxied requests in flight for this session")
             self._streams[session.id] = self._streams.get(session.id, 0) + 1
             try:
                 status, sent = await self._forward(
-                    session, conn, stream, req, key, f"{base_url.rstrip('/')}/{rest}{query}"
+                    session,
+                    conn,
+                    stream,
+                    req,
+                    key,
+                    f"{base_url.rstrip('/')}/{rest}{query}",
+                    explicit,
                 )
             finally:
                 self._streams[session.id] -= 1
@@ -209,10 +227,8 @@ class ApiProxy:
                 ms=round((trio.current_time() - started) * 1000, 1),
             )
 
-    def _route(
-        self, session: Session, method: str, target: bytes, headers: Any = ()
-    ) -> tuple[Key, str, str, str]:
-        """(key, base_url, rest of the path, "?query" or "") for a request target.
+    def _route(self, session: Session, method: str, target: bytes, headers: Any = ()) -> Route:
+        """Where a request target goes (see :class:`Route`).
 
         Raises:
             HttpError: CONNECT, an absolute-form target, a dot segment, or a
@@ -240,6 +256,7 @@ class ApiProxy:
                 raise HttpError(400, "the path may not contain . or .. segments")
         head = segments[0] if segments else ""
         provider, _, bucket = head.partition(":")
+        explicit = bool(bucket)
         if not is_name(provider) or (bucket and not is_name(bucket)):
             raise HttpError(404, "no such API in this session (http://credproxy/PROVIDER/...)")
         prov = self.cfg.providers.get(provider)
@@ -254,7 +271,9 @@ class ApiProxy:
         key = Key(provider, bucket)
         if prov is None or prov.api is None or not session.grants.token_allowed(*key):
             raise HttpError(404, "no such API in this session (http://credproxy/PROVIDER/...)")
-        return key, prov.api.base_url, "/".join(segments[1:]), (mark + query if query else "")
+        return Route(
+            key, prov.api.base_url, "/".join(segments[1:]), mark + query if query else "", explicit
+        )
 
     async def _forward(
         self,
@@ -264,6 +283,7 @@ class ApiProxy:
         req: h11.Request,
         key: Key,
         url: str,
+        explicit: bool = True,
     ) -> tuple[int, int]:
         """Forward one request and stream its answer back; returns (status, body bytes sent)."""
         entry = await self._token(session, key)
@@ -297,12 +317,35 @@ class ApiProxy:
             self.ops.publish(session, key, entry)
             upstream = await self._send(method, url, req, key, entry, bytes(kept))
         if upstream.status == 429:
-            retry = _retry_after(upstream.headers)
-            self.tokens.mark_quota(key, retry)
+            self.tokens.mark_quota(key, _retry_after(upstream.headers))
+            if (
+                kept is not None
+                and not explicit
+                and self.ops.profile(session, key.provider) is not None
+            ):
+                # Several accounts, asked without a bucket: once more, on the
+                # bucket failover picks now (the held one is skipped).
+                retried = await self._on_next_bucket(session, key, method, url, req, bytes(kept))
+                if retried is not None:
+                    await self.client.close_response(upstream)
+                    upstream = retried
         try:
             return upstream.status, await self._relay(conn, stream, upstream)
         finally:
             await self.client.close_response(upstream)
+
+    async def _on_next_bucket(
+        self, session: Session, key: Key, method: str, url: str, req: h11.Request, body: bytes
+    ) -> UpstreamResponse | None:
+        """The request sent again with the token of the bucket failover serves now, if any."""
+        try:
+            ready = await self.ops.walk(session, key.provider)
+            entry = self.tokens.entry(ready.key)
+        except (CredproxyError, HttpError):
+            return None
+        if entry is None or ready.key == key:
+            return None
+        return await self._send(method, url, req, ready.key, entry, body)
 
     async def _token(self, session: Session, key: Key) -> Entry:
         """The token get_token would serve for *key* (its first use schedules the renewal)."""
