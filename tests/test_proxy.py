@@ -439,3 +439,55 @@ async def test_a_429_without_a_bucket_is_retried_once_on_the_next_bucket(
     assert retry["body"] == b"once"
     assert h.daemon.tokens.quota_held(Key("dev", "a"))
     await c.aclose()
+
+
+async def test_an_api_grant_serves_the_api_and_never_the_token(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A session granted api:dev reaches the API through the proxy, while get_token answers NOT_FOUND: the token stays on the host."""
+    h = await start_daemon(providers={"dev": {"api": {"base_url": upstream.url}}})
+    h.login()
+    s = await h.session("api:dev")
+    c = await HttpClient.connect(s.socket_path)
+    status, _, _ = await c.call("GET", "/dev/models")
+    assert status == 200
+    token = h.store.read("dev", "default")["access_token"]
+    assert upstream.headers()["authorization"] == f"Bearer {token}"
+    await c.aclose()
+    p = await h.peer(s)
+    assert (await p.call("get_token", {"provider": "dev"}))["code"] == "NOT_FOUND"
+    assert (await p.call("list_providers"))["data"] == {"providers": []}
+
+
+async def test_key_templates_need_the_key_grant(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A header template naming an API key is filled only for a session granted that key; others get 403 and nothing goes upstream."""
+    api = {"base_url": upstream.url, "headers": {"x-api-key": "{key:upkey}"}}
+    h = await start_daemon(providers={"dev": {"api": api}})
+    h.login()
+    h.store.write_key("upkey", "KEY-value-1")
+    without = await h.session("dev")
+    c = await HttpClient.connect(without.socket_path)
+    status, _, _ = await c.call("GET", "/dev/x")
+    assert status == 403
+    assert upstream.received == []
+    await c.aclose()
+    granted = await h.session("dev", "key:upkey")
+    c = await HttpClient.connect(granted.socket_path)
+    status, _, _ = await c.call("GET", "/dev/x")
+    assert status == 200 and upstream.headers()["x-api-key"] == "KEY-value-1"
+    await c.aclose()
+
+
+async def test_content_length_is_passed_on_and_no_compression_is_asked_for_the_client(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A body with Content-Length reaches the upstream with it (not chunked), and without the client's Accept-Encoding the upstream is asked for identity."""
+    _h, _s, c = await _setup(start_daemon, upstream)
+    status, _, _ = await c.call("POST", "/dev/x", body=b"12345")
+    assert status == 200
+    got = upstream.headers()
+    assert got["content-length"] == "5" and "transfer-encoding" not in got
+    assert got["accept-encoding"] == "identity"
+    await c.aclose()

@@ -2,9 +2,11 @@
 
 A grant is ``PROVIDER`` (every bucket of it), ``PROVIDER:BUCKET``,
 ``PROVIDER:B1,B2,...`` (those buckets, and that order as the session's profile
-for ``get_token`` without a bucket), ``key:NAME`` (one API key) or ``*``
-(everything). The prefix ``key:`` always means an API key, so a provider
-literally named ``key`` can only be granted whole.
+for ``get_token`` without a bucket), ``key:NAME`` (one API key), ``api:PROVIDER``
+(the provider's API through the HTTP proxy only: the token is used on the host
+and never served to the sandbox) or ``*`` (everything). The prefixes ``key:``
+and ``api:`` always mean an API key and an API, so providers literally named
+``key`` or ``api`` can only be granted whole.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Grants:
     keys: frozenset[str] = field(default_factory=frozenset)
     # provider -> ordered buckets, from PROVIDER:B1,B2 grants
     profiles: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    apis: frozenset[str] = field(default_factory=frozenset)  # api:PROVIDER grants
 
     @classmethod
     def parse(cls, specs: list[str]) -> Grants:
@@ -36,6 +39,7 @@ class Grants:
         buckets: set[tuple[str, str]] = set()
         keys: set[str] = set()
         profiles: dict[str, tuple[str, ...]] = {}
+        apis: set[str] = set()
         for spec in specs:
             if not isinstance(spec, str):
                 raise UsageError("grants must be strings")
@@ -60,13 +64,15 @@ class Grants:
             names = [head, tail] if sep else [head]
             if not all(is_name(n) for n in names):
                 raise UsageError(
-                    f"grant {spec!r} must be PROVIDER, PROVIDER:BUCKET, key:NAME or '*' "
-                    f"(names are {NAME_RULE})"
+                    f"grant {spec!r} must be PROVIDER, PROVIDER:BUCKET, key:NAME, "
+                    f"api:PROVIDER or '*' (names are {NAME_RULE})"
                 )
             if not sep:
                 providers.add(head)
             elif head == "key":
                 keys.add(tail)
+            elif head == "api":
+                apis.add(tail)
             else:
                 buckets.add((head, tail))
         return cls(
@@ -75,7 +81,16 @@ class Grants:
             frozenset(buckets),
             frozenset(keys),
             tuple(sorted(profiles.items())),
+            frozenset(apis),
         )
+
+    def api_allowed(self, provider: str) -> bool:
+        """True if an ``api:PROVIDER`` grant (or ``*``) lets the session use *provider*'s API.
+
+        The proxy also accepts a grant of the token itself; this is the grant
+        that gives the API without the token.
+        """
+        return self.everything or provider in self.apis
 
     def profile(self, provider: str) -> tuple[str, ...] | None:
         """The bucket order a ``PROVIDER:B1,B2`` grant gave *provider*, if any."""
@@ -105,4 +120,5 @@ class Grants:
         out += sorted(f"{p}:{b}" for p, b in self.buckets if (p, b) not in in_profiles)
         out += [f"{p}:{','.join(order)}" for p, order in self.profiles]
         out += sorted(f"key:{k}" for k in self.keys)
+        out += sorted(f"api:{a}" for a in self.apis)
         return out

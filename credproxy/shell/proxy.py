@@ -72,12 +72,12 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Never forwarded from the sandbox: credentials of its own, and what the daemon sets.
+# (Content-Length is kept: h11 has checked it, and an upstream may insist on it.)
 FROM_SANDBOX_DROPPED = HOP_BY_HOP | {
     b"host",
     b"authorization",
     b"x-api-key",
     b"cookie",
-    b"content-length",
     b"expect",
 }
 _FIELD = re.compile(r"\{([A-Za-z0-9_.:@-]+)\}")
@@ -269,7 +269,8 @@ class ApiProxy:
                 else profile.buckets[current % len(profile.buckets)]
             )
         key = Key(provider, bucket)
-        if prov is None or prov.api is None or not session.grants.token_allowed(*key):
+        allowed = session.grants.token_allowed(*key) or session.grants.api_allowed(provider)
+        if prov is None or prov.api is None or not allowed:
             raise HttpError(404, "no such API in this session (http://credproxy/PROVIDER/...)")
         return Route(
             key, prov.api.base_url, "/".join(segments[1:]), mark + query if query else "", explicit
@@ -306,7 +307,7 @@ class ApiProxy:
                 else:
                     raise trio.BrokenResourceError("the client went away mid-request")
 
-        upstream = await self._send(method, url, req, key, entry, body())
+        upstream = await self._send(session, method, url, req, key, entry, body())
         if upstream.status == 401 and kept is not None:
             # One forced, coordinated refresh, then one retry with the kept body.
             await self.client.close_response(upstream)
@@ -315,7 +316,7 @@ class ApiProxy:
             except CredproxyError as exc:
                 raise HttpError(401, f"the upstream refused the token and {exc}") from None
             self.ops.publish(session, key, entry)
-            upstream = await self._send(method, url, req, key, entry, bytes(kept))
+            upstream = await self._send(session, method, url, req, key, entry, bytes(kept))
         if upstream.status == 429:
             self.tokens.mark_quota(key, _retry_after(upstream.headers))
             if (
@@ -345,7 +346,7 @@ class ApiProxy:
             return None
         if entry is None or ready.key == key:
             return None
-        return await self._send(method, url, req, ready.key, entry, body)
+        return await self._send(session, method, url, req, ready.key, entry, body)
 
     async def _token(self, session: Session, key: Key) -> Entry:
         """The token get_token would serve for *key* (its first use schedules the renewal)."""
@@ -363,20 +364,31 @@ class ApiProxy:
         return entry
 
     async def _send(
-        self, method: str, url: str, req: h11.Request, key: Key, entry: Entry, content: Any
+        self,
+        session: Session,
+        method: str,
+        url: str,
+        req: h11.Request,
+        key: Key,
+        entry: Entry,
+        content: Any,
     ) -> UpstreamResponse:
         headers = [
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in req.headers
             if name.lower() not in FROM_SANDBOX_DROPPED and not name.lower().startswith(b"proxy-")
         ]
-        headers += self._injected(key, entry)
+        if not any(name.lower() == "accept-encoding" for name, _ in headers):
+            # httpx would ask for gzip on its own, and the body is relayed as
+            # it comes: a client that did not ask for compression gets none.
+            headers.append(("accept-encoding", "identity"))
+        headers += self._injected(session, key, entry)
         try:
             return await self.client.send(method, url, headers, content)
         except UpstreamUnavailable as exc:
             raise HttpError(502, str(exc)) from None
 
-    def _injected(self, key: Key, entry: Entry) -> list[tuple[str, str]]:
+    def _injected(self, session: Session, key: Key, entry: Entry) -> list[tuple[str, str]]:
         prov = self.cfg.providers[key.provider]
         assert prov.api is not None
         fields = {
@@ -388,6 +400,12 @@ class ApiProxy:
         def fill(match: re.Match[str]) -> str:
             name = match.group(1)
             if name.startswith("key:"):
+                if not session.grants.key_allowed(name[4:]):
+                    raise HttpError(
+                        403,
+                        f"the headers need the API key {name[4:]}, "
+                        "which this session is not granted",
+                    )
                 value = self.ops.store.read_key(name[4:])
                 if value is None:
                     raise HttpError(
