@@ -491,3 +491,28 @@ async def test_content_length_is_passed_on_and_no_compression_is_asked_for_the_c
     assert got["content-length"] == "5" and "transfer-encoding" not in got
     assert got["accept-encoding"] == "identity"
     await c.aclose()
+
+
+async def _set_cookie(
+    up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+) -> None:
+    headers = [(b"set-cookie", b"session=abc123; Path=/"), (b"content-length", b"0")]
+    await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)) or b"")
+    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+
+
+async def test_an_upstream_cookie_is_never_sent_for_another_sandbox(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A Set-Cookie reaches the client that got it, and the shared upstream client sends no cookie on later requests; a GET goes out without a body."""
+    upstream.script.append(_set_cookie)
+    h, _s, c = await _setup(start_daemon, upstream)
+    status, headers, _ = await c.call("GET", "/dev/login")
+    assert status == 200 and headers["set-cookie"].startswith("session=")
+    await c.aclose()
+    other = await h.session("dev")
+    c2 = await HttpClient.connect(other.socket_path)
+    assert (await c2.call("GET", "/dev/next"))[0] == 200
+    assert "cookie" not in upstream.headers()
+    assert "transfer-encoding" not in upstream.headers() and upstream.received[-1]["body"] == b""
+    await c2.aclose()

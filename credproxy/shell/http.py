@@ -18,6 +18,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable
+from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -318,6 +319,10 @@ class ApiClient:
                 mounts=dict.fromkeys(_LOOPBACK_PATTERNS),
                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             )
+            # One client serves every session: a cookie an upstream sets for
+            # one sandbox must never be sent on behalf of another. Set-Cookie
+            # still reaches the client that got it; the jar keeps nothing.
+            self._client.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         return self._client
 
     async def send(

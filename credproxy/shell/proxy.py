@@ -307,7 +307,14 @@ class ApiProxy:
                 else:
                     raise trio.BrokenResourceError("the client went away mid-request")
 
-        upstream = await self._send(session, method, url, req, key, entry, body())
+        framing = {name.lower(): value for name, value in req.headers}
+        has_body = b"transfer-encoding" in framing or framing.get(b"content-length", b"0") != b"0"
+        if not has_body:
+            # No body: none is sent (a GET must not go out as an empty chunked body).
+            await self._next_event(conn, stream)  # the request's EndOfMessage
+        upstream = await self._send(
+            session, method, url, req, key, entry, body() if has_body else b""
+        )
         if upstream.status == 401 and kept is not None:
             # One forced, coordinated refresh, then one retry with the kept body.
             await self.client.close_response(upstream)
