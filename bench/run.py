@@ -21,7 +21,10 @@ benchmark works, its timings are rough):
 5. 1,000 sessions x 10 renewal timers: daemon RSS, ``close_session`` round trip,
    ``get_token`` p99 under that load vs the idle p99 of figure 1 (and vs an idle
    twin daemon measured in the same interleaved rounds);
-6. 1,000 concurrent ``get_token`` on an expired token: upstream refreshes (must be 1).
+6. 1,000 concurrent ``get_token`` on an expired token: upstream refreshes (must be 1);
+7. the HTTP API proxy (``bench/proxy.py``): added latency of a small request over
+   the same client straight to the upstream, with nginx as a reverse proxy on the
+   same path as the anchor; SSE event latency; 64 concurrent streams.
 
 Rows without a target are there to explain the others: "server CPU per request"
 (from /proc/PID/task/*/schedstat) and CPU times of whole processes do not depend
@@ -76,6 +79,7 @@ from common import (
     start_ssh_agent,
     write_config,
 )
+from proxy import figure7
 
 from credproxy.core.store import TokenStore
 from credproxy.inner.client import Client
@@ -980,6 +984,11 @@ def run(mode: Mode, keep: bool) -> Report:
         figure4(report, stack, config, mode)
         figure6(report, stack, daemon, minted, mode)
         figure5(report, stack, daemon, cp, f1["credproxy"], mode)
+        f7 = figure7(stack, token_url, mode.name == "quick", _log)
+        for row in f7["rows"]:
+            report.add(Row(**row))
+        report.notes.extend(f7["notes"])
+        report.details["figure7"] = f7["details"]
         report.rows.sort(key=lambda r: r.figure)
 
         status = daemon.stop()

@@ -28,7 +28,7 @@ pytestmark = [
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
-    """`bench/run.py --quick --json FILE` exits 0 with numeric rows for figures 1-6."""
+    """`bench/run.py --quick --json FILE` exits 0 with numeric rows for figures 1-7."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--json", str(out)],
@@ -42,7 +42,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["mode"] == "quick"
     rows = result["figures"]
-    assert {r["figure"] for r in rows} == {1, 2, 3, 4, 5, 6}
+    assert {r["figure"] for r in rows} == {1, 2, 3, 4, 5, 6, 7}
     for row in rows:
         value = row["credproxy"]
         assert isinstance(value, int | float) and math.isfinite(value), row
@@ -56,3 +56,8 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     (herd,) = [r for r in rows if r["figure"] == 6]
     assert herd["credproxy"] == 1, result["details"].get("figure6")
     assert result["details"]["figure6"]["replies_ok"] == result["details"]["figure6"]["connections"]
+    # figure 7 (the API proxy) ran: the added-latency row of the plain-HTTP path is there
+    # (its nginx anchor only where nginx is installed), and every stream was read.
+    assert any(r["figure"] == 7 and "added p50" in r["metric"] for r in rows)
+    streams = result["details"]["figure7"]["streams"]["runs"]
+    assert streams and all(run["events"] > 0 for runs in streams.values() for run in runs)
