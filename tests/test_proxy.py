@@ -18,6 +18,7 @@ from typing import Any
 import h11
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from conftest import Harness, StartDaemon
@@ -516,3 +517,27 @@ async def test_an_upstream_cookie_is_never_sent_for_another_sandbox(
     assert "cookie" not in upstream.headers()
     assert "transfer-encoding" not in upstream.headers() and upstream.received[-1]["body"] == b""
     await c2.aclose()
+
+
+async def test_a_slow_loris_request_head_is_closed_after_ten_seconds(
+    start_daemon: StartDaemon, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A request line and headers trickling in a byte every few seconds are cut off 10 s after the first byte; nothing goes upstream."""
+    _h, s, c = await _setup(start_daemon, upstream)
+    await c.aclose()
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(b"GET /dev/x HTTP/1.1\r\n")
+    t0 = trio.current_time()
+    closed = False
+    with trio.fail_after(60):
+        while not closed:
+            try:
+                await sock.send(b"X")
+            except OSError:
+                break
+            with trio.move_on_after(3):
+                closed = await sock.recv(65536) == b""
+    assert 9 <= trio.current_time() - t0 <= 13
+    assert upstream.received == []
+    sock.close()

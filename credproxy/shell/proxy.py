@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 log = logs.get("credproxy.proxy")
 
 RECV_SIZE = 65_536
+HEAD_TIMEOUT = 10.0  # seconds for a request's line and headers, once its first byte is here
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -122,7 +123,7 @@ class ApiProxy:
         try:
             async with stream:
                 while True:
-                    event = await self._next_event(conn, stream)
+                    event = await self._next_event(conn, stream, head=True)
                     if not isinstance(event, h11.Request):
                         return  # closed, idle, or broken
                     await self._exchange(session, conn, stream, event)
@@ -138,13 +139,28 @@ class ApiProxy:
         finally:
             session.connection_closed()
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream) -> Any:
+    async def _next_event(
+        self, conn: h11.Connection, stream: trio.SocketStream, *, head: bool = False
+    ) -> Any:
+        """The next h11 event; None when the peer idles out.
+
+        Waiting for a request (*head*), the connection may idle for
+        ``idle_timeout``; once its first bytes are here, the request line and
+        headers must follow within :data:`HEAD_TIMEOUT` (a slow-loris client
+        does not hold a task for ten minutes a byte at a time).
+        """
+        head_deadline = None
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if head and head_deadline is None and conn.trailing_data[0]:
+                head_deadline = trio.current_time() + HEAD_TIMEOUT
+            deadline = trio.current_time() + self.cfg.limits.idle_timeout
+            if head_deadline is not None:
+                deadline = min(deadline, head_deadline)
             data = b""
-            with trio.move_on_after(self.cfg.limits.idle_timeout) as scope:
+            with trio.move_on_at(deadline) as scope:
                 data = await stream.receive_some(RECV_SIZE)
             if scope.cancelled_caught:
                 return None
