@@ -249,6 +249,30 @@ class Peer:
         self.sock.close()
 
 
+class Peers:
+    """Raw clients opened by one test, closed at its end whatever happened."""
+
+    def __init__(self) -> None:
+        self.opened: list[Peer] = []
+
+    async def open(self, session: Any, handshake: bool = True) -> Peer:
+        p = await Peer.connect(session.socket_path)
+        self.opened.append(p)
+        if handshake:
+            reply = await p.handshake()
+            assert reply["ok"] is True, reply
+        return p
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[Peers]:
+    """Raw clients closed at teardown, whatever the test did (``filterwarnings = error``)."""
+    tracker = Peers()
+    yield tracker
+    for p in tracker.opened:
+        p.close()
+
+
 # --- the in-process daemon --------------------------------------------------------
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from conftest import Harness, Peer, StartDaemon
+from conftest import Harness, Peer, Peers, StartDaemon
 from credproxy.core.protocol import frame
 from credproxy.shell.sessions import Session
 
@@ -29,30 +28,6 @@ GENERIC_ERROR = "internal error; see the daemon log"
 DEV = {"provider": "dev"}
 
 # --- helpers ----------------------------------------------------------------------
-
-
-class Peers:
-    """Raw clients opened by one test, closed at its end whatever happened."""
-
-    def __init__(self) -> None:
-        self.opened: list[Peer] = []
-
-    async def open(self, session: Session, handshake: bool = True) -> Peer:
-        p = await Peer.connect(session.socket_path)
-        self.opened.append(p)
-        if handshake:
-            reply = await p.handshake()
-            assert reply["ok"] is True, reply
-        return p
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[Peers]:
-    """Raw clients closed at teardown."""
-    tracker = Peers()
-    yield tracker
-    for p in tracker.opened:
-        p.close()
 
 
 def request(rid: str, op: str = "get_token", payload: dict[str, Any] | None = None) -> bytes:

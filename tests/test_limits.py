@@ -12,42 +12,17 @@ from __future__ import annotations
 import json
 import os
 import resource
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from conftest import Harness, Peer, StartDaemon
+from conftest import Harness, Peer, Peers, StartDaemon
 from credproxy.core.protocol import frame
 from credproxy.shell.sessions import Session
 
 # --- helpers ----------------------------------------------------------------------
-
-
-class Peers:
-    """Opens raw clients for one test and closes every one of them at its end."""
-
-    def __init__(self) -> None:
-        self.opened: list[Peer] = []
-
-    async def open(self, session: Session, handshake: bool = True) -> Peer:
-        p = await Peer.connect(session.socket_path)
-        self.opened.append(p)
-        if handshake:
-            reply = await p.handshake()
-            assert reply["ok"] is True, reply
-        return p
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[Peers]:
-    """Raw clients closed at teardown, whatever the test did (``filterwarnings = error``)."""
-    tracker = Peers()
-    yield tracker
-    for p in tracker.opened:
-        p.close()
 
 
 def request(rid: Any, op: Any = "list_providers", payload: Any = None) -> bytes:
