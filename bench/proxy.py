@@ -105,7 +105,9 @@ def _event_chunk(size: int) -> bytes:
 class _Upstream:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.sse: dict[bytes, tuple[socket.socket, threading.Event]] = {}
+        # sid -> (socket, done, write lock): an SSL socket must never be written
+        # from two threads at once (the event sender and the connection's own).
+        self.sse: dict[bytes, tuple[socket.socket, threading.Event, threading.Lock]] = {}
         self.lock = threading.Lock()
         self.auth = (b"\r\nauthorization: bearer " + TOKEN.encode()).lower()
 
@@ -133,12 +135,13 @@ class _Upstream:
                 entry = self.sse.pop(sid, None) if end else self.sse.get(sid)
             if entry is None:
                 continue
-            sock, done = entry
+            sock, done, wlock = entry
             try:
-                if end:
-                    sock.sendall(b"0\r\n\r\n")
-                else:
-                    sock.sendall(_event_chunk(EVENT_SIZE))
+                with wlock:
+                    if end:
+                        sock.sendall(b"0\r\n\r\n")
+                    else:
+                        sock.sendall(_event_chunk(EVENT_SIZE))
             except OSError:
                 end = True
             if end:
@@ -204,10 +207,11 @@ class _Upstream:
             if path == b"/v1/small":
                 sock.sendall(_small_response(self.auth in head.lower()))
             elif path.startswith(b"/v1/sse/"):
-                done = threading.Event()
-                with self.lock:
-                    self.sse[path[8:]] = (sock, done)
-                sock.sendall(_STREAM_HEAD)
+                done, wlock = threading.Event(), threading.Lock()
+                with wlock:  # events triggered at once wait for the head to be out
+                    with self.lock:
+                        self.sse[path[8:]] = (sock, done, wlock)
+                    sock.sendall(_STREAM_HEAD)
                 done.wait()
             elif path == b"/v1/stream":
                 args = dict(p.split(b"=", 1) for p in query.split(b"&") if b"=" in p)
