@@ -242,10 +242,11 @@ class FastPath:
     def _turn(self, events: list[tuple[int, int]]) -> None:
         now = self.clock()
         conns = self._conns
-        backlog, self._backlog = self._backlog, []
-        for conn in backlog:
-            if not conn.closed:
-                self._process(conn, now)
+        if self._backlog:
+            backlog, self._backlog = self._backlog, []
+            for conn in backlog:
+                if not conn.closed:
+                    self._guarded(self._process, conn, now)
         for fd, mask in events:
             if fd == self._wake_fd:
                 with contextlib.suppress(BlockingIOError):
@@ -255,11 +256,15 @@ class FastPath:
             if ready is None:
                 continue
             if mask & _OUT:
-                self._flush(ready, now)
+                self._guarded(self._flush, ready, now)
             elif mask & (_IN | select.EPOLLHUP | select.EPOLLERR):
-                self._read(ready, now)
+                self._guarded(self._read, ready, now)
         while self._commands:
-            self._run_command(self._commands.popleft(), now)
+            command = self._commands.popleft()
+            try:
+                self._run_command(command, now)
+            except Exception:  # a bug: logged; the loop and every other connection go on
+                log.exception("fastpath_command_failed", command=command[0])
         if self._audits and self._audits[0][0] <= now:
             self._flush_audits(None, now)
         heap = self._heap
@@ -276,6 +281,16 @@ class FastPath:
                 self._close(conn, reason)
             else:
                 self._track(conn)
+
+    def _guarded(
+        self, step: Callable[[SandboxConnection, float], None], conn: SandboxConnection, now: float
+    ) -> None:
+        """Run one connection's step; a bug closes that connection, never the loop."""
+        try:
+            step(conn, now)
+        except Exception:
+            log.exception("connection_crashed", conn=conn.session.id)
+            self._close(conn, "internal error")
 
     def _run_command(self, command: tuple[Any, ...], now: float) -> None:
         kind = command[0]
