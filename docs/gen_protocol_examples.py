@@ -648,12 +648,14 @@ async def run_examples(
     before = idp.refresh_count
     idp.fail_next("slow", delay=1.0)
     example(
-        "S10. Duplicate id, 17th request in flight, one upstream refresh for many callers",
+        "S10. Duplicate id, a burst waiting on one refresh, one upstream refresh for many callers",
         "`lab:expired` has expired, so each `get_token` waits for a refresh (the IdP is "
         "made to take 1 s). The client writes 18 frames at once: `s1`, `s1` again "
-        "(duplicate while in flight), `s2`…`s16` (16 in flight) and `s17`. The "
-        "duplicate and `s17` are answered at once; the 16 waiting requests share one "
-        "upstream refresh and then all get the new token (the first two shown).",
+        "(duplicate while in flight) and `s2`…`s17`. The duplicate is answered at once. "
+        "The 17 `get_token` of one key wait on one answer together and take one "
+        "in-flight slot between them (llxprt's client sends such bursts on one "
+        "connection), so none is refused: they share one upstream refresh and then all "
+        "get the new token, in the order they were sent (the first two shown).",
     )
     frames = [req("s1", "get_token", {"provider": "lab", "bucket": "expired"})]
     frames.append(frames[0])
@@ -694,7 +696,7 @@ async def run_examples(
     example(
         "S12. `REAUTH_REQUIRED`",
         "The token endpoint rejects the refresh token (`invalid_grant`): not retried; "
-        "the user must log in again and `credproxy import` a new token.",
+        "the message names the command the person runs on the host, who is told once.",
     )
     await sb.call(req("24", "get_token", {"provider": "lab", "bucket": "broken"}))
     end_example()
