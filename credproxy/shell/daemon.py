@@ -115,7 +115,10 @@ class Daemon:
         return await self.sessions.close(sid)
 
     def token_changed(self, key: tuple[str, str]) -> int:
-        """What the control op ``token_changed`` does; returns the timers stopped."""
+        """The command line changed *key* in the store; returns the timers stopped.
+
+        The control op ``token_changed`` (import, login, logout) calls this.
+        """
         k = Key(*key)
         return self.sessions.token_changed(k, self.tokens.changed(k))
 
@@ -357,7 +360,6 @@ async def serve(
                             store,
                             wall_clock,
                             boot_clock,
-                            all_sessions=lambda: list(daemon.sessions) if daemon else [],
                         )
                         proxy = ApiProxy(cfg, tokens, sandbox_ops, api_client)
 
@@ -403,7 +405,9 @@ async def serve(
                             wall_clock=wall_clock,
                             idle_exit=idle_exit,
                         )
-                        control_ops = ControlOps(sessions, tokens, daemon.status, version())
+                        control_ops = ControlOps(
+                            sessions, daemon.token_changed, daemon.status, version()
+                        )
                         if serving_thread:
                             fast.start_thread()
                         else:

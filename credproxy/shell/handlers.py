@@ -23,7 +23,7 @@ which is where the session's renewal timer is started (R16.1).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,13 +94,11 @@ class SandboxOps:
         store: TokenStore,
         wall: Callable[[], float],
         boot: Callable[[], float],
-        all_sessions: Callable[[], Iterable[Session]] = tuple,
     ) -> None:
         self.tokens = tokens
         self.store = store
         self.wall = wall
         self.boot = boot
-        self.all_sessions = all_sessions
         self._keys: dict[tuple[Any, Any], Key] = {}  # validated (provider, bucket) pairs
         self._fast: dict[str, Callable[[Session, dict[str, Any]], bytes | Ready | Defer]] = {
             "get_token": self.get_token,
@@ -285,9 +283,9 @@ class SandboxOps:
             # Only stored buckets are held: made-up names cannot grow the table.
             raise NotFound(f"no token for {key} in this session")
         if kind == "quota-exhausted":
+            # No session's ready answer needs dropping: get_token without a
+            # bucket checks the hold before it serves one (_profile_get_token).
             until = self.tokens.mark_quota(key, retry)
-            for other in self.sessions_with(key):
-                other.ready.pop(key, None)
             return _encoder.encode({"recorded": kind, "until": int(until * 1000)})
         # 401/403: the token may have been revoked early. A refresh through the
         # refresh_token op's rules: coalesced, and at most once per cooldown, so
@@ -301,10 +299,6 @@ class SandboxOps:
         self.publish(session, key, entry)
         # Inside the cooldown the current token is kept: say whether it changed.
         return _encoder.encode({"recorded": kind, "refreshed": health.refreshes > before})
-
-    def sessions_with(self, key: Key) -> list[Session]:
-        """Every open session that has *key* ready to serve."""
-        return [s for s in self.all_sessions() if key in s.ready]
 
     def profiles_status(self, session: Session) -> list[dict[str, Any]]:
         """Each profile *session* has, with its buckets' state (for ``status``)."""
@@ -467,10 +461,14 @@ class ControlOps:
     """Admin operations; only on the control socket, only for the daemon's own uid."""
 
     def __init__(
-        self, sessions: Sessions, tokens: Tokens, status: Callable[[], dict[str, Any]], version: str
+        self,
+        sessions: Sessions,
+        token_changed: Callable[[Key], int],
+        status: Callable[[], dict[str, Any]],
+        version: str,
     ) -> None:
         self.sessions = sessions
-        self.tokens = tokens
+        self._token_changed = token_changed
         self.status = status
         self.version = version
 
@@ -492,8 +490,7 @@ class ControlOps:
         return {"pid": os.getpid(), "version": self.version}
 
     def token_changed(self, payload: dict[str, Any]) -> dict[str, Any]:
-        key = key_field(payload)
-        return {"timers_cancelled": self.sessions.token_changed(key, self.tokens.changed(key))}
+        return {"timers_cancelled": self._token_changed(key_field(payload))}
 
     async def open_session(self, payload: dict[str, Any], peer_pid: int) -> dict[str, Any]:
         grants = Grants.parse(_str_list(payload.get("grants", []), "grants"))
