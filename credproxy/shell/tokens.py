@@ -180,7 +180,6 @@ class Tokens:
         # Keys whose newest token is only in memory (its durable write failed),
         # and the keys with a task retrying that write.
         self._unsaved: dict[Key, Entry] = {}
-        self._unsaved_error: dict[Key, str] = {}
         self._savers: set[Key] = set()
         self._closing = trio.Event()
         self._told: set[Key] = set()  # keys whose need of a new login the host was told
@@ -550,14 +549,12 @@ class Tokens:
             # after that point cannot take back (recover_pending adopts it).
             merged = merge_refreshed(stored.token, new)
             fault_point("refresh-got-response")
+            health.succeeded(self.wall())  # (a failed write below says so in the same record)
             entry = self._store_refreshed(key, merged, reservation, stored.signature)
             reservation = None
         finally:
             if reservation is not None:
                 reservation.release()
-        health.succeeded(self.wall())
-        if key in self._unsaved:
-            health.not_durable(self._unsaved_error.pop(key, "write failed"), self.wall())
         log.info(
             "token_refreshed",
             provider=provider,
@@ -588,13 +585,11 @@ class Tokens:
                 reservation.commit(_encoder.encode(merged))
             else:
                 self.store.write(provider, bucket, merged)
-            sig = self.store.signature(provider, bucket)
-            if sig is None:
-                raise StoreError("token vanished right after it was written")
+            sig = self._written_signature(key)
         except StoreError as exc:
             entry = self._remember(key, merged, base)
             self._unsaved[key] = entry
-            self._unsaved_error[key] = str(exc)
+            self.health(key).not_durable(str(exc), self.wall())
             log.error(
                 "token_not_durable",
                 provider=provider,
@@ -610,6 +605,17 @@ class Tokens:
             self.health(key).saved()
         return self._remember(key, merged, sig)
 
+    def _written_signature(self, key: Key) -> tuple[int, int]:
+        """The signature of the file just written for *key*.
+
+        Raises:
+            StoreError: it is gone already.
+        """
+        sig = self.store.signature(*key)
+        if sig is None:
+            raise StoreError("token vanished right after it was written")
+        return sig
+
     def _save_unsaved(self, key: Key) -> bool:
         """Write the key's unsaved token, holding its lock; True if nothing is left unsaved."""
         entry = self._unsaved.get(key)
@@ -621,9 +627,7 @@ class Tokens:
         health = self.health(key)
         try:
             self.store.write(provider, bucket, entry.token)
-            sig = self.store.signature(provider, bucket)
-            if sig is None:
-                raise StoreError("token vanished right after it was written")
+            sig = self._written_signature(key)
         except StoreError as exc:
             health.not_durable(str(exc), self.wall())
             log.warning(
