@@ -147,6 +147,12 @@ class FastPath:
         self._stopped = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        # What the trio side asks of the loop (see add, deliver, revoke).
+        self._handlers: dict[str, Callable[..., None]] = {
+            "add": self._add,
+            "deliver": self._deliver,
+            "revoke": self._revoke,
+        }
 
     # -- called from the trio side (thread-safe) -----------------------------
 
@@ -293,38 +299,40 @@ class FastPath:
             self._close(conn, "internal error")
 
     def _run_command(self, command: tuple[Any, ...], now: float) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, sock, session = command
-            if not session.open:
-                sock.close()
-                self.to_trio(self.ops.connection_closed, session, None)
-                return
-            engine = Connection(self.limits, now, capability=session.capability)
-            conn = SandboxConnection(sock, session, engine)
-            self._conns[sock.fileno()] = conn
-            self._epoll.register(sock.fileno(), _IN)
-            self._track(conn)
-        elif kind == "deliver":
-            _, conn, op, key, rid, outcome = command
-            if conn.closed:
-                return
-            if not conn.session.open:
-                self._close(conn, "session closed")
-                return
-            rids = conn.waiting.pop(key, [rid]) if op in GET_OPS else [rid]
-            if conn.paused and op in GET_OPS:
-                conn.paused = False
-                if conn.engine.buffered:
-                    self._backlog.append(conn)
-            self._write(conn, b"".join(self._reply(conn, r, outcome, now) for r in rids), now)
-            if conn.eof and not conn.out and conn.engine.in_flight == 0:
-                self._close(conn, "closed by peer")
-        elif kind == "revoke":
-            _, session = command
-            for conn in [c for c in self._conns.values() if c.session is session]:
-                self._close(conn, "session closed")
-            self._flush_audits(session, now)
+        self._handlers[command[0]](*command[1:], now=now)
+
+    def _add(self, sock: socket.socket, session: Any, *, now: float) -> None:
+        if not session.open:
+            sock.close()
+            self.to_trio(self.ops.connection_closed, session, None)
+            return
+        engine = Connection(self.limits, now, capability=session.capability)
+        conn = SandboxConnection(sock, session, engine)
+        self._conns[sock.fileno()] = conn
+        self._epoll.register(sock.fileno(), _IN)
+        self._track(conn)
+
+    def _deliver(
+        self, conn: SandboxConnection, op: str, key: Any, rid: str, outcome: Outcome, *, now: float
+    ) -> None:
+        if conn.closed:
+            return
+        if not conn.session.open:
+            self._close(conn, "session closed")
+            return
+        rids = conn.waiting.pop(key, [rid]) if op in GET_OPS else [rid]
+        if conn.paused and op in GET_OPS:
+            conn.paused = False
+            if conn.engine.buffered:
+                self._backlog.append(conn)
+        self._write(conn, b"".join(self._reply(conn, r, outcome, now) for r in rids), now)
+        if conn.eof and not conn.out and conn.engine.in_flight == 0:
+            self._close(conn, "closed by peer")
+
+    def _revoke(self, session: Any, *, now: float) -> None:
+        for conn in [c for c in self._conns.values() if c.session is session]:
+            self._close(conn, "session closed")
+        self._flush_audits(session, now)
 
     # -- reading and answering ---------------------------------------------------
 
