@@ -91,6 +91,7 @@ from credproxy.inner.client import socket_from_env
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
+    from typing import Any
 
 USAGE = (
     "usage: credproxy forward [--port N] [--provider P[:BUCKET]]... "
@@ -383,6 +384,18 @@ def run_child(argv: list[str], env: dict[str, str]) -> int:
     except OSError as exc:
         print(f"credproxy forward: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
+
+    return wait_forwarding_signals(child)
+
+
+def wait_forwarding_signals(child: subprocess.Popen[Any]) -> int:
+    """Wait for *child*, passing on SIGTERM, SIGHUP and SIGINT; its status (128+N if killed).
+
+    SIGINT is passed on unless this process is in the foreground of its
+    terminal: then the terminal has sent it to the child as well (same
+    process group), and passing it on would deliver it twice (two Ctrl-C quit
+    some tools). ``credproxy run`` waits for its command the same way.
+    """
 
     def forward(signum: int, _frame: object) -> None:
         if signum == signal.SIGINT and _terminal_foreground():

@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import os
 import secrets
-import signal
 import stat
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 from credproxy.errors import EXIT_USAGE, CredproxyError, DaemonUnavailable, UsageError
 from credproxy.inner.client import CAPABILITY_ENV, CAPABILITY_FD_ENV, Client
+from credproxy.inner.forward import wait_forwarding_signals
 from credproxy.shell import paths
 
 AUTOSTART_IDLE_EXIT = 30.0  # seconds an auto-started daemon lingers after the last session
@@ -121,24 +121,7 @@ def _run_child(argv: list[str], env: dict[str, str], *, capability: str | None) 
     except OSError as exc:
         print(f"credproxy run: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
-
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
-
-    # The terminal already sends SIGINT to the whole foreground group (the child
-    # included); forwarding it as well would deliver it twice.
-    old = {
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-        signal.SIGHUP: signal.signal(signal.SIGHUP, forward),
-    }
-    try:
-        status = child.wait()
-    finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
-    return 128 - status if status < 0 else status
+    return wait_forwarding_signals(child)
 
 
 def _spawn(argv: list[str], env: dict[str, str], capability: str | None) -> subprocess.Popen[bytes]:
