@@ -312,7 +312,7 @@ _WRONG_STATE = (
 def _judge_query(query: str, state: str) -> CallbackResult:
     params = dict(parse_qsl(query, keep_blank_values=True))
     if "error" in params:
-        code = oauth._error_code(params["error"])
+        code = oauth.error_code(params["error"])
         # The state is checked first so a forged page cannot put words in our mouth.
         if not _same(params.get("state", ""), state):
             return CallbackResult(error=_WRONG_STATE)
@@ -369,9 +369,9 @@ def parse_device_authorization(status: int, body: bytes, now: float) -> DeviceAu
         LoginFailed: not a 200 with the required fields (the message names the
             HTTP status, the OAuth error code or the missing field only).
     """
-    payload = oauth._json_object(body)
+    payload = oauth.json_object(body)
     if status != 200 or payload is None:
-        code = oauth._error_code(payload.get("error") if payload else None)
+        code = oauth.error_code(payload.get("error") if payload else None)
         where = f"HTTP {status}" + (f", error {code}" if code else "")
         raise LoginFailed(f"the device authorization endpoint answered {where}")
     # Google spells it verification_url (an early draft of RFC 8628 did too).
@@ -386,11 +386,11 @@ def parse_device_authorization(status: int, body: bytes, now: float) -> DeviceAu
     uri = _web_url(payload["verification_uri"], "verification_uri")
     complete = payload.get("verification_uri_complete")
     complete = _web_url(complete, "verification_uri_complete") if complete else None
-    expires_in = oauth._seconds(payload.get("expires_in"))
+    expires_in = oauth.seconds_value(payload.get("expires_in"))
     if expires_in is None or expires_in <= 0:
         raise LoginFailed("the device authorization response has no usable expires_in")
     interval = payload.get("interval")
-    seconds = DEFAULT_INTERVAL if interval is None else oauth._seconds(interval)
+    seconds = DEFAULT_INTERVAL if interval is None else oauth.seconds_value(interval)
     if seconds is None:
         raise LoginFailed("the device authorization response has an invalid interval")
     return DeviceAuthorization(
@@ -459,7 +459,7 @@ class DeviceFlow:
         self._check_open()
         self.polls += 1
         self.transport_errors = 0
-        payload = oauth._json_object(body)
+        payload = oauth.json_object(body)
         if payload is not None and "access_token" in payload:
             try:
                 token = parse_token_response(status, body, now)
@@ -479,7 +479,7 @@ class DeviceFlow:
             return self._finish(
                 Failed("the device code expired before the login was approved; run it again")
             )
-        code = oauth._error_code(error)
+        code = oauth.error_code(error)
         where = f"HTTP {status}" + (f", error {code}" if code else "")
         return self._finish(Failed(f"the token endpoint answered {where}"))
 
@@ -519,13 +519,13 @@ def parse_token_response(status: int, body: bytes, now: float) -> dict[str, Any]
     Raises:
         LoginFailed: naming the HTTP status and the OAuth error code only.
     """
-    payload = oauth._json_object(body)
+    payload = oauth.json_object(body)
     if status == 200 and payload is not None and "access_token" in payload:
         try:
             return oauth.parse_refresh_response(status, body, now)
         except CredproxyError as exc:
             raise LoginFailed(str(exc)) from None
-    code = oauth._error_code(payload.get("error") if payload is not None else None)
+    code = oauth.error_code(payload.get("error") if payload is not None else None)
     where = f"HTTP {status}" + (f", error {code}" if code else "")
     hint = ""
     if code == "invalid_grant":

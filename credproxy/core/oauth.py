@@ -98,11 +98,11 @@ def parse_refresh_response(status: int, body: bytes, now: float) -> dict[str, An
             :data:`REAUTH_ERRORS`.
         RefreshFailed: anything else that is not a usable token.
     """
-    payload = _json_object(body)
+    payload = json_object(body)
     error = payload.get("error") if payload is not None else None
 
     if status != 200 or payload is None or "access_token" not in payload:
-        code = _error_code(error)
+        code = error_code(error)
         where = f"HTTP {status}" + (f", error {code}" if code else "")
         if status == 401 or (status in (200, 400) and error in REAUTH_ERRORS):
             raise ReauthRequired(f"the identity provider rejected the refresh token ({where})")
@@ -118,12 +118,12 @@ def parse_refresh_response(status: int, body: bytes, now: float) -> dict[str, An
     token = dict(payload)
     expires_in = token.pop("expires_in", None)
     if expires_in is not None:
-        seconds = _seconds(expires_in)
+        seconds = seconds_value(expires_in)
         if seconds is None:
             raise RefreshFailed("the token endpoint answered HTTP 200 with an invalid expires_in")
         token["expiry"] = now + seconds
     elif "expiry" in token:
-        seconds = _seconds(token["expiry"])
+        seconds = seconds_value(token["expiry"])
         if seconds is None:
             raise RefreshFailed("the token endpoint answered HTTP 200 with an invalid expiry")
         token["expiry"] = seconds
@@ -176,7 +176,7 @@ class TokenEndpoint(Protocol):
         ...
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+def json_object(body: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):
@@ -185,7 +185,7 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _error_code(error: object) -> str:
+def error_code(error: object) -> str:
     """*error* if it has the shape of a registered OAuth error code, else a placeholder."""
     if error is None:
         return ""
@@ -194,7 +194,7 @@ def _error_code(error: object) -> str:
     return "(unrecognised code)"
 
 
-def _seconds(value: object) -> float | None:
+def seconds_value(value: object) -> float | None:
     """A non-negative finite number of seconds from a JSON number or numeric string."""
     if isinstance(value, bool):
         return None
