@@ -140,7 +140,13 @@ class SandboxOps:
 
     def get_token(self, session: Session, payload: dict[str, Any]) -> Ready | Defer:
         if payload.get("bucket") is None:
-            profile = self.profile(session, name_field(payload, "provider"))
+            provider = payload.get("provider")
+            # The profile is looked up once per session and provider; after
+            # that the hot path pays one dict lookup, not a name check.
+            if isinstance(provider, str) and provider in session.profiles:
+                profile = session.profiles[provider]
+            else:
+                profile = self.profile(session, name_field(payload, "provider"))
             if profile is not None:
                 return self._profile_get_token(session, profile)
         key = self._granted_key(session, payload)
