@@ -63,10 +63,28 @@ async def test_quota_report_moves_to_the_next_bucket_without_refreshing_the_firs
     stats = await p.call("get_bucket_stats", {"provider": "dev", "bucket": "a"})
     assert stats["data"]["state"] == "quota-exhausted"
     await trio.sleep(121)
-    # fill-first stays on b while b serves; a is healthy again
-    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["b"]
+    # fill-first: a's hold has ended and a is listed first, so a serves again
+    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["a"]
     stats = await p.call("get_bucket_stats", {"provider": "dev", "bucket": "a"})
     assert stats["data"]["state"] == "ok"
+    assert h.idp.refresh_count == refreshes
+
+
+async def test_sticky_stays_on_the_bucket_that_served_after_the_hold_ends(
+    start_daemon: StartDaemon, autojump_clock: trio.testing.MockClock
+) -> None:
+    """strategy = "sticky" keeps the old fill-first: after a's hold ends, b goes on serving until it fails."""
+    h = await start_daemon(limits=LONG, providers={"dev": {"strategy": "sticky"}})
+    first = _login(h, "a", "b")
+    s = await h.session("dev:a,b")
+    p = await h.peer(s)
+    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["a"]
+    await p.call(
+        "report_failure", {"provider": "dev", "bucket": "a", "status": 429, "retryAfter": 120}
+    )
+    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["b"]
+    await trio.sleep(121)
+    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["b"]
     await p.call("report_failure", {"provider": "dev", "bucket": "b", "reason": "quota-exhausted"})
     assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["a"]
 

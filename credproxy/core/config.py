@@ -29,7 +29,10 @@ class Api(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``base_url`` + ``/REST`` with ``headers`` added: each value is a template
     where ``{access_token}``, ``{token_type}`` or any other stored token field
     (never the refresh token), and ``{key:NAME}`` (an API key the session is
-    granted), are filled in outside the sandbox.
+    granted), are filled in outside the sandbox. A header named here replaces
+    the sandbox's copy; ``{client}`` in its value stands for the sandbox's own
+    value (a list header such as ``anthropic-beta = "oauth-2025-04-20,{client}"``
+    keeps the client's betas beside the host's).
     """
 
     base_url: str
@@ -65,7 +68,7 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Several accounts: the ordered buckets `get_token` without a bucket may
     # serve (the default profile), and how it picks among them.
     buckets: list[str] = msgspec.field(default_factory=list)
-    strategy: Literal["fill-first", "round-robin"] = "fill-first"
+    strategy: Literal["fill-first", "sticky", "round-robin"] = "fill-first"
     api: Api | None = None
 
 
@@ -146,6 +149,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("failover", "quota_hold"): Range(1),
     ("proxy", "max_streams"): Range(1),
     ("proxy", "retry_body_limit"): Range(0),
+    ("proxy", "retry_body_budget"): Range(0),
     ("proxy", "max_header_bytes"): Range(1024),
     ("proxy", "read_timeout"): Range(0, low_inclusive=False),
     ("failover", "max_quota_hold"): Range(1),  # and >= quota_hold
@@ -164,8 +168,14 @@ class Proxy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     max_streams: int = 64  # >= 1: proxied requests in flight per session
     retry_body_limit: int = 8 * 1024 * 1024  # >= 0: bodies up to this are kept for the 401 retry
+    # >= 0: what all kept bodies together may hold; past it a body is not kept
+    # (its 401 is passed through), so memory stays bounded per daemon.
+    retry_body_budget: int = 64 * 1024 * 1024
     max_header_bytes: int = 65_536  # >= 1024: request line and headers
     read_timeout: float = 300.0  # > 0: an upstream silent this long ends the response
+    # Header names never taken from the sandbox, besides the known credential
+    # headers (Authorization, X-Api-Key, Cookie, ...): e.g. ["x-my-gateway-key"].
+    strip_headers: list[str] = msgspec.field(default_factory=list)
 
 
 class Sandbox(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

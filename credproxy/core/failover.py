@@ -32,8 +32,19 @@ Failover is three passes (:class:`Walk`), run by the shell for one request:
 A healthy bucket is never refreshed or re-authenticated because another one
 failed: the walk stops at the first bucket that serves.
 
-Selection is sticky (*fill-first*: stay on a bucket until it fails) or
-*round-robin* (after each serve, move on to the next bucket).
+Selection is one of three strategies:
+
+- *fill-first* (the default): the first bucket in profile order that can
+  serve. People list their preferred account first and expect it back when
+  its quota hold ends, so the walk always starts at the first bucket; a bucket
+  that failed is passed over while it is held or its failure stands.
+- *sticky*: stay on the bucket that served until it fails.
+- *round-robin*: after each serve, move on to the next bucket.
+
+Quota holds have an owner. A hold a sandbox reported (``report_failure``)
+holds the bucket for that session only; a 429 the daemon saw itself (answered
+through the API proxy) holds it for every session. Either is capped at
+``max_quota_hold``, and the host can end them (``credproxy release``).
 """
 
 from __future__ import annotations
@@ -54,8 +65,11 @@ __all__ = [
     "Profile",
     "Walk",
     "classify",
+    "later",
+    "next_current",
     "quota_hold",
     "retry_after",
+    "walk_start",
 ]
 
 Reason = Literal[
@@ -71,7 +85,7 @@ REASONS: tuple[Reason, ...] = (
 QUOTA: Reason = "quota-exhausted"
 #: Reasons a foreground re-auth (a new login on the host) can cure.
 NEEDS_LOGIN = frozenset({"expired-refresh-failed", "no-token", "reauth-failed"})
-Strategy = Literal["fill-first", "round-robin"]
+Strategy = Literal["fill-first", "sticky", "round-robin"]
 
 
 class Profile(NamedTuple):
@@ -91,6 +105,21 @@ class BucketMarks:
 
     def held(self, now: float) -> bool:
         return self.quota_until is not None and now < self.quota_until
+
+    def hold(self, until: float) -> float:
+        """Count a report and hold until *until* (a later report may extend, never shorten)."""
+        self.reports += 1
+        self.quota_until = max(until, self.quota_until or until)
+        return self.quota_until
+
+
+def later(a: BucketMarks | None, b: BucketMarks | None) -> BucketMarks | None:
+    """The hold of the two that ends later (what applies when both hold a bucket)."""
+    if a is None or a.quota_until is None:
+        return b
+    if b is None or b.quota_until is None:
+        return a
+    return a if a.quota_until >= b.quota_until else b
 
 
 def quota_hold(retry_after: float | None, default: float, cap: float) -> float:
@@ -187,11 +216,18 @@ def retry_after(marks: Iterable[BucketMarks], now: float) -> int | None:
 
 
 def next_current(profile: Profile, served: str) -> int:
-    """The profile index to start from next time, after *served* served.
+    """The profile index of the current bucket after *served* served.
 
-    Fill-first stays on the bucket that served; round-robin moves past it.
+    Fill-first and sticky stay on the bucket that served (fill-first's walk
+    starts at the first bucket all the same: :func:`walk_start`); round-robin
+    moves past it.
     """
     index = profile.buckets.index(served)
     if profile.strategy == "round-robin":
         return (index + 1) % len(profile.buckets)
     return index
+
+
+def walk_start(profile: Profile, current: int) -> int:
+    """Where a failover walk starts: the first bucket for fill-first, else the current one."""
+    return 0 if profile.strategy == "fill-first" else current

@@ -122,6 +122,41 @@ class Daemon:
         k = Key(*key)
         return self.sessions.token_changed(k, self.tokens.changed(k))
 
+    def release(self, provider: str, bucket: str | None) -> int:
+        """End every quota hold on *provider* (or one bucket of it): the daemon's and the sessions'.
+
+        The control op ``release`` (``credproxy release P[:B]``) calls this.
+        """
+        now = self.wall()
+        ended = self.tokens.release(provider, bucket)
+        for session in self.sessions:
+            for key in [k for k in session.holds if k.provider == provider]:
+                if bucket is None or key.bucket == bucket:
+                    ended += session.holds.pop(key).held(now)
+        log.info("holds_released", provider=provider, bucket=bucket, released=ended)
+        return ended
+
+    def holds(self) -> list[dict[str, Any]]:
+        """Every quota hold in force: bucket, who set it (daemon or a session), and its end."""
+        now = self.wall()
+        found = [(k, "daemon", until) for k, until in self.tokens.daemon_holds()]
+        for s in self.sessions:
+            found += [
+                (k, f"session {s.id}", marks.quota_until)
+                for k, marks in sorted(s.holds.items())
+                if marks.quota_until is not None and marks.held(now)
+            ]
+        return [
+            {
+                "provider": k.provider,
+                "bucket": k.bucket,
+                "source": source,
+                "until": iso(until),
+                "ends_in": round(until - now),
+            }
+            for k, source, until in found
+        ]
+
     # -- control socket ------------------------------------------------------
 
     async def accept_control(
@@ -197,6 +232,7 @@ class Daemon:
             },
             "sessions": sessions,
             "tokens": tokens,
+            "holds": self.holds(),
             "keys": self.store.key_names(),
         }
 
@@ -406,7 +442,7 @@ async def serve(
                             idle_exit=idle_exit,
                         )
                         control_ops = ControlOps(
-                            sessions, daemon.token_changed, daemon.status, version()
+                            sessions, daemon.token_changed, daemon.status, version(), daemon.release
                         )
                         if serving_thread:
                             fast.start_thread()

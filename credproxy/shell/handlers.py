@@ -31,7 +31,7 @@ import msgspec
 import trio
 
 from credproxy.core import failover, serving
-from credproxy.core.failover import Profile
+from credproxy.core.failover import BucketMarks, Profile
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key, key_field, name_field
 from credproxy.core.protocol import capability_digest
@@ -181,11 +181,49 @@ class SandboxOps:
         index = session.current.get(profile.provider, 0) % n
         key = Key(profile.provider, profile.buckets[index])
         ready = session.ready.get(key)
-        if ready is not None and self.boot() < ready.until and not self.tokens.quota_held(key):
+        if ready is not None and self.boot() < ready.until and not self.held(session, key):
             if profile.strategy == "round-robin":
                 session.current[profile.provider] = (index + 1) % n
+            elif index and profile.strategy == "fill-first" and self._earlier_may_serve(
+                session, profile, index
+            ):
+                return Defer("get_token_profile", Key(profile.provider, ""))
             return ready
         return Defer("get_token_profile", Key(profile.provider, ""))
+
+    def _earlier_may_serve(self, session: Session, profile: Profile, index: int) -> bool:
+        """Fill-first: whether a bucket before *index* may serve again (its hold ended)."""
+        for bucket in profile.buckets[:index]:
+            key = Key(profile.provider, bucket)
+            health = self.tokens.known_health(key)
+            failing = health is not None and (health.failures > 0 or health.reauth_required)
+            if not failing and not self.held(session, key):
+                return True
+        return False
+
+    # -- quota holds -----------------------------------------------------------------
+
+    def hold(self, session: Session, key: Key) -> BucketMarks | None:
+        """The quota hold on *key* that applies to *session*: the daemon's or its own."""
+        return failover.later(self.tokens.marks(key), session.holds.get(key))
+
+    def held(self, session: Session, key: Key) -> bool:
+        """True while *key* is held as quota-exhausted for *session* (read by the serving loop)."""
+        own = session.holds.get(key)
+        return self.tokens.quota_held(key) or (own is not None and own.held(self.wall()))
+
+    async def pick(self, session: Session, provider: str) -> Key:
+        """The bucket ``get_token`` without a bucket would serve now (the API proxy's choice).
+
+        Raises:
+            AllBucketsExhausted, and the errors of :meth:`walk`.
+        """
+        profile = self.profile(session, provider)
+        assert profile is not None
+        answer = self._profile_get_token(session, profile)
+        if isinstance(answer, Ready):
+            return answer.key
+        return (await self.walk(session, provider)).key
 
     async def walk(self, session: Session, provider: str) -> Ready:
         """Failover's three passes (credproxy.core.failover) for one get_token without a bucket.
@@ -196,7 +234,9 @@ class SandboxOps:
         """
         profile = self.profile(session, provider)
         assert profile is not None
-        walk = failover.Walk(profile, session.current.get(provider, 0))
+        walk = failover.Walk(
+            profile, failover.walk_start(profile, session.current.get(provider, 0))
+        )
         cfg = self.tokens.cfg.renewal
         while (bucket := walk.next()) is not None:
             key = Key(provider, bucket)
@@ -209,7 +249,7 @@ class SandboxOps:
             verdict = failover.classify(
                 None if entry is None else self.tokens.facts(entry),
                 health is not None and health.reauth_required,
-                self.tokens.marks(key),
+                self.hold(session, key),
                 self.wall(),
                 cfg,
             )
@@ -217,7 +257,14 @@ class SandboxOps:
                 walk.failed(bucket, verdict)
                 continue
             assert entry is not None
-            if isinstance(verdict, serving.Refresh):
+            if isinstance(verdict, serving.Refresh) and self._failed_lately(key):
+                # Its last refresh failed within the cooldown: not tried again
+                # yet (a walk per request must not hammer the IdP); served as
+                # it is while it is still valid.
+                if serving.after_failed_refresh(self.tokens.facts(entry), self.wall()) is None:
+                    walk.failed(bucket, "expired-refresh-failed")
+                    continue
+            elif isinstance(verdict, serving.Refresh):
                 try:
                     entry = await self.tokens.refresh(key, entry.expiry, reason="failover")
                 except ReauthRequired:
@@ -241,8 +288,11 @@ class SandboxOps:
                     reasons={b: r for b, r in walk.reasons.items() if r != "skipped"},
                 )
             return self.publish(session, key, entry)
-        marks = {b: self.tokens.marks(Key(provider, b)) for b in profile.buckets}
-        out = walk.exhausted(marks, self.wall())
+        holds = {
+            b: self.hold(session, Key(provider, b)) or failover.BucketMarks()
+            for b in profile.buckets
+        }
+        out = walk.exhausted(holds, self.wall())
         listed = ", ".join(f"{b}: {r}" for b, r in out.reasons.items())
         message = f"every bucket of {provider} failed ({listed})"
         if out.login:
@@ -253,6 +303,15 @@ class SandboxOps:
             "all_buckets_exhausted", session=session.id, provider=provider, reasons=out.reasons
         )
         raise AllBucketsExhausted(message, dict(out.reasons), out.retry_after)
+
+    def _failed_lately(self, key: Key) -> bool:
+        """Whether *key*'s last refresh failed less than ``refresh_cooldown`` ago."""
+        health = self.tokens.known_health(key)
+        if health is None or not health.failures:
+            return False
+        return (
+            serving.cooldown_left(health.last_attempt, self.wall(), self.tokens.cfg.renewal) > 0
+        )
 
     def report_failure(self, session: Session, payload: dict[str, Any]) -> bytes | Defer:
         """A sandbox that called the API itself reports what happened (429, 401, 403, 5xx).
@@ -289,9 +348,21 @@ class SandboxOps:
             # Only stored buckets are held: made-up names cannot grow the table.
             raise NotFound(f"no token for {key} in this session")
         if kind == "quota-exhausted":
-            # No session's ready answer needs dropping: get_token without a
-            # bucket checks the hold before it serves one (_profile_get_token).
-            until = self.tokens.mark_quota(key, retry)
+            # The hold is this session's alone: what one sandbox says never
+            # changes another's answer. No ready answer needs dropping:
+            # get_token without a bucket checks holds before it serves one.
+            marks = session.holds.get(key)
+            if marks is None:
+                marks = session.holds[key] = failover.BucketMarks()
+            until = marks.hold(self.tokens.hold_until(retry))
+            log.info(
+                "bucket_quota_exhausted",
+                provider=key.provider,
+                bucket=key.bucket,
+                source="session",
+                session=session.id,
+                held_for=round(until - self.wall()),
+            )
             return _encoder.encode({"recorded": kind, "until": int(until * 1000)})
         # 401/403: the token may have been revoked early. A refresh through the
         # refresh_token op's rules: coalesced, and at most once per cooldown, so
@@ -323,19 +394,19 @@ class SandboxOps:
                     "strategy": profile.strategy,
                     "current": current,
                     "buckets": [
-                        {"bucket": b, **self.bucket_state(Key(provider, b))}
+                        {"bucket": b, **self.bucket_state(session, Key(provider, b))}
                         for b in profile.buckets
                     ],
                 }
             )
         return out
 
-    def bucket_state(self, key: Key) -> dict[str, Any]:
-        """What ``get_bucket_stats`` and ``status`` say of a bucket's health now."""
+    def bucket_state(self, session: Session, key: Key) -> dict[str, Any]:
+        """What ``get_bucket_stats`` and ``status`` say of a bucket's health for *session* now."""
         now = self.wall()
-        marks = self.tokens.marks(key)
+        marks = self.hold(session, key)
         health = self.tokens.known_health(key)
-        if marks.held(now):
+        if marks is not None and marks.held(now):
             assert marks.quota_until is not None
             return {"state": "quota-exhausted", "until": int(marks.quota_until * 1000)}
         if health is not None and health.reauth_required:
@@ -377,7 +448,7 @@ class SandboxOps:
         }
         if last_ms:
             out["lastUsed"] = int(last_ms)
-        out.update(self.bucket_state(key))
+        out.update(self.bucket_state(session, key))
         return _encoder.encode(out)
 
     def get_api_key(self, session: Session, payload: dict[str, Any]) -> bytes:
@@ -472,11 +543,13 @@ class ControlOps:
         token_changed: Callable[[Key], int],
         status: Callable[[], dict[str, Any]],
         version: str,
+        release: Callable[[str, str | None], int] = lambda _p, _b: 0,
     ) -> None:
         self.sessions = sessions
         self._token_changed = token_changed
         self.status = status
         self.version = version
+        self._release = release
 
     def table(self, peer_pid: int) -> dict[str, Callable[[dict[str, Any]], Any]]:
         """The operations of one control connection (whose peer is *peer_pid*)."""
@@ -490,7 +563,16 @@ class ControlOps:
             "token_changed": self.token_changed,
             "open_session": open_session,
             "close_session": self.close_session,
+            "release": self.release,
         }
+
+    def release(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """End the quota holds on a provider (one bucket, or every one), whoever set them."""
+        provider = name_field(payload, "provider")
+        bucket = payload.get("bucket")
+        if bucket is not None:
+            bucket = name_field(payload, "bucket")
+        return {"released": self._release(provider, bucket)}
 
     def ping(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": self.version}

@@ -14,23 +14,36 @@ parses HTTP/1.1 with h11 (never by hand) and forwards::
 with the headers of ``[providers.PROVIDER.api] headers`` filled in from the
 token outside the sandbox. So the sandbox holds neither the refresh token nor
 even the access token, and no TLS is intercepted: the daemon makes the HTTPS
-call itself.
+call itself. What may pass is decided in :mod:`credproxy.core.httprules`.
 
-- Whatever the sandbox sent in ``Authorization``, ``x-api-key``, ``Cookie``,
-  ``Proxy-*`` and hop-by-hop headers is dropped.
-- Bodies stream both ways as they arrive; a request body up to
-  ``retry_body_limit`` is also kept, so that an upstream 401 can be answered
-  by one coordinated refresh and one retry (a bigger body: the 401 is passed
-  through). A client that goes away cancels the upstream request; an upstream
-  silent for ``read_timeout`` ends the response.
-- No open proxy: only the base URL of a provider the session is granted, no
-  redirect followed, no absolute-form target, no CONNECT, no ``.`` or ``..``
-  segment (encoded or not), capped header size, a cap of streams per session.
-- The token used is the one ``get_token`` would serve (same cache, refresh
-  and renewal; the first use schedules the session's renewal). An upstream 429
-  holds the bucket as quota-exhausted (several accounts).
-- One audit line per request: session, provider, bucket, method, path
-  without query, status, bytes, milliseconds. Never a header or a body.
+Every rule of the frame side holds here too:
+
+- **Who.** The peer's uid was checked when the socket accepted it. A session
+  with a capability wants it in every request (``Proxy-Authorization: Bearer
+  <capability>``, else ``407``) or once in the connection's preamble, the line
+  ``credproxy forward`` sends first (``CREDPROXY/1 forward=PORT
+  capability=HEX``). A connection that came through ``forward`` must name its
+  loopback port in ``Host`` and carry no ``Origin`` or ``Sec-Fetch-Site:
+  cross-site`` (``403`` with the rule that refused).
+- **What.** Only a granted provider's base URL; the bucket without a bucket in
+  the path is the one ``get_token`` would serve (the same function, holds
+  included). No redirect followed, no absolute-form target, no CONNECT, no
+  ``.`` or ``..`` segment (encoded or not). Credential headers never come from
+  the sandbox; the template's headers replace the sandbox's copies.
+- **How much.** The connection's request rate (``[limits]``, ``429``), the
+  session's connection cap (at accept) and streams in flight (``503``); an
+  upstream 401 is retried at most once, after at most one refresh per key per
+  ``refresh_cooldown`` shared with every session and path
+  (:meth:`Tokens.after_rejection`); the bodies kept for that retry are bounded
+  per request (``retry_body_limit``) and per daemon (``retry_body_budget``).
+- **How long.** A request head must arrive within 10 s of its first byte; a
+  body within 20 s plus one second per 500 bytes of the time spent waiting on
+  the client (``408``). h11 protocol errors answer ``400`` (``431``, ``413``)
+  and close. A client that goes away, before or after the upstream's answer
+  has begun, cancels the upstream request at once.
+- **Audit.** One line per request: session, provider, bucket, method, path
+  without query, status, bytes, milliseconds; a client that went away is
+  status ``499`` (as nginx logs it), never a traceback. Never a header or a body.
 """
 
 from __future__ import annotations
@@ -40,15 +53,19 @@ import json
 import re
 import socket as stdsocket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote
 
 import h11
 import trio
 
+from credproxy.core import httprules
 from credproxy.core.config import Config
+from credproxy.core.connection import TokenBucket
+from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble
 from credproxy.core.names import DEFAULT_BUCKET, Key, is_name
-from credproxy.errors import CredproxyError, NotFound, ReauthRequired
+from credproxy.errors import AllBucketsExhausted, CredproxyError, NotFound, ReauthRequired
 from credproxy.shell import logs
 from credproxy.shell.http import ApiClient, UpstreamResponse, UpstreamUnavailable
 
@@ -61,37 +78,20 @@ log = logs.get("credproxy.proxy")
 
 RECV_SIZE = 65_536
 HEAD_TIMEOUT = 10.0  # seconds for a request's line and headers, once its first byte is here
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# Never forwarded from the sandbox: credentials of its own, and what the daemon sets.
-# (Content-Length is kept: h11 has checked it, and an upstream may insist on it.)
-FROM_SANDBOX_DROPPED = HOP_BY_HOP | {
-    b"host",
-    b"authorization",
-    b"x-api-key",
-    b"cookie",
-    b"expect",
-}
+CLOSE_TIMEOUT = 1.0  # seconds to close an upstream response (shielded from cancellation)
+CLIENT_GONE_STATUS = 499  # nginx's "client closed request", in the audit line only
 _FIELD = re.compile(r"\{([A-Za-z0-9_.:@-]+)\}")
+_NO_API = "no such API in this session (http://credproxy/PROVIDER/...)"
 
 
 class Route(NamedTuple):
-    """Where a request goes: the key whose token it carries, and the upstream URL's parts."""
+    """Where a request goes: provider, the bucket it named (or None), the upstream URL's parts."""
 
-    key: Key
+    provider: str
+    bucket: str | None  # None: the profile's pick, as get_token without a bucket
     base_url: str
     rest: str  # the path after /PROVIDER[:BUCKET]/
     query: str  # "?..." or ""
-    explicit: bool  # the bucket was named (else the profile's current one)
 
 
 class HttpError(Exception):
@@ -103,6 +103,36 @@ class HttpError(Exception):
         self.headers = headers or []
 
 
+class ClientGone(Exception):
+    """The client closed its connection (or broke it) before its answer was complete."""
+
+
+class ClientTooSlow(Exception):
+    """The client sent its request body too slowly (:class:`BodyPace`)."""
+
+
+#: What a client that went away looks like from here.
+GONE = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass(slots=True)
+class Link:
+    """One HTTP connection's standing: where it came from and its request rate."""
+
+    preamble: Preamble
+    rate: TokenBucket
+
+
+@dataclass(slots=True)
+class Audit:
+    """What the audit line of one request says (filled in as the exchange goes)."""
+
+    key: Key | None = None
+    path: str = "-"
+    status: int = 0
+    sent: int = 0
+
+
 class ApiProxy:
     """Serves HTTP connections of session sockets (see the module docstring)."""
 
@@ -112,6 +142,7 @@ class ApiProxy:
         self.ops = ops
         self.client = client
         self._streams: dict[str, int] = {}  # session id -> proxied requests in flight
+        self.kept_bytes = 0  # request bodies kept for a retry, all sessions together
 
     # -- one connection ------------------------------------------------------------
 
@@ -119,128 +150,219 @@ class ApiProxy:
         """Serve one HTTP connection until it closes, idles out or breaks the protocol."""
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.proxy.max_header_bytes)
-        conn.receive_data(initial)
         try:
             async with stream:
-                while True:
-                    event = await self._next_event(conn, stream, head=True)
-                    if not isinstance(event, h11.Request):
-                        return  # closed, idle, or broken
-                    await self._exchange(session, conn, stream, event)
-                    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                        return
-                    conn.start_next_cycle()
-        except h11.RemoteProtocolError as exc:
-            await self._refuse(conn, stream, exc.error_status_hint, "malformed HTTP request")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the client went away
+                try:
+                    await self._serve(session, conn, stream, initial)
+                except h11.RemoteProtocolError as exc:
+                    status = exc.error_status_hint if exc.error_status_hint in (413, 431) else 400
+                    await self._refuse(conn, stream, status, f"malformed HTTP request: {exc}")
+        except GONE:
+            pass  # the client went away (its request, if any, has its audit line)
         except Exception:  # a bug: this connection ends, the daemon and every other go on
             log.exception("api_connection_crashed", session=session.id)
         finally:
             session.connection_closed()
 
+    async def _serve(
+        self, session: Session, conn: h11.Connection, stream: trio.SocketStream, initial: bytes
+    ) -> None:
+        got = await self._preamble(stream, initial)
+        if got is None:
+            return
+        preamble, rest = got
+        if isinstance(preamble, str):
+            await self._refuse(conn, stream, 400, preamble)
+            return
+        limits = self.cfg.limits
+        link = Link(preamble, TokenBucket(limits.requests_per_second, limits.request_burst, _now()))
+        conn.receive_data(rest)
+        while True:
+            event = await self._next_event(conn, stream, head=True)
+            if not isinstance(event, h11.Request):
+                return  # closed, idle, or broken
+            await self._exchange(session, link, conn, stream, event)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _preamble(
+        self, stream: trio.SocketStream, data: bytes
+    ) -> tuple[Preamble | str, bytes] | None:
+        """The connection's preamble (or an error to answer) and the bytes after it.
+
+        Most connections have none: their first bytes are a request line. None
+        when the client left or stalled before its preamble was complete.
+        """
+        marker = httprules.PREAMBLE
+        deadline = _now() + HEAD_TIMEOUT
+        while marker.startswith(data[: len(marker)]) and b"\r\n" not in data:
+            if len(data) > httprules.MAX_PREAMBLE:
+                return "the CREDPROXY/1 preamble line is too long", b""
+            chunk = b""
+            with trio.move_on_at(deadline):
+                chunk = await stream.receive_some(RECV_SIZE)
+            if not chunk:
+                return None
+            data += chunk
+        if not data.startswith(marker):
+            return Preamble(), data
+        line, _, rest = data.partition(b"\r\n")
+        try:
+            return httprules.parse_preamble(line), rest
+        except ValueError as exc:
+            return str(exc), b""
+
     async def _next_event(
-        self, conn: h11.Connection, stream: trio.SocketStream, *, head: bool = False
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        *,
+        head: bool = False,
+        pace: BodyPace | None = None,
     ) -> Any:
-        """The next h11 event; None when the peer idles out.
+        """The next h11 event; None when the peer idles out (or, with *pace*, is too slow).
 
         Waiting for a request (*head*), the connection may idle for
         ``idle_timeout``; once its first bytes are here, the request line and
         headers must follow within :data:`HEAD_TIMEOUT` (a slow-loris client
-        does not hold a task for ten minutes a byte at a time).
+        does not hold a task for ten minutes a byte at a time). A body read
+        with *pace* must keep up with it.
+
+        Raises:
+            ClientGone: the client closed its side in the middle of a body.
         """
         head_deadline = None
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            now = _now()
             if head and head_deadline is None and conn.trailing_data[0]:
-                head_deadline = trio.current_time() + HEAD_TIMEOUT
-            deadline = trio.current_time() + self.cfg.limits.idle_timeout
+                head_deadline = now + HEAD_TIMEOUT
+            deadline = now + self.cfg.limits.idle_timeout
             if head_deadline is not None:
                 deadline = min(deadline, head_deadline)
+            if pace is not None:
+                deadline = min(deadline, now + pace.allowance())
             data = b""
             with trio.move_on_at(deadline) as scope:
                 data = await stream.receive_some(RECV_SIZE)
+            if pace is not None:
+                pace.record(_now() - now, len(data))
             if scope.cancelled_caught:
                 return None
+            if not data and conn.their_state is h11.SEND_BODY:
+                raise ClientGone
             conn.receive_data(data)
 
     async def _refuse(
-        self, conn: h11.Connection, stream: trio.SocketStream, status: int, message: str
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        status: int,
+        message: str,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         """Answer with an error of the proxy's own, if the connection still allows it."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = b'{"error":{"type":"credproxy","message":' + _json_string(message) + b"}}"
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *(extra or []),
+        ]
+        if conn.their_state is not h11.DONE or status >= 500 or status in (400, 408):
+            headers.append((b"connection", b"close"))
         try:
             await stream.send_all(
-                conn.send(
-                    h11.Response(
-                        status_code=status,
-                        headers=[
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"),
-                        ],
-                    )
-                )
-                or b""
+                conn.send(h11.Response(status_code=status, headers=headers)) or b""
             )
             await stream.send_all(conn.send(h11.Data(data=body)) or b"")
             await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-        except (
-            h11.LocalProtocolError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            OSError,
-        ):
+        except (h11.LocalProtocolError, *GONE):
             pass
 
     # -- one request -------------------------------------------------------------------
 
     async def _exchange(
-        self, session: Session, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request
+        self,
+        session: Session,
+        link: Link,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        req: h11.Request,
     ) -> None:
-        started = trio.current_time()
+        started = _now()
         method = req.method.decode("ascii", "replace")
-        key: Key | None = None
-        status, sent, path = 0, 0, "-"
+        audit = Audit()
         try:
-            key, base_url, rest, query, explicit = self._route(
-                session, method, req.target, req.headers
-            )
-            path = "/" + rest
+            self._admit(session, link, req)
+            route = self._route(session, method, req.target, req.headers)
+            audit.path = "/" + route.rest
+            audit.key = key = await self._key(session, route)
             if self._streams.get(session.id, 0) >= self.cfg.proxy.max_streams:
                 raise HttpError(503, "too many proxied requests in flight for this session")
             self._streams[session.id] = self._streams.get(session.id, 0) + 1
             try:
-                status, sent = await self._forward(
-                    session,
-                    conn,
-                    stream,
-                    req,
-                    key,
-                    f"{base_url.rstrip('/')}/{rest}{query}",
-                    explicit,
-                )
+                url = f"{route.base_url.rstrip('/')}/{route.rest}{route.query}"
+                await self._forward(session, conn, stream, req, key, url, route, audit)
             finally:
                 self._streams[session.id] -= 1
         except HttpError as exc:
-            status = exc.status
-            await self._drain_request(conn, stream)
-            await self._refuse(conn, stream, exc.status, str(exc))
+            audit.status = exc.status
+            with contextlib.suppress(ClientTooSlow, *GONE):
+                await self._drain_request(conn, stream)
+            await self._refuse(conn, stream, exc.status, str(exc), exc.headers)
+        except ClientTooSlow:
+            audit.status = 408
+            await self._refuse(
+                conn, stream, 408, "the request body arrived too slowly (at least 500 bytes/s)"
+            )
+        except GONE:
+            audit.status = CLIENT_GONE_STATUS
+            raise ClientGone from None
         finally:
             log.info(
                 "api_request",
                 session=session.id,
-                provider=None if key is None else key.provider,
-                bucket=None if key is None else key.bucket,
+                provider=None if audit.key is None else audit.key.provider,
+                bucket=None if audit.key is None else audit.key.bucket,
                 method=method,
-                path=path,
-                status=status,
-                bytes=sent,
-                ms=round((trio.current_time() - started) * 1000, 1),
+                path=audit.path,
+                status=audit.status,
+                bytes=audit.sent,
+                ms=round((_now() - started) * 1000, 1),
+            )
+
+    def _admit(self, session: Session, link: Link, req: h11.Request) -> None:
+        """The checks of the peer before anything is looked up: who, from where, how often.
+
+        Raises:
+            HttpError: 403 (a forward rule), 407 (no capability), 429 (rate).
+        """
+        port = link.preamble.forward_port
+        if port is not None:
+            why = httprules.forward_refusal(req.headers, port)
+            if why is not None:
+                raise HttpError(403, why)
+        if session.capability is not None:
+            presented = link.preamble.capability or httprules.presented_capability(req.headers)
+            if not httprules.capability_ok(presented, session.capability):
+                raise HttpError(
+                    407,
+                    "this session requires its capability token: send "
+                    "Proxy-Authorization: Bearer <token from fd 3>, or use credproxy forward",
+                    [(b"proxy-authenticate", b'Bearer realm="credproxy"')],
+                )
+        wait = link.rate.take(_now())
+        if wait:
+            retry = max(1, int(wait + 0.999))
+            raise HttpError(
+                429,
+                "too many requests on this connection; slow down",
+                [(b"retry-after", str(retry).encode())],
             )
 
     def _route(self, session: Session, method: str, target: bytes, headers: Any = ()) -> Route:
@@ -272,25 +394,46 @@ class ApiProxy:
                 raise HttpError(400, "the path may not contain . or .. segments")
         head = segments[0] if segments else ""
         provider, _, bucket = head.partition(":")
-        explicit = bool(bucket)
         if not is_name(provider) or (bucket and not is_name(bucket)):
-            raise HttpError(404, "no such API in this session (http://credproxy/PROVIDER/...)")
+            raise HttpError(404, _NO_API)
         prov = self.cfg.providers.get(provider)
-        if not bucket:
-            profile = self.ops.profile(session, provider)
-            current = 0 if profile is None else session.current.get(provider, 0)
-            bucket = (
-                DEFAULT_BUCKET
-                if profile is None
-                else profile.buckets[current % len(profile.buckets)]
-            )
-        key = Key(provider, bucket)
-        allowed = session.grants.token_allowed(*key) or session.grants.api_allowed(provider)
-        if prov is None or prov.api is None or not allowed:
-            raise HttpError(404, "no such API in this session (http://credproxy/PROVIDER/...)")
+        if prov is None or prov.api is None:
+            raise HttpError(404, _NO_API)
+        if bucket and not self._allowed(session, Key(provider, bucket)):
+            raise HttpError(404, _NO_API)
         return Route(
-            key, prov.api.base_url, "/".join(segments[1:]), mark + query if query else "", explicit
+            provider,
+            bucket or None,
+            prov.api.base_url,
+            "/".join(segments[1:]),
+            mark + query if query else "",
         )
+
+    @staticmethod
+    def _allowed(session: Session, key: Key) -> bool:
+        return session.grants.token_allowed(*key) or session.grants.api_allowed(key.provider)
+
+    async def _key(self, session: Session, route: Route) -> Key:
+        """The key whose token the request carries: the named bucket, or get_token's choice."""
+        if route.bucket is not None:
+            return Key(route.provider, route.bucket)
+        if self.ops.profile(session, route.provider) is None:
+            key = Key(route.provider, DEFAULT_BUCKET)
+        else:
+            try:
+                key = await self.ops.pick(session, route.provider)
+            except AllBucketsExhausted as exc:
+                extra = (
+                    [] if exc.retry_after is None else [(b"retry-after", b"%d" % exc.retry_after)]
+                )
+                raise HttpError(429 if extra else 503, str(exc), extra) from None
+            except ReauthRequired as exc:
+                raise HttpError(401, str(exc)) from None
+            except CredproxyError as exc:
+                raise HttpError(502, f"no token for {route.provider}: {exc.code}") from None
+        if not self._allowed(session, key):
+            raise HttpError(404, _NO_API)
+        return key
 
     async def _forward(
         self,
@@ -300,85 +443,119 @@ class ApiProxy:
         req: h11.Request,
         key: Key,
         url: str,
-        explicit: bool = True,
-    ) -> tuple[int, int]:
-        """Forward one request and stream its answer back; returns (status, body bytes sent)."""
+        route: Route,
+        audit: Audit,
+    ) -> None:
+        """Forward one request and stream its answer back, watching the client throughout.
+
+        Once the request has been read whole, a second task reads the
+        connection: if the client closes it (or breaks it), the upstream
+        request is cancelled at once, whether or not its answer has begun.
+        """
+        body = Body(self, conn, stream)
+        gone = False
+        failure: Exception | None = None
+
+        def client_gone() -> None:
+            nonlocal gone
+            gone = True
+            work.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_client, conn, stream, body.done, client_gone)
+                with trio.CancelScope() as work:
+                    try:
+                        await self._attempts(
+                            session, conn, stream, req, key, url, route, body, audit
+                        )
+                    except Exception as exc:  # re-raised below, outside the nursery
+                        failure = exc
+                nursery.cancel_scope.cancel()
+        finally:
+            body.release()
+        if gone or body.gone:
+            raise ClientGone
+        if body.too_slow:
+            raise ClientTooSlow
+        if failure is not None:
+            raise failure
+
+    async def _attempts(
+        self,
+        session: Session,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        req: h11.Request,
+        key: Key,
+        url: str,
+        route: Route,
+        body: Body,
+        audit: Audit,
+    ) -> None:
+        """Send; after a 401 maybe again with a newer token, after a 429 on the next bucket."""
         entry = await self._token(session, key)
         method = req.method.decode("ascii")
-        limit = self.cfg.proxy.retry_body_limit
-        kept: bytearray | None = bytearray()
-
-        async def body() -> AsyncIterator[bytes]:
-            nonlocal kept
-            while True:
-                event = await self._next_event(conn, stream)
-                if isinstance(event, h11.Data):
-                    if kept is not None:
-                        kept += event.data
-                        if len(kept) > limit:
-                            kept = None  # too big to keep: a 401 is passed through
-                    yield bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    return
-                else:
-                    raise trio.BrokenResourceError("the client went away mid-request")
-
         framing = {name.lower(): value for name, value in req.headers}
         has_body = b"transfer-encoding" in framing or framing.get(b"content-length", b"0") != b"0"
         if not has_body:
             # No body: none is sent (a GET must not go out as an empty chunked body).
             await self._next_event(conn, stream)  # the request's EndOfMessage
+            body.done.set()
         upstream = await self._send(
-            session, method, url, req, key, entry, body() if has_body else b""
+            session, method, url, req, key, entry, body.chunks() if has_body else b""
         )
-        if upstream.status == 401 and kept is not None:
-            # One forced, coordinated refresh, then one retry with the kept body.
-            await self.client.close_response(upstream)
-            try:
-                entry = await self.tokens.refresh(key, entry.expiry, reason="api-401")
-            except CredproxyError as exc:
-                raise HttpError(401, f"the upstream refused the token and {exc}") from None
-            self.ops.publish(session, key, entry)
-            upstream = await self._send(session, method, url, req, key, entry, bytes(kept))
-        if upstream.status == 429:
-            self.tokens.mark_quota(key, _retry_after(upstream.headers))
-            if (
-                kept is not None
-                and not explicit
-                and self.ops.profile(session, key.provider) is not None
-            ):
-                # Several accounts, asked without a bucket: once more, on the
-                # bucket failover picks now (the held one is skipped).
-                retried = await self._on_next_bucket(session, key, method, url, req, bytes(kept))
-                if retried is not None:
-                    await self.client.close_response(upstream)
-                    upstream = retried
         try:
-            return upstream.status, await self._relay(conn, stream, upstream)
+            if upstream.status == 401 and body.kept is not None:
+                newer = await self.tokens.after_rejection(key, entry)
+                if newer is not None:
+                    await self._close(upstream)
+                    self.ops.publish(session, key, newer)
+                    upstream = await self._send(
+                        session, method, url, req, key, newer, bytes(body.kept)
+                    )
+            if upstream.status == 429:
+                self.tokens.mark_quota(key, _retry_after(upstream.headers))
+                if (
+                    body.kept is not None
+                    and route.bucket is None
+                    and (self.ops.profile(session, key.provider) is not None)
+                ):
+                    # Several accounts, asked without a bucket: once more, on the
+                    # bucket get_token serves now (the held one is passed over).
+                    retried = await self._on_next_bucket(session, key, method, url, req, body)
+                    if retried is not None:
+                        await self._close(upstream)
+                        key, upstream = retried
+                        audit.key = key
+                        if upstream.status == 429:
+                            self.tokens.mark_quota(key, _retry_after(upstream.headers))
+            body.release()  # no retry from here on: a long stream does not keep the body
+            audit.status = upstream.status
+            await self._relay(conn, stream, upstream, audit)
         finally:
-            await self.client.close_response(upstream)
+            await self._close(upstream)
 
     async def _on_next_bucket(
-        self, session: Session, key: Key, method: str, url: str, req: h11.Request, body: bytes
-    ) -> UpstreamResponse | None:
-        """The request sent again with the token of the bucket failover serves now, if any."""
+        self, session: Session, key: Key, method: str, url: str, req: h11.Request, body: Body
+    ) -> tuple[Key, UpstreamResponse] | None:
+        """The request sent again with the token of the bucket get_token serves now, if another."""
         try:
-            ready = await self.ops.walk(session, key.provider)
-            entry = self.tokens.entry(ready.key)
-        except (CredproxyError, HttpError):
+            other = await self.ops.pick(session, key.provider)
+            entry = self.tokens.entry(other)
+        except CredproxyError:
             return None
-        if entry is None or ready.key == key:
+        if entry is None or other == key or body.kept is None:
             return None
-        return await self._send(session, method, url, req, ready.key, entry, body)
+        self.ops.publish(session, other, entry)
+        return other, await self._send(session, method, url, req, other, entry, bytes(body.kept))
 
     async def _token(self, session: Session, key: Key) -> Entry:
         """The token get_token would serve for *key* (its first use schedules the renewal)."""
         try:
             entry = await self.tokens.get(key)
         except NotFound:
-            raise HttpError(
-                404, "no such API in this session (http://credproxy/PROVIDER/...)"
-            ) from None
+            raise HttpError(404, _NO_API) from None
         except ReauthRequired as exc:
             raise HttpError(401, str(exc)) from None
         except CredproxyError as exc:
@@ -396,22 +573,20 @@ class ApiProxy:
         entry: Entry,
         content: Any,
     ) -> UpstreamResponse:
-        headers = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in req.headers
-            if name.lower() not in FROM_SANDBOX_DROPPED and not name.lower().startswith(b"proxy-")
-        ]
+        headers = httprules.upstream_headers(
+            req.headers, self._template(session, key, entry), self.cfg.proxy.strip_headers
+        )
         if not any(name.lower() == "accept-encoding" for name, _ in headers):
             # httpx would ask for gzip on its own, and the body is relayed as
             # it comes: a client that did not ask for compression gets none.
             headers.append(("accept-encoding", "identity"))
-        headers += self._injected(session, key, entry)
         try:
             return await self.client.send(method, url, headers, content)
         except UpstreamUnavailable as exc:
             raise HttpError(502, str(exc)) from None
 
-    def _injected(self, session: Session, key: Key, entry: Entry) -> list[tuple[str, str]]:
+    def _template(self, session: Session, key: Key, entry: Entry) -> dict[str, str]:
+        """The provider's headers filled in from the token and keys (``{client}`` left in place)."""
         prov = self.cfg.providers[key.provider]
         assert prov.api is not None
         fields = {
@@ -422,6 +597,8 @@ class ApiProxy:
 
         def fill(match: re.Match[str]) -> str:
             name = match.group(1)
+            if name == "client":
+                return httprules.CLIENT_FIELD
             if name.startswith("key:"):
                 if not session.grants.key_allowed(name[4:]):
                     raise HttpError(
@@ -439,46 +616,54 @@ class ApiProxy:
                 raise HttpError(502, f"the token of {key} has no field {name!r} for the headers")
             return fields[name]
 
-        return [
-            (header, _FIELD.sub(fill, template)) for header, template in prov.api.headers.items()
-        ]
+        return {header: _FIELD.sub(fill, template) for header, template in prov.api.headers.items()}
 
     async def _relay(
-        self, conn: h11.Connection, stream: trio.SocketStream, upstream: UpstreamResponse
-    ) -> int:
-        """Send the upstream's answer as it arrives; a client that goes away cancels it."""
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        upstream: UpstreamResponse,
+        audit: Audit,
+    ) -> None:
+        """Send the upstream's answer as it arrives (the watcher cancels it if the client goes)."""
         headers = [(n, v) for n, v in upstream.headers if n.lower() not in HOP_BY_HOP]
         await stream.send_all(
             conn.send(h11.Response(status_code=upstream.status, headers=headers)) or b""
         )
-        sent = 0
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_client, conn, stream, nursery.cancel_scope)
-            try:
-                async for chunk in upstream.chunks():
-                    if chunk:
-                        await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
-                        sent += len(chunk)
-            except UpstreamUnavailable as exc:
-                log.warning("api_upstream_broke_off", error=str(exc))
-            # A Content-Length the upstream did not fill cannot end cleanly: the
-            # connection closes instead.
-            with contextlib.suppress(h11.LocalProtocolError):
-                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-            nursery.cancel_scope.cancel()
-        return sent
+        try:
+            async for chunk in upstream.chunks():
+                if chunk:
+                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                    audit.sent += len(chunk)
+        except UpstreamUnavailable as exc:
+            log.warning("api_upstream_broke_off", error=str(exc))
+        # A Content-Length the upstream did not fill cannot end cleanly: the
+        # connection closes instead.
+        with contextlib.suppress(h11.LocalProtocolError):
+            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+
+    async def _close(self, upstream: UpstreamResponse) -> None:
+        """Close an upstream response, even in a cancelled scope (within :data:`CLOSE_TIMEOUT`)."""
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            await self.client.close_response(upstream)
 
     async def _watch_client(
-        self, conn: h11.Connection, stream: trio.SocketStream, scope: trio.CancelScope
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        request_done: trio.Event,
+        gone: Any,
     ) -> None:
-        """Cancel the response if the client goes away (pipelined bytes are kept for later)."""
+        """Once the request is read, call *gone* if the client goes away (pipelined bytes kept)."""
+        await request_done.wait()
         while True:
             try:
                 data = await stream.receive_some(RECV_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
-                scope.cancel()
+                gone()
                 return
             conn.receive_data(data)
             if len(conn.trailing_data[0]) > self.cfg.proxy.max_header_bytes:
@@ -486,10 +671,73 @@ class ApiProxy:
 
     async def _drain_request(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
         """Read and drop the body of a refused request, so the connection can go on."""
+        pace = BodyPace()
         while conn.their_state is h11.SEND_BODY:
-            event = await self._next_event(conn, stream)
+            event = await self._next_event(conn, stream, pace=pace)
             if event is None or isinstance(event, h11.ConnectionClosed):
                 return
+
+
+class Body:
+    """A request body as it streams upstream, and the copy kept for one retry.
+
+    The copy is bounded per request (``retry_body_limit``) and, with every
+    other request's, per daemon (``retry_body_budget``): past either it is
+    dropped, and an upstream 401 or 429 is passed through instead of retried.
+    """
+
+    def __init__(self, proxy: ApiProxy, conn: h11.Connection, stream: trio.SocketStream) -> None:
+        self.proxy = proxy
+        self.conn = conn
+        self.stream = stream
+        self.kept: bytearray | None = bytearray()
+        self.done = trio.Event()  # the request has been read whole
+        self.gone = False
+        self.too_slow = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        pace = BodyPace()
+        while True:
+            try:
+                event = await self.proxy._next_event(self.conn, self.stream, pace=pace)
+            except GONE:
+                self.gone = True
+                raise
+            if isinstance(event, h11.Data):
+                self._keep(event.data)
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.done.set()
+                return
+            elif event is None:
+                self.too_slow = True
+                raise ClientTooSlow
+            else:
+                self.gone = True
+                raise ClientGone
+
+    def _keep(self, data: bytes | bytearray) -> None:
+        if self.kept is None:
+            return
+        cfg = self.proxy.cfg.proxy
+        if (
+            len(self.kept) + len(data) > cfg.retry_body_limit
+            or self.proxy.kept_bytes + len(data) > cfg.retry_body_budget
+        ):
+            self.release()  # too big to keep: a 401 is passed through
+            return
+        self.kept += data
+        self.proxy.kept_bytes += len(data)
+
+    def release(self) -> None:
+        """Drop the kept copy (no retry from here on) and give its bytes back to the budget."""
+        if self.kept is not None:
+            self.proxy.kept_bytes -= len(self.kept)
+            self.kept = None
+
+
+def _now() -> float:
+    return trio.current_time()
 
 
 def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:

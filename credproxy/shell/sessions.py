@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from credproxy.core.failover import Profile
+from credproxy.core.failover import BucketMarks, Profile
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key
 from credproxy.core.renewal import RenewalTimer
@@ -77,6 +77,8 @@ class Session:
     # the index of the bucket get_token without a bucket starts from.
     profiles: dict[str, Profile | None] = field(default_factory=dict)
     current: dict[str, int] = field(default_factory=dict)
+    # Quota holds this session's sandbox reported: they hold for it alone.
+    holds: dict[Key, BucketMarks] = field(default_factory=dict)
     # Owned by the serving loop: serves counted but not yet logged (core/throttle.py).
     audit: dict[Key, ServeAudit] = field(default_factory=dict)
     # At most one refused-connection line per interval; the next says how many were not logged.

@@ -326,6 +326,40 @@ class Tokens:
         except ReauthRequired as exc:
             raise self.reauth(key, str(exc)) from None
 
+    async def after_rejection(self, key: Key, rejected: Entry) -> Entry | None:
+        """A token to retry with after an upstream refused *rejected*, or None.
+
+        An upstream 401 goes through the ``refresh_token`` op's rules: a newer
+        token already there (renewed by anyone) is used as is; else one
+        refresh, shared with every caller, at most once per
+        ``refresh_cooldown`` for the key, whoever asked (API proxy,
+        ``refresh_token``, ``report_failure``, renewal). Inside the cooldown
+        there is nothing newer to try: None, and the caller passes the 401 on.
+        """
+        try:
+            current = self.entry(key)
+        except StoreError:
+            return None
+        if current is None:
+            return None
+        if current.fp != rejected.fp:
+            return current
+        if key not in self._flights:
+            health = self._health.get(key)
+            last = None if health is None else health.last_attempt
+            if not current.refreshable or serving.cooldown_left(
+                last, self.wall(), self.cfg.renewal
+            ):
+                return None
+        try:
+            entry = await self.refresh(key, None, reason="api-401")
+        except ReauthRequired as exc:
+            self.reauth(key, str(exc))  # the host hears it, once
+            return None
+        except CredproxyError:
+            return None
+        return entry if entry.fp != rejected.fp else None
+
     def facts(self, entry: Entry) -> serving.TokenFacts:
         """*entry*'s facts with the expiry no wall-clock step can stretch."""
         return entry.facts.at(self.wall(), self.boot())
@@ -334,35 +368,60 @@ class Tokens:
         """*entry*'s true expiry in wall-clock terms (see :func:`serving.true_expiry`)."""
         return serving.true_expiry(entry.facts, self.wall(), self.boot())
 
-    # -- several accounts: quota holds ------------------------------------------
+    # -- several accounts: the daemon's own quota holds ---------------------------
+    #
+    # What the daemon saw itself (a 429 answered through the API proxy) holds a
+    # bucket for every session. What a sandbox reports holds it for that
+    # session only (Session.holds); see credproxy.core.failover.
 
-    def marks(self, key: Key) -> BucketMarks:
-        """The quota hold and reports of *key* (made on first use)."""
-        marks = self._marks.get(key)
-        if marks is None:
-            marks = self._marks[key] = BucketMarks()
-        return marks
+    def marks(self, key: Key) -> BucketMarks | None:
+        """The daemon's quota hold on *key*, if it ever had one."""
+        return self._marks.get(key)
 
     def quota_held(self, key: Key) -> bool:
-        """True while *key* is held as quota-exhausted (read by the serving loop too)."""
+        """True while the daemon holds *key* as quota-exhausted."""
         marks = self._marks.get(key)
         return marks is not None and marks.held(self.wall())
 
-    def mark_quota(self, key: Key, retry_after: float | None) -> float:
-        """Hold *key* as quota-exhausted; returns the wall-clock instant the hold ends."""
+    def hold_until(self, retry_after: float | None) -> float:
+        """The wall-clock instant a hold that starts now ends (capped at ``max_quota_hold``)."""
         fo = self.cfg.failover
-        marks = self.marks(key)
-        marks.reports += 1
-        until = self.wall() + failover.quota_hold(retry_after, fo.quota_hold, fo.max_quota_hold)
-        # A later report may extend a hold, never shorten one.
-        marks.quota_until = max(until, marks.quota_until or until)
+        return self.wall() + failover.quota_hold(retry_after, fo.quota_hold, fo.max_quota_hold)
+
+    def mark_quota(self, key: Key, retry_after: float | None) -> float:
+        """Hold *key* as quota-exhausted for every session; returns when the hold ends."""
+        marks = self._marks.get(key)
+        if marks is None:
+            marks = self._marks[key] = BucketMarks()
+        until = marks.hold(self.hold_until(retry_after))
         log.info(
             "bucket_quota_exhausted",
             provider=key.provider,
             bucket=key.bucket,
-            held_for=round(marks.quota_until - self.wall()),
+            source="daemon",
+            held_for=round(until - self.wall()),
         )
-        return marks.quota_until
+        return until
+
+    def daemon_holds(self) -> list[tuple[Key, float]]:
+        """Every hold of the daemon's own still in force, with its end."""
+        now = self.wall()
+        return [
+            (key, m.quota_until)
+            for key, m in sorted(self._marks.items())
+            if m.quota_until is not None and m.held(now)
+        ]
+
+    def release(self, provider: str, bucket: str | None) -> int:
+        """End the daemon's holds on *provider* (one bucket, or all); returns how many."""
+        now = self.wall()
+        ended = 0
+        for key in [k for k in self._marks if k.provider == provider]:
+            if bucket is not None and key.bucket != bucket:
+                continue
+            if self._marks.pop(key).held(now):
+                ended += 1
+        return ended
 
     def reauth_many(self, provider: str, buckets: tuple[str, ...], why: str) -> str:
         """Ask the host for one new login of several buckets at once; returns the commands."""
