@@ -276,7 +276,42 @@ MALFORMED = [
         {"access_token": "fake-at-1", "refresh_token": "fake-rt-1", "expiry_date": -1},
         "field expiry_date must be epoch milliseconds",
     ),
+    # Not finite numbers (json writes NaN and Infinity; tools' JSON parsers read them).
+    (
+        "claude-code",
+        {
+            "claudeAiOauth": {
+                "accessToken": "fake-at-1",
+                "refreshToken": "fake-rt-1",
+                "expiresAt": float("nan"),
+            }
+        },
+        "field claudeAiOauth.expiresAt must be epoch milliseconds",
+    ),
+    (
+        "gemini-cli",
+        {"access_token": "fake-at-1", "refresh_token": "fake-rt-1", "expiry_date": float("inf")},
+        "field expiry_date must be epoch milliseconds",
+    ),
+    (
+        "gemini-cli",
+        {"access_token": "fake-at-1", "refresh_token": "fake-rt-1", "expiry_date": True},
+        "field expiry_date must be epoch milliseconds",
+    ),
 ]
+
+
+@pytest.mark.parametrize("exp", [float("nan"), float("inf"), "soon", True, 0])
+def test_codex_jwt_without_a_usable_exp_is_stored_without_expiry(dirs: Dirs, exp: Any) -> None:
+    """A Codex access token whose exp claim is not a finite positive number gives no expiry (and no crash)."""
+    source = dirs.root / "auth.json"
+    at = _jwt({"exp": exp, "sub": "fake"})
+    _write(source, {"tokens": {"access_token": at, "refresh_token": "fake-rt-codex"}})
+    result = cli(dirs, "import", "p", "--from", "codex", str(source))
+    assert result.returncode == 0, result.stderr
+    stored = _stored(dirs)
+    assert stored is not None and "expiry" not in stored
+    assert "fake-" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(("tool", "doc", "message"), MALFORMED)

@@ -328,22 +328,82 @@ def test_loopback_flow_approved(idp: Idp, background_daemon: Dirs, start_login: 
     assert_port_closed(login.callback_port(url))
 
 
-def test_loopback_wrong_state_is_refused_and_nothing_stored(
+def _forged(redirect: str, **params: str) -> str:
+    """*redirect* (the IdP's answer) with its query replaced by *params*: a forged callback."""
+    return urlunsplit(urlsplit(redirect)._replace(query=urlencode(params)))
+
+
+def test_loopback_stray_requests_are_refused_and_the_login_goes_on(
     idp: Idp, background_daemon: Dirs, start_login: StartLogin
 ) -> None:
-    """A redirect whose state is not the one sent is refused before any exchange; the store is unchanged."""
+    """A wrong state, a missing state, a forged access_denied or /favicon.ico is refused; the real redirect after them logs in.
+
+    Any web page in the person's browser can request the callback URL: such a
+    request gets a 400 saying why, and must not end the login.
+    """
+    dirs = background_daemon
+    import_old(dirs)
+    login = start_login(dirs, "--flow", "loopback")
+    url = login.auth_url()
+    redirect = httpx.get(url).headers["location"]  # the IdP's real answer, not followed yet
+    real = dict(parse_qsl(urlsplit(redirect).query))
+    assert real["code"].startswith("devac-")
+    port = login.callback_port(url)
+    for forged in (
+        _forged(redirect, code="devac-forged-code", state="forged-state"),
+        _forged(redirect, code=real["code"], state=real["state"] + "x"),
+        _forged(redirect, code="devac-forged-code"),
+        _forged(redirect, error="access_denied", state="forged-state"),
+        _forged(redirect, error="access_denied"),
+        _forged(redirect),
+    ):
+        page = httpx.get(forged)
+        assert page.status_code == 400, forged
+        assert "does not match this login" in page.text and "still waiting" in page.text
+        assert "devac-" not in page.text
+    favicon = httpx.get(f"http://127.0.0.1:{port}/favicon.ico")
+    assert favicon.status_code == 404
+    assert httpx.post(redirect).status_code == 405
+    login.line(lambda s: "does not match this login; still waiting" in s)
+    assert login.proc.poll() is None  # still waiting for the real redirect
+    page = httpx.get(redirect)
+    assert page.status_code == 200 and "Logged in" in page.text
+    assert login.finish() == 0, login.stderr
+    assert login.stderr.count("does not match this login") == 1  # said once, not per request
+    assert_logged_in(dirs, login)
+    assert_no_secrets(login, idp)
+    assert_port_closed(port)
+
+
+def test_loopback_wrong_state_then_no_answer_times_out(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """After a wrong-state callback the login waits on until --timeout; nothing is stored or exchanged."""
+    dirs = background_daemon
+    before = import_old(dirs)
+    login = start_login(dirs, "--flow", "loopback", "--timeout", "3")
+    url = login.auth_url()
+    redirect = httpx.get(url).headers["location"]
+    query = dict(parse_qsl(urlsplit(redirect).query))
+    page = httpx.get(_forged(redirect, code=query["code"], state="forged-state"))
+    assert page.status_code == 400 and "does not match this login" in page.text
+    assert_failed_cleanly(dirs, login, before, "no answer within 3 s")
+    assert "login family" not in idp.events()  # the code was never exchanged
+    assert_port_closed(login.callback_port(url))
+
+
+def test_loopback_access_denied_with_the_right_state_ends_the_login(
+    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """The identity provider's own access_denied (our state) is the person's answer: the login ends, nothing stored."""
     dirs = background_daemon
     before = import_old(dirs)
     login = start_login(dirs, "--flow", "loopback")
     url = login.auth_url()
-    redirect = httpx.get(url).headers["location"]
-    parts = urlsplit(redirect)
-    query = dict(parse_qsl(parts.query))
-    query["state"] = "forged-state"
-    page = httpx.get(urlunsplit(parts._replace(query=urlencode(query))))
-    assert page.status_code == 400 and "wrong state" in page.text
-    assert_failed_cleanly(dirs, login, before, "wrong state")
-    assert "login family" not in idp.events()  # the code was never exchanged
+    page = httpx.get(url + "&devidp_action=deny", follow_redirects=True)
+    assert page.status_code == 400 and "access_denied" in page.text
+    assert_failed_cleanly(dirs, login, before, "access_denied")
+    assert "authorization denied (scripted)" in idp.events()
     assert_port_closed(login.callback_port(url))
 
 
@@ -449,7 +509,7 @@ def test_devidp_code_grant_checks_pkce_and_records_no_secret() -> None:
     status, location = idp_state.handle_authorize(dict(parse_qsl(urlsplit(url).query)))
     assert status == 302
     result = codec.parse_callback_target(location.removeprefix("http://127.0.0.1:4321"), "st")
-    assert result is not None and result.code is not None
+    assert isinstance(result, codec.CallbackResult) and result.code is not None
     wrong = codec.Pkce.from_entropy(b"\x06" * 32)
     form = codec.code_form(provider, result.code, wrong, redirect_uri)
     assert idp_state.handle_token_request(form)[1]["error"] == "invalid_grant"
@@ -458,7 +518,7 @@ def test_devidp_code_grant_checks_pkce_and_records_no_secret() -> None:
     assert idp_state.handle_token_request(form)[1]["error"] == "invalid_grant"
     status, location = idp_state.handle_authorize(dict(parse_qsl(urlsplit(url).query)))
     result = codec.parse_callback_target(location.removeprefix("http://127.0.0.1:4321"), "st")
-    assert result is not None and result.code is not None
+    assert isinstance(result, codec.CallbackResult) and result.code is not None
     status, answer = idp_state.handle_token_request(
         codec.code_form(provider, result.code, pkce, redirect_uri)
     )

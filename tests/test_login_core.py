@@ -157,48 +157,65 @@ def test_code_form_has_the_verifier_and_redirect_uri() -> None:
     }
 
 
+def _answer(target: str, state: str = STATE, path: str = login.CALLBACK_PATH) -> Any:
+    """parse_callback_target's answer, which must be this login's (not a Stray)."""
+    result = login.parse_callback_target(target, state, path)
+    assert isinstance(result, login.CallbackResult), result
+    return result
+
+
 def test_callback_with_the_right_state_gives_the_code() -> None:
     """GET /callback?code=..&state=<ours> yields the code; repr does not show it."""
-    result = login.parse_callback_target(f"/callback?code={CANARY}&state={STATE}", STATE)
-    assert result is not None
+    result = _answer(f"/callback?code={CANARY}&state={STATE}")
     assert (result.code, result.error) == (CANARY, None)
     assert CANARY not in repr(result)
 
 
 @pytest.mark.parametrize(
-    "query", ["code=c&state=other", "code=c", f"code=c&state={STATE}x", "code=c&state="]
+    "query",
+    [
+        "code=c&state=other",
+        "code=c",
+        f"code=c&state={STATE}x",
+        "code=c&state=",
+        "",
+        "error=access_denied&state=other",
+        "error=access_denied",
+    ],
 )
-def test_callback_with_a_wrong_or_missing_state_is_refused(query: str) -> None:
-    """A callback whose state is not ours is refused, whatever code it carries."""
+def test_callback_with_a_wrong_or_missing_state_is_a_stray(query: str) -> None:
+    """A callback whose state is not ours is no answer to the login: 400, keep waiting.
+
+    Any web page can make the browser request the callback URL, so such a
+    request must not end (or deny) the login, whatever code or error it carries.
+    """
     result = login.parse_callback_target(f"/callback?{query}", STATE)
-    assert result is not None
-    assert result.code is None
-    assert "wrong state" in (result.error or "")
+    assert isinstance(result, login.Stray)
+    assert result.status == 400
+    assert "does not match this login" in result.text and "still waiting" in result.text
 
 
-def test_other_paths_are_not_the_callback() -> None:
-    """/favicon.ico and / are not the callback: None (answer 404, keep waiting)."""
-    assert login.parse_callback_target("/favicon.ico", STATE) is None
-    assert login.parse_callback_target(f"/?code=c&state={STATE}", STATE) is None
+def test_other_paths_are_strays_with_404() -> None:
+    """/favicon.ico and / are not the callback: 404, keep waiting."""
+    for target in ("/favicon.ico", f"/?code=c&state={STATE}", "/callback/x"):
+        result = login.parse_callback_target(target, STATE)
+        assert isinstance(result, login.Stray) and result.status == 404, target
 
 
 def test_callback_errors_name_the_oauth_code_only() -> None:
-    """An error redirect names a well-shaped error code, never its description or an odd code."""
-    result = login.parse_callback_target(
-        f"/callback?error=access_denied&error_description={CANARY}&state={STATE}", STATE
-    )
-    assert result is not None and result.code is None
+    """An error redirect with our state ends the login naming a well-shaped code only."""
+    result = _answer(f"/callback?error=access_denied&error_description={CANARY}&state={STATE}")
+    assert result.code is None
     assert "access_denied" in (result.error or "") and CANARY not in (result.error or "")
-    odd = login.parse_callback_target(f"/callback?error={CANARY}&state={STATE}", STATE)
-    assert odd is not None and CANARY not in (odd.error or "")
-    forged = login.parse_callback_target("/callback?error=access_denied&state=x", STATE)
-    assert forged is not None and "wrong state" in (forged.error or "")
+    assert "declined" in (result.error or "")
+    odd = _answer(f"/callback?error={CANARY}&state={STATE}")
+    assert odd.code is None and CANARY not in (odd.error or "")
 
 
 def test_callback_without_a_code_is_refused() -> None:
     """A callback with our state but no code fails clearly."""
-    result = login.parse_callback_target(f"/callback?state={STATE}", STATE)
-    assert result is not None and result.error == "the redirect carried no authorization code"
+    result = _answer(f"/callback?state={STATE}")
+    assert result.error == "the redirect carried no authorization code"
 
 
 @pytest.mark.parametrize(
@@ -478,6 +495,7 @@ def test_a_registered_redirect_is_sent_as_is(uri: str, port: int, path: str) -> 
 
 def test_the_callback_path_is_the_registered_one() -> None:
     """The listener answers the registered path and 404s the default one."""
-    ok = login.parse_callback_target("/auth/callback?code=c&state=s", "s", "/auth/callback")
-    assert ok is not None and ok.code == "c"
-    assert login.parse_callback_target("/callback?code=c&state=s", "s", "/auth/callback") is None
+    ok = _answer("/auth/callback?code=c&state=s", "s", "/auth/callback")
+    assert ok.code == "c"
+    other = login.parse_callback_target("/callback?code=c&state=s", "s", "/auth/callback")
+    assert isinstance(other, login.Stray) and other.status == 404

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -202,8 +203,56 @@ def test_sleep_slice_is_zero_after_a_jump_past_the_deadline() -> None:
 # -- token expiry ------------------------------------------------------------------------
 
 
-def test_boolean_expiry_is_not_an_expiry() -> None:
-    """``"expiry": true`` is rejected rather than read as 1."""
-    assert policy.token_expiry({"expiry": True}) is None
-    assert policy.token_expiry({"expiry": float("inf")}) is None
-    assert policy.token_expiry({"expiry": 12}) == 12.0
+def test_a_token_without_expiry_has_none() -> None:
+    """No ``expiry`` field: the token does not say when it expires."""
+    assert policy.token_expiry({"access_token": "AT"}) is None
+    assert not policy.expiry_is_invalid({"access_token": "AT"})
+
+
+@pytest.mark.parametrize("value", [12, 12.5, 0, 1_800_000_000, 10**15])
+def test_a_finite_expiry_is_read_as_float_seconds(value: float) -> None:
+    """A finite non-negative number is the expiry, as a float."""
+    assert policy.token_expiry({"expiry": value}) == float(value)
+    assert not policy.expiry_is_invalid({"expiry": value})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        False,
+        "soon",
+        "1800000000",
+        None,
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        -1,
+        10**400,
+        [],
+        {},
+    ],
+    ids=[
+        "true",
+        "false",
+        "soon",
+        "numeric-string",
+        "null",
+        "nan",
+        "inf",
+        "-inf",
+        "negative",
+        "huge-int",
+        "list",
+        "object",
+    ],
+)
+def test_an_invalid_expiry_counts_as_expired(value: object) -> None:
+    """A present ``expiry`` that is not a finite non-negative number reads as the epoch (long expired).
+
+    So a refreshable token is refreshed before it is served, and one without a
+    refresh token asks for a login, instead of being served as if it never expired.
+    """
+    token = {"access_token": "AT", "refresh_token": "RT", "expiry": value}
+    assert policy.token_expiry(token) == policy.INVALID_EXPIRY == 0.0
+    assert policy.expiry_is_invalid(token)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from credproxy.core.policy import expiry_value
 from credproxy.errors import UsageError
 
 __all__ = [
@@ -102,9 +103,10 @@ def _millis(obj: Any, where: str, *path: str) -> float | None:
     value = _optional(obj, path)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    millis = expiry_value(value)  # a finite, non-negative number (no bool, NaN, infinity)
+    if millis is None:
         raise AdoptError(f"{where}: field {'.'.join(path)} must be epoch milliseconds")
-    return float(value) / 1000.0
+    return millis / 1000.0
 
 
 def _parse_claude(raw: Any, where: str) -> dict[str, Any]:
@@ -163,8 +165,9 @@ def _parse_gemini(raw: Any, where: str) -> dict[str, Any]:
 def _jwt_exp(jwt: str) -> int | None:
     """The ``exp`` claim of a JWT, read without verifying it (it only schedules renewal).
 
-    None when *jwt* is not a JWT or has no numeric ``exp``: the token is then
-    stored without an expiry, like an imported one without ``expiry``.
+    None when *jwt* is not a JWT or has no usable ``exp`` (a finite positive
+    number): the token is then stored without an expiry, like an imported one
+    without ``expiry``.
     """
     parts = jwt.split(".")
     if len(parts) != 3:
@@ -174,8 +177,8 @@ def _jwt_exp(jwt: str) -> int | None:
         claims = json.loads(base64.urlsafe_b64decode(payload))
     except (ValueError, TypeError):
         return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or exp <= 0:
+    exp = expiry_value(claims.get("exp")) if isinstance(claims, dict) else None
+    if exp is None or exp <= 0:
         return None
     return int(exp)
 

@@ -8,7 +8,10 @@ Three ways to get a person's first token (``credproxy login``):
 - **loopback** (RFC 7636 + RFC 8252 section 7.3): send the browser to
   ``authorization_url`` with a PKCE challenge and a ``state``; the identity
   provider redirects it to ``http://127.0.0.1:PORT/callback`` with a ``code``
-  that is exchanged, with the PKCE verifier, at ``token_url``.
+  that is exchanged, with the PKCE verifier, at ``token_url``. Only a
+  redirect with this login's ``state`` answers it: any web page can make the
+  browser request the callback, so one without it (or another path) is
+  refused and the wait goes on (:class:`Stray`).
 - **paste**: the same authorization request, but the person copies the code
   (or the whole redirect URL) from the browser and pastes it.
 
@@ -58,6 +61,7 @@ __all__ = [
     "DEVICE_GRANT_TYPE",
     "FLOWS",
     "SLOW_DOWN_STEP",
+    "STRAY_STATE",
     "CallbackResult",
     "DeviceAuthorization",
     "DeviceFlow",
@@ -67,6 +71,7 @@ __all__ = [
     "Pkce",
     "Poll",
     "Redirect",
+    "Stray",
     "authorization_url",
     "choose_flow",
     "code_challenge",
@@ -267,17 +272,38 @@ class CallbackResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Stray:
+    """A request to the loopback listener that is not this login's answer.
+
+    Another path (a browser also asks for ``/favicon.ico``: *status* 404), or
+    the callback path without this login's ``state`` (400: any web page can
+    make the browser send one, so it must not end the login). The listener
+    answers *status* with a page titled *title* saying *text*, and keeps
+    waiting for the real redirect.
+    """
+
+    status: int
+    title: str
+    text: str
+
+
 def parse_callback_target(
     target: str, state: str, path: str = CALLBACK_PATH
-) -> CallbackResult | None:
+) -> CallbackResult | Stray:
     """Judge the request target (path and query) the browser sent to the listener.
 
-    Returns None for any path other than the callback *path* (a browser also
-    asks for ``/favicon.ico``): answer 404 and keep waiting.
+    Only a redirect carrying this login's *state* answers it (a
+    :class:`CallbackResult`: the code, or the identity provider's error such
+    as ``access_denied``); anything else is a :class:`Stray`, refused without
+    ending the wait.
     """
     parts = urlsplit(target)
     if parts.path != path:
-        return None
+        return Stray(404, "Not found", "This is credproxy's login listener.")
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if not _same(params.get("state", ""), state):
+        return Stray(400, "Wrong state", STRAY_STATE)
     return _judge_query(parts.query, state)
 
 
@@ -302,6 +328,12 @@ def parse_pasted(text: str, state: str) -> CallbackResult:
         return CallbackResult(error="the pasted text is not an authorization code or redirect URL")
     return CallbackResult(code=code)
 
+
+#: The page for a callback without this login's state (see :class:`Stray`).
+STRAY_STATE = (
+    "The state of this request does not match this login, so it was refused. "
+    "The login is still waiting for the identity provider's redirect."
+)
 
 _WRONG_STATE = (
     "the redirect carried the wrong state (not the answer to this login; "

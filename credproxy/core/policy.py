@@ -29,7 +29,10 @@ the state machine that applies them to one timer is
 
 Tokens are plain mappings as stored: ``access_token``, ``refresh_token``,
 ``expiry`` (epoch seconds, int or float), ``token_type``, optional ``scope``,
-and any unknown fields.
+and any unknown fields. An ``expiry`` that is present but not a finite,
+non-negative number (``"soon"``, ``null``, ``true``, NaN, infinity) is
+invalid: :func:`token_expiry` reports such a token as expired (the epoch), so
+it is refreshed before it is served, never served as if it lived forever.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ from typing import Any
 from credproxy.core.config import Renewal
 
 __all__ = [
+    "INVALID_EXPIRY",
     "SLICE",
+    "expiry_is_invalid",
+    "expiry_value",
     "gives_up",
     "lead",
     "renewal_deadline",
@@ -55,17 +61,45 @@ __all__ = [
 SLICE = 30.0
 
 
-def token_expiry(token: Mapping[str, Any]) -> float | None:
-    """The token's ``expiry`` as a float, or None when it is absent or not a finite number.
+#: What :func:`token_expiry` says of a present but invalid ``expiry``: the
+#: epoch, long past, so the token counts as expired and is refreshed first.
+INVALID_EXPIRY = 0.0
 
-    ``bool`` is refused although it is an ``int`` subclass: ``"expiry": true``
-    is a broken token, not an expiry one second after the epoch.
+
+def expiry_value(value: object) -> float | None:
+    """*value* as seconds if it is a usable ``expiry`` or ``expires_in``, else None.
+
+    Usable: a JSON number (``int`` or ``float``, not a ``bool``) that is finite
+    and not negative. ``bool`` is refused although it is an ``int`` subclass:
+    ``"expiry": true`` is a broken token, not an expiry one second after the
+    epoch. An integer beyond float range is refused too.
     """
-    value = token.get("expiry")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def expiry_is_invalid(token: Mapping[str, Any]) -> bool:
+    """True when *token* has an ``expiry`` that is not usable (see :func:`expiry_value`)."""
+    return "expiry" in token and expiry_value(token["expiry"]) is None
+
+
+def token_expiry(token: Mapping[str, Any]) -> float | None:
+    """The token's ``expiry`` in epoch seconds; None only when the token has none.
+
+    A present but invalid ``expiry`` (a string such as ``"soon"``, ``null``, a
+    ``bool``, NaN, infinity, a negative number) gives :data:`INVALID_EXPIRY`:
+    the token is treated as expired, so a refreshable one is refreshed before
+    it is served and one without a refresh token asks for a new login.
+    """
+    if "expiry" not in token:
+        return None
+    value = expiry_value(token["expiry"])
+    return INVALID_EXPIRY if value is None else value
 
 
 def lead(remaining: float, cfg: Renewal) -> float:

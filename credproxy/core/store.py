@@ -43,7 +43,7 @@ from typing import Any
 import msgspec
 
 from credproxy.core.names import DEFAULT_BUCKET, check_name, is_name
-from credproxy.core.policy import token_expiry
+from credproxy.core.policy import expiry_value, token_expiry
 from credproxy.errors import InvalidToken, StoreError
 
 # Fault injection for crash tests: when CREDPROXY_FAULT names a checkpoint, the
@@ -62,7 +62,8 @@ def normalize_token(raw: Any, now: float) -> dict[str, Any]:
     """Validate token JSON (as given to ``import``) and return what is stored.
 
     ``expires_in`` (seconds from *now*) is turned into ``expiry`` (epoch
-    seconds); unknown fields are kept.
+    seconds); unknown fields are kept. Both must be finite, non-negative
+    numbers when given (``"soon"``, NaN, infinity or ``true`` are refused).
 
     Raises:
         InvalidToken: with a message naming the field at fault.
@@ -78,17 +79,24 @@ def normalize_token(raw: Any, now: float) -> dict[str, Any]:
         raise InvalidToken("'refresh_token' must be a string")
     if rt == "":
         del token["refresh_token"]
+    # A null expires_in counts as absent; a null expiry is refused (once
+    # stored, an invalid expiry makes the token count as expired).
     expires_in = token.pop("expires_in", None)
+    seconds = None if expires_in is None else expiry_value(expires_in)
+    if expires_in is not None and seconds is None:
+        raise InvalidToken("'expires_in' must be a finite, non-negative number of seconds")
     if "expiry" in token:
-        expiry = token["expiry"]
-        if isinstance(expiry, bool) or not isinstance(expiry, int | float) or expiry < 0:
-            raise InvalidToken("'expiry' must be a number of seconds since the epoch")
+        expiry = expiry_value(token["expiry"])
+        if expiry is None:
+            raise InvalidToken(
+                "'expiry' must be a finite, non-negative number of seconds since the epoch"
+            )
         if expiry > 1e11:
             raise InvalidToken("'expiry' looks like milliseconds; give epoch seconds")
-    elif expires_in is not None:
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
-            raise InvalidToken("'expires_in' must be a number of seconds")
-        token["expiry"] = int(now + expires_in)
+    elif seconds is not None:
+        if now + seconds > 1e11:
+            raise InvalidToken("'expires_in' is too large; give seconds from now")
+        token["expiry"] = int(now + seconds)
     tt = token.setdefault("token_type", "Bearer")
     if not isinstance(tt, str):
         raise InvalidToken("'token_type' must be a string")

@@ -211,6 +211,9 @@ async def _device(
 class _Waiter:
     """Takes the first answer (a browser's redirect or a pasted line); later ones are refused.
 
+    A request without this login's state is no answer at all: the listener
+    refuses it and the wait goes on (see :class:`credproxy.core.login.Stray`).
+
     The answer's code is exchanged at once, while the browser waits for its
     page, so the page can say whether the login worked.
     """
@@ -221,11 +224,14 @@ class _Waiter:
         exchange: Callable[[str], Awaitable[dict[str, Any]]],
         name: str,
         path: str = login.CALLBACK_PATH,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.state = state
         self.name = name
         self.path = path
         self._exchange = exchange
+        self._say = say
+        self.strays = 0  # callbacks refused for a wrong or missing state
         self.claimed = False
         self.token: dict[str, Any] | None = None
         self.error: str | None = None
@@ -233,6 +239,15 @@ class _Waiter:
 
     def __repr__(self) -> str:
         return f"<_Waiter claimed={self.claimed} error={self.error!r}>"
+
+    def note_stray(self) -> None:
+        """Count a callback refused for its state; the terminal is told once per login."""
+        self.strays += 1
+        if self.strays == 1 and self._say is not None:
+            self._say(
+                "(refused a request to the login listener whose state does not match "
+                "this login; still waiting)"
+            )
 
     async def deliver(self, result: login.CallbackResult) -> bool:
         """Judge *result*: exchange its code or record its error. False if already answered."""
@@ -282,7 +297,7 @@ async def _code(
         redirect_uri = redirect.uri or login.loopback_redirect_uri(port)
         url = login.authorization_url(provider, redirect_uri, state, pkce)
         exchange = partial(endpoint.exchange_code, provider, pkce=pkce, redirect_uri=redirect_uri)
-        waiter = _Waiter(state, exchange, name, redirect.path)
+        waiter = _Waiter(state, exchange, name, redirect.path, terminal.say)
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(
@@ -336,8 +351,12 @@ async def _callback(waiter: _Waiter, stream: trio.SocketStream) -> None:
             return
         target = request.target.decode("ascii", "replace")
         result = login.parse_callback_target(target, waiter.state, waiter.path)
-        if result is None:
-            await _page(conn, stream, 404, "Not found", "This is credproxy's login listener.")
+        if isinstance(result, login.Stray):
+            # Not this login's answer (any web page can make the browser send
+            # one): refused, and the wait goes on until the real redirect.
+            if result.status != 404:
+                waiter.note_stray()
+            await _page(conn, stream, result.status, result.title, result.text)
             return
         if not await waiter.deliver(result):
             await _page(conn, stream, 409, "Already answered", "This login was answered already.")
