@@ -2,7 +2,10 @@
 
 The daemon's HTTP side is not needed here: the session socket is a fake, a
 threaded Unix-socket server in the test that records every byte it receives
-and answers as each test scripts it. `credproxy forward` is the installed
+and answers as each test scripts it. Each connection begins with forward's
+preamble line (``CREDPROXY/1 forward=PORT``), which the fake reads, checks and
+keeps apart (``preambles``), so handlers see the tool's bytes only; the
+preamble and the uid check have their own tests in ``test_forward_peer.py``. `credproxy forward` is the installed
 executable, and CMD is a Python one-liner that calls the base URL it was given.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +32,7 @@ from conftest import CREDPROXY, Dirs
 
 BASE_VARS = ("ANTHROPIC_BASE_URL", "OPENAI_BASE_URL", "GOOGLE_GEMINI_BASE_URL")
 WAIT = 10.0  # seconds any one step may take before a test gives up (never a timing claim)
+PREAMBLE = re.compile(rb"CREDPROXY/1 forward=[0-9]+( capability=[0-9a-f]{64})?\r\n")
 
 Handler = Callable[[socket.socket, "FakeSocket"], None]
 
@@ -43,6 +48,7 @@ class FakeSocket:
         self.path = path
         self.handler = handler
         self.received: list[bytes] = []
+        self.preambles: list[bytes] = []
         self.events: list[Any] = []
         self.errors: list[BaseException] = []
         self.lock = threading.Lock()
@@ -69,6 +75,15 @@ class FakeSocket:
     def _run(self, conn: socket.socket) -> None:
         try:
             with conn:
+                line = b""
+                while not line.endswith(b"\r\n") and len(line) < 200:
+                    byte = conn.recv(1)  # one at a time: the tool's bytes stay for the handler
+                    if not byte:
+                        break
+                    line += byte
+                assert PREAMBLE.fullmatch(line), f"no preamble line first: {line!r}"
+                with self.lock:
+                    self.preambles.append(line)
                 self.handler(conn, self)
         except BaseException as exc:  # raised again at the end of the test
             self.errors.append(exc)
@@ -365,9 +380,17 @@ def test_a_client_that_resets_closes_its_socket_connection(
 ) -> None:
     """A client that resets mid-request makes the socket side see its connection end (so the daemon can cancel upstream)."""
     ended = threading.Event()
+    sent = b"POST /p/x HTTP/1.1\r\nContent-Length: 100\r\n\r\npart"
 
     def handler(conn: socket.socket, server: FakeSocket) -> None:
-        server.received.append(read_until_eof(conn))
+        got = b""
+        while len(got) < len(sent) and (chunk := conn.recv(65536)):
+            got += chunk
+        # Tell the client its bytes arrived: it resets only once the relay is set
+        # up (a socket already reset is no longer in /proc/net/tcp, and forward
+        # refuses a connection whose owner it cannot tell).
+        conn.sendall(b"!")
+        server.received.append(got + read_until_eof(conn))
         ended.set()
 
     server = fake(handler)
@@ -376,6 +399,7 @@ def test_a_client_that_resets_closes_its_socket_connection(
         url = urllib.parse.urlsplit(os.environ["CREDPROXY_BASE_URL"])
         s = socket.create_connection((url.hostname, url.port))
         s.sendall(b"POST /p/x HTTP/1.1\\r\\nContent-Length: 100\\r\\n\\r\\npart")
+        assert s.recv(1) == b"!"
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()  # a reset, not an end of stream
         sys.stdin.read()  # stay alive until the test has seen the socket side end
@@ -389,7 +413,7 @@ def test_a_client_that_resets_closes_its_socket_connection(
     )
     try:
         assert ended.wait(WAIT)
-        assert server.received[0].startswith(b"POST /p/x HTTP/1.1")
+        assert server.received == [sent]
     finally:
         assert proc.stdin is not None and proc.stderr is not None
         proc.stdin.close()

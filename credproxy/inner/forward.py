@@ -18,13 +18,46 @@ variables pointing at that port, and exits with CMD's status.
 Theory of operation
 -------------------
 
+Who may connect. The port is on a loopback interface, and without
+``--unshare-net`` that is the host's, where every local user can reach it. So
+each accepted connection is first traced to the uid that owns its other end:
+the line of ``/proc/net/tcp`` (``/proc/net/tcp6`` for an IPv6 socket connected
+to ``::ffff:127.0.0.1``) whose ``local_address`` is the peer's address and port
+and whose ``rem_address`` is ours gives that socket's ``uid``. Only a
+connection from this process's own uid is relayed. Any other, and one whose
+owner cannot be told (no such line, as when ``/proc`` is not mounted; or a
+socket its process has already closed: its inode is 0, and from FIN_WAIT2 on
+the kernel shows it as uid 0, so a line with inode 0 does not count), gets a
+fixed ``403 Forbidden`` (a JSON body naming both uids; the request is not
+parsed), and nothing reaches the session socket. The first refusal is noted on stderr, the
+later ones are not.
+
+The preamble. Before any byte of the tool's, the connection to the session
+socket carries one line that tells the daemon that this is ``credproxy
+forward`` and on which port it listens (so the daemon can check the ``Host``
+the tool sent), and presents the session's capability token when there is one::
+
+    CREDPROXY/1 forward=PORT capability=TOKEN\\r\\n     (or without " capability=TOKEN")
+
+``TOKEN`` is 64 lowercase hex characters, read once at start the way
+``credproxy token`` reads it (:func:`credproxy.inner.client.capability_from_env`:
+``$CREDPROXY_CAPABILITY``, else the descriptor named by
+``$CREDPROXY_CAPABILITY_FD`` or ``$LLXPRT_CAPABILITY_FD``), so the tools behind
+the port need not know about it. If it cannot be read, one note on stderr says
+why and connections go without (a session that requires one refuses them).
+CMD keeps the variables and the descriptor (passed on with ``pass_fds``; it is
+read with ``pread``, which moves nothing, and a pipe, which reading empties, is
+replaced by a memfd holding the same token), so clients of the session socket
+inside CMD present the capability themselves.
+
 The relay does not parse HTTP: every accepted TCP connection gets a new
-connection to ``$CREDPROXY_SOCKET`` (else ``$LLXPRT_CREDENTIAL_SOCKET``) and
-bytes are copied both ways as they arrive, by two threads per connection (one
-per direction, each a blocking ``recv``/``sendall`` loop). So a streamed
-answer (SSE) reaches the tool event by event, keep-alive and pipelining are
-whatever the two ends make of them, and the daemon sees exactly the bytes the
-tool sent (the ``Host`` header is ``127.0.0.1:N``, not ``credproxy``).
+connection to ``$CREDPROXY_SOCKET`` (else ``$LLXPRT_CREDENTIAL_SOCKET``) and,
+after the preamble, bytes are copied both ways as they arrive, by two threads
+per connection (one per direction, each a blocking ``recv``/``sendall`` loop).
+So a streamed answer (SSE) reaches the tool event by event, keep-alive and
+pipelining are whatever the two ends make of them, and the daemon sees exactly
+the bytes the tool sent (the ``Host`` header is ``127.0.0.1:N``, not
+``credproxy``).
 
 How a connection ends, and why:
 
@@ -39,8 +72,13 @@ How a connection ends, and why:
   that could pass for a complete answer.
 - The daemon stops reading (it answered an error and closed): only that
   direction ends; its answer may still be on its way back.
-- The session socket cannot be reached: the tool's connection is closed with
-  nothing sent (one note on stderr, the first time).
+- The session socket cannot be reached (or closes before the preamble is
+  sent): the tool's connection is closed with nothing sent (one note on
+  stderr, the first time).
+- The tool's uid is not ours: the 403 is sent, then a half-close, and what the
+  tool sends is read and dropped until it closes (for at most a few seconds),
+  because closing a socket with unread bytes sends a reset that can destroy
+  the answer before the tool reads it.
 
 When CMD exits, the listener is closed and this process exits (connections
 still open end with it). The listening socket is never inherited by CMD.
@@ -74,6 +112,7 @@ socket variable is unset or names no socket, or the port cannot be bound
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -85,13 +124,19 @@ import threading
 import time
 
 from credproxy.errors import EXIT_OK, EXIT_USAGE, CredproxyError, DaemonUnavailable
-from credproxy.inner.client import socket_from_env
+from credproxy.inner.client import (
+    CAPABILITY_ENV,
+    CAPABILITY_FD_ENV,
+    CapabilityUnavailable,
+    capability_from_env,
+    socket_from_env,
+)
 
 # `typing` costs ~5 ms of start-up; annotations are strings here.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
-    from typing import Any
+    from typing import Any, Literal
 
 USAGE = (
     "usage: credproxy forward [--port N] [--provider P[:BUCKET]]... "
@@ -100,6 +145,12 @@ USAGE = (
 HOST = "127.0.0.1"
 BUFSIZE = 64 * 1024
 CONNECT_TIMEOUT = 10.0  # seconds to wait for the session socket to accept a connection
+REFUSE_LINGER = 2.0  # seconds a refused tool may take to read the 403 and close
+REFUSE_DRAIN = 1024 * 1024  # bytes of a refused tool's request read (and dropped) at most
+PROC_NET_TCP = "/proc/net/tcp"
+PROC_NET_TCP6 = "/proc/net/tcp6"
+V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
+PREAMBLE_MAGIC = b"CREDPROXY/1"
 ROOT_VAR = "CREDPROXY_BASE_URL"
 # The variables set when no --env is given, by provider name (what the tools
 # read: reference/providers.md section 2).
@@ -112,6 +163,8 @@ DEFAULT_VARS = {
 }
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@-")
 _VAR_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_HEX_UPPER = frozenset("0123456789ABCDEFabcdef")
+_HEX_LOWER = frozenset("0123456789abcdef")
 
 
 class ForwardUsage(CredproxyError):
@@ -208,6 +261,230 @@ def _var_suffix(grant: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "_" for c in grant).upper()
 
 
+# --- who is at the other end (parsing is pure; the lookup reads /proc) ---------------
+
+
+def decode_proc_address(
+    field: str, byteorder: Literal["little", "big"] = sys.byteorder
+) -> tuple[bytes, int]:
+    """A ``/proc/net/tcp`` or ``tcp6`` address ``HEXADDR:HEXPORT`` as (packed address, port).
+
+    The kernel prints the address as 32-bit words (one for IPv4, four for
+    IPv6), each the ``%08X`` of a word read in host byte order, so on a
+    little-endian machine ``0100007F`` is 127.0.0.1; the port is a plain hex
+    number. *byteorder* is the host's (``"little"`` on x86 and arm64).
+
+    Raises:
+        ValueError: *field* is not such an address.
+    """
+    hexaddr, colon, hexport = field.partition(":")
+    if (
+        not colon
+        or len(hexaddr) not in (8, 32)
+        or not 0 < len(hexport) <= 4
+        or not _HEX_UPPER.issuperset(hexaddr + hexport)
+    ):
+        raise ValueError(f"not a /proc/net/tcp address: {field!r}")
+    packed = b"".join(
+        int(hexaddr[i : i + 8], 16).to_bytes(4, byteorder) for i in range(0, len(hexaddr), 8)
+    )
+    return packed, int(hexport, 16)
+
+
+def socket_owner(
+    table: Iterable[str],
+    local: tuple[bytes, int],
+    remote: tuple[bytes, int],
+    byteorder: Literal["little", "big"] = sys.byteorder,
+) -> int | None:
+    """The uid of the socket in *table* with this local and remote (packed address, port).
+
+    *table* is the lines of ``/proc/net/tcp`` or ``/proc/net/tcp6`` (the
+    header line and malformed lines are skipped). None when no line matches
+    with a non-zero inode: a socket its process has closed (still shutting
+    down, or in TIME_WAIT) has inode 0 and is shown as uid 0, which says
+    nothing about who opened it.
+    """
+    for line in table:
+        fields = line.split()
+        if len(fields) < 10 or not fields[0].endswith(":"):
+            continue
+        try:
+            if decode_proc_address(fields[1], byteorder) != local:
+                continue
+            if decode_proc_address(fields[2], byteorder) != remote:
+                continue
+            uid, inode = int(fields[7]), int(fields[9])
+        except ValueError:
+            continue
+        if inode:
+            return uid
+    return None
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid owning the other end of *conn*, a TCP connection within this host.
+
+    Looked up in ``/proc/net/tcp`` (an IPv4 peer) and then ``/proc/net/tcp6``
+    (an IPv6 socket connected to the IPv4-mapped address); the tables are
+    those of the caller's network namespace, which is the peer's. None when it
+    cannot be told (no matching line, ``/proc`` not mounted, *conn* closed).
+    """
+    try:
+        peer, ours = conn.getpeername(), conn.getsockname()
+        if conn.family == socket.AF_INET:
+            p4 = socket.inet_pton(socket.AF_INET, peer[0])
+            o4 = socket.inet_pton(socket.AF_INET, ours[0])
+            tables = [
+                (PROC_NET_TCP, (p4, peer[1]), (o4, ours[1])),
+                (PROC_NET_TCP6, (V4_MAPPED + p4, peer[1]), (V4_MAPPED + o4, ours[1])),
+            ]
+        elif conn.family == socket.AF_INET6:
+            p6 = socket.inet_pton(socket.AF_INET6, peer[0].partition("%")[0])
+            o6 = socket.inet_pton(socket.AF_INET6, ours[0].partition("%")[0])
+            tables = [(PROC_NET_TCP6, (p6, peer[1]), (o6, ours[1]))]
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    for path, local, remote in tables:
+        try:
+            with open(path, encoding="ascii") as table:
+                uid = socket_owner(table, local, remote)
+        except (OSError, ValueError):  # ValueError: not ASCII
+            continue
+        if uid is not None:
+            return uid
+    return None
+
+
+def refusal(our_uid: int, their_uid: int | None) -> bytes:
+    """The whole HTTP answer to a connection whose owner is not *our_uid*."""
+    who = (
+        f"uid {their_uid}"
+        if their_uid is not None
+        else "a uid that cannot be told (no entry in /proc/net/tcp)"
+    )
+    message = (
+        f"credproxy forward serves only processes of uid {our_uid}; "
+        f"this connection comes from {who}"
+    )
+    body = json.dumps({"error": {"type": "credproxy", "message": message}}).encode()
+    head = (
+        "HTTP/1.1 403 Forbidden\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+# --- the preamble and the capability ------------------------------------------------
+
+
+def preamble(port: int, capability: str | None) -> bytes:
+    """The line sent on the session socket before the tool's bytes (module docstring).
+
+    Raises:
+        ValueError: *capability* is not 64 lowercase hex characters.
+    """
+    line = PREAMBLE_MAGIC + b" forward=%d" % port
+    if capability is not None:
+        if not is_capability(capability):
+            raise ValueError("a capability token is 64 lowercase hex characters")
+        line += b" capability=" + capability.encode("ascii")
+    return line + b"\r\n"
+
+
+def is_capability(value: str) -> bool:
+    return len(value) == 64 and _HEX_LOWER.issuperset(value)
+
+
+def capability_fd() -> int | None:
+    """The descriptor named by ``$CREDPROXY_CAPABILITY_FD`` (else ``$LLXPRT_CAPABILITY_FD``).
+
+    None when neither is set, or when the first one set does not hold a
+    number from 3 up. (:func:`capability_from_env` reads it only when
+    ``$CREDPROXY_CAPABILITY`` is unset; llxprt reads it either way.)
+    """
+    for name in CAPABILITY_FD_ENV:
+        spec = os.environ.get(name)
+        if spec:
+            if spec.isascii() and spec.isdigit() and len(spec) <= 7 and int(spec) >= 3:
+                return int(spec)
+            return None
+    return None
+
+
+def session_capability() -> tuple[str | None, int | None]:
+    """The capability to present, and the descriptor CMD must get (each may be None).
+
+    Read once, at start. A problem is one note on stderr, and no capability.
+    The descriptor named in the environment is passed on to CMD whenever it is
+    open, so CMD's own clients find what the variable promises; if it was a
+    pipe (which reading empties), it is first replaced by a memfd holding the
+    token that was read.
+    """
+    fd = capability_fd()
+    if fd is not None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            fd = None  # not open: CMD's clients will say so themselves
+    try:
+        capability = capability_from_env()
+    except CapabilityUnavailable as exc:
+        print(
+            f"credproxy forward: {exc}; connections are relayed without a capability "
+            "(a session opened with --capability will refuse them)",
+            file=sys.stderr,
+        )
+        return None, fd
+    if capability is not None and not is_capability(capability):
+        print(
+            f"credproxy forward: ${CAPABILITY_ENV} does not hold a capability token "
+            "(64 lowercase hex characters); connections are relayed without one",
+            file=sys.stderr,
+        )
+        return None, fd
+    if capability is not None and fd is not None and not os.environ.get(CAPABILITY_ENV):
+        _keep_readable(fd, capability)  # it was read from fd
+    return capability, fd
+
+
+def _keep_readable(fd: int, token: str) -> None:
+    """Put *token* back on *fd* for CMD if reading it has emptied *fd* (a pipe).
+
+    A file or memfd was read with ``pread`` and still holds the token: it is
+    left alone. Otherwise *fd* becomes a sealed memfd holding the token and a
+    newline, at offset 0, as ``credproxy run --capability`` makes it.
+    """
+    try:
+        os.lseek(fd, 0, os.SEEK_CUR)
+        return  # seekable: pread read it, nothing moved
+    except OSError:
+        pass
+    import fcntl  # only here: a pipe on the capability descriptor is rare
+
+    try:
+        memfd = os.memfd_create("credproxy-capability", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        print(
+            f"credproxy forward: cannot keep the capability readable on fd {fd} for CMD "
+            f"(memfd_create: {exc.strerror}); CMD's own clients will find it empty",
+            file=sys.stderr,
+        )
+        return
+    try:
+        os.write(memfd, f"{token}\n".encode())  # 65 bytes into fresh memory: never short
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, seals)
+        os.lseek(memfd, 0, os.SEEK_SET)
+        os.dup2(memfd, fd, inheritable=False)  # pass_fds makes it inheritable in CMD
+    finally:
+        os.close(memfd)
+
+
 # --- the relay ----------------------------------------------------------------------
 
 
@@ -281,13 +558,20 @@ class _Relay:
 
 
 class Forwarder:
-    """Accepts TCP connections on *listener* and relays each to the socket at *path*."""
+    """Accepts TCP connections on *listener* and relays each to the socket at *path*.
 
-    def __init__(self, listener: socket.socket, path: str) -> None:
+    Only connections from this process's uid are relayed, each after the
+    preamble that presents *capability* (see the module docstring).
+    """
+
+    def __init__(self, listener: socket.socket, path: str, capability: str | None = None) -> None:
         self.listener = listener
         self.path = path
+        self.uid = os.getuid()
+        self.preamble = preamble(self.port, capability)
         self._closing = threading.Event()
-        self._noted = False
+        self._noted: set[str] = set()
+        self._note_lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
 
     @property
@@ -320,24 +604,64 @@ class Forwarder:
                 client.close()
 
     def _serve(self, client: socket.socket) -> None:
+        uid = peer_uid(client)
+        if uid != self.uid:
+            self._refuse(client, uid)
+            return
         with contextlib.suppress(OSError):  # SSE events are small writes: send them at once
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             upstream.settimeout(CONNECT_TIMEOUT)
             upstream.connect(self.path)
+            upstream.sendall(self.preamble)  # a few dozen bytes: never blocks for long
             upstream.settimeout(None)
         except OSError as exc:
             upstream.close()
             client.close()
-            self._note(f"cannot reach credproxy at {self.path}: {exc.strerror or exc}")
+            self._note(
+                "unreachable",
+                f"cannot reach credproxy at {self.path}: {exc.strerror or exc} (connection closed)",
+            )
             return
         _Relay(client, upstream).run()
 
-    def _note(self, message: str) -> None:
-        if not self._noted:  # CMD's terminal is not ours to flood
-            self._noted = True
-            print(f"credproxy forward: {message} (connection closed)", file=sys.stderr)
+    def _refuse(self, client: socket.socket, uid: int | None) -> None:
+        """Answer 403, then read what the tool sends until it closes, and close.
+
+        Reading the rest is what lets the tool see the answer: closing with
+        unread bytes sends a reset, which may destroy the answer on its way.
+        """
+        deadline = time.monotonic() + REFUSE_LINGER
+        try:
+            client.settimeout(REFUSE_LINGER)
+            client.sendall(refusal(self.uid, uid))
+            client.shutdown(socket.SHUT_WR)
+            drained = 0
+            while drained < REFUSE_DRAIN and (left := deadline - time.monotonic()) > 0:
+                client.settimeout(left)
+                chunk = client.recv(BUFSIZE)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
+        finally:
+            client.close()
+        who = f"uid {uid}" if uid is not None else "a uid that cannot be told"
+        self._note(
+            "refused",
+            f"answered 403 to a connection from {who}: only processes of uid {self.uid} "
+            "are served (noted once; later refusals are not)",
+        )
+
+    def _note(self, kind: str, message: str) -> None:
+        """*message* on stderr, the first time something of this *kind* happens."""
+        with self._note_lock:  # CMD's terminal is not ours to flood
+            if kind in self._noted:
+                return
+            self._noted.add(kind)
+        print(f"credproxy forward: {message}", file=sys.stderr)
 
 
 def listen(port: int) -> socket.socket:
@@ -371,8 +695,10 @@ def session_socket() -> str:
 # --- CMD ----------------------------------------------------------------------------
 
 
-def run_child(argv: list[str], env: dict[str, str]) -> int:
+def run_child(argv: list[str], env: dict[str, str], pass_fds: Sequence[int] = ()) -> int:
     """Run CMD to its end, passing on SIGTERM, SIGHUP and SIGINT; its exit status.
+
+    CMD inherits no descriptor above 2 but those in *pass_fds*.
 
     SIGINT is passed on unless this process is in the foreground of its
     terminal: then the terminal has sent it to CMD as well (same process
@@ -380,7 +706,7 @@ def run_child(argv: list[str], env: dict[str, str]) -> int:
     tools).
     """
     try:
-        child = subprocess.Popen(argv, env=env)
+        child = subprocess.Popen(argv, env=env, pass_fds=tuple(pass_fds))
     except OSError as exc:
         print(f"credproxy forward: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
@@ -426,19 +752,22 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         print("Listen on 127.0.0.1:N, relay each connection to $CREDPROXY_SOCKET, run CMD")
         print("with ANTHROPIC_BASE_URL/OPENAI_BASE_URL/... pointing there; exit with its status.")
+        print("Only connections from processes of this uid are relayed; others get 403.")
         return EXIT_OK
     try:
         port, providers, env_map, cmd = parse_args(argv)
         base_url_env(port, providers, env_map)  # usage errors before anything is opened
         path = session_socket()
-        forwarder = Forwarder(listen(port), path)
+        listener = listen(port)
     except CredproxyError as exc:
         hint = f" ({USAGE})" if isinstance(exc, ForwardUsage) else ""
         print(f"credproxy forward: {exc}{hint}", file=sys.stderr)
         return exc.exit_code
+    capability, fd = session_capability()
+    forwarder = Forwarder(listener, path, capability)
     try:
         env = dict(os.environ, **base_url_env(forwarder.port, providers, env_map))
         forwarder.start()
-        return run_child(cmd, env)
+        return run_child(cmd, env, () if fd is None else (fd,))
     finally:
         forwarder.close()
