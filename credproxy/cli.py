@@ -190,6 +190,16 @@ def _parser() -> Any:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
+    s = sub.add_parser(
+        "release",
+        help="end the quota holds on a provider's buckets (all of them, or P:B for one)",
+        description="End the quota holds on PROVIDER (every bucket) or PROVIDER:BUCKET, "
+        "whoever set them: the daemon (an upstream 429) or a sandbox (report_failure). "
+        "`credproxy status` lists the holds.",
+    )
+    s.add_argument("target", metavar="PROVIDER[:BUCKET]")
+    s.set_defaults(func=cmd_release)
+
     s = sub.add_parser("install-units", help="write the systemd user units")
     s.add_argument("--user", action="store_true", default=True, help="(default) user units")
     s.set_defaults(func=cmd_install_units)
@@ -449,9 +459,31 @@ def cmd_status(ns: Any) -> int:
     return EXIT_OK
 
 
+def cmd_release(ns: Any) -> int:
+    from credproxy.core.names import check_name
+    from credproxy.inner.client import Client
+    from credproxy.shell import paths
+
+    provider, colon, bucket = ns.target.partition(":")
+    check_name("provider", provider)
+    payload = {"provider": provider}
+    if colon:
+        check_name("bucket", bucket)
+        payload["bucket"] = bucket
+    try:
+        with Client(paths.control_socket(), timeout=5) as c:
+            released = c.call("release", payload)["released"]
+    except DaemonUnavailable:
+        print("credproxy release: the daemon is not running (and holds no bucket)", file=sys.stderr)
+        return EXIT_OK
+    print(f"released {released} hold{'s' if released != 1 else ''} on {ns.target}")
+    return EXIT_OK
+
+
 def _offline_status() -> dict[str, Any]:
     import time
 
+    from credproxy.core.policy import token_expiry
     from credproxy.errors import StoreError
 
     store = _store()
@@ -466,7 +498,7 @@ def _offline_status() -> dict[str, Any]:
                 entry["error"] = str(exc)
                 tokens.append(entry)
                 continue
-            exp = tok.get("expiry")
+            exp = token_expiry(tok)
             entry["expires_in"] = None if exp is None else round(exp - now)
             entry["refreshable"] = bool(tok.get("refresh_token")) and exp is not None
             tokens.append(entry)
@@ -524,6 +556,13 @@ def _render_status(st: dict[str, Any]) -> str:
         if t.get("next_renewal"):
             bits.append(f"next renewal {t['next_renewal']}")
         lines.append(f"  {t['provider']}:{t['bucket']}: " + ", ".join(bits))
+    holds = st.get("holds", [])
+    lines.append(f"holds: {len(holds)}" + (" (credproxy release P[:B] ends them)" if holds else ""))
+    for hold in holds:
+        lines.append(
+            f"  {hold['provider']}:{hold['bucket']}: quota-exhausted, held by {hold['source']} "
+            f"until {hold['until']} (in {hold['ends_in']} s)"
+        )
     keys = st.get("keys", [])
     lines.append(f"keys: {', '.join(keys) if keys else '-'}")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ listens):
 - ``POST /v1/chat/completions``: an OpenAI chat completion, or with
   ``"stream": true`` its server-sent events (chunks, then ``data: [DONE]``);
 - ``POST /v1/messages``: an Anthropic message, or with ``"stream": true`` its
-  event stream (``message_start`` ... ``message_stop``).
+  event stream (``message_start`` ... ``message_stop``);
+- ``POST /v1/slow``: an event stream of one ``data: tick`` every 0.1 s for up to
+  60 s (a long answer a client may walk away from).
 
 A non-streaming answer is gzip-compressed when the request's
 ``Accept-Encoding`` names gzip, as the real APIs do. Any other path gets a 404.
@@ -25,6 +27,7 @@ import json
 import ssl
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._sse(_openai_events(model))
             else:
                 self._json(200, _openai(model))
+        elif path == "/v1/slow":
+            self._sse([b"data: tick\n\n"] * 600, pause=0.1)
         elif path == "/v1/messages":
             if body.get("stream"):
                 self._sse(_anthropic_events(model))
@@ -183,17 +188,22 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _sse(self, events: list[bytes]) -> None:
+    def _sse(self, events: list[bytes], pause: float = 0.0) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        for event in events:  # one chunk per event, flushed as it is written
-            self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        try:
+            for event in events:  # one chunk per event, flushed as it is written
+                self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                self.wfile.flush()
+                if pause:
+                    time.sleep(pause)
+            self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+        except OSError:  # the proxy hung up (its client went away): nothing to finish
+            self.close_connection = True
 
 
 def main(argv: list[str]) -> int:

@@ -37,6 +37,7 @@ class Upstream:
     received: list[dict[str, Any]] = field(default_factory=list)
     script: list[Handler] = field(default_factory=list)
     cancelled: int = 0
+    hanging: int = 0
     release: trio.Event = field(default_factory=trio.Event)
 
     def headers(self, i: int = -1) -> dict[str, str]:
@@ -126,6 +127,7 @@ async def _serve_upstream(up: Upstream, stream: trio.SSLStream[Any]) -> None:
                         "method": event.method.decode(),
                         "target": event.target.decode(),
                         "headers": {k.decode().lower(): v.decode() for k, v in event.headers},
+                        "raw_headers": [(k.decode().lower(), v.decode()) for k, v in event.headers],
                         "body": body,
                     }
                 )

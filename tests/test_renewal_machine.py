@@ -123,11 +123,18 @@ def test_fire_without_refresh_token_stops(refresh_token: str | None) -> None:
 
 
 def test_fire_without_expiry_stops() -> None:
-    """A token replaced by one without a usable expiry has nothing to schedule against."""
+    """A token replaced by one without an expiry has nothing to schedule against."""
     timer = _timer(NOW + 60)
-    step = timer.on_fire({"access_token": "at", "refresh_token": "rt", "expiry": "soon"}, NOW + 30)
+    step = timer.on_fire({"access_token": "at", "refresh_token": "rt"}, NOW + 30)
     assert step == End("token removed or not refreshable", "renewal_stopped")
     assert timer.deadline is None
+
+
+def test_fire_on_an_invalid_expiry_refreshes() -> None:
+    """A token whose expiry is not a number counts as expired: it is refreshed (issue 16, item 13)."""
+    timer = _timer(NOW + 60)
+    step = timer.on_fire({"access_token": "at", "refresh_token": "rt", "expiry": "soon"}, NOW + 30)
+    assert step == Refresh(NOW + 60)
 
 
 def test_fire_after_renewal_elsewhere_reschedules_for_the_new_expiry() -> None:

@@ -152,6 +152,8 @@ RANGES: dict[tuple[str, str], Range] = {
     ("proxy", "retry_body_budget"): Range(0),
     ("proxy", "max_header_bytes"): Range(1024),
     ("proxy", "read_timeout"): Range(0, low_inclusive=False),
+    ("proxy", "body_timeout"): Range(0, low_inclusive=False),
+    ("proxy", "body_min_rate"): Range(0, low_inclusive=False),
     ("failover", "max_quota_hold"): Range(1),  # and >= quota_hold
 }
 
@@ -173,6 +175,10 @@ class Proxy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_body_budget: int = 64 * 1024 * 1024
     max_header_bytes: int = 65_536  # >= 1024: request line and headers
     read_timeout: float = 300.0  # > 0: an upstream silent this long ends the response
+    # A request body gets body_timeout seconds, plus one for every body_min_rate
+    # bytes it has sent, of time spent waiting on the client (mod_reqtimeout's way).
+    body_timeout: float = 20.0  # > 0
+    body_min_rate: float = 500.0  # > 0: bytes a second, on average
     # Header names never taken from the sandbox, besides the known credential
     # headers (Authorization, X-Api-Key, Cookie, ...): e.g. ["x-my-gateway-key"].
     strip_headers: list[str] = msgspec.field(default_factory=list)

@@ -26,10 +26,11 @@ configured list), and every header the provider's template sets: the host's
 value replaces the sandbox's, one line upstream, unless the template asks for
 the sandbox's value with ``{client}``.
 
-*How slowly a body may come* (:class:`BodyPace`): 20 s of grace, then at least
-500 bytes a second on average (Apache's ``mod_reqtimeout`` defaults), counted
-only over the time the proxy waits for the client (an upstream that reads
-slowly does not count against it).
+*How slowly a body may come* (:class:`BodyPace`): ``body_timeout`` seconds
+(20) of grace, then at least ``body_min_rate`` bytes a second (500) on
+average (Apache's ``mod_reqtimeout`` defaults), counted only over the time
+the proxy waits for the client (an upstream that reads slowly does not count
+against it).
 """
 
 from __future__ import annotations
@@ -207,24 +208,23 @@ def upstream_headers(
 class BodyPace:
     """How long the proxy may still wait for the next bytes of a request body.
 
-    The client has :data:`GRACE` seconds, plus one second for every
-    :data:`MIN_RATE` bytes it has sent, counted over the time spent waiting on
-    it. A body sent one byte every few seconds runs out of allowance within
-    about :data:`GRACE` seconds, however steadily it trickles.
+    The client has *grace* seconds, plus one second for every *min_rate*
+    bytes it has sent, counted over the time spent waiting on it. A body sent
+    one byte every few seconds runs out of allowance within about *grace*
+    seconds, however steadily it trickles.
     """
 
-    GRACE = 20.0
-    MIN_RATE = 500.0  # bytes a second, on average
+    __slots__ = ("grace", "min_rate", "received", "waited")
 
-    __slots__ = ("received", "waited")
-
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 20.0, min_rate: float = 500.0) -> None:
+        self.grace = grace
+        self.min_rate = min_rate
         self.waited = 0.0
         self.received = 0
 
     def allowance(self) -> float:
         """Seconds the next wait for the client may last (0: it is too slow)."""
-        return max(0.0, self.GRACE + self.received / self.MIN_RATE - self.waited)
+        return max(0.0, self.grace + self.received / self.min_rate - self.waited)
 
     def record(self, waited: float, received: int) -> None:
         """The proxy waited *waited* seconds and got *received* bytes."""

@@ -219,6 +219,13 @@ class Tokens:
     def _remember(self, key: Key, token: dict[str, Any], sig: tuple[int, int]) -> Entry:
         old = self._entries.get(key)
         expiry = policy.token_expiry(token)
+        if policy.expiry_is_invalid(token):
+            log.warning(
+                "token_expiry_invalid",
+                provider=key.provider,
+                bucket=key.bucket,
+                why="the stored expiry is not a number; treated as expired",
+            )
         lifetime = old.facts.lifetime if old is not None else None
         boot_deadline = old.facts.boot_deadline if old is not None else None
         if expiry is not None and (old is None or old.expiry != expiry):
