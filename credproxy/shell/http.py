@@ -14,12 +14,13 @@ carries the request (form body included) and its message may quote the URL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from http.cookiejar import DefaultCookiePolicy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import trio
@@ -284,8 +285,10 @@ class UpstreamResponse:
         """
         errors = _httpx_errors()
         try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+            raw = cast("AsyncGenerator[bytes, None]", self._response.aiter_raw())
+            async with contextlib.aclosing(raw):
+                async for chunk in raw:
+                    yield chunk
         except errors as exc:
             raise UpstreamUnavailable(
                 f"{self._host} broke off the response ({type(exc).__name__})"

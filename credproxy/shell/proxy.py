@@ -54,7 +54,7 @@ import functools
 import json
 import re
 import socket as stdsocket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote
@@ -495,6 +495,7 @@ class ApiProxy:
                 nursery.cancel_scope.cancel()
         finally:
             body.release()
+            await body.aclose()
         if gone or body.gone:
             raise ClientGone
         if body.too_slow:
@@ -524,21 +525,21 @@ class ApiProxy:
             await self._next_event(conn, stream)  # the request's EndOfMessage
             body.done.set()
         upstream = await self._send(
-            session, method, url, req, key, entry, body.chunks() if has_body else b""
+            session, method, url, req, key, entry, body.source() if has_body else b""
         )
         try:
-            if upstream.status == 401 and body.kept is not None:
+            if upstream.status == 401 and body.whole():
                 newer = await self.tokens.after_rejection(key, entry)
                 if newer is not None:
                     await self._close(upstream)
                     self.ops.publish(session, key, newer)
                     upstream = await self._send(
-                        session, method, url, req, key, newer, bytes(body.kept)
+                        session, method, url, req, key, newer, body.copy()
                     )
             if upstream.status == 429:
                 self.tokens.mark_quota(key, _retry_after(upstream.headers))
                 if (
-                    body.kept is not None
+                    body.whole()
                     and route.bucket is None
                     and (self.ops.profile(session, key.provider) is not None)
                 ):
@@ -569,7 +570,7 @@ class ApiProxy:
         if entry is None or other == key or body.kept is None:
             return None
         self.ops.publish(session, other, entry)
-        return other, await self._send(session, method, url, req, other, entry, bytes(body.kept))
+        return other, await self._send(session, method, url, req, other, entry, body.copy())
 
     async def _token(self, session: Session, key: Key) -> Entry:
         """The token get_token would serve for *key* (its first use schedules the renewal)."""
@@ -652,11 +653,12 @@ class ApiProxy:
             conn.send(h11.Response(status_code=upstream.status, headers=headers)) or b""
         )
         try:
-            async for chunk in upstream.chunks():
-                if chunk:
-                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
-                    audit.sent += len(chunk)
-                    self._moved += len(chunk)
+            async with contextlib.aclosing(upstream.chunks()) as chunks:
+                async for chunk in chunks:
+                    if chunk:
+                        await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                        audit.sent += len(chunk)
+                        self._moved += len(chunk)
         except UpstreamUnavailable as exc:
             log.warning("api_upstream_broke_off", error=str(exc))
         # A Content-Length the upstream did not fill cannot end cleanly: the
@@ -716,8 +718,18 @@ class Body:
         self.done = trio.Event()  # the request has been read whole
         self.gone = False
         self.too_slow = False
+        self._chunks: AsyncGenerator[bytes, None] | None = None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def source(self) -> AsyncIterator[bytes]:
+        """The body as httpx sends it (closed by :meth:`aclose` however the exchange ends)."""
+        self._chunks = self.chunks()
+        return self._chunks
+
+    async def aclose(self) -> None:
+        if self._chunks is not None:
+            await self._chunks.aclose()
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         pace = self.proxy.pace()
         while True:
             try:
@@ -738,6 +750,15 @@ class Body:
             else:
                 self.gone = True
                 raise ClientGone
+
+    def copy(self) -> bytes:
+        """The kept body, to send again (only while :meth:`whole`)."""
+        assert self.kept is not None
+        return bytes(self.kept)
+
+    def whole(self) -> bool:
+        """Whether the body was read to its end and kept (it can be sent again)."""
+        return self.kept is not None and self.done.is_set()
 
     def _keep(self, data: bytes | bytearray) -> None:
         if self.kept is None:
