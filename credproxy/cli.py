@@ -105,7 +105,9 @@ def _parser() -> Any:
         "--capability",
         action="store_true",
         help="require a capability token, handed to CMD on fd 3 "
-        "(CREDPROXY_CAPABILITY_FD=3, LLXPRT_CAPABILITY_FD=3), not in the environment",
+        "(CREDPROXY_CAPABILITY_FD=3, LLXPRT_CAPABILITY_FD=3), not in the environment; "
+        "HTTP clients send it as Proxy-Authorization: Bearer TOKEN "
+        "(credproxy forward does so itself)",
     )
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     s.set_defaults(func=cmd_run)

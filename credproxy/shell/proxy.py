@@ -496,7 +496,8 @@ class ApiProxy:
         finally:
             body.release()
             await body.aclose()
-        if gone or body.gone:
+        if (gone or body.gone) and conn.our_state not in (h11.DONE, h11.MUST_CLOSE):
+            # (A client that closes once it has the whole answer has not gone early.)
             raise ClientGone
         if body.too_slow:
             raise ClientTooSlow
