@@ -184,7 +184,11 @@ def upstream_headers(
     copy the sandbox sent (case-insensitively); its ``{client}`` becomes the
     sandbox's values. A header whose value comes out empty is not sent.
     """
-    dropped = CREDENTIAL_HEADERS | {s.lower().encode("latin-1") for s in strip}
+    dropped = (
+        CREDENTIAL_HEADERS | {s.lower().encode("latin-1") for s in strip}
+        if strip
+        else CREDENTIAL_HEADERS
+    )
     templated = {name.lower().encode("latin-1"): name for name in template}
     kept: list[tuple[str, str]] = []
     wanted: dict[bytes, list[str]] = {}

@@ -398,6 +398,7 @@ async def serve(
                             boot_clock,
                         )
                         proxy = ApiProxy(cfg, tokens, sandbox_ops, api_client)
+                        main.start_soon(proxy.hangups.run)
 
                         def start_http(session: Any, sock: stdsocket.socket, data: bytes) -> None:
                             if not session.open or session.nursery is None:

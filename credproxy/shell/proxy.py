@@ -53,8 +53,9 @@ import contextlib
 import functools
 import json
 import re
+import select
 import socket as stdsocket
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote
@@ -146,6 +147,7 @@ class ApiProxy:
         self.client = client
         self._streams: dict[str, int] = {}  # session id -> proxied requests in flight
         self.kept_bytes = 0  # request bodies kept for a retry, all sessions together
+        self.hangups = Hangups()  # run by the daemon: ApiProxy.hangups.run()
         self._in_flight = 0  # proxied requests of every session
         self._moved = 0  # body bytes relayed since memory was last given back
 
@@ -469,34 +471,21 @@ class ApiProxy:
     ) -> None:
         """Forward one request and stream its answer back, watching the client throughout.
 
-        Once the request has been read whole, a second task reads the
-        connection: if the client closes it (or breaks it), the upstream
-        request is cancelled at once, whether or not its answer has begun.
+        While the request is forwarded, the connection is in :attr:`hangups`:
+        if the client closes it (or breaks it), the upstream request is
+        cancelled at once, whether or not its answer has begun.
         """
         body = Body(self, conn, stream)
-        gone = False
         failure: Exception | None = None
-
-        def client_gone() -> None:
-            nonlocal gone
-            gone = True
-            work.cancel()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, conn, stream, body.done, client_gone)
-                with trio.CancelScope() as work:
-                    try:
-                        await self._attempts(
-                            session, conn, stream, req, key, url, route, body, audit
-                        )
-                    except Exception as exc:  # re-raised below, outside the nursery
-                        failure = exc
-                nursery.cancel_scope.cancel()
-        finally:
-            body.release()
-            await body.aclose()
-        if (gone or body.gone) and conn.our_state not in (h11.DONE, h11.MUST_CLOSE):
+        with self.hangups.watch(stream.socket.fileno()) as hangup:
+            try:
+                await self._attempts(session, conn, stream, req, key, url, route, body, audit)
+            except Exception as exc:  # re-raised below, after the checks
+                failure = exc
+            finally:
+                body.release()
+                await body.aclose()
+        if (hangup.gone or body.gone) and conn.our_state not in (h11.DONE, h11.MUST_CLOSE):
             # (A client that closes once it has the whole answer has not gone early.)
             raise ClientGone
         if body.too_slow:
@@ -524,7 +513,7 @@ class ApiProxy:
         if not has_body:
             # No body: none is sent (a GET must not go out as an empty chunked body).
             await self._next_event(conn, stream)  # the request's EndOfMessage
-            body.done.set()
+            body.complete = True
         upstream = await self._send(
             session, method, url, req, key, entry, body.source() if has_body else b""
         )
@@ -673,27 +662,6 @@ class ApiProxy:
             scope.shield = True
             await self.client.close_response(upstream)
 
-    async def _watch_client(
-        self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        request_done: trio.Event,
-        gone: Any,
-    ) -> None:
-        """Once the request is read, call *gone* if the client goes away (pipelined bytes kept)."""
-        await request_done.wait()
-        while True:
-            try:
-                data = await stream.receive_some(RECV_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if not data:
-                gone()
-                return
-            conn.receive_data(data)
-            if len(conn.trailing_data[0]) > self.cfg.proxy.max_header_bytes:
-                return  # enough pipelined for now: the next cycle reads the rest
-
     async def _drain_request(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
         """Read and drop the body of a refused request, so the connection can go on."""
         pace = self.pace()
@@ -701,6 +669,62 @@ class ApiProxy:
             event = await self._next_event(conn, stream, pace=pace)
             if event is None or isinstance(event, h11.ConnectionClosed):
                 return
+
+
+class Hangup:
+    """One watched connection: the scope to cancel when its client hangs up."""
+
+    __slots__ = ("gone", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.gone = False
+
+
+class Hangups:
+    """Notices clients that hang up while their request is forwarded, without reading them.
+
+    One epoll set, for the whole daemon, of the connections whose exchange is
+    under way, waiting for ``EPOLLRDHUP`` (the peer closed or shut down its
+    side), ``EPOLLHUP`` or ``EPOLLERR`` only, never ``EPOLLIN``: bytes the
+    client pipelines stay where h11 will read them. One task (:meth:`run`)
+    waits on the set and cancels the exchange of a connection that hung up.
+    A task per request would cost more than the rest of the proxy's work on
+    a small request.
+    """
+
+    MASK = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._watched: dict[int, Hangup] = {}
+
+    @contextlib.contextmanager
+    def watch(self, fd: int) -> Iterator[Hangup]:
+        """Cancel the body of this ``with`` if the client of *fd* hangs up meanwhile."""
+        hangup = Hangup()
+        self._epoll.register(fd, self.MASK)
+        self._watched[fd] = hangup
+        try:
+            with hangup.scope:
+                yield hangup
+        finally:
+            if self._watched.pop(fd, None) is not None:
+                self._epoll.unregister(fd)
+
+    async def run(self) -> None:
+        """Wait for hang-ups and cancel their exchanges (until cancelled)."""
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                for fd, _mask in self._epoll.poll(0):
+                    hangup = self._watched.pop(fd, None)
+                    if hangup is not None:
+                        self._epoll.unregister(fd)
+                        hangup.gone = True
+                        hangup.scope.cancel()
+        finally:
+            self._epoll.close()
 
 
 class Body:
@@ -716,7 +740,7 @@ class Body:
         self.conn = conn
         self.stream = stream
         self.kept: bytearray | None = bytearray()
-        self.done = trio.Event()  # the request has been read whole
+        self.complete = False  # the request has been read whole
         self.gone = False
         self.too_slow = False
         self._chunks: AsyncGenerator[bytes, None] | None = None
@@ -743,7 +767,7 @@ class Body:
                 self._keep(event.data)
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                self.done.set()
+                self.complete = True
                 return
             elif event is None:
                 self.too_slow = True
@@ -759,7 +783,7 @@ class Body:
 
     def whole(self) -> bool:
         """Whether the body was read to its end and kept (it can be sent again)."""
-        return self.kept is not None and self.done.is_set()
+        return self.kept is not None and self.complete
 
     def _keep(self, data: bytes | bytearray) -> None:
         if self.kept is None:
