@@ -121,8 +121,8 @@ def _parser() -> Any:
         "import",
         help="store a token given as JSON, or adopt another tool's login (--from)",
         description="Store a token given as JSON. With --from TOOL, adopt the login of "
-        "claude-code, codex or gemini-cli from its own credentials file (FILE defaults to "
-        "the tool's usual path); the tool must then no longer refresh its copy.",
+        "claude-code, codex, gemini-cli or qwen-code from its own credentials file (FILE "
+        "defaults to the tool's usual path); the tool must then no longer refresh its copy.",
     )
     # One positional list: argparse would otherwise bind an optional FILE together
     # with PROVIDER and refuse `import PROVIDER --bucket B FILE`.
@@ -137,7 +137,8 @@ def _parser() -> Any:
         "--from",
         dest="from_tool",
         metavar="TOOL",
-        help="adopt the login in TOOL's credentials file: claude-code, codex or gemini-cli",
+        help="adopt the login in TOOL's credentials file: "
+        "claude-code, codex, gemini-cli or qwen-code",
     )
     s.add_argument(
         "--retire-source",
@@ -318,7 +319,12 @@ def store_token(provider: str, bucket: str, raw: Any) -> dict[str, Any]:
 
 
 #: The preset that refreshes the login each tool makes (see docs/providers.md).
-_ADOPT_PRESETS = {"claude-code": "claude", "codex": "codex", "gemini-cli": "gemini"}
+_ADOPT_PRESETS = {
+    "claude-code": "claude",
+    "codex": "codex",
+    "gemini-cli": "gemini",
+    "qwen-code": "qwen",
+}
 
 
 def adopt_login(provider: str, bucket: str, tool: str, file: str | None, retire: bool) -> int:

@@ -489,8 +489,26 @@ def test_without_a_registered_redirect_any_loopback_port_will_do() -> None:
     ],
 )
 def test_a_registered_redirect_is_sent_as_is(uri: str, port: int, path: str) -> None:
-    """A registered loopback redirect is listened on at its own port and path; any other leaves only paste (port -1)."""
-    assert login.redirect_for(_registered(redirect_uri=uri)) == login.Redirect(uri, port, path)
+    """A registered loopback redirect is listened on at its own port and path and sent as it is; any other leaves only paste (port -1)."""
+    redirect = login.redirect_for(_registered(redirect_uri=uri))
+    assert (redirect.port, redirect.path) == (port, path)
+    assert redirect.uri_for(port) == uri
+
+
+def test_a_loopback_redirect_without_a_port_takes_any_free_one_and_keeps_host_and_path() -> None:
+    """http://localhost/callback (Claude Code's shape): any free port, named in the URI sent."""
+    redirect = login.redirect_for(_registered(redirect_uri="http://localhost/callback"))
+    assert (redirect.port, redirect.host, redirect.path) == (0, "localhost", "/callback")
+    assert redirect.uri_for(54545) == "http://localhost:54545/callback"
+
+
+def test_fallback_ports_follow_the_redirect() -> None:
+    """Codex's 1455 then 1457: the fallbacks are kept for the listener, the URI names the port got."""
+    redirect = login.redirect_for(
+        _registered(redirect_uri="http://localhost:1455/auth/callback", fallback_ports=[1457])
+    )
+    assert (redirect.port, redirect.fallbacks) == (1455, (1457,))
+    assert redirect.uri_for(1457) == "http://localhost:1457/auth/callback"
 
 
 def test_the_callback_path_is_the_registered_one() -> None:

@@ -1,7 +1,7 @@
 """Adopting another tool's login: read its credentials file, retire its refresh token.
 
 ``credproxy import PROVIDER --from TOOL [PATH]`` takes over a login that
-Claude Code, Codex or Gemini CLI made, so that from then on only credproxy
+Claude Code, Codex, Gemini CLI or Qwen Code made, so that from then on only credproxy
 spends its refresh token. Two tools refreshing one rotating (or single-use)
 refresh token is exactly what logs people out (``invalid_grant``, "refresh
 token already used"), so the other tool must stop refreshing its copy; with
@@ -20,9 +20,14 @@ File shapes (see ``docs/providers.md`` for the sources):
   ``{"OPENAI_API_KEY": null, "tokens": {"id_token", "access_token",
   "refresh_token", "account_id"}, "last_refresh": "..."}``; the access token
   is a JWT whose ``exp`` claim is its expiry.
-- ``gemini-cli``: ``~/.gemini/oauth_creds.json``, google-auth-library's
-  ``{"access_token", "refresh_token", "expiry_date" (epoch ms), "token_type",
-  "scope", "id_token"}``.
+- ``gemini-cli``: ``$GEMINI_CLI_HOME/.gemini/oauth_creds.json`` (Gemini CLI's
+  ``homedir()`` is ``GEMINI_CLI_HOME`` when set, else the home directory),
+  google-auth-library's ``{"access_token", "refresh_token", "expiry_date"
+  (epoch ms), "token_type", "scope", "id_token"}``.
+- ``qwen-code``: ``$QWEN_HOME/oauth_creds.json`` (``QWEN_HOME`` is the
+  ``.qwen`` directory itself; default ``~/.qwen``), ``{"access_token",
+  "refresh_token", "id_token", "expiry_date" (epoch ms), "token_type",
+  "resource_url"}``; ``resource_url`` is the host of the API the token is for.
 
 Error messages name the field at fault and never quote a value.
 """
@@ -162,6 +167,14 @@ def _parse_gemini(raw: Any, where: str) -> dict[str, Any]:
     return token
 
 
+def _parse_qwen(raw: Any, where: str) -> dict[str, Any]:
+    token = _parse_gemini(raw, where)  # the same fields, google-auth-library's shape
+    resource = _string(raw, where, "resource_url", required=False)
+    if resource is not None:
+        token["resource_url"] = resource
+    return token
+
+
 def _jwt_exp(jwt: str) -> int | None:
     """The ``exp`` claim of a JWT, read without verifying it (it only schedules renewal).
 
@@ -188,6 +201,7 @@ TOOLS: dict[str, Tool] = {
     "claude-code": Tool("Claude Code", ("claudeAiOauth", "refreshToken"), _parse_claude),
     "codex": Tool("Codex", ("tokens", "refresh_token"), _parse_codex),
     "gemini-cli": Tool("Gemini CLI", ("refresh_token",), _parse_gemini),
+    "qwen-code": Tool("Qwen Code", ("refresh_token",), _parse_qwen),
 }
 
 
@@ -199,13 +213,20 @@ def _tool(name: str) -> Tool:
 
 
 def default_path(tool: str, home: Path, env: Mapping[str, str]) -> Path:
-    """Where *tool* keeps its credentials file (``CODEX_HOME`` is honoured for codex)."""
+    """Where *tool* keeps its credentials file, as the tool itself finds it.
+
+    ``CODEX_HOME`` is Codex's directory; ``GEMINI_CLI_HOME`` stands for the
+    home directory under which Gemini CLI keeps ``.gemini`` (used as given,
+    like Gemini CLI's ``homedir()``); ``QWEN_HOME`` is Qwen Code's directory.
+    """
     _tool(tool)
     if tool == "codex":
         return Path(env.get("CODEX_HOME") or home / ".codex") / "auth.json"
     if tool == "claude-code":
         return home / ".claude" / ".credentials.json"
-    return home / ".gemini" / "oauth_creds.json"
+    if tool == "qwen-code":
+        return Path(env.get("QWEN_HOME") or home / ".qwen").expanduser() / "oauth_creds.json"
+    return Path(env.get("GEMINI_CLI_HOME") or home) / ".gemini" / "oauth_creds.json"
 
 
 def _load(text: str, where: str) -> Any:

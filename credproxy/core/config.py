@@ -61,9 +61,28 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     flow: Literal["device", "loopback", "paste"] | None = None
     redirect_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
     # The redirect URI registered for the client, when it must be that exact one:
-    # a loopback http URL (its port is listened on and its path is the
-    # callback), or an https page that shows the code (paste flow only).
+    # a loopback http URL (its host, path and port are used, and the port is
+    # listened on; without a port, any free one), or an https page that shows
+    # the code (paste flow only).
     redirect_uri: str | None = None
+    # Ports tried in order when the redirect's fixed port is taken (the
+    # redirect URI names the port actually listened on): Codex's 1457.
+    fallback_ports: list[Annotated[int, msgspec.Meta(ge=1, le=65535)]] = msgspec.field(
+        default_factory=list
+    )
+    # How the requests look on the wire, where a provider's own client differs
+    # from the plain RFC 6749 form (presets set these; see docs/providers.md):
+    # extra query parameters of the authorization request,
+    authorize_params: dict[str, str] = msgspec.field(default_factory=dict)
+    # the body of the code exchange and of a refresh (form-urlencoded or JSON),
+    exchange_body: Literal["form", "json"] = "form"
+    refresh_body: Literal["form", "json"] = "form"
+    # whether the code exchange carries the login's `state` (Claude's does),
+    exchange_state: bool = False
+    # whether a refresh asks for `scopes` again (Codex and Gemini CLI do not),
+    refresh_scopes: bool = True
+    # and whether the device flow uses PKCE (Qwen Code's does).
+    device_pkce: bool = False
     preset: str | None = None
     # Several accounts: the ordered buckets `get_token` without a bucket may
     # serve (the default profile), and how it picks among them.

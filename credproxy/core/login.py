@@ -50,7 +50,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from credproxy.core import oauth
 from credproxy.core.config import Provider
@@ -192,45 +192,62 @@ def choose_flow(name: str, provider: Provider, requested: str | None) -> Flow:
 # -- authorization code + PKCE -------------------------------------------------------
 
 
-def loopback_redirect_uri(port: int) -> str:
-    """``http://127.0.0.1:PORT/callback``: the IP literal, as RFC 8252 section 7.3 advises."""
-    return f"http://127.0.0.1:{port}{CALLBACK_PATH}"
+def loopback_redirect_uri(port: int, host: str = "127.0.0.1", path: str = CALLBACK_PATH) -> str:
+    """``http://HOST:PORT/PATH``; by default the IP literal, as RFC 8252 section 7.3 advises."""
+    return f"http://{host}:{port}{path}"
 
 
 class Redirect(NamedTuple):
-    """Where the browser is sent back to: a URI, and what the listener serves."""
+    """Where the browser is sent back to, and what the listener serves.
 
-    uri: str | None  # None: http://127.0.0.1:<the port listened on>/callback
+    A loopback redirect (*uri* None) is ``http://HOST:PORT/PATH`` with the
+    port actually listened on: *port*, else the first free one of
+    *fallbacks*, or any free one when *port* is 0. Otherwise *uri* is a page
+    of the provider's that shows the code (*port* -1: paste only).
+    """
+
+    uri: str | None
     port: int  # the loopback port to listen on; 0: any free one; -1: none (paste only)
     path: str  # the callback path on that port
+    host: str = "127.0.0.1"  # the host the redirect URI names (the listener is on 127.0.0.1)
+    fallbacks: tuple[int, ...] = ()  # ports tried in order when *port* is taken
+
+    def uri_for(self, port: int) -> str:
+        """The redirect URI sent when the listener got *port*."""
+        return self.uri or loopback_redirect_uri(port, self.host, self.path)
 
 
 def redirect_for(provider: Provider) -> Redirect:
     """The redirect of *provider*: its registered ``redirect_uri``, else loopback on any port.
 
-    A loopback ``redirect_uri`` (``http://127.0.0.1:PORT/...`` or
-    ``http://localhost:PORT/...``, as Codex registers) is sent as it is and
-    listened on; any other one (a page of the provider that shows the code)
-    leaves only the paste flow.
+    A loopback ``redirect_uri`` (``http://127.0.0.1[:PORT]/...`` or
+    ``http://localhost[:PORT]/...``, as Codex and Claude Code use) gives the
+    host and path to send; its port is listened on (none: any free one, the
+    redirect naming it), then ``fallback_ports``. Any other one (a page of
+    the provider that shows the code) leaves only the paste flow.
     """
+    fallbacks = tuple(provider.fallback_ports)
     if provider.redirect_uri is None:
-        return Redirect(None, provider.redirect_port or 0, CALLBACK_PATH)
+        return Redirect(None, provider.redirect_port or 0, CALLBACK_PATH, fallbacks=fallbacks)
     parts = urlsplit(provider.redirect_uri)
     if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost"):
-        port = parts.port or provider.redirect_port or 80
-        return Redirect(provider.redirect_uri, port, parts.path or "/")
+        port = parts.port or provider.redirect_port or 0
+        return Redirect(None, port, parts.path or "/", parts.hostname, fallbacks)
     return Redirect(provider.redirect_uri, -1, parts.path or "/")
 
 
 def authorization_url(provider: Provider, redirect_uri: str, state: str, pkce: Pkce) -> str:
     """The URL to send the browser to (RFC 6749 4.1.1 with RFC 7636 S256).
 
-    A query already in ``authorization_url`` is kept; scopes are joined by spaces.
+    A query already in ``authorization_url`` is kept, then ``authorize_params``
+    (a provider's extras, such as Claude's ``code=true``); scopes are joined by
+    spaces, and a space is sent as ``%20``.
     """
     if provider.authorization_url is None:
         raise LoginFailed("this provider has no authorization_url")
     base = urlsplit(provider.authorization_url)
     params = parse_qsl(base.query, keep_blank_values=True)
+    params += list(provider.authorize_params.items())
     params += [
         ("response_type", "code"),
         ("client_id", provider.client_id),
@@ -243,21 +260,28 @@ def authorization_url(provider: Provider, redirect_uri: str, state: str, pkce: P
         ("code_challenge", pkce.challenge),
         ("code_challenge_method", "S256"),
     ]
-    return urlunsplit(base._replace(query=urlencode(params)))
+    return urlunsplit(base._replace(query=urlencode(params, quote_via=quote)))
 
 
-def code_form(provider: Provider, code: str, pkce: Pkce, redirect_uri: str) -> dict[str, str]:
+def code_form(
+    provider: Provider, code: str, pkce: Pkce, redirect_uri: str, state: str | None = None
+) -> dict[str, str]:
     """The token request of the authorization code grant (RFC 6749 4.1.3, RFC 7636 4.5).
 
-    Without the client secret: the HTTP layer adds it (``client_secret_post``).
+    With the login's *state* when the provider's client sends it
+    (``exchange_state``). Without the client secret: the HTTP layer adds it
+    (``client_secret_post``). Sent as ``exchange_body`` says (form or JSON).
     """
-    return {
+    form = {
         "grant_type": "authorization_code",
         "code": code,
         "redirect_uri": redirect_uri,
         "client_id": provider.client_id,
         "code_verifier": pkce.verifier,
     }
+    if provider.exchange_state and state is not None:
+        form["state"] = state
+    return form
 
 
 @dataclass(frozen=True)
@@ -365,21 +389,36 @@ def _same(a: str, b: str) -> bool:
 # -- the device authorization grant ----------------------------------------------------
 
 
-def device_authorization_form(provider: Provider) -> dict[str, str]:
-    """The device authorization request (RFC 8628 3.1): ``client_id`` and ``scope``."""
+def device_authorization_form(provider: Provider, pkce: Pkce | None = None) -> dict[str, str]:
+    """The device authorization request (RFC 8628 3.1): ``client_id`` and ``scope``.
+
+    With *pkce* (a provider with ``device_pkce``, as Qwen Code's), its S256
+    challenge too.
+    """
     form = {"client_id": provider.client_id}
     if provider.scopes:
         form["scope"] = " ".join(provider.scopes)
+    if pkce is not None:
+        form["code_challenge"] = pkce.challenge
+        form["code_challenge_method"] = "S256"
     return form
 
 
-def device_token_form(provider: Provider, device_code: str) -> dict[str, str]:
-    """One poll of the token endpoint (RFC 8628 3.4), without the client secret."""
-    return {
+def device_token_form(
+    provider: Provider, device_code: str, pkce: Pkce | None = None
+) -> dict[str, str]:
+    """One poll of the token endpoint (RFC 8628 3.4), without the client secret.
+
+    With *pkce*, its verifier on every poll.
+    """
+    form = {
         "grant_type": DEVICE_GRANT_TYPE,
-        "device_code": device_code,
         "client_id": provider.client_id,
+        "device_code": device_code,
     }
+    if pkce is not None:
+        form["code_verifier"] = pkce.verifier
+    return form
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,12 @@ _DEFAULT_TOKEN_TYPE = "Bearer"  # noqa: S105 (a token type, not a secret)
 def refresh_form(
     provider: Provider, refresh_token: str, client_secret: str | None
 ) -> dict[str, str]:
-    """The ``application/x-www-form-urlencoded`` fields of a refresh request.
+    """The fields of a refresh request (sent as ``refresh_body`` says: form or JSON).
 
     The client authenticates with ``client_secret_post`` when *client_secret*
-    is given; ``scope`` is sent only when the provider configures scopes
-    (omitting it asks for the scope originally granted, RFC 6749 section 6).
+    is given; ``scope`` is sent only when the provider configures scopes and
+    ``refresh_scopes`` (omitting it asks for the scope originally granted,
+    RFC 6749 section 6).
     """
     form = {
         "grant_type": "refresh_token",
@@ -74,7 +75,7 @@ def refresh_form(
     }
     if client_secret is not None:
         form["client_secret"] = client_secret
-    if provider.scopes:
+    if provider.scopes and provider.refresh_scopes:
         form["scope"] = " ".join(provider.scopes)
     return form
 

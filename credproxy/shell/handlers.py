@@ -184,8 +184,10 @@ class SandboxOps:
         if ready is not None and self.boot() < ready.until and not self.held(session, key):
             if profile.strategy == "round-robin":
                 session.current[profile.provider] = (index + 1) % n
-            elif index and profile.strategy == "fill-first" and self._earlier_may_serve(
-                session, profile, index
+            elif (
+                index
+                and profile.strategy == "fill-first"
+                and self._earlier_may_serve(session, profile, index)
             ):
                 return Defer("get_token_profile", Key(profile.provider, ""))
             return ready
@@ -309,9 +311,7 @@ class SandboxOps:
         health = self.tokens.known_health(key)
         if health is None or not health.failures:
             return False
-        return (
-            serving.cooldown_left(health.last_attempt, self.wall(), self.tokens.cfg.renewal) > 0
-        )
+        return serving.cooldown_left(health.last_attempt, self.wall(), self.tokens.cfg.renewal) > 0
 
     def report_failure(self, session: Session, payload: dict[str, Any]) -> bytes | Defer:
         """A sandbox that called the API itself reports what happened (429, 401, 403, 5xx).

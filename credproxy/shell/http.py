@@ -133,7 +133,9 @@ class HttpTokenEndpoint:
         # so the computed expiry is early by one round trip, never late.
         now = self._wall_clock()
         try:
-            status, body = await self._post(provider.token_url, form)
+            status, body = await self._post(
+                provider.token_url, form, json_body=provider.refresh_body == "json"
+            )
         except _httpx_errors() as exc:
             raise RefreshFailed(f"refresh for {host} failed: {type(exc).__name__}") from None
         except _ResponseTooLarge:
@@ -144,7 +146,9 @@ class HttpTokenEndpoint:
 
     # -- the login grants (credproxy login) ------------------------------------------
 
-    async def device_authorization(self, provider: Provider) -> login.DeviceAuthorization:
+    async def device_authorization(
+        self, provider: Provider, pkce: login.Pkce | None = None
+    ) -> login.DeviceAuthorization:
         """Start a device flow: ``POST device_authorization_url`` (RFC 8628 3.1).
 
         Raises:
@@ -154,26 +158,31 @@ class HttpTokenEndpoint:
         """
         if provider.device_authorization_url is None:
             raise login.LoginFailed("this provider has no device_authorization_url")
-        form = login.device_authorization_form(provider)
+        form = login.device_authorization_form(provider, pkce)
         now = self._wall_clock()
         status, body = await self._login_post(provider, provider.device_authorization_url, form)
         return login.parse_device_authorization(status, body, now)
 
     async def poll_device_token(
-        self, provider: Provider, device_code: str
+        self, provider: Provider, device_code: str, pkce: login.Pkce | None = None
     ) -> tuple[int, bytes, float]:
         """One device-flow poll of ``token_url``: (status, body, time sent), judged by the caller.
 
         Raises:
             LoginFailed: the endpoint could not be reached or answered too much.
         """
-        form = login.device_token_form(provider, device_code)
+        form = login.device_token_form(provider, device_code, pkce)
         now = self._wall_clock()
         status, body = await self._login_post(provider, provider.token_url, form)
         return status, body, now
 
     async def exchange_code(
-        self, provider: Provider, code: str, pkce: login.Pkce, redirect_uri: str
+        self,
+        provider: Provider,
+        code: str,
+        pkce: login.Pkce,
+        redirect_uri: str,
+        state: str | None = None,
     ) -> dict[str, Any]:
         """Exchange an authorization code (with its PKCE verifier) at ``token_url``.
 
@@ -184,13 +193,15 @@ class HttpTokenEndpoint:
             LoginFailed: unreachable, or the code was refused (the message names
                 the HTTP status and OAuth error code only).
         """
-        form = login.code_form(provider, code, pkce, redirect_uri)
+        form = login.code_form(provider, code, pkce, redirect_uri, state)
         now = self._wall_clock()
-        status, body = await self._login_post(provider, provider.token_url, form)
+        status, body = await self._login_post(
+            provider, provider.token_url, form, json_body=provider.exchange_body == "json"
+        )
         return login.parse_token_response(status, body, now)
 
     async def _login_post(
-        self, provider: Provider, url: str, form: dict[str, str]
+        self, provider: Provider, url: str, form: dict[str, str], *, json_body: bool = False
     ) -> tuple[int, bytes]:
         if self._closed:
             raise login.LoginFailed("the HTTP client is closed")
@@ -199,7 +210,7 @@ class HttpTokenEndpoint:
             form = {**form, "client_secret": client_secret}
         host = urlsplit(url).hostname or "the identity provider"
         try:
-            return await self._post(url, form)
+            return await self._post(url, form, json_body=json_body)
         except _httpx_errors() as exc:
             raise login.LoginFailed(f"the request to {host} failed: {type(exc).__name__}") from None
         except _ResponseTooLarge:
@@ -207,9 +218,17 @@ class HttpTokenEndpoint:
                 f"the answer of {host} is larger than {MAX_RESPONSE_BYTES} bytes"
             ) from None
 
-    async def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
+    async def _post(
+        self, url: str, form: dict[str, str], *, json_body: bool = False
+    ) -> tuple[int, bytes]:
+        """POST *form* as ``application/x-www-form-urlencoded``, or as a JSON object."""
         client = self._get_client()
-        async with client.stream("POST", url, data=form) as response:
+        stream = (
+            client.stream("POST", url, json=form)
+            if json_body
+            else client.stream("POST", url, data=form)
+        )
+        async with stream as response:
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk

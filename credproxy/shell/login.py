@@ -183,7 +183,8 @@ async def _device(
     terminal: Terminal,
     wall_clock: Callable[[], float],
 ) -> dict[str, Any]:
-    auth = await endpoint.device_authorization(provider)
+    pkce = login.Pkce.from_entropy(secrets.token_bytes(32)) if provider.device_pkce else None
+    auth = await endpoint.device_authorization(provider, pkce)
     terminal.say(f"To log in to {name}, open {auth.verification_uri}")
     terminal.say(f"and enter the code: {auth.user_code}")
     if auth.verification_uri_complete:
@@ -195,7 +196,7 @@ async def _device(
     while isinstance(decision, login.Poll):
         await trio.sleep(decision.after)
         try:
-            status, body, sent = await endpoint.poll_device_token(provider, auth.device_code)
+            status, body, sent = await endpoint.poll_device_token(provider, auth.device_code, pkce)
         except LoginFailed as exc:
             decision = machine.on_transport_error(str(exc), wall_clock())
             continue
@@ -282,7 +283,7 @@ async def _code(
             "use --flow paste and paste the code it shows"
         )
     try:
-        listeners = [] if port < 0 else await trio.open_tcp_listeners(port, host="127.0.0.1")
+        listeners, port = ([], port) if port < 0 else await _listen(port, redirect.fallbacks)
     except OSError as exc:
         if not (paste and port):
             busy = " (is another login running? use --flow paste)" if port else ""
@@ -292,11 +293,11 @@ async def _code(
             ) from None
         listeners = []  # paste: the redirect URI needs the port, not a listener here
     try:
-        if listeners:
-            port = listeners[0].socket.getsockname()[1]
-        redirect_uri = redirect.uri or login.loopback_redirect_uri(port)
+        redirect_uri = redirect.uri_for(port)
         url = login.authorization_url(provider, redirect_uri, state, pkce)
-        exchange = partial(endpoint.exchange_code, provider, pkce=pkce, redirect_uri=redirect_uri)
+        exchange = partial(
+            endpoint.exchange_code, provider, pkce=pkce, redirect_uri=redirect_uri, state=state
+        )
         waiter = _Waiter(state, exchange, name, redirect.path, terminal.say)
         async with trio.open_nursery() as nursery:
             for listener in listeners:
@@ -319,6 +320,26 @@ async def _code(
     if waiter.token is None:
         raise LoginFailed(waiter.error or "the login failed")
     return waiter.token
+
+
+async def _listen(port: int, fallbacks: tuple[int, ...]) -> tuple[list[Any], int]:
+    """Listeners on 127.0.0.1: *port* (0: any free one), else the first free fallback.
+
+    Returns the listeners and the port they got (the redirect URI names it).
+
+    Raises:
+        OSError: of *port*, when neither it nor any fallback could be bound.
+    """
+    first: OSError | None = None
+    for candidate in (port, *fallbacks):
+        try:
+            listeners = await trio.open_tcp_listeners(candidate, host="127.0.0.1")
+        except OSError as exc:
+            first = first or exc
+            continue
+        return list(listeners), listeners[0].socket.getsockname()[1]
+    assert first is not None
+    raise first
 
 
 async def _read_paste(terminal: Terminal, waiter: _Waiter) -> None:

@@ -523,9 +523,7 @@ class ApiProxy:
                 if newer is not None:
                     await self._close(upstream)
                     self.ops.publish(session, key, newer)
-                    upstream = await self._send(
-                        session, method, url, req, key, newer, body.copy()
-                    )
+                    upstream = await self._send(session, method, url, req, key, newer, body.copy())
             if upstream.status == 429:
                 self.tokens.mark_quota(key, _retry_after(upstream.headers))
                 if (
