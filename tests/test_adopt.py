@@ -97,6 +97,25 @@ FORMATS: dict[str, tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]] = {
             "expiry": 1_900_000_000,
         },
     ),
+    "qwen-code": (
+        # qwen-code packages/core/src/qwen/qwenOAuth2.ts QwenCredentials, as the device
+        # flow writes it (no id_token there, though the type declares one)
+        {
+            "access_token": "fake-at-qwen",
+            "refresh_token": "fake-rt-qwen",
+            "token_type": "Bearer",
+            "resource_url": "portal.qwen.ai",
+            "expiry_date": 1_900_000_000_321,
+        },
+        ("refresh_token",),
+        {
+            "access_token": "fake-at-qwen",
+            "refresh_token": "fake-rt-qwen",
+            "token_type": "Bearer",
+            "resource_url": "portal.qwen.ai",
+            "expiry": 1_900_000_000,
+        },
+    ),
 }
 
 # Where each tool keeps its file, relative to HOME (codex: CODEX_HOME).
@@ -104,6 +123,7 @@ DEFAULT_FILES = {
     "claude-code": ".claude/.credentials.json",
     "codex": ".codex/auth.json",
     "gemini-cli": ".gemini/oauth_creds.json",
+    "qwen-code": ".qwen/oauth_creds.json",
 }
 
 
@@ -167,6 +187,29 @@ def test_adopt_reads_the_tools_default_path(dirs: Dirs, tool: str) -> None:
     result = cli(dirs, "import", "p", "--bucket", "work", "--from", tool, **env)
     assert result.returncode == 0, result.stderr
     assert _stored(dirs, bucket="work") == expected
+
+
+@pytest.mark.parametrize(
+    ("tool", "variable", "relative"),
+    [
+        # Gemini CLI's homedir() is GEMINI_CLI_HOME when set: .gemini goes under it
+        ("gemini-cli", "GEMINI_CLI_HOME", ".gemini/oauth_creds.json"),
+        # Qwen Code's QWEN_HOME is its directory itself
+        ("qwen-code", "QWEN_HOME", "oauth_creds.json"),
+    ],
+)
+def test_adopt_follows_the_tools_home_variable(
+    dirs: Dirs, tool: str, variable: str, relative: str
+) -> None:
+    """GEMINI_CLI_HOME and QWEN_HOME move the file as they move it for the tool; HOME's copy is not read."""
+    doc, _, expected = FORMATS[tool]
+    home = dirs.root / "home"
+    _write(home / DEFAULT_FILES[tool], {"not": "this one"})
+    elsewhere = dirs.root / "elsewhere"
+    _write(elsewhere / relative, doc)
+    result = cli(dirs, "import", "p", "--from", tool, HOME=str(home), **{variable: str(elsewhere)})
+    assert result.returncode == 0, result.stderr
+    assert _stored(dirs) == expected
 
 
 @pytest.mark.parametrize("tool", sorted(FORMATS))
@@ -236,7 +279,7 @@ def test_unknown_tool_is_refused(dirs: Dirs) -> None:
     result = cli(dirs, "import", "p", "--from", "vim", str(dirs.root / "x.json"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "credproxy import: unknown tool 'vim'; --from takes one of: claude-code, codex, gemini-cli"
+        "credproxy import: unknown tool 'vim'; --from takes one of: claude-code, codex, gemini-cli, qwen-code"
     ]
 
 
