@@ -398,6 +398,11 @@ def cmd_login(ns: Any) -> int:
             f"no provider {ns.provider} in {paths.config_file()}; add [providers.{ns.provider}] "
             "(a preset is the quickest: see docs/providers.md)"
         )
+    from credproxy.core.presets import PRESETS
+
+    preset = PRESETS.get(provider.preset or "")
+    if preset is not None and preset.notice:
+        print(f"credproxy login: note: {preset.notice}", file=sys.stderr)
     flow = login.choose_flow(ns.provider, provider, ns.flow)
     token = log_in(ns.provider, provider, flow, no_browser=ns.no_browser, give_up_after=ns.timeout)
     # From here on the login has happened: a Ctrl-C must not cut the store

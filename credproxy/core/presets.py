@@ -9,9 +9,12 @@ such as ``scopes`` is replaced, not extended).
 Every value here comes from ``reference/providers.md`` (the project's sourced
 list of OAuth facts) or from a public source checked against the provider's own
 documentation or the tool's own source; ``docs/providers.md`` cites the source
-of each preset. A preset sets ``scopes`` only where the tool itself sends that
-scope when it refreshes (Claude Code), since credproxy sends ``scopes`` on
-refresh too. Where a fact is not published (an installed-app client secret
+of each preset. A preset sends what the tool's own client sends, field for field: the
+scopes of its authorization request, extra parameters (``authorize_params``),
+the body encoding of the code exchange and of a refresh (``exchange_body``,
+``refresh_body``), whether a refresh repeats the scopes (``refresh_scopes``),
+``state`` in the exchange, PKCE on the device flow, and the redirect's host,
+port and path. Where a fact is not published (an installed-app client secret
 kept out of this repository, your own client id), the preset leaves the key
 unset and says so: a key that refresh needs (``token_url``, ``client_id``,
 ``client_secret_file`` where the client has a secret) is listed in
@@ -57,6 +60,8 @@ class Preset(NamedTuple):
     login_needs: Mapping[str, str]
     #: Where the facts come from (reference/providers.md and its sources).
     source: str
+    #: Said to the person by ``credproxy login`` before it starts (e.g. a service that ended).
+    notice: str = ""
 
 
 # GitHub: "Authorizing OAuth apps" (device flow) and "Refreshing user access tokens",
@@ -103,42 +108,63 @@ PRESETS: dict[str, Preset] = {
             "token_url": "https://auth.openai.com/oauth/token",
             "client_id": "app_EMoamEEZ73f0CkXaXp7hrann",
             "authorization_url": "https://auth.openai.com/oauth/authorize",
+            "authorize_params": {
+                "id_token_add_organizations": "true",
+                "codex_cli_simplified_flow": "true",
+                "originator": "codex_cli_rs",
+            },
+            # What `codex login` asks for; offline_access is what brings a refresh token.
+            "scopes": [
+                "openid",
+                "profile",
+                "email",
+                "offline_access",
+                "api.connectors.read",
+                "api.connectors.invoke",
+            ],
             "flow": "loopback",
-            # The client's registered redirect, sent as it is and listened on.
+            # The client's registered redirect, sent as it is and listened on; Codex
+            # falls back to 1457 (also registered) when 1455 is taken.
             "redirect_uri": "http://localhost:1455/auth/callback",
+            "fallback_ports": [1457],
+            # The code exchange is a form; a refresh is JSON, without a scope.
+            "refresh_body": "json",
+            "refresh_scopes": False,
         },
         required={},
-        login_needs={
-            "scopes": 'Codex asks for ["openid", "profile", "email", "offline_access", '
-            '"api.connectors.read", "api.connectors.invoke"] (codex-rs/login/src/server.rs); '
-            "not a preset default because Codex refreshes without a scope",
-        },
-        source="providers.md §1 (Codex row); authorization endpoint, scopes and redirect "
-        "from openai/codex codex-rs/login/src/server.rs",
+        login_needs={},
+        source="docs/providers.md (Codex): openai/codex codex-rs/login/src/server.rs "
+        "(build_authorize_url, exchange_code_for_tokens, bind_server) and "
+        "codex-rs/login/src/auth/manager.rs (request_chatgpt_token_refresh) at 250de82b",
     ),
     "gemini": Preset(
         title="Gemini CLI (Google installed-app client)",
         defaults={
             "token_url": _GOOGLE_TOKEN,
             "client_id": "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com",
+            "authorization_url": _GOOGLE_AUTHORIZE,
             # Gemini CLI asks for offline access on every authorization request.
-            "authorization_url": f"{_GOOGLE_AUTHORIZE}?access_type=offline",
+            "authorize_params": {"access_type": "offline"},
+            "scopes": [
+                "https://www.googleapis.com/auth/cloud-platform",
+                "https://www.googleapis.com/auth/userinfo.email",
+                "https://www.googleapis.com/auth/userinfo.profile",
+            ],
             "flow": "loopback",
+            # http://127.0.0.1:<any free port>/oauth2callback, as Gemini CLI's web login.
+            "redirect_uri": "http://127.0.0.1/oauth2callback",
+            # google-auth-library refreshes without a scope.
+            "refresh_scopes": False,
         },
         required={
             "client_secret_file": "a file holding Gemini CLI's installed-app client secret "
             "(OAUTH_CLIENT_SECRET in google-gemini/gemini-cli "
             "packages/core/src/code_assist/oauth2.ts; see docs/providers.md)",
         },
-        login_needs={
-            "scopes": 'Gemini CLI asks for ["https://www.googleapis.com/auth/cloud-platform", '
-            '"https://www.googleapis.com/auth/userinfo.email", '
-            '"https://www.googleapis.com/auth/userinfo.profile"]; not a preset default '
-            "because Gemini CLI refreshes without a scope",
-        },
-        source="providers.md §1 (Gemini CLI row); client id, scopes and redirect from "
-        "google-gemini/gemini-cli packages/core/src/code_assist/oauth2.ts; authorization "
-        "endpoint from google-auth-library-nodejs src/auth/oauth2client.ts",
+        login_needs={},
+        source="docs/providers.md (Gemini CLI): google-gemini/gemini-cli "
+        "packages/core/src/code_assist/oauth2.ts (authWithWeb, OAUTH_SCOPE) at 5411f113; "
+        "google-auth-library-nodejs src/auth/oauth2client.ts (getToken, refreshTokenNoCache)",
     ),
     "copilot": Preset(
         title="GitHub Copilot (GitHub device flow)",
@@ -154,16 +180,27 @@ PRESETS: dict[str, Preset] = {
         "flow docs (github/docs authorizing-oauth-apps.md)",
     ),
     "qwen": Preset(
-        title="Qwen (device code with PKCE)",
+        title="Qwen (device code with PKCE; the free OAuth tier ended on 2026-04-15)",
         defaults={
             "token_url": "https://chat.qwen.ai/api/v1/oauth2/token",
             "client_id": "f0304373b74a44d2b584a3fb70ca9e56",
             "device_authorization_url": "https://chat.qwen.ai/api/v1/oauth2/device/code",
+            "scopes": ["openid", "profile", "email", "model.completion"],
             "flow": "device",
+            # qwen-code sends an S256 challenge with the device request and the
+            # verifier with every poll; a refresh carries no scope.
+            "device_pkce": True,
+            "refresh_scopes": False,
         },
         required={},
         login_needs={},
-        source="providers.md §1 (Qwen row)",
+        source="docs/providers.md (Qwen): QwenLM/qwen-code packages/core/src/qwen/qwenOAuth2.ts "
+        "(requestDeviceAuthorization, pollDeviceToken, refreshAccessToken); the end of the "
+        "free tier: qwen-code PR #3291 (2026-04-15)",
+        notice="Qwen's free OAuth tier ended on 2026-04-15 (qwen-code PR #3291): new logins "
+        "are refused and old tokens stop working when the server says so. What still works: "
+        "an API key (`credproxy key set NAME`, e.g. Alibaba Cloud Model Studio, OpenRouter), "
+        "or an OAuth client of your own in [providers.NAME]. Trying the device flow anyway.",
     ),
     "github": Preset(
         title="GitHub OAuth app or GitHub App (your client id)",
