@@ -1,0 +1,683 @@
+"""The codex, gemini and qwen presets on the wire, against strict providers (``strict_providers.py``).
+
+Each strict provider accepts only what the provider's own client sends (the
+Codex CLI, Gemini CLI, Qwen Code: sources in ``strict_providers.py``) and
+answers anything else 400 ``invalid_request`` naming the rule. The config
+written here takes the preset and overrides **only** the endpoint URLs (to
+point at the strict provider on 127.0.0.1), so scopes, extra authorization
+parameters, encodings, the redirect URI's host, port and path, and PKCE on the
+device flow all come from the preset: that is what is under test.
+
+The installed ``credproxy`` runs as subprocesses: ``credproxy login P
+--no-browser`` (the test reads the URL it prints, checks it, and plays the
+browser: the strict provider's authorize endpoint, then the redirect on
+127.0.0.1), and ``credproxy run --allow P -- credproxy token P`` for a refresh
+in the background daemon. Test names carry the number of the defect they pin.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx
+import pytest
+from strict_providers import (
+    FORM,
+    JSON,
+    Codex,
+    Gemini,
+    Qwen,
+    StrictProvider,
+    canary,
+    s256,
+)
+
+from conftest import CREDPROXY, Dirs, cli
+
+CODEX_REDIRECT = "http://localhost:1455/auth/callback"
+CODEX_FALLBACK_REDIRECT = "http://localhost:1457/auth/callback"
+GEMINI_SECRET = "fake-gemini-client-secret-CANARY-5d1e"
+
+
+# -- running `credproxy login` ------------------------------------------------------------
+
+
+@dataclass
+class Login:
+    """A running ``credproxy login P --no-browser``; a thread collects its stderr lines."""
+
+    proc: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+    stdout: str = ""
+    stderr: str = ""
+    reader: threading.Thread | None = None
+
+    def line(self, pred: Callable[[str], bool], timeout: float = 15) -> str:
+        """The next stderr line for which *pred* holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"credproxy login never printed the line; stderr so far: {self.seen}"
+            try:
+                line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                reader_done = self.reader is None or not self.reader.is_alive()
+                if self.proc.poll() is not None and reader_done and self.lines.empty():
+                    raise AssertionError(
+                        f"credproxy login exited {self.proc.returncode} without that line: "
+                        f"{''.join(self.seen)}"
+                    ) from None
+                continue
+            if pred(line):
+                return line
+
+    def auth_url(self) -> str:
+        return self.line(lambda s: s.startswith("http")).strip()
+
+    def finish(self, timeout: float = 20) -> int:
+        """Wait for the exit status; collect stdout and stderr."""
+        code = self.proc.wait(timeout=timeout)
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read()
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        self.stderr = "".join(self.seen)
+        return code
+
+    def close(self) -> None:
+        """End the process if it still runs (by its own handle), and close the pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+StartLogin = Callable[..., Login]
+
+
+@pytest.fixture
+def start_login() -> Iterator[StartLogin]:
+    """Start ``credproxy login PROVIDER --no-browser ARGS``; whatever still runs is ended after."""
+    started: list[Login] = []
+
+    def start(dirs: Dirs, provider: str, *args: str) -> Login:
+        proc = subprocess.Popen(
+            [CREDPROXY, "login", provider, "--no-browser", "--timeout", "20", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dirs.env(),
+        )
+        login = Login(proc)
+
+        def read() -> None:
+            assert proc.stderr is not None
+            for text in proc.stderr:
+                login.seen.append(text)
+                login.lines.put(text)
+
+        login.reader = threading.Thread(target=read, daemon=True)
+        login.reader.start()
+        started.append(login)
+        return login
+
+    yield start
+    for login in started:
+        login.close()
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def codex() -> Iterator[Codex]:
+    with Codex() as provider:
+        yield provider
+
+
+@pytest.fixture
+def gemini() -> Iterator[Gemini]:
+    with Gemini(GEMINI_SECRET) as provider:
+        yield provider
+
+
+@pytest.fixture
+def qwen() -> Iterator[Qwen]:
+    with Qwen() as provider:
+        yield provider
+
+
+def gemini_config(dirs: Dirs, gemini: Gemini) -> None:
+    """The gemini table, with the client secret in a file as a user writes it (`grep > file`)."""
+    secret = dirs.root / "gemini.secret"
+    secret.write_text(GEMINI_SECRET + "\n")
+    secret.chmod(0o600)
+    dirs.config.write_text(gemini.config_toml(client_secret_file=str(secret)))
+
+
+def listener() -> socket.socket:
+    """A TCP socket that binds as servers do (SO_REUSEADDR: a TIME_WAIT left by a login is no obstacle)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return s
+
+
+def port_free(port: int) -> bool:
+    with listener() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def need_port(port: int) -> None:
+    if not port_free(port):
+        pytest.skip(f"127.0.0.1:{port} is in use on this machine (the codex login needs it)")
+
+
+def query(url: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+
+
+def browse_to(location: str) -> httpx.Response:
+    """The browser lands on the redirect URI; credproxy listens on 127.0.0.1 even for `localhost`."""
+    parts = urlsplit(location)
+    assert parts.hostname in ("localhost", "127.0.0.1"), location
+    target = urlunsplit(parts._replace(netloc=f"127.0.0.1:{parts.port}"))
+    return httpx.get(target, timeout=20, trust_env=False)
+
+
+def authorize_in_browser(url: str) -> httpx.Response:
+    """The person opens *url* (the strict authorize endpoint) and approves; then the redirect."""
+    answer = httpx.get(url, timeout=10, trust_env=False)
+    assert answer.status_code == 302, f"authorize refused: {answer.status_code} {answer.text}"
+    return browse_to(answer.headers["location"])
+
+
+def stored(dirs: Dirs, provider: str) -> dict[str, Any]:
+    token: dict[str, Any] = json.loads(
+        (dirs.state / "tokens" / provider / "default.json").read_text()
+    )
+    return token
+
+
+def assert_no_canary(*texts: str) -> None:
+    """No token, code, device code or client secret reached a terminal."""
+    for text in texts:
+        assert "CANARY" not in text, text
+
+
+def assert_logged_in(dirs: Dirs, provider: StrictProvider, login: Login) -> None:
+    assert provider.refusals == [], provider.describe()
+    assert login.finish() == 0, login.stderr
+    token = stored(dirs, provider.name)
+    assert token["access_token"] == provider.issued[-1]["access_token"]
+    assert token["refresh_token"] == provider.issued[-1]["refresh_token"]
+    assert_no_canary(login.stdout, login.stderr)
+
+
+def refresh_through_daemon(
+    dirs: Dirs, provider: StrictProvider
+) -> subprocess.CompletedProcess[str]:
+    """Import a token that has expired, then have a sandbox ask for it.
+
+    The daemon (started by ``credproxy run``) refreshes it at the strict
+    provider before serving it. (A token with a few seconds left would be
+    served as it is: the serve margin is capped at half the lifetime observed.)
+    """
+    old = {
+        "access_token": canary("at-old"),
+        "refresh_token": provider.seed_refresh_token(),
+        "expiry": int(time.time()) - 60,
+    }
+    imported = cli(dirs, "import", provider.name, input=json.dumps(old))
+    assert imported.returncode == 0, imported.stderr
+    assert provider.requests == []  # import alone does not refresh
+    proc = cli(dirs, "run", "--allow", provider.name, "--", CREDPROXY, "token", provider.name)
+    assert_no_canary(imported.stdout, imported.stderr, proc.stderr)
+    return proc
+
+
+def assert_refreshed(provider: StrictProvider, proc: subprocess.CompletedProcess[str]) -> None:
+    """Exactly one refresh, accepted, and the sandbox was given the new access token."""
+    assert provider.refusals == [], provider.describe()
+    assert len(provider.seen("refresh")) == 1, provider.describe()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == provider.issued[-1]["access_token"]
+
+
+# -- Codex --------------------------------------------------------------------------------
+
+
+def test_4_codex_authorize_asks_for_offline_access_and_codex_extras(
+    codex: Codex, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Item 4: the authorization URL is the Codex CLI's, parameter for parameter.
+
+    codex-rs/login/src/server.rs ``build_authorize_url``: scope "openid profile
+    email offline_access api.connectors.read api.connectors.invoke" (without
+    offline_access there is no refresh token), S256 PKCE, state, and the extras
+    id_token_add_organizations=true, codex_cli_simplified_flow=true,
+    originator=codex_cli_rs; redirect_uri http://localhost:1455/auth/callback.
+    No other parameter. The strict authorize endpoint then issues a code and
+    the login completes.
+    """
+    dirs = background_daemon
+    need_port(1455)
+    dirs.config.write_text(codex.config_toml())
+    login = start_login(dirs, "codex")
+    url = login.auth_url()
+    params = query(url)
+    assert url.startswith(codex.url("/oauth/authorize") + "?"), url
+    assert params.get("scope") == Codex.scope, params
+    assert "offline_access" in params.get("scope", "").split(" ")
+    for extra, value in (
+        ("id_token_add_organizations", "true"),
+        ("codex_cli_simplified_flow", "true"),
+        ("originator", "codex_cli_rs"),
+    ):
+        assert params.get(extra) == value, (extra, params)
+    assert params.get("redirect_uri") == CODEX_REDIRECT, params
+    assert params.get("code_challenge_method") == "S256", params
+    assert codex.authorize_problems(url) == [], url
+    page = authorize_in_browser(url)
+    assert page.status_code == 200, page.text
+    assert_logged_in(dirs, codex, login)
+
+
+def test_4_codex_redirect_falls_back_to_1457_when_1455_is_taken(
+    codex: Codex, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Item 4: with 127.0.0.1:1455 taken, the Codex CLI listens on 1457 and says so in redirect_uri.
+
+    server.rs: DEFAULT_PORT 1455, FALLBACK_PORT 1457; both are registered for
+    the client, any other port is refused by the server.
+    """
+    dirs = background_daemon
+    if not port_free(1457):
+        pytest.skip("127.0.0.1:1457 is in use on this machine: the fallback cannot be tested")
+    blocker = listener()
+    try:
+        try:
+            blocker.bind(("127.0.0.1", 1455))
+        except OSError:
+            pytest.skip("127.0.0.1:1455 is in use by another program: cannot take it for the test")
+        blocker.listen(1)
+        dirs.config.write_text(codex.config_toml())
+        login = start_login(dirs, "codex")
+        url = login.auth_url()
+        assert query(url).get("redirect_uri") == CODEX_FALLBACK_REDIRECT, url
+        assert codex.authorize_problems(url) == [], url
+        page = authorize_in_browser(url)
+        assert page.status_code == 200, page.text
+        assert_logged_in(dirs, codex, login)
+    finally:
+        blocker.close()
+
+
+def test_codex_code_exchange_is_form_with_exactly_the_codex_fields(
+    codex: Codex, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """The code exchange is the Codex CLI's: form-encoded, exactly grant_type, code, redirect_uri, client_id, code_verifier.
+
+    server.rs ``exchange_code_for_tokens``: no state, no scope, no secret; the
+    redirect_uri is the authorization request's, the verifier matches its
+    S256 challenge. The code is issued for the URL as printed (unchecked here:
+    the authorize test checks it), so this test is about the exchange only.
+    """
+    dirs = background_daemon
+    need_port(1455)
+    dirs.config.write_text(codex.config_toml())
+    login = start_login(dirs, "codex")
+    params = query(login.auth_url())
+    page = browse_to(codex.redirect_for(params))
+    assert page.status_code == 200, page.text
+    exchange = codex.only("exchange")
+    assert exchange.content_type == FORM, codex.describe()
+    assert set(exchange.fields) == {
+        "grant_type",
+        "code",
+        "redirect_uri",
+        "client_id",
+        "code_verifier",
+    }, codex.describe()
+    assert exchange.fields["redirect_uri"] == params["redirect_uri"]
+    assert s256(exchange.fields["code_verifier"]) == params["code_challenge"]
+    assert_logged_in(dirs, codex, login)
+
+
+def test_3_codex_refresh_is_json_without_scope(codex: Codex, background_daemon: Dirs) -> None:
+    """Item 3: the Codex CLI refreshes with a JSON body {client_id, grant_type, refresh_token}, no scope.
+
+    codex-rs/login manager.rs: ``RefreshRequest { client_id, grant_type:
+    "refresh_token", refresh_token }`` sent with ``.json(...)``, i.e.
+    Content-Type application/json. A form body, or a scope, is refused.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(codex.config_toml())
+    proc = refresh_through_daemon(dirs, codex)
+    refreshes = codex.seen("refresh")
+    assert refreshes, f"no refresh reached the provider: {codex.describe()} {proc.stderr}"
+    assert refreshes[0].content_type == JSON, codex.describe()
+    assert set(refreshes[0].fields) == {"client_id", "grant_type", "refresh_token"}, (
+        codex.describe()
+    )
+    assert_refreshed(codex, proc)
+
+
+# -- Gemini CLI ---------------------------------------------------------------------------
+
+
+def test_5_gemini_redirect_is_127_0_0_1_oauth2callback_and_authorize_is_gemini_clis(
+    gemini: Gemini, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Item 5: Gemini CLI's web login redirects to http://127.0.0.1:<free port>/oauth2callback.
+
+    gemini-cli oauth2.ts ``authWithWeb``: redirect_uri
+    http://127.0.0.1:PORT/oauth2callback (not /callback), and the URL of
+    google-auth-library's generateAuthUrl: access_type=offline (else no
+    refresh token), the three scopes, state, response_type=code, client_id.
+    S256 PKCE is allowed (Google accepts it), nothing else is.
+    """
+    dirs = background_daemon
+    gemini_config(dirs, gemini)
+    login = start_login(dirs, "gemini")
+    url = login.auth_url()
+    params = query(url)
+    redirect = urlsplit(params.get("redirect_uri", ""))
+    assert (redirect.scheme, redirect.hostname, redirect.path) == (
+        "http",
+        "127.0.0.1",
+        "/oauth2callback",
+    ), params
+    assert redirect.port, params
+    assert params.get("access_type") == "offline", params
+    assert params.get("scope") == Gemini.scope, params
+    assert gemini.authorize_problems(url) == [], url
+    page = authorize_in_browser(url)
+    assert page.status_code == 200, page.text
+    assert_logged_in(dirs, gemini, login)
+
+
+def test_gemini_code_exchange_sends_the_client_secret(
+    gemini: Gemini, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """The exchange is google-auth-library's getToken: form, client_id, code, grant_type, redirect_uri, client_secret.
+
+    Plus code_verifier exactly when the authorization request had a
+    code_challenge (then it must match). The secret is the file's content.
+    """
+    dirs = background_daemon
+    gemini_config(dirs, gemini)
+    login = start_login(dirs, "gemini")
+    params = query(login.auth_url())
+    page = browse_to(gemini.redirect_for(params))
+    assert page.status_code == 200, page.text
+    exchange = gemini.only("exchange")
+    expected = {"client_id", "code", "grant_type", "redirect_uri", "client_secret"}
+    if "code_challenge" in params:
+        expected.add("code_verifier")
+    assert exchange.content_type == FORM, gemini.describe()
+    assert set(exchange.fields) == expected, gemini.describe()
+    assert exchange.fields.get("client_secret") == GEMINI_SECRET, gemini.describe()
+    assert_logged_in(dirs, gemini, login)
+
+
+def test_gemini_refresh_is_form_with_client_secret_and_no_scope(
+    gemini: Gemini, background_daemon: Dirs
+) -> None:
+    """google-auth-library refreshTokenNoCache: form {refresh_token, client_id, client_secret, grant_type}, no scope."""
+    dirs = background_daemon
+    gemini_config(dirs, gemini)
+    proc = refresh_through_daemon(dirs, gemini)
+    refreshes = gemini.seen("refresh")
+    assert refreshes, f"no refresh reached the provider: {gemini.describe()} {proc.stderr}"
+    assert refreshes[0].content_type == FORM, gemini.describe()
+    assert set(refreshes[0].fields) == {
+        "refresh_token",
+        "client_id",
+        "client_secret",
+        "grant_type",
+    }, gemini.describe()
+    assert_refreshed(gemini, proc)
+
+
+# -- Qwen Code ----------------------------------------------------------------------------
+
+
+def test_6_qwen_device_authorization_sends_pkce_and_the_poll_its_verifier(
+    qwen: Qwen, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Item 6: Qwen Code's device flow carries PKCE; the server refuses it without.
+
+    qwenOAuth2.ts ``requestDeviceAuthorization``: form {client_id, scope
+    "openid profile email model.completion", code_challenge,
+    code_challenge_method=S256}; ``pollDeviceToken``: form {grant_type
+    device_code, client_id, device_code, code_verifier} with the verifier of
+    that challenge. Polls are pending until the person approves the user code
+    credproxy shows.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(qwen.config_toml())
+    login = start_login(dirs, "qwen")
+    device = qwen.wait_for("device")[0]
+    assert device.content_type == FORM, qwen.describe()
+    assert set(device.fields) == {
+        "client_id",
+        "scope",
+        "code_challenge",
+        "code_challenge_method",
+    }, qwen.describe()
+    assert device.fields.get("code_challenge_method") == "S256", qwen.describe()
+    assert qwen.refusals == [], qwen.describe()
+    (grant,) = qwen.devices.values()
+    login.line(lambda s: grant.user_code in s)  # the person is shown the code
+    qwen.wait_for("poll")  # at least one pending poll first
+    qwen.approve(grant.user_code)
+    code = login.finish()
+    assert qwen.refusals == [], qwen.describe()
+    assert code == 0, login.stderr
+    polls = qwen.seen("poll")
+    assert {p.status for p in polls[:-1]} <= {400} and polls[-1].status == 200, qwen.describe()
+    for poll in polls:
+        assert poll.content_type == FORM
+        assert set(poll.fields) == {"grant_type", "client_id", "device_code", "code_verifier"}
+        assert s256(poll.fields["code_verifier"]) == device.fields["code_challenge"]
+    token = stored(dirs, "qwen")
+    assert token["access_token"] == qwen.issued[-1]["access_token"]
+    assert token.get("resource_url") == "portal.qwen.ai"
+    assert_no_canary(login.stdout, login.stderr)
+
+
+def test_qwen_refresh_is_form_without_scope(qwen: Qwen, background_daemon: Dirs) -> None:
+    """qwenOAuth2.ts ``refreshAccessToken``: form {grant_type=refresh_token, refresh_token, client_id}, no scope."""
+    dirs = background_daemon
+    dirs.config.write_text(qwen.config_toml())
+    proc = refresh_through_daemon(dirs, qwen)
+    refreshes = qwen.seen("refresh")
+    assert refreshes, f"no refresh reached the provider: {qwen.describe()} {proc.stderr}"
+    assert refreshes[0].content_type == FORM, qwen.describe()
+    assert set(refreshes[0].fields) == {"grant_type", "refresh_token", "client_id"}, qwen.describe()
+    assert_refreshed(qwen, proc)
+
+
+def test_qwen_login_says_the_free_tier_ended_on_2026_04_15(
+    qwen: Qwen, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Qwen's free OAuth tier ended on 2026-04-15 (qwen-code PR #3291): the login says so first.
+
+    The notice names the date and what still works (an API key), and comes on
+    stderr before the user code is shown.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(qwen.config_toml())
+    login = start_login(dirs, "qwen")
+    qwen.wait_for("device")
+    (grant,) = qwen.devices.values()
+    login.line(lambda s: grant.user_code in s)
+    before_code = "".join(login.seen).split(grant.user_code, 1)[0]
+    assert "2026-04-15" in before_code, login.seen
+    assert "api key" in before_code.lower(), login.seen
+    login.close()
+
+
+# -- the strict providers themselves ----------------------------------------------------
+
+
+def _post(
+    provider: StrictProvider, path: str, fields: dict[str, str], as_json: bool = False
+) -> httpx.Response:
+    if as_json:
+        return httpx.post(provider.url(path), json=fields, trust_env=False)
+    return httpx.post(provider.url(path), data=fields, trust_env=False)
+
+
+def test_the_strict_providers_refuse_what_their_clients_do_not_send(
+    codex: Codex, gemini: Gemini, qwen: Qwen
+) -> None:
+    """A check of the checker: each strict provider answers 400 invalid_request naming the rule.
+
+    Right requests pass; a form refresh to Codex, a scope on a refresh, a
+    missing client secret, a /callback redirect for Gemini, a device request
+    without PKCE or with a wrong verifier are refused.
+    """
+    verifier = "v" * 43 + "-abc"
+    challenge = s256(verifier)
+    codex_rt, gemini_rt, qwen_rt = (p.seed_refresh_token() for p in (codex, gemini, qwen))
+    cases: list[tuple[httpx.Response, str | None]] = []
+
+    refresh = {"client_id": Codex.client_id, "grant_type": "refresh_token"}
+    cases.append((_post(codex, "/oauth/token", {**refresh, "refresh_token": codex_rt}, True), None))
+    cases.append(
+        (_post(codex, "/oauth/token", {**refresh, "refresh_token": "x"}), "Content-Type must be")
+    )
+    scoped = {**refresh, "refresh_token": codex_rt, "scope": "openid"}
+    cases.append((_post(codex, "/oauth/token", scoped, True), "unexpected field scope"))
+
+    authorize = {
+        "response_type": "code",
+        "client_id": Codex.client_id,
+        "redirect_uri": CODEX_REDIRECT,
+        "scope": Codex.scope,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "id_token_add_organizations": "true",
+        "codex_cli_simplified_flow": "true",
+        "state": "st",
+        "originator": "codex_cli_rs",
+    }
+    ok = httpx.get(codex.url("/oauth/authorize"), params=authorize, trust_env=False)
+    assert ok.status_code == 302 and ok.headers["location"].startswith(CODEX_REDIRECT + "?code=")
+    code = query(ok.headers["location"])["code"]
+    exchange = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": CODEX_REDIRECT,
+        "client_id": Codex.client_id,
+        "code_verifier": verifier[:-1] + "x",
+    }
+    cases.append((_post(codex, "/oauth/token", exchange), "code_verifier does not match"))
+    no_extra = {k: v for k, v in authorize.items() if k != "originator"}
+    cases.append(
+        (
+            httpx.get(codex.url("/oauth/authorize"), params=no_extra, trust_env=False),
+            "missing field originator",
+        )
+    )
+    bad_url = codex.url("/oauth/authorize") + "?" + urlencode({**authorize, "scope": "openid"})
+    assert any("scope must be" in p for p in codex.authorize_problems(bad_url))
+
+    g_refresh = {
+        "refresh_token": gemini_rt,
+        "client_id": Gemini.client_id,
+        "grant_type": "refresh_token",
+    }
+    cases.append((_post(gemini, "/token", {**g_refresh, "client_secret": GEMINI_SECRET}), None))
+    cases.append((_post(gemini, "/token", g_refresh), "missing field client_secret"))
+    wrong_secret = {**g_refresh, "client_secret": "not-the-secret"}
+    cases.append((_post(gemini, "/token", wrong_secret), "client_secret is wrong"))
+    assert "not-the-secret" not in cases[-1][0].text  # a secret is never echoed
+    g_authorize = {
+        "redirect_uri": "http://127.0.0.1:4242/callback",
+        "access_type": "offline",
+        "scope": Gemini.scope,
+        "state": "st",
+        "response_type": "code",
+        "client_id": Gemini.client_id,
+    }
+    cases.append(
+        (
+            httpx.get(gemini.url("/o/oauth2/v2/auth"), params=g_authorize, trust_env=False),
+            "redirect_uri must be http://127.0.0.1:<port>/oauth2callback",
+        )
+    )
+    g_ok = {**g_authorize, "redirect_uri": "http://127.0.0.1:4242/oauth2callback"}
+    assert gemini.authorize_problems(gemini.url("/o/oauth2/v2/auth?") + urlencode(g_ok)) == []
+    g_pkce = {**g_ok, "code_challenge": challenge, "code_challenge_method": "S256"}
+    assert gemini.authorize_problems(gemini.url("/o/oauth2/v2/auth?") + urlencode(g_pkce)) == []
+
+    q_device = {"client_id": Qwen.client_id, "scope": Qwen.scope}
+    path = "/api/v1/oauth2/device/code"
+    cases.append((_post(qwen, path, q_device), "missing field code_challenge"))
+    q_ok = {**q_device, "code_challenge": challenge, "code_challenge_method": "S256"}
+    cases.append((_post(qwen, path, q_ok), None))
+    device_code = cases[-1][0].json()["device_code"]
+    poll = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+        "client_id": Qwen.client_id,
+        "device_code": device_code,
+    }
+    token_path = "/api/v1/oauth2/token"
+    cases.append((_post(qwen, token_path, poll), "missing field code_verifier"))
+    pending = _post(qwen, token_path, {**poll, "code_verifier": verifier})
+    assert (pending.status_code, pending.json()) == (400, {"error": "authorization_pending"})
+    q_refresh = {"grant_type": "refresh_token", "refresh_token": qwen_rt, "client_id": "other"}
+    cases.append((_post(qwen, token_path, q_refresh), "client_id must be"))
+
+    for answer, rule in cases:
+        if rule is None:
+            assert answer.status_code in (200, 302), answer.text
+        else:
+            assert answer.status_code == 400, answer.text
+            body = answer.json()
+            assert body["error"] == "invalid_request", body
+            assert rule in body["error_description"], (rule, body)
+
+
+def test_strict_provider_config_overrides_only_the_endpoints(
+    codex: Codex, gemini: Gemini, qwen: Qwen, tmp_path: Path
+) -> None:
+    """The provider tables the tests write: the preset plus endpoint URLs on 127.0.0.1 (and gemini's secret file)."""
+    assert codex.config_toml().splitlines() == [
+        "[providers.codex]",
+        'preset = "codex"',
+        f'token_url = "{codex.base}/oauth/token"',
+        f'authorization_url = "{codex.base}/oauth/authorize"',
+    ]
+    secret = tmp_path / "s"
+    assert gemini.config_toml(client_secret_file=str(secret)).splitlines()[2:] == [
+        f'token_url = "{gemini.base}/token"',
+        f'authorization_url = "{gemini.base}/o/oauth2/v2/auth"',
+        f'client_secret_file = "{secret}"',
+    ]
+    assert qwen.config_toml().splitlines()[2:] == [
+        f'device_authorization_url = "{qwen.base}/api/v1/oauth2/device/code"',
+        f'token_url = "{qwen.base}/api/v1/oauth2/token"',
+    ]
