@@ -46,14 +46,28 @@ FACTS: dict[str, dict[str, Any]] = {
     "claude": {
         "token_url": "https://platform.claude.com/v1/oauth/token",
         "client_id": "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
-        "authorization_url": "https://claude.ai/oauth/authorize?code=true",
+        "authorization_url": "https://claude.com/cai/oauth/authorize",
+        "authorize_params": {"code": "true"},
         "scopes": [
+            "org:create_api_key",
             "user:profile",
             "user:inference",
             "user:sessions:claude_code",
             "user:mcp_servers",
+            "user:file_upload",
         ],
         "flow": "loopback",
+        "redirect_uri": "http://localhost/callback",
+        "exchange_body": "json",
+        "exchange_state": True,
+        "refresh_body": "json",
+        "refresh_scopes": [
+            "user:profile",
+            "user:inference",
+            "user:sessions:claude_code",
+            "user:mcp_servers",
+            "user:file_upload",
+        ],
     },
     "codex": {
         "token_url": "https://auth.openai.com/oauth/token",
@@ -96,7 +110,10 @@ FACTS: dict[str, dict[str, Any]] = {
         "token_url": "https://github.com/login/oauth/access_token",
         "client_id": "Iv1.b507a08c87ecfe98",
         "device_authorization_url": "https://github.com/login/device/code",
+        "scopes": ["read:user"],
         "flow": "device",
+        "grant": "copilot",
+        "mint_url": "https://api.github.com/copilot_internal/v2/token",
     },
     "qwen": {
         "token_url": "https://chat.qwen.ai/api/v1/oauth2/token",
@@ -205,14 +222,19 @@ def test_claude_authorization_request_keeps_claude_codes_fixed_parameter(tmp_pat
     """The browser URL for Claude carries code=true (as Claude Code sends it) plus the standard PKCE request and the scopes."""
     provider = config.load(_write_config(tmp_path, {"c": {"preset": "claude"}})).providers["c"]
     pkce = login.Pkce(verifier="v" * 43, challenge="fake-challenge")
-    url = login.authorization_url(provider, "http://127.0.0.1:5555/callback", "fake-state", pkce)
+    url = login.authorization_url(provider, "http://localhost:5555/callback", "fake-state", pkce)
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
-    assert (parts.scheme, parts.netloc, parts.path) == ("https", "claude.ai", "/oauth/authorize")
+    assert (parts.scheme, parts.netloc, parts.path) == (
+        "https",
+        "claude.com",
+        "/cai/oauth/authorize",
+    )
     assert query["code"] == "true"
     assert query["client_id"] == "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
-    assert (
-        query["scope"] == "user:profile user:inference user:sessions:claude_code user:mcp_servers"
+    assert query["scope"] == (
+        "org:create_api_key user:profile user:inference user:sessions:claude_code "
+        "user:mcp_servers user:file_upload"
     )
     assert query["code_challenge_method"] == "S256"
 

@@ -80,9 +80,14 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # whether the code exchange carries the login's `state` (Claude's does),
     exchange_state: bool = False
     # whether a refresh asks for `scopes` again (Codex and Gemini CLI do not),
-    refresh_scopes: bool = True
+    # or which scopes it asks for (Claude Code: its login's, less one),
+    refresh_scopes: bool | list[str] = True
     # and whether the device flow uses PKCE (Qwen Code's does).
     device_pkce: bool = False
+    # How a token is renewed: the refresh grant, or Copilot's second exchange
+    # (`mint_url` mints a short-lived token from the stored GitHub token).
+    grant: Literal["refresh_token", "copilot"] = "refresh_token"
+    mint_url: str | None = None
     preset: str | None = None
     # Several accounts: the ordered buckets `get_token` without a bucket may
     # serve (the default profile), and how it picks among them.
@@ -97,6 +102,7 @@ PROVIDER_URL_FIELDS = (
     "authorization_url",
     "device_authorization_url",
     "redirect_uri",
+    "mint_url",
 )
 
 

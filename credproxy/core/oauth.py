@@ -64,9 +64,9 @@ def refresh_form(
     """The fields of a refresh request (sent as ``refresh_body`` says: form or JSON).
 
     The client authenticates with ``client_secret_post`` when *client_secret*
-    is given; ``scope`` is sent only when the provider configures scopes and
-    ``refresh_scopes`` (omitting it asks for the scope originally granted,
-    RFC 6749 section 6).
+    is given; ``scope`` is ``refresh_scopes`` when that is a list, else
+    ``scopes`` when ``refresh_scopes`` is true (omitting it asks for the scope
+    originally granted, RFC 6749 section 6).
     """
     form = {
         "grant_type": "refresh_token",
@@ -75,8 +75,15 @@ def refresh_form(
     }
     if client_secret is not None:
         form["client_secret"] = client_secret
-    if provider.scopes and provider.refresh_scopes:
-        form["scope"] = " ".join(provider.scopes)
+    scopes = (
+        provider.refresh_scopes
+        if isinstance(provider.refresh_scopes, list)
+        else provider.scopes
+        if provider.refresh_scopes
+        else []
+    )
+    if scopes:
+        form["scope"] = " ".join(scopes)
     return form
 
 

@@ -86,21 +86,40 @@ PRESETS: dict[str, Preset] = {
         defaults={
             "token_url": "https://platform.claude.com/v1/oauth/token",
             "client_id": "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
+            # Claude Code's CLAUDE_AI_AUTHORIZE_URL (the Claude.ai subscription login).
+            "authorization_url": "https://claude.com/cai/oauth/authorize",
             # Claude Code adds code=true to every authorization request.
-            "authorization_url": "https://claude.ai/oauth/authorize?code=true",
-            # The Claude.ai scopes: what Claude Code also sends when it refreshes.
+            "authorize_params": {"code": "true"},
             "scopes": [
+                "org:create_api_key",
                 "user:profile",
                 "user:inference",
                 "user:sessions:claude_code",
                 "user:mcp_servers",
+                "user:file_upload",
             ],
             "flow": "loopback",
+            # http://localhost:<any free port>/callback, as Claude Code's listener.
+            "redirect_uri": "http://localhost/callback",
+            # Its token requests are JSON; the exchange carries the login's state,
+            # and a refresh asks for the Claude.ai scopes (its login's, less
+            # org:create_api_key).
+            "exchange_body": "json",
+            "exchange_state": True,
+            "refresh_body": "json",
+            "refresh_scopes": [
+                "user:profile",
+                "user:inference",
+                "user:sessions:claude_code",
+                "user:mcp_servers",
+                "user:file_upload",
+            ],
         },
         required={},
         login_needs={},
-        source="providers.md §1 (Claude row); authorization endpoint and scopes from "
-        "Claude Code's cli.js (@anthropic-ai/claude-code 2.1.50 on npm)",
+        source="docs/providers.md (Claude): Claude Code's own client, cli.js of "
+        "@anthropic-ai/claude-code 2.1.112 on npm (the last release with a readable "
+        "cli.js): its OAuth constants, authorization-URL, code-exchange and refresh functions",
     ),
     "codex": Preset(
         title="Codex / ChatGPT login",
@@ -167,17 +186,22 @@ PRESETS: dict[str, Preset] = {
         "google-auth-library-nodejs src/auth/oauth2client.ts (getToken, refreshTokenNoCache)",
     ),
     "copilot": Preset(
-        title="GitHub Copilot (GitHub device flow)",
+        title="GitHub Copilot (GitHub device flow, then Copilot's token exchange)",
         defaults={
             "token_url": _GITHUB_TOKEN,
             "client_id": "Iv1.b507a08c87ecfe98",
             "device_authorization_url": _GITHUB_DEVICE_CODE,
+            "scopes": ["read:user"],
             "flow": "device",
+            # The GitHub token mints the short-lived token the Copilot API takes.
+            "grant": "copilot",
+            "mint_url": "https://api.github.com/copilot_internal/v2/token",
         },
         required={},
         login_needs={},
-        source="providers.md §1 (GitHub Copilot row); token endpoint from GitHub's device "
-        "flow docs (github/docs authorizing-oauth-apps.md)",
+        source="docs/providers.md (Copilot): ericc-ch/copilot-api src/services/github/ "
+        "(get-device-code.ts, poll-access-token.ts, get-copilot-token.ts) and "
+        "src/lib/api-config.ts at 0ea08feb; GitHub's device flow docs",
     ),
     "qwen": Preset(
         title="Qwen (device code with PKCE; the free OAuth tier ended on 2026-04-15)",

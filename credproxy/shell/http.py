@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from credproxy.core import login, oauth
+from credproxy.core import copilot, login, oauth
 from credproxy.core.config import Provider
 from credproxy.errors import RefreshFailed
 
@@ -125,6 +125,8 @@ class HttpTokenEndpoint:
         """
         if self._closed:
             raise RefreshFailed("the HTTP client is closed (the daemon is shutting down)")
+        if provider.grant == "copilot":
+            return await self.mint_copilot(provider, refresh_token)
         client_secret = await _read_client_secret(provider.client_secret_file)
         form = oauth.refresh_form(provider, refresh_token, client_secret)
         # The userinfo part of a URL may hold a password; name the host only.
@@ -143,6 +145,38 @@ class HttpTokenEndpoint:
                 f"refresh for {host} failed: response larger than {MAX_RESPONSE_BYTES} bytes"
             ) from None
         return oauth.parse_refresh_response(status, body, now)
+
+    async def mint_copilot(self, provider: Provider, github_token: str) -> dict[str, Any]:
+        """Copilot's second exchange: a Copilot token minted from *github_token*.
+
+        See :mod:`credproxy.core.copilot`.
+
+        Raises:
+            ReauthRequired: GitHub refused (the login was revoked, no Copilot).
+            RefreshFailed: unreachable, too slow, or not a usable answer.
+        """
+        url = provider.mint_url or copilot.MINT_URL
+        host = urlsplit(url).hostname or "the Copilot token endpoint"
+        try:
+            client = self._get_client()
+            async with client.stream(
+                "GET", url, headers=copilot.mint_headers(github_token)
+            ) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise _ResponseTooLarge
+                status = response.status_code
+        except _httpx_errors() as exc:
+            raise RefreshFailed(
+                f"the Copilot token request to {host} failed: {type(exc).__name__}"
+            ) from None
+        except _ResponseTooLarge:
+            raise RefreshFailed(
+                f"the answer of {host} is larger than {MAX_RESPONSE_BYTES} bytes"
+            ) from None
+        return copilot.parse_mint_response(status, bytes(body))
 
     # -- the login grants (credproxy login) ------------------------------------------
 

@@ -32,9 +32,10 @@ from typing import Any, TextIO
 import h11
 import trio
 
-from credproxy.core import login
+from credproxy.core import login, oauth
 from credproxy.core.config import Provider
 from credproxy.core.login import LoginFailed
+from credproxy.errors import CredproxyError
 from credproxy.shell.http import HttpTokenEndpoint
 
 __all__ = ["DEFAULT_TIMEOUT", "Terminal", "log_in", "run_login"]
@@ -165,12 +166,40 @@ async def run_login(
         else (None if flow == "device" else DEFAULT_TIMEOUT)
     )
     with trio.move_on_after(limit if limit is not None else float("inf")) as scope:
-        return await runners[flow]()
+        token = await runners[flow]()
+        if provider.grant == "copilot":
+            token = await _mint_copilot(name, provider, endpoint, terminal, token)
+        return token
     assert scope.cancelled_caught
     raise LoginFailed(
         f"no answer within {limit:g} s; nothing was stored (run credproxy login again, "
         "or raise --timeout)"
     )
+
+
+async def _mint_copilot(
+    name: str,
+    provider: Provider,
+    endpoint: HttpTokenEndpoint,
+    terminal: Terminal,
+    github: dict[str, Any],
+) -> dict[str, Any]:
+    """The token to store for Copilot: the GitHub token (to mint with) and a first Copilot token.
+
+    Raises:
+        LoginFailed: GitHub would not mint one (no Copilot for this account, say).
+    """
+    github_token = github.get("access_token")
+    if not isinstance(github_token, str) or not github_token:
+        raise LoginFailed("GitHub's answer had no access token")
+    try:
+        minted = await endpoint.mint_copilot(provider, github_token)
+    except CredproxyError as exc:
+        raise LoginFailed(
+            f"logged in to GitHub, but no Copilot token could be minted for {name}: {exc}"
+        ) from None
+    terminal.say("Logged in to GitHub; minted a first Copilot token.")
+    return oauth.merge_refreshed({"refresh_token": github_token}, minted)
 
 
 # -- the device flow -----------------------------------------------------------------
