@@ -15,6 +15,12 @@ Sources of the facts (pinned commits):
 - Gemini CLI: google-gemini/gemini-cli ``packages/core/src/code_assist/oauth2.ts``
   @5411f113 and google-auth-library ``oauth2client.ts`` (10.5.0 to 10.6.2).
 - Qwen Code: QwenLM/qwen-code ``packages/core/src/qwen/qwenOAuth2.ts`` @0231fe43.
+- Claude Code: ``cli.js`` of ``@anthropic-ai/claude-code`` 2.1.112 (the OAuth
+  constants, the authorization URL, the JSON code exchange with ``state``, the
+  JSON refresh with the Claude.ai scopes).
+- Copilot: ericc-ch/copilot-api @0ea08feb (``get-device-code.ts``,
+  ``poll-access-token.ts``, ``get-copilot-token.ts``, ``api-config.ts``) and
+  GitHub's device flow as GitHub documents it.
 
 Every request is recorded (:attr:`StrictProvider.requests`) with the verdict,
 so a test can assert both "nothing was refused" and "the request looked
@@ -39,7 +45,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 FORM = "application/x-www-form-urlencoded"
@@ -70,6 +76,8 @@ class Seen:
     fields: dict[str, str]  # query (authorize) or body fields
     status: int = 0
     problems: list[str] = field(default_factory=list)
+    #: The request headers, names in lower case (may hold a secret: never printed).
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def refused(self) -> bool:
@@ -85,9 +93,12 @@ class Checks:
     def fail(self, rule: str) -> None:
         self.problems.append(rule)
 
-    def encoding(self, seen: Seen, expected: str) -> None:
-        if seen.content_type != expected:
-            self.fail(f"Content-Type must be {expected}, got {seen.content_type or 'none'}")
+    def encoding(self, seen: Seen, expected: str | tuple[str, ...]) -> None:
+        allowed = (expected,) if isinstance(expected, str) else expected
+        if seen.content_type not in allowed:
+            self.fail(
+                f"Content-Type must be {' or '.join(allowed)}, got {seen.content_type or 'none'}"
+            )
 
     def exact_fields(
         self, fields: dict[str, str], required: Iterable[str], optional: Iterable[str] = ()
@@ -167,6 +178,10 @@ class StrictProvider:
     #: How the provider's own client sends a refresh, and whether the answer rotates it.
     refresh_encoding: ClassVar[str] = FORM
     rotates: ClassVar[bool] = True
+    #: The exact scope string the client's refresh carries (None: the refresh has no scope).
+    refresh_scope: ClassVar[str | None] = None
+    #: The HTTP status of an RFC 8628 poll error such as authorization_pending.
+    pending_status: ClassVar[int] = 400
 
     def __init__(self) -> None:
         self.requests: list[Seen] = []
@@ -182,7 +197,7 @@ class StrictProvider:
 
     # -- lifecycle and addresses ------------------------------------------------------
 
-    def __enter__(self) -> StrictProvider:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -196,7 +211,7 @@ class StrictProvider:
     @property
     def netloc(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"{host}:{port}"
+        return f"{host!s}:{port}"
 
     @property
     def base(self) -> str:
@@ -274,6 +289,8 @@ class StrictProvider:
         checks.exact_fields(seen.fields, self.refresh_fields())
         self.check_client(checks, seen.fields)
         checks.value(seen.fields, "grant_type", "refresh_token")
+        if self.refresh_scope is not None:
+            checks.value(seen.fields, "scope", self.refresh_scope)
         if checks.problems:
             raise Refused(checks.problems)
         with self.lock:
@@ -283,11 +300,15 @@ class StrictProvider:
         return 200, {}, self.token_response(with_refresh_token=self.rotates)
 
     def refresh_fields(self) -> set[str]:
-        return {"grant_type", "refresh_token", "client_id"}
+        fields = {"grant_type", "refresh_token", "client_id"}
+        return fields | {"scope"} if self.refresh_scope is not None else fields
 
     def check_client(self, checks: Checks, fields: dict[str, str]) -> None:
         """Client authentication in a token request (client_id; a secret where there is one)."""
         checks.value(fields, "client_id", self.client_id)
+
+    def check_headers(self, checks: Checks, seen: Seen) -> None:
+        """Headers the provider insists on (none by default)."""
 
     # -- routing ------------------------------------------------------------------------
 
@@ -336,6 +357,7 @@ class StrictProvider:
                 ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
                 endpoint = provider.route(self.command, parts.path)
                 seen = Seen(endpoint, self.command, parts.path, ctype, {})
+                seen.headers = {k.lower(): v for k, v in self.headers.items()}
                 try:
                     status, headers, answer = provider.handle(seen, parts.query, body)
                 except Refused as refused:
@@ -343,7 +365,8 @@ class StrictProvider:
                     status, headers = 400, {}
                     answer = {"error": refused.error, "error_description": str(refused)}
                 except Pending as pending:
-                    status, headers, answer = 400, {}, {"error": pending.error}
+                    status, headers = provider.pending_status, {}
+                    answer = {"error": pending.error}
                 seen.status = status
                 with provider.lock:
                     provider.requests.append(seen)
@@ -379,6 +402,7 @@ class Grant:
     client_id: str
     redirect_uri: str
     challenge: str | None
+    state: str | None = None
     used: bool = False
 
 
@@ -399,6 +423,8 @@ class AuthCodeProvider(StrictProvider):
     authorize_optional: ClassVar[frozenset[str]] = frozenset()
     exchange_encoding: ClassVar[str] = FORM
     pkce_required: ClassVar[bool] = True
+    #: Whether the client sends the authorization request's ``state`` in the code exchange.
+    exchange_state: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -466,7 +492,10 @@ class AuthCodeProvider(StrictProvider):
         code = canary(f"code-{self.name}")
         with self.lock:
             self.grants[code] = Grant(
-                params["client_id"], params["redirect_uri"], params.get("code_challenge")
+                params["client_id"],
+                params["redirect_uri"],
+                params.get("code_challenge"),
+                params.get("state"),
             )
         query = urlencode({"code": code, "state": params["state"]})
         return 302, {"Location": f"{params['redirect_uri']}?{query}"}, None
@@ -499,6 +528,8 @@ class AuthCodeProvider(StrictProvider):
             )
             raise Refused([*checks.problems, why], "invalid_grant")
         checks.value(fields, "redirect_uri", grant.redirect_uri)
+        if self.exchange_state:
+            checks.value(fields, "state", grant.state or "")
         if with_verifier:
             checks.pkce(fields.get("code_verifier"), grant.challenge)
         if checks.problems:
@@ -508,6 +539,8 @@ class AuthCodeProvider(StrictProvider):
     def exchange_fields(self, with_verifier: bool) -> set[str]:
         """The exact fields of the code exchange."""
         fields = {"grant_type", "code", "redirect_uri", "client_id"}
+        if self.exchange_state:
+            fields.add("state")
         return fields | {"code_verifier"} if with_verifier else fields
 
 
@@ -531,10 +564,10 @@ class DeviceProvider(StrictProvider):
     """
 
     device_path: ClassVar[str]
-    device_encoding: ClassVar[str] = FORM
+    device_encoding: ClassVar[str | tuple[str, ...]] = FORM
     device_fixed: ClassVar[dict[str, str]]
     device_free: ClassVar[frozenset[str]] = frozenset()
-    poll_encoding: ClassVar[str] = FORM
+    poll_encoding: ClassVar[str | tuple[str, ...]] = FORM
     pkce_required: ClassVar[bool] = False
     interval: ClassVar[int] = 1
     verification_uri: ClassVar[str] = "https://provider.invalid/device"
@@ -571,6 +604,7 @@ class DeviceProvider(StrictProvider):
         fields = seen.fields
         checks = Checks()
         checks.encoding(seen, self.device_encoding)
+        self.check_headers(checks, seen)
         pkce = {"code_challenge", "code_challenge_method"} if self.pkce_required else set()
         checks.exact_fields(fields, {*self.device_fixed, *self.device_free, *pkce})
         for name, expected in self.device_fixed.items():
@@ -589,18 +623,17 @@ class DeviceProvider(StrictProvider):
         )
         with self.lock:
             self.devices[grant.device_code] = grant
-        return (
-            200,
-            {},
-            {
-                "device_code": grant.device_code,
-                "user_code": grant.user_code,
-                "verification_uri": self.verification_uri,
-                "verification_uri_complete": f"{self.verification_uri}?user_code={grant.user_code}",
-                "expires_in": 300,
-                "interval": self.interval,
-            },
-        )
+        return 200, {}, self.device_answer(grant)
+
+    def device_answer(self, grant: DeviceGrant) -> dict[str, Any]:
+        return {
+            "device_code": grant.device_code,
+            "user_code": grant.user_code,
+            "verification_uri": self.verification_uri,
+            "verification_uri_complete": f"{self.verification_uri}?user_code={grant.user_code}",
+            "expires_in": 300,
+            "interval": self.interval,
+        }
 
     def poll_fields(self) -> set[str]:
         fields = {"grant_type", "client_id", "device_code"}
@@ -610,6 +643,7 @@ class DeviceProvider(StrictProvider):
         fields = seen.fields
         checks = Checks()
         checks.encoding(seen, self.poll_encoding)
+        self.check_headers(checks, seen)
         checks.exact_fields(fields, self.poll_fields())
         self.check_client(checks, fields)
         with self.lock:
@@ -751,3 +785,187 @@ class Qwen(DeviceProvider):
     pkce_required = True
     verification_uri = "https://chat.qwen.ai/authorize"
     token_extras = {"resource_url": "portal.qwen.ai"}
+
+
+class Claude(AuthCodeProvider):
+    """Anthropic's OAuth server as Claude Code uses it (``cli.js`` of 2.1.112).
+
+    Authorization at ``/cai/oauth/authorize`` (claude.com) with ``code=true``;
+    the redirect is ``http://localhost:<port>/callback``; the code exchange and
+    the refresh are JSON bodies (``Content-Type: application/json``), the
+    exchange carrying the authorization request's ``state`` and the refresh
+    the Claude.ai scopes (the login's, less ``org:create_api_key``).
+    """
+
+    name = "claude"
+    client_id = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+    authorize_path = "/cai/oauth/authorize"
+    token_path = "/v1/oauth/token"
+    endpoint_keys = {"token_url": token_path, "authorization_url": authorize_path}
+    scope = (
+        "org:create_api_key user:profile user:inference user:sessions:claude_code "
+        "user:mcp_servers user:file_upload"
+    )
+    refresh_scope = (
+        "user:profile user:inference user:sessions:claude_code user:mcp_servers user:file_upload"
+    )
+    authorize_fixed = {
+        "code": "true",
+        "client_id": client_id,
+        "response_type": "code",
+        "scope": scope,
+        "code_challenge_method": "S256",
+    }
+    authorize_free = frozenset({"redirect_uri", "code_challenge", "state"})
+    exchange_encoding = JSON
+    exchange_state = True
+    refresh_encoding = JSON
+
+    def check_redirect_uri(self, checks: Checks, uri: str) -> None:
+        parts = urlsplit(uri)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if (
+            parts.scheme != "http"
+            or parts.hostname != "localhost"
+            or port is None
+            or parts.path != "/callback"
+            or parts.query
+            or parts.fragment
+        ):
+            checks.fail(f"redirect_uri must be http://localhost:<port>/callback, got {uri!r}")
+
+    def token_response(self, *, with_refresh_token: bool = True) -> dict[str, Any]:
+        answer = super().token_response(with_refresh_token=with_refresh_token)
+        answer["expires_in"] = 28800  # about 8 h
+        answer["scope"] = self.refresh_scope
+        return answer
+
+
+class Copilot(DeviceProvider):
+    """GitHub's device flow for Copilot's client, and Copilot's token exchange (copilot-api @0ea08feb).
+
+    Device authorization and poll: ``client_id`` Iv1.b507a08c87ecfe98, scope
+    ``read:user``, a form or a JSON body (GitHub takes both) with ``Accept:
+    application/json``; a pending poll is answered HTTP 200 with
+    ``{"error": "authorization_pending"}``, the approved one with a GitHub
+    token and no refresh token or expiry. The second exchange (``mint``) is a
+    GET with ``Authorization: token <GitHub token>`` plus ``Editor-Version``,
+    ``Editor-Plugin-Version`` and ``User-Agent``; anything else is answered 401
+    ``{"message": "Bad credentials"}`` (the rules broken are recorded, not
+    sent). Each mint issues a new Copilot token valid 30 minutes. GitHub has no
+    refresh grant for this client: a ``refresh_token`` grant is refused.
+    """
+
+    name = "copilot"
+    client_id = "Iv1.b507a08c87ecfe98"
+    device_path = "/login/device/code"
+    token_path = "/login/oauth/access_token"
+    mint_path = "/copilot_internal/v2/token"
+    endpoint_keys = {
+        "device_authorization_url": device_path,
+        "token_url": token_path,
+        "mint_url": mint_path,
+    }
+    scope = "read:user"
+    device_fixed = {"client_id": client_id, "scope": scope}
+    device_encoding = (FORM, JSON)
+    poll_encoding = (FORM, JSON)
+    pkce_required = False
+    pending_status = 200  # GitHub answers every device-flow error with HTTP 200
+    verification_uri = "https://github.com/login/device"
+    mint_headers = ("Editor-Version", "Editor-Plugin-Version", "User-Agent")
+    api = "https://api.individual.githubcopilot.com"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.github_tokens: set[str] = set()
+        self.minted: list[dict[str, Any]] = []  # every mint answer, in order
+
+    def route(self, method: str, path: str) -> str:
+        if (method, path) == ("GET", self.mint_path):
+            return "mint"
+        return super().route(method, path)
+
+    def handle(self, seen: Seen, query: str, body: bytes) -> tuple[int, dict[str, str], Any]:
+        if seen.endpoint == "mint":
+            return self.mint(seen)
+        return super().handle(seen, query, body)
+
+    def check_headers(self, checks: Checks, seen: Seen) -> None:
+        accept = [v.split(";")[0].strip() for v in seen.headers.get("accept", "").split(",")]
+        if "application/json" not in accept:
+            checks.fail("Accept must include application/json (else GitHub answers a form)")
+
+    def device_answer(self, grant: DeviceGrant) -> dict[str, Any]:
+        return {
+            "device_code": grant.device_code,
+            "user_code": grant.user_code,
+            "verification_uri": self.verification_uri,
+            "expires_in": 900,
+            "interval": self.interval,
+        }
+
+    def token_response(self, *, with_refresh_token: bool = True) -> dict[str, Any]:
+        """A GitHub token: long-lived, no refresh token, no expiry."""
+        answer = {
+            "access_token": canary("ghu_copilot"),
+            "token_type": "bearer",
+            "scope": "read:user",
+        }
+        with self.lock:
+            self.github_tokens.add(answer["access_token"])
+            self.issued.append(answer)
+        return answer
+
+    def refresh(self, seen: Seen) -> tuple[int, dict[str, str], Any]:
+        raise Refused(
+            ["this client's GitHub token has no refresh grant: mint a Copilot token with it"],
+            "unsupported_grant_type",
+        )
+
+    def seed_refresh_token(self) -> str:
+        """A GitHub token this provider knows (as if a device login had issued it earlier)."""
+        token = canary("ghu_seed")
+        with self.lock:
+            self.github_tokens.add(token)
+        return token
+
+    @property
+    def github_token(self) -> str:
+        """The GitHub token of the last device login."""
+        token: str = self.issued[-1]["access_token"]
+        return token
+
+    def revoke(self, github_token: str) -> None:
+        """The person revokes the GitHub login (or loses Copilot): mints with it get 401."""
+        with self.lock:
+            self.github_tokens.discard(github_token)
+
+    def mint(self, seen: Seen) -> tuple[int, dict[str, str], Any]:
+        checks = Checks()
+        scheme, _, credential = seen.headers.get("authorization", "").partition(" ")
+        with self.lock:
+            known = credential in self.github_tokens
+        if scheme != "token":
+            checks.fail(f"Authorization must be 'token <GitHub token>', got scheme {scheme!r}")
+        elif not known:
+            checks.fail("unknown or revoked GitHub token")
+        for name in self.mint_headers:
+            if not seen.headers.get(name.lower()):
+                checks.fail(f"missing header {name}")
+        if checks.problems:
+            seen.problems = checks.problems
+            return 401, {}, {"message": "Bad credentials"}
+        expires_at = int(time.time()) + 1800
+        answer = {
+            "token": f"tid={canary('copilot')};exp={expires_at};sku=free_limited_copilot",
+            "expires_at": expires_at,
+            "refresh_in": 1500,
+            "endpoints": {"api": self.api},
+        }
+        with self.lock:
+            self.minted.append(answer)
+        return 200, {}, answer

@@ -1,7 +1,8 @@
-"""The codex, gemini and qwen presets on the wire, against strict providers (``strict_providers.py``).
+"""The codex, gemini, qwen, claude and copilot presets on the wire, against strict providers (``strict_providers.py``).
 
 Each strict provider accepts only what the provider's own client sends (the
-Codex CLI, Gemini CLI, Qwen Code: sources in ``strict_providers.py``) and
+Codex CLI, Gemini CLI, Qwen Code, Claude Code, Copilot's client as
+copilot-api has it: sources in ``strict_providers.py``) and
 answers anything else 400 ``invalid_request`` naming the rule. The config
 written here takes the preset and overrides **only** the endpoint URLs (to
 point at the strict provider on 127.0.0.1), so scopes, extra authorization
@@ -34,9 +35,12 @@ import pytest
 from strict_providers import (
     FORM,
     JSON,
+    Claude,
     Codex,
+    Copilot,
     Gemini,
     Qwen,
+    Seen,
     StrictProvider,
     canary,
     s256,
@@ -160,6 +164,18 @@ def gemini() -> Iterator[Gemini]:
 @pytest.fixture
 def qwen() -> Iterator[Qwen]:
     with Qwen() as provider:
+        yield provider
+
+
+@pytest.fixture
+def claude() -> Iterator[Claude]:
+    with Claude() as provider:
+        yield provider
+
+
+@pytest.fixture
+def copilot() -> Iterator[Copilot]:
+    with Copilot() as provider:
         yield provider
 
 
@@ -538,6 +554,275 @@ def test_qwen_login_says_the_free_tier_ended_on_2026_04_15(
     login.close()
 
 
+# -- Claude Code --------------------------------------------------------------------------
+
+
+def claude_redirect_ok(uri: str) -> bool:
+    """Claude Code's redirect: http://localhost:<port>/callback, nothing else."""
+    parts = urlsplit(uri)
+    return (
+        (parts.scheme, parts.hostname, parts.path) == ("http", "localhost", "/callback")
+        and parts.port is not None
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+def test_1_2_claude_authorize_is_claude_codes_with_file_upload_scope(
+    claude: Claude, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Items 1 and 2: the authorization URL is Claude Code 2.1.112's, parameter for parameter.
+
+    cli.js: ``code=true``, client_id 9d1c250a-..., response_type=code,
+    redirect_uri http://localhost:<port>/callback (host localhost, not
+    127.0.0.1), scope exactly "org:create_api_key user:profile user:inference
+    user:sessions:claude_code user:mcp_servers user:file_upload" (item 2: with
+    user:file_upload), S256 PKCE, state. No other parameter. Only the host and
+    path come from the test's ``authorization_url``. Then the login completes.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(claude.config_toml())
+    login = start_login(dirs, "claude")
+    url = login.auth_url()
+    params = query(url)
+    assert url.startswith(claude.url("/cai/oauth/authorize") + "?"), url
+    assert params.get("code") == "true", params
+    assert params.get("client_id") == Claude.client_id, params
+    assert params.get("response_type") == "code", params
+    assert params.get("scope") == Claude.scope, params
+    assert "user:file_upload" in params.get("scope", "").split(" "), params
+    assert claude_redirect_ok(params.get("redirect_uri", "")), params
+    assert params.get("code_challenge_method") == "S256", params
+    assert params.get("state"), params
+    assert set(params) == {
+        "code",
+        "client_id",
+        "response_type",
+        "redirect_uri",
+        "scope",
+        "code_challenge",
+        "code_challenge_method",
+        "state",
+    }, params
+    assert claude.authorize_problems(url) == [], url
+    page = authorize_in_browser(url)
+    assert page.status_code == 200, page.text
+    assert_logged_in(dirs, claude, login)
+
+
+def test_1_claude_code_exchange_is_json_with_state_and_the_localhost_redirect(
+    claude: Claude, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Item 1: Claude Code exchanges the code with a JSON body that carries the state.
+
+    cli.js: ``POST`` TOKEN_URL, ``Content-Type: application/json``, exactly
+    {grant_type=authorization_code, code, redirect_uri, client_id,
+    code_verifier, state}: the redirect_uri and state identical to the
+    authorization request's (redirect on localhost), the verifier matching
+    its S256 challenge. A form body, or a missing state, is refused.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(claude.config_toml())
+    login = start_login(dirs, "claude")
+    params = query(login.auth_url())
+    page = browse_to(claude.redirect_for(params))
+    assert page.status_code == 200, page.text
+    exchange = claude.only("exchange")
+    assert exchange.content_type == JSON, claude.describe()
+    assert set(exchange.fields) == {
+        "grant_type",
+        "code",
+        "redirect_uri",
+        "client_id",
+        "code_verifier",
+        "state",
+    }, claude.describe()
+    assert exchange.fields["grant_type"] == "authorization_code"
+    assert exchange.fields["client_id"] == Claude.client_id
+    assert exchange.fields["state"] == params["state"]
+    assert exchange.fields["redirect_uri"] == params["redirect_uri"]
+    assert claude_redirect_ok(exchange.fields["redirect_uri"]), exchange.fields["redirect_uri"]
+    assert s256(exchange.fields["code_verifier"]) == params["code_challenge"]
+    assert_logged_in(dirs, claude, login)
+
+
+def test_2_claude_refresh_is_json_with_the_claude_ai_scopes(
+    claude: Claude, background_daemon: Dirs
+) -> None:
+    """Item 2: Claude Code refreshes with JSON {grant_type, refresh_token, client_id, scope}.
+
+    cli.js: the scope is the Claude.ai list, "user:profile user:inference
+    user:sessions:claude_code user:mcp_servers user:file_upload" (the
+    login's less org:create_api_key), Content-Type application/json.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(claude.config_toml())
+    proc = refresh_through_daemon(dirs, claude)
+    refreshes = claude.seen("refresh")
+    assert refreshes, f"no refresh reached the provider: {claude.describe()} {proc.stderr}"
+    assert refreshes[0].content_type == JSON, claude.describe()
+    assert set(refreshes[0].fields) == {
+        "grant_type",
+        "refresh_token",
+        "client_id",
+        "scope",
+    }, claude.describe()
+    assert refreshes[0].fields.get("scope") == Claude.refresh_scope, refreshes[0].fields.get(
+        "scope"
+    )
+    assert "user:file_upload" in refreshes[0].fields.get("scope", "").split(" ")
+    assert_refreshed(claude, proc)
+
+
+# -- Copilot ------------------------------------------------------------------------------
+
+
+def assert_minted_with(copilot: Copilot, mint: Seen, github_token: str) -> None:
+    """A right second exchange: ``Authorization: token <GitHub token>`` and the editor headers."""
+    assert mint.method == "GET", copilot.describe()
+    assert mint.headers.get("authorization") == f"token {github_token}", copilot.describe()
+    for name in Copilot.mint_headers:
+        assert mint.headers.get(name.lower()), (name, copilot.describe())
+    assert not mint.refused, copilot.describe()
+
+
+def status_entry(dirs: Dirs, provider: str) -> tuple[dict[str, Any], str]:
+    """The ``tokens`` entry of *provider* in ``credproxy status --json``, and the raw output."""
+    proc = cli(dirs, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    entries = [
+        t for t in json.loads(proc.stdout).get("tokens", []) if t.get("provider") == provider
+    ]
+    assert len(entries) == 1, proc.stdout
+    return entries[0], proc.stdout + proc.stderr
+
+
+def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back(
+    copilot: Copilot, background_daemon: Dirs, start_login: StartLogin
+) -> None:
+    """Item 8: the login is GitHub's device flow, then Copilot's second exchange; the minted token is served.
+
+    copilot-api: device authorization {client_id=Iv1.b507a08c87ecfe98,
+    scope=read:user} with Accept: application/json; polls {client_id,
+    device_code, grant_type=device_code}, pending answered HTTP 200; then
+    ``GET /copilot_internal/v2/token`` with ``Authorization: token <GitHub
+    token>`` and Editor-Version, Editor-Plugin-Version, User-Agent. Stored:
+    access_token = the Copilot token, refresh_token = the GitHub token, expiry
+    = expires_at (status shows it, refreshable). ``credproxy token copilot``
+    in a session prints the Copilot token, never the GitHub token.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(copilot.config_toml())
+    login = start_login(dirs, "copilot")
+    device = copilot.wait_for("device")[0]
+    assert device.content_type in (FORM, JSON), copilot.describe()
+    assert set(device.fields) == {"client_id", "scope"}, copilot.describe()
+    assert device.fields == {"client_id": Copilot.client_id, "scope": "read:user"}
+    assert "application/json" in device.headers.get("accept", ""), device.headers.get("accept")
+    assert copilot.refusals == [], copilot.describe()
+    (grant,) = copilot.devices.values()
+    login.line(lambda s: grant.user_code in s)  # the person is shown the code
+    copilot.wait_for("poll")  # at least one pending poll (HTTP 200) first
+    copilot.approve(grant.user_code)
+    code = login.finish()
+    assert copilot.refusals == [], copilot.describe()
+    assert code == 0, login.stderr
+    polls = copilot.seen("poll")
+    assert len(polls) >= 2 and {p.status for p in polls} == {200}, copilot.describe()
+    for poll in polls:
+        assert poll.content_type in (FORM, JSON), copilot.describe()
+        assert poll.fields == {
+            "client_id": Copilot.client_id,
+            "device_code": grant.device_code,
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+        }, copilot.describe()
+    github_token = copilot.github_token
+    assert_minted_with(copilot, copilot.only("mint"), github_token)
+    (minted,) = copilot.minted
+    assert copilot.seen("refresh") == [], copilot.describe()
+
+    token = stored(dirs, "copilot")
+    assert token["access_token"] == minted["token"], "the stored access token is not the minted one"
+    assert token["access_token"] != github_token
+    assert token["refresh_token"] == github_token, "the GitHub token is not the refresh token"
+    assert token["expiry"] == minted["expires_at"], (token["expiry"], minted["expires_at"])
+    entry, status_text = status_entry(dirs, "copilot")
+    assert entry.get("refreshable") is True, entry
+    left = minted["expires_at"] - time.time()
+    assert left - 10 <= entry.get("expires_in", -1) <= left + 1, entry  # the minted expiry
+    assert entry.get("expiry", minted["expires_at"]) == minted["expires_at"], entry
+    assert_no_canary(login.stdout, login.stderr, status_text)
+
+    proc = cli(dirs, "run", "--allow", "copilot", "--", CREDPROXY, "token", "copilot")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == minted["token"]
+    assert github_token not in proc.stdout + proc.stderr
+    assert_no_canary(proc.stderr)
+    assert len(copilot.seen("mint")) == 1, copilot.describe()  # 30 minutes left: served as is
+
+
+def test_8_copilot_renewal_is_the_second_exchange_with_the_github_token(
+    copilot: Copilot, background_daemon: Dirs
+) -> None:
+    """Item 8: an expired Copilot token is renewed by minting again with the stored GitHub token.
+
+    Exactly one ``GET /copilot_internal/v2/token`` with ``Authorization: token
+    <GitHub token>`` (no refresh grant at GitHub's token endpoint); the
+    session gets the new Copilot token; the GitHub token stays the refresh
+    token and never reaches the terminal.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(copilot.config_toml())
+    proc = refresh_through_daemon(dirs, copilot)  # imports an expired token, then asks for it
+    (github_token,) = copilot.github_tokens
+    assert copilot.refusals == [], copilot.describe()
+    assert [r.endpoint for r in copilot.requests] == ["mint"], copilot.describe()
+    assert_minted_with(copilot, copilot.only("mint"), github_token)
+    assert proc.returncode == 0, proc.stderr
+    (minted,) = copilot.minted
+    assert proc.stdout.strip() == minted["token"]
+    assert github_token not in proc.stdout + proc.stderr
+    token = stored(dirs, "copilot")
+    assert token["access_token"] == minted["token"]
+    assert token["refresh_token"] == github_token
+    assert token["expiry"] == minted["expires_at"]
+    log = dirs.runtime / "daemon.log"
+    if log.exists():
+        assert github_token not in log.read_text()
+
+
+def test_8_copilot_mint_refused_401_means_login_again(
+    copilot: Copilot, background_daemon: Dirs
+) -> None:
+    """Item 8: a 401 from the second exchange (GitHub login revoked) means re-authentication.
+
+    ``credproxy token copilot`` exits 4 (README "Exit codes": re-authentication
+    required) with one line on stderr naming ``credproxy login copilot``; no
+    token is printed.
+    """
+    dirs = background_daemon
+    dirs.config.write_text(copilot.config_toml())
+    github_token = copilot.seed_refresh_token()
+    old = {
+        "access_token": canary("old-copilot"),
+        "refresh_token": github_token,
+        "expiry": int(time.time()) - 60,
+    }
+    copilot.revoke(github_token)  # the person revoked the GitHub login since
+    imported = cli(dirs, "import", "copilot", input=json.dumps(old))
+    assert imported.returncode == 0, imported.stderr
+    proc = cli(dirs, "run", "--allow", "copilot", "--", CREDPROXY, "token", "copilot")
+    mints = copilot.seen("mint")
+    assert mints, f"no mint reached the provider: {copilot.describe()} {proc.stderr}"
+    for mint in mints:
+        assert mint.status == 401
+        assert mint.problems == ["unknown or revoked GitHub token"], copilot.describe()
+    assert proc.returncode == 4, (proc.returncode, proc.stderr)
+    assert "credproxy login copilot" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    assert_no_canary(imported.stdout, imported.stderr, proc.stdout, proc.stderr)
+
+
 # -- the strict providers themselves ----------------------------------------------------
 
 
@@ -680,4 +965,182 @@ def test_strict_provider_config_overrides_only_the_endpoints(
     assert qwen.config_toml().splitlines()[2:] == [
         f'device_authorization_url = "{qwen.base}/api/v1/oauth2/device/code"',
         f'token_url = "{qwen.base}/api/v1/oauth2/token"',
+    ]
+
+
+def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
+    claude: Claude, copilot: Copilot
+) -> None:
+    """A check of the checker, for the Claude and Copilot stand-ins.
+
+    Claude: a 127.0.0.1 redirect, a missing ``code=true``, a form exchange, an
+    exchange without or with another state, a refresh without the scope or
+    with the login's, a form refresh: 400 invalid_request naming the rule.
+    Copilot: form and JSON are both taken, a missing Accept or another scope
+    refused; pending is HTTP 200; a refresh grant is unsupported; a mint with
+    ``Bearer``, without Editor-Version or with a revoked token is 401 "Bad
+    credentials"; each right mint is a new token.
+    """
+    verifier = "w" * 43 + "-xyz"
+    challenge = s256(verifier)
+    cases: list[tuple[httpx.Response, str | None]] = []
+    redirect = "http://localhost:54545/callback"
+    authorize = {
+        "code": "true",
+        "client_id": Claude.client_id,
+        "response_type": "code",
+        "redirect_uri": redirect,
+        "scope": Claude.scope,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "state": "st-1",
+    }
+    ok = httpx.get(claude.url("/cai/oauth/authorize"), params=authorize, trust_env=False)
+    assert ok.status_code == 302, ok.text
+    assert query(ok.headers["location"])["state"] == "st-1"
+    for bad, broken in (
+        ({**authorize, "redirect_uri": "http://127.0.0.1:54545/callback"}, "redirect_uri must be"),
+        ({k: v for k, v in authorize.items() if k != "code"}, "missing field code"),
+        ({**authorize, "scope": Claude.refresh_scope}, "scope must be"),
+    ):
+        answer = httpx.get(claude.url("/cai/oauth/authorize"), params=bad, trust_env=False)
+        cases.append((answer, broken))
+
+    def code() -> str:
+        return query(claude.redirect_for(authorize))["code"]
+
+    exchange = {
+        "grant_type": "authorization_code",
+        "redirect_uri": redirect,
+        "client_id": Claude.client_id,
+        "code_verifier": verifier,
+        "state": "st-1",
+    }
+    path = "/v1/oauth/token"
+    cases.append((_post(claude, path, {**exchange, "code": code()}), "Content-Type must be"))
+    no_state = {k: v for k, v in exchange.items() if k != "state"}
+    cases.append((_post(claude, path, {**no_state, "code": code()}, True), "missing field state"))
+    other = {**exchange, "state": "st-2", "code": code()}
+    cases.append((_post(claude, path, other, True), "state must be"))
+    cases.append((_post(claude, path, {**exchange, "code": code()}, True), None))
+
+    refresh = {
+        "grant_type": "refresh_token",
+        "client_id": Claude.client_id,
+        "scope": Claude.refresh_scope,
+    }
+    rt = claude.seed_refresh_token()
+    no_scope = {k: v for k, v in refresh.items() if k != "scope"}
+    cases.append(
+        (_post(claude, path, {**no_scope, "refresh_token": rt}, True), "missing field scope")
+    )
+    login_scope = {**refresh, "refresh_token": rt, "scope": Claude.scope}
+    cases.append((_post(claude, path, login_scope, True), "scope must be"))
+    cases.append((_post(claude, path, {**refresh, "refresh_token": rt}), "Content-Type must be"))
+    cases.append((_post(claude, path, {**refresh, "refresh_token": rt}, True), None))
+
+    accept = {"Accept": "application/json"}
+    device = {"client_id": Copilot.client_id, "scope": "read:user"}
+    device_url = copilot.url("/login/device/code")
+    as_form = httpx.post(device_url, data=device, headers=accept, trust_env=False)
+    as_json = httpx.post(device_url, json=device, headers=accept, trust_env=False)
+    cases += [(as_form, None), (as_json, None)]
+    assert set(as_form.json()) == {
+        "device_code",
+        "user_code",
+        "verification_uri",
+        "expires_in",
+        "interval",
+    }
+    assert as_form.json()["interval"] == 1
+    cases.append((httpx.post(device_url, data=device, trust_env=False), "Accept must include"))
+    email = {**device, "scope": "user:email"}
+    cases.append(
+        (httpx.post(device_url, data=email, headers=accept, trust_env=False), "scope must be")
+    )
+
+    token_url = copilot.url("/login/oauth/access_token")
+    poll = {
+        "client_id": Copilot.client_id,
+        "device_code": as_json.json()["device_code"],
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+    }
+    pending = httpx.post(token_url, data=poll, headers=accept, trust_env=False)
+    assert (pending.status_code, pending.json()) == (200, {"error": "authorization_pending"})
+    copilot.approve(as_json.json()["user_code"])
+    approved = httpx.post(token_url, json=poll, headers=accept, trust_env=False)
+    assert approved.status_code == 200, approved.text
+    github = approved.json()
+    assert set(github) == {"access_token", "token_type", "scope"}, github  # no refresh, no expiry
+    assert github["access_token"] == copilot.github_token
+    unsupported = httpx.post(
+        token_url,
+        data={"grant_type": "refresh_token", "refresh_token": github["access_token"]},
+        headers=accept,
+        trust_env=False,
+    )
+    assert unsupported.status_code == 400
+    assert unsupported.json()["error"] == "unsupported_grant_type"
+
+    mint_url = copilot.url("/copilot_internal/v2/token")
+    editor = {
+        "Editor-Version": "vscode/1.104.3",
+        "Editor-Plugin-Version": "copilot-chat/0.26.7",
+        "User-Agent": "GitHubCopilotChat/0.26.7",
+    }
+    gh = github["access_token"]
+    refused = [
+        {**editor, "Authorization": f"Bearer {gh}"},
+        {"Authorization": f"token {gh}", "User-Agent": "x"},
+        {**editor, "Authorization": "token ghu_unknown"},
+    ]
+    for headers in refused:
+        answer = httpx.get(mint_url, headers=headers, trust_env=False)
+        assert (answer.status_code, answer.json()) == (401, {"message": "Bad credentials"})
+        assert gh not in answer.text
+    problems = [m.problems for m in copilot.seen("mint")]
+    assert "scheme 'Bearer'" in problems[0][0], problems
+    assert "missing header Editor-Version" in problems[1], problems
+    assert problems[2] == ["unknown or revoked GitHub token"], problems
+    first, second = (
+        httpx.get(mint_url, headers={**editor, "Authorization": f"token {gh}"}, trust_env=False)
+        for _ in range(2)
+    )
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert first.json()["token"] != second.json()["token"]
+    assert first.json()["refresh_in"] == 1500
+    assert first.json()["endpoints"] == {"api": "https://api.individual.githubcopilot.com"}
+    assert abs(first.json()["expires_at"] - (time.time() + 1800)) < 60
+    copilot.revoke(gh)
+    revoked = httpx.get(
+        mint_url, headers={**editor, "Authorization": f"token {gh}"}, trust_env=False
+    )
+    assert revoked.status_code == 401
+
+    for answer, rule in cases:
+        if rule is None:
+            assert answer.status_code in (200, 302), answer.text
+        else:
+            assert answer.status_code == 400, answer.text
+            body = answer.json()
+            assert body["error"] == "invalid_request", body
+            assert rule in body["error_description"], (rule, body)
+
+
+def test_claude_and_copilot_config_override_only_the_endpoints(
+    claude: Claude, copilot: Copilot
+) -> None:
+    """The provider tables the tests write for claude and copilot: the preset plus endpoint URLs."""
+    assert claude.config_toml().splitlines() == [
+        "[providers.claude]",
+        'preset = "claude"',
+        f'token_url = "{claude.base}/v1/oauth/token"',
+        f'authorization_url = "{claude.base}/cai/oauth/authorize"',
+    ]
+    assert copilot.config_toml().splitlines() == [
+        "[providers.copilot]",
+        'preset = "copilot"',
+        f'device_authorization_url = "{copilot.base}/login/device/code"',
+        f'token_url = "{copilot.base}/login/oauth/access_token"',
+        f'mint_url = "{copilot.base}/copilot_internal/v2/token"',
     ]
