@@ -41,9 +41,9 @@ def _stored(dirs: Dirs) -> dict[str, Any] | None:
     "expiry", ["soon", None, True, "1800003600", -5], ids=["soon", "null", "true", "str", "neg"]
 )
 async def test_a_stored_invalid_expiry_is_refreshed_before_serving(
-    start_daemon: StartDaemon, expiry: Any
+    start_daemon: StartDaemon, expiry: Any, no_secrets_in_logs: list[dict[str, Any]]
 ) -> None:
-    """get_token on a stored token with "expiry": "soon" refreshes first and serves the new token."""
+    """get_token on a stored token with "expiry": "soon" refreshes first and serves the new token; the log says why."""
     h = await start_daemon()
     minted = h.idp.mint()  # a real token family: its refresh token works at the IdP
     stale = {**minted, "access_token": AT_CANARY, "expiry": expiry}
@@ -53,6 +53,8 @@ async def test_a_stored_invalid_expiry_is_refreshed_before_serving(
     reply = await p.call("get_token", {"provider": "dev"})
     assert reply["ok"] is True, reply
     assert h.idp.refresh_count == 1, "the token with an invalid expiry was not refreshed"
+    (said,) = [e for e in no_secrets_in_logs if e["event"] == "token_expiry_invalid"]
+    assert "treated as expired" in said["why"]
     served = reply["data"]
     assert served["access_token"] != AT_CANARY
     assert h.idp.is_access_token_valid(served["access_token"])
