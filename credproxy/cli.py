@@ -495,6 +495,7 @@ def cmd_release(ns: Any) -> int:
 
 def _offline_status() -> dict[str, Any]:
     import time
+    from datetime import UTC, datetime
 
     from credproxy.core.policy import token_expiry
     from credproxy.errors import StoreError
@@ -512,6 +513,11 @@ def _offline_status() -> dict[str, Any]:
                 tokens.append(entry)
                 continue
             exp = token_expiry(tok)
+            entry["expiry"] = (
+                None
+                if exp is None
+                else datetime.fromtimestamp(exp, UTC).isoformat(timespec="seconds")
+            )
             entry["expires_in"] = None if exp is None else round(exp - now)
             entry["refreshable"] = bool(tok.get("refresh_token")) and exp is not None
             tokens.append(entry)

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import threading
 import time
+from datetime import UTC, datetime
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -750,7 +751,9 @@ def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back
     assert entry.get("refreshable") is True, entry
     left = minted["expires_at"] - time.time()
     assert left - 10 <= entry.get("expires_in", -1) <= left + 1, entry  # the minted expiry
-    assert entry.get("expiry", minted["expires_at"]) == minted["expires_at"], entry
+    # status says the expiry in ISO 8601, as the daemon's status does
+    expected = datetime.fromtimestamp(minted["expires_at"], UTC).isoformat(timespec="seconds")
+    assert entry["expiry"] == expected, entry
     assert_no_canary(login.stdout, login.stderr, status_text)
 
     proc = cli(dirs, "run", "--allow", "copilot", "--", CREDPROXY, "token", "copilot")
