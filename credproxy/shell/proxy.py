@@ -137,6 +137,20 @@ class Audit:
     sent: int = 0
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One request on its way: who asked, on which connection, where it goes, what is logged."""
+
+    session: Session
+    conn: h11.Connection
+    stream: trio.SocketStream
+    req: h11.Request
+    route: Route
+    url: str
+    audit: Audit  # audit.key is the key whose token the request carries
+    body: Body
+
+
 class ApiProxy:
     """Serves HTTP connections of session sockets (see the module docstring)."""
 
@@ -312,14 +326,15 @@ class ApiProxy:
             self._admit(session, link, req)
             route = self._route(session, method, req.target, req.headers)
             audit.path = "/" + route.rest
-            audit.key = key = await self._key(session, route)
+            audit.key = await self._key(session, route)
             if self._streams.get(session.id, 0) >= self.cfg.proxy.max_streams:
                 raise HttpError(503, "too many proxied requests in flight for this session")
             self._streams[session.id] = self._streams.get(session.id, 0) + 1
             self._in_flight += 1
             try:
                 url = f"{route.base_url.rstrip('/')}/{route.rest}{route.query}"
-                await self._forward(session, conn, stream, req, key, url, route, audit)
+                body = Body(self, conn, stream)
+                await self._forward(Exchange(session, conn, stream, req, route, url, audit, body))
             finally:
                 self._streams[session.id] -= 1
                 self._in_flight -= 1
@@ -458,34 +473,24 @@ class ApiProxy:
             raise HttpError(404, _NO_API)
         return key
 
-    async def _forward(
-        self,
-        session: Session,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        req: h11.Request,
-        key: Key,
-        url: str,
-        route: Route,
-        audit: Audit,
-    ) -> None:
+    async def _forward(self, x: Exchange) -> None:
         """Forward one request and stream its answer back, watching the client throughout.
 
         While the request is forwarded, the connection is in :attr:`hangups`:
         if the client closes it (or breaks it), the upstream request is
         cancelled at once, whether or not its answer has begun.
         """
-        body = Body(self, conn, stream)
+        body = x.body
         failure: Exception | None = None
-        with self.hangups.watch(stream.socket.fileno()) as hangup:
+        with self.hangups.watch(x.stream.socket.fileno()) as hangup:
             try:
-                await self._attempts(session, conn, stream, req, key, url, route, body, audit)
+                await self._attempts(x)
             except Exception as exc:  # re-raised below, after the checks
                 failure = exc
             finally:
                 body.release()
                 await body.aclose()
-        if (hangup.gone or body.gone) and conn.our_state not in (h11.DONE, h11.MUST_CLOSE):
+        if (hangup.gone or body.gone) and x.conn.our_state not in (h11.DONE, h11.MUST_CLOSE):
             # (A client that closes once it has the whole answer has not gone early.)
             raise ClientGone
         if body.too_slow:
@@ -493,72 +498,57 @@ class ApiProxy:
         if failure is not None:
             raise failure
 
-    async def _attempts(
-        self,
-        session: Session,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        req: h11.Request,
-        key: Key,
-        url: str,
-        route: Route,
-        body: Body,
-        audit: Audit,
-    ) -> None:
+    async def _attempts(self, x: Exchange) -> None:
         """Send; after a 401 maybe again with a newer token, after a 429 on the next bucket."""
-        entry = await self._token(session, key)
-        method = req.method.decode("ascii")
-        framing = {name.lower(): value for name, value in req.headers}
+        key, body = x.audit.key, x.body
+        assert key is not None
+        entry = await self._token(x.session, key)
+        framing = {name.lower(): value for name, value in x.req.headers}
         has_body = b"transfer-encoding" in framing or framing.get(b"content-length", b"0") != b"0"
         if not has_body:
             # No body: none is sent (a GET must not go out as an empty chunked body).
-            await self._next_event(conn, stream)  # the request's EndOfMessage
+            await self._next_event(x.conn, x.stream)  # the request's EndOfMessage
             body.complete = True
-        upstream = await self._send(
-            session, method, url, req, key, entry, body.source() if has_body else b""
-        )
+        upstream = await self._send(x, key, entry, body.source() if has_body else b"")
         try:
             if upstream.status == 401 and body.whole():
                 newer = await self.tokens.after_rejection(key, entry)
                 if newer is not None:
                     await self._close(upstream)
-                    self.ops.publish(session, key, newer)
-                    upstream = await self._send(session, method, url, req, key, newer, body.copy())
+                    self.ops.publish(x.session, key, newer)
+                    upstream = await self._send(x, key, newer, body.copy())
             if upstream.status == 429:
                 self.tokens.mark_quota(key, _retry_after(upstream.headers))
                 if (
                     body.whole()
-                    and route.bucket is None
-                    and (self.ops.profile(session, key.provider) is not None)
+                    and x.route.bucket is None
+                    and self.ops.profile(x.session, key.provider) is not None
                 ):
                     # Several accounts, asked without a bucket: once more, on the
                     # bucket get_token serves now (the held one is passed over).
-                    retried = await self._on_next_bucket(session, key, method, url, req, body)
+                    retried = await self._on_next_bucket(x, key)
                     if retried is not None:
                         await self._close(upstream)
-                        key, upstream = retried
-                        audit.key = key
+                        x.audit.key, upstream = retried
                         if upstream.status == 429:
-                            self.tokens.mark_quota(key, _retry_after(upstream.headers))
+                            self.tokens.mark_quota(x.audit.key, _retry_after(upstream.headers))
             body.release()  # no retry from here on: a long stream does not keep the body
-            audit.status = upstream.status
-            await self._relay(conn, stream, upstream, audit)
+            x.audit.status = upstream.status
+            await self._relay(x, upstream)
         finally:
             await self._close(upstream)
 
-    async def _on_next_bucket(
-        self, session: Session, key: Key, method: str, url: str, req: h11.Request, body: Body
-    ) -> tuple[Key, UpstreamResponse] | None:
+    async def _on_next_bucket(self, x: Exchange, key: Key) -> tuple[Key, UpstreamResponse] | None:
         """The request sent again with the token of the bucket get_token serves now, if another."""
         try:
-            other = await self.ops.pick(session, key.provider)
+            other = await self.ops.pick(x.session, key.provider)
             entry = self.tokens.entry(other)
         except CredproxyError:
             return None
-        if entry is None or other == key or body.kept is None:
+        if entry is None or other == key or not x.body.whole():
             return None
-        self.ops.publish(session, other, entry)
-        return other, await self._send(session, method, url, req, other, entry, body.copy())
+        self.ops.publish(x.session, other, entry)
+        return other, await self._send(x, other, entry, x.body.copy())
 
     async def _token(self, session: Session, key: Key) -> Entry:
         """The token get_token would serve for *key* (its first use schedules the renewal)."""
@@ -573,25 +563,18 @@ class ApiProxy:
         self.ops.publish(session, key, entry)
         return entry
 
-    async def _send(
-        self,
-        session: Session,
-        method: str,
-        url: str,
-        req: h11.Request,
-        key: Key,
-        entry: Entry,
-        content: Any,
-    ) -> UpstreamResponse:
+    async def _send(self, x: Exchange, key: Key, entry: Entry, content: Any) -> UpstreamResponse:
+        """Send *x*'s request upstream with *key*'s token (*content*: bytes or an iterator)."""
         headers = httprules.upstream_headers(
-            req.headers, self._template(session, key, entry), self.cfg.proxy.strip_headers
+            x.req.headers, self._template(x.session, key, entry), self.cfg.proxy.strip_headers
         )
         if not any(name.lower() == "accept-encoding" for name, _ in headers):
             # httpx would ask for gzip on its own, and the body is relayed as
             # it comes: a client that did not ask for compression gets none.
             headers.append(("accept-encoding", "identity"))
+        method = x.req.method.decode("ascii")
         try:
-            return await self.client.send(method, url, headers, content)
+            return await self.client.send(method, x.url, headers, content)
         except UpstreamUnavailable as exc:
             raise HttpError(502, str(exc)) from None
 
@@ -628,14 +611,9 @@ class ApiProxy:
 
         return {header: _FIELD.sub(fill, template) for header, template in prov.api.headers.items()}
 
-    async def _relay(
-        self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        upstream: UpstreamResponse,
-        audit: Audit,
-    ) -> None:
-        """Send the upstream's answer as it arrives (the watcher cancels it if the client goes)."""
+    async def _relay(self, x: Exchange, upstream: UpstreamResponse) -> None:
+        """Send the upstream's answer as it arrives (a hang-up cancels it: :class:`Hangups`)."""
+        conn, stream = x.conn, x.stream
         headers = [(n, v) for n, v in upstream.headers if n.lower() not in HOP_BY_HOP]
         await stream.send_all(
             conn.send(h11.Response(status_code=upstream.status, headers=headers)) or b""
@@ -645,7 +623,7 @@ class ApiProxy:
                 async for chunk in chunks:
                     if chunk:
                         await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
-                        audit.sent += len(chunk)
+                        x.audit.sent += len(chunk)
                         self._moved += len(chunk)
         except UpstreamUnavailable as exc:
             log.warning("api_upstream_broke_off", error=str(exc))
