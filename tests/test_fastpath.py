@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -598,3 +599,21 @@ async def test_a_refreshed_token_is_audited_at_once_with_the_old_tokens_count(
     served = [e for e in no_secrets_in_logs if e["event"] == "token_served"]
     assert [e["count"] for e in served] == [1, 4, 1]
     assert served[0]["fp"] == served[1]["fp"] != served[2]["fp"]
+
+
+async def test_thread_mode_a_connection_handed_over_after_the_loop_stopped_is_closed_and_counted(
+    start_daemon: StartDaemon,
+) -> None:
+    """Shutdown loses no command: a connection accepted as the loop stops is closed, and the session's count comes back down."""
+    h = await start_daemon(serving_thread=True)
+    h.login()
+    s = await h.session("dev")
+    h.daemon.fast.stop()
+    left, right = socket.socketpair(socket.AF_UNIX)
+    s.connections += 1  # as the accept loop counts it before the hand-over
+    h.daemon.fast.add(left, s)
+    with trio.fail_after(5):
+        while s.connections:
+            await trio.sleep(0.01)
+    assert right.recv(16) == b""  # closed, not left open with nobody serving it
+    right.close()

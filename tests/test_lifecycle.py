@@ -3,6 +3,7 @@ SIGTERM, idle exit, the watchdog, and one daemon per runtime directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -373,3 +374,29 @@ def test_stale_control_socket_is_reclaimed(dirs: Dirs, spawn: Spawn) -> None:
     second.send_signal(signal.SIGTERM)
     assert wait_exit(second, 10) == 0, second_err.read_text()
     assert not path.exists()
+
+
+# --- a crash of the serving loop is never silent -----------------------------------------
+
+
+def test_a_crash_of_the_serving_loop_stops_the_daemon_non_zero(dirs: Dirs, spawn: Spawn) -> None:
+    """A bug in the serving loop (injected at its turn): the daemon exits 1 within a second, the client's socket closes, and the log says why; nothing is left half-alive."""
+    proc, stderr = serve(spawn, dirs, CREDPROXY_FAULT="crash:fastpath-turn")
+    wait_event(stderr, "daemon_ready", proc)
+    session = control(dirs, "open_session", {"grants": ["dev"], "watch_launcher": False})
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(5)
+    client.connect(session["socket"])
+    crashed_at = time.monotonic()
+    assert wait_exit(proc, 5) == 1, stderr.read_text()
+    assert time.monotonic() - crashed_at < 1.5
+    with contextlib.suppress(ConnectionResetError):
+        assert client.recv(4096) == b""  # closed, not left hanging
+    client.close()
+    events = [e.get("event") for e in log_events(stderr)]
+    assert "fastpath_crashed" in events
+    (failed,) = [e for e in log_events(stderr) if e.get("event") == "daemon_failed"]
+    assert "serving loop crashed" in failed["why"]
+    assert events.index("daemon_failed") < events.index("daemon_stopped")
+    assert not (dirs.runtime / "credproxy.sock").exists()
+    assert not Path(session["socket"]).exists()

@@ -48,14 +48,23 @@ from credproxy.errors import InvalidToken, StoreError
 
 # Fault injection for crash tests: when CREDPROXY_FAULT names a checkpoint, the
 # process stops itself there (SIGSTOP) so a test can SIGKILL it at exactly
-# that point. Read once; costs one comparison per checkpoint otherwise.
+# that point; "crash:NAME" raises there instead (a bug, as the code would meet
+# one). Read once; costs one comparison per checkpoint otherwise.
 _FAULT = os.environ.get("CREDPROXY_FAULT")
 
 
+class InjectedFault(RuntimeError):
+    """Raised at a checkpoint named by ``CREDPROXY_FAULT=crash:NAME`` (tests only)."""
+
+
 def fault_point(name: str) -> None:
-    """Stop the process here if ``CREDPROXY_FAULT`` names this checkpoint."""
-    if _FAULT is not None and name == _FAULT:
+    """Stop the process here if ``CREDPROXY_FAULT`` names this checkpoint (raise for crash:)."""
+    if _FAULT is None:
+        return
+    if name == _FAULT:
         os.kill(os.getpid(), signal.SIGSTOP)
+    elif _FAULT.startswith("crash:") and _FAULT[6:] == name:
+        raise InjectedFault(f"fault injected at {name}")
 
 
 def normalize_token(raw: Any, now: float) -> dict[str, Any]:

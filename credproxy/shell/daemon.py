@@ -102,8 +102,16 @@ class Daemon:
         self.control_connections = 0
         self.started = wall_clock()
         self.stop_event = trio.Event()
+        self.failure: str | None = None  # why the daemon stops on its own, if it does
 
     def stop(self) -> None:
+        self.stop_event.set()
+
+    def fail(self, why: str) -> None:
+        """Stop, and exit non-zero: something the daemon cannot serve without broke."""
+        if self.failure is None:
+            self.failure = why
+            log.error("daemon_failed", why=why, next="exiting with status 1")
         self.stop_event.set()
 
     # -- conveniences for callers in the same process (tests, docs) ------------
@@ -415,6 +423,7 @@ async def serve(
                                 to_trio=token.run_sync_soon,
                                 clock=time.monotonic,
                                 http=start_http,
+                                on_crash=lambda why: daemon.fail(why) if daemon else None,
                             )
                         else:
                             fast = FastPath(
@@ -423,6 +432,7 @@ async def serve(
                                 to_trio=_call_now,
                                 clock=trio.current_time,
                                 http=start_http,
+                                on_crash=lambda why: daemon.fail(why) if daemon else None,
                             )
                         changed = _status_notifier(lambda: daemon.sessions if daemon else None)
                         sessions = Sessions(
@@ -491,6 +501,12 @@ async def serve(
                 os.unlink(control_path)
         os.close(lock_fd)
         log.info("daemon_stopped")
+    if daemon is not None and daemon.failure is not None:
+        raise DaemonFailed(daemon.failure)
+
+
+class DaemonFailed(CredproxyError):
+    """The daemon stopped on its own because a part it cannot serve without broke."""
 
 
 def _call_now(fn: Callable[..., Any], *args: Any) -> None:
@@ -547,5 +563,8 @@ def main(idle_exit: float | None) -> int:
             with trio.CancelScope(shield=True):
                 await endpoint.aclose()
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except DaemonFailed:
+        return 1  # logged as daemon_failed, with the reason
     return 0

@@ -54,6 +54,7 @@ import trio
 
 from credproxy.core.config import Limits
 from credproxy.core.connection import NEED_DATA, Connection, Request, Send
+from credproxy.core.store import fault_point
 from credproxy.core.throttle import AUDIT_INTERVAL, ServeAudit
 from credproxy.errors import CredproxyError, ProtocolError
 from credproxy.shell import logs
@@ -129,9 +130,11 @@ class FastPath:
         to_trio: Callable[..., None],
         clock: Callable[[], float],
         http: Callable[[Any, socket.socket, bytes], None] | None = None,
+        on_crash: Callable[[str], None] | None = None,
     ) -> None:
         self.ops = ops
         self.http = http
+        self.on_crash = on_crash
         self.limits = limits
         self.to_trio = to_trio
         self.clock = clock
@@ -146,6 +149,7 @@ class FastPath:
         self._backlog: list[SandboxConnection] = []
         self._stopped = False
         self._closed = False
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # What the trio side asks of the loop (see add, deliver, revoke).
         self._handlers: dict[str, Callable[..., None]] = {
@@ -172,11 +176,21 @@ class FastPath:
         self._command("revoke", session)
 
     def _command(self, *command: Any) -> None:
-        if self._closed:
-            return  # the loop has stopped and closed every connection
-        self._commands.append(command)
-        with contextlib.suppress(OSError):  # closed by a loop stopping right now
-            os.eventfd_write(self._wake_fd, 1)
+        with self._lock:  # against _shutdown: a command is either run or refused, never lost
+            if not self._closed:
+                self._commands.append(command)
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(self._wake_fd, 1)
+                return
+        self._refused(command)
+
+    def _refused(self, command: tuple[Any, ...]) -> None:
+        """A command that came after the loop stopped: a connection handed over is closed."""
+        if command[0] == "add":
+            sock, session = command[1], command[2]
+            sock.close()
+            with contextlib.suppress(RuntimeError):  # trio.RunFinishedError: trio is gone too
+                self.to_trio(self.ops.connection_closed, session, None)
 
     # -- running -------------------------------------------------------------
 
@@ -203,8 +217,13 @@ class FastPath:
                 timeout = self._timeout()
                 events = self._epoll.poll(-1 if timeout is None else timeout)
                 self._turn(events)
-        except Exception:  # a bug: say so, and stop serving rather than spin
+        except Exception as exc:  # a bug: say so, and stop the daemon rather than half-serve
             log.exception("fastpath_crashed")
+            if self.on_crash is not None:
+                # Nothing is served from here on: the daemon exits non-zero
+                # (systemd restarts it) instead of accepting connections that
+                # no loop would answer.
+                self.to_trio(self.on_crash, f"the serving loop crashed ({type(exc).__name__})")
         finally:
             self._shutdown()
 
@@ -236,7 +255,11 @@ class FastPath:
         return max(0.0, due - self.clock())
 
     def _shutdown(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            left, self._commands = list(self._commands), collections.deque()
+        for command in left:
+            self._refused(command)
         for conn in list(self._conns.values()):
             self._close(conn, "daemon stopping")
         self._flush_audits(None, math.inf)
@@ -246,6 +269,7 @@ class FastPath:
     # -- one turn of the loop ------------------------------------------------
 
     def _turn(self, events: list[tuple[int, int]]) -> None:
+        fault_point("fastpath-turn")
         now = self.clock()
         conns = self._conns
         if self._backlog:
