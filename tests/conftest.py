@@ -15,16 +15,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 import pytest
@@ -408,3 +411,113 @@ def background_daemon(dirs: Dirs) -> Iterator[Dirs]:
     """Directories for tests whose `credproxy run` starts a daemon; it is stopped afterwards."""
     yield dirs
     stop_daemon(dirs)
+
+
+# --- `credproxy login` as a process ------------------------------------------------
+
+
+@dataclass
+class Login:
+    """A running ``credproxy login PROVIDER --no-browser``; a thread collects its stderr lines."""
+
+    proc: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+    stdout: str = ""
+    stderr: str = ""
+    reader: threading.Thread | None = None
+
+    def line(self, pred: Callable[[str], bool], timeout: float = 20) -> str:
+        """The next stderr line for which *pred* holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"credproxy login never printed the line; stderr so far: {self.seen}"
+            try:
+                line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                reader_done = self.reader is None or not self.reader.is_alive()
+                if self.proc.poll() is not None and reader_done and self.lines.empty():
+                    raise AssertionError(
+                        f"credproxy login exited {self.proc.returncode} without that line: "
+                        f"{''.join(self.seen)}"
+                    ) from None
+                continue
+            if pred(line):
+                return line
+
+    def auth_url(self) -> str:
+        return self.line(lambda s: s.startswith("http")).strip()
+
+    def callback_port(self, url: str) -> int:
+        """The port of the loopback redirect URI in the authorization URL *url*."""
+        redirect = dict(parse_qsl(urlsplit(url).query))["redirect_uri"]
+        port = urlsplit(redirect).port
+        assert port is not None
+        return port
+
+    def type_line(self, text: str) -> None:
+        """The person types *text* and Enter at credproxy's prompt (its standard input)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 30) -> int:
+        """Wait for the exit status; collect stdout and stderr, and close the pipes."""
+        code = self.proc.wait(timeout=timeout)
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read()
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        self.stderr = "".join(self.seen)
+        self.close()
+        return code
+
+    def close(self) -> None:
+        """End the process if it still runs (by its own handle), and close the pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+StartLogin = Callable[..., Login]
+
+
+@pytest.fixture
+def start_login() -> Iterator[StartLogin]:
+    """Start ``credproxy login PROVIDER --no-browser ARGS`` (``start(dirs, provider, *args)``).
+
+    Whatever still runs is ended after the test.
+    """
+    started: list[Login] = []
+
+    def start(dirs: Dirs, provider: str, *args: str) -> Login:
+        proc = subprocess.Popen(
+            [CREDPROXY, "login", provider, "--no-browser", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dirs.env(),
+        )
+        login = Login(proc)
+
+        def read() -> None:
+            assert proc.stderr is not None
+            for text in proc.stderr:
+                login.seen.append(text)
+                login.lines.put(text)
+
+        login.reader = threading.Thread(target=read, daemon=True)
+        login.reader.start()
+        started.append(login)
+        return login
+
+    yield start
+    for login in started:
+        login.close()

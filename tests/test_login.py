@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -26,7 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 import pytest
 
-from conftest import CREDPROXY, Dirs, cli
+from conftest import CREDPROXY, Dirs, Login, StartLogin, cli
 from credproxy.core import login as codec
 from credproxy.core.config import Provider
 from credproxy.core.login import code_challenge
@@ -35,6 +33,7 @@ from credproxy.shell.devidp import DevIdP
 #: Prefixes of every secret the development IdP issues (device code,
 #: authorization code, access and refresh tokens): none may reach a terminal.
 SECRET_PREFIXES = ("devdc-", "devac-", "devat-", "devrt-")
+Snapshot = dict[str, tuple[int, bytes]]
 OLD_TOKEN = {
     "access_token": "AT-OLD-CANARY-51c0",
     "refresh_token": "RT-OLD-CANARY-9e2a",
@@ -101,104 +100,9 @@ def idp(background_daemon: Dirs) -> Iterator[Idp]:
         proc.wait(timeout=10)
 
 
-@dataclass
-class Login:
-    """A running ``credproxy login``; its stderr lines are collected by a thread."""
-
-    proc: subprocess.Popen[str]
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
-    stdout: str = ""
-    stderr: str = ""
-
-    def line(self, pred: Callable[[str], bool], timeout: float = 20) -> str:
-        """The next stderr line for which *pred* holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"credproxy login never printed the line: {self.seen}"
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if pred(line):
-                return line
-
-    def finish(self, timeout: float = 30) -> int:
-        """Wait for the exit status; collect the output and close the pipes."""
-        code = self.proc.wait(timeout=timeout)
-        assert self.proc.stdout is not None and self.proc.stdin is not None
-        self.stdout = self.proc.stdout.read()
-        self._reader.join(timeout=5)
-        self.stderr = "".join(self.seen)
-        self.close()
-        return code
-
-    def close(self) -> None:
-        """End the process if it still runs (by its pid), and close the pipes."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-    def auth_url(self) -> str:
-        return self.line(lambda s: s.startswith("http")).strip()
-
-    def callback_port(self, url: str) -> int:
-        redirect = dict(parse_qsl(urlsplit(url).query))["redirect_uri"]
-        port = urlsplit(redirect).port
-        assert port is not None
-        return port
-
-    _reader: threading.Thread = field(init=False)
-
-
-StartLogin = Callable[..., Login]
-
-
-@pytest.fixture
-def start_login() -> Iterator[StartLogin]:
-    """Start ``credproxy login dev --no-browser ARGS``; whatever still runs is ended afterwards."""
-    started: list[Login] = []
-
-    def start(dirs: Dirs, *args: str) -> Login:
-        login = _spawn_login(dirs, *args)
-        started.append(login)
-        return login
-
-    yield start
-    for login in started:
-        login.close()
-
-
-def _spawn_login(dirs: Dirs, *args: str) -> Login:
-    proc = subprocess.Popen(
-        [CREDPROXY, "login", "dev", "--no-browser", *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dirs.env(),
-    )
-    login = Login(proc)
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            login.seen.append(line)
-            login.lines.put(line)
-
-    login._reader = threading.Thread(target=read, daemon=True)
-    login._reader.start()
-    return login
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+def snapshot(root: Path) -> Snapshot:
     """Every file and directory under *root*: mode and content (directories: empty)."""
-    out: dict[str, tuple[int, bytes]] = {}
+    out: Snapshot = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
@@ -208,11 +112,21 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
     return out
 
 
-def import_old(dirs: Dirs) -> dict[str, tuple[int, bytes]]:
+LoginDev = Callable[..., Login]
+
+
+@pytest.fixture
+def old_store(idp: Idp, background_daemon: Dirs) -> Snapshot:
     """Store an old token first, so that "unchanged" means it is still there, byte for byte."""
-    proc = cli(dirs, "import", "dev", input=json.dumps(OLD_TOKEN))
+    proc = cli(background_daemon, "import", "dev", input=json.dumps(OLD_TOKEN))
     assert proc.returncode == 0, proc.stderr
-    return snapshot(dirs.state)
+    return snapshot(background_daemon.state)
+
+
+@pytest.fixture
+def login_dev(idp: Idp, background_daemon: Dirs, start_login: StartLogin) -> LoginDev:
+    """``login_dev(*args)``: start ``credproxy login dev --no-browser ARGS`` against the IdP."""
+    return lambda *args: start_login(background_daemon, "dev", *args)
 
 
 def served(dirs: Dirs) -> tuple[str, dict[str, Any]]:
@@ -232,8 +146,11 @@ def served(dirs: Dirs) -> tuple[str, dict[str, Any]]:
     return token.strip(), json.loads(status)
 
 
-def assert_logged_in(dirs: Dirs, login: Login) -> None:
-    """The store holds a fresh IdP token, a sandbox is served it and its renewal is scheduled."""
+def assert_logged_in(dirs: Dirs, login: Login, *idps: Idp) -> None:
+    """The store holds a fresh IdP token, a sandbox is served it and its renewal is scheduled.
+
+    No secret reached the terminal, nor the log of any of *idps*.
+    """
     stored = json.loads((dirs.state / "tokens" / "dev" / "default.json").read_text())
     assert stored["access_token"].startswith("devat-")
     assert stored["refresh_token"].startswith("devrt-")
@@ -245,7 +162,7 @@ def assert_logged_in(dirs: Dirs, login: Login) -> None:
     assert any(
         (r["provider"], r["bucket"]) == ("dev", "default") and r["next_renewal"] for r in renewals
     ), status
-    assert_no_secrets(login)
+    assert_no_secrets(login, *idps)
 
 
 def assert_no_secrets(login: Login, *idps: Idp) -> None:
@@ -254,19 +171,27 @@ def assert_no_secrets(login: Login, *idps: Idp) -> None:
         assert not any(p in text for p in SECRET_PREFIXES), text
 
 
-def assert_failed_cleanly(dirs: Dirs, login: Login, before: dict[str, Any], why: str) -> None:
-    """Exit 1, one line on stderr saying *why*, the store byte-for-byte unchanged."""
+def assert_failed_cleanly(dirs: Dirs, login: Login, before: Snapshot, why: str, *idps: Idp) -> None:
+    """Exit 1, one line on stderr saying *why*, the store byte-for-byte unchanged, no secret shown.
+
+    (Nor in the log of any of *idps*.)
+    """
     assert login.finish() == 1
     last = login.stderr.strip().splitlines()[-1]
     assert last.startswith("credproxy login: ") and why in last, login.stderr
     assert "Traceback" not in login.stderr
     assert snapshot(dirs.state) == before
-    assert_no_secrets(login)
+    assert_no_secrets(login, *idps)
 
 
 def assert_port_closed(port: int) -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def params_of(url: str) -> dict[str, str]:
+    """The query parameters of *url*."""
+    return dict(parse_qsl(urlsplit(url).query))
 
 
 def user_code(login: Login) -> str:
@@ -276,14 +201,13 @@ def user_code(login: Login) -> str:
 # -- the device flow ------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("old_store")
 def test_device_flow_pending_then_slow_down_then_approved(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, idp: Idp, login_dev: LoginDev
 ) -> None:
     """Pending, then slow_down (honoured: +5 s), then approval stores the token and a sandbox is served it."""
-    dirs = background_daemon
-    import_old(dirs)
     assert served(dirs)[0] == OLD_TOKEN["access_token"]  # a daemon now runs with the old token
-    login = start_login(dirs)
+    login = login_dev()
     code = user_code(login)
     idp.wait_for(f"device poll {code}: authorization_pending")
     assert idp.device(code, "slow_down").status_code == 200
@@ -293,38 +217,32 @@ def test_device_flow_pending_then_slow_down_then_approved(
     assert f"device poll {code}: approved" in idp.events()
     assert "polled too fast" not in idp.events()  # the +5 s of slow_down was kept
     assert code in login.stderr  # the one value meant for the person
-    assert_logged_in(dirs, login)
-    assert_no_secrets(login, idp)
+    assert_logged_in(dirs, login, idp)
 
 
 @pytest.mark.parametrize(("action", "why"), [("deny", "denied"), ("expire", "expired")])
 def test_device_flow_denied_or_expired_stores_nothing(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin, action: str, why: str
+    dirs: Dirs, idp: Idp, old_store: Snapshot, login_dev: LoginDev, action: str, why: str
 ) -> None:
     """A denied or expired device code ends the login with one line and an unchanged store."""
-    dirs = background_daemon
-    before = import_old(dirs)
-    login = start_login(dirs, "--flow", "device")
+    login = login_dev("--flow", "device")
     code = user_code(login)
     assert idp.device(code, action).status_code == 200
-    assert_failed_cleanly(dirs, login, before, why)
-    assert_no_secrets(login, idp)
+    assert_failed_cleanly(dirs, login, old_store, why, idp)
 
 
 # -- authorization code + PKCE with a loopback redirect ---------------------------------
 
 
-def test_loopback_flow_approved(idp: Idp, background_daemon: Dirs, start_login: StartLogin) -> None:
+@pytest.mark.usefixtures("old_store")
+def test_loopback_flow_approved(dirs: Dirs, idp: Idp, login_dev: LoginDev) -> None:
     """The browser's redirect reaches the listener, the code is exchanged, the page says so, the port closes."""
-    dirs = background_daemon
-    import_old(dirs)
-    login = start_login(dirs, "--flow", "loopback")
+    login = login_dev("--flow", "loopback")
     url = login.auth_url()
     page = httpx.get(url, follow_redirects=True)
     assert page.status_code == 200 and "Logged in" in page.text
     assert login.finish() == 0, login.stderr
-    assert_logged_in(dirs, login)
-    assert_no_secrets(login, idp)
+    assert_logged_in(dirs, login, idp)
     assert_port_closed(login.callback_port(url))
 
 
@@ -333,20 +251,19 @@ def _forged(redirect: str, **params: str) -> str:
     return urlunsplit(urlsplit(redirect)._replace(query=urlencode(params)))
 
 
+@pytest.mark.usefixtures("old_store")
 def test_loopback_stray_requests_are_refused_and_the_login_goes_on(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, idp: Idp, login_dev: LoginDev
 ) -> None:
     """A wrong state, a missing state, a forged access_denied or /favicon.ico is refused; the real redirect after them logs in.
 
     Any web page in the person's browser can request the callback URL: such a
     request gets a 400 saying why, and must not end the login.
     """
-    dirs = background_daemon
-    import_old(dirs)
-    login = start_login(dirs, "--flow", "loopback")
+    login = login_dev("--flow", "loopback")
     url = login.auth_url()
     redirect = httpx.get(url).headers["location"]  # the IdP's real answer, not followed yet
-    real = dict(parse_qsl(urlsplit(redirect).query))
+    real = params_of(redirect)
     assert real["code"].startswith("devac-")
     port = login.callback_port(url)
     for forged in (
@@ -370,119 +287,98 @@ def test_loopback_stray_requests_are_refused_and_the_login_goes_on(
     assert page.status_code == 200 and "Logged in" in page.text
     assert login.finish() == 0, login.stderr
     assert login.stderr.count("does not match this login") == 1  # said once, not per request
-    assert_logged_in(dirs, login)
-    assert_no_secrets(login, idp)
+    assert_logged_in(dirs, login, idp)
     assert_port_closed(port)
 
 
 def test_loopback_wrong_state_then_no_answer_times_out(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, idp: Idp, old_store: Snapshot, login_dev: LoginDev
 ) -> None:
     """After a wrong-state callback the login waits on until --timeout; nothing is stored or exchanged."""
-    dirs = background_daemon
-    before = import_old(dirs)
-    login = start_login(dirs, "--flow", "loopback", "--timeout", "3")
+    login = login_dev("--flow", "loopback", "--timeout", "3")
     url = login.auth_url()
     redirect = httpx.get(url).headers["location"]
-    query = dict(parse_qsl(urlsplit(redirect).query))
+    query = params_of(redirect)
     page = httpx.get(_forged(redirect, code=query["code"], state="forged-state"))
     assert page.status_code == 400 and "does not match this login" in page.text
-    assert_failed_cleanly(dirs, login, before, "no answer within 3 s")
+    assert_failed_cleanly(dirs, login, old_store, "no answer within 3 s")
     assert "login family" not in idp.events()  # the code was never exchanged
     assert_port_closed(login.callback_port(url))
 
 
 def test_loopback_access_denied_with_the_right_state_ends_the_login(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, idp: Idp, old_store: Snapshot, login_dev: LoginDev
 ) -> None:
     """The identity provider's own access_denied (our state) is the person's answer: the login ends, nothing stored."""
-    dirs = background_daemon
-    before = import_old(dirs)
-    login = start_login(dirs, "--flow", "loopback")
+    login = login_dev("--flow", "loopback")
     url = login.auth_url()
     page = httpx.get(url + "&devidp_action=deny", follow_redirects=True)
     assert page.status_code == 400 and "access_denied" in page.text
-    assert_failed_cleanly(dirs, login, before, "access_denied")
+    assert_failed_cleanly(dirs, login, old_store, "access_denied")
     assert "authorization denied (scripted)" in idp.events()
     assert_port_closed(login.callback_port(url))
 
 
 def test_loopback_pkce_verifier_mismatch_is_refused_by_the_idp(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, idp: Idp, old_store: Snapshot, login_dev: LoginDev
 ) -> None:
     """When the IdP holds another challenge, it refuses credproxy's verifier; nothing is stored."""
-    dirs = background_daemon
-    before = import_old(dirs)
-    login = start_login(dirs, "--flow", "loopback")
+    login = login_dev("--flow", "loopback")
     parts = urlsplit(login.auth_url())
     query = dict(parse_qsl(parts.query))
     query["code_challenge"] = code_challenge("a-verifier-credproxy-does-not-have-0123456789")
     page = httpx.get(urlunsplit(parts._replace(query=urlencode(query))), follow_redirects=True)
     assert page.status_code == 400 and "invalid_grant" in page.text
-    assert_failed_cleanly(dirs, login, before, "invalid_grant")
+    assert_failed_cleanly(dirs, login, old_store, "invalid_grant")
     assert "PKCE verifier does not match" in idp.events()
 
 
 def test_loopback_time_out_ends_the_wait_cleanly(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, old_store: Snapshot, login_dev: LoginDev
 ) -> None:
     """With no browser answer, --timeout ends the login with one line; store unchanged, port closed."""
-    dirs = background_daemon
-    before = import_old(dirs)
-    login = start_login(dirs, "--flow", "loopback", "--timeout", "1")
+    login = login_dev("--flow", "loopback", "--timeout", "1")
     url = login.auth_url()
-    assert_failed_cleanly(dirs, login, before, "no answer within 1 s")
+    assert_failed_cleanly(dirs, login, old_store, "no answer within 1 s")
     assert_port_closed(login.callback_port(url))
 
 
 def test_ctrl_c_leaves_the_store_unchanged_and_no_listener(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, old_store: Snapshot, login_dev: LoginDev
 ) -> None:
     """SIGINT while waiting for the browser exits 130, stores nothing and closes the port."""
-    dirs = background_daemon
-    before = import_old(dirs)
-    login = start_login(dirs, "--flow", "loopback")
+    login = login_dev("--flow", "loopback")
     url = login.auth_url()
     login.line(lambda s: s.startswith("Waiting"))
     login.proc.send_signal(signal.SIGINT)
     assert login.finish() == 130
     assert "Traceback" not in login.stderr
-    assert snapshot(dirs.state) == before
+    assert snapshot(dirs.state) == old_store
     assert_port_closed(login.callback_port(url))
 
 
 # -- paste ---------------------------------------------------------------------------
 
 
-def test_paste_flow_with_the_redirect_url(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
-) -> None:
+@pytest.mark.usefixtures("old_store")
+def test_paste_flow_with_the_redirect_url(dirs: Dirs, idp: Idp, login_dev: LoginDev) -> None:
     """Pasting the URL the browser was sent to completes the login; a sandbox is served the token."""
-    dirs = background_daemon
-    import_old(dirs)
-    login = start_login(dirs, "--flow", "paste")
+    login = login_dev("--flow", "paste")
     redirect = httpx.get(login.auth_url()).headers["location"]
     login.line(lambda s: "paste the code" in s)
-    assert login.proc.stdin is not None
-    login.proc.stdin.write(redirect + "\n")
-    login.proc.stdin.flush()
+    login.type_line(redirect)
     assert login.finish() == 0, login.stderr
-    assert_logged_in(dirs, login)
-    assert_no_secrets(login, idp)
+    assert_logged_in(dirs, login, idp)
 
 
 def test_paste_flow_refuses_a_url_with_the_wrong_state(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, old_store: Snapshot, login_dev: LoginDev
 ) -> None:
     """A pasted redirect URL with a foreign state is refused and nothing is stored."""
-    dirs = background_daemon
-    before = import_old(dirs)
-    login = start_login(dirs, "--flow", "paste")
+    login = login_dev("--flow", "paste")
     redirect = httpx.get(login.auth_url()).headers["location"]
-    assert login.proc.stdin is not None
-    login.proc.stdin.write(redirect.replace("state=", "state=x") + "\n")
-    login.proc.stdin.flush()
-    assert_failed_cleanly(dirs, login, before, "wrong state")
+    login.type_line(redirect.replace("state=", "state=x"))
+    assert_failed_cleanly(dirs, login, old_store, "wrong state")
 
 
 def test_login_to_an_unknown_provider_says_what_to_configure(background_daemon: Dirs) -> None:
@@ -506,7 +402,7 @@ def test_devidp_code_grant_checks_pkce_and_records_no_secret() -> None:
         authorization_url="http://127.0.0.1:1/authorize",
     )
     url = codec.authorization_url(provider, redirect_uri, "st", pkce)
-    status, location = idp_state.handle_authorize(dict(parse_qsl(urlsplit(url).query)))
+    status, location = idp_state.handle_authorize(params_of(url))
     assert status == 302
     result = codec.parse_callback_target(location.removeprefix("http://127.0.0.1:4321"), "st")
     assert isinstance(result, codec.CallbackResult) and result.code is not None
@@ -516,7 +412,7 @@ def test_devidp_code_grant_checks_pkce_and_records_no_secret() -> None:
     # The failed try burnt the code: a code is good for one exchange only.
     form = codec.code_form(provider, result.code, pkce, redirect_uri)
     assert idp_state.handle_token_request(form)[1]["error"] == "invalid_grant"
-    status, location = idp_state.handle_authorize(dict(parse_qsl(urlsplit(url).query)))
+    status, location = idp_state.handle_authorize(params_of(url))
     result = codec.parse_callback_target(location.removeprefix("http://127.0.0.1:4321"), "st")
     assert isinstance(result, codec.CallbackResult) and result.code is not None
     status, answer = idp_state.handle_token_request(
@@ -535,16 +431,15 @@ def _free_port() -> int:
 
 
 def test_registered_localhost_redirect_uri_is_sent_as_is_and_listened_on(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, login_dev: LoginDev
 ) -> None:
     """A provider whose client registered http://localhost:PORT/auth/callback (Codex's shape) logs in through exactly that URI."""
-    dirs = background_daemon
     port = _free_port()
     registered = f"http://localhost:{port}/auth/callback"
     dirs.config.write_text(dirs.config.read_text() + f'redirect_uri = "{registered}"\n')
-    login = start_login(dirs, "--flow", "loopback")
+    login = login_dev("--flow", "loopback")
     url = login.auth_url()
-    assert dict(parse_qsl(urlsplit(url).query))["redirect_uri"] == registered
+    assert params_of(url)["redirect_uri"] == registered
     redirect = httpx.get(url).headers["location"]
     assert redirect.startswith(registered + "?")
     page = httpx.get(redirect.replace("localhost", "127.0.0.1", 1))
@@ -555,23 +450,20 @@ def test_registered_localhost_redirect_uri_is_sent_as_is_and_listened_on(
 
 
 def test_a_redirect_uri_off_this_machine_needs_the_paste_flow(
-    idp: Idp, background_daemon: Dirs, start_login: StartLogin
+    dirs: Dirs, login_dev: LoginDev
 ) -> None:
     """With a registered https redirect page (Claude's shape), loopback is refused with advice and paste takes the code it shows."""
-    dirs = background_daemon
     dirs.config.write_text(
         dirs.config.read_text() + 'redirect_uri = "https://idp.invalid/oauth/code/callback"\n'
     )
-    refused = start_login(dirs, "--flow", "loopback")
+    refused = login_dev("--flow", "loopback")
     assert refused.finish() != 0
     assert "use --flow paste" in refused.stderr
-    login = start_login(dirs, "--flow", "paste")
+    login = login_dev("--flow", "paste")
     url = login.auth_url()
-    assert dict(parse_qsl(urlsplit(url).query))["redirect_uri"].startswith("https://idp.invalid/")
+    assert params_of(url)["redirect_uri"].startswith("https://idp.invalid/")
     redirect = httpx.get(url).headers["location"]  # where the provider's page would show the code
-    query = dict(parse_qsl(urlsplit(redirect).query))
-    assert login.proc.stdin is not None
-    login.proc.stdin.write(f"{query['code']}#{query['state']}\n")
-    login.proc.stdin.flush()
+    query = params_of(redirect)
+    login.type_line(f"{query['code']}#{query['state']}")
     assert login.finish() == 0, login.stderr
     assert_logged_in(dirs, login)

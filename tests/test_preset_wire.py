@@ -19,13 +19,10 @@ in the background daemon. Test names carry the number of the defect they pin.
 from __future__ import annotations
 
 import json
-import queue
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,9 +33,12 @@ import pytest
 from strict_providers import (
     FORM,
     JSON,
+    AuthCodeProvider,
     Claude,
     Codex,
     Copilot,
+    DeviceGrant,
+    DeviceProvider,
     Gemini,
     Qwen,
     Seen,
@@ -47,145 +47,67 @@ from strict_providers import (
     s256,
 )
 
-from conftest import CREDPROXY, Dirs, cli
+from conftest import CREDPROXY, Dirs, Login, StartLogin, cli
 
 CODEX_REDIRECT = "http://localhost:1455/auth/callback"
 CODEX_FALLBACK_REDIRECT = "http://localhost:1457/auth/callback"
 GEMINI_SECRET = "fake-gemini-client-secret-CANARY-5d1e"
+#: The fields of a code exchange with PKCE (RFC 6749 section 4.1.3, RFC 7636 section 4.5).
+CODE_EXCHANGE = {"grant_type", "code", "redirect_uri", "client_id", "code_verifier"}
 
 
 # -- running `credproxy login` ------------------------------------------------------------
 
 
-@dataclass
-class Login:
-    """A running ``credproxy login P --no-browser``; a thread collects its stderr lines."""
-
-    proc: subprocess.Popen[str]
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
-    stdout: str = ""
-    stderr: str = ""
-    reader: threading.Thread | None = None
-
-    def line(self, pred: Callable[[str], bool], timeout: float = 15) -> str:
-        """The next stderr line for which *pred* holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"credproxy login never printed the line; stderr so far: {self.seen}"
-            try:
-                line = self.lines.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                reader_done = self.reader is None or not self.reader.is_alive()
-                if self.proc.poll() is not None and reader_done and self.lines.empty():
-                    raise AssertionError(
-                        f"credproxy login exited {self.proc.returncode} without that line: "
-                        f"{''.join(self.seen)}"
-                    ) from None
-                continue
-            if pred(line):
-                return line
-
-    def auth_url(self) -> str:
-        return self.line(lambda s: s.startswith("http")).strip()
-
-    def finish(self, timeout: float = 20) -> int:
-        """Wait for the exit status; collect stdout and stderr."""
-        code = self.proc.wait(timeout=timeout)
-        assert self.proc.stdout is not None
-        self.stdout = self.proc.stdout.read()
-        if self.reader is not None:
-            self.reader.join(timeout=5)
-        self.stderr = "".join(self.seen)
-        return code
-
-    def close(self) -> None:
-        """End the process if it still runs (by its own handle), and close the pipes."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        if self.reader is not None:
-            self.reader.join(timeout=5)
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-StartLogin = Callable[..., Login]
+LoginTo = Callable[[StrictProvider], Login]
 
 
 @pytest.fixture
-def start_login() -> Iterator[StartLogin]:
-    """Start ``credproxy login PROVIDER --no-browser ARGS``; whatever still runs is ended after."""
-    started: list[Login] = []
+def login_to(background_daemon: Dirs, start_login: StartLogin) -> LoginTo:
+    """``login_to(provider)``: configure *provider*, then start ``credproxy login NAME --no-browser``.
 
-    def start(dirs: Dirs, provider: str, *args: str) -> Login:
-        proc = subprocess.Popen(
-            [CREDPROXY, "login", provider, "--no-browser", "--timeout", "20", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dirs.env(),
-        )
-        login = Login(proc)
+    In the background daemon's directories, with ``--timeout 20``.
+    """
 
-        def read() -> None:
-            assert proc.stderr is not None
-            for text in proc.stderr:
-                login.seen.append(text)
-                login.lines.put(text)
+    def start(provider: StrictProvider) -> Login:
+        configure(background_daemon, provider)
+        return start_login(background_daemon, provider.name, "--timeout", "20")
 
-        login.reader = threading.Thread(target=read, daemon=True)
-        login.reader.start()
-        started.append(login)
-        return login
-
-    yield start
-    for login in started:
-        login.close()
+    return start
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def codex() -> Iterator[Codex]:
-    with Codex() as provider:
-        yield provider
+def serving(name: str, make: Callable[[], StrictProvider]) -> Any:
+    """The fixture *name*: the strict provider *make* starts, serving during the test, stopped after."""
+
+    def provider() -> Iterator[StrictProvider]:
+        with make() as server:
+            yield server
+
+    return pytest.fixture(provider, name=name)
 
 
-@pytest.fixture
-def gemini() -> Iterator[Gemini]:
-    with Gemini(GEMINI_SECRET) as provider:
-        yield provider
+codex = serving("codex", Codex)
+gemini = serving("gemini", lambda: Gemini(GEMINI_SECRET))
+qwen = serving("qwen", Qwen)
+claude = serving("claude", Claude)
+copilot = serving("copilot", Copilot)
 
 
-@pytest.fixture
-def qwen() -> Iterator[Qwen]:
-    with Qwen() as provider:
-        yield provider
+def configure(dirs: Dirs, provider: StrictProvider) -> None:
+    """The provider's table: the preset and this server's endpoints.
 
-
-@pytest.fixture
-def claude() -> Iterator[Claude]:
-    with Claude() as provider:
-        yield provider
-
-
-@pytest.fixture
-def copilot() -> Iterator[Copilot]:
-    with Copilot() as provider:
-        yield provider
-
-
-def gemini_config(dirs: Dirs, gemini: Gemini) -> None:
-    """The gemini table, with the client secret in a file as a user writes it (`grep > file`)."""
-    secret = dirs.root / "gemini.secret"
-    secret.write_text(GEMINI_SECRET + "\n")
-    secret.chmod(0o600)
-    dirs.config.write_text(gemini.config_toml(client_secret_file=str(secret)))
+    Gemini's also has the client secret in a file, as a user writes it (`grep > file`).
+    """
+    extra: dict[str, str] = {}
+    if isinstance(provider, Gemini):
+        secret = dirs.root / "gemini.secret"
+        secret.write_text(GEMINI_SECRET + "\n")
+        secret.chmod(0o600)
+        extra["client_secret_file"] = str(secret)
+    dirs.config.write_text(provider.config_toml(**extra))
 
 
 def listener() -> socket.socket:
@@ -250,6 +172,58 @@ def assert_logged_in(dirs: Dirs, provider: StrictProvider, login: Login) -> None
     assert_no_canary(login.stdout, login.stderr)
 
 
+def assert_approved_and_logged_in(
+    dirs: Dirs, provider: AuthCodeProvider, login: Login, url: str
+) -> None:
+    """*url* breaks none of the provider's rules; the person approves it and the login completes."""
+    assert provider.authorize_problems(url) == [], url
+    page = authorize_in_browser(url)
+    assert page.status_code == 200, page.text
+    assert_logged_in(dirs, provider, login)
+
+
+def code_exchange(
+    provider: AuthCodeProvider, login: Login, encoding: str
+) -> tuple[dict[str, str], Seen]:
+    """The authorization request's parameters, and the one code exchange after its redirect.
+
+    The browser is sent straight to the redirect for the URL as printed (the
+    code is issued for it unchecked: the authorize tests check it). The
+    exchange was sent in *encoding*.
+    """
+    params = query(login.auth_url())
+    page = browse_to(provider.redirect_for(params))
+    assert page.status_code == 200, page.text
+    exchange = provider.only("exchange")
+    assert exchange.content_type == encoding, provider.describe()
+    return params, exchange
+
+
+def assert_exchange_matches(exchange: Seen, params: dict[str, str]) -> None:
+    """The exchange's redirect_uri is the authorization request's; its verifier, the challenge's."""
+    assert exchange.fields["redirect_uri"] == params["redirect_uri"]
+    assert s256(exchange.fields["code_verifier"]) == params["code_challenge"]
+
+
+def import_expired(
+    dirs: Dirs, provider: StrictProvider, refresh_token: str, kind: str = "at-old"
+) -> subprocess.CompletedProcess[str]:
+    """``credproxy import`` an access token (a *kind* canary) that expired a minute ago."""
+    old = {
+        "access_token": canary(kind),
+        "refresh_token": refresh_token,
+        "expiry": int(time.time()) - 60,
+    }
+    imported = cli(dirs, "import", provider.name, input=json.dumps(old))
+    assert imported.returncode == 0, imported.stderr
+    return imported
+
+
+def token_in_session(dirs: Dirs, provider: str) -> subprocess.CompletedProcess[str]:
+    """``credproxy run --allow P -- credproxy token P``: what a sandbox is served."""
+    return cli(dirs, "run", "--allow", provider, "--", CREDPROXY, "token", provider)
+
+
 def refresh_through_daemon(
     dirs: Dirs, provider: StrictProvider
 ) -> subprocess.CompletedProcess[str]:
@@ -259,32 +233,57 @@ def refresh_through_daemon(
     provider before serving it. (A token with a few seconds left would be
     served as it is: the serve margin is capped at half the lifetime observed.)
     """
-    old = {
-        "access_token": canary("at-old"),
-        "refresh_token": provider.seed_refresh_token(),
-        "expiry": int(time.time()) - 60,
-    }
-    imported = cli(dirs, "import", provider.name, input=json.dumps(old))
-    assert imported.returncode == 0, imported.stderr
+    imported = import_expired(dirs, provider, provider.seed_refresh_token())
     assert provider.requests == []  # import alone does not refresh
-    proc = cli(dirs, "run", "--allow", provider.name, "--", CREDPROXY, "token", provider.name)
+    proc = token_in_session(dirs, provider.name)
     assert_no_canary(imported.stdout, imported.stderr, proc.stderr)
     return proc
 
 
-def assert_refreshed(provider: StrictProvider, proc: subprocess.CompletedProcess[str]) -> None:
-    """Exactly one refresh, accepted, and the sandbox was given the new access token."""
+def refreshed_once(dirs: Dirs, provider: StrictProvider, encoding: str, fields: set[str]) -> Seen:
+    """The refresh of :func:`refresh_through_daemon`: in *encoding*, with exactly *fields*.
+
+    Exactly one refresh, accepted, and the sandbox was given the new access token.
+    """
+    configure(dirs, provider)
+    proc = refresh_through_daemon(dirs, provider)
+    refreshes = provider.seen("refresh")
+    assert refreshes, f"no refresh reached the provider: {provider.describe()} {proc.stderr}"
+    assert refreshes[0].content_type == encoding, provider.describe()
+    assert set(refreshes[0].fields) == fields, provider.describe()
     assert provider.refusals == [], provider.describe()
     assert len(provider.seen("refresh")) == 1, provider.describe()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == provider.issued[-1]["access_token"]
+    return refreshes[0]
+
+
+def user_code_shown(provider: DeviceProvider, login: Login) -> DeviceGrant:
+    """The device authorization, once credproxy login has shown the person its user code."""
+    (grant,) = provider.devices.values()
+    login.line(lambda s: grant.user_code in s)
+    return grant
+
+
+def approve_device_login(provider: DeviceProvider, login: Login) -> tuple[DeviceGrant, list[Seen]]:
+    """The person is shown the code and approves it after a pending poll; the login succeeds.
+
+    Nothing was refused. Returns the device authorization and every poll.
+    """
+    grant = user_code_shown(provider, login)
+    provider.wait_for("poll")  # at least one pending poll first
+    provider.approve(grant.user_code)
+    code = login.finish()
+    assert provider.refusals == [], provider.describe()
+    assert code == 0, login.stderr
+    return grant, provider.seen("poll")
 
 
 # -- Codex --------------------------------------------------------------------------------
 
 
 def test_4_codex_authorize_asks_for_offline_access_and_codex_extras(
-    codex: Codex, background_daemon: Dirs, start_login: StartLogin
+    codex: Codex, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """Item 4: the authorization URL is the Codex CLI's, parameter for parameter.
 
@@ -296,10 +295,8 @@ def test_4_codex_authorize_asks_for_offline_access_and_codex_extras(
     No other parameter. The strict authorize endpoint then issues a code and
     the login completes.
     """
-    dirs = background_daemon
     need_port(1455)
-    dirs.config.write_text(codex.config_toml())
-    login = start_login(dirs, "codex")
+    login = login_to(codex)
     url = login.auth_url()
     params = query(url)
     assert url.startswith(codex.url("/oauth/authorize") + "?"), url
@@ -313,21 +310,17 @@ def test_4_codex_authorize_asks_for_offline_access_and_codex_extras(
         assert params.get(extra) == value, (extra, params)
     assert params.get("redirect_uri") == CODEX_REDIRECT, params
     assert params.get("code_challenge_method") == "S256", params
-    assert codex.authorize_problems(url) == [], url
-    page = authorize_in_browser(url)
-    assert page.status_code == 200, page.text
-    assert_logged_in(dirs, codex, login)
+    assert_approved_and_logged_in(background_daemon, codex, login, url)
 
 
 def test_4_codex_redirect_falls_back_to_1457_when_1455_is_taken(
-    codex: Codex, background_daemon: Dirs, start_login: StartLogin
+    codex: Codex, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """Item 4: with 127.0.0.1:1455 taken, the Codex CLI listens on 1457 and says so in redirect_uri.
 
     server.rs: DEFAULT_PORT 1455, FALLBACK_PORT 1457; both are registered for
     the client, any other port is refused by the server.
     """
-    dirs = background_daemon
     if not port_free(1457):
         pytest.skip("127.0.0.1:1457 is in use on this machine: the fallback cannot be tested")
     blocker = listener()
@@ -337,20 +330,16 @@ def test_4_codex_redirect_falls_back_to_1457_when_1455_is_taken(
         except OSError:
             pytest.skip("127.0.0.1:1455 is in use by another program: cannot take it for the test")
         blocker.listen(1)
-        dirs.config.write_text(codex.config_toml())
-        login = start_login(dirs, "codex")
+        login = login_to(codex)
         url = login.auth_url()
         assert query(url).get("redirect_uri") == CODEX_FALLBACK_REDIRECT, url
-        assert codex.authorize_problems(url) == [], url
-        page = authorize_in_browser(url)
-        assert page.status_code == 200, page.text
-        assert_logged_in(dirs, codex, login)
+        assert_approved_and_logged_in(background_daemon, codex, login, url)
     finally:
         blocker.close()
 
 
 def test_codex_code_exchange_is_form_with_exactly_the_codex_fields(
-    codex: Codex, background_daemon: Dirs, start_login: StartLogin
+    codex: Codex, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """The code exchange is the Codex CLI's: form-encoded, exactly grant_type, code, redirect_uri, client_id, code_verifier.
 
@@ -359,25 +348,12 @@ def test_codex_code_exchange_is_form_with_exactly_the_codex_fields(
     S256 challenge. The code is issued for the URL as printed (unchecked here:
     the authorize test checks it), so this test is about the exchange only.
     """
-    dirs = background_daemon
     need_port(1455)
-    dirs.config.write_text(codex.config_toml())
-    login = start_login(dirs, "codex")
-    params = query(login.auth_url())
-    page = browse_to(codex.redirect_for(params))
-    assert page.status_code == 200, page.text
-    exchange = codex.only("exchange")
-    assert exchange.content_type == FORM, codex.describe()
-    assert set(exchange.fields) == {
-        "grant_type",
-        "code",
-        "redirect_uri",
-        "client_id",
-        "code_verifier",
-    }, codex.describe()
-    assert exchange.fields["redirect_uri"] == params["redirect_uri"]
-    assert s256(exchange.fields["code_verifier"]) == params["code_challenge"]
-    assert_logged_in(dirs, codex, login)
+    login = login_to(codex)
+    params, exchange = code_exchange(codex, login, FORM)
+    assert set(exchange.fields) == CODE_EXCHANGE, codex.describe()
+    assert_exchange_matches(exchange, params)
+    assert_logged_in(background_daemon, codex, login)
 
 
 def test_3_codex_refresh_is_json_without_scope(codex: Codex, background_daemon: Dirs) -> None:
@@ -387,23 +363,14 @@ def test_3_codex_refresh_is_json_without_scope(codex: Codex, background_daemon: 
     "refresh_token", refresh_token }`` sent with ``.json(...)``, i.e.
     Content-Type application/json. A form body, or a scope, is refused.
     """
-    dirs = background_daemon
-    dirs.config.write_text(codex.config_toml())
-    proc = refresh_through_daemon(dirs, codex)
-    refreshes = codex.seen("refresh")
-    assert refreshes, f"no refresh reached the provider: {codex.describe()} {proc.stderr}"
-    assert refreshes[0].content_type == JSON, codex.describe()
-    assert set(refreshes[0].fields) == {"client_id", "grant_type", "refresh_token"}, (
-        codex.describe()
-    )
-    assert_refreshed(codex, proc)
+    refreshed_once(background_daemon, codex, JSON, {"client_id", "grant_type", "refresh_token"})
 
 
 # -- Gemini CLI ---------------------------------------------------------------------------
 
 
 def test_5_gemini_redirect_is_127_0_0_1_oauth2callback_and_authorize_is_gemini_clis(
-    gemini: Gemini, background_daemon: Dirs, start_login: StartLogin
+    gemini: Gemini, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """Item 5: Gemini CLI's web login redirects to http://127.0.0.1:<free port>/oauth2callback.
 
@@ -413,9 +380,7 @@ def test_5_gemini_redirect_is_127_0_0_1_oauth2callback_and_authorize_is_gemini_c
     refresh token), the three scopes, state, response_type=code, client_id.
     S256 PKCE is allowed (Google accepts it), nothing else is.
     """
-    dirs = background_daemon
-    gemini_config(dirs, gemini)
-    login = start_login(dirs, "gemini")
+    login = login_to(gemini)
     url = login.auth_url()
     params = query(url)
     redirect = urlsplit(params.get("redirect_uri", ""))
@@ -427,60 +392,40 @@ def test_5_gemini_redirect_is_127_0_0_1_oauth2callback_and_authorize_is_gemini_c
     assert redirect.port, params
     assert params.get("access_type") == "offline", params
     assert params.get("scope") == Gemini.scope, params
-    assert gemini.authorize_problems(url) == [], url
-    page = authorize_in_browser(url)
-    assert page.status_code == 200, page.text
-    assert_logged_in(dirs, gemini, login)
+    assert_approved_and_logged_in(background_daemon, gemini, login, url)
 
 
 def test_gemini_code_exchange_sends_the_client_secret(
-    gemini: Gemini, background_daemon: Dirs, start_login: StartLogin
+    gemini: Gemini, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """The exchange is google-auth-library's getToken: form, client_id, code, grant_type, redirect_uri, client_secret.
 
     Plus code_verifier exactly when the authorization request had a
     code_challenge (then it must match). The secret is the file's content.
     """
-    dirs = background_daemon
-    gemini_config(dirs, gemini)
-    login = start_login(dirs, "gemini")
-    params = query(login.auth_url())
-    page = browse_to(gemini.redirect_for(params))
-    assert page.status_code == 200, page.text
-    exchange = gemini.only("exchange")
+    login = login_to(gemini)
+    params, exchange = code_exchange(gemini, login, FORM)
     expected = {"client_id", "code", "grant_type", "redirect_uri", "client_secret"}
     if "code_challenge" in params:
         expected.add("code_verifier")
-    assert exchange.content_type == FORM, gemini.describe()
     assert set(exchange.fields) == expected, gemini.describe()
     assert exchange.fields.get("client_secret") == GEMINI_SECRET, gemini.describe()
-    assert_logged_in(dirs, gemini, login)
+    assert_logged_in(background_daemon, gemini, login)
 
 
 def test_gemini_refresh_is_form_with_client_secret_and_no_scope(
     gemini: Gemini, background_daemon: Dirs
 ) -> None:
     """google-auth-library refreshTokenNoCache: form {refresh_token, client_id, client_secret, grant_type}, no scope."""
-    dirs = background_daemon
-    gemini_config(dirs, gemini)
-    proc = refresh_through_daemon(dirs, gemini)
-    refreshes = gemini.seen("refresh")
-    assert refreshes, f"no refresh reached the provider: {gemini.describe()} {proc.stderr}"
-    assert refreshes[0].content_type == FORM, gemini.describe()
-    assert set(refreshes[0].fields) == {
-        "refresh_token",
-        "client_id",
-        "client_secret",
-        "grant_type",
-    }, gemini.describe()
-    assert_refreshed(gemini, proc)
+    fields = {"refresh_token", "client_id", "client_secret", "grant_type"}
+    refreshed_once(background_daemon, gemini, FORM, fields)
 
 
 # -- Qwen Code ----------------------------------------------------------------------------
 
 
 def test_6_qwen_device_authorization_sends_pkce_and_the_poll_its_verifier(
-    qwen: Qwen, background_daemon: Dirs, start_login: StartLogin
+    qwen: Qwen, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """Item 6: Qwen Code's device flow carries PKCE; the server refuses it without.
 
@@ -491,9 +436,7 @@ def test_6_qwen_device_authorization_sends_pkce_and_the_poll_its_verifier(
     that challenge. Polls are pending until the person approves the user code
     credproxy shows.
     """
-    dirs = background_daemon
-    dirs.config.write_text(qwen.config_toml())
-    login = start_login(dirs, "qwen")
+    login = login_to(qwen)
     device = qwen.wait_for("device")[0]
     assert device.content_type == FORM, qwen.describe()
     assert set(device.fields) == {
@@ -504,20 +447,13 @@ def test_6_qwen_device_authorization_sends_pkce_and_the_poll_its_verifier(
     }, qwen.describe()
     assert device.fields.get("code_challenge_method") == "S256", qwen.describe()
     assert qwen.refusals == [], qwen.describe()
-    (grant,) = qwen.devices.values()
-    login.line(lambda s: grant.user_code in s)  # the person is shown the code
-    qwen.wait_for("poll")  # at least one pending poll first
-    qwen.approve(grant.user_code)
-    code = login.finish()
-    assert qwen.refusals == [], qwen.describe()
-    assert code == 0, login.stderr
-    polls = qwen.seen("poll")
+    _, polls = approve_device_login(qwen, login)
     assert {p.status for p in polls[:-1]} <= {400} and polls[-1].status == 200, qwen.describe()
     for poll in polls:
         assert poll.content_type == FORM
         assert set(poll.fields) == {"grant_type", "client_id", "device_code", "code_verifier"}
         assert s256(poll.fields["code_verifier"]) == device.fields["code_challenge"]
-    token = stored(dirs, "qwen")
+    token = stored(background_daemon, "qwen")
     assert token["access_token"] == qwen.issued[-1]["access_token"]
     assert token.get("resource_url") == "portal.qwen.ai"
     assert_no_canary(login.stdout, login.stderr)
@@ -525,30 +461,18 @@ def test_6_qwen_device_authorization_sends_pkce_and_the_poll_its_verifier(
 
 def test_qwen_refresh_is_form_without_scope(qwen: Qwen, background_daemon: Dirs) -> None:
     """qwenOAuth2.ts ``refreshAccessToken``: form {grant_type=refresh_token, refresh_token, client_id}, no scope."""
-    dirs = background_daemon
-    dirs.config.write_text(qwen.config_toml())
-    proc = refresh_through_daemon(dirs, qwen)
-    refreshes = qwen.seen("refresh")
-    assert refreshes, f"no refresh reached the provider: {qwen.describe()} {proc.stderr}"
-    assert refreshes[0].content_type == FORM, qwen.describe()
-    assert set(refreshes[0].fields) == {"grant_type", "refresh_token", "client_id"}, qwen.describe()
-    assert_refreshed(qwen, proc)
+    refreshed_once(background_daemon, qwen, FORM, {"grant_type", "refresh_token", "client_id"})
 
 
-def test_qwen_login_says_the_free_tier_ended_on_2026_04_15(
-    qwen: Qwen, background_daemon: Dirs, start_login: StartLogin
-) -> None:
+def test_qwen_login_says_the_free_tier_ended_on_2026_04_15(qwen: Qwen, login_to: LoginTo) -> None:
     """Qwen's free OAuth tier ended on 2026-04-15 (qwen-code PR #3291): the login says so first.
 
     The notice names the date and what still works (an API key), and comes on
     stderr before the user code is shown.
     """
-    dirs = background_daemon
-    dirs.config.write_text(qwen.config_toml())
-    login = start_login(dirs, "qwen")
+    login = login_to(qwen)
     qwen.wait_for("device")
-    (grant,) = qwen.devices.values()
-    login.line(lambda s: grant.user_code in s)
+    grant = user_code_shown(qwen, login)
     before_code = "".join(login.seen).split(grant.user_code, 1)[0]
     assert "2026-04-15" in before_code, login.seen
     assert "api key" in before_code.lower(), login.seen
@@ -570,7 +494,7 @@ def claude_redirect_ok(uri: str) -> bool:
 
 
 def test_1_2_claude_authorize_is_claude_codes_with_file_upload_scope(
-    claude: Claude, background_daemon: Dirs, start_login: StartLogin
+    claude: Claude, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """Items 1 and 2: the authorization URL is Claude Code 2.1.112's, parameter for parameter.
 
@@ -581,9 +505,7 @@ def test_1_2_claude_authorize_is_claude_codes_with_file_upload_scope(
     user:file_upload), S256 PKCE, state. No other parameter. Only the host and
     path come from the test's ``authorization_url``. Then the login completes.
     """
-    dirs = background_daemon
-    dirs.config.write_text(claude.config_toml())
-    login = start_login(dirs, "claude")
+    login = login_to(claude)
     url = login.auth_url()
     params = query(url)
     assert url.startswith(claude.url("/cai/oauth/authorize") + "?"), url
@@ -605,14 +527,11 @@ def test_1_2_claude_authorize_is_claude_codes_with_file_upload_scope(
         "code_challenge_method",
         "state",
     }, params
-    assert claude.authorize_problems(url) == [], url
-    page = authorize_in_browser(url)
-    assert page.status_code == 200, page.text
-    assert_logged_in(dirs, claude, login)
+    assert_approved_and_logged_in(background_daemon, claude, login, url)
 
 
 def test_1_claude_code_exchange_is_json_with_state_and_the_localhost_redirect(
-    claude: Claude, background_daemon: Dirs, start_login: StartLogin
+    claude: Claude, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """Item 1: Claude Code exchanges the code with a JSON body that carries the state.
 
@@ -622,29 +541,15 @@ def test_1_claude_code_exchange_is_json_with_state_and_the_localhost_redirect(
     authorization request's (redirect on localhost), the verifier matching
     its S256 challenge. A form body, or a missing state, is refused.
     """
-    dirs = background_daemon
-    dirs.config.write_text(claude.config_toml())
-    login = start_login(dirs, "claude")
-    params = query(login.auth_url())
-    page = browse_to(claude.redirect_for(params))
-    assert page.status_code == 200, page.text
-    exchange = claude.only("exchange")
-    assert exchange.content_type == JSON, claude.describe()
-    assert set(exchange.fields) == {
-        "grant_type",
-        "code",
-        "redirect_uri",
-        "client_id",
-        "code_verifier",
-        "state",
-    }, claude.describe()
+    login = login_to(claude)
+    params, exchange = code_exchange(claude, login, JSON)
+    assert set(exchange.fields) == CODE_EXCHANGE | {"state"}, claude.describe()
     assert exchange.fields["grant_type"] == "authorization_code"
     assert exchange.fields["client_id"] == Claude.client_id
     assert exchange.fields["state"] == params["state"]
-    assert exchange.fields["redirect_uri"] == params["redirect_uri"]
     assert claude_redirect_ok(exchange.fields["redirect_uri"]), exchange.fields["redirect_uri"]
-    assert s256(exchange.fields["code_verifier"]) == params["code_challenge"]
-    assert_logged_in(dirs, claude, login)
+    assert_exchange_matches(exchange, params)
+    assert_logged_in(background_daemon, claude, login)
 
 
 def test_2_claude_refresh_is_json_with_the_claude_ai_scopes(
@@ -656,23 +561,11 @@ def test_2_claude_refresh_is_json_with_the_claude_ai_scopes(
     user:sessions:claude_code user:mcp_servers user:file_upload" (the
     login's less org:create_api_key), Content-Type application/json.
     """
-    dirs = background_daemon
-    dirs.config.write_text(claude.config_toml())
-    proc = refresh_through_daemon(dirs, claude)
-    refreshes = claude.seen("refresh")
-    assert refreshes, f"no refresh reached the provider: {claude.describe()} {proc.stderr}"
-    assert refreshes[0].content_type == JSON, claude.describe()
-    assert set(refreshes[0].fields) == {
-        "grant_type",
-        "refresh_token",
-        "client_id",
-        "scope",
-    }, claude.describe()
-    assert refreshes[0].fields.get("scope") == Claude.refresh_scope, refreshes[0].fields.get(
-        "scope"
-    )
-    assert "user:file_upload" in refreshes[0].fields.get("scope", "").split(" ")
-    assert_refreshed(claude, proc)
+    fields = {"grant_type", "refresh_token", "client_id", "scope"}
+    refresh = refreshed_once(background_daemon, claude, JSON, fields)
+    scope = refresh.fields.get("scope")
+    assert scope == Claude.refresh_scope, scope
+    assert "user:file_upload" in (scope or "").split(" ")
 
 
 # -- Copilot ------------------------------------------------------------------------------
@@ -687,6 +580,23 @@ def assert_minted_with(copilot: Copilot, mint: Seen, github_token: str) -> None:
     assert not mint.refused, copilot.describe()
 
 
+def assert_served_minted(
+    proc: subprocess.CompletedProcess[str], minted: dict[str, Any], github_token: str
+) -> None:
+    """The session was given the minted Copilot token, never the GitHub token."""
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == minted["token"]
+    assert github_token not in proc.stdout + proc.stderr
+
+
+def assert_stored_minted(dirs: Dirs, minted: dict[str, Any], github_token: str) -> None:
+    """The store holds the minted token and its expiry, with the GitHub token as the refresh token."""
+    token = stored(dirs, "copilot")
+    assert token["access_token"] == minted["token"], "the stored access token is not the minted one"
+    assert token["refresh_token"] == github_token, "the GitHub token is not the refresh token"
+    assert token["expiry"] == minted["expires_at"], (token["expiry"], minted["expires_at"])
+
+
 def status_entry(dirs: Dirs, provider: str) -> tuple[dict[str, Any], str]:
     """The ``tokens`` entry of *provider* in ``credproxy status --json``, and the raw output."""
     proc = cli(dirs, "status", "--json")
@@ -699,7 +609,7 @@ def status_entry(dirs: Dirs, provider: str) -> tuple[dict[str, Any], str]:
 
 
 def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back(
-    copilot: Copilot, background_daemon: Dirs, start_login: StartLogin
+    copilot: Copilot, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
     """Item 8: the login is GitHub's device flow, then Copilot's second exchange; the minted token is served.
 
@@ -713,22 +623,14 @@ def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back
     in a session prints the Copilot token, never the GitHub token.
     """
     dirs = background_daemon
-    dirs.config.write_text(copilot.config_toml())
-    login = start_login(dirs, "copilot")
+    login = login_to(copilot)
     device = copilot.wait_for("device")[0]
     assert device.content_type in (FORM, JSON), copilot.describe()
     assert set(device.fields) == {"client_id", "scope"}, copilot.describe()
     assert device.fields == {"client_id": Copilot.client_id, "scope": "read:user"}
     assert "application/json" in device.headers.get("accept", ""), device.headers.get("accept")
     assert copilot.refusals == [], copilot.describe()
-    (grant,) = copilot.devices.values()
-    login.line(lambda s: grant.user_code in s)  # the person is shown the code
-    copilot.wait_for("poll")  # at least one pending poll (HTTP 200) first
-    copilot.approve(grant.user_code)
-    code = login.finish()
-    assert copilot.refusals == [], copilot.describe()
-    assert code == 0, login.stderr
-    polls = copilot.seen("poll")
+    grant, polls = approve_device_login(copilot, login)  # pending polls are HTTP 200
     assert len(polls) >= 2 and {p.status for p in polls} == {200}, copilot.describe()
     for poll in polls:
         assert poll.content_type in (FORM, JSON), copilot.describe()
@@ -742,11 +644,8 @@ def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back
     (minted,) = copilot.minted
     assert copilot.seen("refresh") == [], copilot.describe()
 
-    token = stored(dirs, "copilot")
-    assert token["access_token"] == minted["token"], "the stored access token is not the minted one"
-    assert token["access_token"] != github_token
-    assert token["refresh_token"] == github_token, "the GitHub token is not the refresh token"
-    assert token["expiry"] == minted["expires_at"], (token["expiry"], minted["expires_at"])
+    assert_stored_minted(dirs, minted, github_token)
+    assert stored(dirs, "copilot")["access_token"] != github_token
     entry, status_text = status_entry(dirs, "copilot")
     assert entry.get("refreshable") is True, entry
     left = minted["expires_at"] - time.time()
@@ -756,10 +655,8 @@ def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back
     assert entry["expiry"] == expected, entry
     assert_no_canary(login.stdout, login.stderr, status_text)
 
-    proc = cli(dirs, "run", "--allow", "copilot", "--", CREDPROXY, "token", "copilot")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == minted["token"]
-    assert github_token not in proc.stdout + proc.stderr
+    proc = token_in_session(dirs, "copilot")
+    assert_served_minted(proc, minted, github_token)
     assert_no_canary(proc.stderr)
     assert len(copilot.seen("mint")) == 1, copilot.describe()  # 30 minutes left: served as is
 
@@ -775,20 +672,15 @@ def test_8_copilot_renewal_is_the_second_exchange_with_the_github_token(
     token and never reaches the terminal.
     """
     dirs = background_daemon
-    dirs.config.write_text(copilot.config_toml())
+    configure(dirs, copilot)
     proc = refresh_through_daemon(dirs, copilot)  # imports an expired token, then asks for it
     (github_token,) = copilot.github_tokens
     assert copilot.refusals == [], copilot.describe()
     assert [r.endpoint for r in copilot.requests] == ["mint"], copilot.describe()
     assert_minted_with(copilot, copilot.only("mint"), github_token)
-    assert proc.returncode == 0, proc.stderr
     (minted,) = copilot.minted
-    assert proc.stdout.strip() == minted["token"]
-    assert github_token not in proc.stdout + proc.stderr
-    token = stored(dirs, "copilot")
-    assert token["access_token"] == minted["token"]
-    assert token["refresh_token"] == github_token
-    assert token["expiry"] == minted["expires_at"]
+    assert_served_minted(proc, minted, github_token)
+    assert_stored_minted(dirs, minted, github_token)
     log = dirs.runtime / "daemon.log"
     if log.exists():
         assert github_token not in log.read_text()
@@ -804,17 +696,11 @@ def test_8_copilot_mint_refused_401_means_login_again(
     token is printed.
     """
     dirs = background_daemon
-    dirs.config.write_text(copilot.config_toml())
+    configure(dirs, copilot)
     github_token = copilot.seed_refresh_token()
-    old = {
-        "access_token": canary("old-copilot"),
-        "refresh_token": github_token,
-        "expiry": int(time.time()) - 60,
-    }
     copilot.revoke(github_token)  # the person revoked the GitHub login since
-    imported = cli(dirs, "import", "copilot", input=json.dumps(old))
-    assert imported.returncode == 0, imported.stderr
-    proc = cli(dirs, "run", "--allow", "copilot", "--", CREDPROXY, "token", "copilot")
+    imported = import_expired(dirs, copilot, github_token, "old-copilot")
+    proc = token_in_session(dirs, "copilot")
     mints = copilot.seen("mint")
     assert mints, f"no mint reached the provider: {copilot.describe()} {proc.stderr}"
     for mint in mints:
@@ -835,6 +721,22 @@ def _post(
     if as_json:
         return httpx.post(provider.url(path), json=fields, trust_env=False)
     return httpx.post(provider.url(path), data=fields, trust_env=False)
+
+
+def _get(provider: StrictProvider, path: str, params: dict[str, str]) -> httpx.Response:
+    return httpx.get(provider.url(path), params=params, trust_env=False)
+
+
+def assert_answers(cases: list[tuple[httpx.Response, str | None]]) -> None:
+    """Each answer with no rule was accepted (200 or 302); each other, 400 invalid_request naming its rule."""
+    for answer, rule in cases:
+        if rule is None:
+            assert answer.status_code in (200, 302), answer.text
+        else:
+            assert answer.status_code == 400, answer.text
+            body = answer.json()
+            assert body["error"] == "invalid_request", body
+            assert rule in body["error_description"], (rule, body)
 
 
 def test_the_strict_providers_refuse_what_their_clients_do_not_send(
@@ -871,7 +773,7 @@ def test_the_strict_providers_refuse_what_their_clients_do_not_send(
         "state": "st",
         "originator": "codex_cli_rs",
     }
-    ok = httpx.get(codex.url("/oauth/authorize"), params=authorize, trust_env=False)
+    ok = _get(codex, "/oauth/authorize", authorize)
     assert ok.status_code == 302 and ok.headers["location"].startswith(CODEX_REDIRECT + "?code=")
     code = query(ok.headers["location"])["code"]
     exchange = {
@@ -883,12 +785,7 @@ def test_the_strict_providers_refuse_what_their_clients_do_not_send(
     }
     cases.append((_post(codex, "/oauth/token", exchange), "code_verifier does not match"))
     no_extra = {k: v for k, v in authorize.items() if k != "originator"}
-    cases.append(
-        (
-            httpx.get(codex.url("/oauth/authorize"), params=no_extra, trust_env=False),
-            "missing field originator",
-        )
-    )
+    cases.append((_get(codex, "/oauth/authorize", no_extra), "missing field originator"))
     bad_url = codex.url("/oauth/authorize") + "?" + urlencode({**authorize, "scope": "openid"})
     assert any("scope must be" in p for p in codex.authorize_problems(bad_url))
 
@@ -910,12 +807,8 @@ def test_the_strict_providers_refuse_what_their_clients_do_not_send(
         "response_type": "code",
         "client_id": Gemini.client_id,
     }
-    cases.append(
-        (
-            httpx.get(gemini.url("/o/oauth2/v2/auth"), params=g_authorize, trust_env=False),
-            "redirect_uri must be http://127.0.0.1:<port>/oauth2callback",
-        )
-    )
+    rule = "redirect_uri must be http://127.0.0.1:<port>/oauth2callback"
+    cases.append((_get(gemini, "/o/oauth2/v2/auth", g_authorize), rule))
     g_ok = {**g_authorize, "redirect_uri": "http://127.0.0.1:4242/oauth2callback"}
     assert gemini.authorize_problems(gemini.url("/o/oauth2/v2/auth?") + urlencode(g_ok)) == []
     g_pkce = {**g_ok, "code_challenge": challenge, "code_challenge_method": "S256"}
@@ -939,14 +832,7 @@ def test_the_strict_providers_refuse_what_their_clients_do_not_send(
     q_refresh = {"grant_type": "refresh_token", "refresh_token": qwen_rt, "client_id": "other"}
     cases.append((_post(qwen, token_path, q_refresh), "client_id must be"))
 
-    for answer, rule in cases:
-        if rule is None:
-            assert answer.status_code in (200, 302), answer.text
-        else:
-            assert answer.status_code == 400, answer.text
-            body = answer.json()
-            assert body["error"] == "invalid_request", body
-            assert rule in body["error_description"], (rule, body)
+    assert_answers(cases)
 
 
 def test_strict_provider_config_overrides_only_the_endpoints(
@@ -998,7 +884,7 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
         "code_challenge_method": "S256",
         "state": "st-1",
     }
-    ok = httpx.get(claude.url("/cai/oauth/authorize"), params=authorize, trust_env=False)
+    ok = _get(claude, "/cai/oauth/authorize", authorize)
     assert ok.status_code == 302, ok.text
     assert query(ok.headers["location"])["state"] == "st-1"
     for bad, broken in (
@@ -1006,7 +892,7 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
         ({k: v for k, v in authorize.items() if k != "code"}, "missing field code"),
         ({**authorize, "scope": Claude.refresh_scope}, "scope must be"),
     ):
-        answer = httpx.get(claude.url("/cai/oauth/authorize"), params=bad, trust_env=False)
+        answer = _get(claude, "/cai/oauth/authorize", bad)
         cases.append((answer, broken))
 
     def code() -> str:
@@ -1120,14 +1006,7 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
     )
     assert revoked.status_code == 401
 
-    for answer, rule in cases:
-        if rule is None:
-            assert answer.status_code in (200, 302), answer.text
-        else:
-            assert answer.status_code == 400, answer.text
-            body = answer.json()
-            assert body["error"] == "invalid_request", body
-            assert rule in body["error_description"], (rule, body)
+    assert_answers(cases)
 
 
 def test_claude_and_copilot_config_override_only_the_endpoints(
