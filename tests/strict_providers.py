@@ -84,6 +84,16 @@ class Seen:
         return bool(self.problems)
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One endpoint of a provider."""
+
+    name: str  # what :attr:`Seen.endpoint` says of a request to it
+    method: str
+    path: str
+    key: str  # the provider table's key for its URL
+
+
 class Checks:
     """Collects the rules one request breaks (all of them, for a readable refusal)."""
 
@@ -120,6 +130,27 @@ class Checks:
         for name in names:
             if name in fields and not fields[name]:
                 self.fail(f"{name} must not be empty")
+
+    def s256_challenge(self, challenge: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{43}", challenge):
+            self.fail("code_challenge must be an S256 challenge (43 base64url characters)")
+
+    def loopback_redirect(self, uri: str, host: str, path: str) -> None:
+        """*uri* must be ``http://HOST:<port>PATH``, with no query or fragment."""
+        parts = urlsplit(uri)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if (
+            parts.scheme != "http"
+            or parts.hostname != host
+            or port is None
+            or parts.path != path
+            or parts.query
+            or parts.fragment
+        ):
+            self.fail(f"redirect_uri must be http://{host}:<port>{path}, got {uri!r}")
 
     def pkce(self, verifier: str | None, challenge: str | None) -> None:
         if verifier is None or challenge is None:
@@ -171,10 +202,8 @@ class StrictProvider:
     name: ClassVar[str]  # the preset name
     client_id: ClassVar[str]
     token_path: ClassVar[str]
-    #: TOML keys of the provider table pointing at this server: key -> path.
-    endpoint_keys: ClassVar[dict[str, str]]
-    #: The token response's extra fields (besides access/refresh token, type, expiry).
-    token_extras: ClassVar[dict[str, str]] = {}
+    #: The token response's extra fields, or other values for its own (type, expires_in).
+    token_extras: ClassVar[dict[str, Any]] = {}
     #: How the provider's own client sends a refresh, and whether the answer rotates it.
     refresh_encoding: ClassVar[str] = FORM
     rotates: ClassVar[bool] = True
@@ -223,7 +252,7 @@ class StrictProvider:
     def config_toml(self, **extra: str) -> str:
         """The provider table: the preset, this server's endpoints, and *extra* keys."""
         lines = [f"[providers.{self.name}]", f'preset = "{self.name}"']
-        lines += [f'{key} = "{self.url(path)}"' for key, path in self.endpoint_keys.items()]
+        lines += [f'{e.key} = "{self.url(e.path)}"' for e in self.endpoints()]
         lines += [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
         return "\n".join(lines) + "\n"
 
@@ -312,11 +341,17 @@ class StrictProvider:
 
     # -- routing ------------------------------------------------------------------------
 
+    #: The kind of a token endpoint request, by its grant_type (any other: ``token``, refused).
+    grant_kinds: ClassVar[dict[str, str]] = {"refresh_token": "refresh"}
+
+    def endpoints(self) -> list[Endpoint]:
+        """This server's endpoints, in the order of the provider table's keys."""
+        return [Endpoint("token", "POST", self.token_path, "token_url")]
+
     def route(self, method: str, path: str) -> str:
         """The endpoint name for a request line, or ``unknown``."""
-        if (method, path) == ("POST", self.token_path):
-            return "token"
-        return "unknown"
+        routes = {(e.method, e.path): e.name for e in self.endpoints()}
+        return routes.get((method, path), "unknown")
 
     def handle(self, seen: Seen, query: str, body: bytes) -> tuple[int, dict[str, str], Any]:
         """Answer one request: (status, extra headers, JSON answer or None)."""
@@ -334,7 +369,7 @@ class StrictProvider:
         raise Refused([f"no such endpoint: {seen.method} {seen.path}"])
 
     def token_endpoint_kind(self, fields: dict[str, str]) -> str:
-        return {"refresh_token": "refresh"}.get(fields.get("grant_type", ""), "token")
+        return self.grant_kinds.get(fields.get("grant_type", ""), "token")
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         provider = self
@@ -425,20 +460,15 @@ class AuthCodeProvider(StrictProvider):
     pkce_required: ClassVar[bool] = True
     #: Whether the client sends the authorization request's ``state`` in the code exchange.
     exchange_state: ClassVar[bool] = False
+    grant_kinds = {**StrictProvider.grant_kinds, "authorization_code": "exchange"}
 
     def __init__(self) -> None:
         super().__init__()
         self.grants: dict[str, Grant] = {}
 
-    def route(self, method: str, path: str) -> str:
-        if (method, path) == ("GET", self.authorize_path):
-            return "authorize"
-        return super().route(method, path)
-
-    def token_endpoint_kind(self, fields: dict[str, str]) -> str:
-        if fields.get("grant_type") == "authorization_code":
-            return "exchange"
-        return super().token_endpoint_kind(fields)
+    def endpoints(self) -> list[Endpoint]:
+        authorize = Endpoint("authorize", "GET", self.authorize_path, "authorization_url")
+        return [*super().endpoints(), authorize]
 
     def check_redirect_uri(self, checks: Checks, uri: str) -> None:
         raise NotImplementedError
@@ -475,8 +505,7 @@ class AuthCodeProvider(StrictProvider):
             checks.fail("code_challenge and code_challenge_method go together")
         if "code_challenge_method" in params and "code_challenge" in params:
             checks.value(params, "code_challenge_method", "S256")
-            if not re.fullmatch(r"[A-Za-z0-9_-]{43}", params["code_challenge"]):
-                checks.fail("code_challenge must be an S256 challenge (43 base64url characters)")
+            checks.s256_challenge(params["code_challenge"])
 
     def handle(self, seen: Seen, query: str, body: bytes) -> tuple[int, dict[str, str], Any]:
         if seen.endpoint == "authorize":
@@ -565,27 +594,30 @@ class DeviceProvider(StrictProvider):
 
     device_path: ClassVar[str]
     device_encoding: ClassVar[str | tuple[str, ...]] = FORM
-    device_fixed: ClassVar[dict[str, str]]
+    scope: ClassVar[str]  # the scope the client's device authorization asks for
     device_free: ClassVar[frozenset[str]] = frozenset()
     poll_encoding: ClassVar[str | tuple[str, ...]] = FORM
     pkce_required: ClassVar[bool] = False
     interval: ClassVar[int] = 1
     verification_uri: ClassVar[str] = "https://provider.invalid/device"
+    grant_kinds = {
+        **StrictProvider.grant_kinds,
+        "urn:ietf:params:oauth:grant-type:device_code": "poll",
+    }
 
     def __init__(self) -> None:
         super().__init__()
         self.devices: dict[str, DeviceGrant] = {}
         self._user_codes = itertools.count(1)
 
-    def route(self, method: str, path: str) -> str:
-        if (method, path) == ("POST", self.device_path):
-            return "device"
-        return super().route(method, path)
+    def endpoints(self) -> list[Endpoint]:
+        device = Endpoint("device", "POST", self.device_path, "device_authorization_url")
+        return [device, *super().endpoints()]
 
-    def token_endpoint_kind(self, fields: dict[str, str]) -> str:
-        if fields.get("grant_type") == "urn:ietf:params:oauth:grant-type:device_code":
-            return "poll"
-        return super().token_endpoint_kind(fields)
+    @property
+    def device_fixed(self) -> dict[str, str]:
+        """The device authorization's fields whose value is fixed by the client."""
+        return {"client_id": self.client_id, "scope": self.scope}
 
     def approve(self, user_code: str) -> None:
         """The person enters *user_code* and approves."""
@@ -612,9 +644,7 @@ class DeviceProvider(StrictProvider):
         checks.nonempty(fields, *self.device_free)
         if pkce:
             checks.value(fields, "code_challenge_method", "S256")
-            challenge = fields.get("code_challenge", "")
-            if not re.fullmatch(r"[A-Za-z0-9_-]{43}", challenge):
-                checks.fail("code_challenge must be an S256 challenge (43 base64url characters)")
+            checks.s256_challenge(fields.get("code_challenge", ""))
         if checks.problems:
             raise Refused(checks.problems)
         n = next(self._user_codes)
@@ -673,7 +703,6 @@ class Codex(AuthCodeProvider):
     client_id = "app_EMoamEEZ73f0CkXaXp7hrann"
     authorize_path = "/oauth/authorize"
     token_path = "/oauth/token"
-    endpoint_keys = {"token_url": token_path, "authorization_url": authorize_path}
     scope = "openid profile email offline_access api.connectors.read api.connectors.invoke"
     #: The registered redirect URIs: DEFAULT_PORT 1455, FALLBACK_PORT 1457.
     redirect_uris = (
@@ -719,7 +748,6 @@ class Gemini(AuthCodeProvider):
     client_id = "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com"
     authorize_path = "/o/oauth2/v2/auth"
     token_path = "/token"
-    endpoint_keys = {"token_url": token_path, "authorization_url": authorize_path}
     scope = (
         "https://www.googleapis.com/auth/cloud-platform "
         "https://www.googleapis.com/auth/userinfo.email "
@@ -735,26 +763,14 @@ class Gemini(AuthCodeProvider):
     pkce_required = False  # gemini-cli sends none; Google accepts S256 PKCE
     refresh_encoding = FORM
     rotates = False  # Google refresh tokens do not rotate
+    token_extras = {"scope": scope}
 
     def __init__(self, client_secret: str) -> None:
         super().__init__()
         self.client_secret = client_secret
 
     def check_redirect_uri(self, checks: Checks, uri: str) -> None:
-        parts = urlsplit(uri)
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if (
-            parts.scheme != "http"
-            or parts.hostname != "127.0.0.1"
-            or port is None
-            or parts.path != "/oauth2callback"
-            or parts.query
-            or parts.fragment
-        ):
-            checks.fail(f"redirect_uri must be http://127.0.0.1:<port>/oauth2callback, got {uri!r}")
+        checks.loopback_redirect(uri, "127.0.0.1", "/oauth2callback")
 
     def check_client(self, checks: Checks, fields: dict[str, str]) -> None:
         super().check_client(checks, fields)
@@ -766,11 +782,6 @@ class Gemini(AuthCodeProvider):
     def refresh_fields(self) -> set[str]:
         return super().refresh_fields() | {"client_secret"}
 
-    def token_response(self, *, with_refresh_token: bool = True) -> dict[str, Any]:
-        answer = super().token_response(with_refresh_token=with_refresh_token)
-        answer["scope"] = self.scope
-        return answer
-
 
 class Qwen(DeviceProvider):
     """Qwen's OAuth server as Qwen Code uses it (qwenOAuth2.ts @0231fe43)."""
@@ -779,9 +790,7 @@ class Qwen(DeviceProvider):
     client_id = "f0304373b74a44d2b584a3fb70ca9e56"
     device_path = "/api/v1/oauth2/device/code"
     token_path = "/api/v1/oauth2/token"
-    endpoint_keys = {"device_authorization_url": device_path, "token_url": token_path}
     scope = "openid profile email model.completion"
-    device_fixed = {"client_id": client_id, "scope": scope}
     pkce_required = True
     verification_uri = "https://chat.qwen.ai/authorize"
     token_extras = {"resource_url": "portal.qwen.ai"}
@@ -801,7 +810,6 @@ class Claude(AuthCodeProvider):
     client_id = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
     authorize_path = "/cai/oauth/authorize"
     token_path = "/v1/oauth/token"
-    endpoint_keys = {"token_url": token_path, "authorization_url": authorize_path}
     scope = (
         "org:create_api_key user:profile user:inference user:sessions:claude_code "
         "user:mcp_servers user:file_upload"
@@ -820,28 +828,10 @@ class Claude(AuthCodeProvider):
     exchange_encoding = JSON
     exchange_state = True
     refresh_encoding = JSON
+    token_extras = {"expires_in": 28800, "scope": refresh_scope}  # about 8 h
 
     def check_redirect_uri(self, checks: Checks, uri: str) -> None:
-        parts = urlsplit(uri)
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if (
-            parts.scheme != "http"
-            or parts.hostname != "localhost"
-            or port is None
-            or parts.path != "/callback"
-            or parts.query
-            or parts.fragment
-        ):
-            checks.fail(f"redirect_uri must be http://localhost:<port>/callback, got {uri!r}")
-
-    def token_response(self, *, with_refresh_token: bool = True) -> dict[str, Any]:
-        answer = super().token_response(with_refresh_token=with_refresh_token)
-        answer["expires_in"] = 28800  # about 8 h
-        answer["scope"] = self.refresh_scope
-        return answer
+        checks.loopback_redirect(uri, "localhost", "/callback")
 
 
 class Copilot(DeviceProvider):
@@ -864,13 +854,7 @@ class Copilot(DeviceProvider):
     device_path = "/login/device/code"
     token_path = "/login/oauth/access_token"
     mint_path = "/copilot_internal/v2/token"
-    endpoint_keys = {
-        "device_authorization_url": device_path,
-        "token_url": token_path,
-        "mint_url": mint_path,
-    }
     scope = "read:user"
-    device_fixed = {"client_id": client_id, "scope": scope}
     device_encoding = (FORM, JSON)
     poll_encoding = (FORM, JSON)
     pkce_required = False
@@ -884,10 +868,8 @@ class Copilot(DeviceProvider):
         self.github_tokens: set[str] = set()
         self.minted: list[dict[str, Any]] = []  # every mint answer, in order
 
-    def route(self, method: str, path: str) -> str:
-        if (method, path) == ("GET", self.mint_path):
-            return "mint"
-        return super().route(method, path)
+    def endpoints(self) -> list[Endpoint]:
+        return [*super().endpoints(), Endpoint("mint", "GET", self.mint_path, "mint_url")]
 
     def handle(self, seen: Seen, query: str, body: bytes) -> tuple[int, dict[str, str], Any]:
         if seen.endpoint == "mint":
