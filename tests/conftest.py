@@ -18,6 +18,7 @@ import os
 import queue
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,84 @@ def write_token(
     store: TokenStore, provider: str, token: dict[str, Any], bucket: str = "default"
 ) -> None:
     store.write(provider, bucket, token)
+
+
+# --- a threaded Unix-socket server --------------------------------------------------
+
+
+class UnixServer:
+    """A Unix-socket server in threads: one thread per connection runs :meth:`serve`.
+
+    An exception in a connection's thread is kept in ``errors`` (the
+    :func:`unix_servers` fixture raises it again when the test ends). Subclasses
+    set their own attributes before calling ``__init__``, which starts accepting.
+    """
+
+    #: The timeout of an accepted connection (None: blocking).
+    conn_timeout: float | None = None
+    join_timeout = 10.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(64)
+        self.listener.settimeout(0.1)
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(self.conn_timeout)
+            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self.serve(conn)
+        except BaseException as exc:  # raised again at the end of the test
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accepter.join(self.join_timeout)
+        self.listener.close()
+        for t in self._threads:
+            t.join(self.join_timeout)
+
+
+@pytest.fixture
+def unix_servers(dirs: Dirs) -> Iterator[Callable[..., Any]]:
+    """``start(cls, *args, **kwargs)``: a :class:`UnixServer` *cls* on a new socket in the test's directory.
+
+    Every server is closed after the test, and the first error one of them kept is raised then.
+    """
+    dirs.root.mkdir(exist_ok=True)
+    started: list[UnixServer] = []
+
+    def start(cls: type[UnixServer], *args: Any, **kwargs: Any) -> UnixServer:
+        server = cls(dirs.root / f"s{len(started)}.sock", *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+    for server in started:
+        if server.errors:
+            raise server.errors[0]
 
 
 # --- a raw protocol peer --------------------------------------------------------

@@ -12,6 +12,7 @@ executable, and CMD is a Python one-liner that calls the base URL it was given.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -22,13 +23,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import CREDPROXY, Dirs
+from conftest import CREDPROXY, Dirs, UnixServer
 
 BASE_VARS = ("ANTHROPIC_BASE_URL", "OPENAI_BASE_URL", "GOOGLE_GEMINI_BASE_URL")
 WAIT = 10.0  # seconds any one step may take before a test gives up (never a timing claim)
@@ -37,81 +38,39 @@ PREAMBLE = re.compile(rb"CREDPROXY/1 forward=[0-9]+( capability=[0-9a-f]{64})?\r
 Handler = Callable[[socket.socket, "FakeSocket"], None]
 
 
-class FakeSocket:
+class FakeSocket(UnixServer):
     """A stand-in for the session socket: one thread per connection runs *handler*.
 
+    Each connection's preamble line is read, checked and kept apart first.
     Handlers record what they saw in ``self.received`` / ``self.events``; an
     exception in a handler is kept and raised when the test ends.
     """
 
     def __init__(self, path: Path, handler: Handler) -> None:
-        self.path = path
         self.handler = handler
         self.received: list[bytes] = []
         self.preambles: list[bytes] = []
         self.events: list[Any] = []
-        self.errors: list[BaseException] = []
         self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(64)
-        self.listener.settimeout(0.1)
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        super().__init__(path)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(None)
-            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                line = b""
-                while not line.endswith(b"\r\n") and len(line) < 200:
-                    byte = conn.recv(1)  # one at a time: the tool's bytes stay for the handler
-                    if not byte:
-                        break
-                    line += byte
-                assert PREAMBLE.fullmatch(line), f"no preamble line first: {line!r}"
-                with self.lock:
-                    self.preambles.append(line)
-                self.handler(conn, self)
-        except BaseException as exc:  # raised again at the end of the test
-            self.errors.append(exc)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._accepter.join(WAIT)
-        self.listener.close()
-        for t in self._threads:
-            t.join(WAIT)
+    def serve(self, conn: socket.socket) -> None:
+        line = b""
+        while not line.endswith(b"\r\n") and len(line) < 200:
+            byte = conn.recv(1)  # one at a time: the tool's bytes stay for the handler
+            if not byte:
+                break
+            line += byte
+        assert PREAMBLE.fullmatch(line), f"no preamble line first: {line!r}"
+        with self.lock:
+            self.preambles.append(line)
+        self.handler(conn, self)
 
 
 @pytest.fixture
-def fake(dirs: Dirs) -> Iterator[Callable[[Handler], FakeSocket]]:
+def fake(unix_servers: Callable[..., Any]) -> Callable[[Handler], FakeSocket]:
     """Start fakes of the session socket in the test's directory; stop them after."""
-    started: list[FakeSocket] = []
-
-    def start(handler: Handler) -> FakeSocket:
-        server = FakeSocket(dirs.root / f"s{len(started)}.sock", handler)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.close()
-    for server in started:
-        if server.errors:
-            raise server.errors[0]
+    return functools.partial(unix_servers, FakeSocket)
 
 
 def read_until_eof(conn: socket.socket) -> bytes:

@@ -18,6 +18,7 @@ a real process run with ``setpriv`` as ``nobody`` (65534), which needs root.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -29,11 +30,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
-from conftest import CREDPROXY, Dirs
+from conftest import CREDPROXY, Dirs, UnixServer
 from credproxy.inner import forward
 from credproxy.inner.forward import (
     Forwarder,
@@ -200,75 +201,34 @@ def test_the_preamble_line() -> None:
 # -- a recording session socket ---------------------------------------------------------------------
 
 
-class Recorder:
+class Recorder(UnixServer):
     """A Unix-socket server: records each connection's bytes; answers ANSWER.
 
     It reads until the end of the request head that follows the preamble
     line (or to the end of stream with ``until_eof``), then answers and closes.
     """
 
+    conn_timeout = WAIT
+
     def __init__(self, path: Path, *, until_eof: bool = False) -> None:
-        self.path = path
         self.until_eof = until_eof
         self.connections: list[bytes] = []
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(16)
-        self.listener.settimeout(0.1)
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        super().__init__(path)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(WAIT)
-            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                data = b""
-                while chunk := conn.recv(65536):
-                    data += chunk
-                    if not self.until_eof and b"\r\n\r\n" in data.partition(b"\r\n")[2]:
-                        break
-                self.connections.append(data)
-                conn.sendall(ANSWER)
-        except BaseException as exc:  # raised again at the end of the test
-            self.errors.append(exc)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._accepter.join(WAIT)
-        self.listener.close()
-        for t in self._threads:
-            t.join(WAIT)
+    def serve(self, conn: socket.socket) -> None:
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+            if not self.until_eof and b"\r\n\r\n" in data.partition(b"\r\n")[2]:
+                break
+        self.connections.append(data)
+        conn.sendall(ANSWER)
 
 
 @pytest.fixture
-def recorder(dirs: Dirs) -> Iterator[Callable[..., Recorder]]:
-    dirs.root.mkdir(exist_ok=True)
-    started: list[Recorder] = []
-
-    def start(*, until_eof: bool = False) -> Recorder:
-        server = Recorder(dirs.root / f"r{len(started)}.sock", until_eof=until_eof)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.close()
-    for server in started:
-        if server.errors:
-            raise server.errors[0]
+def recorder(unix_servers: Callable[..., Any]) -> Callable[..., Recorder]:
+    """Start recording session sockets in the test's directory; stop them after."""
+    return functools.partial(unix_servers, Recorder)
 
 
 class CountingForwarder(Forwarder):
@@ -401,18 +361,26 @@ def run_forward(
     )
 
 
+def relayed_quietly(
+    result: subprocess.CompletedProcess[str], server: Recorder
+) -> tuple[dict[str, Any], bytes]:
+    """forward exited 0 and said nothing; CMD's report, and the one connection the socket got."""
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    out: dict[str, Any] = json.loads(result.stdout)
+    (received,) = server.connections
+    return out, received
+
+
 def test_credproxy_capability_variable_reaches_the_preamble(
     dirs: Dirs, recorder: Callable[..., Recorder]
 ) -> None:
     """With $CREDPROXY_CAPABILITY set, forward's preamble presents it, and CMD still has the variable."""
     server = recorder()
     result = run_forward(dirs, server.path, env={"CREDPROXY_CAPABILITY": CAP})
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    out = json.loads(result.stdout)
+    out, received = relayed_quietly(result, server)
     assert out["got"] == ANSWER.decode()
     assert out["mine"] == [CAP, CAP]
-    (received,) = server.connections
     assert (
         received
         == (
@@ -428,11 +396,8 @@ def test_no_capability_means_a_preamble_without_one(
     """With no capability variable at all, the preamble names the port only, and nothing is said on stderr."""
     server = recorder()
     result = run_forward(dirs, server.path)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    out = json.loads(result.stdout)
+    out, received = relayed_quietly(result, server)
     assert out["mine"] == [None, None]
-    (received,) = server.connections
     assert received.startswith(f"CREDPROXY/1 forward={out['port']}\r\nGET /p/x ".encode())
 
 
@@ -460,11 +425,8 @@ def test_a_capability_descriptor_reaches_the_preamble_and_stays_readable_for_cmd
         result = run_forward(dirs, server.path, pass_fds=(fd,), env={variable: str(fd)})
     finally:
         os.close(fd)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    out = json.loads(result.stdout)
+    out, received = relayed_quietly(result, server)
     assert out["mine"] == [CAP, CAP]
-    (received,) = server.connections
     assert received.startswith(f"CREDPROXY/1 forward={out['port']} capability={CAP}\r\n".encode())
 
 
@@ -489,11 +451,8 @@ def test_the_variable_wins_and_the_descriptor_still_reaches_cmd(
         )
     finally:
         os.close(fd)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    out = json.loads(result.stdout)
+    out, received = relayed_quietly(result, server)
     assert out["mine"] == [[CAP, CAP], f"{other}\n"]
-    (received,) = server.connections
     assert received.startswith(f"CREDPROXY/1 forward={out['port']} capability={CAP}\r\n".encode())
 
 
