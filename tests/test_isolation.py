@@ -12,6 +12,7 @@ The ones that need another uid, bubblewrap or a separate daemon process are in
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -47,6 +48,26 @@ async def _daemon(start_daemon: StartDaemon, up: Upstream, **kw: Any) -> Harness
     return h
 
 
+async def _logged_in(
+    start_daemon: StartDaemon,
+    up: Upstream,
+    grant: str = "dev",
+    capability: bytes | None = None,
+    **kw: Any,
+) -> tuple[Harness, Any]:
+    """The daemon of :func:`_daemon` with a ``dev`` token stored, and a session granted *grant*."""
+    h = await _daemon(start_daemon, up, **kw)
+    h.login()
+    return h, await h.session(grant, capability=capability)
+
+
+async def _until(done: Callable[[], bool], timeout: float = 10, step: float = 0.01) -> None:
+    """Wait until *done()*; fail after *timeout* seconds."""
+    with trio.fail_after(timeout):
+        while not done():
+            await trio.sleep(step)
+
+
 async def _raw(path: Any, data: bytes) -> bytes:
     """Send *data* on a new connection; everything the daemon answers until it closes."""
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -71,9 +92,7 @@ async def test_1_a_session_with_a_capability_refuses_http_without_it(
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
     """Without the capability (or with a wrong one) a request gets 407 and reaches no upstream; with it, 200."""
-    h = await _daemon(start_daemon, upstream)
-    h.login()
-    s = await h.session("dev", capability=capability_digest(CAP))
+    _, s = await _logged_in(start_daemon, upstream, capability=capability_digest(CAP))
     c = await HttpClient.connect(s.socket_path)
     status, headers, body = await c.call("GET", "/dev/models")
     assert status == 407 and "capability" in json.loads(body)["error"]["message"]
@@ -96,9 +115,7 @@ async def test_1_the_forward_preamble_presents_the_capability_for_the_connection
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
     """`credproxy forward`'s preamble carries the capability: the tool's own requests need nothing."""
-    h = await _daemon(start_daemon, upstream)
-    h.login()
-    s = await h.session("dev", capability=capability_digest(CAP))
+    _, s = await _logged_in(start_daemon, upstream, capability=capability_digest(CAP))
     request = b"GET /dev/models HTTP/1.1\r\nHost: 127.0.0.1:4000\r\nConnection: close\r\n\r\n"
     ok = await _raw(
         s.socket_path, f"CREDPROXY/1 forward=4000 capability={CAP}\r\n".encode() + request
@@ -124,11 +141,9 @@ async def test_1_the_connection_rate_limit_holds_on_http(
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
     """[limits] requests_per_second and request_burst apply per HTTP connection: 429 from credproxy, upstream spared."""
-    h = await _daemon(
+    _, s = await _logged_in(
         start_daemon, upstream, limits={"requests_per_second": 0.01, "request_burst": 2}
     )
-    h.login()
-    s = await h.session("dev")
     c = await HttpClient.connect(s.socket_path)
     statuses = [(await c.call("GET", "/dev/models"))[0] for _ in range(2)]
     status, headers, body = await c.call("GET", "/dev/models")
@@ -146,9 +161,7 @@ async def test_2_a_path_that_always_answers_401_costs_one_refresh_per_cooldown(
 ) -> None:
     """30 requests to an always-401 path: one refresh at the IdP, every later 401 passed through."""
     upstream.script.extend(answer(401) for _ in range(60))
-    h = await _daemon(start_daemon, upstream, renewal={"refresh_cooldown": 3600})
-    h.login()
-    s = await h.session("api:dev")
+    h, s = await _logged_in(start_daemon, upstream, "api:dev", renewal={"refresh_cooldown": 3600})
     c = await HttpClient.connect(s.socket_path)
     before = h.idp.refresh_count
     statuses = [(await c.call("POST", "/dev/x", body=b"{}"))[0] for _ in range(30)]
@@ -263,20 +276,14 @@ async def test_4_clients_that_leave_before_the_headers_cancel_their_upstream_req
 ) -> None:
     """16 POSTs to an upstream that never answers, then the clients close: every upstream connection is closed within 1 s, and new requests are served."""
     upstream.script.extend(hang for _ in range(16))
-    h = await _daemon(start_daemon, upstream)
-    h.login()
-    s = await h.session("dev")
+    _, s = await _logged_in(start_daemon, upstream)
     clients = [await HttpClient.connect(s.socket_path) for _ in range(16)]
     for c in clients:
         await c.send("POST", "/dev/slow", body=b"x" * 1000)
-    with trio.fail_after(10):
-        while upstream.hanging < 16:
-            await trio.sleep(0.01)
+    await _until(lambda: upstream.hanging >= 16)
     for c in clients:
         await c.aclose()
-    with trio.fail_after(1):
-        while upstream.cancelled < 16:
-            await trio.sleep(0.01)
+    await _until(lambda: upstream.cancelled >= 16, timeout=1)
     c = await HttpClient.connect(s.socket_path)
     assert (await c.call("GET", "/dev/models"))[0] == 200
     await c.aclose()
@@ -290,9 +297,7 @@ async def test_5_past_the_daemon_budget_a_body_is_not_kept_and_its_401_passes_th
 ) -> None:
     """retry_body_budget bounds all kept bodies: a body past it is streamed, not kept, and its 401 is not retried."""
     upstream.script.append(answer(401))
-    h = await _daemon(start_daemon, upstream, proxy={"retry_body_budget": 1000})
-    h.login()
-    s = await h.session("dev")
+    h, s = await _logged_in(start_daemon, upstream, proxy={"retry_body_budget": 1000})
     c = await HttpClient.connect(s.socket_path)
     before = h.idp.refresh_count
     status, _, _ = await c.call("POST", "/dev/x", body=b"y" * 5000)
@@ -311,9 +316,7 @@ async def test_6_dropped_streams_are_one_audit_line_each_and_never_a_traceback(
 ) -> None:
     """20 clients that hang up mid-stream: 20 audit lines with status 499 and the bytes they got; no crash logged."""
     upstream.script.extend(endless for _ in range(20))
-    h = await _daemon(start_daemon, upstream)
-    h.login()
-    s = await h.session("dev")
+    _, s = await _logged_in(start_daemon, upstream)
     clients = [await HttpClient.connect(s.socket_path) for _ in range(20)]
     for c in clients:
         await c.send("GET", "/dev/stream")
@@ -324,9 +327,7 @@ async def test_6_dropped_streams_are_one_audit_line_each_and_never_a_traceback(
             trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
         )
         await c.aclose()
-    with trio.fail_after(10):
-        while len(_audit(no_secrets_in_logs)) < 20:
-            await trio.sleep(0.02)
+    await _until(lambda: len(_audit(no_secrets_in_logs)) >= 20, step=0.02)
     lines = _audit(no_secrets_in_logs)
     assert [line["status"] for line in lines] == [499] * 20
     assert all(line["bytes"] > 0 for line in lines)
@@ -341,7 +342,7 @@ async def test_8_credential_headers_never_come_from_the_sandbox_and_templates_re
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
     """x-goog-api-key and api-key from the sandbox are dropped; a templated header is one line with the host's value; {client} keeps the client's betas."""
-    h = await _daemon(
+    h, s = await _logged_in(
         start_daemon,
         upstream,
         providers={
@@ -357,8 +358,6 @@ async def test_8_credential_headers_never_come_from_the_sandbox_and_templates_re
         },
         proxy={"strip_headers": ["x-gateway-key"]},
     )
-    h.login()
-    s = await h.session("dev")
     c = await HttpClient.connect(s.socket_path)
     sent = [
         ("x-goog-api-key", "CANARY-sandbox-goog"),
@@ -391,9 +390,7 @@ async def test_9_a_body_that_trickles_gets_408(
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
     """One byte every 0.3 s against body_timeout 1 s and 500 B/s: 408 well before the body is done."""
-    h = await _daemon(start_daemon, upstream, proxy={"body_timeout": 1.0})
-    h.login()
-    s = await h.session("dev")
+    _, s = await _logged_in(start_daemon, upstream, proxy={"body_timeout": 1.0})
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.connect(str(s.socket_path))
     await sock.send(b"POST /dev/x HTTP/1.1\r\nHost: credproxy\r\nContent-Length: 100\r\n\r\n")
@@ -428,9 +425,7 @@ async def test_9_protocol_errors_answer_400_then_close(
     start_daemon: StartDaemon, upstream: Upstream, raw: bytes
 ) -> None:
     """What h11 refuses gets a 400 with a reason, then the connection closes; nothing goes upstream."""
-    h = await _daemon(start_daemon, upstream)
-    h.login()
-    s = await h.session("dev")
+    _, s = await _logged_in(start_daemon, upstream)
     reply = await _raw(s.socket_path, raw)
     assert reply.startswith(b"HTTP/1.1 400"), reply[:60]
     assert b"malformed HTTP request" in reply
@@ -488,9 +483,7 @@ async def test_7_a_forwarded_request_from_a_browser_is_refused(
     start_daemon: StartDaemon, upstream: Upstream, headers: bytes, rule: bytes
 ) -> None:
     """On a connection that came through forward (port 4000): DNS rebinding and cross-site shapes get 403 naming the rule."""
-    h = await _daemon(start_daemon, upstream)
-    h.login()
-    s = await h.session("dev")
+    _, s = await _logged_in(start_daemon, upstream)
     request = (
         b"POST /dev/x HTTP/1.1\r\n" + headers + b"Content-Type: text/plain\r\n"
         b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
