@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_proxy_e2e import Upstream, _setup, upstream  # noqa: F401
+from test_proxy_e2e import (  # noqa: F401
+    Upstream,
+    _api_lines,
+    _run,
+    _setup,
+    _wait_api_lines,
+    _wait_or_kill,
+    upstream,
+)
 
 from conftest import CREDPROXY, Dirs, cli
 
@@ -37,15 +45,33 @@ print(json.dumps({"socket": os.environ["CREDPROXY_SOCKET"], "capability": capabi
 sys.stdin.read()
 """
 
+# Reports a 429 for openai:default (held for a day), then keeps its session until stdin closes.
+REPORT_429 = """
+import sys
+from credproxy.inner.client import Client
+with Client() as c:
+    print(c.call('report_failure', {'provider': 'openai', 'bucket': 'default',
+                                    'status': 429, 'retryAfter': 86400}), flush=True)
+    sys.stdin.read()
+"""
+
 PY = (sys.executable, "-c")
 NOT_ROOT = "needs root, to run a client as another uid with setpriv"
+OPENAI = ("--allow", "openai", "--allow", "key:canary-key")
+
+
+@pytest.fixture
+def api(background_daemon: Dirs, upstream: Upstream) -> Upstream:
+    """The fake API, with `openai` and `claude` set up for it in the background daemon's directories."""
+    _setup(background_daemon, upstream)
+    return upstream
 
 
 @contextmanager
-def session(dirs: Dirs, up: Upstream, *args: str) -> Iterator[dict[str, Any]]:
-    """A session opened by `credproxy run ARGS -- (hold)`; yields its socket and capability."""
+def running(dirs: Dirs, up: Upstream, *args: str, code: str) -> Iterator[subprocess.Popen[str]]:
+    """`credproxy run ARGS -- python -c CODE`, CODE's stdin and stdout piped; ended by closing stdin."""
     with subprocess.Popen(
-        [CREDPROXY, "run", *args, "--", sys.executable, "-c", HOLD],
+        [CREDPROXY, "run", *args, "--", *PY, code],
         env=dirs.env(SSL_CERT_FILE=str(up.ca_file)),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -53,16 +79,20 @@ def session(dirs: Dirs, up: Upstream, *args: str) -> Iterator[dict[str, Any]]:
     ) as proc:
         assert proc.stdout is not None and proc.stdin is not None
         try:
-            line = proc.stdout.readline()
-            assert line, "credproxy run did not open a session"
-            yield json.loads(line)
+            yield proc
         finally:
             proc.stdin.close()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _wait_or_kill(proc, 30)
+
+
+@contextmanager
+def session(dirs: Dirs, up: Upstream, *args: str) -> Iterator[dict[str, Any]]:
+    """A session opened by `credproxy run ARGS -- (hold)`; yields its socket and capability."""
+    with running(dirs, up, *args, code=HOLD) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, "credproxy run did not open a session"
+        yield json.loads(line)
 
 
 def _request(path: str, raw: bytes) -> bytes:
@@ -90,13 +120,13 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def _log_lines(dirs: Dirs, event: str) -> list[dict[str, Any]]:
-    lines = (dirs.runtime / "daemon.log").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("event") == event]
-
-
 POST_CHAT = (
     b"POST /openai/chat/completions HTTP/1.1\r\nHost: credproxy\r\nConnection: close\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+)
+# A request for a stream that goes on (the fake API's /slow), on a connection kept open.
+POST_SLOW = (
+    b"POST /openai/slow HTTP/1.1\r\nHost: credproxy\r\n"
     b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 )
 
@@ -138,32 +168,10 @@ print(json.dumps(out))
     shutil.which("setpriv") is None or shutil.which("curl") is None,
     reason="setpriv and curl are needed for the other-uid client",
 )
-def test_7_and_1_forward_serves_only_its_own_sandbox(
-    background_daemon: Dirs, upstream: Upstream
-) -> None:
+def test_7_and_1_forward_serves_only_its_own_sandbox(dirs: Dirs, api: Upstream) -> None:
     """Through `credproxy forward` on the host's loopback, in a --capability session: the tool gets 200 with no capability of its own; a rebinding Host, a cross-site form post, Sec-Fetch-Site: cross-site and another uid get 403 saying which rule; the socket without the capability gets 407; the upstream saw the tool's request only."""
-    dirs = background_daemon
-    _setup(dirs, upstream)
-    proc = cli(
-        dirs,
-        "run",
-        "--capability",
-        "--allow",
-        "openai",
-        "--allow",
-        "key:canary-key",
-        "--",
-        CREDPROXY,
-        "forward",
-        "--provider",
-        "openai",
-        "--",
-        sys.executable,
-        "-c",
-        PROBE,
-        timeout=120,
-        SSL_CERT_FILE=str(upstream.ca_file),
-    )
+    forward = (CREDPROXY, "forward", "--provider", "openai", "--", *PY, PROBE)
+    proc = _run(dirs, api, "--capability", *OPENAI, "--", *forward)
     assert proc.returncode == 0, proc.stderr + (dirs.runtime / "daemon.log").read_text()[-3000:]
     out = json.loads(proc.stdout)
     assert out["tool"][0] == 200, out["tool"]
@@ -176,10 +184,8 @@ def test_7_and_1_forward_serves_only_its_own_sandbox(
         status, body = out[name]
         assert status == 403, (name, out[name])
         assert body and rule in json.loads(body)["error"]["message"], (name, out)
-    assert len(upstream.requests()) == 1
-    with session(
-        dirs, upstream, "--capability", "--allow", "openai", "--allow", "key:canary-key"
-    ) as s:
+    assert len(api.requests()) == 1
+    with session(dirs, api, "--capability", *OPENAI) as s:
         refused = _request(s["socket"], POST_CHAT)
         assert refused.startswith(b"HTTP/1.1 407"), refused[:80]
         cap = s["capability"]
@@ -187,20 +193,18 @@ def test_7_and_1_forward_serves_only_its_own_sandbox(
             b"Connection:", b"Proxy-Authorization: Bearer " + cap.encode() + b"\r\nConnection:"
         )
         assert _request(s["socket"], with_cap).startswith(b"HTTP/1.1 200")
-    assert len(upstream.requests()) == 2
+    assert len(api.requests()) == 2
 
 
-def test_5_big_bodies_leave_no_memory_behind(background_daemon: Dirs, upstream: Upstream) -> None:
+def test_5_big_bodies_leave_no_memory_behind(dirs: Dirs, api: Upstream) -> None:
     """64 concurrent POSTs of 8 MiB in one session, then the clients gone: the daemon's RSS is back within 20 MB of before, and every body reached the upstream."""
-    dirs = background_daemon
-    _setup(dirs, upstream)
     size = 8 * 1024 * 1024
     head = (
         b"POST /openai/upload HTTP/1.1\r\nHost: credproxy\r\nConnection: close\r\n"
         b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % size
     )
     payload = b"\x00" * size
-    with session(dirs, upstream, "--allow", "openai", "--allow", "key:canary-key") as s:
+    with session(dirs, api, *OPENAI) as s:
         assert _request(s["socket"], POST_CHAT).startswith(b"HTTP/1.1 200")  # warm: httpx, TLS
         pid = _daemon_pid(dirs)
         before = _rss_mb(pid)
@@ -219,21 +223,13 @@ def test_5_big_bodies_leave_no_memory_behind(background_daemon: Dirs, upstream: 
         after = _rss_mb(pid)
     print(f"RSS {before:.1f} MB before, {after:.1f} MB after")
     assert after - before < 20, f"RSS {before:.0f} MB before, {after:.0f} MB after"
-    uploads = [r for r in upstream.requests() if r["path"] == "/v1/upload"]
+    uploads = [r for r in api.requests() if r["path"] == "/v1/upload"]
     assert len(uploads) == 64
 
 
-def test_6_dropped_streams_are_one_short_line_each(
-    background_daemon: Dirs, upstream: Upstream
-) -> None:
+def test_6_dropped_streams_are_one_short_line_each(dirs: Dirs, api: Upstream) -> None:
     """200 clients that hang up mid-stream: 200 audit lines with status 499, no traceback, and the log grows by less than 100 KiB."""
-    dirs = background_daemon
-    _setup(dirs, upstream)
-    request = (
-        b"POST /openai/slow HTTP/1.1\r\nHost: credproxy\r\n"
-        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-    )
-    with session(dirs, upstream, "--allow", "openai", "--allow", "key:canary-key") as s:
+    with session(dirs, api, *OPENAI) as s:
         log = dirs.runtime / "daemon.log"
         size_before = log.stat().st_size
         for _ in range(4):
@@ -242,7 +238,7 @@ def test_6_dropped_streams_are_one_short_line_each(
                 c = socket.socket(socket.AF_UNIX)
                 c.settimeout(30)
                 c.connect(s["socket"])
-                c.sendall(request)
+                c.sendall(POST_SLOW)
                 socks.append(c)
             for c in socks:
                 assert c.recv(65536).startswith(b"HTTP/1.1 200")  # the stream has begun
@@ -251,39 +247,21 @@ def test_6_dropped_streams_are_one_short_line_each(
                     socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
                 )
                 c.close()
-        deadline = time.monotonic() + 10
-        while len(_log_lines(dirs, "api_request")) < 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_api_lines(dirs, 200, timeout=10)
         text = log.read_text()
-        lines = _log_lines(dirs, "api_request")
+        lines = _api_lines(dirs)
     assert [line["status"] for line in lines] == [499] * 200
     assert "Traceback" not in text and "crashed" not in text
     assert log.stat().st_size - size_before < 100 * 1024
 
 
 def test_3_holds_are_listed_with_their_source_and_released_from_the_host(
-    background_daemon: Dirs, upstream: Upstream
+    dirs: Dirs, api: Upstream
 ) -> None:
     """A sandbox's 429 report holds the bucket for its session only; `credproxy status` shows it with its source and end; `credproxy release` ends it."""
-    dirs = background_daemon
-    _setup(dirs, upstream)
-    report = (
-        "import sys\n"
-        "from credproxy.inner.client import Client\n"
-        "with Client() as c:\n"
-        "    print(c.call('report_failure', {'provider': 'openai', 'bucket': 'default',"
-        " 'status': 429, 'retryAfter': 86400}), flush=True)\n"
-        "    sys.stdin.read()\n"
-    )
     with (
-        session(dirs, upstream, "--allow", "openai", "--allow", "key:canary-key") as other,
-        subprocess.Popen(
-            [CREDPROXY, "run", "--allow", "openai", "--allow", "key:canary-key", "--", *PY, report],
-            env=dirs.env(SSL_CERT_FILE=str(upstream.ca_file)),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as holder,
+        session(dirs, api, *OPENAI) as other,
+        running(dirs, api, *OPENAI, code=REPORT_429) as holder,
     ):
         assert holder.stdout is not None and holder.stdin is not None
         assert "quota-exhausted" in holder.stdout.readline()

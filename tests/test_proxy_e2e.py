@@ -90,11 +90,16 @@ def upstream(dirs: Dirs) -> Iterator[Upstream]:
         yield Upstream(int(port_file.read_text()), where / "ca.pem", log_file)
     finally:
         proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _wait_or_kill(proc, 5)
+
+
+def _wait_or_kill(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Wait for *proc* to exit; if it has not within *timeout* seconds, kill it (by its handle)."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _setup(dirs: Dirs, up: Upstream) -> None:
@@ -132,9 +137,12 @@ def _api_lines(dirs: Dirs) -> list[dict[str, Any]]:
     return [e for e in map(json.loads, lines) if e.get("event") == "api_request"]
 
 
-def _wait_api_lines(dirs: Dirs, count: int) -> list[dict[str, Any]]:
-    """The daemon's api_request lines, once *count* are written (each after its answer)."""
-    deadline = time.monotonic() + 5
+def _wait_api_lines(dirs: Dirs, count: int, timeout: float = 5) -> list[dict[str, Any]]:
+    """The daemon's api_request lines, once *count* are written (each after its answer).
+
+    After *timeout* seconds, those written so far.
+    """
+    deadline = time.monotonic() + timeout
     while len(lines := _api_lines(dirs)) < count and time.monotonic() < deadline:
         time.sleep(0.02)
     return lines
