@@ -91,18 +91,23 @@ def _audit(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def test_1_a_session_with_a_capability_refuses_http_without_it(
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
-    """Without the capability (or with a wrong one) a request gets 407 and reaches no upstream; with it, 200."""
+    """Without the capability (or with a wrong one) a request gets 407, the connection closes, and nothing reaches the upstream; with it, 200."""
     _, s = await _logged_in(start_daemon, upstream, capability=capability_digest(CAP))
     c = await HttpClient.connect(s.socket_path)
     status, headers, body = await c.call("GET", "/dev/models")
     assert status == 407 and "capability" in json.loads(body)["error"]["message"]
     assert headers["proxy-authenticate"].startswith("Bearer")
+    assert headers["connection"] == "close"
+    await c.aclose()
     wrong = "0" * 64
+    c = await HttpClient.connect(s.socket_path)
     status, _, _ = await c.call(
         "GET", "/dev/models", headers=[("proxy-authorization", f"Bearer {wrong}")]
     )
     assert status == 407
+    await c.aclose()
     assert upstream.received == []
+    c = await HttpClient.connect(s.socket_path)
     status, _, _ = await c.call(
         "GET", "/dev/models", headers=[("proxy-authorization", f"Bearer {CAP}")]
     )

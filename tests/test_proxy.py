@@ -126,8 +126,12 @@ async def _serve_upstream(up: Upstream, stream: trio.SSLStream[Any]) -> None:
                     {
                         "method": event.method.decode(),
                         "target": event.target.decode(),
-                        "headers": {k.decode().lower(): v.decode() for k, v in event.headers},
-                        "raw_headers": [(k.decode().lower(), v.decode()) for k, v in event.headers],
+                        "headers": {
+                            k.decode().lower(): v.decode("latin-1") for k, v in event.headers
+                        },
+                        "raw_headers": [
+                            (k.decode().lower(), v.decode("latin-1")) for k, v in event.headers
+                        ],
                         "body": body,
                     }
                 )

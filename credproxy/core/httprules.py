@@ -72,7 +72,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-#: Never taken from the sandbox: credentials of its own (the host's replace them).
+#: Never taken from the sandbox: credentials of its own (the host's replace them),
+#: and the headers that pick which account or project of the credential pays.
 CREDENTIAL_HEADERS = frozenset(
     {
         b"authorization",
@@ -81,6 +82,9 @@ CREDENTIAL_HEADERS = frozenset(
         b"api-key",
         b"x-goog-api-key",
         b"cookie",
+        b"openai-organization",
+        b"openai-project",
+        b"x-goog-user-project",
     }
 )
 # Also dropped: what the daemon sets itself. (Content-Length is kept: h11 has
@@ -176,13 +180,15 @@ def upstream_headers(
     client: Headers,
     template: Mapping[str, str],
     strip: Iterable[str] = (),
-) -> list[tuple[str, str]]:
-    """The headers sent upstream: the sandbox's allowed ones, then the template's.
+) -> list[tuple[bytes, bytes]]:
+    """The headers sent upstream, as bytes: the sandbox's allowed ones, then the template's.
 
     *template* maps header names to values already filled in from the token,
     with ``{client}`` left in place. A header the template sets replaces every
     copy the sandbox sent (case-insensitively); its ``{client}`` becomes the
-    sandbox's values. A header whose value comes out empty is not sent.
+    sandbox's values. A header whose value comes out empty is not sent. The
+    sandbox's bytes go on as they came (h11 checked them; a value may hold
+    bytes 0x80-0xFF), the template's values as UTF-8.
     """
     dropped = (
         CREDENTIAL_HEADERS | {s.lower().encode("latin-1") for s in strip}
@@ -190,7 +196,7 @@ def upstream_headers(
         else CREDENTIAL_HEADERS
     )
     templated = {name.lower().encode("latin-1"): name for name in template}
-    kept: list[tuple[str, str]] = []
+    kept: list[tuple[bytes, bytes]] = []
     wanted: dict[bytes, list[str]] = {}
     for raw_name, raw_value in client:
         name = raw_name.lower()
@@ -201,11 +207,11 @@ def upstream_headers(
         if name in templated:
             wanted.setdefault(name, []).append(raw_value.decode("latin-1").strip())
             continue
-        kept.append((raw_name.decode("latin-1"), raw_value.decode("latin-1")))
+        kept.append((bytes(raw_name), bytes(raw_value)))
     for lower, header in templated.items():
         value = fill_client(template[header], wanted.get(lower, []))
         if value:
-            kept.append((header, value))
+            kept.append((header.encode("latin-1"), value.encode("utf-8")))
     return kept
 
 

@@ -138,9 +138,11 @@ class Daemon:
         now = self.wall()
         ended = self.tokens.release(provider, bucket)
         for session in self.sessions:
-            for key in [k for k in session.holds if k.provider == provider]:
+            for key in [k for k in tuple(session.holds) if k.provider == provider]:
                 if bucket is None or key.bucket == bucket:
                     ended += session.holds.pop(key).held(now)
+            # The profile starts again from its first bucket (fill-first comes back).
+            session.current.pop(provider, None)
         log.info("holds_released", provider=provider, bucket=bucket, released=ended)
         return ended
 
@@ -151,7 +153,7 @@ class Daemon:
         for s in self.sessions:
             found += [
                 (k, f"session {s.id}", marks.quota_until)
-                for k, marks in sorted(s.holds.items())
+                for k, marks in sorted(s.holds.items())  # (one C-level copy: no race)
                 if marks.quota_until is not None and marks.held(now)
             ]
         return [

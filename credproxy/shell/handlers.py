@@ -194,14 +194,27 @@ class SandboxOps:
         return Defer("get_token_profile", Key(profile.provider, ""))
 
     def _earlier_may_serve(self, session: Session, profile: Profile, index: int) -> bool:
-        """Fill-first: whether a bucket before *index* may serve again (its hold ended)."""
+        """Fill-first: whether a bucket before *index* may serve again because its hold ended.
+
+        Only an ended hold brings the walk back to an earlier bucket (the walk
+        forgets the hold when it passes it, so this is true once per hold);
+        a bucket that failed for any other reason is tried again by the next
+        walk that happens anyway, when the current answer must be renewed.
+        """
+        now = self.wall()
         for bucket in profile.buckets[:index]:
-            key = Key(profile.provider, bucket)
-            health = self.tokens.known_health(key)
-            failing = health is not None and (health.failures > 0 or health.reauth_required)
-            if not failing and not self.held(session, key):
+            hold = self.hold(session, Key(profile.provider, bucket))
+            if hold is not None and hold.quota_until is not None and not hold.held(now):
                 return True
         return False
+
+    def _forget_ended_hold(self, session: Session, key: Key) -> None:
+        """The walk passed *key*: an ended hold has said what it had to say."""
+        now = self.wall()
+        own = session.holds.get(key)
+        if own is not None and not own.held(now):
+            del session.holds[key]
+        self.tokens.forget_ended_hold(key)
 
     # -- quota holds -----------------------------------------------------------------
 
@@ -242,6 +255,7 @@ class SandboxOps:
         cfg = self.tokens.cfg.renewal
         while (bucket := walk.next()) is not None:
             key = Key(provider, bucket)
+            self._forget_ended_hold(session, key)
             try:
                 entry = self.tokens.entry(key)
             except StoreError:
@@ -259,7 +273,7 @@ class SandboxOps:
                 walk.failed(bucket, verdict)
                 continue
             assert entry is not None
-            if isinstance(verdict, serving.Refresh) and self._failed_lately(key):
+            if isinstance(verdict, serving.Refresh) and self.tokens.failed_lately(key):
                 # Its last refresh failed within the cooldown: not tried again
                 # yet (a walk per request must not hammer the IdP); served as
                 # it is while it is still valid.
@@ -281,14 +295,19 @@ class SandboxOps:
                         continue
             walk.served(bucket)
             session.current[provider] = failover.next_current(profile, bucket)
-            if walk.reasons:
+            reasons: dict[str, str] = {b: r for b, r in walk.reasons.items() if r != "skipped"}
+            if reasons and session.failover_said.get(provider) != (bucket, reasons):
+                # Said once per change, not once per walk.
+                session.failover_said[provider] = (bucket, reasons)
                 log.info(
                     "bucket_failover",
                     session=session.id,
                     provider=provider,
                     served=bucket,
-                    reasons={b: r for b, r in walk.reasons.items() if r != "skipped"},
+                    reasons=reasons,
                 )
+            elif not reasons:
+                session.failover_said.pop(provider, None)
             return self.publish(session, key, entry)
         holds = {
             b: self.hold(session, Key(provider, b)) or failover.BucketMarks()
@@ -305,13 +324,6 @@ class SandboxOps:
             "all_buckets_exhausted", session=session.id, provider=provider, reasons=out.reasons
         )
         raise AllBucketsExhausted(message, dict(out.reasons), out.retry_after)
-
-    def _failed_lately(self, key: Key) -> bool:
-        """Whether *key*'s last refresh failed less than ``refresh_cooldown`` ago."""
-        health = self.tokens.known_health(key)
-        if health is None or not health.failures:
-            return False
-        return serving.cooldown_left(health.last_attempt, self.wall(), self.tokens.cfg.renewal) > 0
 
     def report_failure(self, session: Session, payload: dict[str, Any]) -> bytes | Defer:
         """A sandbox that called the API itself reports what happened (429, 401, 403, 5xx).

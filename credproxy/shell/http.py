@@ -385,7 +385,7 @@ class ApiClient:
         self,
         method: str,
         url: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         content: Any,
     ) -> UpstreamResponse:
         """Send a request whose body is *content* (bytes or an async iterator of bytes).

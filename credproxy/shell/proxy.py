@@ -82,6 +82,7 @@ log = logs.get("credproxy.proxy")
 RECV_SIZE = 65_536
 HEAD_TIMEOUT = 10.0  # seconds for a request's line and headers, once its first byte is here
 CLOSE_TIMEOUT = 1.0  # seconds to close an upstream response (shielded from cancellation)
+SEND_TIMEOUT = 10.0  # seconds a client may take nothing of its answer (as on the frame side)
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request", in the audit line only
 TRIM_AFTER = 1 << 20  # body bytes relayed before the last exchange ending gives memory back
 _FIELD = re.compile(r"\{([A-Za-z0-9_.:@-]+)\}")
@@ -288,6 +289,8 @@ class ApiProxy:
         status: int,
         message: str,
         extra: list[tuple[bytes, bytes]] | None = None,
+        *,
+        close: bool = False,
     ) -> None:
         """Answer with an error of the proxy's own, if the connection still allows it."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -298,7 +301,7 @@ class ApiProxy:
             (b"content-length", str(len(body)).encode()),
             *(extra or []),
         ]
-        if conn.their_state is not h11.DONE or status >= 500 or status in (400, 408):
+        if close or conn.their_state is not h11.DONE or status >= 500 or status in (400, 408):
             headers.append((b"connection", b"close"))
         try:
             await stream.send_all(
@@ -336,7 +339,10 @@ class ApiProxy:
                 body = Body(self, conn, stream)
                 await self._forward(Exchange(session, conn, stream, req, route, url, audit, body))
             finally:
-                self._streams[session.id] -= 1
+                if self._streams[session.id] == 1:
+                    del self._streams[session.id]
+                else:
+                    self._streams[session.id] -= 1
                 self._in_flight -= 1
                 if not self._in_flight and self._moved >= TRIM_AFTER:
                     # The last exchange has ended: what the big ones freed goes
@@ -345,9 +351,17 @@ class ApiProxy:
                     give_back_memory()
         except HttpError as exc:
             audit.status = exc.status
+            if exc.status in (403, 407):
+                # Refused for who or where it comes from: no body is read, and
+                # the connection closes (such a peer gets no more of our time).
+                await self._refuse(conn, stream, exc.status, str(exc), exc.headers, close=True)
+                return
             with contextlib.suppress(ClientTooSlow, *GONE):
                 await self._drain_request(conn, stream)
             await self._refuse(conn, stream, exc.status, str(exc), exc.headers)
+        except h11.RemoteProtocolError:
+            audit.status = 400  # answered by serve(), which closes the connection
+            raise
         except ClientTooSlow:
             audit.status = 408
             proxy = self.cfg.proxy
@@ -361,6 +375,10 @@ class ApiProxy:
         except GONE:
             audit.status = CLIENT_GONE_STATUS
             raise ClientGone from None
+        except Exception:  # a bug: this request gets a 500, the connection closes
+            audit.status = 500
+            log.exception("api_request_failed", session=session.id)
+            await self._refuse(conn, stream, 500, "internal error; see the daemon log", close=True)
         finally:
             log.info(
                 "api_request",
@@ -375,11 +393,21 @@ class ApiProxy:
             )
 
     def _admit(self, session: Session, link: Link, req: h11.Request) -> None:
-        """The checks of the peer before anything is looked up: who, from where, how often.
+        """The checks of the peer before anything is looked up: how often, from where, who.
+
+        The rate comes first, so refusals cost the peer its rate too.
 
         Raises:
-            HttpError: 403 (a forward rule), 407 (no capability), 429 (rate).
+            HttpError: 429 (rate), 403 (a forward rule), 407 (no capability).
         """
+        wait = link.rate.take(_now())
+        if wait:
+            retry = max(1, int(wait + 0.999))
+            raise HttpError(
+                429,
+                "too many requests on this connection; slow down",
+                [(b"retry-after", str(retry).encode())],
+            )
         port = link.preamble.forward_port
         if port is not None:
             why = httprules.forward_refusal(req.headers, port)
@@ -394,14 +422,6 @@ class ApiProxy:
                     "Proxy-Authorization: Bearer <token from fd 3>, or use credproxy forward",
                     [(b"proxy-authenticate", b'Bearer realm="credproxy"')],
                 )
-        wait = link.rate.take(_now())
-        if wait:
-            retry = max(1, int(wait + 0.999))
-            raise HttpError(
-                429,
-                "too many requests on this connection; slow down",
-                [(b"retry-after", str(retry).encode())],
-            )
 
     def _route(self, session: Session, method: str, target: bytes, headers: Any = ()) -> Route:
         """Where a request target goes (see :class:`Route`).
@@ -509,6 +529,11 @@ class ApiProxy:
             # No body: none is sent (a GET must not go out as an empty chunked body).
             await self._next_event(x.conn, x.stream)  # the request's EndOfMessage
             body.complete = True
+        elif x.conn.they_are_waiting_for_100_continue:
+            # The body is wanted: say so at once (curl would wait a second).
+            await self._send_all(
+                x.stream, x.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
         upstream = await self._send(x, key, entry, body.source() if has_body else b"")
         try:
             if upstream.status == 401 and body.whole():
@@ -568,10 +593,10 @@ class ApiProxy:
         headers = httprules.upstream_headers(
             x.req.headers, self._template(x.session, key, entry), self.cfg.proxy.strip_headers
         )
-        if not any(name.lower() == "accept-encoding" for name, _ in headers):
+        if not any(name.lower() == b"accept-encoding" for name, _ in headers):
             # httpx would ask for gzip on its own, and the body is relayed as
             # it comes: a client that did not ask for compression gets none.
-            headers.append(("accept-encoding", "identity"))
+            headers.append((b"accept-encoding", b"identity"))
         method = x.req.method.decode("ascii")
         try:
             return await self.client.send(method, x.url, headers, content)
@@ -615,22 +640,34 @@ class ApiProxy:
         """Send the upstream's answer as it arrives (a hang-up cancels it: :class:`Hangups`)."""
         conn, stream = x.conn, x.stream
         headers = [(n, v) for n, v in upstream.headers if n.lower() not in HOP_BY_HOP]
-        await stream.send_all(
-            conn.send(h11.Response(status_code=upstream.status, headers=headers)) or b""
+        await self._send_all(
+            stream, conn.send(h11.Response(status_code=upstream.status, headers=headers))
         )
         try:
             async with contextlib.aclosing(upstream.chunks()) as chunks:
                 async for chunk in chunks:
                     if chunk:
-                        await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                        await self._send_all(stream, conn.send(h11.Data(data=chunk)))
                         x.audit.sent += len(chunk)
                         self._moved += len(chunk)
         except UpstreamUnavailable as exc:
+            # No clean end for a truncated answer: the connection closes
+            # without the last chunk, so the client cannot take it as whole.
             log.warning("api_upstream_broke_off", error=str(exc))
+            return
         # A Content-Length the upstream did not fill cannot end cleanly: the
         # connection closes instead.
         with contextlib.suppress(h11.LocalProtocolError):
-            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+            await self._send_all(stream, conn.send(h11.EndOfMessage()))
+
+    @staticmethod
+    async def _send_all(stream: trio.SocketStream, data: bytes | None) -> None:
+        """Write to the client; one that takes nothing for :data:`SEND_TIMEOUT` is gone."""
+        if data:
+            with trio.move_on_after(SEND_TIMEOUT):
+                await stream.send_all(data)
+                return
+            raise ClientGone("the client stopped reading its answer")
 
     async def _close(self, upstream: UpstreamResponse) -> None:
         """Close an upstream response, even in a cancelled scope (within :data:`CLOSE_TIMEOUT`)."""
@@ -661,15 +698,17 @@ class Hangups:
     """Notices clients that hang up while their request is forwarded, without reading them.
 
     One epoll set, for the whole daemon, of the connections whose exchange is
-    under way, waiting for ``EPOLLRDHUP`` (the peer closed or shut down its
-    side), ``EPOLLHUP`` or ``EPOLLERR`` only, never ``EPOLLIN``: bytes the
-    client pipelines stay where h11 will read them. One task (:meth:`run`)
+    under way, waiting for ``EPOLLHUP`` (the peer closed or reset its socket)
+    or ``EPOLLERR`` only, never ``EPOLLIN``: bytes the client pipelines stay
+    where h11 will read them. One task (:meth:`run`)
     waits on the set and cancels the exchange of a connection that hung up.
     A task per request would cost more than the rest of the proxy's work on
     a small request.
     """
 
-    MASK = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+    # Not EPOLLRDHUP: a client's half-close (shutdown(SHUT_WR) once its request
+    # is sent) is legal HTTP and still wants the answer; a close is EPOLLHUP.
+    MASK = select.EPOLLHUP | select.EPOLLERR
 
     def __init__(self) -> None:
         self._epoll = select.epoll()

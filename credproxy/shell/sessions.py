@@ -79,6 +79,8 @@ class Session:
     current: dict[str, int] = field(default_factory=dict)
     # Quota holds this session's sandbox reported: they hold for it alone.
     holds: dict[Key, BucketMarks] = field(default_factory=dict)
+    # The last failover each profile logged: (served bucket, reasons), said once per change.
+    failover_said: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     # Owned by the serving loop: serves counted but not yet logged (core/throttle.py).
     audit: dict[Key, ServeAudit] = field(default_factory=dict)
     # At most one refused-connection line per interval; the next says how many were not logged.

@@ -298,6 +298,10 @@ class Tokens:
             raise self.reauth(key, f"the token {decision.why}")
         if isinstance(decision, serving.Serve):
             return entry
+        if self.failed_lately(key) and serving.after_failed_refresh(facts, self.wall()):
+            # Its last refresh failed moments ago: the still-valid token is
+            # served as it is rather than asking the IdP again on every call.
+            return entry
         try:
             return await self.refresh(key, entry.expiry, reason="on-demand")
         except (RefreshFailed, ReauthRequired) as exc:
@@ -333,6 +337,13 @@ class Tokens:
         except ReauthRequired as exc:
             raise self.reauth(key, str(exc)) from None
 
+    def failed_lately(self, key: Key) -> bool:
+        """Whether *key*'s last refresh failed less than ``refresh_cooldown`` ago."""
+        health = self._health.get(key)
+        if health is None or not health.failures:
+            return False
+        return serving.cooldown_left(health.last_attempt, self.wall(), self.cfg.renewal) > 0
+
     async def after_rejection(self, key: Key, rejected: Entry) -> Entry | None:
         """A token to retry with after an upstream refused *rejected*, or None.
 
@@ -359,7 +370,9 @@ class Tokens:
             ):
                 return None
         try:
-            entry = await self.refresh(key, None, reason="api-401")
+            # Seen expiry: the rejected one's, so a token renewed meanwhile (by
+            # another process too) is taken instead of refreshing again.
+            entry = await self.refresh(key, rejected.expiry, reason="api-401")
         except ReauthRequired as exc:
             self.reauth(key, str(exc))  # the host hears it, once
             return None
@@ -418,6 +431,12 @@ class Tokens:
             for key, m in sorted(self._marks.items())
             if m.quota_until is not None and m.held(now)
         ]
+
+    def forget_ended_hold(self, key: Key) -> None:
+        """Drop the daemon's hold on *key* if it has ended."""
+        marks = self._marks.get(key)
+        if marks is not None and not marks.held(self.wall()):
+            del self._marks[key]
 
     def release(self, provider: str, bucket: str | None) -> int:
         """End the daemon's holds on *provider* (one bucket, or all); returns how many."""

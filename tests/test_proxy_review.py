@@ -1,0 +1,191 @@
+"""The API proxy under what a review of issue 16's work found: each a request a tool or a sandbox can send.
+
+Same setting as ``test_isolation.py``: the live daemon in this test's trio
+loop, a real TLS upstream on loopback, the development IdP, raw clients on
+real session sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import h11
+import trio
+from test_isolation import _daemon, _logged_in, _raw
+from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
+
+from conftest import StartDaemon
+from credproxy.core.names import Key
+
+
+async def test_a_header_value_with_non_ascii_bytes_is_forwarded_as_it_came(
+    start_daemon: StartDaemon, upstream: Upstream, no_secrets_in_logs: list[dict[str, Any]]
+) -> None:
+    """`X-Title: café` in Latin-1 (legal in HTTP, refused by httpx as text) reaches the upstream byte for byte; no crash."""
+    _, s = await _logged_in(start_daemon, upstream)
+    reply = await _raw(
+        s.socket_path,
+        b"GET /dev/x HTTP/1.1\r\nHost: credproxy\r\nX-Title: caf\xe9\r\nConnection: close\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
+    (raw_title,) = [v for n, v in upstream.received[0]["raw_headers"] if n == "x-title"]
+    assert raw_title.encode("latin-1") == b"caf\xe9"
+    assert not [e for e in no_secrets_in_logs if "crash" in e["event"] or e.get("exc_info")]
+
+
+async def test_a_failing_idp_is_asked_once_per_cooldown_however_many_proxied_requests(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A token inside its serve margin, an IdP answering 500: 10 proxied requests cause one refresh attempt, and all are served with the still-valid token."""
+    h = await _daemon(start_daemon, upstream, lifetime=100)
+    h.login()
+    s = await h.session("dev")
+    c = await HttpClient.connect(s.socket_path)
+    assert (await c.call("GET", "/dev/x"))[0] == 200  # the daemon has seen the token's lifetime
+    await c.aclose()
+    h.wall.jump(70)  # 30 s left: inside the serve margin (half the lifetime), still valid
+    h.idp.fail_next("server_error", count=50)
+    statuses = []
+    for _ in range(10):
+        c = await HttpClient.connect(s.socket_path)
+        statuses.append((await c.call("GET", "/dev/x"))[0])
+        await c.aclose()
+    assert statuses == [200] * 10
+    health = h.daemon.tokens.known_health(Key("dev", "default"))
+    assert health is not None and health.failures == 1, "the IdP was asked more than once"
+
+
+async def test_a_half_closed_client_still_gets_its_answer(
+    start_daemon: StartDaemon, upstream: Upstream, no_secrets_in_logs: list[dict[str, Any]]
+) -> None:
+    """`nc -N`: the request, then shutdown(SHUT_WR); the answer still comes, audited 200."""
+    _, s = await _logged_in(start_daemon, upstream)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(b"GET /dev/x HTTP/1.1\r\nHost: credproxy\r\nConnection: close\r\n\r\n")
+    sock.shutdown(trio.socket.SHUT_WR)
+    got = b""
+    with trio.fail_after(10):
+        while chunk := await sock.recv(65536):
+            got += chunk
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200"), got[:80]
+    with trio.fail_after(5):
+        while not [e for e in no_secrets_in_logs if e["event"] == "api_request"]:
+            await trio.sleep(0.01)
+    (line,) = [e for e in no_secrets_in_logs if e["event"] == "api_request"]
+    assert line["status"] == 200
+
+
+async def test_an_upstream_that_breaks_off_leaves_no_clean_end(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """The upstream dies mid-body: the client's connection closes without the last chunk, so the truncated answer cannot pass for a whole one."""
+
+    async def broken(up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: Any) -> None:
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[])) or b"")
+        await stream.send_all(conn.send(h11.Data(data=b"data: one\n\n")) or b"")
+        await stream.aclose()  # no terminating chunk
+
+    upstream.script.append(broken)
+    _, s = await _logged_in(start_daemon, upstream)
+    c = await HttpClient.connect(s.socket_path)
+    await c.send("GET", "/dev/stream")
+    assert isinstance(await c.event(), h11.Response)
+    assert isinstance(await c.event(), h11.Data)
+    with trio.fail_after(10):
+        try:
+            event = await c.event()
+        except h11.RemoteProtocolError:
+            event = None  # the connection closed before the end of the message
+    assert not isinstance(event, h11.EndOfMessage)
+    await c.aclose()
+
+
+async def test_a_malformed_chunked_body_is_audited_as_the_400_it_got(
+    start_daemon: StartDaemon, upstream: Upstream, no_secrets_in_logs: list[dict[str, Any]]
+) -> None:
+    """A chunk size that is not hex: the client gets 400 and the audit line says 400, not 0."""
+    _, s = await _logged_in(start_daemon, upstream)
+    reply = await _raw(
+        s.socket_path,
+        b"POST /dev/x HTTP/1.1\r\nHost: credproxy\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:80]
+    with trio.fail_after(5):
+        while not [e for e in no_secrets_in_logs if e["event"] == "api_request"]:
+            await trio.sleep(0.01)
+    (line,) = [e for e in no_secrets_in_logs if e["event"] == "api_request"]
+    assert line["status"] == 400
+
+
+async def test_expect_100_continue_is_answered_before_the_body(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """curl's `Expect: 100-continue`: the proxy says 100 at once, then the body goes upstream."""
+    _, s = await _logged_in(start_daemon, upstream)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(
+        b"POST /dev/x HTTP/1.1\r\nHost: credproxy\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    with trio.fail_after(0.9):  # curl would send the body anyway after 1 s
+        interim = await sock.recv(65536)
+    assert interim.startswith(b"HTTP/1.1 100"), interim[:80]
+    await sock.send(b"hello")
+    got = b""
+    with trio.fail_after(10):
+        while chunk := await sock.recv(65536):
+            got += chunk
+    sock.close()
+    assert b"HTTP/1.1 200" in got
+    assert upstream.received[0]["body"] == b"hello"
+    assert "expect" not in upstream.received[0]["headers"]
+
+
+async def test_headers_that_pick_who_pays_never_come_from_the_sandbox(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """OpenAI-Organization, OpenAI-Project and X-Goog-User-Project from the sandbox are dropped (the host's template may set them)."""
+    _, s = await _logged_in(start_daemon, upstream)
+    c = await HttpClient.connect(s.socket_path)
+    sent = [
+        ("openai-organization", "org-other"),
+        ("openai-project", "proj-other"),
+        ("x-goog-user-project", "billing-other"),
+    ]
+    assert (await c.call("GET", "/dev/x", headers=sent))[0] == 200
+    got = upstream.received[-1]["headers"]
+    assert not {"openai-organization", "openai-project", "x-goog-user-project"} & set(got)
+    await c.aclose()
+
+
+async def test_refusals_for_who_or_where_close_the_connection(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A forwarded request with a foreign Host: 403, and the connection closes (a second pipelined request gets nothing)."""
+    _, s = await _logged_in(start_daemon, upstream)
+    head = b"GET /dev/x HTTP/1.1\r\nHost: attacker.example:4000\r\n\r\n"
+    reply = await _raw(s.socket_path, b"CREDPROXY/1 forward=4000\r\n" + head + head)
+    assert reply.startswith(b"HTTP/1.1 403")
+    assert reply.count(b"HTTP/1.1") == 1  # closed after the first refusal
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"].startswith("Host")
+    assert upstream.received == []
+
+
+async def test_fill_first_says_a_failover_once_and_does_not_walk_on_every_request(
+    start_daemon: StartDaemon, no_secrets_in_logs: list[dict[str, Any]]
+) -> None:
+    """Only the second bucket is logged in: 50 get_token without a bucket serve it, with one bucket_failover line, not fifty."""
+    h = await start_daemon(limits={"idle_timeout": 1e9})
+    h.login(bucket="b")
+    s = await h.session("dev:a,b")
+    p = await h.peer(s)
+    for _ in range(50):
+        reply = await p.call("get_token", {"provider": "dev"})
+        assert reply["data"]["access_token"] == h.store.read("dev", "b")["access_token"]
+    lines = [e for e in no_secrets_in_logs if e["event"] == "bucket_failover"]
+    assert len(lines) == 1, len(lines)
+    assert lines[0]["reasons"] == {"a": "no-token"}
