@@ -305,9 +305,9 @@ def start_ssh_agent(stack: Stack) -> tuple[subprocess.Popen[bytes], Path]:
 def start_devidp(
     stack: Stack, lifetime: float
 ) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
-    """``python -m credproxy.shell.devidp`` on a free port: (proc, token URL, minted token)."""
+    """``python -m credproxy.devidp`` on a free port: (proc, token URL, minted token)."""
     port_file, mint = stack.path("devidp.url"), stack.path("devidp-mint.json")
-    argv = [sys.executable, "-m", "credproxy.shell.devidp", "--port", "0"]
+    argv = [sys.executable, "-m", "credproxy.devidp", "--port", "0"]
     argv += ["--lifetime", str(lifetime)]
     argv += ["--mint", str(mint), "--port-file", str(port_file)]
     proc = stack.spawn(argv, env=clean_env(), log="devidp.log")

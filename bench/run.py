@@ -3,7 +3,7 @@
     python bench/run.py [--quick] [--json FILE] [--keep]
 
 It starts and stops everything it needs under one temporary directory: the
-development IdP (``python -m credproxy.shell.devidp``), ``ssh-agent -D`` holding one
+development IdP (``python -m credproxy.devidp``), ``ssh-agent -D`` holding one
 ed25519 key, and ``credproxy serve`` with its own state, runtime and config
 directories. It prints a table and, with ``--json``, writes the same rows as
 JSON: figure, metric, credproxy's value, the peer's value measured in the same

@@ -14,7 +14,7 @@ What runs: the real daemon (:func:`credproxy.shell.daemon.serve`) in this proces
 trio loop, with a real :class:`~credproxy.core.store.TokenStore` in a temporary
 directory, real Unix sockets, and the real HTTP refresh path
 (:class:`~credproxy.shell.http.HttpTokenEndpoint`) talking to the development
-identity provider (:mod:`credproxy.shell.devidp`) on 127.0.0.1. Every frame shown is
+identity provider (:mod:`credproxy.devidp`) on 127.0.0.1. Every frame shown is
 the exact bytes that crossed a socket, captured by a raw-socket client.
 
 To make the output reproducible, the daemon's wall clock is a manual clock
@@ -45,11 +45,12 @@ import msgspec
 # A documentation tool, not part of the sans-IO core: it drives the daemon, so it needs trio.
 import trio  # noqa: TID251
 
+from credproxy import devidp  # noqa: TID251 - the documentation's upstream, not the daemon's
 from credproxy.core.config import Config
 from credproxy.core.grants import Grants
 from credproxy.core.protocol import capability_digest
 from credproxy.core.store import TokenStore, normalize_token
-from credproxy.shell import devidp, logs
+from credproxy.shell import logs
 from credproxy.shell.daemon import Daemon, serve
 from credproxy.shell.http import HttpTokenEndpoint
 

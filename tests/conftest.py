@@ -34,10 +34,10 @@ import msgspec
 import pytest
 import trio
 
+from credproxy import devidp
 from credproxy.core.config import Config
 from credproxy.core.grants import Grants
 from credproxy.core.store import TokenStore
-from credproxy.shell import devidp
 from credproxy.shell.daemon import Daemon, serve
 from credproxy.shell.http import HttpTokenEndpoint
 

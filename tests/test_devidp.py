@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from credproxy.shell import devidp
+from credproxy import devidp
 
 NOW = 1_700_000_000.0
 
@@ -332,7 +332,7 @@ async def test_serve_logs_one_line_per_refresh(nursery: trio.Nursery) -> None:
     assert first.json()["access_token"] not in joined
 
 
-# -- python -m credproxy.shell.devidp ---------------------------------------------------------
+# -- python -m credproxy.devidp ---------------------------------------------------------
 
 
 def _read_line(proc: subprocess.Popen[str], timeout: float = 15) -> str:
@@ -348,7 +348,7 @@ def test_command_line_serves_mints_and_stops_on_sigterm(tmp_path: Path) -> None:
     """The module starts, writes a 0600 token and its URL, refreshes over HTTP and exits 0."""
     mint = tmp_path / "token.json"
     port_file = tmp_path / "url"
-    cmd = [sys.executable, "-m", "credproxy.shell.devidp", "--port", "0", "--lifetime", "30"]
+    cmd = [sys.executable, "-m", "credproxy.devidp", "--port", "0", "--lifetime", "30"]
     cmd += ["--mint", str(mint), "--port-file", str(port_file)]
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
@@ -394,7 +394,7 @@ def test_command_line_reports_a_busy_port(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "credproxy.shell.devidp", "--port", str(port)],
+            [sys.executable, "-m", "credproxy.devidp", "--port", str(port)],
             capture_output=True,
             text=True,
             timeout=30,

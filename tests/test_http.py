@@ -12,9 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from credproxy import devidp
 from credproxy.core.config import Provider
 from credproxy.errors import ReauthRequired, RefreshFailed, UpstreamError
-from credproxy.shell import devidp
 from credproxy.shell.http import HttpTokenEndpoint
 
 NOW = 1_700_000_000.0

@@ -229,7 +229,7 @@ def test_sigterm_cancels_pending_renewals(dirs: Dirs, spawn: Spawn) -> None:
         [
             sys.executable,
             "-m",
-            "credproxy.shell.devidp",
+            "credproxy.devidp",
             "--port",
             "0",
             "--lifetime",

@@ -28,7 +28,7 @@ from conftest import CREDPROXY, Dirs, Login, StartLogin, cli
 from credproxy.core import login as codec
 from credproxy.core.config import Provider
 from credproxy.core.login import code_challenge
-from credproxy.shell.devidp import DevIdP
+from credproxy.devidp import DevIdP
 
 #: Prefixes of every secret the development IdP issues (device code,
 #: authorization code, access and refresh tokens): none may reach a terminal.
@@ -43,7 +43,7 @@ OLD_TOKEN = {
 
 @dataclass
 class Idp:
-    """``python -m credproxy.shell.devidp`` running as a child of the test."""
+    """``python -m credproxy.devidp`` running as a child of the test."""
 
     proc: subprocess.Popen[bytes]
     base: str
@@ -72,7 +72,7 @@ def idp(background_daemon: Dirs) -> Iterator[Idp]:
     with log.open("wb") as log_out:
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "credproxy.shell.devidp", "--port", "0"),
+                *(sys.executable, "-m", "credproxy.devidp", "--port", "0"),
                 *("--device-interval", "1", "--port-file", str(url_file)),
             ],
             stdout=subprocess.DEVNULL,

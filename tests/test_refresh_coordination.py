@@ -24,10 +24,10 @@ import pytest
 import trio
 
 from conftest import CREDPROXY, Dirs
+from credproxy import devidp
 from credproxy.core.store import TokenStore
 from credproxy.errors import CredproxyError
 from credproxy.inner.client import Client
-from credproxy.shell import devidp
 
 
 class ThreadIdP:

@@ -1,66 +1,29 @@
-"""A development identity provider: a strict OAuth token endpoint on loopback.
+"""The development IdP's state machine: forms in, answers out, no I/O.
 
-It behaves like the strict IdPs credproxy exists for:
+:class:`DevIdP` holds every token family, authorization code and device grant,
+and the scripted faults; it takes a request's form (or query) and returns an
+HTTP status and a JSON object (or a line for a page). The clock is injected,
+nothing here sleeps, touches a socket or imports trio: :mod:`.server` puts it on
+HTTP and waits out a ``"slow"`` fault, :mod:`.cli` runs it as a process.
 
-- access tokens are short-lived (``lifetime`` seconds, 60 by default);
-- every refresh **rotates** the refresh token: the one just used stops being
-  current and a new one is returned;
-- presenting a refresh token that was already rotated away is treated as theft
-  (RFC 6819 5.2.2.3, OAuth 2.0 Security BCP 4.14.2): the **whole token
-  family** (every refresh and access token descending from the same login) is
-  revoked, so the legitimate holder is logged out too. Two sandboxes racing
-  to refresh the same token trigger exactly this, which is the bug credproxy
-  prevents.
-
-:class:`DevIdP` is the state machine: it takes a request form and returns a
-status and a JSON object, and never does I/O (the clock is injected).
-:func:`serve` puts it on a trio + h11 HTTP server (``POST /token``,
-``GET /userinfo``), and :func:`main` is ``python -m credproxy.shell.devidp`` for the
-README demo. Tests script failures with :meth:`DevIdP.fail_next`.
-
-It also logs people in, so ``credproxy login`` runs its real flows against it:
-
-- ``POST /device_authorization`` starts a device flow (RFC 8628); the person
-  (or a test) approves it with a plain ``GET /device?user_code=X&action=approve``
-  (``deny``, ``expire`` and ``slow_down`` script the other outcomes), and the
-  token endpoint answers the ``device_code`` grant accordingly. A poll that
-  comes sooner than the interval answers ``slow_down``, as RFC 8628 allows.
-- ``GET /authorize`` (authorization code + PKCE S256, RFC 7636) approves at
-  once and redirects back to the loopback ``redirect_uri`` with ``code`` and
-  ``state`` (``devidp_action=deny`` in the query redirects with
-  ``access_denied``); the token endpoint checks the ``code_verifier`` against
-  the challenge, so a following HTTP client plays the browser.
-
-Nothing here prints or records a token: requests are kept with the refresh
-token and client secret replaced by a short SHA-256 :func:`fingerprint`.
+Nothing here records a token: requests are kept with every secret replaced by
+a short SHA-256 :func:`fingerprint`.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import hmac
-import json
-import os
 import secrets
-import signal
-import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
-from html import escape
-from pathlib import Path
-from typing import Any, NoReturn
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import h11
-import trio
-
-__all__ = ["DEVICE_ACTIONS", "FAULT_KINDS", "DevIdP", "fingerprint", "main", "serve"]
+__all__ = ["DEVICE_ACTIONS", "FAULT_KINDS", "DevIdP", "Fault", "fingerprint"]
 
 #: What :meth:`DevIdP.fail_next` can script.
 FAULT_KINDS = frozenset({"server_error", "invalid_grant", "slow", "malformed", "no_refresh_token"})
@@ -74,9 +37,6 @@ _USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 _CODE_LIFETIME = 120.0  # seconds an authorization code stays usable
 _POLL_TOLERANCE = 0.5  # seconds a poll may come early before it counts as too fast
 _SECRET_FORM_KEYS = ("refresh_token", "client_secret", "code", "code_verifier", "device_code")
-
-_MAX_REQUEST_BYTES = 64 * 1024
-_READ_TIMEOUT = 10.0  # seconds to receive a whole request
 
 
 def fingerprint(secret: str) -> str:
@@ -93,10 +53,12 @@ class _Family:
     revoked: bool = False
 
 
-@dataclass
-class _Fault:
-    kind: str
-    delay: float = 0.0
+@dataclass(frozen=True)
+class Fault:
+    """One scripted misbehaviour (:meth:`DevIdP.fail_next`), taken by one token request."""
+
+    kind: str  # one of FAULT_KINDS
+    delay: float = 0.0  # seconds a "slow" fault waits before answering
 
 
 @dataclass
@@ -139,7 +101,7 @@ class DevIdP:
     - ``requests``: every token request received, as a form with
       ``refresh_token`` and ``client_secret`` replaced by :func:`fingerprint`;
     - ``events``: one line per refresh or reuse, fingerprints only (what
-      :func:`serve` logs);
+      :func:`~credproxy.devidp.server.serve` logs);
     - ``login_count``: tokens issued by the code and device grants;
     - ``too_fast_polls``: device polls that came sooner than the interval.
 
@@ -178,7 +140,7 @@ class DevIdP:
         self._refresh_tokens: dict[str, _Family] = {}
         # access token -> (family, expiry)
         self._access_tokens: dict[str, tuple[_Family, float]] = {}
-        self._faults: deque[_Fault] = deque()
+        self._faults: deque[Fault] = deque()
 
     def __repr__(self) -> str:
         return (
@@ -232,9 +194,9 @@ class DevIdP:
 
         ``"server_error"`` answers 500; ``"invalid_grant"`` answers 400
         ``invalid_grant`` (without revoking anything); ``"slow"`` waits *delay*
-        seconds on the trio clock (in :func:`serve`; no wait when called
-        directly) and then answers normally, rotating the refresh token even
-        if the client has stopped waiting, as a real IdP would;
+        seconds on the trio clock (in :func:`~credproxy.devidp.server.serve`; no
+        wait when called directly) and then answers normally, rotating the
+        refresh token even if the client has stopped waiting, as a real IdP would;
         ``"malformed"`` answers 200 with a body that is not JSON (an empty
         object when called directly); ``"no_refresh_token"`` answers
         normally but does not rotate, omitting ``refresh_token``.
@@ -248,9 +210,14 @@ class DevIdP:
             raise ValueError(f"unknown fault {kind!r}; expected one of {sorted(FAULT_KINDS)}")
         if count < 0 or delay < 0:
             raise ValueError("count and delay must not be negative")
-        self._faults.extend(_Fault(kind, delay) for _ in range(count))
+        self._faults.extend(Fault(kind, delay) for _ in range(count))
 
-    def _take_fault(self) -> _Fault | None:
+    def take_fault(self) -> Fault | None:
+        """The next scripted fault, removed from the queue; None when none is queued.
+
+        :func:`~credproxy.devidp.server.serve` takes it before answering, so it
+        can wait out a ``"slow"`` one, then passes it to :meth:`answer_token_request`.
+        """
         return self._faults.popleft() if self._faults else None
 
     # -- the token endpoint ----------------------------------------------------
@@ -262,9 +229,15 @@ class DevIdP:
         revocation, after applying the next scripted fault, if any.
         Errors are OAuth error objects (RFC 6749 5.2), never exceptions.
         """
-        return self._answer(form, self._take_fault())
+        return self.answer_token_request(form, self.take_fault())
 
-    def _answer(self, form: Mapping[str, str], fault: _Fault | None) -> tuple[int, dict[str, Any]]:
+    def answer_token_request(
+        self, form: Mapping[str, str], fault: Fault | None
+    ) -> tuple[int, dict[str, Any]]:
+        """:meth:`handle_token_request` with *fault* already taken (:meth:`take_fault`).
+
+        A ``"slow"`` fault answers normally here: the wait is the caller's.
+        """
         self.requests.append(_redact(form))
         kind = fault.kind if fault else None
         if kind == "server_error":
@@ -511,335 +484,3 @@ def _redact(form: Mapping[str, str]) -> dict[str, str]:
 def _number(seconds: float) -> float | int:
     """Whole seconds as an integer, as real IdPs send them."""
     return int(seconds) if float(seconds).is_integer() else seconds
-
-
-# -- HTTP ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    extra_headers: tuple[tuple[str, str], ...] = ()
-
-
-def _json_reply(status: int, obj: Mapping[str, Any], **kw: Any) -> _Reply:
-    return _Reply(status, json.dumps(obj).encode("utf-8"), **kw)
-
-
-async def serve(
-    idp: DevIdP,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    log: Callable[[str], None] | None = None,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Serve *idp* over HTTP on *host*:*port* until cancelled.
-
-    ``task_status.started`` receives the token URL (``http://HOST:PORT/token``,
-    with the port actually bound when *port* is 0). One request per
-    connection (``Connection: close``). *log*, when given, receives one line
-    per refresh or reuse detection (fingerprints only).
-
-    A misbehaving client only loses its own connection; errors inside a
-    handler are reported through *log* and never stop the server.
-
-    Raises:
-        OSError: the address cannot be bound (before ``started`` is called).
-    """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    await _serve_listeners(idp, listeners, log=log, task_status=task_status)
-
-
-async def _serve_listeners(
-    idp: DevIdP,
-    listeners: list[trio.SocketListener],
-    *,
-    log: Callable[[str], None] | None,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    host, bound_port = listeners[0].socket.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    base_url = f"http://{shown}:{bound_port}"
-    task_status.started(f"{base_url}/token")
-    await trio.serve_listeners(partial(_handle, idp, log, base_url), listeners)
-
-
-async def _handle(
-    idp: DevIdP, log: Callable[[str], None] | None, base_url: str, stream: trio.SocketStream
-) -> None:
-    async with stream:
-        try:
-            await _handle_one(idp, log, base_url, stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass  # the client went away or spoke nonsense; nothing to answer
-        except Exception as exc:  # a bug here must not take the server down
-            (log or _stderr)(f"devidp: internal error handling a request: {type(exc).__name__}")
-
-
-async def _handle_one(
-    idp: DevIdP, log: Callable[[str], None] | None, base_url: str, stream: trio.SocketStream
-) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_BYTES)
-    request: h11.Request | None = None
-    body = bytearray()
-    with trio.move_on_after(_READ_TIMEOUT) as scope:
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(16384))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > _MAX_REQUEST_BYTES:
-                    await _send(conn, stream, _json_reply(413, {"error": "invalid_request"}))
-                    return
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:  # ConnectionClosed before a whole request
-                return
-    if scope.cancelled_caught or request is None:
-        return
-
-    method = request.method.decode("ascii", "replace")
-    target, _, query_text = request.target.decode("ascii", "replace").partition("?")
-    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
-    query = dict(parse_qsl(query_text, keep_blank_values=True))
-
-    events_before = len(idp.events)
-    if target == "/token":
-        if method != "POST":
-            reply = _json_reply(405, {"error": "invalid_request"})
-        else:
-            reply = await _token(idp, log, bytes(body))
-            events_before = len(idp.events)  # _token logged its own
-    elif target == "/userinfo":
-        reply = _userinfo(idp, headers.get("authorization", ""))
-    elif target == "/device_authorization" and method == "POST":
-        form = _form(bytes(body))
-        if form is None:
-            reply = _json_reply(400, {"error": "invalid_request"})
-        else:
-            reply = _json_reply(*idp.handle_device_authorization(form, base_url))
-    elif target == "/device" and method == "GET":
-        reply = _device_page(idp, query)
-    elif target == "/authorize" and method == "GET":
-        status, where = idp.handle_authorize(query)
-        if status == 302:
-            reply = _Reply(302, b"", "text/plain", (("Location", where),))
-        else:
-            reply = _html(status, "Authorization refused", where)
-    else:
-        reply = _json_reply(404, {"error": "not_found"})
-    if log is not None:
-        for line in idp.events[events_before:]:
-            log(f"devidp: {line}")
-    await _send(conn, stream, reply)
-
-
-def _form(body: bytes) -> dict[str, str] | None:
-    try:
-        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
-    except UnicodeDecodeError:
-        return None
-
-
-def _html(status: int, title: str, text: str) -> _Reply:
-    page = (
-        f"<!doctype html><title>{escape(title)}</title>"
-        f"<h1>{escape(title)}</h1><p>{escape(text)}</p>"
-    )
-    return _Reply(status, page.encode("utf-8"), "text/html; charset=utf-8")
-
-
-def _device_page(idp: DevIdP, query: Mapping[str, str]) -> _Reply:
-    """``GET /device``: the approval page; with ``action=`` it records the person's answer."""
-    user_code = query.get("user_code", "")
-    action = query.get("action")
-    if action is not None:
-        status, text = idp.device_action(user_code, action)
-        return _html(status, "Device login", text)
-    buttons = "".join(
-        f'<button name="action" value="{a}">{a}</button>' for a in ("approve", "deny")
-    )
-    page = (
-        "<!doctype html><title>Device login</title><h1>Device login (development IdP)</h1>"
-        '<form method="get" action="/device"><label>User code '
-        f'<input name="user_code" value="{escape(user_code)}"></label> {buttons}</form>'
-    )
-    return _Reply(200, page.encode("utf-8"), "text/html; charset=utf-8")
-
-
-async def _token(idp: DevIdP, log: Callable[[str], None] | None, body: bytes) -> _Reply:
-    try:
-        form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False))
-    except UnicodeDecodeError:
-        return _json_reply(400, {"error": "invalid_request"})
-    fault = idp._take_fault()
-    if fault is not None and fault.kind == "slow":
-        await trio.sleep(fault.delay)
-    events_before = len(idp.events)
-    status, answer = idp._answer(form, fault)
-    if log is not None:
-        for line in idp.events[events_before:]:
-            log(f"devidp: {line}")
-    if fault is not None and fault.kind == "malformed":
-        return _Reply(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
-    extra: tuple[tuple[str, str], ...] = ()
-    if status == 401:
-        extra = (("WWW-Authenticate", 'Basic realm="devidp"'),)
-    return _json_reply(status, answer, extra_headers=extra)
-
-
-def _userinfo(idp: DevIdP, authorization: str) -> _Reply:
-    scheme, _, access_token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and idp.is_access_token_valid(access_token.strip()):
-        return _json_reply(200, {"sub": "dev-user"})
-    return _json_reply(
-        401,
-        {"error": "invalid_token"},
-        extra_headers=(("WWW-Authenticate", 'Bearer error="invalid_token"'),),
-    )
-
-
-async def _send(conn: h11.Connection, stream: trio.SocketStream, reply: _Reply) -> None:
-    headers = [
-        ("Content-Type", reply.content_type),
-        ("Content-Length", str(len(reply.body))),
-        ("Cache-Control", "no-store"),
-        ("Connection", "close"),
-        *reply.extra_headers,
-    ]
-    events = (
-        h11.Response(status_code=reply.status, headers=headers),
-        h11.Data(data=reply.body),
-        h11.EndOfMessage(),
-    )
-    await stream.send_all(b"".join(conn.send(event) or b"" for event in events))
-
-
-# -- python -m credproxy.shell.devidp ---------------------------------------------------
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m credproxy.shell.devidp",
-        description=(
-            "Development OAuth token endpoint on loopback: short-lived access tokens, "
-            "rotating refresh tokens, family revocation on refresh-token reuse."
-        ),
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: any free)")
-    parser.add_argument(
-        "--lifetime", type=float, default=60, help="access token lifetime in seconds (default 60)"
-    )
-    parser.add_argument("--client-id", default="credproxy-dev", help="accepted client_id")
-    parser.add_argument(
-        "--device-interval",
-        type=float,
-        default=5,
-        help="polling interval announced by the device flow, seconds (default 5)",
-    )
-    parser.add_argument(
-        "--device-expires-in",
-        type=float,
-        default=600,
-        help="lifetime of a device code, seconds (default 600)",
-    )
-    parser.add_argument(
-        "--mint",
-        metavar="FILE",
-        type=Path,
-        help="write a freshly minted token as JSON to FILE (mode 0600), for `credproxy import`",
-    )
-    parser.add_argument(
-        "--port-file", metavar="FILE", type=Path, help="write the token URL to FILE once serving"
-    )
-    args = parser.parse_args(argv)
-    if args.lifetime <= 0:
-        parser.error("--lifetime must be positive")
-    if args.device_interval < 0 or args.device_expires_in <= 0:
-        parser.error("--device-interval must not be negative, --device-expires-in must be positive")
-    return args
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write *text* to *path* atomically with mode 0600.
-
-    Atomic because scripts poll for these files: they must never see one
-    half-written. mkstemp creates the file 0600 from the start.
-    """
-    path = path.expanduser()
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-async def _run(args: argparse.Namespace) -> int:
-    idp = DevIdP(
-        lifetime=args.lifetime,
-        client_id=args.client_id,
-        device_interval=args.device_interval,
-        device_expires_in=args.device_expires_in,
-    )
-    # Bound outside any nursery, so "address already in use" arrives as a plain
-    # OSError rather than wrapped in an ExceptionGroup.
-    listeners = await trio.open_tcp_listeners(args.port, host=args.host)
-    # The receiver is open before the URL is announced, so a SIGTERM sent the
-    # moment a script sees the URL is handled here, not by Python's default.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(partial(_serve_listeners, idp, listeners, log=_stderr))
-            # Mint before announcing: once the URL (or port file) appears, the
-            # token file is complete.
-            if args.mint is not None:
-                token = idp.mint()
-                await trio.to_thread.run_sync(
-                    _write_private, args.mint, json.dumps(token, indent=2) + "\n"
-                )
-                _stderr(
-                    f"devidp: minted family 1 into {args.mint} "
-                    f"(refresh token {fingerprint(token['refresh_token'])})"
-                )
-            if args.port_file is not None:
-                await trio.to_thread.run_sync(_write_private, args.port_file, url + "\n")
-            print(url, flush=True)
-            async for signum in signals:
-                _stderr(f"devidp: {signal.Signals(signum).name}, stopping")
-                nursery.cancel_scope.cancel()
-                break
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the development IdP until SIGTERM or SIGINT; returns the exit status (0).
-
-    Prints the token URL as one line on stdout once serving; logs one line per
-    refresh on stderr (fingerprints only). Exits 2 on bad arguments and 1 if
-    the address cannot be bound or a file cannot be written.
-    """
-    args = _parse_args(argv)
-    try:
-        return trio.run(_run, args)
-    except OSError as exc:
-        _stderr(f"devidp: {exc}")
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
