@@ -1,4 +1,4 @@
-"""Figure 7 of ``bench/run.py``: the HTTP API proxy on session sockets (PRODUCT.md section 9).
+"""Figure 7 of ``bench/run.py``: the HTTP API proxy on session sockets (docs/design.md section 9).
 
     python bench/run.py [--quick]          # runs this figure with the others
 

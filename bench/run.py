@@ -1,4 +1,4 @@
-"""credproxy's benchmark: every figure of PRODUCT.md section 9, against a peer, in one run.
+"""credproxy's benchmark: every figure of docs/design.md section 9, against a peer, in one run.
 
     python bench/run.py [--quick] [--json FILE] [--keep]
 

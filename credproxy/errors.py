@@ -14,7 +14,7 @@ Standard library only: the inner-side client imports this module.
 
 from __future__ import annotations
 
-# Exit codes of every command (PRODUCT.md section 3).
+# Exit codes of every command (the README's "Exit codes of every command").
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -97,7 +97,7 @@ def test_import_from_a_file_into_a_bucket(dirs: Dirs) -> None:
 
 
 def test_import_accepts_the_documented_argument_order(dirs: Dirs) -> None:
-    """`credproxy import PROVIDER --bucket B FILE`, the order PRODUCT.md documents, stores the token."""
+    """`credproxy import PROVIDER --bucket B FILE`, the order the README shows, stores the token."""
     source = dirs.root / "token.json"
     source.write_text(json.dumps(TOKEN))
     result = cli(dirs, "import", "prov", "--bucket", "work", str(source))

@@ -10,7 +10,7 @@ from conftest import Dirs, cli
 from credproxy.core import config
 from credproxy.errors import ConfigError
 
-PRODUCT_EXAMPLE = """\
+COMMENTED_EXAMPLE = """\
 [providers.example]
 token_url = "https://idp.example/oauth/token"
 client_id = "abc"
@@ -45,7 +45,7 @@ def error_of(tmp_path: Path, text: str) -> tuple[Path, str]:
 
 
 def test_missing_file_means_the_documented_defaults(tmp_path: Path) -> None:
-    """With no config file every setting has the value PRODUCT.md documents."""
+    """With no config file every setting has the default the README documents ("Use")."""
     cfg = config.load(tmp_path / "nonexistent" / "config.toml")
     assert cfg.providers == {}
     r = cfg.renewal
@@ -55,10 +55,10 @@ def test_missing_file_means_the_documented_defaults(tmp_path: Path) -> None:
     assert cfg.limits.max_in_flight == 16
 
 
-def test_the_example_from_the_product_spec_loads(tmp_path: Path) -> None:
-    """The sample config.toml in PRODUCT.md section 4 is accepted as written."""
+def test_a_commented_example_loads(tmp_path: Path) -> None:
+    """A config.toml with a provider, every [renewal] key, [sandbox] and comments is accepted as written."""
     path = tmp_path / "config.toml"
-    path.write_text(PRODUCT_EXAMPLE)
+    path.write_text(COMMENTED_EXAMPLE)
     cfg = config.load(path)
     ex = cfg.providers["example"]
     assert (ex.token_url, ex.client_id, ex.scopes) == (

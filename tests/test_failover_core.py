@@ -1,4 +1,4 @@
-"""Several accounts per provider as pure functions (issue 11, seed 003): no trio, no store.
+"""Several accounts per provider as pure functions (issue 11; docs/design.md section 3.6): no trio, no store.
 
 Classification of one bucket (:func:`classify`), the three passes of failover
 driven through :class:`Walk`, what the sandbox is told when every bucket failed

@@ -1,7 +1,7 @@
 """Limits on sandbox sockets, against the live in-process daemon.
 
 Every test plays one misbehaving client on a real Unix socket and then checks
-what PRODUCT.md section 7 promises: only that connection suffers. A fresh,
+what docs/design.md section 7 promises: only that connection suffers. A fresh,
 well-behaved client of another session (and, where it makes sense, of the same
 session) is still served. Anything involving time runs under ``autojump_clock``,
 so a 5 s body deadline or a 60 s idle timeout costs no real time.

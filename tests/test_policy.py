@@ -67,7 +67,7 @@ def test_lead_of_an_expired_token_is_zero() -> None:
 
 
 def test_hour_long_token_fires_between_3240_and_3270_seconds() -> None:
-    """R16.2: a 3600 s token fires 3240-3270 s after it is served."""
+    """A 3600 s token fires 3240-3270 s after it is served."""
     earliest = policy.renewal_deadline(NOW + 3600, NOW, CFG, LOWEST)
     latest = policy.renewal_deadline(NOW + 3600, NOW, CFG, HIGHEST)
     assert earliest - NOW == 3240
@@ -150,7 +150,7 @@ def test_jitter_stays_within_its_bounds(remaining: float, cfg: Renewal, seed: in
 
 
 def test_backoff_doubles_from_thirty_seconds_up_to_the_cap() -> None:
-    """R16.7: retries wait 30, 60, 120, ... seconds, capped at 1800."""
+    """Retries wait 30, 60, 120, ... seconds, capped at 1800."""
     delays = [policy.retry_delay(n, CFG) for n in range(1, 11)]
     assert delays == [30, 60, 120, 240, 480, 960, 1800, 1800, 1800, 1800]
 

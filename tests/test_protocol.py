@@ -1,7 +1,7 @@
 """The sans-IO wire protocol: frame splitting, the connection state machine, limits.
 
 Everything here is bytes in, bytes out: no sockets, no clocks. The expected
-bytes are llxprt-code's (see reference/llxprt-proxy.md section 1).
+bytes are llxprt-code's (see docs/protocol.md section 9, "Compatibility with llxprt-code").
 """
 
 from __future__ import annotations

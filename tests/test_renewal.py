@@ -31,7 +31,7 @@ async def _serve_once(
 async def test_hour_token_renews_between_3240_and_3270_s(
     start_daemon: StartDaemon, autojump_clock: object, no_secrets_in_logs: list[dict]
 ) -> None:
-    """A 3600 s token first served at t=0 is refreshed between 3240 s and 3270 s later (R16.1, R16.2)."""
+    """A 3600 s token first served at t=0 is refreshed between 3240 s and 3270 s later."""
     h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
     h.login()
     _, p, _ = await _serve_once(h)
@@ -98,7 +98,7 @@ async def test_expired_token_is_refreshed_before_it_is_served(
 async def test_timer_reschedules_when_renewed_elsewhere(
     start_daemon: StartDaemon, autojump_clock: object
 ) -> None:
-    """When another process renewed the token before the timer fires, the timer reschedules instead of refreshing (R16.3)."""
+    """When another process renewed the token before the timer fires, the timer reschedules instead of refreshing."""
     h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
     first = h.login()
     _, p, _ = await _serve_once(h)
@@ -129,7 +129,7 @@ async def test_timer_reschedules_when_renewed_elsewhere(
 async def test_reschedules_after_each_success(
     start_daemon: StartDaemon, autojump_clock: object
 ) -> None:
-    """Each successful renewal schedules the next one for the new expiry (R16.6)."""
+    """Each successful renewal schedules the next one for the new expiry."""
     h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
     h.login()
     _, p, _ = await _serve_once(h)
@@ -144,7 +144,7 @@ async def test_reschedules_after_each_success(
 async def test_backoff_doubles_to_the_cap_then_gives_up(
     start_daemon: StartDaemon, autojump_clock: object
 ) -> None:
-    """Failed renewals retry after 30, 60, 120 ... s capped at 1800 s, and stop after 10 consecutive failures (R16.7)."""
+    """Failed renewals retry after 30, 60, 120 ... s capped at 1800 s, and stop after 10 consecutive failures."""
     h = await start_daemon(lifetime=20 * HOUR, limits=LONG_IDLE)
     h.login()
     _, p, _ = await _serve_once(h)

@@ -1,4 +1,4 @@
-"""The renewal timer as a state machine, without trio (PRODUCT.md section 6, R16.1-R16.7).
+"""The renewal timer as a state machine, without trio (the rules of docs/design.md section 3).
 
 Every test drives :class:`~credproxy.core.renewal.RenewalTimer` with plain
 numbers for the wall clock and a token as the store would hold it; the trio
@@ -54,11 +54,11 @@ def _timer(
     return RenewalTimer(expiry, now, cfg, rng, KeyHealth() if health is None else health)
 
 
-# -- the first deadline (R16.2) ------------------------------------------------------------
+# -- the first deadline (design.md 3.2) -----------------------------------------------------
 
 
 def test_hour_long_token_first_fires_between_3240_and_3270_seconds() -> None:
-    """R16.2: a timer for a 3600 s token is first due 3240-3270 s after it is created."""
+    """A timer for a 3600 s token is first due 3240-3270 s after it is created."""
     earliest = _timer(NOW + 3600, rng=LOWEST)
     latest = _timer(NOW + 3600, rng=HIGHEST)
     assert earliest.state is State.SCHEDULED
@@ -100,7 +100,7 @@ def test_every_scheduled_deadline_lies_between_now_and_expiry(
     assert later <= wait.deadline <= later + remaining
 
 
-# -- on fire (R16.3) -----------------------------------------------------------------------
+# -- on fire (design.md 3.3) ----------------------------------------------------------------
 
 
 def test_fire_after_logout_stops() -> None:
@@ -138,7 +138,7 @@ def test_fire_on_an_invalid_expiry_refreshes() -> None:
 
 
 def test_fire_after_renewal_elsewhere_reschedules_for_the_new_expiry() -> None:
-    """R16.3: a token renewed by another process is rescheduled, not refreshed again."""
+    """A token renewed by another process is rescheduled, not refreshed again."""
     timer = _timer(NOW + 60, rng=LOWEST)
     step = timer.on_fire(_token(NOW + 3630), NOW + 30)
     # 3600 s left at NOW + 30: due 3240 s later, with no jitter from LOWEST.
@@ -171,7 +171,7 @@ def test_fire_accepts_integer_expiry() -> None:
     assert step.deadline == NOW + 3240
 
 
-# -- success (R16.6) -----------------------------------------------------------------------
+# -- success (design.md 3.3) ----------------------------------------------------------------
 
 
 def test_success_schedules_for_the_new_expiry() -> None:
@@ -195,7 +195,7 @@ def test_success_with_a_token_without_expiry_stops() -> None:
     assert timer.state is State.ENDED
 
 
-# -- failure (R16.7) -----------------------------------------------------------------------
+# -- failure (design.md 3.4) ----------------------------------------------------------------
 
 
 def _fail_until_end(
@@ -219,7 +219,7 @@ def _fail_until_end(
 
 
 def test_transient_failures_back_off_and_give_up_at_max_failures() -> None:
-    """R16.7: retries wait 30, 60, 120, ... capped at 1800, and the tenth failure ends it."""
+    """Retries wait 30, 60, 120, ... capped at 1800, and the tenth failure ends it."""
     health = KeyHealth()
     timer = _timer(NOW + 3600, health=health)
     first = timer.deadline
@@ -364,7 +364,7 @@ def test_an_ended_timer_refuses_every_event() -> None:
 
 
 def test_cancel_ends_a_scheduled_timer() -> None:
-    """R16.4: a cancelled timer has no deadline and says it was cancelled."""
+    """A cancelled timer has no deadline and says it was cancelled."""
     timer = _timer()
     timer.cancel()
     assert timer.state is State.ENDED

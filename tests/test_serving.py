@@ -1,4 +1,4 @@
-"""Serve-time decisions as pure functions (PRODUCT.md section 6, "On demand").
+"""Serve-time decisions as pure functions (docs/design.md section 3.5, "On demand").
 
 ``get_token`` (:func:`on_get`), the fallback after a failed refresh
 (:func:`after_failed_refresh`), the sandbox's ``refresh_token`` op and its

@@ -24,7 +24,7 @@ needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None,
     reason="systemd-analyze not installed (Debian/Ubuntu package: systemd)",
 )
-# PRODUCT.md section 8: `systemd-analyze security --offline=yes --user` at most 1.5.
+# docs/design.md section 6.2: `systemd-analyze security --offline=yes --user` at most 1.5.
 MAX_EXPOSURE = 1.5
 
 

@@ -107,7 +107,7 @@ PROVIDER_URL_FIELDS = (
 
 
 class Renewal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Renewal constants, all in seconds (PRODUCT.md section 6).
+    """Renewal constants, all in seconds (docs/design.md section 3).
 
     Every value must be a finite number in the range noted beside it (see
     :data:`RANGES`); ``nan`` and ``inf``, which TOML allows, are refused.
@@ -154,9 +154,9 @@ class Range(NamedTuple):
         return above and (self.high is None or value <= self.high)
 
 
-# Documented ranges of every number in the config (README "Use", PRODUCT.md
-# section 4). A value outside its range would not fail loudly later: a NaN
-# min_lead renews in a loop, a negative cooldown lets a sandbox hammer the IdP.
+# Documented ranges of every number in the config (README "Use"). A value
+# outside its range would not fail loudly later: a NaN min_lead renews in a
+# loop, a negative cooldown lets a sandbox hammer the IdP.
 RANGES: dict[tuple[str, str], Range] = {
     ("renewal", "min_lead"): Range(0),
     ("renewal", "lead_fraction"): Range(0, high=0.5),

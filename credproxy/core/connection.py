@@ -4,10 +4,10 @@ Theory of operation
 -------------------
 
 :class:`Connection` wraps the protocol state machine
-(:class:`~credproxy.core.protocol.ServerConnection`) with what PRODUCT.md
-section 7 asks of every connection, as pure bookkeeping over a ``now`` that the
-caller passes in (trio's clock, or ``time.monotonic`` in the fast path's
-thread):
+(:class:`~credproxy.core.protocol.ServerConnection`) with the limits of every
+connection (``docs/design.md`` section 7, ``docs/protocol.md`` section 8), as
+pure bookkeeping over a ``now`` that the caller passes in (trio's clock, or
+``time.monotonic`` in the fast path's thread):
 
 * a per-connection request rate (:class:`TokenBucket`); a request over it is
   answered ``RATE_LIMITED`` at once and never reaches a handler;

@@ -1,4 +1,4 @@
-"""Renewal decisions as pure functions (PRODUCT.md section 6, seeds R16.1-R16.7).
+"""Renewal decisions as pure functions (the rules of docs/design.md section 3).
 
 Theory of operation
 -------------------

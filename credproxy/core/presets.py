@@ -6,17 +6,17 @@ come from. :func:`apply_preset` merges it *under* the provider's own table, so
 any key written in the config file wins over the preset, key by key (a list
 such as ``scopes`` is replaced, not extended).
 
-Every value here comes from ``reference/providers.md`` (the project's sourced
-list of OAuth facts) or from a public source checked against the provider's own
-documentation or the tool's own source; ``docs/providers.md`` cites the source
-of each preset. A preset sends what the tool's own client sends, field for field: the
-scopes of its authorization request, extra parameters (``authorize_params``),
-the body encoding of the code exchange and of a refresh (``exchange_body``,
-``refresh_body``), whether a refresh repeats the scopes (``refresh_scopes``),
-``state`` in the exchange, PKCE on the device flow, and the redirect's host,
-port and path. Where a fact is not published (an installed-app client secret
-kept out of this repository, your own client id), the preset leaves the key
-unset and says so: a key that refresh needs (``token_url``, ``client_id``,
+Every value here comes from a public source: the provider's own documentation,
+the tool's own source, or (where ``docs/providers.md`` says so) a peer's;
+``docs/providers.md`` cites the source of each preset. A preset sends what the
+tool's own client sends, field for field: the scopes of its authorization
+request, extra parameters (``authorize_params``), the body encoding of the
+code exchange and of a refresh (``exchange_body``, ``refresh_body``), whether
+a refresh repeats the scopes (``refresh_scopes``), ``state`` in the
+exchange, PKCE on the device flow, and the redirect's host, port and path.
+Where a fact is not published (an installed-app client secret kept out of
+this repository, your own client id), the preset leaves the key unset and
+says so: a key that refresh needs (``token_url``, ``client_id``,
 ``client_secret_file`` where the client has a secret) is listed in
 :attr:`Preset.required`, and a missing one is a :class:`PresetError` at load
 time with a hint; a key that only a login flow needs is listed in
@@ -58,7 +58,7 @@ class Preset(NamedTuple):
     required: Mapping[str, str]
     #: Keys only a login flow needs that the preset does not know: key -> hint.
     login_needs: Mapping[str, str]
-    #: Where the facts come from (reference/providers.md and its sources).
+    #: Where the facts come from (the section of docs/providers.md that cites them).
     source: str
     #: Said to the person by ``credproxy login`` before it starts (e.g. a service that ended).
     notice: str = ""
@@ -237,7 +237,7 @@ PRESETS: dict[str, Preset] = {
             "client_id": "your OAuth app's client id (enable the device flow in its settings)",
         },
         login_needs={},
-        source="providers.md §1 (generic IdPs row); endpoints from github/docs "
+        source="docs/providers.md (github): endpoints from github/docs "
         "authorizing-oauth-apps.md and refreshing-user-access-tokens.md",
     ),
     "google": Preset(
@@ -251,7 +251,7 @@ PRESETS: dict[str, Preset] = {
             "client_id": "your OAuth client's id",
         },
         login_needs={},
-        source="providers.md §1 (generic IdPs row); endpoints from google-auth-library-nodejs "
+        source="docs/providers.md (google): endpoints from google-auth-library-nodejs "
         "src/auth/oauth2client.ts",
     ),
     "entra": Preset(
@@ -268,7 +268,7 @@ PRESETS: dict[str, Preset] = {
             "scopes": "the scopes to consent to, with offline_access for a refresh token "
             '(e.g. ["offline_access", "User.Read"]); Entra requires scope on the device request',
         },
-        source="providers.md §1 (generic IdPs row); endpoints and tenant aliases from "
+        source="docs/providers.md (entra): endpoints and tenant aliases from "
         "MicrosoftDocs/entra-docs docs/identity-platform/v2-oauth2-device-code.md",
     ),
     "gitlab": Preset(
@@ -283,7 +283,7 @@ PRESETS: dict[str, Preset] = {
             "client_id": "your OAuth application's id",
         },
         login_needs={},
-        source="providers.md §1 (generic IdPs row); paths from GitLab's doc/api/oauth2.md, "
+        source="docs/providers.md (gitlab): paths from GitLab's doc/api/oauth2.md, "
         "gitlab.com host from golang.org/x/oauth2 endpoints.GitLab",
     ),
 }

@@ -18,16 +18,16 @@ reads the store, calls the identity provider, and reports back::
                  |                           |
                  +-----------> ENDED <-------+
 
-A timer is created the first time its session serves a refreshable token
-(R16.1), with a deadline of ``remaining - lead + jitter`` (R16.2). When it
-fires it looks at the token as stored *now* (R16.3): gone or no longer
-refreshable ends it (a logout); a later expiry than the one it was set for
-means someone else renewed it, so it waits for the new expiry; otherwise it
-asks for a refresh. Success schedules the next renewal (R16.6); a transient
-failure backs off, ``min(retry_cap, retry_base * 2**(n-1))`` after the n-th
-failure in a row, and gives up at ``max_failures`` (R16.7); a refusal
-(``invalid_grant``, ``invalid_client``, HTTP 401) or a removed token ends it
-at once.
+A timer is created the first time its session serves a refreshable token,
+with a deadline of ``remaining - lead + jitter``. When it fires it looks at
+the token as stored *now*: gone or no longer refreshable ends it (a logout);
+a later expiry than the one it was set for means someone else renewed it, so
+it waits for the new expiry; otherwise it asks for a refresh. Success
+schedules the next renewal; a transient failure backs off,
+``min(retry_cap, retry_base * 2**(n-1))`` after the n-th failure in a row,
+and gives up at ``max_failures``; a refusal (``invalid_grant``,
+``invalid_client``, HTTP 401) or a removed token ends it at once. The rules
+are those of ``docs/design.md`` section 3.
 
 Failures are counted once per key, in :class:`KeyHealth`, whoever tried the
 refresh (this timer, another session's, or a ``get_token`` that refreshed on
@@ -194,7 +194,7 @@ class RenewalTimer:
         refresh_token = stored.get("refresh_token")
         expiry = policy.token_expiry(stored)
         if not isinstance(refresh_token, str) or not refresh_token or expiry is None:
-            # Timers exist only for tokens that have both (R16.1); a token
+            # Timers exist only for tokens that have both; a token
             # replaced by one without them is left to the on-demand path.
             return self._end("token removed or not refreshable", "renewal_stopped")
         if expiry > self.expiry and expiry > now:

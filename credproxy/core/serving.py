@@ -1,4 +1,4 @@
-"""What to do when a sandbox asks for a token: pure decisions (PRODUCT.md section 6).
+"""What to do when a sandbox asks for a token: pure decisions (docs/design.md section 3.5).
 
 Theory of operation
 -------------------

@@ -106,7 +106,8 @@ reaches ``https://api.anthropic.com/v1/messages``.
 Exit status: CMD's (128 + N when a signal N ended it; 127 when CMD is not
 found, 126 when it cannot be run); 2 for a usage error; 1 when the session
 socket variable is unset or names no socket, or the port cannot be bound
-(PRODUCT.md section 3: 1 is "anything else", as for ``credproxy token``).
+(the exit codes every command shares, in the README: 1 is "anything else",
+as for ``credproxy token``).
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ PROC_NET_TCP6 = "/proc/net/tcp6"
 V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 PREAMBLE_MAGIC = b"CREDPROXY/1"
 ROOT_VAR = "CREDPROXY_BASE_URL"
-# The variables set when no --env is given, by provider name (what the tools
-# read: reference/providers.md section 2).
+# The variables set when no --env is given, by provider name (the base-URL
+# variables the tools read: docs/integrations.md).
 DEFAULT_VARS = {
     "claude": "ANTHROPIC_BASE_URL",
     "anthropic": "ANTHROPIC_BASE_URL",

@@ -7,7 +7,7 @@ Task tree of one session (all inside the session's cancel scope)::
          ├─ accept loop: peer checks, then the connection goes to the serving loop
          ├─ launcher watch (pidfd): the launcher exits -> the session closes
          ├─ slow requests handed over by the serving loop
-         └─ renewal timers (one per key served, R16.1)
+         └─ renewal timers (one per key served, started by its first serve)
 
 Closing a session is ``session.open = False`` (the serving loop checks it
 before every reply), a revoke sent to the serving loop (which closes its
@@ -56,7 +56,7 @@ REFUSAL_LOG_INTERVAL = 10.0  # seconds between refused-connection log lines of o
 
 @dataclass(eq=False)
 class Session:
-    """One sandbox's view of the daemon (PRODUCT.md section 2)."""
+    """One sandbox's view of the daemon: its socket, grants, allowed uids, launcher and timers."""
 
     id: str
     name: str
@@ -89,7 +89,7 @@ class Session:
     on_change: Callable[[], None] = lambda: None
 
     def ensure_timer(self, tokens: Tokens, key: Key, entry: Entry) -> None:
-        """Start this session's renewal timer for *key* on its first serve (R16.1)."""
+        """Start this session's renewal timer for *key* on its first serve (docs/design.md 3.1)."""
         if not entry.refreshable or self.nursery is None:
             return
         current = self.timers.get(key)

@@ -52,8 +52,9 @@ Key health
 Renewal timers
     :meth:`Tokens.keep_renewed` is the trio task of one
     :class:`~credproxy.core.renewal.RenewalTimer`: it sleeps until the
-    deadline (in slices of at most 30 s against the wall clock, so a suspend
-    is noticed, R16.3), reads the store, refreshes, and reports back.
+    deadline (in slices of at most 30 s against the wall clock and the boot
+    clock, so a suspend or a clock step is noticed within 30 s), reads the
+    store, refreshes, and reports back.
 """
 
 from __future__ import annotations
@@ -822,7 +823,7 @@ class Tokens:
     async def sleep_until(self, deadline: float) -> None:
         """Sleep until the wall-clock instant *deadline*, or as long on the boot clock.
 
-        Both clocks are looked at every 30 s at most (R16.3): a suspend moves
+        Both clocks are looked at every 30 s at most: a suspend moves
         both, and is noticed; a wall clock put back would postpone the
         deadline, but the boot clock, which no step moves, fires it on time; a
         wall clock put forward fires it early, which is safe.
