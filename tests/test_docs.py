@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,3 +24,22 @@ def test_design_module_table_lists_every_module() -> None:
         and (str(path.parent.relative_to(PACKAGE)).replace(".", ""), path.name) not in listed
     ]
     assert missing == [], f"not in docs/design.md's module table: {missing}"
+
+
+def test_nothing_in_the_repository_points_at_notes_that_are_not_in_it() -> None:
+    """No file names the design notes kept outside the repository (PRODUCT.md, reference/, seeds, requirement ids)."""
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    pattern = re.compile(
+        r"PRODUCT\.md|reference/providers|python-stack\.md|\bR16\.\d|seeds/|seed 00\d"
+    )
+    found = [
+        f"{name}:{n}"
+        for name in files
+        if name.endswith((".py", ".md", ".toml", ".service", ".socket"))
+        and name != "tests/test_docs.py"
+        for n, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert found == []

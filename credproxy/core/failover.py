@@ -1,4 +1,4 @@
-"""Several accounts of one provider: profiles, bucket health and failover (seed 003), sans I/O.
+"""Several accounts of one provider: profiles, bucket health and failover, sans I/O.
 
 Theory of operation
 -------------------

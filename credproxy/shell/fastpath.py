@@ -474,7 +474,7 @@ class FastPath:
     def _log_served(
         self, session: Any, key: Any, fp: str, expiry: float | None, wall: float, count: int
     ) -> None:
-        """The audit line of *count* serves of one token (PRODUCT.md section 7)."""
+        """The audit line of *count* serves of one token (docs/design.md sections 1.3, 2.7)."""
         log.info(
             "token_served",
             session=session.id,

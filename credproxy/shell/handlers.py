@@ -17,7 +17,7 @@ A served token is published in the session's ``ready`` table
 (:class:`Ready`: the reply bytes and the wall-clock instant after which they
 must not be served), so that the next ``get_token`` of that key is fast. The
 first serve of a refreshable token in a session always takes the slow path,
-which is where the session's renewal timer is started (R16.1).
+which is where the session's renewal timer is started (docs/design.md section 3.1).
 """
 
 from __future__ import annotations
