@@ -410,6 +410,10 @@ async def serve(
                         proxy = ApiProxy(cfg, tokens, sandbox_ops, api_client)
                         main.start_soon(proxy.hangups.run)
 
+                        def fail(why: str) -> None:
+                            if daemon is not None:
+                                daemon.fail(why)
+
                         def start_http(session: Any, sock: stdsocket.socket, data: bytes) -> None:
                             if not session.open or session.nursery is None:
                                 sock.close()
@@ -425,7 +429,7 @@ async def serve(
                                 to_trio=token.run_sync_soon,
                                 clock=time.monotonic,
                                 http=start_http,
-                                on_crash=lambda why: daemon.fail(why) if daemon else None,
+                                on_crash=fail,
                             )
                         else:
                             fast = FastPath(
@@ -434,7 +438,7 @@ async def serve(
                                 to_trio=_call_now,
                                 clock=trio.current_time,
                                 http=start_http,
-                                on_crash=lambda why: daemon.fail(why) if daemon else None,
+                                on_crash=fail,
                             )
                         changed = _status_notifier(lambda: daemon.sessions if daemon else None)
                         sessions = Sessions(

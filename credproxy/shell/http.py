@@ -158,16 +158,7 @@ class HttpTokenEndpoint:
         url = provider.mint_url or copilot.MINT_URL
         host = urlsplit(url).hostname or "the Copilot token endpoint"
         try:
-            client = self._get_client()
-            async with client.stream(
-                "GET", url, headers=copilot.mint_headers(github_token)
-            ) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_RESPONSE_BYTES:
-                        raise _ResponseTooLarge
-                status = response.status_code
+            status, body = await self._call("GET", url, headers=copilot.mint_headers(github_token))
         except _httpx_errors() as exc:
             raise RefreshFailed(
                 f"the Copilot token request to {host} failed: {type(exc).__name__}"
@@ -176,7 +167,7 @@ class HttpTokenEndpoint:
             raise RefreshFailed(
                 f"the answer of {host} is larger than {MAX_RESPONSE_BYTES} bytes"
             ) from None
-        return copilot.parse_mint_response(status, bytes(body))
+        return copilot.parse_mint_response(status, body)
 
     # -- the login grants (credproxy login) ------------------------------------------
 
@@ -256,13 +247,22 @@ class HttpTokenEndpoint:
         self, url: str, form: dict[str, str], *, json_body: bool = False
     ) -> tuple[int, bytes]:
         """POST *form* as ``application/x-www-form-urlencoded``, or as a JSON object."""
+        if json_body:
+            return await self._call("POST", url, json=form)
+        return await self._call("POST", url, data=form)
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        data: dict[str, str] | None = None,
+        json: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        """One request: (status, body), a body over :data:`MAX_RESPONSE_BYTES` refused."""
         client = self._get_client()
-        stream = (
-            client.stream("POST", url, json=form)
-            if json_body
-            else client.stream("POST", url, data=form)
-        )
-        async with stream as response:
+        async with client.stream(method, url, data=data, json=json, headers=headers) as response:
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk

@@ -160,10 +160,10 @@ class ApiProxy:
         self.tokens = tokens
         self.ops = ops
         self.client = client
-        self._streams: dict[str, int] = {}  # session id -> proxied requests in flight
+        # session id -> proxied requests in flight (no entry: none)
+        self._streams: dict[str, int] = {}
         self.kept_bytes = 0  # request bodies kept for a retry, all sessions together
         self.hangups = Hangups()  # run by the daemon: ApiProxy.hangups.run()
-        self._in_flight = 0  # proxied requests of every session
         self._moved = 0  # body bytes relayed since memory was last given back
 
     def pace(self) -> BodyPace:
@@ -333,18 +333,16 @@ class ApiProxy:
             if self._streams.get(session.id, 0) >= self.cfg.proxy.max_streams:
                 raise HttpError(503, "too many proxied requests in flight for this session")
             self._streams[session.id] = self._streams.get(session.id, 0) + 1
-            self._in_flight += 1
             try:
                 url = f"{route.base_url.rstrip('/')}/{route.rest}{route.query}"
                 body = Body(self, conn, stream)
                 await self._forward(Exchange(session, conn, stream, req, route, url, audit, body))
             finally:
                 if self._streams[session.id] == 1:
-                    del self._streams[session.id]
+                    del self._streams[session.id]  # (no entry: nothing in flight)
                 else:
                     self._streams[session.id] -= 1
-                self._in_flight -= 1
-                if not self._in_flight and self._moved >= TRIM_AFTER:
+                if not self._streams and self._moved >= TRIM_AFTER:
                     # The last exchange has ended: what the big ones freed goes
                     # back to the system, not only to the allocator.
                     self._moved = 0
