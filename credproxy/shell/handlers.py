@@ -273,16 +273,9 @@ class SandboxOps:
                 walk.failed(bucket, verdict)
                 continue
             assert entry is not None
-            if isinstance(verdict, serving.Refresh) and self.tokens.failed_lately(key):
-                # Its last refresh failed within the cooldown: not tried again
-                # yet (a walk per request must not hammer the IdP); served as
-                # it is while it is still valid.
-                if serving.after_failed_refresh(self.tokens.facts(entry), self.wall()) is None:
-                    walk.failed(bucket, "expired-refresh-failed")
-                    continue
-            elif isinstance(verdict, serving.Refresh):
+            if isinstance(verdict, serving.Refresh):
                 try:
-                    entry = await self.tokens.refresh(key, entry.expiry, reason="failover")
+                    entry = await self.tokens.refresh_to_serve(key, entry, reason="failover")
                 except ReauthRequired:
                     walk.failed(bucket, "reauth-failed")
                     continue
@@ -555,7 +548,7 @@ class ControlOps:
         token_changed: Callable[[Key], int],
         status: Callable[[], dict[str, Any]],
         version: str,
-        release: Callable[[str, str | None], int] = lambda _p, _b: 0,
+        release: Callable[[str, str | None], int],
     ) -> None:
         self.sessions = sessions
         self._token_changed = token_changed

@@ -299,12 +299,8 @@ class Tokens:
             raise self.reauth(key, f"the token {decision.why}")
         if isinstance(decision, serving.Serve):
             return entry
-        if self.failed_lately(key) and serving.after_failed_refresh(facts, self.wall()):
-            # Its last refresh failed moments ago: the still-valid token is
-            # served as it is rather than asking the IdP again on every call.
-            return entry
         try:
-            return await self.refresh(key, entry.expiry, reason="on-demand")
+            return await self.refresh_to_serve(key, entry, reason="on-demand")
         except (RefreshFailed, ReauthRequired) as exc:
             if serving.after_failed_refresh(self.facts(entry), self.wall()) is None:
                 if isinstance(exc, ReauthRequired):
@@ -338,12 +334,29 @@ class Tokens:
         except ReauthRequired as exc:
             raise self.reauth(key, str(exc)) from None
 
-    def failed_lately(self, key: Key) -> bool:
-        """Whether *key*'s last refresh failed less than ``refresh_cooldown`` ago."""
+    async def refresh_to_serve(self, key: Key, entry: Entry, reason: str) -> Entry:
+        """*entry* renewed before it is served (``get_token``, the API proxy, failover).
+
+        If the key's last refresh failed less than ``refresh_cooldown`` ago, the
+        IdP is not asked again, however many requests come: a still-valid
+        *entry* is served as it is, an expired one gets that failure.
+
+        Raises:
+            ReauthRequired, RefreshFailed, NotFound: as :meth:`refresh`.
+        """
         health = self._health.get(key)
-        if health is None or not health.failures:
-            return False
-        return serving.cooldown_left(health.last_attempt, self.wall(), self.cfg.renewal) > 0
+        if (
+            health is not None
+            and health.failures
+            and serving.cooldown_left(health.last_attempt, self.wall(), self.cfg.renewal) > 0
+        ):
+            if serving.after_failed_refresh(self.facts(entry), self.wall()) is not None:
+                return entry
+            raise RefreshFailed(
+                f"{key}: its last refresh failed moments ago ({health.last_error}); "
+                "retry in a few seconds"
+            )
+        return await self.refresh(key, entry.expiry, reason=reason)
 
     async def after_rejection(self, key: Key, rejected: Entry) -> Entry | None:
         """A token to retry with after an upstream refused *rejected*, or None.
