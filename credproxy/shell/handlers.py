@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
@@ -48,7 +48,6 @@ from credproxy.errors import (
 from credproxy.shell import logs
 
 if TYPE_CHECKING:
-    from credproxy.shell.fastpath import FastPath, SandboxConnection
     from credproxy.shell.sessions import Session, Sessions
     from credproxy.shell.tokens import Entry, Tokens
 
@@ -81,6 +80,19 @@ class Defer:
 
 # A served token, encoded JSON data, or the error to answer.
 Outcome = Ready | bytes | CredproxyError
+
+
+class SlowConnection(Protocol):
+    """What the slow side needs of a serving-loop connection (``fastpath.SandboxConnection``)."""
+
+    session: Session
+    slow_scopes: set[trio.CancelScope]  # touched by the trio side only
+
+
+class Loop(Protocol):
+    """What the slow side needs of the serving loop (``fastpath.FastPath``): to answer."""
+
+    def deliver(self, conn: Any, op: str, key: Any, rid: str, outcome: Outcome) -> None: ...
 
 REPORT_REASONS = {"quota-exhausted": "quota-exhausted", "unauthorized": "unauthorized"}
 
@@ -483,7 +495,7 @@ class SandboxOps:
 
     # -- slow: run in trio ---------------------------------------------------
 
-    def defer(self, fast: FastPath, conn: SandboxConnection, rid: str, deferred: Defer) -> None:
+    def defer(self, fast: Loop, conn: SlowConnection, rid: str, deferred: Defer) -> None:
         """Start the slow part of a request (in the trio thread)."""
         session = conn.session
         if not session.open or session.nursery is None:
@@ -492,7 +504,7 @@ class SandboxOps:
         session.nursery.start_soon(self._run_slow, fast, conn, rid, deferred)
 
     async def _run_slow(
-        self, fast: FastPath, conn: SandboxConnection, rid: str, deferred: Defer
+        self, fast: Loop, conn: SlowConnection, rid: str, deferred: Defer
     ) -> None:
         with trio.CancelScope() as scope:
             conn.slow_scopes.add(scope)
@@ -531,7 +543,7 @@ class SandboxOps:
             session.ensure_timer(self.tokens, key, entry)
         return ready
 
-    def connection_closed(self, session: Session, conn: SandboxConnection | None) -> None:
+    def connection_closed(self, session: Session, conn: SlowConnection | None) -> None:
         """The serving loop closed a connection (in the trio thread)."""
         session.connection_closed()
         if conn is not None:
