@@ -27,18 +27,18 @@ def test_design_module_table_lists_every_module() -> None:
 
 
 def test_nothing_in_the_repository_points_at_notes_that_are_not_in_it() -> None:
-    """No file names the design notes kept outside the repository (PRODUCT.md, reference/, seeds, requirement ids)."""
+    """No file points at the design notes kept outside the repository (their file names, requirement ids): a reader could not follow it."""
     files = subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
+    # (The names are written as character classes so that this file names none.)
     pattern = re.compile(
-        r"PRODUCT\.md|reference/providers|python-stack\.md|\bR16\.\d|seeds/|seed 00\d"
+        r"PRODUCT[.]md|reference[/]providers|python[-]stack[.]md|\bR16[.]\d|seeds[/]|seed 00\d"
     )
     found = [
         f"{name}:{n}"
         for name in files
         if name.endswith((".py", ".md", ".toml", ".service", ".socket"))
-        and name != "tests/test_docs.py"
         for n, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
         if pattern.search(line)
     ]
