@@ -126,7 +126,7 @@ class HttpTokenEndpoint:
         if self._closed:
             raise RefreshFailed("the HTTP client is closed (the daemon is shutting down)")
         if provider.grant == "copilot":
-            return await self.mint_copilot(provider, refresh_token)
+            return await self._mint_copilot(provider, refresh_token)
         client_secret = await _read_client_secret(provider.client_secret_file)
         form = oauth.refresh_form(provider, refresh_token, client_secret)
         # The userinfo part of a URL may hold a password; name the host only.
@@ -146,7 +146,7 @@ class HttpTokenEndpoint:
             ) from None
         return oauth.parse_refresh_response(status, body, now)
 
-    async def mint_copilot(self, provider: Provider, github_token: str) -> dict[str, Any]:
+    async def _mint_copilot(self, provider: Provider, github_token: str) -> dict[str, Any]:
         """Copilot's second exchange: a Copilot token minted from *github_token*.
 
         See :mod:`credproxy.core.copilot`.

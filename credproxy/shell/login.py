@@ -193,7 +193,7 @@ async def _mint_copilot(
     if not isinstance(github_token, str) or not github_token:
         raise LoginFailed("GitHub's answer had no access token")
     try:
-        minted = await endpoint.mint_copilot(provider, github_token)
+        minted = await endpoint.refresh(provider, github_token)  # grant "copilot": the mint
     except CredproxyError as exc:
         raise LoginFailed(
             f"logged in to GitHub, but no Copilot token could be minted for {name}: {exc}"
