@@ -703,8 +703,8 @@ def figure7(stack: Stack, token_url: str, quick: bool, log: Any = print) -> dict
     Rows are dicts with the fields of ``run.Row``.
     """
     mode = QUICK if quick else FULL
-    from credproxy.core.store import TokenStore
     from credproxy.inner.client import Client
+    from credproxy.shell.store import TokenStore
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []

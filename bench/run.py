@@ -81,8 +81,8 @@ from common import (
 )
 from proxy import figure7
 
-from credproxy.core.store import TokenStore
 from credproxy.inner.client import Client
+from credproxy.shell.store import TokenStore
 
 RATE_LIMIT_NOTE = (
     "[limits] requests_per_second = 0 in the benchmark's config: the per-connection "

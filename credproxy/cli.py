@@ -231,8 +231,8 @@ def cmd_serve(ns: Any) -> int:
 
 
 def _store() -> Any:
-    from credproxy.core.store import TokenStore
-    from credproxy.shell import paths
+    from credproxy.shell import faults, paths
+    from credproxy.shell.store import TokenStore
 
     root = paths.state_dir()
     # The same check the daemon makes at start: refuse a state directory of
@@ -244,7 +244,7 @@ def _store() -> Any:
             "it is 0700 now (only you may read your tokens)",
             file=sys.stderr,
         )
-    return TokenStore(root)
+    return TokenStore(root, faults.from_env())
 
 
 def _notify_daemon(provider: str, bucket: str) -> None:
@@ -302,7 +302,7 @@ def store_token(provider: str, bucket: str, raw: Any) -> dict[str, Any]:
     import os
     import time
 
-    from credproxy.core.store import normalize_token
+    from credproxy.core.tokendata import normalize_token
 
     token = normalize_token(raw, time.time())
     os.umask(0o077)
@@ -364,12 +364,11 @@ def adopt_login(provider: str, bucket: str, tool: str, file: str | None, retire:
 
 def _config_hint(provider: str, preset: str) -> None:
     """Say how to configure *provider* if the config does not define it yet."""
-    from credproxy.core.config import load
     from credproxy.errors import ConfigError
     from credproxy.shell import paths
 
     try:
-        if provider in load(paths.config_file()).providers:
+        if provider in paths.load_config().providers:
             return
     except ConfigError:
         return  # the daemon reports a bad config in full; not this command's business
@@ -383,7 +382,7 @@ def cmd_login(ns: Any) -> int:
     """Run a login flow; store the token only if it succeeded (Ctrl-C stores nothing)."""
     import signal
 
-    from credproxy.core import config, login
+    from credproxy.core import login
     from credproxy.core.names import check_name
     from credproxy.errors import NotFound
     from credproxy.shell import paths
@@ -391,7 +390,7 @@ def cmd_login(ns: Any) -> int:
 
     check_name("provider", ns.provider)
     check_name("bucket", ns.bucket)
-    cfg = config.load(paths.config_file())
+    cfg = paths.load_config()
     provider = cfg.providers.get(ns.provider)
     if provider is None:
         raise NotFound(

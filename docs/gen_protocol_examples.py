@@ -11,7 +11,7 @@ has the test dependencies; ``devidp`` needs h11)::
 ``END GENERATED EXAMPLES`` markers of the given file.
 
 What runs: the real daemon (:func:`credproxy.shell.daemon.serve`) in this process's
-trio loop, with a real :class:`~credproxy.core.store.TokenStore` in a temporary
+trio loop, with a real :class:`~credproxy.shell.store.TokenStore` in a temporary
 directory, real Unix sockets, and the real HTTP refresh path
 (:class:`~credproxy.shell.http.HttpTokenEndpoint`) talking to the development
 identity provider (:mod:`credproxy.devidp`) on 127.0.0.1. Every frame shown is
@@ -49,7 +49,7 @@ from credproxy import devidp  # noqa: TID251 - the documentation's upstream, not
 from credproxy.core.config import Config
 from credproxy.core.grants import Grants
 from credproxy.core.protocol import capability_digest
-from credproxy.core.store import TokenStore, normalize_token
+from credproxy.shell.store import TokenStore, normalize_token
 from credproxy.shell import logs
 from credproxy.shell.daemon import Daemon, serve
 from credproxy.shell.http import HttpTokenEndpoint

@@ -37,9 +37,9 @@ import trio
 from credproxy import devidp
 from credproxy.core.config import Config
 from credproxy.core.grants import Grants
-from credproxy.core.store import TokenStore
 from credproxy.shell.daemon import Daemon, serve
 from credproxy.shell.http import HttpTokenEndpoint
+from credproxy.shell.store import TokenStore
 
 BASE_EPOCH = 1_800_000_000.0
 CREDPROXY = str(Path(sys.executable).with_name("credproxy"))

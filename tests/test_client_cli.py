@@ -55,7 +55,7 @@ def one_line(stderr: str) -> str:
 
 def store_token(dirs: Dirs, provider: str = "prov", bucket: str = "default", **extra: Any) -> Path:
     """Put a token on disk the way `credproxy import` would (without paying for a process)."""
-    from credproxy.core.store import TokenStore
+    from credproxy.shell.store import TokenStore
 
     store = TokenStore(dirs.state)
     store.write(provider, bucket, dict(TOKEN, **extra))
@@ -177,7 +177,7 @@ def test_key_set_reads_stdin_and_key_rm_removes_it(dirs: Dirs) -> None:
 
 def test_status_without_daemon_shows_names_never_secrets(dirs: Dirs) -> None:
     """`status` and `status --json` with no daemon list tokens and key names, and no secret value."""
-    from credproxy.core.store import TokenStore
+    from credproxy.shell.store import TokenStore
 
     store_token(dirs)
     store_token(dirs, "other", "work")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Dirs, cli
-from credproxy.core import config
 from credproxy.errors import ConfigError
+from credproxy.shell.paths import load_config
 
 COMMENTED_EXAMPLE = """\
 [providers.example]
@@ -38,7 +38,7 @@ def error_of(tmp_path: Path, text: str) -> tuple[Path, str]:
     path = tmp_path / "config.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        load_config(path)
     message = str(info.value)
     assert "\n" not in message
     return path, message
@@ -46,7 +46,7 @@ def error_of(tmp_path: Path, text: str) -> tuple[Path, str]:
 
 def test_missing_file_means_the_documented_defaults(tmp_path: Path) -> None:
     """With no config file every setting has the default the README documents ("Use")."""
-    cfg = config.load(tmp_path / "nonexistent" / "config.toml")
+    cfg = load_config(tmp_path / "nonexistent" / "config.toml")
     assert cfg.providers == {}
     r = cfg.renewal
     assert (r.min_lead, r.lead_fraction, r.max_jitter) == (300, 0.1, 30)
@@ -59,7 +59,7 @@ def test_a_commented_example_loads(tmp_path: Path) -> None:
     """A config.toml with a provider, every [renewal] key, [sandbox] and comments is accepted as written."""
     path = tmp_path / "config.toml"
     path.write_text(COMMENTED_EXAMPLE)
-    cfg = config.load(path)
+    cfg = load_config(path)
     ex = cfg.providers["example"]
     assert (ex.token_url, ex.client_id, ex.scopes) == (
         "https://idp.example/oauth/token",
@@ -142,7 +142,7 @@ def test_plain_http_is_allowed_for_loopback(tmp_path: Path, url: str) -> None:
     """A loopback token_url may use plain http (a local development IdP)."""
     path = tmp_path / "config.toml"
     path.write_text(GOOD_PROVIDER.replace("https://idp.example/t", url))
-    assert config.load(path).providers["ex"].token_url == url
+    assert load_config(path).providers["ex"].token_url == url
 
 
 @pytest.mark.parametrize(
@@ -232,7 +232,7 @@ def test_the_edges_of_each_documented_range_are_accepted(tmp_path: Path, text: s
     """The smallest (and largest) value each documented range allows loads without complaint."""
     path = tmp_path / "config.toml"
     path.write_text(text)
-    config.load(path)
+    load_config(path)
 
 
 def test_serve_refuses_to_start_on_a_nan(dirs: Dirs) -> None:

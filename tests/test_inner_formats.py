@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from conftest import CREDPROXY, Dirs, cli
-from credproxy.core.store import TokenStore
+from credproxy.shell.store import TokenStore
 
 EXPIRY = int(time.time()) + 3600
 TOKEN = {

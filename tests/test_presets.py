@@ -1,6 +1,6 @@
 """Provider presets: every preset decodes, config keys win, and generic IdPs refresh as documented.
 
-Configurations go through :func:`credproxy.core.config.load` on a TOML file
+Configurations go through :func:`credproxy.shell.paths.load_config` on a TOML file
 written by the test. The refresh requests of the generic-IdP presets are
 recorded by a real HTTP server (trio + h11) on 127.0.0.1.
 """
@@ -23,6 +23,7 @@ from credproxy.core import config, login
 from credproxy.core.presets import PRESETS, apply_preset
 from credproxy.errors import ConfigError
 from credproxy.shell.http import HttpTokenEndpoint
+from credproxy.shell.paths import load_config
 
 NOW = 1_700_000_000.0
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "providers.md"
@@ -194,7 +195,7 @@ def test_presets_carry_exactly_the_verified_facts(name: str) -> None:
 @pytest.mark.parametrize("name", COMPLETE)
 def test_complete_presets_need_no_user_values(tmp_path: Path, name: str) -> None:
     """A table with only `preset` loads and has both what refresh and what its login flow needs."""
-    provider = config.load(_write_config(tmp_path, {"p": {"preset": name}})).providers["p"]
+    provider = load_config(_write_config(tmp_path, {"p": {"preset": name}})).providers["p"]
     assert not PRESETS[name].login_needs
     assert provider.token_url and provider.client_id
     if provider.flow == "device":
@@ -212,7 +213,7 @@ def test_entra_tenant_is_overridden_by_setting_both_urls(tmp_path: Path) -> None
         "token_url": f"{base}/token",
         "device_authorization_url": f"{base}/devicecode",
     }
-    provider = config.load(_write_config(tmp_path, {"work": table})).providers["work"]
+    provider = load_config(_write_config(tmp_path, {"work": table})).providers["work"]
     assert provider.token_url == f"{base}/token"
     assert provider.device_authorization_url == f"{base}/devicecode"
     assert provider.flow == "device"
@@ -220,7 +221,7 @@ def test_entra_tenant_is_overridden_by_setting_both_urls(tmp_path: Path) -> None
 
 def test_claude_authorization_request_keeps_claude_codes_fixed_parameter(tmp_path: Path) -> None:
     """The browser URL for Claude carries code=true (as Claude Code sends it) plus the standard PKCE request and the scopes."""
-    provider = config.load(_write_config(tmp_path, {"c": {"preset": "claude"}})).providers["c"]
+    provider = load_config(_write_config(tmp_path, {"c": {"preset": "claude"}})).providers["c"]
     pkce = login.Pkce(verifier="v" * 43, challenge="fake-challenge")
     url = login.authorization_url(provider, "http://localhost:5555/callback", "fake-state", pkce)
     parts = urlsplit(url)
@@ -243,7 +244,7 @@ def test_claude_authorization_request_keeps_claude_codes_fixed_parameter(tmp_pat
 def test_every_preset_decodes_into_a_valid_config(tmp_path: Path, name: str) -> None:
     """A provider table with only `preset` (plus the values the preset leaves to the user) loads, filled in from the preset."""
     path = _write_config(tmp_path, {"p": {"preset": name, **USER_VALUES[name]}})
-    provider = config.load(path).providers["p"]
+    provider = load_config(path).providers["p"]
     want = {**PRESETS[name].defaults, **USER_VALUES[name], "preset": name}
     for key, value in want.items():
         assert getattr(provider, key) == value, key
@@ -271,7 +272,7 @@ def test_config_keys_override_the_preset(tmp_path: Path) -> None:
         "flow": "paste",
         "redirect_port": 8765,
     }
-    provider = config.load(_write_config(tmp_path, {"mine": table})).providers["mine"]
+    provider = load_config(_write_config(tmp_path, {"mine": table})).providers["mine"]
     assert provider.token_url == "https://qwen.example/token"
     assert provider.client_id == "my-client"
     assert provider.scopes == ["openid"]
@@ -293,7 +294,7 @@ def test_unknown_preset_is_a_clear_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text('[providers.work]\nclient_id = "c"\npreset = "gitlub"\n')
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        load_config(path)
     known = ", ".join(sorted(PRESETS))
     assert str(info.value) == (
         f"{path}:3: field providers.work.preset: unknown preset 'gitlub'; known presets: {known}"
@@ -307,7 +308,7 @@ def test_a_preset_that_is_not_a_string_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r":2: field providers.work.preset: preset must be a string"
     ):
-        config.load(path)
+        load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +323,7 @@ def test_a_value_the_preset_leaves_to_the_user_is_asked_for(
     del table[missing]
     path = _write_config(tmp_path, {"acct": table})
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        load_config(path)
     message = str(info.value)
     assert message.startswith(
         f"{path}:1: field providers.acct.{missing}: preset {name!r} does not set {missing}"
@@ -447,7 +448,7 @@ async def test_generic_idp_presets_send_the_documented_refresh_request(
     real = PRESETS[name].defaults["token_url"]
     path = urlsplit(real).path
     table["token_url"] = f"http://127.0.0.1:{port}{path}"
-    provider = config.load(_write_config(tmp_path, {"acct": table})).providers["acct"]
+    provider = load_config(_write_config(tmp_path, {"acct": table})).providers["acct"]
 
     token = await endpoint.refresh(provider, "fake-rt-old")
 

@@ -25,9 +25,9 @@ import trio
 
 from conftest import CREDPROXY, Dirs
 from credproxy import devidp
-from credproxy.core.store import TokenStore
 from credproxy.errors import CredproxyError
 from credproxy.inner.client import Client
+from credproxy.shell.store import TokenStore
 
 
 class ThreadIdP:

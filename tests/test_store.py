@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from conftest import CREDPROXY, Dirs
-from credproxy.core.store import TokenStore, normalize_token
+from credproxy.core.tokendata import normalize_token
 from credproxy.errors import InvalidName, InvalidToken
+from credproxy.shell.store import TokenStore
 
 NOW = 1_800_000_000.0
 OLD = {

@@ -236,21 +236,6 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     notify: Notify = msgspec.field(default_factory=Notify)
 
 
-def load(path: Path) -> Config:
-    """Read and validate *path*; a missing file gives the defaults.
-
-    Raises:
-        ConfigError: naming the file, the line and the field at fault.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return Config()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the configuration: {exc}") from None
-    return parse(text, path)
-
-
 def parse(text: str, path: Path) -> Config:
     """Decode TOML *text* (read from *path*, used in messages) into a :class:`Config`."""
     try:

@@ -36,13 +36,11 @@ from typing import Any
 
 import trio
 
-from credproxy.core import config as config_mod
 from credproxy.core.config import Config
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint
-from credproxy.core.store import TokenStore
 from credproxy.errors import CredproxyError, StoreError
-from credproxy.shell import logs, paths, systemd
+from credproxy.shell import faults, logs, paths, systemd
 from credproxy.shell.fastpath import FastPath
 from credproxy.shell.handlers import ControlOps, SandboxOps
 from credproxy.shell.http import ApiClient
@@ -55,6 +53,7 @@ from credproxy.shell.server import (
     refuse,
 )
 from credproxy.shell.sessions import Sessions
+from credproxy.shell.store import TokenStore
 from credproxy.shell.streams import serve_stream
 from credproxy.shell.tokens import Tokens
 
@@ -430,6 +429,7 @@ async def serve(
                                 clock=time.monotonic,
                                 http=start_http,
                                 on_crash=fail,
+                                fault=store.fault,
                             )
                         else:
                             fast = FastPath(
@@ -439,6 +439,7 @@ async def serve(
                                 clock=trio.current_time,
                                 http=start_http,
                                 on_crash=fail,
+                                fault=store.fault,
                             )
                         changed = _status_notifier(lambda: daemon.sessions if daemon else None)
                         sessions = Sessions(
@@ -546,7 +547,7 @@ def main(idle_exit: float | None) -> int:
     """``credproxy serve``: configure, then run until told to stop. Returns the exit code."""
     logs.configure()
     os.umask(0o077)  # every file and socket we create is born private
-    cfg = config_mod.load(paths.config_file())
+    cfg = paths.load_config()
     raise_fd_limit()
     inherited = [s for _, s in systemd.listen_fds()]
     from credproxy.shell.http import HttpTokenEndpoint  # httpx itself loads at the first refresh
@@ -557,7 +558,7 @@ def main(idle_exit: float | None) -> int:
         try:
             await serve(
                 cfg,
-                store=TokenStore(paths.state_dir()),
+                store=TokenStore(paths.state_dir(), faults.from_env()),
                 runtime=paths.runtime_dir(),
                 endpoint=endpoint,
                 idle_exit=idle_exit,

@@ -54,10 +54,10 @@ import trio
 
 from credproxy.core.config import Limits
 from credproxy.core.connection import NEED_DATA, Connection, Request, Send
-from credproxy.core.store import fault_point
 from credproxy.core.throttle import AUDIT_INTERVAL, ServeAudit
 from credproxy.errors import CredproxyError, ProtocolError
 from credproxy.shell import logs
+from credproxy.shell.faults import NO_FAULTS, Faults
 from credproxy.shell.handlers import Defer, Outcome, Ready, SandboxOps
 
 log = logs.get("credproxy.fastpath")
@@ -131,8 +131,10 @@ class FastPath:
         clock: Callable[[], float],
         http: Callable[[Any, socket.socket, bytes], None] | None = None,
         on_crash: Callable[[str], None] | None = None,
+        fault: Faults = NO_FAULTS,
     ) -> None:
         self.ops = ops
+        self.fault = fault
         self.http = http
         self.on_crash = on_crash
         self.limits = limits
@@ -269,7 +271,7 @@ class FastPath:
     # -- one turn of the loop ------------------------------------------------
 
     def _turn(self, events: list[tuple[int, int]]) -> None:
-        fault_point("fastpath-turn")
+        self.fault("fastpath-turn")
         now = self.clock()
         conns = self._conns
         if self._backlog:

@@ -35,7 +35,6 @@ from credproxy.core.failover import BucketMarks, Profile
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key, key_field, name_field
 from credproxy.core.protocol import capability_digest
-from credproxy.core.store import TokenStore
 from credproxy.errors import (
     AllBucketsExhausted,
     CredproxyError,
@@ -46,6 +45,7 @@ from credproxy.errors import (
     UsageError,
 )
 from credproxy.shell import logs
+from credproxy.shell.store import TokenStore
 
 if TYPE_CHECKING:
     from credproxy.shell.sessions import Session, Sessions
@@ -93,6 +93,7 @@ class Loop(Protocol):
     """What the slow side needs of the serving loop (``fastpath.FastPath``): to answer."""
 
     def deliver(self, conn: Any, op: str, key: Any, rid: str, outcome: Outcome) -> None: ...
+
 
 REPORT_REASONS = {"quota-exhausted": "quota-exhausted", "unauthorized": "unauthorized"}
 
@@ -503,9 +504,7 @@ class SandboxOps:
             return
         session.nursery.start_soon(self._run_slow, fast, conn, rid, deferred)
 
-    async def _run_slow(
-        self, fast: Loop, conn: SlowConnection, rid: str, deferred: Defer
-    ) -> None:
+    async def _run_slow(self, fast: Loop, conn: SlowConnection, rid: str, deferred: Defer) -> None:
         with trio.CancelScope() as scope:
             conn.slow_scopes.add(scope)
             try:

@@ -110,9 +110,7 @@ def _note_closed_path(sock: Path) -> None:
 
 
 def _default_grants() -> list[str]:
-    from credproxy.core import config
-
-    return list(config.load(paths.config_file()).sandbox.default_allow)
+    return list(paths.load_config().sandbox.default_allow)
 
 
 def _run_child(argv: list[str], env: dict[str, str], *, capability: str | None) -> int:

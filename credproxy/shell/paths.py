@@ -10,8 +10,12 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from credproxy.errors import CredproxyError
+from credproxy.errors import ConfigError, CredproxyError
+
+if TYPE_CHECKING:
+    from credproxy.core.config import Config
 
 APP = "credproxy"
 
@@ -24,6 +28,28 @@ def config_file() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read and validate the configuration (*path*, else :func:`config_file`).
+
+    A missing file gives the defaults; :func:`credproxy.core.config.parse` is
+    the pure part.
+
+    Raises:
+        ConfigError: naming the file, the line and the field at fault.
+    """
+    from credproxy.core import config
+
+    if path is None:
+        path = config_file()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return config.Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc}") from None
+    return config.parse(text, path)
 
 
 def state_dir() -> Path:

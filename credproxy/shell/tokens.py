@@ -77,7 +77,6 @@ from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import End, Failure, KeyHealth, Refresh, RenewalTimer, Wait
-from credproxy.core.store import Reservation, TokenStore, fault_point
 from credproxy.errors import (
     CredproxyError,
     NotFound,
@@ -87,6 +86,7 @@ from credproxy.errors import (
     StoreError,
 )
 from credproxy.shell import logs
+from credproxy.shell.store import Reservation, TokenStore
 
 log = logs.get("credproxy.tokens")
 _encoder = msgspec.json.Encoder()
@@ -637,7 +637,7 @@ class Tokens:
         except StoreError as exc:
             log.warning("store_reserve_failed", provider=provider, bucket=bucket, error=str(exc))
         try:
-            fault_point("refresh-before-request")
+            self.store.fault("refresh-before-request")
             health.attempted(self.wall())
             new = await self.endpoint.refresh(prov, rt)
             # The old refresh token may be spent now: the new one must reach
@@ -647,7 +647,7 @@ class Tokens:
             # the bytes go into the reserved file first, which a SIGKILL
             # after that point cannot take back (recover_pending adopts it).
             merged = merge_refreshed(stored.token, new)
-            fault_point("refresh-got-response")
+            self.store.fault("refresh-got-response")
             health.succeeded(self.wall())  # (a failed write below says so in the same record)
             entry = self._store_refreshed(key, merged, reservation, stored.signature)
             reservation = None

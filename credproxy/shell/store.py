@@ -32,7 +32,6 @@ import errno
 import fcntl
 import os
 import re
-import signal
 import stat
 import time
 from collections.abc import Iterator
@@ -43,74 +42,9 @@ from typing import Any
 import msgspec
 
 from credproxy.core.names import DEFAULT_BUCKET, check_name, is_name
-from credproxy.core.policy import expiry_value, token_expiry
-from credproxy.errors import InvalidToken, StoreError
-
-# Fault injection for crash tests: when CREDPROXY_FAULT names a checkpoint, the
-# process stops itself there (SIGSTOP) so a test can SIGKILL it at exactly
-# that point; "crash:NAME" raises there instead (a bug, as the code would meet
-# one). Read once; costs one comparison per checkpoint otherwise.
-_FAULT = os.environ.get("CREDPROXY_FAULT")
-
-
-class InjectedFault(RuntimeError):
-    """Raised at a checkpoint named by ``CREDPROXY_FAULT=crash:NAME`` (tests only)."""
-
-
-def fault_point(name: str) -> None:
-    """Stop the process here if ``CREDPROXY_FAULT`` names this checkpoint (raise for crash:)."""
-    if _FAULT is None:
-        return
-    if name == _FAULT:
-        os.kill(os.getpid(), signal.SIGSTOP)
-    elif _FAULT.startswith("crash:") and _FAULT[6:] == name:
-        raise InjectedFault(f"fault injected at {name}")
-
-
-def normalize_token(raw: Any, now: float) -> dict[str, Any]:
-    """Validate token JSON (as given to ``import``) and return what is stored.
-
-    ``expires_in`` (seconds from *now*) is turned into ``expiry`` (epoch
-    seconds); unknown fields are kept. Both must be finite, non-negative
-    numbers when given (``"soon"``, NaN, infinity or ``true`` are refused).
-
-    Raises:
-        InvalidToken: with a message naming the field at fault.
-    """
-    if not isinstance(raw, dict):
-        raise InvalidToken("token must be a JSON object")
-    token = dict(raw)
-    at = token.get("access_token")
-    if not isinstance(at, str) or not at:
-        raise InvalidToken("token needs a non-empty string 'access_token'")
-    rt = token.get("refresh_token")
-    if rt is not None and not isinstance(rt, str):
-        raise InvalidToken("'refresh_token' must be a string")
-    if rt == "":
-        del token["refresh_token"]
-    # A null expires_in counts as absent; a null expiry is refused (once
-    # stored, an invalid expiry makes the token count as expired).
-    expires_in = token.pop("expires_in", None)
-    seconds = None if expires_in is None else expiry_value(expires_in)
-    if expires_in is not None and seconds is None:
-        raise InvalidToken("'expires_in' must be a finite, non-negative number of seconds")
-    if "expiry" in token:
-        expiry = expiry_value(token["expiry"])
-        if expiry is None:
-            raise InvalidToken(
-                "'expiry' must be a finite, non-negative number of seconds since the epoch"
-            )
-        if expiry > 1e11:
-            raise InvalidToken("'expiry' looks like milliseconds; give epoch seconds")
-    elif seconds is not None:
-        if now + seconds > 1e11:
-            raise InvalidToken("'expires_in' is too large; give seconds from now")
-        token["expiry"] = int(now + seconds)
-    tt = token.setdefault("token_type", "Bearer")
-    if not isinstance(tt, str):
-        raise InvalidToken("'token_type' must be a string")
-    return token
-
+from credproxy.core.policy import token_expiry
+from credproxy.errors import StoreError
+from credproxy.shell.faults import NO_FAULTS, Faults
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -125,9 +59,10 @@ class Reservation:
     so :meth:`TokenStore.recover_pending` ignores (and removes) it.
     """
 
-    __slots__ = ("fd", "path", "size", "tmp")
+    __slots__ = ("fault", "fd", "path", "size", "tmp")
 
-    def __init__(self, path: Path, tmp: Path, fd: int, size: int) -> None:
+    def __init__(self, path: Path, tmp: Path, fd: int, size: int, fault: Faults) -> None:
+        self.fault = fault
         self.path = path
         self.tmp = tmp
         self.fd: int | None = fd
@@ -156,15 +91,15 @@ class Reservation:
                 offset = 0
                 while offset < len(padded):
                     offset += os.pwrite(fd, view[offset:], offset)
-                fault_point("store-written")
+                self.fault("store-written")
                 with suppress(OSError):  # the padding is harmless if this fails
                     os.ftruncate(fd, len(data))
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            fault_point("store-fsynced")
+            self.fault("store-fsynced")
             os.rename(self.tmp, self.path)
-            fault_point("store-renamed")
+            self.fault("store-renamed")
             _fsync_dir(self.path.parent)
         except OSError as exc:
             with suppress(OSError):
@@ -183,8 +118,9 @@ class Reservation:
 class TokenStore:
     """Tokens and API keys under *root* (see the module docstring)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, fault: Faults = NO_FAULTS) -> None:
         self.root = root
+        self.fault = fault  # the crash tests' checkpoints (credproxy.shell.faults)
         self.tokens_dir = root / "tokens"
         self.keys_dir = root / "keys"
         self.locks_dir = root / "locks"
@@ -274,7 +210,7 @@ class TokenStore:
         """
         path = self.token_path(provider, bucket)
         size = RESERVE_MIN if like is None else max(RESERVE_MIN, 2 * len(_encoder.encode(like)))
-        return _reserve(path, size)
+        return _reserve(path, size, self.fault)
 
     def recover_pending(self, provider: str, bucket: str = DEFAULT_BUCKET) -> bool:
         """Adopt a newer token that a killed write left in a temp file; True if one was.
@@ -432,10 +368,10 @@ class TokenStore:
         return obj
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
-        _reserve(path, len(data)).commit(data)
+        _reserve(path, len(data), self.fault).commit(data)
 
 
-def _reserve(path: Path, size: int) -> Reservation:
+def _reserve(path: Path, size: int, fault: Faults) -> Reservation:
     """Create a temp file beside *path* and allocate *size* bytes for it."""
     _makedirs(path.parent)
     # "~" is not allowed in names, so a temp file never lists as a token or key.
@@ -452,7 +388,7 @@ def _reserve(path: Path, size: int) -> Reservation:
         with suppress(OSError):
             os.unlink(tmp)
         raise StoreError(f"cannot write {path}: {exc.strerror}") from None
-    return Reservation(path, tmp, fd, size)
+    return Reservation(path, tmp, fd, size, fault)
 
 
 def _allocate(fd: int, size: int) -> None:
