@@ -7,6 +7,7 @@ half-understood configuration. A missing file means "all defaults".
 
 from __future__ import annotations
 
+import hmac
 import math
 import re
 import tomllib
@@ -41,6 +42,60 @@ class Api(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     )
 
 
+class Secret:
+    """A secret written in the config file itself (``client_secret``): hidden from every repr.
+
+    ``str()`` and ``repr()`` show ``Secret('***')``; only :meth:`reveal` gives
+    the value, so a Provider in a log line, an error or a traceback shows
+    nothing of it.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(Secret)
+
+
+class Narrowing(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A narrower GitHub App installation token for one bucket (``[providers.X.narrow.BUCKET]``).
+
+    The names and levels are GitHub's (``POST /app/installations/{id}/access_tokens``):
+    ``repositories`` are repository names without the owner, ``repository_ids``
+    their numeric ids, ``permissions`` a permission name (``contents``,
+    ``issues``, ``pull_requests``, ...) to ``read``, ``write`` or ``admin``.
+    """
+
+    repositories: list[str] = msgspec.field(default_factory=list)
+    repository_ids: list[int] = msgspec.field(default_factory=list)
+    permissions: dict[str, Literal["read", "write", "admin"]] = msgspec.field(default_factory=dict)
+
+
+#: The grants whose token is minted on the host from a key or a client secret
+#: (docs/signing.md), rather than refreshed from a stored refresh token.
+SIGNING_GRANTS = frozenset({"jwt-bearer", "client_credentials", "github-app", "signed-jwt"})
+
+#: ``lifetime`` of a ``signed-jwt``: seconds from ``iat`` to ``exp``. ``iat`` is
+#: backdated 60 s for clock skew, so less than 120 would be spent before it is served;
+#: an hour is what such issuers take (Snowflake's key-pair JWTs).
+LIFETIME_RANGE = (120, 3600)
+
+
 class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An OAuth 2.0 client: where and as whom to refresh tokens and to log in.
 
@@ -50,10 +105,15 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     picks the default of ``credproxy login``; ``redirect_port`` fixes the
     loopback port when the client's registered redirect demands one.
     ``preset`` names a provider preset whose values the other keys override.
+
+    ``token_url`` and ``client_id`` are required by the grants that use them
+    (:func:`_grant_problems` says which); an empty string means "not set".
+    The signing grants' keys (``private_key`` to ``narrow``) are described in
+    docs/signing.md.
     """
 
-    token_url: str
-    client_id: str
+    token_url: str = ""
+    client_id: str = ""
     client_secret_file: str | None = None
     scopes: list[str] = msgspec.field(default_factory=list)
     authorization_url: str | None = None
@@ -85,9 +145,39 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # and whether the device flow uses PKCE (Qwen Code's does).
     device_pkce: bool = False
     # How a token is renewed: the refresh grant, or Copilot's second exchange
-    # (`mint_url` mints a short-lived token from the stored GitHub token).
-    grant: Literal["refresh_token", "copilot"] = "refresh_token"
+    # (`mint_url` mints a short-lived token from the stored GitHub token), or
+    # one of the SIGNING_GRANTS, which mint with a key on the host.
+    grant: Literal[
+        "refresh_token", "copilot", "jwt-bearer", "client_credentials", "github-app", "signed-jwt"
+    ] = "refresh_token"
     mint_url: str | None = None
+    # The signing grants (docs/signing.md). Files must be private (0600, yours):
+    # a PEM private key, or Google's JSON service-account key,
+    private_key: str | None = None
+    key_file: str | None = None
+    # the passphrase of an encrypted PEM (a file, or a command run without a shell),
+    passphrase_file: str | None = None
+    passphrase_command: list[str] | None = None
+    # the JWT's `kid` header (a key file's private_key_id by default),
+    key_id: str | None = None
+    # the claims (`issuer` default: the key file's client_email; `audience`:
+    # token_url); `issuer` and `subject` may say {key_fingerprint} and {subject},
+    issuer: str | None = None
+    subject: str | None = None
+    audience: str | None = None
+    # jwt-bearer: scopes in the assertion's `scope` claim (Google) instead of the form,
+    scope_in_assertion: bool = False
+    # signed-jwt: seconds from iat to exp (LIFETIME_RANGE; default the top),
+    lifetime: int | None = None
+    # client_credentials: the client secret (client_secret_file is better: the
+    # config file is rarely private),
+    client_secret: Secret | None = None
+    # github-app: the App (its id, or its client id), the installation, the
+    # API (GitHub Enterprise elsewhere), and a narrower token per bucket.
+    app_id: int | str | None = None
+    installation_id: int | None = None
+    api_url: str | None = None
+    narrow: dict[str, Narrowing] = msgspec.field(default_factory=dict)
     preset: str | None = None
     # Several accounts: the ordered buckets `get_token` without a bucket may
     # serve (the default profile), and how it picks among them.
@@ -103,7 +193,11 @@ PROVIDER_URL_FIELDS = (
     "device_authorization_url",
     "redirect_uri",
     "mint_url",
+    "api_url",
 )
+
+#: GitHub's REST API, the default ``api_url`` of a ``github-app`` provider.
+GITHUB_API_URL = "https://api.github.com"
 
 
 class Renewal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -257,6 +351,11 @@ def parse(text: str, path: Path) -> Config:
                     providers[name] = table = apply_preset(name, table)
                 except PresetError as exc:
                     raise ConfigError(_locate(path, text, exc.keys, str(exc))) from None
+                narrow = table.get("narrow")
+                if isinstance(narrow, dict):  # so that an error names the bucket too
+                    for bucket, rules in narrow.items():
+                        at = ["providers", name, "narrow", bucket]
+                        _convert(rules, Narrowing, path, text, at)
             _convert(table, Provider, path, text, ["providers", name])
     cfg: Config = _convert(raw, Config, path, text, [])
     for problem, keys in _problems(cfg):
@@ -266,7 +365,7 @@ def parse(text: str, path: Path) -> Config:
 
 def _convert(raw: Any, kind: type[Any], path: Path, text: str, prefix: list[str]) -> Any:
     try:
-        return msgspec.convert(raw, kind)
+        return msgspec.convert(raw, kind, dec_hook=_decode_secret)
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at ")
         keys = prefix + _path_keys(where)
@@ -277,11 +376,22 @@ def _convert(raw: Any, kind: type[Any], path: Path, text: str, prefix: list[str]
         raise ConfigError(_locate(path, text, keys, message)) from None
 
 
+def _decode_secret(kind: type[Any], value: Any) -> Any:
+    if kind is Secret:
+        if not isinstance(value, str):
+            raise TypeError("Expected `str`")  # msgspec adds " - at `$.client_secret`"
+        return Secret(value)
+    raise NotImplementedError
+
+
 def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = []
     for name, prov in cfg.providers.items():
         if not is_name(name):
             out.append((f"provider name {name!r} must be {NAME_RULE}", ["providers", name]))
+        out.extend(
+            (problem, ["providers", name, *where]) for problem, where in _grant_problems(prov)
+        )
         bad = [b for b in prov.buckets if not is_name(b)]
         if bad or len(set(prov.buckets)) != len(prov.buckets):
             out.append(
@@ -294,7 +404,7 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
         if prov.api is not None:
             urls.append(("base_url", prov.api.base_url, ["api", "base_url"]))
         for key, value, where in urls:
-            if value is None:
+            if not value:  # unset ("" for token_url: the grant checks say if it is needed)
                 continue
             url = urlsplit(value)
             if not url.hostname:
@@ -321,12 +431,181 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
     return out
 
 
+# The keys of the signing grants, and which grant uses which (docs/signing.md).
+_SIGNING_KEYS = (
+    "private_key",
+    "key_file",
+    "passphrase_file",
+    "passphrase_command",
+    "key_id",
+    "issuer",
+    "subject",
+    "audience",
+    "scope_in_assertion",
+    "lifetime",
+    "client_secret",
+    "app_id",
+    "installation_id",
+    "api_url",
+    "narrow",
+)
+_PASSPHRASE = ("passphrase_file", "passphrase_command")
+_GRANT_KEYS: dict[str, frozenset[str]] = {
+    "refresh_token": frozenset(),
+    "copilot": frozenset(),
+    "jwt-bearer": frozenset(
+        {"private_key", "key_file", *_PASSPHRASE, "key_id", "issuer", "subject", "audience"}
+        | {"scope_in_assertion"}
+    ),
+    "client_credentials": frozenset(
+        {"client_secret", "private_key", *_PASSPHRASE, "key_id", "audience"}
+    ),
+    "github-app": frozenset({"private_key", *_PASSPHRASE, "app_id", "installation_id"})
+    | {"api_url", "narrow"},
+    "signed-jwt": frozenset(
+        {"private_key", *_PASSPHRASE, "key_id", "issuer", "subject", "audience", "lifetime"}
+    ),
+}
+# Which grants need token_url and client_id (jwt-bearer takes token_url from a key_file).
+_NEEDS_TOKEN_URL = frozenset({"refresh_token", "copilot", "jwt-bearer", "client_credentials"})
+_NEEDS_CLIENT_ID = frozenset({"refresh_token", "copilot", "client_credentials"})
+_NO_TOKEN_URL = frozenset({"github-app", "signed-jwt"})
+_NO_CLIENT_ID = frozenset({"github-app", "signed-jwt"})
+# The placeholders `issuer` and `subject` may hold (filled in by core/assertions.py).
+_PLACEHOLDER_RE = re.compile(r"\{(key_fingerprint|subject)\}")
+# A GitHub repository name (without the owner), and a permission name.
+_REPO_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+_PERMISSION_RE = re.compile(r"[a-z][a-z_]{0,63}")
+
+
+def _is_set(prov: Provider, key: str) -> bool:
+    value = getattr(prov, key)
+    return value not in (None, False, {}, [])
+
+
+def _grant_problems(prov: Provider) -> list[tuple[str, list[str]]]:
+    """What is wrong with *prov* for its ``grant``: (message, the key at fault)."""
+    grant = prov.grant
+    out: list[tuple[str, list[str]]] = []
+    used = _GRANT_KEYS[grant]
+    for key in _SIGNING_KEYS:
+        if _is_set(prov, key) and key not in used:
+            users = ", ".join(sorted(g for g, keys in _GRANT_KEYS.items() if key in keys))
+            out.append((f"{key} is not used by grant {grant!r} (only by: {users})", [key]))
+    if grant in _NO_TOKEN_URL and prov.token_url:
+        out.append((f"token_url is not used by grant {grant!r}", ["token_url"]))
+    if grant in _NO_CLIENT_ID and prov.client_id:
+        out.append((f"client_id is not used by grant {grant!r}", ["client_id"]))
+    if grant not in ("refresh_token", "copilot", "client_credentials") and prov.client_secret_file:
+        out.append((f"client_secret_file is not used by grant {grant!r}", ["client_secret_file"]))
+    if out:
+        return out
+
+    def need(key: str, what: str) -> None:
+        out.append((f"missing required field `{key}`: grant {grant!r} needs {what}", []))
+
+    if grant in _NEEDS_TOKEN_URL and not prov.token_url and not prov.key_file:
+        need("token_url", "the token endpoint's URL")
+    if grant in _NEEDS_CLIENT_ID and not prov.client_id:
+        need("client_id", "the client's id")
+    if grant in ("github-app", "signed-jwt") and not prov.private_key:
+        need("private_key", "the private key file (PEM)")
+    if grant == "github-app":
+        if prov.app_id is None:
+            need("app_id", "the App's id (or its client id)")
+        if prov.installation_id is None:
+            need("installation_id", "the installation's id")
+    if grant == "signed-jwt" and not prov.issuer:
+        need("issuer", "the JWT's iss")
+    if grant == "jwt-bearer":
+        if bool(prov.private_key) == bool(prov.key_file):
+            out.append(("grant 'jwt-bearer' needs exactly one of private_key and key_file", []))
+        elif not prov.issuer and not prov.key_file:
+            need("issuer", "the assertion's iss (a key_file's client_email is the default)")
+    if grant == "client_credentials":
+        given = [
+            k for k in ("client_secret", "client_secret_file", "private_key") if _is_set(prov, k)
+        ]
+        if len(given) != 1:
+            out.append(
+                (
+                    "grant 'client_credentials' needs exactly one of client_secret, "
+                    f"client_secret_file and private_key (got {', '.join(given) or 'none'})",
+                    [],
+                )
+            )
+        elif not prov.private_key:
+            out.extend(
+                (f"{key} is used only with private_key (private_key_jwt)", [key])
+                for key in ("key_id", "audience", *_PASSPHRASE)
+                if _is_set(prov, key)
+            )
+        if prov.client_secret is not None and not prov.client_secret.reveal():
+            out.append(("client_secret is empty", ["client_secret"]))
+    if prov.passphrase_file and prov.passphrase_command is not None:
+        out.append(("set passphrase_file or passphrase_command, not both", ["passphrase_command"]))
+    if prov.key_file and any(_is_set(prov, k) for k in _PASSPHRASE):
+        out.append(("a key_file's key is not encrypted: no passphrase is used", [_PASSPHRASE[0]]))
+    if prov.passphrase_command is not None and not prov.passphrase_command:
+        out.append(("passphrase_command must name a program", ["passphrase_command"]))
+    if prov.lifetime is not None:
+        low, high = LIFETIME_RANGE
+        if not low <= prov.lifetime <= high:
+            out.append(
+                (
+                    f"lifetime must be from {low} to {high} seconds (got {prov.lifetime}): "
+                    "iat is backdated 60 s, and such a JWT may live an hour at most",
+                    ["lifetime"],
+                )
+            )
+    if (isinstance(prov.app_id, int) and prov.app_id < 1) or prov.app_id == "":
+        out.append(("app_id must be a positive number or the App's client id", ["app_id"]))
+    if prov.installation_id is not None and prov.installation_id < 1:
+        out.append(("installation_id must be a positive number", ["installation_id"]))
+    for key in ("issuer", "subject"):
+        value = getattr(prov, key)
+        if value is not None:
+            rest = _PLACEHOLDER_RE.sub("", value)
+            if "{" in rest or "}" in rest:
+                out.append(
+                    (
+                        f"{key} may hold only the placeholders {{key_fingerprint}} and {{subject}}",
+                        [key],
+                    )
+                )
+            elif key == "subject" and "{subject}" in value:
+                out.append(("subject cannot hold {subject}", [key]))
+    for bucket, narrowing in prov.narrow.items():
+        where = ["narrow", bucket]
+        if not is_name(bucket):
+            out.append((f"bucket name {bucket!r} must be {NAME_RULE}", where))
+        elif narrowing == Narrowing():
+            out.append(("narrows nothing: set repositories, repository_ids or permissions", where))
+        bad_repos = [r for r in narrowing.repositories if not _REPO_RE.fullmatch(r)]
+        if bad_repos:
+            out.append(
+                (
+                    f"repositories are names without the owner (got {bad_repos[0]!r})",
+                    [*where, "repositories"],
+                )
+            )
+        bad_perms = [p for p in narrowing.permissions if not _PERMISSION_RE.fullmatch(p)]
+        if bad_perms:
+            out.append(
+                (
+                    f"permission names are GitHub's, e.g. contents (got {bad_perms[0]!r})",
+                    [*where, "permissions"],
+                )
+            )
+    return out
+
+
 def _path_keys(where: str) -> list[str]:
     # msgspec paths look like "$.providers.example.token_url" or "$.sandbox.default_allow[0]".
     where = where.strip().strip("`")
     if where.startswith("$"):
         where = where[1:]
-    return [k for k in re.split(r"\.|\[\d+\]", where) if k]
+    return [k for k in re.split(r"\.|\[\d+\]|\[\.\.\.\]", where) if k]
 
 
 def _locate(path: Path, text: str, keys: list[str], message: str) -> str:
