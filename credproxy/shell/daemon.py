@@ -29,7 +29,7 @@ import resource
 import signal
 import socket as stdsocket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -361,155 +361,280 @@ async def serve(
     else as a trio task on trio's clock (tests under ``autojump_clock``).
     Startup errors (another daemon, an unusable directory) raise before
     ``task_status.started()``.
+
+    Each step below is entered in order on one exit stack, and undone in the
+    reverse order (design.md §6.1 and §6.5).
     """
     if serving_thread and (wall_clock is not time.time or boot_clock is not _BOOT_CLOCK):
         raise ValueError("the serving thread reads the real clocks; pass no others")
     _check_state_dir(store.root)
     make_private_dir(runtime, searchable_ok=False)  # no session yet: nothing is shared
-    lock_fd = _take_instance_lock(runtime)
-    sessions_dir = runtime / "s"
     control_path = runtime / "credproxy.sock"
-    own_socket = not inherited
-    listeners: list[trio.socket.SocketType] = []
     daemon: Daemon | None = None
-    api_client = ApiClient(read=cfg.proxy.read_timeout)
+
+    def fail(why: str) -> None:  # the serving loop crashed
+        if daemon is not None:
+            daemon.fail(why)
+
+    # Entered top to bottom; on the way out (stop, or an error) undone bottom to top.
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(_instance_lock(runtime))  # out: release it, log daemon_stopped
+        stack.enter_context(_own_control_path(control_path, own=not inherited))  # out: unlink
+        _clear_sessions_dir(runtime / "s")
+        listeners = await stack.enter_async_context(_listeners(control_path, inherited))
+        api_client = await stack.enter_async_context(_api_client(cfg))
+        sigs = stack.enter_context(_signals(handle_signals))
+        tokens = await stack.enter_async_context(  # out: refreshes get SHUTDOWN_GRACE
+            _refreshes(cfg, store, endpoint, wall_clock, boot_clock, rng)
+        )
+        main = await stack.enter_async_context(trio.open_nursery())
+        fast, proxy = _serving_parts(
+            cfg, tokens, store, api_client, wall_clock, boot_clock, serving_thread, on_crash=fail
+        )
+        main.start_soon(proxy.hangups.run)
+        daemon = _daemon(cfg, store, tokens, fast, main, runtime, wall_clock, idle_exit)
+        stack.enter_context(_serving_loop(fast, main, serving_thread))  # out: stop its thread
+        _start_control(daemon, main, listeners, sigs)
+        await _until_stopped(daemon, main, listeners, control_path, not inherited, task_status)
+    if daemon is not None and daemon.failure is not None:
+        raise DaemonFailed(daemon.failure)
+
+
+# -- the steps of serve(), in the order it takes them ----------------------------
+
+
+@contextlib.contextmanager
+def _instance_lock(runtime: Path) -> Iterator[None]:
+    """Hold ``daemon.lock`` (see :func:`_take_instance_lock`); the last thing released."""
+    lock_fd = _take_instance_lock(runtime)
     try:
-        make_private_dir(sessions_dir, searchable_ok=False)
-        for stale in os.listdir(sessions_dir):  # left by a daemon that crashed
+        yield
+    finally:
+        os.close(lock_fd)
+        log.info("daemon_stopped")
+
+
+@contextlib.contextmanager
+def _own_control_path(control_path: Path, *, own: bool) -> Iterator[None]:
+    """On the way out, remove the control socket if we bind it (never systemd's)."""
+    try:
+        yield
+    finally:
+        if own:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(sessions_dir / stale)
+                os.unlink(control_path)
+
+
+def _clear_sessions_dir(sessions_dir: Path) -> None:
+    """Create ``s/`` (0700) and remove the session sockets a daemon that crashed left there."""
+    make_private_dir(sessions_dir, searchable_ok=False)
+    for stale in os.listdir(sessions_dir):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sessions_dir / stale)
+
+
+@contextlib.asynccontextmanager
+async def _listeners(
+    control_path: Path, inherited: list[stdsocket.socket] | None
+) -> AsyncIterator[list[trio.socket.SocketType]]:
+    """The control listeners: systemd's sockets, else our own bound at *control_path*."""
+    listeners: list[trio.socket.SocketType] = []
+    try:
         if inherited:
             listeners = [trio.socket.from_stdlib_socket(s) for s in inherited]
         else:
             listeners = [await bind_unix(control_path)]
-        signals = (
-            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)
-            if handle_signals
-            else contextlib.nullcontext()
-        )
-        with signals as sigs:
-            async with trio.open_nursery() as refresh_nursery:
-                tokens = Tokens(
-                    cfg,
-                    store,
-                    endpoint,
-                    refresh_nursery,
-                    wall_clock=wall_clock,
-                    boot_clock=boot_clock,
-                    rng=rng or random.Random(),  # noqa: S311 - jitter, not crypto
-                )
-                try:
-                    async with trio.open_nursery() as main:
-                        sandbox_ops = SandboxOps(
-                            tokens,
-                            store,
-                            wall_clock,
-                            boot_clock,
-                        )
-                        proxy = ApiProxy(cfg, tokens, sandbox_ops, api_client)
-                        main.start_soon(proxy.hangups.run)
+        yield listeners
+    finally:
+        for listener in listeners:
+            listener.close()
 
-                        def fail(why: str) -> None:
-                            if daemon is not None:
-                                daemon.fail(why)
 
-                        def start_http(session: Any, sock: stdsocket.socket, data: bytes) -> None:
-                            if not session.open or session.nursery is None:
-                                sock.close()
-                                session.connection_closed()
-                                return
-                            session.nursery.start_soon(proxy.serve, session, sock, data)
-
-                        if serving_thread:
-                            token = trio.lowlevel.current_trio_token()
-                            fast = FastPath(
-                                sandbox_ops,
-                                cfg.limits,
-                                to_trio=token.run_sync_soon,
-                                clock=time.monotonic,
-                                http=start_http,
-                                on_crash=fail,
-                                fault=store.fault,
-                            )
-                        else:
-                            fast = FastPath(
-                                sandbox_ops,
-                                cfg.limits,
-                                to_trio=_call_now,
-                                clock=trio.current_time,
-                                http=start_http,
-                                on_crash=fail,
-                                fault=store.fault,
-                            )
-                        changed = _status_notifier(lambda: daemon.sessions if daemon else None)
-                        sessions = Sessions(
-                            sessions_dir,
-                            fast,
-                            cfg.limits.max_connections,
-                            main,
-                            wall_clock=wall_clock,
-                            on_change=changed,
-                        )
-                        daemon = Daemon(
-                            cfg,
-                            store,
-                            tokens,
-                            sessions,
-                            fast,
-                            wall_clock=wall_clock,
-                            idle_exit=idle_exit,
-                        )
-                        control_ops = ControlOps(
-                            sessions, daemon.token_changed, daemon.status, version(), daemon.release
-                        )
-                        if serving_thread:
-                            fast.start_thread()
-                        else:
-                            main.start_soon(fast.run_in_trio)
-                        try:
-                            for listener in listeners:
-                                main.start_soon(daemon.accept_control, listener, control_ops, main)
-                            if idle_exit is not None:
-                                main.start_soon(daemon.idle_watch)
-                            if sigs is not None:
-                                main.start_soon(_signal_watch, sigs, daemon)
-                            interval = systemd.watchdog_interval()
-                            if interval:
-                                main.start_soon(_watchdog, interval)
-                            log.info(
-                                "daemon_ready",
-                                pid=os.getpid(),
-                                version=version(),
-                                control=str(control_path) if own_socket else "systemd",
-                            )
-                            systemd.notify("READY=1", "STATUS=0 sessions, 0 renewal timers")
-                            task_status.started(daemon)
-                            await daemon.stop_event.wait()
-                            systemd.notify("STOPPING=1")
-                            log.info("daemon_stopping", sessions=len(sessions))
-                            for listener in listeners:  # stop accepting at once
-                                listener.close()
-                            main.cancel_scope.cancel()
-                        finally:
-                            if serving_thread:
-                                fast.stop()
-                finally:
-                    # Sessions and timers are gone with the main nursery. Give
-                    # refreshes whose request went out time to land on disk.
-                    tokens.close()
-                    refresh_nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+@contextlib.asynccontextmanager
+async def _api_client(cfg: Config) -> AsyncIterator[ApiClient]:
+    """The API proxy's HTTP client (it connects on first use); closed, shielded, on the way out."""
+    api_client = ApiClient(read=cfg.proxy.read_timeout)
+    try:
+        yield api_client
     finally:
         with trio.CancelScope(shield=True):
             await api_client.aclose()
-        for listener in listeners:
-            listener.close()
-        if own_socket:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(control_path)
-        os.close(lock_fd)
-        log.info("daemon_stopped")
-    if daemon is not None and daemon.failure is not None:
-        raise DaemonFailed(daemon.failure)
+
+
+@contextlib.contextmanager
+def _signals(handle_signals: bool) -> Iterator[AsyncIterator[int] | None]:
+    """SIGTERM and SIGINT as an async iterator (for :func:`_signal_watch`), if asked."""
+    if not handle_signals:
+        yield None
+        return
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        yield sigs
+
+
+@contextlib.asynccontextmanager
+async def _refreshes(
+    cfg: Config,
+    store: TokenStore,
+    endpoint: TokenEndpoint,
+    wall_clock: Callable[[], float],
+    boot_clock: Callable[[], float],
+    rng: random.Random | None,
+) -> AsyncIterator[Tokens]:
+    """The refresh nursery and :class:`Tokens`, which starts refreshes in it.
+
+    On the way out (after the main nursery, so sessions and timers are gone)
+    new refreshes are refused and those whose request went out get
+    ``SHUTDOWN_GRACE`` to land on disk.
+    """
+    async with trio.open_nursery() as refresh_nursery:
+        tokens = Tokens(
+            cfg,
+            store,
+            endpoint,
+            refresh_nursery,
+            wall_clock=wall_clock,
+            boot_clock=boot_clock,
+            rng=rng or random.Random(),  # noqa: S311 - jitter, not crypto
+        )
+        try:
+            yield tokens
+        finally:
+            tokens.close()
+            refresh_nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+
+
+def _serving_parts(
+    cfg: Config,
+    tokens: Tokens,
+    store: TokenStore,
+    api_client: ApiClient,
+    wall_clock: Callable[[], float],
+    boot_clock: Callable[[], float],
+    serving_thread: bool,
+    *,
+    on_crash: Callable[[str], None],
+) -> tuple[FastPath, ApiProxy]:
+    """Build the serving loop (:class:`FastPath`), its :class:`SandboxOps`, and the API proxy.
+
+    Nothing starts here: :func:`_serving_loop` starts the loop, and the caller
+    the proxy's hang-up watch. In its own thread the loop reaches trio through
+    ``run_sync_soon`` and keeps time with ``time.monotonic``; as a trio task it
+    calls straight in and uses trio's clock. *on_crash* is told why, if the
+    loop crashes.
+    """
+    sandbox_ops = SandboxOps(tokens, store, wall_clock, boot_clock)
+    proxy = ApiProxy(cfg, tokens, sandbox_ops, api_client)
+
+    def start_http(session: Any, sock: stdsocket.socket, data: bytes) -> None:
+        if not session.open or session.nursery is None:
+            sock.close()
+            session.connection_closed()
+            return
+        session.nursery.start_soon(proxy.serve, session, sock, data)
+
+    to_trio: Callable[..., None]
+    clock: Callable[[], float]
+    if serving_thread:
+        to_trio, clock = trio.lowlevel.current_trio_token().run_sync_soon, time.monotonic
+    else:
+        to_trio, clock = _call_now, trio.current_time
+    fast = FastPath(
+        sandbox_ops,
+        cfg.limits,
+        to_trio=to_trio,
+        clock=clock,
+        http=start_http,
+        on_crash=on_crash,
+        fault=store.fault,
+    )
+    return fast, proxy
+
+
+def _daemon(
+    cfg: Config,
+    store: TokenStore,
+    tokens: Tokens,
+    fast: FastPath,
+    main: trio.Nursery,
+    runtime: Path,
+    wall_clock: Callable[[], float],
+    idle_exit: float | None,
+) -> Daemon:
+    """:class:`Sessions` (their supervisors run in *main*) and the :class:`Daemon` over it all."""
+    daemon: Daemon | None = None
+    sessions = Sessions(
+        runtime / "s",
+        fast,
+        cfg.limits.max_connections,
+        main,
+        wall_clock=wall_clock,
+        on_change=_status_notifier(lambda: daemon.sessions if daemon else None),
+    )
+    daemon = Daemon(cfg, store, tokens, sessions, fast, wall_clock=wall_clock, idle_exit=idle_exit)
+    return daemon
+
+
+@contextlib.contextmanager
+def _serving_loop(fast: FastPath, main: trio.Nursery, serving_thread: bool) -> Iterator[None]:
+    """Start the serving loop: its own thread (stopped and joined on the way out), or a task.
+
+    As a task of *main* it stops when the main nursery is cancelled.
+    """
+    if not serving_thread:
+        main.start_soon(fast.run_in_trio)
+        yield
+        return
+    fast.start_thread()
+    try:
+        yield
+    finally:
+        fast.stop()
+
+
+def _start_control(
+    daemon: Daemon,
+    main: trio.Nursery,
+    listeners: list[trio.socket.SocketType],
+    sigs: AsyncIterator[int] | None,
+) -> None:
+    """Start the control accept loop(s), and the idle-exit, signal and watchdog tasks asked for."""
+    control_ops = ControlOps(
+        daemon.sessions, daemon.token_changed, daemon.status, version(), daemon.release
+    )
+    for listener in listeners:
+        main.start_soon(daemon.accept_control, listener, control_ops, main)
+    if daemon.idle_exit is not None:
+        main.start_soon(daemon.idle_watch)
+    if sigs is not None:
+        main.start_soon(_signal_watch, sigs, daemon)
+    interval = systemd.watchdog_interval()
+    if interval:
+        main.start_soon(_watchdog, interval)
+
+
+async def _until_stopped(
+    daemon: Daemon,
+    main: trio.Nursery,
+    listeners: list[trio.socket.SocketType],
+    control_path: Path,
+    own_socket: bool,
+    task_status: trio.TaskStatus[Daemon],
+) -> None:
+    """Say we are ready, wait for :meth:`Daemon.stop`, then stop accepting and cancel *main*."""
+    log.info(
+        "daemon_ready",
+        pid=os.getpid(),
+        version=version(),
+        control=str(control_path) if own_socket else "systemd",
+    )
+    systemd.notify("READY=1", "STATUS=0 sessions, 0 renewal timers")
+    task_status.started(daemon)
+    await daemon.stop_event.wait()
+    systemd.notify("STOPPING=1")
+    log.info("daemon_stopping", sessions=len(daemon.sessions))
+    for listener in listeners:  # stop accepting at once
+        listener.close()
+    main.cancel_scope.cancel()
 
 
 class DaemonFailed(CredproxyError):
