@@ -1,7 +1,9 @@
-"""The refresh grant (and the login grants) over HTTPS: the only module that imports httpx.
+"""The refresh, login and signing grants over HTTPS: the only module that imports httpx.
 
 :class:`HttpTokenEndpoint` implements :class:`credproxy.core.oauth.TokenEndpoint`
-with one shared ``httpx.AsyncClient``. The codec in ``credproxy/core/oauth.py``
+with one shared ``httpx.AsyncClient``, and mints the signing grants' tokens
+(:meth:`HttpTokenEndpoint.mint`; the JWTs and forms are ``core/assertions.py``'s,
+the keys ``shell/signing_keys.py``'s). The codec in ``credproxy/core/oauth.py``
 builds the form and judges the answer; this module only moves bytes and turns
 every httpx exception into :class:`~credproxy.errors.RefreshFailed` at the
 boundary, so nothing above it needs to know httpx exists.
@@ -19,6 +21,7 @@ import os
 import ssl
 import time
 from collections.abc import AsyncGenerator, Callable
+from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -26,11 +29,14 @@ from urllib.parse import urlsplit
 import trio
 
 from credproxy.core import copilot, login, oauth
-from credproxy.core.config import Provider
+from credproxy.core.config import SIGNING_GRANTS, Provider
+from credproxy.core.names import DEFAULT_BUCKET
 from credproxy.errors import RefreshFailed
 
 if TYPE_CHECKING:
     import httpx
+
+    from credproxy.shell.signing_keys import SigningKeys
 
 __all__ = ["MAX_RESPONSE_BYTES", "HttpTokenEndpoint"]
 
@@ -55,10 +61,12 @@ _LOOPBACK_PATTERNS = ("all://127.0.0.1", "all://localhost", "all://[::1]")
 
 
 class HttpTokenEndpoint:
-    """Refreshes tokens with ``POST token_url`` (``client_secret_post``).
+    """Refreshes tokens with ``POST token_url`` (``client_secret_post``), and mints them.
 
     *wall_clock* gives the epoch time used to turn ``expires_in`` into an
-    absolute expiry (tests inject a fake one). *timeout* bounds each phase of
+    absolute expiry and to date the JWTs of the signing grants (tests inject
+    a fake one); *random* the bytes of each ``jti``; *signing_keys* loads and
+    caches the signing grants' keys (:meth:`mint`). *timeout* bounds each phase of
     a request (connect at most 5 s); a token endpoint that does not answer in
     time is a :class:`~credproxy.errors.RefreshFailed` like any other
     transport failure.
@@ -73,9 +81,14 @@ class HttpTokenEndpoint:
         *,
         wall_clock: Callable[[], float] = time.time,
         timeout: float = 10.0,
+        random: Callable[[int], bytes] = os.urandom,
+        signing_keys: SigningKeys | None = None,
     ) -> None:
         self._wall_clock = wall_clock
         self._timeout = timeout
+        self._random = random
+        # Created at the first mint: PyJWT and cryptography cost ~40 ms to import.
+        self._keys = signing_keys
         self._client: httpx.AsyncClient | None = None
         self._closed = False
 
@@ -127,6 +140,10 @@ class HttpTokenEndpoint:
             raise RefreshFailed("the HTTP client is closed (the daemon is shutting down)")
         if provider.grant == "copilot":
             return await self._mint_copilot(provider, refresh_token)
+        if provider.grant in SIGNING_GRANTS:
+            # Not minted here: a GitHub App token depends on the bucket, which
+            # a refresh does not know. The caller mints (see mint).
+            raise RefreshFailed(f"grant {provider.grant!r} is minted, not refreshed")
         client_secret = await _read_client_secret(provider.client_secret_file)
         form = oauth.refresh_form(provider, refresh_token, client_secret)
         # The userinfo part of a URL may hold a password; name the host only.
@@ -168,6 +185,80 @@ class HttpTokenEndpoint:
                 f"the answer of {host} is larger than {MAX_RESPONSE_BYTES} bytes"
             ) from None
         return copilot.parse_mint_response(status, body)
+
+    # -- the signing grants -------------------------------------------------------------
+
+    async def mint(self, provider: Provider, bucket: str = DEFAULT_BUCKET) -> dict[str, Any]:
+        """A new token for a signing grant (jwt-bearer, client_credentials, github-app, signed-jwt).
+
+        Loads the key (cached per file and mtime), signs what the grant needs
+        (:mod:`credproxy.core.assertions`), sends one request and parses the
+        answer; a ``signed-jwt`` is the token itself, with no request. *bucket*
+        picks a GitHub App's narrowing (``[providers.X.narrow.BUCKET]``).
+
+        Returns:
+            ``access_token``, ``expiry`` (epoch seconds), ``token_type`` and what
+            else the issuer said (``scope``; GitHub's ``permissions``,
+            ``repository_selection``, ``repositories``); never a refresh_token.
+
+        Raises:
+            MintFailed: the key or secret cannot be had (cause ``"key"``), the
+                issuer refused (``"refused"``, ``"clock_skew"``), or it could not
+                be reached or answered nonsense (``"transient"``). The message
+                names hosts and files, the issuer's error text with anything
+                secret removed, never the key, a passphrase or a secret.
+        """
+        from credproxy.core import assertions
+        from credproxy.shell.signing_keys import SigningKeys
+
+        if self._closed:
+            raise assertions.MintFailed("the HTTP client is closed (the daemon is shutting down)")
+        if provider.grant not in SIGNING_GRANTS:
+            raise assertions.MintFailed(f"grant {provider.grant!r} is refreshed, not minted")
+        if self._keys is None:
+            self._keys = SigningKeys()
+        keys = self._keys
+        key = await keys.load(provider)
+        if provider.grant == "signed-jwt":
+            if key is None:
+                raise assertions.MintFailed("a signed-jwt provider needs private_key", "key")
+            return assertions.signed_jwt_token(
+                provider, key, now=self._wall_clock(), random=self._random
+            )
+        client_secret = None
+        if provider.grant == "client_credentials":
+            if provider.client_secret is not None:
+                client_secret = provider.client_secret.reveal()
+            elif provider.client_secret_file:
+                client_secret = await keys.read_secret(
+                    provider.client_secret_file, "client_secret_file"
+                )
+        # Taken before signing and sending: the JWT's times, and expires_in counted
+        # from here, so the computed expiry errs early.
+        now = self._wall_clock()
+        request = assertions.build_request(
+            provider, bucket, key=key, client_secret=client_secret, now=now, random=self._random
+        )
+        host = urlsplit(request.url).hostname or "the issuer"
+        try:
+            status, body, headers = await self._exchange(
+                request.method,
+                request.url,
+                data=request.form,
+                json=request.json,
+                headers=request.headers or None,
+            )
+        except _httpx_errors() as exc:
+            raise assertions.MintFailed(
+                f"the {request.grant} request to {host} failed: {type(exc).__name__}"
+            ) from None
+        except _ResponseTooLarge:
+            raise assertions.MintFailed(
+                f"the answer of {host} is larger than {MAX_RESPONSE_BYTES} bytes"
+            ) from None
+        return assertions.parse_answer(
+            request, status, body, now=now, server_date=_http_date(headers.get("date"))
+        )
 
     # -- the login grants (credproxy login) ------------------------------------------
 
@@ -261,6 +352,19 @@ class HttpTokenEndpoint:
         headers: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """One request: (status, body), a body over :data:`MAX_RESPONSE_BYTES` refused."""
+        status, body, _ = await self._exchange(method, url, data=data, json=json, headers=headers)
+        return status, body
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        data: dict[str, str] | None = None,
+        json: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """One request: (status, body, headers with lowercase names), the body capped."""
         client = self._get_client()
         async with client.stream(method, url, data=data, json=json, headers=headers) as response:
             body = bytearray()
@@ -268,7 +372,8 @@ class HttpTokenEndpoint:
                 body += chunk
                 if len(body) > MAX_RESPONSE_BYTES:
                     raise _ResponseTooLarge
-            return response.status_code, bytes(body)
+            answered = {name.lower(): value for name, value in response.headers.items()}
+            return response.status_code, bytes(body), answered
 
     async def aclose(self) -> None:
         """Close the shared client; later refreshes raise RefreshFailed. Idempotent."""
@@ -280,6 +385,16 @@ class HttpTokenEndpoint:
 
 class _ResponseTooLarge(Exception):
     pass
+
+
+def _http_date(value: str | None) -> float | None:
+    """Epoch seconds of an HTTP ``Date`` header, or None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 async def _read_client_secret(path: str | None) -> str | None:
