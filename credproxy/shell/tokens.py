@@ -1,53 +1,34 @@
-"""Tokens: lookup, serve decisions, refresh and renewal of every key (trio shell).
+"""Tokens: lookup, serve decisions and renewal of every key (trio shell).
 
 Theory of operation
 -------------------
 
 :class:`Tokens` is the one interface the rest of the daemon uses for tokens.
-It owns four things, and decides nothing itself: every decision is a pure
-function of :mod:`credproxy.core.serving` or a transition of
-:class:`credproxy.core.renewal.RenewalTimer`.
+It owns four things, hands two rooms their own job, and decides nothing
+itself: every decision is a pure function of :mod:`credproxy.core.serving`
+or a transition of :class:`credproxy.core.renewal.RenewalTimer`.
 
 The cache
     The daemon's copy of each stored token (:class:`Entry`), with the bytes
     we serve already encoded (``refresh_token`` removed). An entry is valid
     while the store file's (inode, mtime) signature is unchanged; every store
     write is a rename, so a token written by another process is noticed at the
-    cost of one ``stat``.
+    cost of one ``stat``. A changed file also ends an unsaved token (the store
+    wins; see :mod:`credproxy.shell.refresher`).
 
-Refresh, one at a time
-    *Single flight in the daemon*: concurrent callers share one upstream call
-    (the first starts a task in the daemon-wide refresh nursery, the rest wait
-    on its result). *Single use across processes*: that task holds the key's
-    exclusive ``flock`` around read -> double-check -> refresh -> durable
-    write; if another process renewed the token past what the caller saw, that
-    token is used and the (rotated) refresh token is not presented again.
-    *Durable before served*: the merged token is on disk (fsync, rename, fsync
-    dir) before anyone gets it. *Completion*: the task lives in the refresh
-    nursery, not in the session that asked, so a session closing never
-    abandons a response already requested; on shutdown the daemon gives that
-    nursery a grace period.
+Serve decisions
+    ``get_token`` refreshes first when :func:`serving.on_get` says so, the
+    sandbox's ``refresh_token`` goes through its cooldown, an upstream 401
+    gets one shared refresh at most once per ``refresh_cooldown``, and a key
+    whose last refresh failed moments ago is not refreshed again before it is
+    served (:meth:`Tokens.refresh_to_serve`).
 
-Never losing a rotated refresh token
-    The space for the new token is claimed before the request goes out
-    (:meth:`TokenStore.reserve`), so a full disk is met while the old refresh
-    token still works, and the answer goes into a file the moment it arrives.
-    If the durable write fails anyway (read-only remount, I/O error, a disk
-    that was full at reservation), the merged token becomes the key's cache
-    entry *without* being on disk: it is "unsaved". The cache entry stays
-    valid while the store file is unchanged, so every path (``get_token``,
-    ``refresh_token``, other sessions, the next refresh) uses the newest
-    token and its refresh token, never the spent one on disk. A task in the
-    refresh nursery retries the write with backoff, and every refresh of the
-    key tries it first; ``status`` shows ``unsaved_since`` and the log says
-    ``token_not_durable`` (error level) until ``token_saved``. If the store
-    file changes meanwhile (a new login by ``credproxy import``, a logout),
-    the store wins and the unsaved token is dropped.
-
-Key health
+Key health and re-auth notices
     One :class:`~credproxy.core.renewal.KeyHealth` per key: failures,
     last error, re-auth required, last attempt (the ``refresh_token`` op's
-    cooldown counts from it).
+    cooldown counts from it). A key that needs a new login is told to the
+    host once (a log event, ``status``, ``[notify] command``) until a new
+    login or a logout.
 
 Renewal timers
     :meth:`Tokens.keep_renewed` is the trio task of one
@@ -55,27 +36,32 @@ Renewal timers
     deadline (in slices of at most 30 s against the wall clock and the boot
     clock, so a suspend or a clock step is noticed within 30 s), reads the
     store, refreshes, and reports back.
+
+Refreshing a key is :class:`~credproxy.shell.refresher.Refresher`'s job
+(single flight, the key's ``flock``, the write reserved before the request,
+durable before served, unsaved tokens and their writer), which reads and
+fills this cache; the daemon's quota holds are
+:class:`~credproxy.shell.holds.Holds` (``Tokens.holds``), which the
+methods of the same names here delegate to.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import random
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import trio
 
-from credproxy.core import failover, policy, serving
+from credproxy.core import policy, serving
 from credproxy.core.config import Config
 from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
-from credproxy.core.oauth import TokenEndpoint, merge_refreshed
+from credproxy.core.oauth import TokenEndpoint
 from credproxy.core.renewal import End, Failure, KeyHealth, Refresh, RenewalTimer, Wait
 from credproxy.errors import (
     CredproxyError,
@@ -86,14 +72,13 @@ from credproxy.errors import (
     StoreError,
 )
 from credproxy.shell import logs
-from credproxy.shell.store import Reservation, TokenStore
+from credproxy.shell.holds import Holds
+from credproxy.shell.refresher import Refresher
+from credproxy.shell.store import TokenStore
 
 log = logs.get("credproxy.tokens")
 _encoder = msgspec.json.Encoder()
 
-LOCK_POLL = 0.02  # seconds between flock attempts while another process refreshes
-SAVE_RETRY_BASE = 1.0  # seconds before retrying the write of an unsaved token, doubling
-SAVE_RETRY_CAP = 60.0
 NOTIFY_TIMEOUT = 10.0  # seconds a [notify] command may run
 RECHECK = 1.0  # seconds a served answer may be reused before the store is looked at again
 
@@ -133,15 +118,6 @@ class Entry:
         return self.facts.refreshable
 
 
-class _Flight:
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: Entry | None = None
-        self.error: CredproxyError | None = None
-
-
 class Tokens:
     """Every stored token as the daemon sees it (see the module docstring).
 
@@ -170,21 +146,17 @@ class Tokens:
     ) -> None:
         self.cfg = cfg
         self.store = store
-        self.endpoint = endpoint
         self.wall = wall_clock
         self.boot = boot_clock
         self.rng = rng
-        self._nursery: trio.Nursery | None = refresh_nursery
+        self._nursery: trio.Nursery | None = refresh_nursery  # for [notify] commands
         self._entries: dict[Key, Entry] = {}
         self._health: dict[Key, KeyHealth] = {}
-        self._flights: dict[Key, _Flight] = {}
-        # Keys whose newest token is only in memory (its durable write failed),
-        # and the keys with a task retrying that write.
-        self._unsaved: dict[Key, Entry] = {}
-        self._savers: set[Key] = set()
-        self._closing = trio.Event()
         self._told: set[Key] = set()  # keys whose need of a new login the host was told
-        self._marks: dict[Key, BucketMarks] = {}  # quota holds, per key (several accounts)
+        self.refresher: Refresher[Entry] = Refresher(
+            cfg, store, endpoint, refresh_nursery, self, wall_clock=wall_clock
+        )
+        self.holds = Holds(cfg.failover, wall_clock)
 
     def close(self) -> None:
         """No new refreshes from now on (shutdown); those under way finish.
@@ -192,7 +164,7 @@ class Tokens:
         Unsaved tokens get one last write attempt at once.
         """
         self._nursery = None
-        self._closing.set()
+        self.refresher.close()
 
     # -- the cache -----------------------------------------------------------
 
@@ -206,8 +178,7 @@ class Tokens:
         entry = self._entries.get(key)
         if entry is not None and entry.signature == sig and sig is not None:
             return entry
-        if key in self._unsaved:
-            self._drop_unsaved(key, "the stored token was replaced or removed")
+        self.refresher.drop_unsaved(key, "the stored token was replaced or removed")
         if sig is None:
             self._entries.pop(key, None)
             return None
@@ -215,9 +186,10 @@ class Tokens:
         if token is None or sig is None:
             self._entries.pop(key, None)
             return None
-        return self._remember(key, token, sig)
+        return self.remember(key, token, sig)
 
-    def _remember(self, key: Key, token: dict[str, Any], sig: tuple[int, int]) -> Entry:
+    def remember(self, key: Key, token: dict[str, Any], sig: tuple[int, int]) -> Entry:
+        """Make *token* the entry of *key*; *sig* is the signature of the file it came from."""
         old = self._entries.get(key)
         expiry = policy.token_expiry(token)
         if policy.expiry_is_invalid(token):
@@ -256,12 +228,14 @@ class Tokens:
         return entry
 
     def health(self, key: Key) -> KeyHealth:
+        """*key*'s health record, made if it has none yet."""
         health = self._health.get(key)
         if health is None:
             health = self._health[key] = KeyHealth()
         return health
 
     def known_health(self, key: Key) -> KeyHealth | None:
+        """*key*'s health record, if it has one."""
         return self._health.get(key)
 
     def changed(self, key: Key) -> bool:
@@ -269,8 +243,7 @@ class Tokens:
 
         A new login forgets the old failures (and an unsaved older token).
         """
-        if key in self._unsaved:
-            self._drop_unsaved(key, "a new login or a logout replaced it")
+        self.refresher.drop_unsaved(key, "a new login or a logout replaced it")
         self._entries.pop(key, None)
         self._health.pop(key, None)
         self._told.discard(key)  # a new login (or a logout) ends the need to tell
@@ -330,7 +303,7 @@ class Tokens:
         if isinstance(decision, serving.Reauth):
             raise self.reauth(key, f"the token {decision.why}")
         try:
-            return await self.refresh(key, None, reason="requested")
+            return await self.refresher.refresh(key, None, reason="requested")
         except ReauthRequired as exc:
             raise self.reauth(key, str(exc)) from None
 
@@ -342,7 +315,7 @@ class Tokens:
         *entry* is served as it is, an expired one gets that failure.
 
         Raises:
-            ReauthRequired, RefreshFailed, NotFound: as :meth:`refresh`.
+            ReauthRequired, RefreshFailed, NotFound: as :meth:`Refresher.refresh`.
         """
         health = self._health.get(key)
         if (
@@ -356,7 +329,7 @@ class Tokens:
                 f"{key}: its last refresh failed moments ago ({health.last_error}); "
                 "retry in a few seconds"
             )
-        return await self.refresh(key, entry.expiry, reason=reason)
+        return await self.refresher.refresh(key, entry.expiry, reason=reason)
 
     async def after_rejection(self, key: Key, rejected: Entry) -> Entry | None:
         """A token to retry with after an upstream refused *rejected*, or None.
@@ -376,7 +349,7 @@ class Tokens:
             return None
         if current.fp != rejected.fp:
             return current
-        if key not in self._flights:
+        if not self.refresher.in_flight(key):
             health = self._health.get(key)
             last = None if health is None else health.last_attempt
             if not current.refreshable or serving.cooldown_left(
@@ -386,7 +359,7 @@ class Tokens:
         try:
             # Seen expiry: the rejected one's, so a token renewed meanwhile (by
             # another process too) is taken instead of refreshing again.
-            entry = await self.refresh(key, rejected.expiry, reason="api-401")
+            entry = await self.refresher.refresh(key, rejected.expiry, reason="api-401")
         except ReauthRequired as exc:
             self.reauth(key, str(exc))  # the host hears it, once
             return None
@@ -402,66 +375,47 @@ class Tokens:
         """*entry*'s true expiry in wall-clock terms (see :func:`serving.true_expiry`)."""
         return serving.true_expiry(entry.facts, self.wall(), self.boot())
 
-    # -- several accounts: the daemon's own quota holds ---------------------------
-    #
-    # What the daemon saw itself (a 429 answered through the API proxy) holds a
-    # bucket for every session. What a sandbox reports holds it for that
-    # session only (Session.holds); see credproxy.core.failover.
+    def serve_until(self, entry: Entry) -> float:
+        """Until which instant of the boot clock *entry* may be served without asking again.
+
+        On the boot clock, not the wall clock: a wall clock put back must not
+        stretch the reuse of an answer (the serving loop compares with it).
+        """
+        now, boot = self.wall(), self.boot()
+        until = serving.serve_until(entry.facts.at(now, boot), now, self.cfg.renewal, RECHECK)
+        return boot + (until - now)
+
+    # -- several accounts: the daemon's own quota holds (Holds) -----------------
 
     def marks(self, key: Key) -> BucketMarks | None:
         """The daemon's quota hold on *key*, if it ever had one."""
-        return self._marks.get(key)
+        return self.holds.marks(key)
 
     def quota_held(self, key: Key) -> bool:
         """True while the daemon holds *key* as quota-exhausted."""
-        marks = self._marks.get(key)
-        return marks is not None and marks.held(self.wall())
+        return self.holds.quota_held(key)
 
     def hold_until(self, retry_after: float | None) -> float:
         """The wall-clock instant a hold that starts now ends (capped at ``max_quota_hold``)."""
-        fo = self.cfg.failover
-        return self.wall() + failover.quota_hold(retry_after, fo.quota_hold, fo.max_quota_hold)
+        return self.holds.hold_until(retry_after)
 
     def mark_quota(self, key: Key, retry_after: float | None) -> float:
         """Hold *key* as quota-exhausted for every session; returns when the hold ends."""
-        marks = self._marks.get(key)
-        if marks is None:
-            marks = self._marks[key] = BucketMarks()
-        until = marks.hold(self.hold_until(retry_after))
-        log.info(
-            "bucket_quota_exhausted",
-            provider=key.provider,
-            bucket=key.bucket,
-            source="daemon",
-            held_for=round(until - self.wall()),
-        )
-        return until
+        return self.holds.mark_quota(key, retry_after)
 
     def daemon_holds(self) -> list[tuple[Key, float]]:
         """Every hold of the daemon's own still in force, with its end."""
-        now = self.wall()
-        return [
-            (key, m.quota_until)
-            for key, m in sorted(self._marks.items())
-            if m.quota_until is not None and m.held(now)
-        ]
+        return self.holds.daemon_holds()
 
     def forget_ended_hold(self, key: Key) -> None:
         """Drop the daemon's hold on *key* if it has ended."""
-        marks = self._marks.get(key)
-        if marks is not None and not marks.held(self.wall()):
-            del self._marks[key]
+        self.holds.forget_ended_hold(key)
 
     def release(self, provider: str, bucket: str | None) -> int:
         """End the daemon's holds on *provider* (one bucket, or all); returns how many."""
-        now = self.wall()
-        ended = 0
-        for key in [k for k in self._marks if k.provider == provider]:
-            if bucket is not None and key.bucket != bucket:
-                continue
-            if self._marks.pop(key).held(now):
-                ended += 1
-        return ended
+        return self.holds.release(provider, bucket)
+
+    # -- re-auth notices -----------------------------------------------------
 
     def reauth_many(self, provider: str, buckets: tuple[str, ...], why: str) -> str:
         """Ask the host for one new login of several buckets at once; returns the commands."""
@@ -519,312 +473,6 @@ class Tokens:
         if result.returncode != 0:
             log.warning("notify_failed", command=argv[0], status=result.returncode)
 
-    def serve_until(self, entry: Entry) -> float:
-        """Until which instant of the boot clock *entry* may be served without asking again.
-
-        On the boot clock, not the wall clock: a wall clock put back must not
-        stretch the reuse of an answer (the serving loop compares with it).
-        """
-        now, boot = self.wall(), self.boot()
-        until = serving.serve_until(entry.facts.at(now, boot), now, self.cfg.renewal, RECHECK)
-        return boot + (until - now)
-
-    # -- refreshing ----------------------------------------------------------
-
-    async def refresh(self, key: Key, seen_expiry: float | None, reason: str) -> Entry:
-        """Renew *key* unless the stored token is already newer than *seen_expiry*.
-
-        Returns the current entry (renewed here or elsewhere).
-
-        Raises:
-            ReauthRequired: the refresh token was rejected, or there is none.
-            RefreshFailed: a transient failure; the old token is unchanged.
-            NotFound: the token was removed.
-        """
-        flight = self._flights.get(key)
-        if flight is None:
-            if self._nursery is None:
-                raise RefreshFailed("the daemon is shutting down")
-            flight = self._flights[key] = _Flight()
-            self._nursery.start_soon(self._fly, key, flight, seen_expiry, reason)
-        await flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        assert flight.result is not None
-        return flight.result
-
-    async def _fly(self, key: Key, flight: _Flight, seen_expiry: float | None, reason: str) -> None:
-        try:
-            flight.result = await self._locked_refresh(key, seen_expiry, reason)
-        except NotFound as exc:
-            flight.error = exc  # logged out: not a failure of the key
-        except CredproxyError as exc:
-            self._failed(key, exc, reason)
-            flight.error = exc
-        except Exception:
-            log.exception("refresh_crashed", provider=key.provider, bucket=key.bucket)
-            flight.error = RefreshFailed("internal error during refresh; see the daemon log")
-            self._failed(key, flight.error, reason)
-        finally:
-            del self._flights[key]
-            flight.done.set()
-
-    async def _locked_refresh(self, key: Key, seen_expiry: float | None, reason: str) -> Entry:
-        fd = await self._lock(key)
-        try:
-            return await self._refresh_holding_lock(key, seen_expiry, reason)
-        finally:
-            os.close(fd)
-
-    async def _lock(self, key: Key) -> int:
-        """Take the key's flock, polling so the loop never blocks; close the fd to release.
-
-        Raises:
-            StoreError: the lock file cannot be opened (e.g. a read-only state
-                directory without one).
-        """
-        fd = self.store.open_lock(*key)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return fd
-                except BlockingIOError:
-                    await trio.sleep(LOCK_POLL)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    async def _refresh_holding_lock(
-        self, key: Key, seen_expiry: float | None, reason: str
-    ) -> Entry:
-        provider, bucket = key
-        if key in self._unsaved:
-            # Our newest token is only in memory: it, not the spent one on
-            # disk, is what this refresh starts from, whether or not it can be
-            # written now. No temp file can be newer than it.
-            self._save_unsaved(key)
-        elif self.store.recover_pending(provider, bucket):
-            log.warning(
-                "token_recovered",
-                provider=provider,
-                bucket=bucket,
-                why="a refresh interrupted before its rename",
-            )
-        stored = self.entry(key)  # re-read under the lock: the double-check
-        if stored is None:
-            raise NotFound(f"no token for {key}")
-        if stored.expiry is not None and seen_expiry is not None and stored.expiry > seen_expiry:
-            log.info("refresh_skipped", provider=provider, bucket=bucket, why="renewed elsewhere")
-            return stored
-        health = self.health(key)
-        rt = stored.token.get("refresh_token")
-        if not isinstance(rt, str) or not rt:
-            raise ReauthRequired(f"{key} has no refresh token")
-        prov = self.cfg.providers.get(provider)
-        if prov is None:
-            raise RefreshFailed(
-                f"provider {provider!r} is not configured; add [providers.{provider}] "
-                "to the config file"
-            )
-        # Claim the disk space for the answer before asking: a full disk is
-        # met now, while the refresh token in hand still works. If it cannot
-        # be claimed, refresh anyway (the answer is then kept in memory):
-        # refusing would only let the access token run out.
-        reservation: Reservation | None = None
-        try:
-            reservation = self.store.reserve(provider, bucket, stored.token)
-        except StoreError as exc:
-            log.warning("store_reserve_failed", provider=provider, bucket=bucket, error=str(exc))
-        try:
-            self.store.fault("refresh-before-request")
-            health.attempted(self.wall())
-            new = await self.endpoint.refresh(prov, rt)
-            # The old refresh token may be spent now: the new one must reach
-            # the disk whatever happens to whoever asked. There is
-            # deliberately no await between the response and the write, so
-            # no cancellation (session close, shutdown) can land in between;
-            # the bytes go into the reserved file first, which a SIGKILL
-            # after that point cannot take back (recover_pending adopts it).
-            merged = merge_refreshed(stored.token, new)
-            self.store.fault("refresh-got-response")
-            health.succeeded(self.wall())  # (a failed write below says so in the same record)
-            entry = self._store_refreshed(key, merged, reservation, stored.signature)
-            reservation = None
-        finally:
-            if reservation is not None:
-                reservation.release()
-        log.info(
-            "token_refreshed",
-            provider=provider,
-            bucket=bucket,
-            reason=reason,
-            fp=entry.fp,
-            expires_in=None if entry.expiry is None else int(entry.expiry - self.wall()),
-            rotated=merged.get("refresh_token") != rt,
-            durable=key not in self._unsaved,
-        )
-        return entry
-
-    def _store_refreshed(
-        self,
-        key: Key,
-        merged: dict[str, Any],
-        reservation: Reservation | None,
-        base: tuple[int, int],
-    ) -> Entry:
-        """Write a refreshed token; if that fails, make it the unsaved newest token in memory.
-
-        *base* is the signature of the store file it was refreshed from.
-        Synchronous on purpose (no await, so no cancellation, in between).
-        """
-        provider, bucket = key
-        try:
-            if reservation is not None:
-                reservation.commit(_encoder.encode(merged))
-            else:
-                self.store.write(provider, bucket, merged)
-            sig = self._written_signature(key)
-        except StoreError as exc:
-            entry = self._remember(key, merged, base)
-            self._unsaved[key] = entry
-            self.health(key).not_durable(str(exc), self.wall())
-            log.error(
-                "token_not_durable",
-                provider=provider,
-                bucket=bucket,
-                fp=entry.fp,
-                error=str(exc),
-                why="the rotated refresh token is kept in memory and written when the disk allows",
-            )
-            self._start_saver(key)
-            return entry
-        if key in self._unsaved:
-            del self._unsaved[key]
-            self.health(key).saved()
-        return self._remember(key, merged, sig)
-
-    def _written_signature(self, key: Key) -> tuple[int, int]:
-        """The signature of the file just written for *key*.
-
-        Raises:
-            StoreError: it is gone already.
-        """
-        sig = self.store.signature(*key)
-        if sig is None:
-            raise StoreError("token vanished right after it was written")
-        return sig
-
-    def _save_unsaved(self, key: Key) -> bool:
-        """Write the key's unsaved token, holding its lock; True if nothing is left unsaved."""
-        entry = self._unsaved.get(key)
-        if entry is None:
-            return True
-        provider, bucket = key
-        if self.entry(key) is not entry:
-            return True  # the store changed: entry() dropped the unsaved token
-        health = self.health(key)
-        try:
-            self.store.write(provider, bucket, entry.token)
-            sig = self._written_signature(key)
-        except StoreError as exc:
-            health.not_durable(str(exc), self.wall())
-            log.warning(
-                "token_save_failed",
-                provider=provider,
-                bucket=bucket,
-                fp=entry.fp,
-                error=str(exc),
-                attempts=health.save_failures,
-            )
-            return False
-        del self._unsaved[key]
-        since = health.unsaved_since
-        health.saved()
-        self._remember(key, entry.token, sig)
-        with suppress(StoreError):
-            self.store.recover_pending(provider, bucket)  # removes temp files of failed writes
-        log.warning(
-            "token_saved",
-            provider=provider,
-            bucket=bucket,
-            fp=entry.fp,
-            unsaved_for=None if since is None else round(self.wall() - since, 1),
-        )
-        return True
-
-    def _drop_unsaved(self, key: Key, why: str) -> None:
-        entry = self._unsaved.pop(key)
-        health = self._health.get(key)
-        if health is not None:
-            health.saved()
-        log.warning(
-            "unsaved_token_dropped", provider=key.provider, bucket=key.bucket, fp=entry.fp, why=why
-        )
-
-    def _start_saver(self, key: Key) -> None:
-        if key not in self._savers and self._nursery is not None:
-            self._savers.add(key)
-            self._nursery.start_soon(self._keep_saving, key)
-
-    async def _keep_saving(self, key: Key) -> None:
-        """Retry writing *key*'s unsaved token with backoff until it lands (refresh nursery).
-
-        Never raises: a store that keeps failing is retried, up to every
-        :data:`SAVE_RETRY_CAP` seconds, for as long as the daemon runs. On
-        shutdown it tries once more at once; if that fails too, it says
-        loudly that the login will be lost with the process.
-        """
-        delay = SAVE_RETRY_BASE
-        try:
-            while key in self._unsaved:
-                with trio.move_on_after(delay):
-                    await self._closing.wait()
-                closing = self._closing.is_set()
-                try:
-                    fd = await self._lock(key)
-                except StoreError as exc:
-                    log.warning(
-                        "token_save_failed",
-                        provider=key.provider,
-                        bucket=key.bucket,
-                        error=str(exc),
-                    )
-                    saved = False
-                else:
-                    try:
-                        saved = self._save_unsaved(key)
-                    finally:
-                        os.close(fd)
-                if saved:
-                    return
-                if closing:
-                    log.error(
-                        "token_lost_at_exit",
-                        provider=key.provider,
-                        bucket=key.bucket,
-                        why="the daemon is stopping and the renewed token could not be written;"
-                        " the next refresh from the stored one will be refused",
-                    )
-                    return
-                delay = min(SAVE_RETRY_CAP, delay * 2)
-        finally:
-            self._savers.discard(key)
-
-    def _failed(self, key: Key, exc: CredproxyError, reason: str) -> None:
-        """Count one failed refresh of *key* (every kind but a logout)."""
-        health = self.health(key)
-        health.failed(str(exc), reauth=isinstance(exc, ReauthRequired))
-        log.warning(
-            "refresh_failed",
-            provider=key.provider,
-            bucket=key.bucket,
-            reason=reason,
-            error=str(exc),
-            reauth_required=health.reauth_required,
-            failures=health.failures,
-        )
-
     # -- renewal timers ------------------------------------------------------
 
     def new_timer(self, key: Key, entry: Entry) -> RenewalTimer:
@@ -867,7 +515,9 @@ class Tokens:
                 step = timer.on_fire(None if stored is None else stored.token, self.wall())
                 if isinstance(step, Refresh):
                     try:
-                        entry = await self.refresh(key, step.seen_expiry, reason="proactive")
+                        entry = await self.refresher.refresh(
+                            key, step.seen_expiry, reason="proactive"
+                        )
                     except ReauthRequired as exc:
                         self.reauth(key, str(exc))  # tells the host, once
                         step = timer.on_failure(Failure.REAUTH, self.wall())
@@ -876,7 +526,7 @@ class Tokens:
                     except CredproxyError:
                         # RefreshFailed, StoreError (a full or read-only disk,
                         # a lock file that cannot be opened) and anything else
-                        # named: counted in KeyHealth by _fly, retried with
+                        # named: counted in KeyHealth by the refresher, retried with
                         # backoff. A timer never takes its session down.
                         step = timer.on_failure(Failure.TRANSIENT, self.wall())
                     else:
