@@ -14,13 +14,19 @@ IdPs credproxy exists for:
   to refresh the same token trigger exactly this, which is the bug credproxy
   prevents.
 
-Three modules:
+Four modules:
 
 - :mod:`.idp`: :class:`DevIdP`, the state machine: it takes a request form and
   returns a status and a JSON object, and never does I/O (the clock is
   injected; no trio). Tests script failures with :meth:`DevIdP.fail_next`.
-- :mod:`.server`: :func:`serve` puts it on a trio + h11 HTTP server
-  (``POST /token``, ``GET /userinfo`` and the login endpoints below).
+- :mod:`.issuers`: :class:`DevIssuers`, the issuers of the signing grants
+  (JWT bearer, client credentials with a secret or ``private_key_jwt``, GitHub
+  App installation tokens, signed JWTs at a resource server), which verify
+  every JWT they get: signature, ``aud``, ``iss``, ``exp`` at most 5 minutes
+  ahead, ``jti`` never reused. Sans-IO like :mod:`.idp`.
+- :mod:`.server`: :func:`serve` puts them on a trio + h11 HTTP server
+  (``POST /token``, ``GET /userinfo`` and the login endpoints below; with
+  ``issuers=``, the signing grants' routes too).
 - :mod:`.cli`: :func:`main` is ``python -m credproxy.devidp`` for the README
   demo, the end-to-end tests and the benchmarks.
 
@@ -43,6 +49,17 @@ token and client secret replaced by a short SHA-256 :func:`fingerprint`.
 
 from credproxy.devidp.cli import main
 from credproxy.devidp.idp import DEVICE_ACTIONS, FAULT_KINDS, DevIdP, Fault, fingerprint
+from credproxy.devidp.issuers import DevIssuers, public_key_fingerprint
 from credproxy.devidp.server import serve
 
-__all__ = ["DEVICE_ACTIONS", "FAULT_KINDS", "DevIdP", "Fault", "fingerprint", "main", "serve"]
+__all__ = [
+    "DEVICE_ACTIONS",
+    "FAULT_KINDS",
+    "DevIdP",
+    "DevIssuers",
+    "Fault",
+    "fingerprint",
+    "main",
+    "public_key_fingerprint",
+    "serve",
+]

@@ -2,8 +2,12 @@
 
 :func:`serve` answers ``POST /token``, ``GET /userinfo``,
 ``POST /device_authorization``, the ``GET /device`` approval page and
-``GET /authorize``, one request per connection (``Connection: close``). Every
-decision is the state machine's; this module parses requests, waits out a
+``GET /authorize``, one request per connection (``Connection: close``). With
+*issuers* (a :class:`~.issuers.DevIssuers`) it also answers the signing
+grants: the JWT bearer and client credentials grants at ``POST /token``,
+``POST /app/installations/{id}/access_tokens`` and ``/repos/...`` as GitHub,
+and ``GET /resource``; their replies carry a ``Date`` from the issuers' clock.
+Every decision is the state machine's; this module parses requests, waits out a
 scripted ``"slow"`` fault on the trio clock, writes replies and passes the state
 machine's event lines to *log*.
 """
@@ -14,6 +18,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from email.utils import formatdate
 from functools import partial
 from html import escape
 from typing import Any, NoReturn
@@ -25,6 +30,7 @@ import h11
 import trio  # noqa: TID251
 
 from credproxy.devidp.idp import DevIdP
+from credproxy.devidp.issuers import DevIssuers
 
 __all__ = ["serve", "serve_listeners"]
 
@@ -50,9 +56,10 @@ async def serve(
     port: int = 0,
     *,
     log: Callable[[str], None] | None = None,
+    issuers: DevIssuers | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve *idp* over HTTP on *host*:*port* until cancelled.
+    """Serve *idp* (and *issuers*, when given) over HTTP on *host*:*port* until cancelled.
 
     ``task_status.started`` receives the token URL (``http://HOST:PORT/token``,
     with the port actually bound when *port* is 0). One request per
@@ -66,7 +73,7 @@ async def serve(
         OSError: the address cannot be bound (before ``started`` is called).
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
-    await serve_listeners(idp, listeners, log=log, task_status=task_status)
+    await serve_listeners(idp, listeners, log=log, issuers=issuers, task_status=task_status)
 
 
 async def serve_listeners(
@@ -74,6 +81,7 @@ async def serve_listeners(
     listeners: list[trio.SocketListener],
     *,
     log: Callable[[str], None] | None,
+    issuers: DevIssuers | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """:func:`serve` on *listeners* already bound (the first one names the URL).
@@ -85,15 +93,19 @@ async def serve_listeners(
     shown = f"[{host}]" if ":" in host else host
     base_url = f"http://{shown}:{bound_port}"
     task_status.started(f"{base_url}/token")
-    await trio.serve_listeners(partial(_handle, idp, log, base_url), listeners)
+    await trio.serve_listeners(partial(_handle, idp, issuers, log, base_url), listeners)
 
 
 async def _handle(
-    idp: DevIdP, log: Callable[[str], None] | None, base_url: str, stream: trio.SocketStream
+    idp: DevIdP,
+    issuers: DevIssuers | None,
+    log: Callable[[str], None] | None,
+    base_url: str,
+    stream: trio.SocketStream,
 ) -> None:
     async with stream:
         try:
-            await _handle_one(idp, log, base_url, stream)
+            await _handle_one(idp, issuers, log, base_url, stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass  # the client went away or spoke nonsense; nothing to answer
         except Exception as exc:  # a bug here must not take the server down
@@ -101,7 +113,11 @@ async def _handle(
 
 
 async def _handle_one(
-    idp: DevIdP, log: Callable[[str], None] | None, base_url: str, stream: trio.SocketStream
+    idp: DevIdP,
+    issuers: DevIssuers | None,
+    log: Callable[[str], None] | None,
+    base_url: str,
+    stream: trio.SocketStream,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_BYTES)
     request: h11.Request | None = None
@@ -131,7 +147,17 @@ async def _handle_one(
     query = dict(parse_qsl(query_text, keep_blank_values=True))
 
     events_before = len(idp.events)
-    if target == "/token":
+    signing = None
+    if issuers is not None:
+        signing = _signing(issuers, base_url, method, target, headers, bytes(body))
+    if issuers is not None and signing is not None:
+        issuer_events = len(issuers.events)
+        date = formatdate(issuers.clock(), usegmt=True)
+        reply = _json_reply(*signing, extra_headers=(("Date", date),))
+        if log is not None:
+            for line in issuers.events[issuer_events:]:
+                log(f"devidp: {line}")
+    elif target == "/token":
         if method != "POST":
             reply = _json_reply(405, {"error": "invalid_request"})
         else:
@@ -159,6 +185,36 @@ async def _handle_one(
         for line in idp.events[events_before:]:
             log(f"devidp: {line}")
     await _send(conn, stream, reply)
+
+
+def _signing(
+    issuers: DevIssuers,
+    base_url: str,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> tuple[int, dict[str, Any]] | None:
+    """The issuers' answer to this request, or None when it is not theirs.
+
+    The token endpoint's own URL, ``{base_url}/token``, is the ``aud`` an
+    assertion must name.
+    """
+    authorization = headers.get("authorization", "")
+    if target == "/token" and method == "POST":
+        form = _form(body)
+        if form is None or not issuers.handles_grant(form.get("grant_type")):
+            return None
+        return issuers.answer_token_request(form, f"{base_url}/token")
+    if issuers.is_installation_path(target):
+        if method != "POST":
+            return 404, {"message": "Not Found"}
+        return issuers.answer_installation_token(target, authorization, body)
+    if target.startswith("/repos/"):
+        return issuers.answer_github_request(method, target, authorization)
+    if target == "/resource":
+        return issuers.answer_resource(authorization)
+    return None
 
 
 def _form(body: bytes) -> dict[str, str] | None:
