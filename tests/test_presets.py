@@ -39,6 +39,16 @@ USER_VALUES: dict[str, dict[str, Any]] = {
     "google": {"client_id": "fake.apps.googleusercontent.com"},
     "entra": {"client_id": "00000000-0000-0000-0000-000000000000"},
     "gitlab": {"client_id": "fake-app-id"},
+    "google-service-account": {
+        "key_file": "~/.config/credproxy/keys/sa.json",
+        "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+    },
+    "github-app": {
+        "app_id": 12345,
+        "installation_id": 678,
+        "private_key": "~/.config/credproxy/keys/app.pem",
+    },
+    "snowflake": {"subject": "MYORG-ACCT.ALICE", "private_key": "~/.config/credproxy/keys/sf.p8"},
 }
 
 # The verified facts each preset must carry (sources in docs/providers.md). Pinned here so
@@ -148,6 +158,18 @@ FACTS: dict[str, dict[str, Any]] = {
         "device_authorization_url": "https://gitlab.com/oauth/authorize_device",
         "flow": "device",
     },
+    # The signing grants (docs/signing.md): no login, so no flow.
+    "google-service-account": {
+        "grant": "jwt-bearer",
+        "token_url": "https://oauth2.googleapis.com/token",
+        "scope_in_assertion": True,
+    },
+    "github-app": {"grant": "github-app", "api_url": "https://api.github.com"},
+    "snowflake": {
+        "grant": "signed-jwt",
+        "issuer": "{subject}.{key_fingerprint}",
+        "lifetime": 3600,
+    },
 }
 
 # Presets that need nothing from the user, neither to refresh nor to log in.
@@ -252,9 +274,10 @@ def test_every_preset_decodes_into_a_valid_config(tmp_path: Path, name: str) -> 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_use_https_and_name_a_flow(name: str) -> None:
-    """Every endpoint a preset fills in is https (a redirect URI may be loopback http), and every preset names its login flow."""
+    """Every endpoint a preset fills in is https (a redirect URI may be loopback http), and every preset with a login names its flow."""
     preset = PRESETS[name]
-    assert preset.defaults["flow"] in ("device", "loopback", "paste")
+    if preset.defaults.get("grant") not in config.SIGNING_GRANTS:
+        assert preset.defaults["flow"] in ("device", "loopback", "paste")
     for key in config.PROVIDER_URL_FIELDS:
         if key in preset.defaults:
             url = urlsplit(preset.defaults[key])

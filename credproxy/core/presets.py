@@ -286,6 +286,59 @@ PRESETS: dict[str, Preset] = {
         source="docs/providers.md (gitlab): paths from GitLab's doc/api/oauth2.md, "
         "gitlab.com host from golang.org/x/oauth2 endpoints.GitLab",
     ),
+    # -- the signing grants (docs/signing.md): a key on the host mints the token --------
+    "google-service-account": Preset(
+        title="Google service account (JWT bearer with its JSON key)",
+        defaults={
+            "grant": "jwt-bearer",
+            "token_url": _GOOGLE_TOKEN,
+            # Google's library puts the scopes in the assertion's `scope` claim and
+            # sends only grant_type and assertion; iss is the key's client_email.
+            "scope_in_assertion": True,
+        },
+        required={
+            "key_file": "the service account's JSON key file (mode 0600)",
+            "scopes": 'the scopes to ask for, e.g. ["https://www.googleapis.com/auth/cloud-platform"]',
+        },
+        login_needs={},
+        source="docs/signing.md (google-service-account): googleapis/google-auth-library-python "
+        "google/oauth2/service_account.py (_make_authorization_grant_assertion) and "
+        "google/oauth2/_client.py (jwt_grant); Google's 'Using OAuth 2.0 for Server to Server "
+        "Applications'",
+    ),
+    "github-app": Preset(
+        title="GitHub App installation tokens (github.com; api_url for GitHub Enterprise)",
+        defaults={
+            "grant": "github-app",
+            "api_url": "https://api.github.com",
+        },
+        required={
+            "app_id": "the App's id, or its client id (the App's settings page)",
+            "installation_id": "the installation's id (the number at the end of the "
+            "installation's settings URL)",
+            "private_key": "the App's private key, the .pem GitHub generated (mode 0600)",
+        },
+        login_needs={},
+        source="docs/signing.md (github-app): github/docs generating-a-json-web-token-jwt-for-"
+        "a-github-app.md and generating-an-installation-access-token-for-a-github-app.md; the "
+        "REST endpoint POST /app/installations/{installation_id}/access_tokens",
+    ),
+    "snowflake": Preset(
+        title="Snowflake key-pair JWT (the JWT is the token)",
+        defaults={
+            "grant": "signed-jwt",
+            # ACCOUNT.USER.SHA256:<fingerprint of the public key>; {subject} is ACCOUNT.USER.
+            "issuer": "{subject}.{key_fingerprint}",
+            "lifetime": 3600,
+        },
+        required={
+            "subject": "ACCOUNT.USER in uppercase: your account identifier and user name",
+            "private_key": "the RSA private key whose public key is set on the user (mode 0600)",
+        },
+        login_needs={},
+        source="docs/signing.md (snowflake): Snowflake's 'Authenticating to the server' "
+        "(SQL API, key-pair authentication) and 'Authenticating Snowflake REST APIs'",
+    ),
 }
 
 
