@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Dirs, cli
 from credproxy.core.config import parse
 from credproxy.errors import ConfigError
 
@@ -188,3 +189,14 @@ def test_the_client_secret_is_hidden_in_the_parsed_config() -> None:
     assert "CANARY" not in repr(cfg)
     secret = cfg.providers["m"].client_secret
     assert secret is not None and secret.reveal() == "CANARY-inline"
+
+
+def test_login_to_a_minting_provider_says_there_is_nothing_to_log_in_to(dirs: Dirs) -> None:
+    """`credproxy login` on a signing grant exits with one line, and stores nothing."""
+    dirs.config.write_text(GH.replace('"k"', '"~/app.pem"'))
+    proc = cli(dirs, "login", "gh", "--no-browser")
+    assert proc.returncode != 0
+    assert "grant 'github-app'" in proc.stderr
+    assert "nothing to log in to" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (dirs.state / "tokens").exists() or not any((dirs.state / "tokens").iterdir())

@@ -53,7 +53,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from credproxy.core import oauth
-from credproxy.core.config import Provider
+from credproxy.core.config import SIGNING_GRANTS, Provider
 from credproxy.errors import CredproxyError
 
 __all__ = [
@@ -162,8 +162,14 @@ def choose_flow(name: str, provider: Provider, requested: str | None) -> Flow:
     containers), else the loopback flow.
 
     Raises:
-        LoginFailed: the chosen flow needs an endpoint the provider lacks.
+        LoginFailed: the chosen flow needs an endpoint the provider lacks, or the
+            provider's tokens are minted from a key (nothing to log in to).
     """
+    if provider.grant in SIGNING_GRANTS:
+        raise LoginFailed(
+            f"provider {name} has grant {provider.grant!r}: its tokens are minted from its "
+            "key on the host, so there is nothing to log in to (docs/signing.md)"
+        )
     flow = requested or provider.flow
     if flow is None:
         if provider.device_authorization_url:
