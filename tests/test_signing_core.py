@@ -414,6 +414,16 @@ def test_issuer_text_never_quotes_what_was_sent_or_looks_like_a_token() -> None:
     assert len(str(info.value)) < 600
 
 
+def test_issuer_text_keeps_words() -> None:
+    """Long hyphenated words (a documentation anchor) are not mistaken for a token."""
+    text = (
+        "see create-an-installation-access-token-for-an-app; key 9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+    )
+    assert assertions.issuer_text(text) == (
+        "see create-an-installation-access-token-for-an-app; key [redacted]"
+    )
+
+
 def test_reprs_show_no_secret() -> None:
     provider = Provider(
         grant="client_credentials",

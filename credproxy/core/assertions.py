@@ -110,9 +110,11 @@ _TIME_WORDS = re.compile(
     re.IGNORECASE,
 )
 # Shapes redacted from an issuer's text: a JWT (three base64url parts), a long run of
-# token characters (a secret or a token echoed back).
+# token characters with a digit or a capital in it (a secret or a token echoed back;
+# "an-installation-access-token-for-an-app" is words, and stays).
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
-_LONG_RUN = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
+_LONG_RUN = re.compile(r"[A-Za-z0-9+/=_-]{32,}")
+_NOT_WORDS = re.compile(r"[A-Z0-9+/=]")
 _MAX_TEXT = 200
 
 
@@ -609,7 +611,7 @@ def _refusal(
     if request.grant == "github-app":
         refused = refused or status in (404, 422)
     if not refused:
-        if status == 200 or status in (201,):
+        if status in (200, 201):
             return MintFailed(f"{host} answered {said} without a usable token")
         return MintFailed(f"{host} answered {said}; trying again later", "transient")
     skew = None if server_date is None else now - server_date
@@ -647,8 +649,8 @@ def issuer_text(value: object, sent: tuple[str, ...] = ()) -> str:
     """An issuer's error text, safe to log: printable, at most 200 characters, nothing secret.
 
     Removed: every value in *sent* (what the request carried that must stay
-    secret), anything shaped like a JWT and any run of 40 or more token
-    characters.
+    secret), anything shaped like a JWT and any run of 32 or more token
+    characters with a digit, a capital or ``+/=`` in it.
     """
     if not isinstance(value, str):
         return ""
@@ -657,7 +659,7 @@ def issuer_text(value: object, sent: tuple[str, ...] = ()) -> str:
         if secret:
             text = text.replace(secret, "[redacted]")
     text = _JWT_SHAPE.sub("[redacted]", text)
-    text = _LONG_RUN.sub("[redacted]", text)
+    text = _LONG_RUN.sub(lambda m: "[redacted]" if _NOT_WORDS.search(m[0]) else m[0], text)
     text = "".join(c if c.isprintable() else " " for c in text)
     text = " ".join(text.split())
     if len(text) > _MAX_TEXT:
