@@ -374,7 +374,7 @@ def _jwt_bearer(
     provider: Provider, key: SigningKey, now: float, random: Callable[[int], bytes]
 ) -> MintRequest:
     url = token_url_of(provider, key)
-    subject = provider.subject
+    subject = _fill(provider.subject, key, None) if provider.subject else None
     issuer = provider.issuer or key.client_email
     if not issuer:
         raise MintFailed("no issuer, and the key file names no client_email", "refused")
