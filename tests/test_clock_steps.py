@@ -79,5 +79,5 @@ async def test_status_reports_the_true_time_left_after_a_step_back(
     await trio.sleep(2)
     assert (await p.call("get_token", {"provider": "dev"}))["ok"]  # refreshed while ahead
     h.wall.step(-HOUR)
-    token: dict[str, Any] = h.daemon.status()["tokens"][0]
+    token: dict[str, Any] = (await h.daemon.status())["tokens"][0]
     assert token["expires_in"] <= HOUR + 1, token

@@ -83,8 +83,8 @@ def _stored(h: Harness, bucket: str = "default") -> dict[str, Any]:
     return data
 
 
-def _status(h: Harness, bucket: str = "default") -> dict[str, Any]:
-    (row,) = [t for t in h.daemon.status()["tokens"] if t["bucket"] == bucket]
+async def _status(h: Harness, bucket: str = "default") -> dict[str, Any]:
+    (row,) = [t for t in (await h.daemon.status())["tokens"] if t["bucket"] == bucket]
     return dict(row)
 
 
@@ -129,7 +129,7 @@ async def test_full_then_read_only_state_disk_loses_no_login(
     assert od["access_token"] != expired["access_token"]
     assert h.idp.is_access_token_valid(od["access_token"])
     assert _stored(h, "ondemand")["refresh_token"] == expired["refresh_token"]  # not on disk yet
-    assert "not on disk" in _status(h, "ondemand")["last_error"]
+    assert "not on disk" in (await _status(h, "ondemand"))["last_error"]
 
     # Proactive renewals of both keys, disk full.
     await trio.sleep(3300)
@@ -151,7 +151,7 @@ async def test_full_then_read_only_state_disk_loses_no_login(
     assert h.idp.is_access_token_valid((await _token(p))["access_token"])
     assert h.idp.is_access_token_valid((await _token(p, bucket="ondemand"))["access_token"])
     assert h.idp.reuse_count == 0 and h.idp.families_revoked == 0
-    assert _status(h)["failures"] == 0
+    assert (await _status(h))["failures"] == 0
 
     # Writable again but still full: still only in memory.
     small_disk.read_only(False)
@@ -162,7 +162,7 @@ async def test_full_then_read_only_state_disk_loses_no_login(
     small_disk.free()
     await trio.sleep(61)
     for bucket in ("default", "ondemand"):
-        assert _status(h, bucket)["last_error"] is None
+        assert (await _status(h, bucket))["last_error"] is None
         stored = _stored(h, bucket)
         current = await _token(p, bucket=bucket)
         assert stored["access_token"] == current["access_token"]
@@ -201,7 +201,7 @@ async def test_disk_filling_during_the_request_cannot_stop_the_write(
     assert stored["access_token"] == got[0]["access_token"]
     assert stored["refresh_token"] != old["refresh_token"]
     assert "token_not_durable" not in [e["event"] for e in no_secrets_in_logs]
-    assert _status(h)["last_error"] is None
+    assert (await _status(h))["last_error"] is None
     assert _is_live(h, stored["refresh_token"])
 
 
@@ -219,12 +219,12 @@ async def test_read_only_disk_without_a_lock_file_fails_the_refresh_cleanly(
     small_disk.read_only(True)
     reply = await p.call("get_token", {"provider": "dev"})
     assert reply["ok"] is False and "token_type" not in reply
-    assert _status(h)["failures"] == 1
-    assert "Read-only file system" in _status(h)["last_error"]
+    assert (await _status(h))["failures"] == 1
+    assert "Read-only file system" in (await _status(h))["last_error"]
     assert h.idp.refresh_count == 0  # the refresh token was not spent without a lock
     assert (await p.call("list_buckets", {"provider": "dev"}))["ok"] is True
     small_disk.read_only(False)
     token = await _token(p)
     assert h.idp.is_access_token_valid(token["access_token"])
-    assert _status(h)["failures"] == 0
+    assert (await _status(h))["failures"] == 0
     assert _is_live(h, _stored(h)["refresh_token"])

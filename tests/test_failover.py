@@ -138,7 +138,7 @@ async def test_revoked_refresh_token_fails_over_and_asks_a_login_for_that_bucket
     assert [e.get("bucket", e.get("buckets")) for e in told] == ["a"]
     stats = await p.call("get_bucket_stats", {"provider": "dev", "bucket": "a"})
     assert stats["data"]["state"] == "reauth-failed"
-    status = h.daemon.status()["sessions"][0]["profiles"]
+    status = (await h.daemon.status())["sessions"][0]["profiles"]
     assert [(b["bucket"], b["state"]) for b in status[0]["buckets"]] == [
         ("a", "reauth-failed"),
         ("b", "ok"),

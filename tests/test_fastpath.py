@@ -62,15 +62,15 @@ async def token(p: Peer) -> str:
     return access
 
 
-def renewals(h: Harness, session: Session) -> list[dict[str, Any]]:
+async def renewals(h: Harness, session: Session) -> list[dict[str, Any]]:
     """The renewals ``status`` lists for *session*."""
-    (entry,) = [s for s in h.daemon.status()["sessions"] if s["id"] == session.id]
+    (entry,) = [s for s in (await h.daemon.status())["sessions"] if s["id"] == session.id]
     out: list[dict[str, Any]] = entry["renewals"]
     return out
 
 
-def connections(h: Harness, session: Session) -> int:
-    (entry,) = [s for s in h.daemon.status()["sessions"] if s["id"] == session.id]
+async def connections(h: Harness, session: Session) -> int:
+    (entry,) = [s for s in (await h.daemon.status())["sessions"] if s["id"] == session.id]
     count: int = entry["connections"]
     return count
 
@@ -148,19 +148,19 @@ async def test_first_serve_in_each_session_schedules_its_own_renewal(
     a = await h.session("dev")
     b = await h.session("dev")
     pa = await peers.open(a)
-    assert renewals(h, a) == []
+    assert await renewals(h, a) == []
     await token(pa)
-    (renewal,) = renewals(h, a)
+    (renewal,) = await renewals(h, a)
     assert (renewal["provider"], renewal["bucket"]) == ("dev", "default")
     assert renewal["next_renewal"] is not None
-    assert renewals(h, b) == []
+    assert await renewals(h, b) == []
     for _ in range(5):
         await token(pa)
-    assert len(renewals(h, a)) == 1
+    assert len(await renewals(h, a)) == 1
     pb = await peers.open(b)
     await token(pb)  # b's ready table is empty: its first serve schedules b's timer
-    assert len(renewals(h, b)) == 1
-    assert len(renewals(h, a)) == 1
+    assert len(await renewals(h, b)) == 1
+    assert len(await renewals(h, a)) == 1
 
 
 # --- 3. a closed session's connection -----------------------------------------------
@@ -266,6 +266,32 @@ async def test_pipelined_get_token_behind_a_slow_refresh_are_answered_in_order(
     assert h.idp.refresh_count == 1
 
 
+async def test_two_hundred_pipelined_profile_and_bucket_requests_are_answered_in_request_order(
+    start_daemon: StartDaemon, peers: Peers, autojump_clock: trio.testing.MockClock
+) -> None:
+    """200 requests in one write: get_token without a bucket (its bucket a needs a slow refresh) mixed with ready requests of bucket b and of a: every reply leaves in request order, after one refresh."""
+    h = await start_daemon(lifetime=3600, limits=LONG_IDLE)
+    h.store.write("dev", "a", h.idp.mint() | {"expiry": h.wall() - 10})
+    b_token = h.login(bucket="b")["access_token"]
+    s = await h.session("dev:a,b")
+    p = await peers.open(s)
+    bucket_b = {"provider": "dev", "bucket": "b"}
+    assert (await p.call("get_token", bucket_b))["data"]["access_token"] == b_token  # b is ready
+    h.idp.fail_next("slow", delay=2)
+    kinds = ["profile"] + [("b", "profile", "a")[i % 3] for i in range(199)]
+    payloads = {"profile": DEV, "b": bucket_b, "a": {"provider": "dev", "bucket": "a"}}
+    await p.send_raw(b"".join(request(f"m{i}", payload=payloads[k]) for i, k in enumerate(kinds)))
+    with trio.fail_after(10):
+        got = await replies(p, 200)
+    assert [r["id"] for r in got] == [f"m{i}" for i in range(200)]
+    assert all(r["ok"] is True for r in got), [r for r in got if not r["ok"]][:2]
+    a_token = h.store.read("dev", "a")["access_token"]  # type: ignore[index]
+    for kind, reply in zip(kinds, got, strict=True):
+        served = reply["data"]["access_token"]
+        assert served == (b_token if kind == "b" else a_token), (kind, reply["id"])
+    assert h.idp.refresh_count == 1
+
+
 # --- 5. llxprt's burst ----------------------------------------------------------------
 
 
@@ -337,7 +363,7 @@ async def test_thread_mode_hundred_pipelined_get_token_in_order(
     assert [r["id"] for r in got] == ids
     assert all(r["ok"] is True for r in got), [r for r in got if not r["ok"]][:2]
     assert {r["data"]["access_token"] for r in got} == {first}
-    assert len(renewals(h, s)) == 1
+    assert len(await renewals(h, s)) == 1
 
 
 async def test_thread_mode_llxprt_burst_during_a_refresh(
@@ -380,7 +406,7 @@ async def test_thread_mode_closing_a_session_revokes_its_open_connections(
         assert await revoked(p)
     assert not s.socket_path.exists()
     await token(po)
-    assert connections(h, other) == 1
+    assert await connections(h, other) == 1
 
 
 async def test_thread_mode_connection_cap_refuses_and_frees_a_slot(
@@ -404,7 +430,7 @@ async def test_thread_mode_connection_cap_refuses_and_frees_a_slot(
     await token(full[0])
     full[1].close()
     with trio.fail_after(1):
-        while connections(h, s) != 1:
+        while await connections(h, s) != 1:
             await trio.sleep(0.005)
     again = await peers.open(s)
     await token(again)

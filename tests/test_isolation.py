@@ -226,14 +226,14 @@ async def test_3_one_sandbox_cannot_lock_another_out(start_daemon: StartDaemon) 
     assert theirs["ok"] and theirs["data"]["access_token"] == tokens["a"]
     stats = await pv.call("get_bucket_stats", {"provider": "dev", "bucket": "a"})
     assert stats["data"]["state"] == "ok"
-    holds = h.daemon.status()["holds"]
+    holds = (await h.daemon.status())["holds"]
     assert {(x["bucket"], x["source"]) for x in holds} == {
         ("a", f"session {attacker.id}"),
         ("b", f"session {attacker.id}"),
     }
     assert all(86_000 < x["ends_in"] <= 86_400 for x in holds)
-    assert h.daemon.release("dev", None) == 2
-    assert h.daemon.status()["holds"] == []
+    assert await h.daemon.release("dev", None) == 2
+    assert (await h.daemon.status())["holds"] == []
     again = await pa.call("get_token", {"provider": "dev"})
     assert again["ok"] and again["data"]["access_token"] == tokens["a"]
 
@@ -262,12 +262,12 @@ async def test_3_what_the_daemon_saw_holds_for_every_session_capped(
     s1, s2 = await h.session("dev:a"), await h.session("dev:a,b")
     c = await HttpClient.connect(s1.socket_path)
     assert (await c.call("GET", "/dev:a/x"))[0] == 429
-    (hold,) = h.daemon.status()["holds"]
+    (hold,) = (await h.daemon.status())["holds"]
     assert (hold["bucket"], hold["source"]) == ("a", "daemon") and hold["ends_in"] <= 600
     p2 = await h.peer(s2)
     reply = await p2.call("get_token", {"provider": "dev"})
     assert reply["data"]["access_token"] == h.store.read("dev", "b")["access_token"]
-    assert h.daemon.release("dev", "a") == 1
+    assert await h.daemon.release("dev", "a") == 1
     reply = await p2.call("get_token", {"provider": "dev"})
     assert reply["data"]["access_token"] == h.store.read("dev", "a")["access_token"]
     await c.aclose()
@@ -456,7 +456,7 @@ async def test_10_the_proxy_without_a_bucket_respects_holds_and_records_a_429_on
     assert upstream.headers()["authorization"] == f"Bearer {token_b}"
     assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == token_b
 
-    h.daemon.release("dev", None)
+    await h.daemon.release("dev", None)
     upstream.script.extend([answer(429), answer(429)])
     assert (await c.call("POST", "/dev/x", body=b"{}"))[0] == 429
     assert h.daemon.tokens.quota_held(Key("dev", "a"))

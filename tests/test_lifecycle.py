@@ -387,6 +387,7 @@ def test_a_crash_of_the_serving_loop_stops_the_daemon_non_zero(dirs: Dirs, spawn
     client = socket.socket(socket.AF_UNIX)
     client.settimeout(5)
     client.connect(session["socket"])
+    client.sendall(b"\x00")  # the loop's next turn reads it, and crashes
     crashed_at = time.monotonic()
     assert wait_exit(proc, 5) == 1, stderr.read_text()
     assert time.monotonic() - crashed_at < 1.5

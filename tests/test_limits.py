@@ -322,7 +322,7 @@ async def test_unknown_op_is_named_in_invalid_request(
 async def test_duplicate_in_flight_id_is_refused(
     start_daemon: StartDaemon, peers: Peers, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A second request reusing the id of one still in flight gets INVALID_REQUEST "Duplicate request id"."""
+    """A second request reusing the id of one still in flight gets INVALID_REQUEST "Duplicate request id", in its turn after the first."""
     h, same, other = await setup(start_daemon)
     old = h.store.read("dev")["access_token"]
     h.idp.fail_next("slow", delay=5)
@@ -330,6 +330,17 @@ async def test_duplicate_in_flight_id_is_refused(
     await p.send_raw(request("dup", "refresh_token", {"provider": "dev"}))
     await p.send_raw(request("dup", "refresh_token", {"provider": "dev"}))
     t0 = trio.current_time()
+    # While the refresh is in flight, the same session and another one are served.
+    with trio.fail_after(1):
+        await served(h, same)
+        await served(h, other)
+    with trio.fail_after(10):
+        first = await p.recv()
+    assert first is not None
+    assert (first["id"], first["ok"]) == ("dup", True)
+    assert first["data"]["access_token"] != old
+    assert trio.current_time() - t0 == pytest.approx(5.0, abs=0.1)
+    # Replies leave in request order: the refusal of the duplicate comes next.
     with trio.fail_after(1):
         assert await p.recv() == {
             "id": "dup",
@@ -337,15 +348,6 @@ async def test_duplicate_in_flight_id_is_refused(
             "code": "INVALID_REQUEST",
             "error": "Duplicate request id",
         }
-    # While the refresh is in flight, the same session and another one are served.
-    await served(h, same)
-    await served(h, other)
-    with trio.fail_after(10):
-        first = await p.recv()
-    assert first is not None
-    assert (first["id"], first["ok"]) == ("dup", True)
-    assert first["data"]["access_token"] != old
-    assert trio.current_time() - t0 == pytest.approx(5.0, abs=0.1)
     # Answered, the id is free again.
     await p.send_raw(request("dup", "get_token", {"provider": "dev"}))
     with trio.fail_after(1):
@@ -368,15 +370,9 @@ async def test_seventeenth_request_in_flight_is_resource_exhausted(
     for i, bucket in enumerate(buckets, 1):
         await p.send_raw(request(f"r{i}", "refresh_token", {"provider": "dev", "bucket": bucket}))
     await p.send_raw(request("r17", "list_providers"))
-    with trio.fail_after(1):
-        assert await p.recv() == {
-            "id": "r17",
-            "ok": False,
-            "code": "RESOURCE_EXHAUSTED",
-            "error": "more than 16 requests in flight on this connection",
-        }
-    await served(h, same)
-    await served(h, other)
+    with trio.fail_after(1):  # the refreshes are slow; other connections are not held up
+        await served(h, same)
+        await served(h, other)
     answered = []
     with trio.fail_after(10):
         for _ in range(16):
@@ -384,7 +380,14 @@ async def test_seventeenth_request_in_flight_is_resource_exhausted(
             assert reply is not None
             assert reply["ok"] is True, reply
             answered.append(reply["id"])
-    assert sorted(answered) == sorted(f"r{i}" for i in range(1, 17))
+        # Replies leave in request order: the refusal of the 17th comes after the 16.
+        assert await p.recv() == {
+            "id": "r17",
+            "ok": False,
+            "code": "RESOURCE_EXHAUSTED",
+            "error": "more than 16 requests in flight on this connection",
+        }
+    assert answered == [f"r{i}" for i in range(1, 17)]
     assert h.idp.refresh_count == 16
     assert (await p.call("list_providers"))["ok"] is True
 

@@ -42,7 +42,7 @@ async def test_expired_token_without_refresh_token_names_the_login_command(
     assert [(e["provider"], e["bucket"], e["login"]) for e in told] == [
         ("dev", "work", "credproxy login dev --bucket work")
     ]
-    (token,) = [t for t in h.daemon.status()["tokens"] if t["bucket"] == "work"]
+    (token,) = [t for t in (await h.daemon.status())["tokens"] if t["bucket"] == "work"]
     assert token["reauth_required"] is True
 
 
@@ -65,11 +65,11 @@ async def test_rejected_refresh_token_asks_for_a_login_and_a_new_login_clears_it
     assert len(_events(no_secrets_in_logs, "reauth_needed")) == 1
 
     h.login()  # what `credproxy login dev` does: a new token, then token_changed
-    h.daemon.token_changed(("dev", "default"))
+    await h.daemon.token_changed(("dev", "default"))
     await trio.sleep(2)
     reply = await p.call("get_token", {"provider": "dev"})
     assert reply["ok"] is True, reply
-    assert h.daemon.status()["tokens"][0].get("reauth_required") in (None, False)
+    assert (await h.daemon.status())["tokens"][0].get("reauth_required") in (None, False)
 
     h.idp.fail_next("invalid_grant", count=2)
     await trio.sleep(HOUR + 5)

@@ -58,7 +58,7 @@ async def test_no_timer_without_refresh_token_or_expiry(
     assert (await p.call("get_token", {"provider": "dev", "bucket": "noexp"}))["data"][
         "access_token"
     ] == "no-exp"
-    assert h.daemon.status()["sessions"][0]["renewals"] == []
+    assert (await h.daemon.status())["sessions"][0]["renewals"] == []
     await trio.sleep(2 * HOUR - 61)
     assert len(h.idp.requests) == 0
     p.close()
@@ -73,7 +73,7 @@ async def test_second_serve_does_not_add_a_timer(
     _, p, _ = await _serve_once(h)
     for _ in range(5):
         assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
-    assert len(h.daemon.status()["sessions"][0]["renewals"]) == 1
+    assert len((await h.daemon.status())["sessions"][0]["renewals"]) == 1
     await trio.sleep(3300)
     assert h.idp.refresh_count == 1
     p.close()
@@ -162,7 +162,7 @@ async def test_backoff_doubles_to_the_cap_then_gives_up(
             await trio.sleep(0.25)
         gap, last = trio.current_time() - last, trio.current_time()
         assert delay - 0.5 <= gap <= delay + 1.5, (n, delay, gap)
-    renewal = h.daemon.status()["sessions"][0]["renewals"][0]
+    renewal = (await h.daemon.status())["sessions"][0]["renewals"][0]
     assert renewal["failures"] == 10
     assert renewal["gave_up"] is True and renewal["next_renewal"] is None
     assert "500" in renewal["last_error"]
@@ -183,7 +183,7 @@ async def test_invalid_grant_is_not_retried(
     assert len(h.idp.requests) == 1
     await trio.sleep(5 * HOUR)
     assert len(h.idp.requests) == 1
-    st = h.daemon.status()
+    st = await h.daemon.status()
     assert st["sessions"][0]["renewals"][0]["reauth_required"] is True
     assert st["tokens"][0]["reauth_required"] is True
     p.close()
@@ -223,10 +223,10 @@ async def test_logout_cancels_that_keys_timers_only(
     for bucket in ("default", "keep"):
         assert (await p.call("get_token", {"provider": "dev", "bucket": bucket}))["ok"]
     h.store.remove("dev", "default")
-    assert h.daemon.token_changed(("dev", "default")) == 1
+    assert await h.daemon.token_changed(("dev", "default")) == 1
     await trio.sleep(2 * 3270 + 1)
     assert h.idp.refresh_count == 2  # "keep" twice, "default" never
-    assert [r["bucket"] for r in h.daemon.status()["sessions"][0]["renewals"]] == ["keep"]
+    assert [r["bucket"] for r in (await h.daemon.status())["sessions"][0]["renewals"]] == ["keep"]
     p.close()
 
 
@@ -396,12 +396,12 @@ async def test_reimport_restarts_a_renewal_that_needed_reauth(
     _, p, _ = await _serve_once(h)
     h.idp.fail_next("invalid_grant")
     await trio.sleep(3300)
-    assert h.daemon.status()["sessions"][0]["renewals"][0]["reauth_required"] is True
+    assert (await h.daemon.status())["sessions"][0]["renewals"][0]["reauth_required"] is True
     h.login()  # the user logs in again: `credproxy import` writes and notifies the daemon
-    assert h.daemon.token_changed(("dev", "default")) == 0
-    assert h.daemon.status()["tokens"][0].get("reauth_required") is None
+    assert await h.daemon.token_changed(("dev", "default")) == 0
+    assert (await h.daemon.status())["tokens"][0].get("reauth_required") is None
     assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
-    renewal = h.daemon.status()["sessions"][0]["renewals"][0]
+    renewal = (await h.daemon.status())["sessions"][0]["renewals"][0]
     assert renewal["reauth_required"] is False and renewal["next_renewal"] is not None
     refreshed = h.idp.refresh_count
     await trio.sleep(3300)

@@ -37,8 +37,10 @@ from typing import Any
 import trio
 
 from credproxy.core.config import Config
+from credproxy.core.failover import BucketMarks
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint
+from credproxy.core.servecore import Hold, Release, ServingCore
 from credproxy.errors import CredproxyError, StoreError
 from credproxy.shell import faults, logs, paths, systemd
 from credproxy.shell.fastpath import FastPath
@@ -52,7 +54,7 @@ from credproxy.shell.server import (
     peer_credentials,
     refuse,
 )
-from credproxy.shell.sessions import Sessions
+from credproxy.shell.sessions import Session, Sessions
 from credproxy.shell.store import TokenStore
 from credproxy.shell.streams import serve_stream
 from credproxy.shell.tokens import Tokens
@@ -85,7 +87,8 @@ class Daemon:
         store: TokenStore,
         tokens: Tokens,
         sessions: Sessions,
-        fast: FastPath,
+        fast: FastPath[Session],
+        ops: SandboxOps,
         *,
         wall_clock: Callable[[], float],
         idle_exit: float | None,
@@ -95,6 +98,7 @@ class Daemon:
         self.tokens = tokens
         self.sessions = sessions
         self.fast = fast
+        self.ops = ops
         self.wall = wall_clock
         self.idle_exit = idle_exit
         self.uid = os.getuid()
@@ -121,15 +125,16 @@ class Daemon:
     async def close_session(self, sid: str) -> bool:
         return await self.sessions.close(sid)
 
-    def token_changed(self, key: tuple[str, str]) -> int:
+    async def token_changed(self, key: tuple[str, str]) -> int:
         """The command line changed *key* in the store; returns the timers stopped.
 
-        The control op ``token_changed`` (import, login, logout) calls this.
+        The control op ``token_changed`` (import, login, logout) calls this;
+        once it returns, no sandbox is served the old token.
         """
         k = Key(*key)
-        return self.sessions.token_changed(k, self.tokens.changed(k))
+        return await self.sessions.token_changed(k, self.tokens.changed(k))
 
-    def release(self, provider: str, bucket: str | None) -> int:
+    async def release(self, provider: str, bucket: str | None) -> int:
         """End every quota hold on *provider* (or one bucket of it): the daemon's and the sessions'.
 
         The control op ``release`` (``credproxy release P[:B]``) calls this.
@@ -140,8 +145,11 @@ class Daemon:
             for key in [k for k in tuple(session.holds) if k.provider == provider]:
                 if bucket is None or key.bucket == bucket:
                     ended += session.holds.pop(key).held(now)
-            # The profile starts again from its first bucket (fill-first comes back).
-            session.current.pop(provider, None)
+        # The serving loop drops them too, and every profile of *provider*
+        # starts again from its first bucket (fill-first comes back); in
+        # effect by the time this returns.
+        self.fast.command(Release(provider, bucket))
+        await self.fast.ask(lambda core: None)
         log.info("holds_released", provider=provider, bucket=bucket, released=ended)
         return ended
 
@@ -152,7 +160,7 @@ class Daemon:
         for s in self.sessions:
             found += [
                 (k, f"session {s.id}", marks.quota_until)
-                for k, marks in sorted(s.holds.items())  # (one C-level copy: no race)
+                for k, marks in sorted(s.holds.items())
                 if marks.quota_until is not None and marks.held(now)
             ]
         return [
@@ -192,7 +200,7 @@ class Daemon:
 
     # -- status --------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         now = self.wall()
         sessions = []
         for s in self.sessions:
@@ -224,7 +232,7 @@ class Daemon:
                     "connections": s.connections,
                     "created": iso(s.created),
                     "renewals": renewals,
-                    "profiles": self.fast.ops.profiles_status(s),
+                    "profiles": await self.ops.profiles_status(s),
                 }
             )
         tokens = [
@@ -388,11 +396,11 @@ async def serve(
             _refreshes(cfg, store, endpoint, wall_clock, boot_clock, rng)
         )
         main = await stack.enter_async_context(trio.open_nursery())
-        fast, proxy = _serving_parts(
+        fast, ops, proxy = _serving_parts(
             cfg, tokens, store, api_client, wall_clock, boot_clock, serving_thread, on_crash=fail
         )
         main.start_soon(proxy.hangups.run)
-        daemon = _daemon(cfg, store, tokens, fast, main, runtime, wall_clock, idle_exit)
+        daemon = _daemon(cfg, store, tokens, fast, ops, main, runtime, wall_clock, idle_exit)
         stack.enter_context(_serving_loop(fast, main, serving_thread))  # out: stop its thread
         _start_control(daemon, main, listeners, sigs)
         await _until_stopped(daemon, main, listeners, control_path, not inherited, task_status)
@@ -513,7 +521,7 @@ def _serving_parts(
     serving_thread: bool,
     *,
     on_crash: Callable[[str], None],
-) -> tuple[FastPath, ApiProxy]:
+) -> tuple[FastPath[Session], SandboxOps, ApiProxy]:
     """Build the serving loop (:class:`FastPath`), its :class:`SandboxOps`, and the API proxy.
 
     Nothing starts here: :func:`_serving_loop` starts the loop, and the caller
@@ -525,7 +533,7 @@ def _serving_parts(
     sandbox_ops = SandboxOps(tokens, store, wall_clock, boot_clock)
     proxy = ApiProxy(cfg, tokens, sandbox_ops, api_client)
 
-    def start_http(session: Any, sock: stdsocket.socket, data: bytes) -> None:
+    def start_http(session: Session, sock: stdsocket.socket, data: bytes) -> None:
         if not session.open or session.nursery is None:
             sock.close()
             session.connection_closed()
@@ -539,22 +547,32 @@ def _serving_parts(
     else:
         to_trio, clock = _call_now, trio.current_time
     fast = FastPath(
+        ServingCore(cfg.providers),
         sandbox_ops,
         cfg.limits,
         to_trio=to_trio,
         clock=clock,
+        wall=wall_clock,
+        boot=boot_clock,
         http=start_http,
         on_crash=on_crash,
         fault=store.fault,
     )
-    return fast, proxy
+    sandbox_ops.loop = fast
+
+    def hold_changed(key: Key, marks: BucketMarks | None) -> None:
+        fast.command(Hold(key, None if marks is None else marks.quota_until))
+
+    tokens.holds.on_change = hold_changed  # the loop sees the daemon's holds as they change
+    return fast, sandbox_ops, proxy
 
 
 def _daemon(
     cfg: Config,
     store: TokenStore,
     tokens: Tokens,
-    fast: FastPath,
+    fast: FastPath[Session],
+    ops: SandboxOps,
     main: trio.Nursery,
     runtime: Path,
     wall_clock: Callable[[], float],
@@ -570,12 +588,16 @@ def _daemon(
         wall_clock=wall_clock,
         on_change=_status_notifier(lambda: daemon.sessions if daemon else None),
     )
-    daemon = Daemon(cfg, store, tokens, sessions, fast, wall_clock=wall_clock, idle_exit=idle_exit)
+    daemon = Daemon(
+        cfg, store, tokens, sessions, fast, ops, wall_clock=wall_clock, idle_exit=idle_exit
+    )
     return daemon
 
 
 @contextlib.contextmanager
-def _serving_loop(fast: FastPath, main: trio.Nursery, serving_thread: bool) -> Iterator[None]:
+def _serving_loop(
+    fast: FastPath[Session], main: trio.Nursery, serving_thread: bool
+) -> Iterator[None]:
     """Start the serving loop: its own thread (stopped and joined on the way out), or a task.
 
     As a task of *main* it stops when the main nursery is cancelled.

@@ -29,11 +29,22 @@ pending, the connection is not read). Deadlines sit in a heap with lazy
 deletion: a connection has an entry only for the earliest instant it may
 expire, re-pushed when that instant passes and the connection is still alive.
 
-What the trio side publishes, and when this loop may use it, is decided by
-:class:`~credproxy.shell.handlers.SandboxOps`: a session's ``ready`` table
-maps a key to the reply bytes and the wall-clock instant after which they
-must not be served. Closing a session sets ``session.open = False`` before
-anything else; this loop checks it before every reply.
+What a request gets is decided by the serving core
+(:class:`~credproxy.core.servecore.ServingCore`), which this loop owns: no
+other thread reads or writes it. The trio side changes it only through
+commands (:meth:`FastPath.command`), applied at the start of the next turn, in
+the order they were sent, before anything more is read; it asks about it
+through :meth:`FastPath.ask`, which runs a function in this loop and hands the
+result back. The only things the two threads share are the command queue and
+its lock.
+
+Every connection's replies leave in the order its requests came. A request
+the trio side must finish holds a place (:class:`Slot`) in the connection's
+``pending`` queue; replies that are ready behind it wait there too, and leave
+when everything before them has. ``get_token`` requests of the same key wait
+on one answer (:class:`Pending`): twenty of them cost one refresh, and one
+in-flight slot. While :data:`MAX_PENDING` replies wait, the connection is not
+read.
 """
 
 from __future__ import annotations
@@ -48,30 +59,71 @@ import select
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
 from credproxy.core.config import Limits
 from credproxy.core.connection import NEED_DATA, Connection, Request, Send
+from credproxy.core.names import Key
+from credproxy.core.servecore import (
+    CloseSession,
+    Command,
+    Defer,
+    Outcome,
+    Read,
+    Ready,
+    ServingCore,
+    SessionState,
+)
 from credproxy.core.throttle import AUDIT_INTERVAL, ServeAudit
 from credproxy.errors import CredproxyError, ProtocolError
 from credproxy.shell import logs
 from credproxy.shell.faults import NO_FAULTS, Faults
-from credproxy.shell.handlers import Defer, Outcome, Ready, SandboxOps
 
 log = logs.get("credproxy.fastpath")
 
 RECV_SIZE = 65_536
 BATCH = 64  # requests answered per connection per wake-up before the others get their turn
 SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
-GET_OPS = frozenset({"get_token", "get_token_profile"})  # deferred serves that share waits
-MAX_SHARED = 256  # get_token requests of one key that may wait together on one connection
+MAX_PENDING = 256  # replies that may wait for an earlier one on a connection before it is paused
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
+_T = TypeVar("_T")
 
 
-class SandboxConnection:
+class Owner(Protocol):
+    """The trio side's session object: the loop keeps it only to hand it back."""
+
+    @property
+    def id(self) -> str: ...
+
+
+S = TypeVar("S", bound=Owner)
+
+
+class Slot:
+    """A reply's place in its connection's order: its bytes once known."""
+
+    __slots__ = ("data", "rid")
+
+    def __init__(self, rid: str, data: bytes | None) -> None:
+        self.rid = rid
+        self.data = data
+
+
+class Pending:
+    """One answer the trio side is finding, and the requests waiting on it."""
+
+    __slots__ = ("key", "slots")
+
+    def __init__(self, key: Key, slot: Slot) -> None:
+        self.key = key  # the key of the requests that share it (get_token), else NO_KEY
+        self.slots = [slot]
+
+
+class SandboxConnection(Generic[S]):
     """One sandbox connection as the loop sees it."""
 
     __slots__ = (
@@ -84,16 +136,21 @@ class SandboxConnection:
         "mask",
         "out",
         "paused",
+        "pending",
         "send_deadline",
         "session",
         "slow_scopes",
         "sock",
+        "state",
         "waiting",
     )
 
-    def __init__(self, sock: socket.socket, session: Any, engine: Connection) -> None:
+    def __init__(
+        self, sock: socket.socket, session: S, state: SessionState, engine: Connection
+    ) -> None:
         self.sock = sock
-        self.session = session
+        self.session = session  # the trio side's, handed back with deferred requests
+        self.state = state  # the serving core's
         self.engine = engine
         self.out = bytearray()
         self.send_deadline = math.inf
@@ -102,82 +159,148 @@ class SandboxConnection:
         self.close_when_flushed = False
         self.eof = False  # the peer shut down its side; answer what is in flight, then close
         self.fresh = True  # nothing read yet: the first byte tells frames from HTTP
-        self.paused = False  # MAX_SHARED get_token wait on one answer: parse no more until it comes
+        self.paused = False  # MAX_PENDING replies wait: parse no more until they leave
         self.mask = _IN  # what the epoll set waits for on this connection
-        self.waiting: dict[Any, list[str]] = {}  # key -> get_token ids waiting on one answer
+        self.pending: collections.deque[Slot] = collections.deque()  # replies in request order
+        self.waiting: dict[Key, Pending] = {}  # get_token key -> the answer its requests share
         self.slow_scopes: set[trio.CancelScope] = set()  # touched by the trio side only
 
     def deadline(self) -> float:
         return min(self.engine.deadline(), self.send_deadline)
 
 
-class FastPath:
+class SlowSide(Protocol[S]):
+    """What the loop hands to the trio side (``handlers.SandboxOps``)."""
+
+    def defer(
+        self,
+        loop: FastPath[S],
+        conn: SandboxConnection[S],
+        pending: Pending,
+        deferred: Defer,
+    ) -> None: ...
+
+    def connection_closed(self, session: S, conn: SandboxConnection[S] | None) -> None: ...
+
+    def read(self, state: SessionState, read: Read) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Add(Generic[S]):
+    sock: socket.socket
+    session: S
+
+
+@dataclass(frozen=True, slots=True)
+class _Deliver(Generic[S]):
+    conn: SandboxConnection[S]
+    pending: Pending
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    question: Callable[[ServingCore], object]
+    reply: Callable[[object | BaseException], None]
+
+
+class LoopStopped(CredproxyError):
+    """The serving loop is not running (the daemon is stopping)."""
+
+
+class FastPath(Generic[S]):
     """The loop over all sandbox connections (see the module docstring).
 
     Args:
-        ops: what the requests mean (fast answers and the slow hand-off).
+        core: the serving core this loop owns from now on.
+        slow: the trio side's part of requests that may wait.
         limits: per-connection limits.
         to_trio: runs a callable in the trio thread soon (``run_sync_soon``, or
             a direct call when the loop is itself a trio task).
         clock: monotonic seconds for connection deadlines.
+        wall: epoch seconds (quota holds, serve counts).
+        boot: the boot clock (how long a published token may be served).
+        http: takes over a connection that speaks HTTP (the API proxy).
+        on_crash: told why, in the trio thread, if the loop itself crashes.
+        fault: the crash tests' checkpoints.
     """
 
     def __init__(
         self,
-        ops: SandboxOps,
+        core: ServingCore,
+        slow: SlowSide[S],
         limits: Limits,
         *,
         to_trio: Callable[..., None],
         clock: Callable[[], float],
-        http: Callable[[Any, socket.socket, bytes], None] | None = None,
+        wall: Callable[[], float],
+        boot: Callable[[], float],
+        http: Callable[[S, socket.socket, bytes], None] | None = None,
         on_crash: Callable[[str], None] | None = None,
         fault: Faults = NO_FAULTS,
     ) -> None:
-        self.ops = ops
-        self.fault = fault
+        self.core = core
+        self.slow = slow
         self.http = http
         self.on_crash = on_crash
+        self.fault = fault
         self.limits = limits
         self.to_trio = to_trio
         self.clock = clock
+        self.wall = wall
+        self.boot = boot
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
-        self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._conns: dict[int, SandboxConnection] = {}
-        self._heap: list[tuple[float, int, SandboxConnection]] = []
-        self._audits: list[tuple[float, int, Any, Any]] = []  # (due, seq, session, key)
+        self._commands: collections.deque[Command | _Add[S] | _Deliver[S] | _Ask] = (
+            collections.deque()
+        )
+        self._conns: dict[int, SandboxConnection[S]] = {}
+        self._heap: list[tuple[float, int, SandboxConnection[S]]] = []
+        self._audits: list[tuple[float, int, SessionState, Key]] = []  # (due, seq, state, key)
         self._seq = itertools.count()
-        self._backlog: list[SandboxConnection] = []
+        self._backlog: list[SandboxConnection[S]] = []
         self._stopped = False
         self._closed = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        # What the trio side asks of the loop (see add, deliver, revoke).
-        self._handlers: dict[str, Callable[..., None]] = {
-            "add": self._add,
-            "deliver": self._deliver,
-            "revoke": self._revoke,
-        }
 
     # -- called from the trio side (thread-safe) -----------------------------
 
-    def add(self, sock: socket.socket, session: Any) -> None:
+    def add(self, sock: socket.socket, session: S) -> None:
         """Serve *sock* (an accepted, authorised connection of *session*) from now on."""
         sock.setblocking(False)
-        self._command("add", sock, session)
+        self._send(_Add(sock, session))
 
-    def deliver(
-        self, conn: SandboxConnection, op: str, key: Any, rid: str, outcome: Outcome
-    ) -> None:
+    def command(self, command: Command) -> None:
+        """Change the serving core (applied at the start of the loop's next turn)."""
+        self._send(command)
+
+    def deliver(self, conn: SandboxConnection[S], pending: Pending, outcome: Outcome) -> None:
         """The answer to a request handed to the trio side."""
-        self._command("deliver", conn, op, key, rid, outcome)
+        self._send(_Deliver(conn, pending, outcome))
 
-    def revoke(self, session: Any) -> None:
-        """Close every connection of *session* (whose ``open`` is already False)."""
-        self._command("revoke", session)
+    async def ask(self, question: Callable[[ServingCore], _T]) -> _T:
+        """``question(core)``, run by the loop after every command sent before it.
 
-    def _command(self, *command: Any) -> None:
+        Raises:
+            LoopStopped: the loop is not running.
+        """
+        done = trio.Event()
+        answer: list[object | BaseException] = []
+
+        def reply(value: object | BaseException) -> None:
+            answer.append(value)
+            done.set()
+
+        self._send(_Ask(question, reply))
+        await done.wait()
+        value = answer[0]
+        if isinstance(value, BaseException):
+            raise value
+        return value  # type: ignore[return-value]  # what question returned
+
+    def _send(self, command: Command | _Add[S] | _Deliver[S] | _Ask) -> None:
         with self._lock:  # against _shutdown: a command is either run or refused, never lost
             if not self._closed:
                 self._commands.append(command)
@@ -186,13 +309,14 @@ class FastPath:
                 return
         self._refused(command)
 
-    def _refused(self, command: tuple[Any, ...]) -> None:
+    def _refused(self, command: Command | _Add[S] | _Deliver[S] | _Ask) -> None:
         """A command that came after the loop stopped: a connection handed over is closed."""
-        if command[0] == "add":
-            sock, session = command[1], command[2]
-            sock.close()
-            with contextlib.suppress(RuntimeError):  # trio.RunFinishedError: trio is gone too
-                self.to_trio(self.ops.connection_closed, session, None)
+        with contextlib.suppress(RuntimeError):  # trio.RunFinishedError: trio is gone too
+            if isinstance(command, _Add):
+                command.sock.close()
+                self.to_trio(self.slow.connection_closed, command.session, None)
+            elif isinstance(command, _Ask):
+                self.to_trio(command.reply, LoopStopped("the daemon is stopping"))
 
     # -- running -------------------------------------------------------------
 
@@ -271,8 +395,14 @@ class FastPath:
     # -- one turn of the loop ------------------------------------------------
 
     def _turn(self, events: list[tuple[int, int]]) -> None:
-        self.fault("fastpath-turn")
         now = self.clock()
+        # Commands first: what the trio side changed holds for everything read from now on.
+        while self._commands:
+            command = self._commands.popleft()
+            try:
+                self._run_command(command, now)
+            except Exception:  # a bug: logged; the loop and every other connection go on
+                log.exception("fastpath_command_failed", command=type(command).__name__)
         conns = self._conns
         if self._backlog:
             backlog, self._backlog = self._backlog, []
@@ -287,16 +417,11 @@ class FastPath:
             ready = conns.get(fd)
             if ready is None:
                 continue
+            self.fault("fastpath-turn")  # (the crash tests: a bug of the loop, not of a connection)
             if mask & _OUT:
                 self._guarded(self._flush, ready, now)
             elif mask & (_IN | select.EPOLLHUP | select.EPOLLERR):
                 self._guarded(self._read, ready, now)
-        while self._commands:
-            command = self._commands.popleft()
-            try:
-                self._run_command(command, now)
-            except Exception:  # a bug: logged; the loop and every other connection go on
-                log.exception("fastpath_command_failed", command=command[0])
         if self._audits and self._audits[0][0] <= now:
             self._flush_audits(None, now)
         heap = self._heap
@@ -315,54 +440,79 @@ class FastPath:
                 self._track(conn)
 
     def _guarded(
-        self, step: Callable[[SandboxConnection, float], None], conn: SandboxConnection, now: float
+        self,
+        step: Callable[[SandboxConnection[S], float], None],
+        conn: SandboxConnection[S],
+        now: float,
     ) -> None:
         """Run one connection's step; a bug closes that connection, never the loop."""
         try:
             step(conn, now)
         except Exception:
-            log.exception("connection_crashed", conn=conn.session.id)
+            log.exception("connection_crashed", conn=conn.state.id)
             self._close(conn, "internal error")
 
-    def _run_command(self, command: tuple[Any, ...], now: float) -> None:
-        self._handlers[command[0]](*command[1:], now=now)
+    def _run_command(self, command: Command | _Add[S] | _Deliver[S] | _Ask, now: float) -> None:
+        if isinstance(command, _Deliver):
+            self._deliver(command.conn, command.pending, command.outcome, now)
+        elif isinstance(command, _Add):
+            self._add(command.sock, command.session, now)
+        elif isinstance(command, _Ask):
+            try:
+                value: object | BaseException = command.question(self.core)
+            except Exception as exc:  # the answer is the error, raised in the asking task
+                value = exc
+            self.to_trio(command.reply, value)
+        else:
+            self.core.apply(command)
+            if isinstance(command, CloseSession):
+                self._close_session(command.session, now)
 
-    def _add(self, sock: socket.socket, session: Any, *, now: float) -> None:
-        if not session.open:
+    def _add(self, sock: socket.socket, session: S, now: float) -> None:
+        state = self.core.sessions.get(session.id)
+        if state is None or not state.open:
             sock.close()
-            self.to_trio(self.ops.connection_closed, session, None)
+            self.to_trio(self.slow.connection_closed, session, None)
             return
-        engine = Connection(self.limits, now, capability=session.capability)
-        conn = SandboxConnection(sock, session, engine)
+        engine = Connection(self.limits, now, capability=state.capability)
+        conn = SandboxConnection(sock, session, state, engine)
         self._conns[sock.fileno()] = conn
         self._epoll.register(sock.fileno(), _IN)
         self._track(conn)
 
     def _deliver(
-        self, conn: SandboxConnection, op: str, key: Any, rid: str, outcome: Outcome, *, now: float
+        self, conn: SandboxConnection[S], pending: Pending, outcome: Outcome, now: float
     ) -> None:
         if conn.closed:
             return
-        if not conn.session.open:
+        if not conn.state.open:
             self._close(conn, "session closed")
             return
-        rids = conn.waiting.pop(key, [rid]) if op in GET_OPS else [rid]
-        if conn.paused and op in GET_OPS:
+        if conn.waiting.get(pending.key) is pending:
+            del conn.waiting[pending.key]
+        for slot in pending.slots:
+            slot.data = self._reply(conn, slot.rid, outcome, now)
+        out: list[bytes] = []
+        queue = conn.pending
+        while queue and (data := queue[0].data) is not None:
+            queue.popleft()
+            out.append(data)
+        if conn.paused and len(queue) < MAX_PENDING:
             conn.paused = False
             if conn.engine.buffered:
                 self._backlog.append(conn)
-        self._write(conn, b"".join(self._reply(conn, r, outcome, now) for r in rids), now)
-        if conn.eof and not conn.out and conn.engine.in_flight == 0:
+        self._write(conn, b"".join(out), now)
+        if conn.eof and not conn.out and not queue and conn.engine.in_flight == 0:
             self._close(conn, "closed by peer")
 
-    def _revoke(self, session: Any, *, now: float) -> None:
-        for conn in [c for c in self._conns.values() if c.session is session]:
+    def _close_session(self, sid: str, now: float) -> None:
+        for conn in [c for c in self._conns.values() if c.state.id == sid]:
             self._close(conn, "session closed")
-        self._flush_audits(session, now)
+            self._flush_audits(conn.state, now)
 
     # -- reading and answering ---------------------------------------------------
 
-    def _read(self, conn: SandboxConnection, now: float) -> None:
+    def _read(self, conn: SandboxConnection[S], now: float) -> None:
         try:
             data = conn.sock.recv(RECV_SIZE)
         except BlockingIOError:
@@ -371,7 +521,7 @@ class FastPath:
             self._close(conn, f"socket error: {type(exc).__name__}")
             return
         if not data:
-            if conn.engine.in_flight == 0 and not conn.out:
+            if conn.engine.in_flight == 0 and not conn.out and not conn.pending:
                 self._close(conn, "closed by peer")
                 return
             # A half-close (`nc -N`, a script's `shutdown(SHUT_WR)`): answer
@@ -389,26 +539,34 @@ class FastPath:
         conn.engine.receive_data(data)
         self._process(conn, now)
 
-    def _process(self, conn: SandboxConnection, now: float) -> None:
+    def _process(self, conn: SandboxConnection[S], now: float) -> None:
         """Answer up to :data:`BATCH` buffered requests of *conn*."""
         engine = conn.engine
         out: list[bytes] = []
         close_after = False
+        wall = self.wall()
+        boot = self.boot()
         try:
             for _ in range(BATCH):
                 if conn.paused:
-                    break  # resumed when the answer they wait on is delivered
+                    break  # resumed when the replies before them have left
                 event = engine.next_event(now)
                 if event is NEED_DATA:
                     break
                 if isinstance(event, Request):
-                    out.append(self._request(conn, event, now))
-                    continue
-                assert isinstance(event, Send)
-                out.append(event.data)
-                if event.close:
-                    close_after = True
-                    break
+                    data = self._request(conn, event, now, wall, boot)
+                else:
+                    assert isinstance(event, Send)
+                    data = event.data
+                    close_after = event.close
+                if data is not None:
+                    if conn.pending:  # behind a reply not yet known: it waits its turn
+                        conn.pending.append(Slot("", data))
+                        conn.paused = len(conn.pending) >= MAX_PENDING
+                    else:
+                        out.append(data)
+                if close_after:
+                    break  # the handshake was refused: what waits is dropped with it
             else:
                 if engine.buffered:
                     self._backlog.append(conn)  # more may be buffered: next turn
@@ -419,67 +577,77 @@ class FastPath:
         engine.after_read(now)
         self._write(conn, b"".join(out), now, close_after=close_after)
 
-    def _request(self, conn: SandboxConnection, req: Request, now: float) -> bytes:
-        session = conn.session
-        if not session.open:
+    def _request(
+        self, conn: SandboxConnection[S], req: Request, now: float, wall: float, boot: float
+    ) -> bytes | None:
+        """The reply to *req*, or None when it waits (its place is in ``conn.pending``)."""
+        state = conn.state
+        if not state.open:
             return b""  # revoked: the connection is about to close
         try:
-            answer = self.ops.fast(session, req)
+            answer = self.core.request(state, req.op, req.payload, wall, boot)
+            if isinstance(answer, Read):
+                answer = self.slow.read(state, answer)
         except CredproxyError as exc:
             return self._fail(conn, req.id, req.op, exc, now)
         except Exception:
-            log.exception("request_failed", session=session.id, op=req.op)
+            log.exception("request_failed", session=state.id, op=req.op)
             return conn.engine.fail(req.id, CredproxyError("bug"), now)
-        if isinstance(answer, Ready | Defer) and req.op == "get_token":
-            waiting = conn.waiting.get(answer.key)
-            if waiting is not None:
-                # An earlier get_token of this key is still being answered:
-                # wait with it, so replies leave in the order requests came
-                # (even if the token is ready by now). The first MAX_SHARED
-                # cost no in-flight slot; later ones count as usual.
+        if isinstance(answer, Defer) and req.op == "get_token" and conn.waiting:
+            # The key the request names (a profile's is Key(provider, "")):
+            # an earlier get_token of it is still being answered. Wait with
+            # it, at no in-flight slot's cost.
+            shared = conn.waiting.get(answer.key)
+            if shared is not None:
                 conn.engine.share(req.id)
-                waiting.append(req.id)
-                if len(waiting) >= MAX_SHARED:
-                    conn.paused = True  # flow control: parse nothing more until they are answered
-                return b""
+                slot = Slot(req.id, None)
+                shared.slots.append(slot)
+                conn.pending.append(slot)
+                conn.paused = len(conn.pending) >= MAX_PENDING
+                return None
         if isinstance(answer, Ready):
-            return self._serve(conn, req.id, answer, now)
+            return self._serve(conn, req.id, answer, now, wall)
         if isinstance(answer, Defer):
-            if answer.op in GET_OPS:
-                conn.waiting[answer.key] = [req.id]
-            self.to_trio(self.ops.defer, self, conn, req.id, answer)
-            return b""
+            slot = Slot(req.id, None)
+            pending = Pending(answer.key, slot)
+            if req.op == "get_token":
+                conn.waiting[answer.key] = pending
+            conn.pending.append(slot)
+            conn.paused = len(conn.pending) >= MAX_PENDING
+            self.to_trio(self.slow.defer, self, conn, pending, answer)
+            return None
         return conn.engine.answer(req.id, answer, now)
 
-    def _reply(self, conn: SandboxConnection, rid: str, outcome: Outcome, now: float) -> bytes:
+    def _reply(self, conn: SandboxConnection[S], rid: str, outcome: Outcome, now: float) -> bytes:
         if isinstance(outcome, Ready):
-            return self._serve(conn, rid, outcome, now)
+            return self._serve(conn, rid, outcome, now, self.wall())
         if isinstance(outcome, bytes):
             return conn.engine.answer(rid, outcome, now)
         return self._fail(conn, rid, "deferred", outcome, now)
 
-    def _serve(self, conn: SandboxConnection, rid: str, ready: Ready, now: float) -> bytes:
-        session = conn.session
-        wall = self.ops.wall()
-        self.ops.count_serve(session, ready, wall)
+    def _serve(
+        self, conn: SandboxConnection[S], rid: str, ready: Ready, now: float, wall: float
+    ) -> bytes:
+        state = conn.state
         key = ready.key
-        audit = session.audit.get(key)
+        self.core.count_serve(state, key, wall)
+        audit = state.audit.get(key)
         if audit is None or audit.is_new(ready.fp):
             if audit is not None:
-                self._log_count(session, key, audit, wall)
-            session.audit[key] = ServeAudit(ready.fp, ready.expiry)
-            self._log_served(session, key, ready.fp, ready.expiry, wall, 1)
+                self._log_count(state, key, audit, wall)
+            state.audit[key] = ServeAudit(ready.fp, ready.expiry)
+            self._log_served(state, key, ready.fp, ready.expiry, wall, 1)
         elif audit.count():
-            heapq.heappush(self._audits, (now + AUDIT_INTERVAL, next(self._seq), session, key))
+            heapq.heappush(self._audits, (now + AUDIT_INTERVAL, next(self._seq), state, key))
         return conn.engine.answer(rid, ready.served, now)
 
     def _log_served(
-        self, session: Any, key: Any, fp: str, expiry: float | None, wall: float, count: int
+        self, state: SessionState, key: Key, fp: str, expiry: float | None, wall: float, count: int
     ) -> None:
         """The audit line of *count* serves of one token (docs/design.md sections 1.3, 2.7)."""
         log.info(
             "token_served",
-            session=session.id,
+            session=state.id,
             provider=key.provider,
             bucket=key.bucket,
             fp=fp,
@@ -487,38 +655,38 @@ class FastPath:
             count=count,
         )
 
-    def _log_count(self, session: Any, key: Any, audit: ServeAudit, wall: float) -> None:
+    def _log_count(self, state: SessionState, key: Key, audit: ServeAudit, wall: float) -> None:
         count = audit.take()
         if count:
-            self._log_served(session, key, audit.fp, audit.expiry, wall, count)
+            self._log_served(state, key, audit.fp, audit.expiry, wall, count)
 
-    def _flush_audits(self, session: Any | None, now: float) -> None:
-        """Log the counted serves that are due (all of *session*'s, or all, when given)."""
-        wall = self.ops.wall()
-        if session is not None:
-            for key, audit in session.audit.items():
-                self._log_count(session, key, audit, wall)
+    def _flush_audits(self, state: SessionState | None, now: float) -> None:
+        """Log the counted serves that are due (all of *state*'s, or all, when given)."""
+        wall = self.wall()
+        if state is not None:
+            for key, counted in state.audit.items():
+                self._log_count(state, key, counted, wall)
             return
         heap = self._audits
         while heap and heap[0][0] <= now:
-            _, _, due_session, key = heapq.heappop(heap)
-            audit = due_session.audit.get(key)
+            _, _, due_state, key = heapq.heappop(heap)
+            audit = due_state.audit.get(key)
             if audit is not None:
-                self._log_count(due_session, key, audit, wall)
+                self._log_count(due_state, key, audit, wall)
 
     def _fail(
-        self, conn: SandboxConnection, rid: str, op: str, exc: CredproxyError, now: float
+        self, conn: SandboxConnection[S], rid: str, op: str, exc: CredproxyError, now: float
     ) -> bytes:
         if exc.code == "INTERNAL_ERROR":
             # Store and other host-side errors: the details (paths, causes) go
             # to the daemon log; the sandbox learns only that it failed.
-            log.error("request_failed", session=conn.session.id, op=op, error=str(exc))
+            log.error("request_failed", session=conn.state.id, op=op, error=str(exc))
         return conn.engine.fail(rid, exc, now)
 
     # -- writing -----------------------------------------------------------------
 
     def _write(
-        self, conn: SandboxConnection, data: bytes, now: float, *, close_after: bool = False
+        self, conn: SandboxConnection[S], data: bytes, now: float, *, close_after: bool = False
     ) -> None:
         if conn.closed:
             return
@@ -544,7 +712,7 @@ class FastPath:
         self._interest(conn)
         self._track(conn)
 
-    def _interest(self, conn: SandboxConnection) -> None:
+    def _interest(self, conn: SandboxConnection[S]) -> None:
         """Wait for what *conn* needs: room to write pending replies, else requests.
 
         Backpressure: while replies are pending, or the connection is paused
@@ -560,7 +728,7 @@ class FastPath:
             conn.mask = mask
             self._epoll.modify(conn.sock.fileno(), mask)
 
-    def _flush(self, conn: SandboxConnection, now: float) -> None:
+    def _flush(self, conn: SandboxConnection[S], now: float) -> None:
         try:
             sent = conn.sock.send(conn.out)
         except BlockingIOError:
@@ -575,7 +743,7 @@ class FastPath:
         if conn.close_when_flushed:
             self._close(conn, "handshake refused")
             return
-        if conn.eof and conn.engine.in_flight == 0:
+        if conn.eof and conn.engine.in_flight == 0 and not conn.pending:
             self._close(conn, "closed by peer")
             return
         self._interest(conn)
@@ -585,13 +753,13 @@ class FastPath:
 
     # -- deadlines and closing -------------------------------------------------
 
-    def _track(self, conn: SandboxConnection) -> None:
+    def _track(self, conn: SandboxConnection[S]) -> None:
         at = conn.deadline()
         if at < conn.heap_at:
             conn.heap_at = at
             heapq.heappush(self._heap, (at, next(self._seq), conn))
 
-    def _hand_over(self, conn: SandboxConnection, data: bytes) -> None:
+    def _hand_over(self, conn: SandboxConnection[S], data: bytes) -> None:
         """Give an HTTP connection, with what was read of it, to the trio side."""
         conn.closed = True  # for the loop it is gone; the socket lives on over there
         fd = conn.sock.fileno()
@@ -601,7 +769,7 @@ class FastPath:
         assert self.http is not None
         self.to_trio(self.http, conn.session, conn.sock, data)
 
-    def _close(self, conn: SandboxConnection, reason: str) -> None:
+    def _close(self, conn: SandboxConnection[S], reason: str) -> None:
         if conn.closed:
             return
         conn.closed = True
@@ -610,5 +778,5 @@ class FastPath:
         with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
         conn.sock.close()
-        log.debug("connection_closed", conn=conn.session.id, reason=reason)
-        self.to_trio(self.ops.connection_closed, conn.session, conn)
+        log.debug("connection_closed", conn=conn.state.id, reason=reason)
+        self.to_trio(self.slow.connection_closed, conn.session, conn)

@@ -9,8 +9,13 @@ Task tree of one session (all inside the session's cancel scope)::
          ├─ slow requests handed over by the serving loop
          └─ renewal timers (one per key served, started by its first serve)
 
-Closing a session is ``session.open = False`` (the serving loop checks it
-before every reply), a revoke sent to the serving loop (which closes its
+What the serving loop needs of a session (its grants, what it may be served
+at once, its profiles' current buckets) is a
+:class:`~credproxy.core.servecore.SessionState` that the loop owns: it is
+handed over with :class:`~credproxy.core.servecore.OpenSession` and changed
+only by commands from here on. Closing a session is ``session.open = False``
+(no slow request starts), :class:`~credproxy.core.servecore.CloseSession`
+sent to the loop (which serves nothing more to it and closes its
 connections), and one ``scope.cancel()``: the listener, the slow requests and
 every timer go with it, and its socket file is removed.
 """
@@ -21,10 +26,10 @@ import contextlib
 import os
 import secrets
 import socket as stdsocket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,9 +37,11 @@ from credproxy.core.failover import BucketMarks, Profile
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key
 from credproxy.core.renewal import RenewalTimer
-from credproxy.core.throttle import ServeAudit, Throttle
+from credproxy.core.servecore import CloseSession, Forget, OpenSession, SessionState
+from credproxy.core.throttle import Throttle
 from credproxy.errors import UsageError
 from credproxy.shell import logs
+from credproxy.shell.fastpath import FastPath, LoopStopped
 from credproxy.shell.server import (
     accept_forever,
     bind_unix,
@@ -45,8 +52,6 @@ from credproxy.shell.server import (
 )
 
 if TYPE_CHECKING:
-    from credproxy.shell.fastpath import FastPath
-    from credproxy.shell.handlers import Ready
     from credproxy.shell.tokens import Entry, Tokens
 
 log = logs.get("credproxy.sessions")
@@ -71,18 +76,12 @@ class Session:
     nursery: trio.Nursery | None = None
     connections: int = 0
     timers: dict[Key, tuple[RenewalTimer, trio.CancelScope]] = field(default_factory=dict)
-    served: dict[Key, list[float]] = field(default_factory=dict)  # key -> [count, last ms]
-    ready: dict[Key, Ready] = field(default_factory=dict)  # what the serving loop may answer
-    # Several accounts: the profile of each provider (None: no profile) and
-    # the index of the bucket get_token without a bucket starts from.
+    # Several accounts: the profile of each provider (None: no profile).
     profiles: dict[str, Profile | None] = field(default_factory=dict)
-    current: dict[str, int] = field(default_factory=dict)
     # Quota holds this session's sandbox reported: they hold for it alone.
     holds: dict[Key, BucketMarks] = field(default_factory=dict)
     # The last failover each profile logged: (served bucket, reasons), said once per change.
     failover_said: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
-    # Owned by the serving loop: serves counted but not yet logged (core/throttle.py).
-    audit: dict[Key, ServeAudit] = field(default_factory=dict)
     # At most one refused-connection line per interval; the next says how many were not logged.
     refusals: Throttle = field(default_factory=lambda: Throttle(REFUSAL_LOG_INTERVAL))
     closed: trio.Event = field(default_factory=trio.Event)
@@ -128,7 +127,7 @@ class Sessions:
     def __init__(
         self,
         directory: Path,
-        fast: FastPath,
+        fast: FastPath[Session],
         max_connections: int,
         nursery: trio.Nursery,
         *,
@@ -144,7 +143,7 @@ class Sessions:
         self.uid = os.getuid()
         self.by_id: dict[str, Session] = {}
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Session]:
         return iter(list(self.by_id.values()))
 
     def __len__(self) -> int:
@@ -183,6 +182,7 @@ class Sessions:
             created=self.wall(),
             on_change=self.on_change,
         )
+        self.fast.command(OpenSession(SessionState(sid, grants, capability)))
         await self.nursery.start(self._run, session)
         return session
 
@@ -193,13 +193,14 @@ class Sessions:
             return False
         self._revoke(session)
         await session.closed.wait()
+        with contextlib.suppress(LoopStopped):  # (a stopped loop serves nothing anyway)
+            await self.fast.ask(lambda core: None)  # the loop has closed its connections
         return True
 
     def _revoke(self, session: Session) -> None:
         if session.open:
             session.open = False
-            session.ready.clear()
-            self.fast.revoke(session)
+            self.fast.command(CloseSession(session.id))
         session.scope.cancel()
 
     async def _run(
@@ -298,10 +299,14 @@ class Sessions:
             session.connections += 1
             self.fast.add(stdsocket.socket(fileno=sock.detach()), session)
 
-    def token_changed(self, key: Key, still_stored: bool) -> int:
-        """The command line changed *key* in the store; returns the timers it stopped."""
-        for session in self.by_id.values():
-            session.ready.pop(key, None)
+    async def token_changed(self, key: Key, still_stored: bool) -> int:
+        """The command line changed *key* in the store; returns the timers it stopped.
+
+        Returns once the serving loop serves nothing from the old token.
+        """
+        self.fast.command(Forget(key))
+        with contextlib.suppress(LoopStopped):
+            await self.fast.ask(lambda core: None)
         if still_stored:
             # A new login: sessions whose renewal had ended (re-auth required,
             # gave up) schedule it again on their next get_token.
