@@ -76,7 +76,7 @@ def _cycle() -> list[str] | None:
 def test_the_walk_sees_the_imports_it_should() -> None:
     # A check of the walker itself: a module-level, a TYPE_CHECKING and a
     # function-level import, each known to be there.
-    assert "credproxy.core.servecore" in GRAPH["credproxy.shell.fastpath"]
+    assert "credproxy.core.servecore" in GRAPH["credproxy.shell.servingloop"]
     assert "credproxy.shell.tokens" in GRAPH["credproxy.shell.sessions"]  # TYPE_CHECKING
     assert "credproxy.shell.http" in GRAPH["credproxy.shell.daemon"]  # inside main()
     assert len(GRAPH) > 50

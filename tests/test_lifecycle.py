@@ -381,7 +381,7 @@ def test_stale_control_socket_is_reclaimed(dirs: Dirs, spawn: Spawn) -> None:
 
 def test_a_crash_of_the_serving_loop_stops_the_daemon_non_zero(dirs: Dirs, spawn: Spawn) -> None:
     """A bug in the serving loop (injected at its turn): the daemon exits 1 within a second, the client's socket closes, and the log says why; nothing is left half-alive."""
-    proc, stderr = serve(spawn, dirs, CREDPROXY_FAULT="crash:fastpath-turn")
+    proc, stderr = serve(spawn, dirs, CREDPROXY_FAULT="crash:serving-loop-turn")
     wait_event(stderr, "daemon_ready", proc)
     session = control(dirs, "open_session", {"grants": ["dev"], "watch_launcher": False})
     client = socket.socket(socket.AF_UNIX)
@@ -395,7 +395,7 @@ def test_a_crash_of_the_serving_loop_stops_the_daemon_non_zero(dirs: Dirs, spawn
         assert client.recv(4096) == b""  # closed, not left hanging
     client.close()
     events = [e.get("event") for e in log_events(stderr)]
-    assert "fastpath_crashed" in events
+    assert "serving_loop_crashed" in events
     (failed,) = [e for e in log_events(stderr) if e.get("event") == "daemon_failed"]
     assert "serving loop crashed" in failed["why"]
     assert events.index("daemon_failed") < events.index("daemon_stopped")

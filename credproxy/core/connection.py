@@ -19,7 +19,7 @@ pure bookkeeping over a ``now`` that the caller passes in (trio's clock, or
   id, and hide internal errors (their text goes to the daemon log, never to
   the peer).
 
-The caller (a driver: :mod:`credproxy.shell.fastpath` for sandbox sockets,
+The caller (a driver: :mod:`credproxy.shell.servingloop` for sandbox sockets,
 :mod:`credproxy.shell.streams` for the control socket) reads bytes, calls
 :meth:`receive_data` and :meth:`next_event` until :data:`NEED_DATA`, writes
 what it is given, calls :meth:`after_read` once per read, and closes the

@@ -9,7 +9,7 @@ per session (:class:`SessionState`): the grants, the tokens published for it
 (:class:`Ready`), each profile's current bucket, its own quota holds and its
 serve counts; and, for the daemon, the quota holds every session sees. Like
 h11's ``Connection``, it does no I/O and reads no clock: the serving loop
-(``shell/fastpath.py``) owns the one instance, asks it about each request with
+(``shell/servingloop.py``) owns the one instance, asks it about each request with
 the time of the turn, and is the only thread that mutates it.
 
 The trio side, where refreshes, the failover walk, the store and the API

@@ -43,7 +43,6 @@ from credproxy.core.oauth import TokenEndpoint
 from credproxy.core.servecore import Hold, Release, ServingCore
 from credproxy.errors import CredproxyError, StoreError
 from credproxy.shell import faults, logs, paths, systemd
-from credproxy.shell.fastpath import FastPath
 from credproxy.shell.handlers import ControlOps, SandboxOps
 from credproxy.shell.http import ApiClient
 from credproxy.shell.proxy import ApiProxy
@@ -54,6 +53,7 @@ from credproxy.shell.server import (
     peer_credentials,
     refuse,
 )
+from credproxy.shell.servingloop import ServingLoop
 from credproxy.shell.sessions import Session, Sessions
 from credproxy.shell.store import TokenStore
 from credproxy.shell.streams import serve_stream
@@ -87,7 +87,7 @@ class Daemon:
         store: TokenStore,
         tokens: Tokens,
         sessions: Sessions,
-        fast: FastPath[Session],
+        loop: ServingLoop[Session],
         ops: SandboxOps,
         *,
         wall_clock: Callable[[], float],
@@ -97,7 +97,7 @@ class Daemon:
         self.store = store
         self.tokens = tokens
         self.sessions = sessions
-        self.fast = fast
+        self.loop = loop
         self.ops = ops
         self.wall = wall_clock
         self.idle_exit = idle_exit
@@ -148,8 +148,8 @@ class Daemon:
         # The serving loop drops them too, and every profile of *provider*
         # starts again from its first bucket (fill-first comes back); in
         # effect by the time this returns.
-        self.fast.command(Release(provider, bucket))
-        await self.fast.ask(lambda core: None)
+        self.loop.command(Release(provider, bucket))
+        await self.loop.ask(lambda core: None)
         log.info("holds_released", provider=provider, bucket=bucket, released=ended)
         return ended
 
@@ -277,9 +277,9 @@ class Daemon:
                 save_failures=health.save_failures,
             )
         nexts = [
-            s.timers[key][0].deadline
+            deadline
             for s in self.sessions
-            if key in s.timers and s.timers[key][0].deadline is not None
+            if key in s.timers and (deadline := s.timers[key][0].deadline) is not None
         ]
         out["next_renewal"] = iso(min(nexts)) if nexts else None
         return out
@@ -396,12 +396,12 @@ async def serve(
             _refreshes(cfg, store, endpoint, wall_clock, boot_clock, rng)
         )
         main = await stack.enter_async_context(trio.open_nursery())
-        fast, ops, proxy = _serving_parts(
+        loop, ops, proxy = _serving_parts(
             cfg, tokens, store, api_client, wall_clock, boot_clock, serving_thread, on_crash=fail
         )
         main.start_soon(proxy.hangups.run)
-        daemon = _daemon(cfg, store, tokens, fast, ops, main, runtime, wall_clock, idle_exit)
-        stack.enter_context(_serving_loop(fast, main, serving_thread))  # out: stop its thread
+        daemon = _daemon(cfg, store, tokens, loop, ops, main, runtime, wall_clock, idle_exit)
+        stack.enter_context(_serving_loop(loop, main, serving_thread))  # out: stop its thread
         _start_control(daemon, main, listeners, sigs)
         await _until_stopped(daemon, main, listeners, control_path, not inherited, task_status)
     if daemon is not None and daemon.failure is not None:
@@ -521,8 +521,8 @@ def _serving_parts(
     serving_thread: bool,
     *,
     on_crash: Callable[[str], None],
-) -> tuple[FastPath[Session], SandboxOps, ApiProxy]:
-    """Build the serving loop (:class:`FastPath`), its :class:`SandboxOps`, and the API proxy.
+) -> tuple[ServingLoop[Session], SandboxOps, ApiProxy]:
+    """Build the serving loop (:class:`ServingLoop`), its :class:`SandboxOps`, and the API proxy.
 
     Nothing starts here: :func:`_serving_loop` starts the loop, and the caller
     the proxy's hang-up watch. In its own thread the loop reaches trio through
@@ -546,7 +546,7 @@ def _serving_parts(
         to_trio, clock = trio.lowlevel.current_trio_token().run_sync_soon, time.monotonic
     else:
         to_trio, clock = _call_now, trio.current_time
-    fast = FastPath(
+    loop = ServingLoop(
         ServingCore(cfg.providers),
         sandbox_ops,
         cfg.limits,
@@ -558,20 +558,20 @@ def _serving_parts(
         on_crash=on_crash,
         fault=store.fault,
     )
-    sandbox_ops.loop = fast
+    sandbox_ops.loop = loop
 
     def hold_changed(key: Key, marks: BucketMarks | None) -> None:
-        fast.command(Hold(key, None if marks is None else marks.quota_until))
+        loop.command(Hold(key, None if marks is None else marks.quota_until))
 
     tokens.holds.on_change = hold_changed  # the loop sees the daemon's holds as they change
-    return fast, sandbox_ops, proxy
+    return loop, sandbox_ops, proxy
 
 
 def _daemon(
     cfg: Config,
     store: TokenStore,
     tokens: Tokens,
-    fast: FastPath[Session],
+    loop: ServingLoop[Session],
     ops: SandboxOps,
     main: trio.Nursery,
     runtime: Path,
@@ -582,35 +582,35 @@ def _daemon(
     daemon: Daemon | None = None
     sessions = Sessions(
         runtime / "s",
-        fast,
+        loop,
         cfg.limits.max_connections,
         main,
         wall_clock=wall_clock,
         on_change=_status_notifier(lambda: daemon.sessions if daemon else None),
     )
     daemon = Daemon(
-        cfg, store, tokens, sessions, fast, ops, wall_clock=wall_clock, idle_exit=idle_exit
+        cfg, store, tokens, sessions, loop, ops, wall_clock=wall_clock, idle_exit=idle_exit
     )
     return daemon
 
 
 @contextlib.contextmanager
 def _serving_loop(
-    fast: FastPath[Session], main: trio.Nursery, serving_thread: bool
+    loop: ServingLoop[Session], main: trio.Nursery, serving_thread: bool
 ) -> Iterator[None]:
     """Start the serving loop: its own thread (stopped and joined on the way out), or a task.
 
     As a task of *main* it stops when the main nursery is cancelled.
     """
     if not serving_thread:
-        main.start_soon(fast.run_in_trio)
+        main.start_soon(loop.run_in_trio)
         yield
         return
-    fast.start_thread()
+    loop.start_thread()
     try:
         yield
     finally:
-        fast.stop()
+        loop.stop()
 
 
 def _start_control(

@@ -54,7 +54,7 @@ from credproxy.errors import (
     UsageError,
 )
 from credproxy.shell import logs
-from credproxy.shell.fastpath import FastPath, Pending, SandboxConnection
+from credproxy.shell.servingloop import Pending, SandboxConnection, ServingLoop
 from credproxy.shell.sessions import Session, Sessions
 from credproxy.shell.store import TokenStore
 from credproxy.shell.tokens import Entry, Tokens
@@ -69,7 +69,7 @@ class SandboxOps:
     ``loop`` is the serving loop this answers to (set once both exist).
     """
 
-    loop: FastPath[Session]
+    loop: ServingLoop[Session]
 
     def __init__(
         self,
@@ -328,7 +328,7 @@ class SandboxOps:
 
     def defer(
         self,
-        loop: FastPath[Session],
+        loop: ServingLoop[Session],
         conn: SandboxConnection[Session],
         pending: Pending,
         deferred: Defer,
@@ -338,24 +338,24 @@ class SandboxOps:
         if not session.open or session.nursery is None:
             loop.deliver(conn, pending, NotFound("session closed"))
             return
-        session.nursery.start_soon(self._run_slow, loop, conn, pending, deferred)
+        session.nursery.start_soon(self._finish, loop, conn, pending, deferred)
 
-    async def _run_slow(
+    async def _finish(
         self,
-        loop: FastPath[Session],
+        loop: ServingLoop[Session],
         conn: SandboxConnection[Session],
         pending: Pending,
         deferred: Defer,
     ) -> None:
         with trio.CancelScope() as scope:
-            conn.slow_scopes.add(scope)
+            conn.finishing.add(scope)
             try:
-                outcome = await self.slow(conn.session, deferred)
+                outcome = await self.finish(conn.session, deferred)
             finally:
-                conn.slow_scopes.discard(scope)
+                conn.finishing.discard(scope)
             loop.deliver(conn, pending, outcome)
 
-    async def slow(self, session: Session, deferred: Defer) -> Outcome:
+    async def finish(self, session: Session, deferred: Defer) -> Outcome:
         """The answer to a deferred request: a token to serve, data, or the error."""
         op, key = deferred.op, deferred.key
         try:
@@ -396,7 +396,7 @@ class SandboxOps:
         """The serving loop closed a connection (in the trio thread)."""
         session.connection_closed()
         if conn is not None:
-            for scope in conn.slow_scopes:
+            for scope in conn.finishing:
                 scope.cancel()
 
 

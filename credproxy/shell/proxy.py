@@ -5,7 +5,7 @@ Theory of operation
 
 A session socket answers two protocols, told apart by the first byte: a frame
 header starts with 0x00 (frames are at most 64 KiB), an HTTP request line with
-a letter. The serving loop (:mod:`credproxy.shell.fastpath`) hands an HTTP
+a letter. The serving loop (:mod:`credproxy.shell.servingloop`) hands an HTTP
 connection, with the bytes it has read, to :meth:`ApiProxy.serve`, which
 parses HTTP/1.1 with h11 (never by hand) and forwards::
 

@@ -1,7 +1,7 @@
 """Unix-socket listeners: private directories, binding, peer credentials (trio shell).
 
 What happens on a connection once it is accepted lives in
-:mod:`credproxy.shell.fastpath` (sandbox sockets) and
+:mod:`credproxy.shell.servingloop` (sandbox sockets) and
 :mod:`credproxy.shell.streams` (the control socket).
 """
 

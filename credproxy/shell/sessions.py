@@ -41,7 +41,6 @@ from credproxy.core.servecore import CloseSession, Forget, OpenSession, SessionS
 from credproxy.core.throttle import Throttle
 from credproxy.errors import UsageError
 from credproxy.shell import logs
-from credproxy.shell.fastpath import FastPath, LoopStopped
 from credproxy.shell.server import (
     accept_forever,
     bind_unix,
@@ -50,6 +49,7 @@ from credproxy.shell.server import (
     peer_credentials,
     refuse,
 )
+from credproxy.shell.servingloop import LoopStopped, ServingLoop
 
 if TYPE_CHECKING:
     from credproxy.shell.tokens import Entry, Tokens
@@ -117,7 +117,7 @@ class Sessions:
 
     Args:
         directory: where session sockets are bound.
-        fast: the serving loop of every sandbox connection.
+        loop: the serving loop of every sandbox connection.
         max_connections: open connections per session.
         nursery: where session supervisors run.
         wall_clock: epoch seconds.
@@ -127,7 +127,7 @@ class Sessions:
     def __init__(
         self,
         directory: Path,
-        fast: FastPath[Session],
+        loop: ServingLoop[Session],
         max_connections: int,
         nursery: trio.Nursery,
         *,
@@ -135,7 +135,7 @@ class Sessions:
         on_change: Callable[[], None],
     ) -> None:
         self.directory = directory
-        self.fast = fast
+        self.loop = loop
         self.max_connections = max_connections
         self.nursery = nursery
         self.wall = wall_clock
@@ -182,7 +182,7 @@ class Sessions:
             created=self.wall(),
             on_change=self.on_change,
         )
-        self.fast.command(OpenSession(SessionState(sid, grants, capability)))
+        self.loop.command(OpenSession(SessionState(sid, grants, capability)))
         await self.nursery.start(self._run, session)
         return session
 
@@ -194,13 +194,13 @@ class Sessions:
         self._revoke(session)
         await session.closed.wait()
         with contextlib.suppress(LoopStopped):  # (a stopped loop serves nothing anyway)
-            await self.fast.ask(lambda core: None)  # the loop has closed its connections
+            await self.loop.ask(lambda core: None)  # the loop has closed its connections
         return True
 
     def _revoke(self, session: Session) -> None:
         if session.open:
             session.open = False
-            self.fast.command(CloseSession(session.id))
+            self.loop.command(CloseSession(session.id))
         session.scope.cancel()
 
     async def _run(
@@ -297,16 +297,16 @@ class Sessions:
                 )
                 continue
             session.connections += 1
-            self.fast.add(stdsocket.socket(fileno=sock.detach()), session)
+            self.loop.add(stdsocket.socket(fileno=sock.detach()), session)
 
     async def token_changed(self, key: Key, still_stored: bool) -> int:
         """The command line changed *key* in the store; returns the timers it stopped.
 
         Returns once the serving loop serves nothing from the old token.
         """
-        self.fast.command(Forget(key))
+        self.loop.command(Forget(key))
         with contextlib.suppress(LoopStopped):
-            await self.fast.ask(lambda core: None)
+            await self.loop.ask(lambda core: None)
         if still_stored:
             # A new login: sessions whose renewal had ended (re-auth required,
             # gave up) schedule it again on their next get_token.

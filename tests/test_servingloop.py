@@ -1,4 +1,4 @@
-"""The serving loop's edges (``credproxy.shell.fastpath``), against the live in-process daemon.
+"""The serving loop's edges (``credproxy.shell.servingloop``), against the live in-process daemon.
 
 Every test talks to the real daemon over real Unix sockets and asserts what a
 sandbox or a person could observe: the bytes and replies on the socket, the
@@ -634,10 +634,10 @@ async def test_thread_mode_a_connection_handed_over_after_the_loop_stopped_is_cl
     h = await start_daemon(serving_thread=True)
     h.login()
     s = await h.session("dev")
-    h.daemon.fast.stop()
+    h.daemon.loop.stop()
     left, right = socket.socketpair(socket.AF_UNIX)
     s.connections += 1  # as the accept loop counts it before the hand-over
-    h.daemon.fast.add(left, s)
+    h.daemon.loop.add(left, s)
     with trio.fail_after(5):
         while s.connections:
             await trio.sleep(0.01)

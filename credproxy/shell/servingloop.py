@@ -32,9 +32,9 @@ expire, re-pushed when that instant passes and the connection is still alive.
 What a request gets is decided by the serving core
 (:class:`~credproxy.core.servecore.ServingCore`), which this loop owns: no
 other thread reads or writes it. The trio side changes it only through
-commands (:meth:`FastPath.command`), applied at the start of the next turn, in
+commands (:meth:`ServingLoop.command`), applied at the start of the next turn, in
 the order they were sent, before anything more is read; it asks about it
-through :meth:`FastPath.ask`, which runs a function in this loop and hands the
+through :meth:`ServingLoop.ask`, which runs a function in this loop and hands the
 result back. The only things the two threads share are the command queue and
 its lock.
 
@@ -82,7 +82,7 @@ from credproxy.errors import CredproxyError, ProtocolError
 from credproxy.shell import logs
 from credproxy.shell.faults import NO_FAULTS, Faults
 
-log = logs.get("credproxy.fastpath")
+log = logs.get("credproxy.servingloop")
 
 RECV_SIZE = 65_536
 BATCH = 64  # requests answered per connection per wake-up before the others get their turn
@@ -131,6 +131,7 @@ class SandboxConnection(Generic[S]):
         "closed",
         "engine",
         "eof",
+        "finishing",
         "fresh",
         "heap_at",
         "mask",
@@ -139,7 +140,6 @@ class SandboxConnection(Generic[S]):
         "pending",
         "send_deadline",
         "session",
-        "slow_scopes",
         "sock",
         "state",
         "waiting",
@@ -163,18 +163,18 @@ class SandboxConnection(Generic[S]):
         self.mask = _IN  # what the epoll set waits for on this connection
         self.pending: collections.deque[Slot] = collections.deque()  # replies in request order
         self.waiting: dict[Key, Pending] = {}  # get_token key -> the answer its requests share
-        self.slow_scopes: set[trio.CancelScope] = set()  # touched by the trio side only
+        self.finishing: set[trio.CancelScope] = set()  # touched by the trio side only
 
     def deadline(self) -> float:
         return min(self.engine.deadline(), self.send_deadline)
 
 
-class SlowSide(Protocol[S]):
+class TrioSide(Protocol[S]):
     """What the loop hands to the trio side (``handlers.SandboxOps``)."""
 
     def defer(
         self,
-        loop: FastPath[S],
+        loop: ServingLoop[S],
         conn: SandboxConnection[S],
         pending: Pending,
         deferred: Defer,
@@ -208,12 +208,12 @@ class LoopStopped(CredproxyError):
     """The serving loop is not running (the daemon is stopping)."""
 
 
-class FastPath(Generic[S]):
+class ServingLoop(Generic[S]):
     """The loop over all sandbox connections (see the module docstring).
 
     Args:
         core: the serving core this loop owns from now on.
-        slow: the trio side's part of requests that may wait.
+        trio_side: the trio side's part of requests that may wait.
         limits: per-connection limits.
         to_trio: runs a callable in the trio thread soon (``run_sync_soon``, or
             a direct call when the loop is itself a trio task).
@@ -228,7 +228,7 @@ class FastPath(Generic[S]):
     def __init__(
         self,
         core: ServingCore,
-        slow: SlowSide[S],
+        trio_side: TrioSide[S],
         limits: Limits,
         *,
         to_trio: Callable[..., None],
@@ -240,7 +240,7 @@ class FastPath(Generic[S]):
         fault: Faults = NO_FAULTS,
     ) -> None:
         self.core = core
-        self.slow = slow
+        self.trio_side = trio_side
         self.http = http
         self.on_crash = on_crash
         self.fault = fault
@@ -314,7 +314,7 @@ class FastPath(Generic[S]):
         with contextlib.suppress(RuntimeError):  # trio.RunFinishedError: trio is gone too
             if isinstance(command, _Add):
                 command.sock.close()
-                self.to_trio(self.slow.connection_closed, command.session, None)
+                self.to_trio(self.trio_side.connection_closed, command.session, None)
             elif isinstance(command, _Ask):
                 self.to_trio(command.reply, LoopStopped("the daemon is stopping"))
 
@@ -323,7 +323,7 @@ class FastPath(Generic[S]):
     def start_thread(self) -> None:
         """Run the loop in its own thread until :meth:`stop`."""
         self._thread = threading.Thread(
-            target=self._run_thread, name="credproxy-fastpath", daemon=True
+            target=self._run_thread, name="credproxy-serving-loop", daemon=True
         )
         self._thread.start()
 
@@ -344,7 +344,7 @@ class FastPath(Generic[S]):
                 events = self._epoll.poll(-1 if timeout is None else timeout)
                 self._turn(events)
         except Exception as exc:  # a bug: say so, and stop the daemon rather than half-serve
-            log.exception("fastpath_crashed")
+            log.exception("serving_loop_crashed")
             if self.on_crash is not None:
                 # Nothing is served from here on: the daemon exits non-zero
                 # (systemd restarts it) instead of accepting connections that
@@ -402,7 +402,7 @@ class FastPath(Generic[S]):
             try:
                 self._run_command(command, now)
             except Exception:  # a bug: logged; the loop and every other connection go on
-                log.exception("fastpath_command_failed", command=type(command).__name__)
+                log.exception("serving_loop_command_failed", command=type(command).__name__)
         conns = self._conns
         if self._backlog:
             backlog, self._backlog = self._backlog, []
@@ -417,7 +417,9 @@ class FastPath(Generic[S]):
             ready = conns.get(fd)
             if ready is None:
                 continue
-            self.fault("fastpath-turn")  # (the crash tests: a bug of the loop, not of a connection)
+            self.fault(
+                "serving-loop-turn"
+            )  # (the crash tests: a bug of the loop, not of a connection)
             if mask & _OUT:
                 self._guarded(self._flush, ready, now)
             elif mask & (_IN | select.EPOLLHUP | select.EPOLLERR):
@@ -472,7 +474,7 @@ class FastPath(Generic[S]):
         state = self.core.sessions.get(session.id)
         if state is None or not state.open:
             sock.close()
-            self.to_trio(self.slow.connection_closed, session, None)
+            self.to_trio(self.trio_side.connection_closed, session, None)
             return
         engine = Connection(self.limits, now, capability=state.capability)
         conn = SandboxConnection(sock, session, state, engine)
@@ -587,7 +589,7 @@ class FastPath(Generic[S]):
         try:
             answer = self.core.request(state, req.op, req.payload, wall, boot)
             if isinstance(answer, Read):
-                answer = self.slow.read(state, answer)
+                answer = self.trio_side.read(state, answer)
         except CredproxyError as exc:
             return self._fail(conn, req.id, req.op, exc, now)
         except Exception:
@@ -614,7 +616,7 @@ class FastPath(Generic[S]):
                 conn.waiting[answer.key] = pending
             conn.pending.append(slot)
             conn.paused = len(conn.pending) >= MAX_PENDING
-            self.to_trio(self.slow.defer, self, conn, pending, answer)
+            self.to_trio(self.trio_side.defer, self, conn, pending, answer)
             return None
         return conn.engine.answer(req.id, answer, now)
 
@@ -779,4 +781,4 @@ class FastPath(Generic[S]):
             self._epoll.unregister(fd)
         conn.sock.close()
         log.debug("connection_closed", conn=conn.state.id, reason=reason)
-        self.to_trio(self.slow.connection_closed, conn.session, conn)
+        self.to_trio(self.trio_side.connection_closed, conn.session, conn)
