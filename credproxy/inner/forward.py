@@ -141,8 +141,23 @@ if TYPE_CHECKING:
 
 USAGE = (
     "usage: credproxy forward [--port N] [--provider P[:BUCKET]]... "
-    "[--env NAME=P[:BUCKET]]... -- CMD [ARGS...]"
+    "[--env NAME=P[:BUCKET]]... [--metadata P[:BUCKET] [--metadata-port N] "
+    "[--metadata-email E] [--metadata-project ID] [--metadata-scopes S,...]] -- CMD [ARGS...]"
 )
+OPTIONS = (
+    "--port",
+    "--provider",
+    "--env",
+    "--metadata",
+    "--metadata-port",
+    "--metadata-email",
+    "--metadata-project",
+    "--metadata-scopes",
+)
+# What CMD gets with --metadata: google-auth reads GCE_METADATA_HOST (else the older
+# GCE_METADATA_ROOT) for its requests and GCE_METADATA_IP for its ping; Node's
+# gcp-metadata reads GCE_METADATA_IP, then GCE_METADATA_HOST; Go's reads GCE_METADATA_HOST.
+METADATA_VARS = ("GCE_METADATA_HOST", "GCE_METADATA_ROOT", "GCE_METADATA_IP")
 HOST = "127.0.0.1"
 BUFSIZE = 64 * 1024
 CONNECT_TIMEOUT = 10.0  # seconds to wait for the session socket to accept a connection
@@ -177,15 +192,28 @@ class ForwardUsage(CredproxyError):
 # --- the command line and the environment (pure) -------------------------------
 
 
-def parse_args(argv: Sequence[str]) -> tuple[int, list[str], list[tuple[str, str]], list[str]]:
-    """``(port, providers, [(NAME, provider)], cmd)`` from the arguments after ``forward``.
+class Options:
+    """What the command line says (see :func:`parse_args`)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.providers: list[str] = []
+        self.env_map: list[tuple[str, str]] = []
+        self.cmd: list[str] = []
+        self.metadata: str | None = None  # the grant the metadata server serves
+        self.metadata_port = 0
+        self.metadata_email: str | None = None
+        self.metadata_project: str | None = None
+        self.metadata_scopes: list[str] | None = None
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """The options and CMD from the arguments after ``forward``.
 
     Options come first; CMD starts after ``--`` or at the first argument that
     is not an option. Raises :class:`ForwardUsage`.
     """
-    port = 0
-    providers: list[str] = []
-    env_map: list[tuple[str, str]] = []
+    opts = Options()
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -195,29 +223,71 @@ def parse_args(argv: Sequence[str]) -> tuple[int, list[str], list[tuple[str, str
         if not arg.startswith("-"):
             break
         name, eq, value = arg.partition("=")
-        if name not in ("--port", "--provider", "--env"):
+        if name not in OPTIONS:
             raise ForwardUsage(f"unknown option {arg}")
         if not eq:
             i += 1
             if i == len(argv):
                 raise ForwardUsage(f"{name} needs a value")
             value = argv[i]
-        if name == "--port":
+        if name in ("--port", "--metadata-port"):
             if not (value.isascii() and value.isdigit() and int(value) <= 65535):
-                raise ForwardUsage(f"--port wants a number from 0 to 65535, not {value!r}")
-            port = int(value)
+                raise ForwardUsage(f"{name} wants a number from 0 to 65535, not {value!r}")
+            if name == "--port":
+                opts.port = int(value)
+            else:
+                opts.metadata_port = int(value)
         elif name == "--provider":
-            providers.append(_check_grant(value))
-        else:
+            opts.providers.append(_check_grant(value))
+        elif name == "--env":
             var, eq, grant = value.partition("=")
             if not eq or not var or var[0].isdigit() or not _VAR_CHARS.issuperset(var):
                 raise ForwardUsage(f"--env wants NAME=PROVIDER[:BUCKET], not {value!r}")
-            env_map.append((var, _check_grant(grant)))
+            opts.env_map.append((var, _check_grant(grant)))
+        elif name == "--metadata":
+            if opts.metadata is not None:
+                raise ForwardUsage("--metadata is given twice (the metadata server serves one)")
+            opts.metadata = _check_grant(value)
+        elif name == "--metadata-scopes":
+            scopes = value.split(",")
+            if not all(_metadata_value(s) for s in scopes):
+                raise ForwardUsage(
+                    "--metadata-scopes wants SCOPE[,SCOPE...], each printable ASCII "
+                    f"without spaces, not {value!r}"
+                )
+            opts.metadata_scopes = scopes
+        else:
+            if not _metadata_value(value) or "/" in value:
+                raise ForwardUsage(
+                    f"{name} wants printable ASCII without spaces or '/', not {value!r}"
+                )
+            if name == "--metadata-email":
+                opts.metadata_email = value
+            else:
+                opts.metadata_project = value
         i += 1
-    cmd = list(argv[i:])
-    if not cmd:
+    opts.cmd = list(argv[i:])
+    if not opts.cmd:
         raise ForwardUsage("CMD is required")
-    return port, providers, env_map, cmd
+    if opts.metadata is None:
+        given = [
+            name
+            for name, value in (
+                ("--metadata-port", opts.metadata_port or None),
+                ("--metadata-email", opts.metadata_email),
+                ("--metadata-project", opts.metadata_project),
+                ("--metadata-scopes", opts.metadata_scopes),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ForwardUsage(f"{given[0]} needs --metadata PROVIDER[:BUCKET]")
+    return opts
+
+
+def _metadata_value(value: str) -> bool:
+    """Printable ASCII without spaces, at most 256 characters (a served value)."""
+    return 0 < len(value) <= 256 and value.isascii() and value.isprintable() and " " not in value
 
 
 def _check_grant(value: str) -> str:
@@ -558,21 +628,36 @@ class _Relay:
             self.upstream.shutdown(socket.SHUT_RDWR)
 
 
-class Forwarder:
-    """Accepts TCP connections on *listener* and relays each to the socket at *path*.
+class Notes:
+    """Notes on stderr, each kind the first time only (CMD's terminal is not ours to flood).
 
-    Only connections from this process's uid are relayed, each after the
-    preamble that presents *capability* (see the module docstring).
+    One is shared by forward's ports, so a refusal is noted once for both.
     """
 
-    def __init__(self, listener: socket.socket, path: str, capability: str | None = None) -> None:
-        self.listener = listener
-        self.path = path
-        self.uid = os.getuid()
-        self.preamble = preamble(self.port, capability)
-        self._closing = threading.Event()
+    def __init__(self) -> None:
         self._noted: set[str] = set()
-        self._note_lock = threading.Lock()
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, message: str) -> None:
+        with self._lock:
+            if kind in self._noted:
+                return
+            self._noted.add(kind)
+        print(f"credproxy forward: {message}", file=sys.stderr)
+
+
+class Listener:
+    """Accepts TCP connections on *listener*: this uid's go to :meth:`_handle`, others get 403.
+
+    Each accepted connection gets a thread of its own; see the module docstring
+    for who may connect and what a refused connection gets.
+    """
+
+    def __init__(self, listener: socket.socket, notes: Notes | None = None) -> None:
+        self.listener = listener
+        self.uid = os.getuid()
+        self.notes = notes if notes is not None else Notes()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
 
     @property
@@ -609,23 +694,11 @@ class Forwarder:
         if uid != self.uid:
             self._refuse(client, uid)
             return
-        with contextlib.suppress(OSError):  # SSE events are small writes: send them at once
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            upstream.settimeout(CONNECT_TIMEOUT)
-            upstream.connect(self.path)
-            upstream.sendall(self.preamble)  # a few dozen bytes: never blocks for long
-            upstream.settimeout(None)
-        except OSError as exc:
-            upstream.close()
-            client.close()
-            self._note(
-                "unreachable",
-                f"cannot reach credproxy at {self.path}: {exc.strerror or exc} (connection closed)",
-            )
-            return
-        _Relay(client, upstream).run()
+        self._handle(client)
+
+    def _handle(self, client: socket.socket) -> None:
+        """Serve *client*, a connection from this uid, and close it."""
+        raise NotImplementedError
 
     def _refuse(self, client: socket.socket, uid: int | None) -> None:
         """Answer 403, then read what the tool sends until it closes, and close.
@@ -658,11 +731,60 @@ class Forwarder:
 
     def _note(self, kind: str, message: str) -> None:
         """*message* on stderr, the first time something of this *kind* happens."""
-        with self._note_lock:  # CMD's terminal is not ours to flood
-            if kind in self._noted:
-                return
-            self._noted.add(kind)
-        print(f"credproxy forward: {message}", file=sys.stderr)
+        self.notes(kind, message)
+
+
+class Forwarder(Listener):
+    """Relays each connection of this uid on *listener* to the socket at *path*.
+
+    Each relayed connection begins with the preamble that presents
+    *capability* (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        path: str,
+        capability: str | None = None,
+        notes: Notes | None = None,
+    ) -> None:
+        super().__init__(listener, notes)
+        self.path = path
+        self.preamble = preamble(self.port, capability)
+
+    def _handle(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # SSE events are small writes: send them at once
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.settimeout(CONNECT_TIMEOUT)
+            upstream.connect(self.path)
+            upstream.sendall(self.preamble)  # a few dozen bytes: never blocks for long
+            upstream.settimeout(None)
+        except OSError as exc:
+            upstream.close()
+            client.close()
+            self._note(
+                "unreachable",
+                f"cannot reach credproxy at {self.path}: {exc.strerror or exc} (connection closed)",
+            )
+            return
+        _Relay(client, upstream).run()
+
+
+class MetadataPort(Listener):
+    """The metadata server's port: each connection of this uid goes to *server*.
+
+    *server* is a :class:`credproxy.inner.metadata.MetadataServer` (imported by
+    :func:`main` only when ``--metadata`` is given).
+    """
+
+    def __init__(self, listener: socket.socket, server: Any, notes: Notes | None = None) -> None:
+        super().__init__(listener, notes)
+        self.server = server
+
+    def _handle(self, client: socket.socket) -> None:
+        self.server.serve(client)
 
 
 def listen(port: int) -> socket.socket:
@@ -747,28 +869,57 @@ def _terminal_foreground() -> bool:
     return False
 
 
+def metadata_env(port: int) -> dict[str, str]:
+    """The variables that point CMD's Google client libraries at the metadata server."""
+    return dict.fromkeys(METADATA_VARS, f"{HOST}:{port}")
+
+
 def main(argv: list[str]) -> int:
     """``credproxy forward ...``: see the module docstring."""
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         print("Listen on 127.0.0.1:N, relay each connection to $CREDPROXY_SOCKET, run CMD")
         print("with ANTHROPIC_BASE_URL/OPENAI_BASE_URL/... pointing there; exit with its status.")
-        print("Only connections from processes of this uid are relayed; others get 403.")
+        print("--metadata P[:BUCKET] also serves a GCE metadata server (GCE_METADATA_HOST) on a")
+        print("second port, with P's token for google-auth and other Google client libraries.")
+        print("Only connections from processes of this uid are served; others get 403.")
         return EXIT_OK
+    metadata_listener = None
     try:
-        port, providers, env_map, cmd = parse_args(argv)
-        base_url_env(port, providers, env_map)  # usage errors before anything is opened
+        opts = parse_args(argv)
+        base_url_env(opts.port, opts.providers, opts.env_map)  # usage errors before anything opens
         path = session_socket()
-        listener = listen(port)
+        listener = listen(opts.port)
+        if opts.metadata is not None:
+            try:
+                metadata_listener = listen(opts.metadata_port)
+            except CredproxyError:
+                listener.close()
+                raise
     except CredproxyError as exc:
         hint = f" ({USAGE})" if isinstance(exc, ForwardUsage) else ""
         print(f"credproxy forward: {exc}{hint}", file=sys.stderr)
         return exc.exit_code
     capability, fd = session_capability()
-    forwarder = Forwarder(listener, path, capability)
+    notes = Notes()
+    ports: list[Listener] = [Forwarder(listener, path, capability, notes)]
+    env = dict(os.environ, **base_url_env(ports[0].port, opts.providers, opts.env_map))
+    if metadata_listener is not None and opts.metadata is not None:
+        from credproxy.inner.metadata import MetadataServer, Settings
+
+        settings = Settings(
+            opts.metadata,
+            email=opts.metadata_email,
+            project=opts.metadata_project,
+            scopes=opts.metadata_scopes,
+        )
+        server = MetadataServer(settings, path, capability, notes)
+        ports.append(MetadataPort(metadata_listener, server, notes))
+        env.update(metadata_env(ports[1].port))
     try:
-        env = dict(os.environ, **base_url_env(forwarder.port, providers, env_map))
-        forwarder.start()
-        return run_child(cmd, env, () if fd is None else (fd,))
+        for port in ports:
+            port.start()
+        return run_child(opts.cmd, env, () if fd is None else (fd,))
     finally:
-        forwarder.close()
+        for port in ports:
+            port.close()
