@@ -367,6 +367,7 @@ class Harness:
     wall: WallClock
     dirs: Dirs
     peers: list[Peer] = field(default_factory=list)
+    issuers: devidp.DevIssuers | None = None  # the signing grants' issuers, when asked for
 
     async def session(
         self, *grants: str, allow_uids: tuple[int, ...] = (), capability: bytes | None = None
@@ -398,7 +399,9 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
     """Start the real daemon in this test's trio loop; returns a :class:`Harness`.
 
     Keyword arguments are config sections (``limits={...}``, ``renewal={...}``);
-    ``lifetime=`` sets the IdP's access-token lifetime. A provider named
+    ``lifetime=`` sets the IdP's access-token lifetime; ``issuers=True`` serves
+    the signing grants' development issuers beside it (``h.issuers``, at the
+    IdP's base URL). A provider named
     ``dev`` points at the in-loop development IdP. ``serving_thread=True``
     runs the serving loop in its own thread, as ``credproxy serve`` does; its
     clocks are then the real ones (not for ``autojump_clock`` tests).
@@ -408,12 +411,19 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
     harnesses: list[Harness] = []
 
     async def start(
-        lifetime: float = 3600, *, serving_thread: bool = False, **sections: Any
+        lifetime: float = 3600,
+        *,
+        serving_thread: bool = False,
+        issuers: bool = False,
+        **sections: Any,
     ) -> Harness:
         wall: Any = RealWallClock() if serving_thread else WallClock()
-        idp = devidp.DevIdP(lifetime=lifetime, clock=wall.true if not serving_thread else wall)
-        token_url = await nursery.start(devidp.serve, idp)
-        providers = dict(sections.pop("providers", {}))
+        true_time = wall.true if not serving_thread else wall
+        idp = devidp.DevIdP(lifetime=lifetime, clock=true_time)
+        signing = devidp.DevIssuers(clock=true_time, lifetime=lifetime) if issuers else None
+        token_url = await nursery.start(functools.partial(devidp.serve, idp, issuers=signing))
+        # "{idp}" in a provider's values is the IdP's base URL (the issuers' too).
+        providers = _with_idp(dict(sections.pop("providers", {})), token_url.removesuffix("/token"))
         # `dev` points at the in-loop IdP; keys a test gives for it are added.
         providers["dev"] = {
             "token_url": token_url,
@@ -441,7 +451,7 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
             )
         )
         daemons.append(daemon)
-        harness = Harness(daemon, store, idp, token_url, wall, dirs)
+        harness = Harness(daemon, store, idp, token_url, wall, dirs, issuers=signing)
         harnesses.append(harness)
         return harness
 
@@ -453,6 +463,17 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
         d.stop()
     for e in endpoints:
         await e.aclose()
+
+
+def _with_idp(value: Any, base: str) -> Any:
+    """*value* with "{idp}" replaced by *base* in every string it holds."""
+    if isinstance(value, str):
+        return value.replace("{idp}", base)
+    if isinstance(value, dict):
+        return {k: _with_idp(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_idp(v, base) for v in value]
+    return value
 
 
 def stop_daemon(dirs: Dirs, timeout: float = 10) -> int | None:

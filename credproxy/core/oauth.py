@@ -183,6 +183,14 @@ class TokenEndpoint(Protocol):
         """
         ...
 
+    async def mint(self, provider: Provider, bucket: str) -> dict[str, Any]:
+        """A new token for a signing grant (docs/signing.md), in the shape the store keeps.
+
+        Raises:
+            RefreshFailed: minting failed (``MintFailed`` says why and what to do).
+        """
+        ...
+
 
 def json_object(body: bytes) -> dict[str, Any] | None:
     try:

@@ -155,13 +155,23 @@ class RenewalTimer:
         cfg: the renewal settings.
         rng: the source of jitter.
         health: the key's record of failures (shared with other timers of the key).
+        mints: the key's provider mints its tokens with a key on the host (a
+            signing grant): its tokens need no refresh token to be renewed.
     """
 
-    __slots__ = ("_cfg", "_rng", "deadline", "ended", "expiry", "health", "state")
+    __slots__ = ("_cfg", "_rng", "deadline", "ended", "expiry", "health", "mints", "state")
 
     def __init__(
-        self, expiry: float, now: float, cfg: Renewal, rng: random.Random, health: KeyHealth
+        self,
+        expiry: float,
+        now: float,
+        cfg: Renewal,
+        rng: random.Random,
+        health: KeyHealth,
+        *,
+        mints: bool = False,
     ) -> None:
+        self.mints = mints
         self._cfg = cfg
         self._rng = rng
         self.health = health
@@ -193,7 +203,8 @@ class RenewalTimer:
             return self._end("token removed", "renewal_stopped")
         refresh_token = stored.get("refresh_token")
         expiry = policy.token_expiry(stored)
-        if not isinstance(refresh_token, str) or not refresh_token or expiry is None:
+        renewable = self.mints or (isinstance(refresh_token, str) and bool(refresh_token))
+        if not renewable or expiry is None:
             # Timers exist only for tokens that have both; a token
             # replaced by one without them is left to the on-demand path.
             return self._end("token removed or not refreshable", "renewal_stopped")

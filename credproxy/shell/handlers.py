@@ -47,6 +47,7 @@ from credproxy.core.servecore import (
 )
 from credproxy.errors import (
     AllBucketsExhausted,
+    ConfigError,
     CredproxyError,
     NotFound,
     ReauthRequired,
@@ -140,8 +141,13 @@ class SandboxOps:
             self._forget_ended_hold(session, key)
             try:
                 entry = self.tokens.entry(key)
+                if entry is None and self.tokens.mints(key):
+                    entry = await self.tokens.get(key)  # its first token: minted now
             except StoreError:
                 walk.failed(bucket, "no-token")
+                continue
+            except CredproxyError:
+                walk.failed(bucket, "expired-refresh-failed")
                 continue
             health = self.tokens.known_health(key)
             verdict = failover.classify(
@@ -410,12 +416,16 @@ class ControlOps:
         status: Callable[[], Awaitable[dict[str, Any]]],
         version: str,
         release: Callable[[str, str | None], Awaitable[int]],
+        reload: Callable[[], Awaitable[dict[str, Any]]],
+        stop: Callable[[], None],
     ) -> None:
         self.sessions = sessions
         self._token_changed = token_changed
         self.status = status
         self.version = version
         self._release = release
+        self._reload = reload
+        self._stop = stop
 
     def table(self, peer_pid: int) -> dict[str, Callable[[dict[str, Any]], Any]]:
         """The operations of one control connection (whose peer is *peer_pid*)."""
@@ -430,6 +440,8 @@ class ControlOps:
             "open_session": open_session,
             "close_session": self.close_session,
             "release": self.release,
+            "reload": self.reload,
+            "stop": self.stop,
         }
 
     async def _status(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +457,23 @@ class ControlOps:
 
     def ping(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": self.version}
+
+    async def reload(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Re-read the configuration file; a bad one is refused and the running one kept.
+
+        Raises:
+            UsageError: the new file is invalid (file, line and field; the
+                old configuration still serves).
+        """
+        try:
+            return await self._reload()
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+
+    def stop(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Stop the daemon as SIGTERM does; answered with its pid (the reply may be cut off)."""
+        self._stop()
+        return {"pid": os.getpid()}
 
     async def token_changed(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {"timers_cancelled": await self._token_changed(key_field(payload))}

@@ -56,7 +56,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 import trio
 
-from credproxy.core.config import Config
+from credproxy.core.config import SIGNING_GRANTS, Config
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import KeyHealth
@@ -103,6 +103,14 @@ class Cache(Protocol[G_co]):
     def health(self, key: Key) -> KeyHealth: ...
 
     def known_health(self, key: Key) -> KeyHealth | None: ...
+
+    def mint_failed(self, key: Key, exc: CredproxyError) -> None:
+        """A mint of *key* failed (already counted in its health)."""
+        ...
+
+    def minted(self, key: Key) -> None:
+        """A mint of *key* succeeded."""
+        ...
 
 
 class _Flight(Generic[G]):
@@ -216,6 +224,9 @@ class Refresher(Generic[G]):
             reauth_required=health.reauth_required,
             failures=health.failures,
         )
+        prov = self.cfg.providers.get(key.provider)
+        if prov is not None and prov.grant in SIGNING_GRANTS:
+            self.cache.mint_failed(key, exc)
 
     # -- under the key's lock ------------------------------------------------
 
@@ -260,16 +271,24 @@ class Refresher(Generic[G]):
                 why="a refresh interrupted before its rename",
             )
         stored = self.cache.entry(key)  # re-read under the lock: the double-check
-        if stored is None:
+        prov = self.cfg.providers.get(provider)
+        # A signing grant mints with a key on the host: no stored token (the
+        # first mint) and no refresh token needed, nothing of the old one kept.
+        mints = prov is not None and prov.grant in SIGNING_GRANTS
+        if stored is None and not mints:
             raise NotFound(f"no token for {key}")
-        if stored.expiry is not None and seen_expiry is not None and stored.expiry > seen_expiry:
+        if (
+            stored is not None
+            and stored.expiry is not None
+            and seen_expiry is not None
+            and stored.expiry > seen_expiry
+        ):
             log.info("refresh_skipped", provider=provider, bucket=bucket, why="renewed elsewhere")
             return stored
         health = self.cache.health(key)
-        rt = stored.token.get("refresh_token")
-        if not isinstance(rt, str) or not rt:
+        rt = None if stored is None else stored.token.get("refresh_token")
+        if not mints and (not isinstance(rt, str) or not rt):
             raise ReauthRequired(f"{key} has no refresh token")
-        prov = self.cfg.providers.get(provider)
         if prov is None:
             raise RefreshFailed(
                 f"provider {provider!r} is not configured; add [providers.{provider}] "
@@ -281,34 +300,57 @@ class Refresher(Generic[G]):
         # refusing would only let the access token run out.
         reservation: Reservation | None = None
         try:
-            reservation = self.store.reserve(provider, bucket, stored.token)
+            reservation = self.store.reserve(
+                provider, bucket, None if stored is None else stored.token
+            )
         except StoreError as exc:
             log.warning("store_reserve_failed", provider=provider, bucket=bucket, error=str(exc))
         try:
             self.store.fault("refresh-before-request")
             health.attempted(self.wall())
-            new = await self.endpoint.refresh(prov, rt)
-            # The old refresh token may be spent now: the new one must reach
-            # the disk whatever happens to whoever asked. There is
-            # deliberately no await between the response and the write, so
-            # no cancellation (session close, shutdown) can land in between;
-            # the bytes go into the reserved file first, which a SIGKILL
-            # after that point cannot take back (recover_pending adopts it).
-            merged = merge_refreshed(stored.token, new)
+            if mints:
+                merged = await self.endpoint.mint(prov, bucket)
+            else:
+                assert stored is not None
+                assert isinstance(rt, str)
+                new = await self.endpoint.refresh(prov, rt)
+                # The old refresh token may be spent now: the new one must reach
+                # the disk whatever happens to whoever asked. There is
+                # deliberately no await between the response and the write, so
+                # no cancellation (session close, shutdown) can land in between;
+                # the bytes go into the reserved file first, which a SIGKILL
+                # after that point cannot take back (recover_pending adopts it).
+                merged = merge_refreshed(stored.token, new)
             self.store.fault("refresh-got-response")
             health.succeeded(self.wall())  # (a failed write below says so in the same record)
-            entry = self._store_refreshed(key, merged, reservation, stored.signature)
+            if mints:
+                self.cache.minted(key)
+            base = (0, 0) if stored is None else stored.signature
+            entry = self._store_refreshed(key, merged, reservation, base)
             reservation = None
         finally:
             if reservation is not None:
                 reservation.release()
+        expires_in = None if entry.expiry is None else int(entry.expiry - self.wall())
+        if mints:
+            log.info(
+                "token_minted",
+                provider=provider,
+                bucket=bucket,
+                grant=prov.grant,
+                reason=reason,
+                fp=entry.fp,
+                expires_in=expires_in,
+                durable=key not in self._unsaved,
+            )
+            return entry
         log.info(
             "token_refreshed",
             provider=provider,
             bucket=bucket,
             reason=reason,
             fp=entry.fp,
-            expires_in=None if entry.expiry is None else int(entry.expiry - self.wall()),
+            expires_in=expires_in,
             rotated=merged.get("refresh_token") != rt,
             durable=key not in self._unsaved,
         )

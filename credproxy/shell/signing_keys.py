@@ -166,6 +166,9 @@ class SigningKeys:
         source = _source(provider)
         if source is None:
             return None
+        cached = self._cache.get(source)
+        if cached is not None and self._unchanged(source.path, cached[0]):
+            return cached[1]  # the common case: a stat, no thread, no parse
         lock = self._locks.setdefault(source, trio.Lock())
         async with lock:
             data, signature = await trio.to_thread.run_sync(self._read, source.path, source.what)
@@ -196,6 +199,20 @@ class SigningKeys:
         if not secret:
             raise MintFailed(f"{what} {path} is empty", "key")
         return secret
+
+    def _unchanged(self, path: str, signature: _Signature) -> bool:
+        """True if *path* is still the file read as *signature*, still yours and still private."""
+        try:
+            st = os.stat(os.path.expanduser(path))  # as read_private_file opens it
+        except OSError:
+            return False
+        owner = os.getuid() if self._uid is None else self._uid
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_uid == owner
+            and not stat.S_IMODE(st.st_mode) & 0o077
+            and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == signature
+        )
 
     def _read(self, path: str, what: str) -> tuple[bytes, _Signature]:
         return read_private_file(path, what, uid=self._uid)

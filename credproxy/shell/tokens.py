@@ -58,7 +58,7 @@ import msgspec
 import trio
 
 from credproxy.core import policy, serving
-from credproxy.core.config import Config
+from credproxy.core.config import SIGNING_GRANTS, Config
 from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint
@@ -80,6 +80,7 @@ log = logs.get("credproxy.tokens")
 _encoder = msgspec.json.Encoder()
 
 NOTIFY_TIMEOUT = 10.0  # seconds a [notify] command may run
+MINT_FAILURES_TO_TELL = 3  # consecutive failed mints of a key before the host is told
 RECHECK = 1.0  # seconds a served answer may be reused before the store is looked at again
 
 
@@ -213,7 +214,8 @@ class Tokens:
             boot_deadline = self.boot() + remaining
         facts = serving.TokenFacts(
             expiry=expiry,
-            refreshable=bool(token.get("refresh_token")) and expiry is not None,
+            # A key whose provider mints (a signing grant) renews without a refresh token.
+            refreshable=bool(token.get("refresh_token") or self.mints(key)) and expiry is not None,
             lifetime=lifetime,
             boot_deadline=boot_deadline,
         )
@@ -226,6 +228,11 @@ class Tokens:
         )
         self._entries[key] = entry
         return entry
+
+    def mints(self, key: Key) -> bool:
+        """True if *key*'s provider mints its tokens with a key on the host (docs/signing.md)."""
+        prov = self.cfg.providers.get(key.provider)
+        return prov is not None and prov.grant in SIGNING_GRANTS
 
     def health(self, key: Key) -> KeyHealth:
         """*key*'s health record, made if it has none yet."""
@@ -251,11 +258,53 @@ class Tokens:
 
     # -- serving -------------------------------------------------------------
 
-    def _get_entry(self, key: Key) -> Entry:
-        entry = self.entry(key)
-        if entry is None:
+    async def _first_mint(self, key: Key) -> Entry:
+        """The first token of a key that mints (none is stored yet); else NotFound.
+
+        A mint that failed less than ``refresh_cooldown`` ago is not tried
+        again: the caller gets that failure, however many ask.
+
+        Raises:
+            NotFound: the key does not mint and no token is stored.
+            RefreshFailed: the mint failed (the message says why and what to do).
+        """
+        if not self.mints(key):
             raise NotFound(f"no token for {key} in this session")
-        return entry
+        health = self._health.get(key)
+        if (
+            health is not None
+            and health.failures
+            and serving.cooldown_left(health.last_attempt, self.wall(), self.cfg.renewal) > 0
+        ):
+            raise RefreshFailed(f"{key}: {health.last_error}; retry in a few seconds")
+        return await self.refresher.refresh(key, None, reason="first-serve")
+
+    def mint_failed(self, key: Key, exc: CredproxyError) -> None:
+        """A mint of *key* failed (the refresher counted it); the host is told at the third.
+
+        Told once, in the log and through ``[notify] command``, until a mint
+        succeeds; ``status`` shows the failures and the last error all along.
+        """
+        health = self.health(key)
+        if health.failures < MINT_FAILURES_TO_TELL or key in self._told:
+            return
+        self._told.add(key)
+        log.warning(
+            "mint_failing",
+            provider=key.provider,
+            bucket=key.bucket,
+            failures=health.failures,
+            cause=getattr(exc, "cause", None),
+            error=str(exc),
+        )
+        if self.cfg.notify.command and self._nursery is not None:
+            self._nursery.start_soon(
+                self._notify, key, f"credproxy: {key} cannot mint a token: {exc}", ""
+            )
+
+    def minted(self, key: Key) -> None:
+        """A mint of *key* succeeded: the next run of failures is told again."""
+        self._told.discard(key)
 
     async def get(self, key: Key) -> Entry:
         """The token ``get_token`` serves for *key*, refreshed first when due.
@@ -265,7 +314,9 @@ class Tokens:
             ReauthRequired: it has expired and cannot be refreshed.
             RefreshFailed: a refresh was due, failed, and the old token has expired.
         """
-        entry = self._get_entry(key)
+        entry = self.entry(key)
+        if entry is None:
+            return await self._first_mint(key)
         facts = self.facts(entry)
         decision = serving.on_get(facts, self.wall(), self.cfg.renewal)
         if isinstance(decision, serving.Reauth):
@@ -288,7 +339,9 @@ class Tokens:
             NotFound, ReauthRequired, RefreshFailed: as :meth:`get`.
             RateLimited: inside the cooldown with an expired token.
         """
-        entry = self._get_entry(key)
+        entry = self.entry(key)
+        if entry is None:
+            return await self._first_mint(key)
         health = self._health.get(key)
         decision = serving.on_refresh_request(
             self.facts(entry),
@@ -433,7 +486,8 @@ class Tokens:
                 login=logins,
             )
             if self.cfg.notify.command and self._nursery is not None:
-                self._nursery.start_soon(self._notify, fresh[0], why, logins)
+                message = f"credproxy: {fresh[0]} needs a new login ({why}): {logins}"
+                self._nursery.start_soon(self._notify, fresh[0], message, logins)
         return logins
 
     def reauth(self, key: Key, why: str) -> ReauthRequired:
@@ -450,12 +504,16 @@ class Tokens:
             self._told.add(key)
             log.warning("reauth_needed", provider=key.provider, bucket=key.bucket, login=login)
             if self.cfg.notify.command and self._nursery is not None:
-                self._nursery.start_soon(self._notify, key, why, login)
+                message = f"credproxy: {key} needs a new login ({why}): {login}"
+                self._nursery.start_soon(self._notify, key, message, login)
         return ReauthRequired(f"{key} needs a new login ({why}); on the host run: {login}")
 
-    async def _notify(self, key: Key, why: str, login: str) -> None:
-        """Run ``[notify] command`` (no shell), with a bounded wait and its outcome logged."""
-        argv = [*self.cfg.notify.command, f"credproxy: {key} needs a new login ({why}): {login}"]
+    async def _notify(self, key: Key, message: str, login: str) -> None:
+        """Run ``[notify] command`` (no shell) with *message*, a bounded wait, its outcome logged.
+
+        *login* is the command that would cure it ("" when no login would).
+        """
+        argv = [*self.cfg.notify.command, message]
         env = dict(
             os.environ,
             CREDPROXY_PROVIDER=key.provider,
@@ -479,7 +537,14 @@ class Tokens:
         """A renewal timer for a refreshable *entry* that was just served."""
         expiry = self.expiry(entry)
         assert expiry is not None
-        return RenewalTimer(expiry, self.wall(), self.cfg.renewal, self.rng, self.health(key))
+        return RenewalTimer(
+            expiry,
+            self.wall(),
+            self.cfg.renewal,
+            self.rng,
+            self.health(key),
+            mints=self.mints(key),
+        )
 
     async def sleep_until(self, deadline: float) -> None:
         """Sleep until the wall-clock instant *deadline*, or as long on the boot clock.

@@ -1,0 +1,255 @@
+"""Minted tokens served by the daemon: first serve mints, the fast path serves, renewal mints again.
+
+Against the live in-process daemon with the development issuers on loopback
+(which verify every JWT they receive: signature, ``aud``, ``iss``, ``exp``,
+``jti`` never reused). What a sandbox and a person can observe is checked: the
+tokens served, what the issuer saw, what the API upstream received, the
+errors and the log (never the key).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from test_proxy import HttpClient, Upstream, answer, upstream  # noqa: F401
+
+from conftest import Harness, StartDaemon
+from credproxy.devidp import DevIssuers
+
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+HOUR = 3600
+
+
+def _pem(private: Any) -> bytes:
+    return private.private_bytes(  # type: ignore[no-any-return]
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _pem_lines(private: Any) -> list[str]:
+    return [line for line in _pem(private).decode().splitlines() if not line.startswith("-----")]
+
+
+def _key_file(dirs_root: Path, name: str, private: Any) -> str:
+    path = dirs_root / name
+    path.write_bytes(_pem(private))
+    path.chmod(0o600)
+    return str(path)
+
+
+def _github(key_path: str, api_url: str | None = None) -> dict[str, Any]:
+    """A GitHub App provider at the development issuers: a read-only and a push bucket."""
+    table: dict[str, Any] = {
+        "grant": "github-app",
+        "app_id": 42,
+        "installation_id": 7,
+        "private_key": key_path,
+        "api_url": "{idp}",
+        "narrow": {
+            "readonly": {"repositories": ["alpha"], "permissions": {"contents": "read"}},
+            "push": {"repositories": ["alpha"], "permissions": {"contents": "write"}},
+        },
+    }
+    if api_url is not None:
+        table["api"] = {"base_url": api_url, "headers": {"Authorization": "token {access_token}"}}
+    return table
+
+
+async def _github_daemon(
+    start_daemon: StartDaemon, tmp_path: Path, api_url: str | None = None, **sections: Any
+) -> Harness:
+    """A daemon whose provider ``gh`` is a GitHub App, installed with repositories alpha and beta."""
+    key = _key_file(tmp_path, "app.pem", RSA_KEY)
+    h = await start_daemon(issuers=True, providers={"gh": _github(key, api_url)}, **sections)
+    issuers = _issuers(h)
+    issuers.register_app(42, RSA_KEY.public_key())
+    issuers.add_installation(
+        7, 42, repositories={"alpha": 1, "beta": 2}, permissions={"contents": "write"}
+    )
+    return h
+
+
+def _issuers(h: Harness) -> DevIssuers:
+    assert h.issuers is not None
+    return h.issuers
+
+
+async def _token(h: Harness, session: Any, bucket: str | None = None) -> dict[str, Any]:
+    p = await h.peer(session)
+    payload = {"provider": "gh"} if bucket is None else {"provider": "gh", "bucket": bucket}
+    reply = await p.call("get_token", payload)
+    p.close()
+    return reply
+
+
+async def test_a_github_app_bucket_is_minted_on_first_serve_then_served_and_renewed(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    no_secrets_in_logs: list[dict[str, Any]],
+) -> None:
+    """No login: the first get_token mints (verified by the issuer), later ones are served from memory, renewal mints before expiry."""
+    h = await _github_daemon(start_daemon, tmp_path)
+    issuers = _issuers(h)
+    s = await h.session("gh:readonly")
+    first = await _token(h, s, "readonly")
+    assert first["ok"] is True, first
+    token = first["data"]
+    assert "refresh_token" not in token
+    assert issuers.mint_count == 1
+    assert issuers.refusals == []
+    # The token works for what the bucket allows, and nothing more.
+    bearer = f"token {token['access_token']}"
+    assert issuers.answer_github_request("GET", "/repos/dev-org/alpha", bearer)[0] == 200
+    assert issuers.answer_github_request("PUT", "/repos/dev-org/alpha/contents/x", bearer)[0] == 403
+    for _ in range(5):
+        again = await _token(h, s, "readonly")
+        assert again["data"]["access_token"] == token["access_token"]
+    assert issuers.mint_count == 1  # served from memory
+    # Stored like a refreshed login (so a restarted daemon serves it too), without a key in it.
+    stored = h.store.read("gh", "readonly")
+    assert stored is not None and stored["access_token"] == token["access_token"]
+    # Renewal: before the hour is out the daemon mints again on its own. (The
+    # key file is read in a worker thread, which virtual time does not wait
+    # for: poll rather than sleep a fixed time.)
+    with trio.fail_after(HOUR):
+        while issuers.mint_count < 2:
+            await trio.sleep(1)
+    assert h.wall() < token["expiry"]  # renewed ahead of expiry
+    renewed = await _token(h, s, "readonly")
+    assert renewed["data"]["access_token"] != token["access_token"]
+    minted = [e for e in no_secrets_in_logs if e["event"] == "token_minted"]
+    assert [(e["bucket"], e["grant"], e["reason"]) for e in minted] == [
+        ("readonly", "github-app", "first-serve"),
+        ("readonly", "github-app", "proactive"),
+    ]
+    said = repr(no_secrets_in_logs)
+    assert all(line not in said for line in _pem_lines(RSA_KEY))
+
+
+async def test_a_read_only_sandbox_cannot_get_the_push_buckets_token(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """One App, two buckets: the read-only session gets NOT_FOUND for push; the push session's token can write."""
+    h = await _github_daemon(start_daemon, tmp_path)
+    issuers = _issuers(h)
+    reader = await h.session("gh:readonly")
+    pusher = await h.session("gh:push")
+    refused = await _token(h, reader, "push")
+    assert refused["ok"] is False and refused["code"] == "NOT_FOUND"
+    assert issuers.mint_count == 0  # nothing minted for a request that is not granted
+    push = (await _token(h, pusher, "push"))["data"]["access_token"]
+    assert (
+        issuers.answer_github_request("PUT", "/repos/dev-org/alpha/contents/x", f"token {push}")[0]
+        == 200
+    )
+    read = (await _token(h, reader, "readonly"))["data"]["access_token"]
+    assert read != push
+
+
+async def test_the_api_proxy_sends_a_minted_token_and_mints_once_more_after_a_401(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    upstream: Upstream,  # noqa: F811
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A proxied request carries the App's installation token; a 401 (past the refresh cooldown) forces one new mint and one retry."""
+    h = await _github_daemon(start_daemon, tmp_path, api_url=upstream.url)
+    issuers = _issuers(h)
+    s = await h.session("gh:push", "api:gh")
+    client = await HttpClient.connect(s.socket_path)
+    status, _headers, _body = await client.call("GET", "/gh:push/repos/dev-org/alpha")
+    assert status == 200
+    first = upstream.headers(0)["authorization"]
+    assert first.startswith("token ghs_")
+    assert issuers.mint_count == 1
+    await trio.sleep(h.daemon.cfg.renewal.refresh_cooldown + 1)
+    upstream.script = [answer(401)]  # the token was revoked early, say
+    status, _headers, _body = await client.call("GET", "/gh:push/repos/dev-org/alpha")
+    assert status == 200
+    assert issuers.mint_count == 2
+    assert upstream.headers(-2)["authorization"] == first
+    assert upstream.headers(-1)["authorization"] != first
+    await client.aclose()
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+async def test_jwt_bearer_and_client_credentials_are_served_to_a_sandbox(
+    start_daemon: StartDaemon, tmp_path: Path, alg: str
+) -> None:
+    """A service account (JWT bearer) and a machine client (private_key_jwt): each sandbox token is one the issuer minted and a resource server takes."""
+    private = RSA_KEY if alg == "RS256" else EC_KEY
+    key = _key_file(tmp_path, "sa.pem", private)
+    h = await start_daemon(
+        issuers=True,
+        providers={
+            "sa": {
+                "grant": "jwt-bearer",
+                "token_url": "{idp}/token",
+                "private_key": key,
+                "issuer": "agent@example.iam",
+                "scopes": ["read"],
+            },
+            "m2m": {
+                "grant": "client_credentials",
+                "token_url": "{idp}/token",
+                "client_id": "m2m",
+                "private_key": key,
+            },
+        },
+    )
+    issuers = _issuers(h)
+    issuers.register_assertion_issuer("agent@example.iam", private.public_key())
+    issuers.register_client("m2m", public_key=private.public_key())
+    s = await h.session("sa", "m2m")
+    p = await h.peer(s)
+    for provider, sub in (("sa", "agent@example.iam"), ("m2m", "m2m")):
+        reply = await p.call("get_token", {"provider": provider})
+        assert reply["ok"] is True, reply
+        status, claims = issuers.answer_resource(f"Bearer {reply['data']['access_token']}")
+        assert status == 200 and claims["sub"] == sub
+    assert issuers.refusals == []
+
+
+async def test_a_key_the_issuer_refuses_says_why_and_the_host_is_told_at_the_third_failure(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    no_secrets_in_logs: list[dict[str, Any]],
+) -> None:
+    """An App the issuer does not know: get_token answers REFRESH_FAILED with the issuer's reason (never the key); within the cooldown the issuer is not asked again; the third failure is one mint_failing line."""
+    h = await _github_daemon(start_daemon, tmp_path)
+    issuers = _issuers(h)
+    issuers.register_app(42, EC_KEY.public_key())  # not the key the config names
+    s = await h.session("gh:readonly")
+    p = await h.peer(s)
+    replies = []
+    for _ in range(3):
+        replies.append(await p.call("get_token", {"provider": "gh", "bucket": "readonly"}))
+        await trio.sleep(h.daemon.cfg.renewal.refresh_cooldown + 1)
+    within = await p.call("get_token", {"provider": "gh", "bucket": "readonly"})
+    asked = len(issuers.refusals)
+    again = await p.call("get_token", {"provider": "gh", "bucket": "readonly"})
+    assert len(issuers.refusals) == asked  # inside the cooldown: not asked again
+    for reply in [*replies, within, again]:
+        assert reply["ok"] is False and reply["code"] == "REFRESH_FAILED", reply
+    assert "401" in replies[0]["error"] or "refused" in replies[0]["error"], replies[0]
+    told = [e for e in no_secrets_in_logs if e["event"] == "mint_failing"]
+    assert len(told) == 1 and told[0]["failures"] == 3 and told[0]["bucket"] == "readonly"
+    said = repr(no_secrets_in_logs) + json.dumps([*replies, within, again])
+    assert all(line not in said for line in _pem_lines(RSA_KEY))
+    # The key is put right: the next get_token after the cooldown mints.
+    issuers.register_app(42, RSA_KEY.public_key())
+    await trio.sleep(h.daemon.cfg.renewal.refresh_cooldown + 1)
+    fixed = await p.call("get_token", {"provider": "gh", "bucket": "readonly"})
+    assert fixed["ok"] is True, fixed
