@@ -26,6 +26,16 @@ configured list), and every header the provider's template sets: the host's
 value replaces the sandbox's, one line upstream, unless the template asks for
 the sandbox's value with ``{client}``.
 
+*Which requests are WebSocket handshakes* (:func:`is_websocket_upgrade`,
+RFC 6455 4.1): a ``GET`` with ``Upgrade: websocket`` and ``Connection:
+Upgrade``. Its ``Upgrade`` and ``Connection`` are hop-by-hop like any other,
+so the proxy sends :data:`WEBSOCKET_UPGRADE` of its own upstream, and relays
+a ``101`` only when it switches to WebSocket (:func:`websocket_accepted`),
+with the upstream's headers less the hop-by-hop ones and the same two again
+(:func:`switch_headers`). The ``Sec-WebSocket-*`` headers pass unchanged both
+ways: the key is the client's and the accept the upstream's, so the client
+checks the upstream's answer itself, and frames are relayed as bytes.
+
 *How slowly a body may come* (:class:`BodyPace`): ``body_timeout`` seconds
 (20) of grace, then at least ``body_min_rate`` bytes a second (500) on
 average (Apache's ``mod_reqtimeout`` defaults), counted only over the time
@@ -45,14 +55,18 @@ __all__ = [
     "CREDENTIAL_HEADERS",
     "HOP_BY_HOP",
     "PREAMBLE",
+    "WEBSOCKET_UPGRADE",
     "BodyPace",
     "Preamble",
     "capability_ok",
     "fill_client",
     "forward_refusal",
+    "is_websocket_upgrade",
     "parse_preamble",
     "presented_capability",
+    "switch_headers",
     "upstream_headers",
+    "websocket_accepted",
 ]
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -213,6 +227,43 @@ def upstream_headers(
         if value:
             kept.append((header.encode("latin-1"), value.encode("utf-8")))
     return kept
+
+
+#: The hop-by-hop headers of a WebSocket handshake, set by the proxy on each hop.
+WEBSOCKET_UPGRADE: tuple[tuple[bytes, bytes], ...] = (
+    (b"connection", b"Upgrade"),
+    (b"upgrade", b"websocket"),
+)
+
+
+def _tokens(headers: Headers, wanted: bytes) -> set[bytes]:
+    """The comma-separated tokens of every *wanted* header, lower-cased."""
+    return {
+        item.strip().lower()
+        for name, value in headers
+        if name.lower() == wanted
+        for item in value.split(b",")
+    }
+
+
+def is_websocket_upgrade(method: str, headers: Headers) -> bool:
+    """Whether a request is a WebSocket opening handshake (``GET``, ``Upgrade: websocket``)."""
+    return (
+        method == "GET"
+        and b"websocket" in _tokens(headers, b"upgrade")
+        and b"upgrade" in _tokens(headers, b"connection")
+    )
+
+
+def websocket_accepted(headers: Headers) -> bool:
+    """Whether the headers of an upstream's ``101`` switch to WebSocket (and nothing else)."""
+    return _tokens(headers, b"upgrade") == {b"websocket"}
+
+
+def switch_headers(upstream: Headers) -> list[tuple[bytes, bytes]]:
+    """The headers of the ``101`` the client gets: the upstream's, hop-by-hop ones replaced."""
+    kept = [(bytes(n), bytes(v)) for n, v in upstream if n.lower() not in HOP_BY_HOP]
+    return [*kept, *WEBSOCKET_UPGRADE]
 
 
 class BodyPace:

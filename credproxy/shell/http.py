@@ -25,7 +25,9 @@ from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
+from urllib.request import getproxies_environment, proxy_bypass
 
+import h11
 import trio
 
 from credproxy.core import copilot, login, oauth
@@ -437,20 +439,38 @@ class UpstreamUnavailable(RefreshFailed):
 
 
 class UpstreamResponse:
-    """An upstream response whose body is read as it arrives (bytes as sent: no decoding)."""
+    """An upstream response whose body is read as it arrives (bytes as sent: no decoding).
 
-    def __init__(self, response: httpx.Response, host: str) -> None:
-        self._response = response
+    *tunnel* is set when the upstream switched protocols (``101`` to a
+    WebSocket upgrade, :meth:`ApiClient.upgrade`): the connection is then the
+    caller's to relay, and there is no body.
+    """
+
+    tunnel: Tunnel | None = None
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], host: str) -> None:
+        self.status = status
+        self.headers = headers
         self._host = host
-        self.status = response.status_code
-        self.headers: list[tuple[bytes, bytes]] = list(response.headers.raw)
 
-    async def chunks(self) -> Any:
+    def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body, chunk by chunk, as the upstream sends it.
 
         Raises:
             UpstreamUnavailable: the upstream broke off or stalled past the read timeout.
         """
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Give the connection back (or close it); idempotent."""
+
+
+class _HttpxResponse(UpstreamResponse):
+    def __init__(self, response: httpx.Response, host: str) -> None:
+        super().__init__(response.status_code, list(response.headers.raw), host)
+        self._response = response
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         errors = _httpx_errors()
         try:
             raw = cast("AsyncGenerator[bytes, None]", self._response.aiter_raw())
@@ -461,6 +481,112 @@ class UpstreamResponse:
             raise UpstreamUnavailable(
                 f"{self._host} broke off the response ({type(exc).__name__})"
             ) from None
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+#: What a broken upstream connection of our own (trio, TLS) raises.
+_STREAM_ERRORS = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Tunnel:
+    """An upstream connection that switched protocols: bytes both ways, nothing parsed.
+
+    *early* holds what the upstream sent right after its ``101`` (h11 read it
+    with the head). :meth:`send` gives up after the write timeout; :meth:`receive`
+    waits as long as it is let (the caller's idle deadline bounds it).
+    """
+
+    def __init__(self, stream: trio.abc.Stream, early: bytes, host: str, write: float) -> None:
+        self.early = early
+        self._stream = stream
+        self._host = host
+        self._write = write
+
+    async def receive(self) -> bytes:
+        """The next bytes the upstream sends; b"" once it has closed.
+
+        Raises:
+            UpstreamUnavailable: the connection broke.
+        """
+        try:
+            return bytes(await self._stream.receive_some(_RECV))
+        except _STREAM_ERRORS as exc:
+            raise UpstreamUnavailable(f"{self._host} broke off ({type(exc).__name__})") from None
+
+    async def send(self, data: bytes) -> None:
+        """Send *data* upstream.
+
+        Raises:
+            UpstreamUnavailable: the connection broke, or took nothing for the write timeout.
+        """
+        try:
+            with trio.fail_after(self._write):
+                await self._stream.send_all(data)
+        except trio.TooSlowError:
+            raise UpstreamUnavailable(f"{self._host} stopped reading") from None
+        except _STREAM_ERRORS as exc:
+            raise UpstreamUnavailable(f"{self._host} broke off ({type(exc).__name__})") from None
+
+
+class _UpgradeResponse(UpstreamResponse):
+    """The answer to an upgrade request on a connection of our own (h11 over trio)."""
+
+    def __init__(
+        self,
+        event: h11.Response | h11.InformationalResponse,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        host: str,
+        timeouts: tuple[float, float, float],
+    ) -> None:
+        super().__init__(event.status_code, list(event.headers), host)
+        self._conn = conn
+        self._stream = stream
+        self._read = timeouts[1]
+        if event.status_code == 101:
+            self.tunnel = Tunnel(stream, conn.trailing_data[0], host, timeouts[2])
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        while True:
+            try:
+                event = self._conn.next_event()
+                if event is h11.NEED_DATA:
+                    with trio.fail_after(self._read):
+                        self._conn.receive_data(bytes(await self._stream.receive_some(_RECV)))
+                    continue
+            except (trio.TooSlowError, h11.RemoteProtocolError, *_STREAM_ERRORS) as exc:
+                raise UpstreamUnavailable(
+                    f"{self._host} broke off the response ({type(exc).__name__})"
+                ) from None
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+_RECV = 65_536
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+async def _answer_head(
+    conn: h11.Connection, stream: trio.abc.Stream
+) -> h11.Response | h11.InformationalResponse:
+    """The head of the answer to the request sent on *conn* (a ``100`` is passed over)."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(_RECV)))
+        elif isinstance(event, h11.InformationalResponse) and event.status_code != 101:
+            continue
+        elif isinstance(event, h11.Response | h11.InformationalResponse):
+            return event
+        else:  # closed before answering
+            raise trio.BrokenResourceError
 
 
 class ApiClient:
@@ -476,6 +602,13 @@ class ApiClient:
     def __init__(self, *, connect: float = 10.0, read: float = 300.0, write: float = 60.0) -> None:
         self._timeouts = (connect, read, write)
         self._client: httpx.AsyncClient | None = None
+        self._ssl: ssl.SSLContext | None = None
+
+    def _tls(self) -> ssl.SSLContext:
+        """The one TLS context of the upstream: the system trust store, verified (built once)."""
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
 
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -483,7 +616,7 @@ class ApiClient:
 
             connect, read, write = self._timeouts
             self._client = httpx.AsyncClient(
-                verify=ssl.create_default_context(),
+                verify=self._tls(),
                 timeout=httpx.Timeout(connect=connect, read=read, write=write, pool=connect),
                 follow_redirects=False,
                 trust_env=True,
@@ -515,10 +648,84 @@ class ApiClient:
             response = await client.send(request, stream=True)
         except _httpx_errors() as exc:
             raise UpstreamUnavailable(f"{host} did not answer ({type(exc).__name__})") from None
-        return UpstreamResponse(response, host)
+        return _HttpxResponse(response, host)
+
+    async def upgrade(self, url: str, headers: list[tuple[bytes, bytes]]) -> UpstreamResponse:
+        """Send a WebSocket upgrade (``GET`` with *headers*) on a connection of its own.
+
+        httpx cannot switch protocols, so the connection is opened here with
+        trio (TLS with :meth:`_tls`, as every other request: ``wss://`` for an
+        ``https`` base URL, ``ws://`` for ``http``) and the handshake is h11's.
+        The same timeouts apply: connect (TCP and TLS), write, read (the head
+        of the answer). *headers* are sent as given, after ``Host``; the
+        caller adds ``Connection`` and ``Upgrade``.
+
+        Returns:
+            A ``101`` with its :attr:`~UpstreamResponse.tunnel`, or any other
+            answer, whose body :meth:`~UpstreamResponse.chunks` reads. Either
+            way the caller closes it (:meth:`close_response`).
+
+        Raises:
+            UpstreamUnavailable: not reached, TLS refused, no answer in time,
+                not HTTP, or a proxy from the environment would apply (upgrades
+                are not sent through ``HTTPS_PROXY`` yet).
+        """
+        parts = urlsplit(url)
+        host = parts.hostname or "the upstream"
+        secure = parts.scheme == "https"
+        if self._env_proxy(parts.scheme, host):
+            raise UpstreamUnavailable(
+                f"{host} is reached through a proxy of the environment (HTTPS_PROXY), "
+                "and WebSocket upgrades are not sent through one; use HTTP instead"
+            )
+        try:
+            port = parts.port or (443 if secure else 80)
+            authority = parts.netloc.rpartition("@")[2].encode("ascii")
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn = h11.Connection(h11.CLIENT)
+            head = conn.send(
+                h11.Request(method="GET", target=target, headers=[(b"host", authority), *headers])
+            )
+            head += conn.send(h11.EndOfMessage())
+        except (ValueError, h11.LocalProtocolError) as exc:  # (UnicodeError is a ValueError)
+            raise UpstreamUnavailable(
+                f"the request to {host} cannot be sent ({type(exc).__name__})"
+            ) from None
+        connect, read, write = self._timeouts
+        stream: trio.abc.Stream | None = None
+        done = False
+        try:
+            with trio.fail_after(connect):
+                stream = await trio.open_tcp_stream(host, port)
+                if secure:
+                    stream = trio.SSLStream(
+                        stream, self._tls(), server_hostname=host, https_compatible=True
+                    )
+                    await stream.do_handshake()
+            with trio.fail_after(write):
+                await stream.send_all(head)
+            with trio.fail_after(read):
+                event = await _answer_head(conn, stream)
+            done = True
+        except (trio.TooSlowError, h11.ProtocolError, *_STREAM_ERRORS) as exc:
+            raise UpstreamUnavailable(f"{host} did not answer ({type(exc).__name__})") from None
+        finally:
+            if not done and stream is not None:
+                await trio.aclose_forcefully(stream)
+        return _UpgradeResponse(event, conn, stream, host, self._timeouts)
+
+    @staticmethod
+    def _env_proxy(scheme: str, host: str) -> bool:
+        """Whether httpx would send a request to *host* through a proxy of the environment."""
+        if host in _LOOPBACK_HOSTS:
+            return False  # (the client's mounts: loopback is always direct)
+        proxies = getproxies_environment()
+        if not (proxies.get(scheme) or proxies.get("all")):
+            return False
+        return not proxy_bypass(host)  # (on Linux: NO_PROXY)
 
     async def close_response(self, response: UpstreamResponse) -> None:
-        await response._response.aclose()
+        await response.aclose()
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

@@ -135,7 +135,10 @@ class Audit:
     key: Key | None = None
     path: str = "-"
     status: int = 0
-    sent: int = 0
+    sent: int = 0  # body bytes to the client (after a 101: the upstream's bytes)
+    received: int = 0  # after a 101: the client's bytes to the upstream
+    upgraded: bool = False  # switched to WebSocket (101)
+    ended: str | None = None  # after a 101: which side ended the relay, or "idle"
 
 
 @dataclass(slots=True)
@@ -150,6 +153,7 @@ class Exchange:
     url: str
     audit: Audit  # audit.key is the key whose token the request carries
     body: Body
+    websocket: bool = False  # a WebSocket handshake (httprules.is_websocket_upgrade)
 
 
 class ApiProxy:
@@ -336,7 +340,10 @@ class ApiProxy:
             try:
                 url = f"{route.base_url.rstrip('/')}/{route.rest}{route.query}"
                 body = Body(self, conn, stream)
-                await self._forward(Exchange(session, conn, stream, req, route, url, audit, body))
+                websocket = httprules.is_websocket_upgrade(method, req.headers)
+                await self._forward(
+                    Exchange(session, conn, stream, req, route, url, audit, body, websocket)
+                )
             finally:
                 if self._streams[session.id] == 1:
                     del self._streams[session.id]  # (no entry: nothing in flight)
@@ -378,6 +385,11 @@ class ApiProxy:
             log.exception("api_request_failed", session=session.id)
             await self._refuse(conn, stream, 500, "internal error; see the daemon log", close=True)
         finally:
+            tunnel = (
+                {"bytes_up": audit.received, "ended": audit.ended or "cancelled"}
+                if audit.upgraded
+                else {}
+            )
             log.info(
                 "api_request",
                 session=session.id,
@@ -387,6 +399,7 @@ class ApiProxy:
                 path=audit.path,
                 status=audit.status,
                 bytes=audit.sent,
+                **tunnel,
                 ms=round((_now() - started) * 1000, 1),
             )
 
@@ -508,7 +521,13 @@ class ApiProxy:
             finally:
                 body.release()
                 await body.aclose()
-        if (hangup.gone or body.gone) and x.conn.our_state not in (h11.DONE, h11.MUST_CLOSE):
+        if hangup.gone and x.audit.upgraded and x.audit.ended is None:
+            x.audit.ended = "client"  # (closing is how a WebSocket client may end)
+        if (hangup.gone or body.gone) and x.conn.our_state not in (
+            h11.DONE,
+            h11.MUST_CLOSE,
+            h11.SWITCHED_PROTOCOL,
+        ):
             # (A client that closes once it has the whole answer has not gone early.)
             raise ClientGone
         if body.too_slow:
@@ -523,6 +542,8 @@ class ApiProxy:
         entry = await self._token(x.session, key)
         framing = {name.lower(): value for name, value in x.req.headers}
         has_body = b"transfer-encoding" in framing or framing.get(b"content-length", b"0") != b"0"
+        if x.websocket and has_body:
+            raise HttpError(400, "a WebSocket handshake has no body")
         if not has_body:
             # No body: none is sent (a GET must not go out as an empty chunked body).
             await self._next_event(x.conn, x.stream)  # the request's EndOfMessage
@@ -557,7 +578,10 @@ class ApiProxy:
                             self.tokens.mark_quota(x.audit.key, _retry_after(upstream.headers))
             body.release()  # no retry from here on: a long stream does not keep the body
             x.audit.status = upstream.status
-            await self._relay(x, upstream)
+            if upstream.tunnel is not None:
+                await self._tunnel(x, upstream)
+            else:
+                await self._relay(x, upstream)
         finally:
             await self._close(upstream)
 
@@ -597,6 +621,9 @@ class ApiProxy:
             headers.append((b"accept-encoding", b"identity"))
         method = x.req.method.decode("ascii")
         try:
+            if x.websocket:
+                # Its own connection, switched to WebSocket if the upstream agrees.
+                return await self.client.upgrade(x.url, [*headers, *httprules.WEBSOCKET_UPGRADE])
             return await self.client.send(method, x.url, headers, content)
         except UpstreamUnavailable as exc:
             raise HttpError(502, str(exc)) from None
@@ -657,6 +684,80 @@ class ApiProxy:
         # connection closes instead.
         with contextlib.suppress(h11.LocalProtocolError):
             await self._send_all(stream, conn.send(h11.EndOfMessage()))
+
+    async def _tunnel(self, x: Exchange, upstream: UpstreamResponse) -> None:
+        """After the upstream's ``101``: relay it, then bytes both ways until one side ends.
+
+        Frames are not parsed: the handshake's key and accept went through
+        unchanged, so the client and the upstream speak RFC 6455 to each
+        other. The relay ends when either side closes or breaks, when nothing
+        moves either way for ``idle_timeout``, when the client hangs up
+        (:class:`Hangups`) or the session closes; the upstream connection is
+        then closed (:meth:`_attempts`), and the client's with it (:meth:`serve`).
+        """
+        tunnel = upstream.tunnel
+        assert tunnel is not None
+        if not httprules.websocket_accepted(upstream.headers):
+            raise HttpError(502, "the upstream switched to a protocol other than WebSocket")
+        head = h11.InformationalResponse(
+            status_code=101, headers=httprules.switch_headers(upstream.headers)
+        )
+        await self._send_all(x.stream, x.conn.send(head))
+        x.audit.upgraded = True
+        early, client_closed = x.conn.trailing_data  # what the client sent after its head
+        idle = self.cfg.limits.idle_timeout
+        audit = x.audit
+
+        def moved() -> None:
+            scope.deadline = _now() + idle
+
+        def end(why: str) -> None:
+            if audit.ended is None:
+                audit.ended = why
+            scope.cancel()
+
+        async def to_upstream() -> None:
+            data = bytes(early)
+            try:
+                while True:
+                    if data:
+                        await tunnel.send(data)
+                        audit.received += len(data)
+                        moved()
+                    if client_closed and data is early:
+                        break
+                    data = await x.stream.receive_some(RECV_SIZE)
+                    if not data:
+                        break
+                end("client")
+            except UpstreamUnavailable:
+                end("upstream")
+            except GONE:
+                end("client")
+
+        async def to_client() -> None:
+            data = tunnel.early
+            try:
+                while True:
+                    if data:
+                        await self._send_all(x.stream, data)
+                        audit.sent += len(data)
+                        moved()
+                    data = await tunnel.receive()
+                    if not data:
+                        break
+                end("upstream")
+            except UpstreamUnavailable:
+                end("upstream")
+            except GONE:
+                end("client")
+
+        with trio.CancelScope(deadline=_now() + idle) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(to_upstream)
+                nursery.start_soon(to_client)
+        if audit.ended is None:
+            audit.ended = "idle"
 
     @staticmethod
     async def _send_all(stream: trio.SocketStream, data: bytes | None) -> None:
