@@ -203,6 +203,31 @@ def _parser() -> Any:
     s.add_argument("target", metavar="PROVIDER[:BUCKET]")
     s.set_defaults(func=cmd_release)
 
+    s = sub.add_parser(
+        "reload",
+        help="make the running daemon re-read its config file",
+        description="The running daemon re-reads its config file (as on SIGHUP, or when the "
+        "file changes): new requests of running sessions get the new providers, api sections, "
+        "limits and failover settings their grants allow. A bad file is refused with its "
+        "line and field, and the daemon keeps the configuration it runs with (exit 2).",
+    )
+    s.set_defaults(func=cmd_reload)
+
+    s = sub.add_parser(
+        "stop",
+        help="stop the running daemon cleanly (as SIGTERM does)",
+        description="Stop the running daemon as SIGTERM does: sessions close, refreshes "
+        "already sent upstream finish and are written. Returns once the daemon has exited.",
+    )
+    s.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=20.0,
+        metavar="SECONDS",
+        help="how long to wait for it to exit (default 20)",
+    )
+    s.set_defaults(func=cmd_stop)
+
     s = sub.add_parser("install-units", help="write the systemd user units")
     s.add_argument("--user", action="store_true", default=True, help="(default) user units")
     s.set_defaults(func=cmd_install_units)
@@ -490,6 +515,80 @@ def cmd_release(ns: Any) -> int:
         return EXIT_OK
     print(f"released {released} hold{'s' if released != 1 else ''} on {ns.target}")
     return EXIT_OK
+
+
+def cmd_reload(ns: Any) -> int:
+    from credproxy.inner.client import Client
+    from credproxy.shell import paths
+
+    try:
+        with Client(paths.control_socket(), timeout=30) as c:
+            changes = c.call("reload")
+    except DaemonUnavailable:
+        # Nothing runs: check the file the next daemon will read (a bad one raises).
+        path = paths.config_file()
+        paths.load_config(path)
+        print(f"credproxy reload: the daemon is not running; it reads {path} when it starts")
+        return EXIT_OK
+    except UsageError as exc:
+        print(
+            f"credproxy reload: {exc}; the daemon keeps the configuration it runs with",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    said = [
+        f"{what}: {', '.join(changes.get(field) or [])}"
+        for what, field in (
+            ("providers added", "providers_added"),
+            ("providers removed", "providers_removed"),
+            ("providers changed", "providers_changed"),
+            ("sections changed", "sections_changed"),
+        )
+        if changes.get(field)
+    ]
+    print(f"reloaded {changes.get('file')}: {'; '.join(said) if said else 'nothing changed'}")
+    return EXIT_OK
+
+
+def cmd_stop(ns: Any) -> int:
+    import contextlib
+
+    from credproxy.inner.client import Client
+    from credproxy.shell import paths
+
+    try:
+        with Client(paths.control_socket(), timeout=10) as c:
+            pid = int(c.call("ping")["pid"])
+            # The daemon may close the connection as it stops, before the reply.
+            with contextlib.suppress(DaemonUnavailable):
+                c.call("stop")
+    except DaemonUnavailable:
+        print("credproxy stop: the daemon is not running")
+        return EXIT_OK
+    if not _wait_exit(pid, ns.timeout):
+        print(
+            f"credproxy stop: the daemon (pid {pid}) is still running after {ns.timeout:g} s; "
+            f"see its log, or end it with kill -TERM {pid}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(f"stopped the credproxy daemon (pid {pid})")
+    return EXIT_OK
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until process *pid* has exited (not our child: through a pidfd); False on timeout."""
+    import os
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 def _offline_status() -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """The serving core as a state machine: commands from the trio side, requests from sandboxes.
 
 Hypothesis runs sequences of the commands the trio side sends (open, publish,
-hold, release, forget, close), of requests, and of time passing, against a
-small model of what each request must get: a token only while it is
-published, unexpired and not forgotten; never one of a closed session; under
-a profile, the current bucket unless it is held, and an earlier bucket back
-(through the walk) once its hold has ended.
+hold, release, forget, close, reload), of requests, and of time passing,
+against a small model of what each request must get: a token only while it
+is published, unexpired and not forgotten; never one of a closed session;
+under a profile, the current bucket unless it is held, and an earlier bucket
+back (through the walk) once its hold has ended; after a reload that changes
+the provider's strategy, the new strategy, from the first bucket.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from credproxy.core.servecore import (
     OpenSession,
     Publish,
     Ready,
+    Reconfigure,
     Release,
     ServingCore,
     SessionState,
@@ -38,8 +40,12 @@ BUCKETS = ("a", "b", "c")
 SIDS = ("s1", "s2")
 
 
+def _providers(strategy: str) -> dict[str, Provider]:
+    return {"p": Provider(buckets=list(BUCKETS), strategy=strategy)}  # type: ignore[arg-type]
+
+
 def _core(strategy: str) -> ServingCore:
-    return ServingCore({"p": Provider(buckets=list(BUCKETS), strategy=strategy)})  # type: ignore[arg-type]
+    return ServingCore(_providers(strategy))
 
 
 def _ready(bucket: str, until: float, n: int) -> Ready:
@@ -164,6 +170,15 @@ class CoreMachine(RuleBasedStateMachine):
         if state is not None:
             assert not state.open and not state.ready
 
+    @rule(strategy=st.sampled_from(["fill-first", "round-robin"]))
+    def reload(self, strategy: str) -> None:
+        """The config is reloaded (the same, or with the other strategy)."""
+        self.core.apply(Reconfigure(_providers(strategy)))
+        if strategy != self.strategy:
+            self.strategy = strategy
+            for m in self.model.values():
+                m.current = 0  # a changed provider's profile starts from its first bucket
+
     @rule(seconds=st.floats(0, 60))
     def time_passes(self, seconds: float) -> None:
         self.wall += seconds
@@ -280,3 +295,43 @@ def test_fill_first_goes_back_to_an_earlier_bucket_once_when_its_hold_ends() -> 
     )
     # ... once: until the walk publishes, b is served again.
     assert core.request(state, "get_token", profile, 101.0, 0.0).key == Key("p", "b")  # type: ignore[union-attr]
+
+
+def test_a_reload_brings_new_providers_and_profiles_to_running_sessions() -> None:
+    """Reconfigure: a provider that had one bucket gets a profile, one that was not configured
+    gets its buckets, a removed one loses its profile; published tokens stay."""
+    core = ServingCore({"p": Provider(buckets=["a"])})
+    state = SessionState("s", Grants.parse(["p", "q"]), None)
+    core.apply(OpenSession(state))
+    core.apply(Publish("s", _ready("a", 1e9, 1)))
+    for provider in ("p", "q"):
+        assert core.request(state, "get_token", {"provider": provider}, 0.0, 0.0) == Defer(
+            "get_token", Key(provider, "default")
+        )
+
+    core.apply(Reconfigure({"p": Provider(buckets=["a", "b"]), "q": Provider(buckets=["x", "y"])}))
+    got = core.request(state, "get_token", {"provider": "p"}, 0.0, 0.0)
+    assert isinstance(got, Ready) and got.key == Key("p", "a")  # the profile, from its bucket a
+    assert core.request(state, "get_token", {"provider": "q"}, 0.0, 0.0) == Defer(
+        "get_token_profile", Key("q", ""), start=0
+    )
+    assert core.current("s", "q") == "x"
+
+    core.apply(Reconfigure({}))
+    assert core.request(state, "get_token", {"provider": "q"}, 0.0, 0.0) == Defer(
+        "get_token", Key("q", "default")
+    )
+    assert core.current("s", "p") is None
+    # What was published is still served: it does not depend on the configuration.
+    assert core.request(state, "get_token", {"provider": "p", "bucket": "a"}, 0.0, 0.0) is got
+
+
+def test_a_reload_that_keeps_a_provider_keeps_its_profile_position() -> None:
+    """The same provider configuration again: the profile stays on its current bucket; a
+    changed one starts again from its first."""
+    core, _state_s = _state(["p:a,b"])
+    core.apply(Publish("s", _ready("b", 1e9, 1), current=("p", 1)))
+    core.apply(Reconfigure(_providers("fill-first")))
+    assert core.current("s", "p") == "b"
+    core.apply(Reconfigure(_providers("round-robin")))
+    assert core.current("s", "p") == "a"

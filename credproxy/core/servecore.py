@@ -15,7 +15,7 @@ the time of the turn, and is the only thread that mutates it.
 The trio side, where refreshes, the failover walk, the store and the API
 proxy live, changes the core only through typed commands (:data:`Command`:
 :class:`OpenSession`, :class:`Publish`, :class:`Hold`, :class:`Release`,
-:class:`Forget`, :class:`CloseSession`), which the loop applies between
+:class:`Forget`, :class:`CloseSession`, :class:`Reconfigure`), which the loop applies between
 batches, in the order they were sent, before it reads more requests. It learns
 what the core decided through the answers the loop hands over (:class:`Defer`
 carries the bucket a failover walk starts from and the serve counts of a
@@ -70,6 +70,7 @@ __all__ = [
     "Read",
     "ReadOp",
     "Ready",
+    "Reconfigure",
     "Release",
     "ServingCore",
     "SessionState",
@@ -198,7 +199,21 @@ class CloseSession:
     session: str
 
 
-Command = OpenSession | Publish | Hold | Release | Forget | CloseSession
+@dataclass(frozen=True, slots=True, eq=False)
+class Reconfigure:
+    """The configuration was reloaded: serve with *providers* from now on.
+
+    Every session's profiles are worked out again on their next request (a
+    provider's ``buckets`` or ``strategy`` may have changed, or the provider
+    may be new); a provider whose configuration changed starts its profile
+    from the first bucket again. Tokens already published stay: what a
+    session may be served does not depend on the provider's configuration.
+    """
+
+    providers: Mapping[str, Provider]
+
+
+Command = OpenSession | Publish | Hold | Release | Forget | CloseSession | Reconfigure
 
 
 def profile_of(grants: Grants, provider: str, providers: Mapping[str, Provider]) -> Profile | None:
@@ -263,6 +278,17 @@ class ServingCore:
                 state.ready.pop(command.key, None)
         elif isinstance(command, OpenSession):
             self.sessions[command.session.id] = command.session
+        elif isinstance(command, Reconfigure):
+            old, self.providers = self.providers, command.providers
+            changed = [
+                p
+                for p in old.keys() | command.providers.keys()
+                if old.get(p) != command.providers.get(p)
+            ]
+            for state in self.sessions.values():
+                state.profiles.clear()
+                for provider in changed:
+                    state.current.pop(provider, None)
         else:
             state = self.sessions.pop(command.session, None)
             if state is not None:

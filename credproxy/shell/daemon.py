@@ -9,13 +9,13 @@ Task tree::
          ├─ serving loop      every sandbox connection (its own thread in
          │                     `credproxy serve`, a trio task in tests)
          ├─ control accept loop ─ one task per control connection
-         ├─ idle-exit watch, watchdog pings, signal watch
+         ├─ idle-exit watch, watchdog pings, signal watch, config file watch
          └─ one supervisor task per session (see credproxy.shell.sessions)
 
 Tokens (lookup, serving, refresh, renewal) are :class:`~credproxy.shell.tokens.Tokens`;
 sessions are :class:`~credproxy.shell.sessions.Sessions`; what requests mean is
-:mod:`credproxy.shell.handlers`. This module starts them, reports on them, and
-stops them.
+:mod:`credproxy.shell.handlers`. This module starts them, reports on them,
+reloads the configuration into them (:meth:`Daemon.reload`), and stops them.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from credproxy.core.failover import BucketMarks
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint
 from credproxy.core.servecore import Hold, Release, ServingCore
-from credproxy.errors import CredproxyError, StoreError
+from credproxy.errors import ConfigError, CredproxyError, StoreError, UsageError
 from credproxy.shell import faults, logs, paths, systemd
 from credproxy.shell.handlers import ControlOps, SandboxOps
 from credproxy.shell.http import ApiClient
@@ -63,6 +63,7 @@ log = logs.get("credproxy.daemon")
 
 SHUTDOWN_GRACE = 8.0  # seconds for in-flight refreshes to land; < TimeoutStopSec (10 s)
 UPSTREAM_TIMEOUT = 6.0  # per phase of a refresh request; a sent request fits the grace
+CONFIG_POLL = 2.0  # seconds between looks at the config file's signature
 
 
 _BOOT_CLOCK = functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
@@ -89,9 +90,11 @@ class Daemon:
         sessions: Sessions,
         loop: ServingLoop[Session],
         ops: SandboxOps,
+        proxy: ApiProxy,
         *,
         wall_clock: Callable[[], float],
         idle_exit: float | None,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -99,6 +102,10 @@ class Daemon:
         self.sessions = sessions
         self.loop = loop
         self.ops = ops
+        self.proxy = proxy
+        self.config_path = config_path  # None: given in memory, nothing to reload
+        self.config_seen = None if config_path is None else config_signature(config_path)
+        self._reloading = trio.Lock()
         self.wall = wall_clock
         self.idle_exit = idle_exit
         self.uid = os.getuid()
@@ -116,6 +123,81 @@ class Daemon:
             self.failure = why
             log.error("daemon_failed", why=why, next="exiting with status 1")
         self.stop_event.set()
+
+    # -- reload ----------------------------------------------------------------
+
+    async def reload(self, source: str = "command") -> dict[str, Any]:
+        """Re-read the config file and serve with it; returns the file and what changed.
+
+        New requests of running sessions follow the new providers (and their
+        ``api`` sections), limits (for connections accepted from now on),
+        renewal, failover, proxy and notify settings, where their grants
+        allow. *source* (command, signal, file) is logged. Returns once the
+        serving loop serves with the new providers.
+
+        Raises:
+            ConfigError: the file is invalid (file, line and field); the
+                running configuration is kept.
+            UsageError: the daemon was given its configuration in memory.
+        """
+        if self.config_path is None:
+            raise UsageError("this daemon was started without a config file; nothing to reload")
+        async with self._reloading:
+            seen = config_signature(self.config_path)
+            try:
+                cfg = paths.load_config(self.config_path)
+            except ConfigError as exc:
+                self.config_seen = seen  # the watch does not retry the same bad file
+                log.warning(
+                    "config_reload_failed",
+                    source=source,
+                    error=str(exc),
+                    next="the running configuration is kept; fix the file, then credproxy reload",
+                )
+                raise
+            self.config_seen = seen
+            systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                changes = config_changes(self.cfg, cfg)
+                await self._apply(cfg)
+            finally:
+                systemd.notify("READY=1")
+            log.info("config_reloaded", source=source, file=str(self.config_path), **changes)
+            return {"file": str(self.config_path), **changes}
+
+    async def _apply(self, cfg: Config) -> None:
+        """Hand *cfg* to every part that reads the configuration (design.md §6.5)."""
+        self.cfg = cfg  # control connections' limits
+        self.tokens.cfg = cfg  # serving decisions, renewal, notify
+        self.tokens.refresher.cfg = cfg  # where each refresh goes
+        self.tokens.holds.cfg = cfg.failover  # quota holds set from now on
+        self.proxy.cfg = cfg  # api sections, proxy limits
+        self.loop.limits = cfg.limits  # sandbox connections accepted from now on
+        await self.sessions.reconfigure(cfg.providers, cfg.limits.max_connections)
+
+    async def reload_logged(self, source: str) -> None:
+        """:meth:`reload` for a signal or the file watch: a failure is logged, not raised."""
+        with contextlib.suppress(ConfigError):
+            await self.reload(source)
+
+    async def watch_config(self, interval: float) -> None:
+        """Reload when the config file's signature (mtime, size, inode) changes.
+
+        Looked at every *interval* seconds; a new signature is acted on once
+        two looks in a row see it, so a file still being written is not read
+        half way. A file that is missing for a moment (an editor saving
+        through a rename) is waited out: the running configuration stays
+        until the file is back (``credproxy reload`` applies a deleted file's
+        defaults).
+        """
+        assert self.config_path is not None
+        last = self.config_seen
+        while True:
+            await trio.sleep(interval)
+            now = config_signature(self.config_path)
+            if now is not None and now != self.config_seen and now == last:
+                await self.reload_logged("file")
+            last = now
 
     # -- conveniences for callers in the same process (tests, docs) ------------
 
@@ -303,6 +385,30 @@ class Daemon:
             await trio.sleep(min(0.25, self.idle_exit))
 
 
+def config_signature(path: Path) -> tuple[int, int, int] | None:
+    """What tells an edited config file apart: (mtime in ns, size, inode); None if missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def config_changes(old: Config, new: Config) -> dict[str, list[str]]:
+    """The provider names added, removed and changed, and the other sections that changed."""
+    was, now = old.providers, new.providers
+    return {
+        "providers_added": sorted(now.keys() - was.keys()),
+        "providers_removed": sorted(was.keys() - now.keys()),
+        "providers_changed": sorted(p for p in was.keys() & now.keys() if was[p] != now[p]),
+        "sections_changed": sorted(
+            name
+            for name in Config.__struct_fields__
+            if name != "providers" and getattr(old, name) != getattr(new, name)
+        ),
+    }
+
+
 def _status_notifier(get_sessions: Callable[[], Sessions | None]) -> Callable[[], None]:
     last = [""]
 
@@ -358,9 +464,16 @@ async def serve(
     handle_signals: bool = False,
     inherited: list[stdsocket.socket] | None = None,
     serving_thread: bool = False,
+    config_path: Path | None = None,
+    config_poll: float | None = CONFIG_POLL,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT, idle exit, or :meth:`Daemon.stop`.
+
+    *config_path* is the file *cfg* was read from: ``reload``, SIGHUP (with
+    *handle_signals*) and a watch of the file every *config_poll* seconds
+    (None: no watch) re-read it. Without it the configuration is *cfg* for the
+    daemon's life.
 
     *inherited* are listening sockets passed by systemd; without them the
     control socket is bound under *runtime* (and removed on exit). With
@@ -400,9 +513,11 @@ async def serve(
             cfg, tokens, store, api_client, wall_clock, boot_clock, serving_thread, on_crash=fail
         )
         main.start_soon(proxy.hangups.run)
-        daemon = _daemon(cfg, store, tokens, loop, ops, main, runtime, wall_clock, idle_exit)
+        daemon = _daemon(
+            cfg, store, tokens, loop, ops, proxy, main, runtime, wall_clock, idle_exit, config_path
+        )
         stack.enter_context(_serving_loop(loop, main, serving_thread))  # out: stop its thread
-        _start_control(daemon, main, listeners, sigs)
+        _start_control(daemon, main, listeners, sigs, config_poll)
         await _until_stopped(daemon, main, listeners, control_path, not inherited, task_status)
     if daemon is not None and daemon.failure is not None:
         raise DaemonFailed(daemon.failure)
@@ -471,11 +586,11 @@ async def _api_client(cfg: Config) -> AsyncIterator[ApiClient]:
 
 @contextlib.contextmanager
 def _signals(handle_signals: bool) -> Iterator[AsyncIterator[int] | None]:
-    """SIGTERM and SIGINT as an async iterator (for :func:`_signal_watch`), if asked."""
+    """SIGTERM, SIGINT and SIGHUP as an async iterator (for :func:`_signal_watch`), if asked."""
     if not handle_signals:
         yield None
         return
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         yield sigs
 
 
@@ -573,10 +688,12 @@ def _daemon(
     tokens: Tokens,
     loop: ServingLoop[Session],
     ops: SandboxOps,
+    proxy: ApiProxy,
     main: trio.Nursery,
     runtime: Path,
     wall_clock: Callable[[], float],
     idle_exit: float | None,
+    config_path: Path | None,
 ) -> Daemon:
     """:class:`Sessions` (their supervisors run in *main*) and the :class:`Daemon` over it all."""
     daemon: Daemon | None = None
@@ -589,7 +706,16 @@ def _daemon(
         on_change=_status_notifier(lambda: daemon.sessions if daemon else None),
     )
     daemon = Daemon(
-        cfg, store, tokens, sessions, loop, ops, wall_clock=wall_clock, idle_exit=idle_exit
+        cfg,
+        store,
+        tokens,
+        sessions,
+        loop,
+        ops,
+        proxy,
+        wall_clock=wall_clock,
+        idle_exit=idle_exit,
+        config_path=config_path,
     )
     return daemon
 
@@ -618,15 +744,24 @@ def _start_control(
     main: trio.Nursery,
     listeners: list[trio.socket.SocketType],
     sigs: AsyncIterator[int] | None,
+    config_poll: float | None,
 ) -> None:
-    """Start the control accept loop(s), and the idle-exit, signal and watchdog tasks asked for."""
+    """Start the control accept loop(s), and the idle-exit, signal, config and watchdog tasks."""
     control_ops = ControlOps(
-        daemon.sessions, daemon.token_changed, daemon.status, version(), daemon.release
+        daemon.sessions,
+        daemon.token_changed,
+        daemon.status,
+        version(),
+        daemon.release,
+        daemon.reload,
+        daemon.stop,
     )
     for listener in listeners:
         main.start_soon(daemon.accept_control, listener, control_ops, main)
     if daemon.idle_exit is not None:
         main.start_soon(daemon.idle_watch)
+    if daemon.config_path is not None and config_poll is not None:
+        main.start_soon(daemon.watch_config, config_poll)
     if sigs is not None:
         main.start_soon(_signal_watch, sigs, daemon)
     interval = systemd.watchdog_interval()
@@ -668,8 +803,13 @@ def _call_now(fn: Callable[..., Any], *args: Any) -> None:
 
 
 async def _signal_watch(sigs: Any, daemon: Daemon) -> None:
+    """SIGHUP reloads the configuration; SIGTERM and SIGINT stop the daemon."""
     async for signum in sigs:
         log.info("signal_received", signal=signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            if daemon.config_path is not None:
+                await daemon.reload_logged("signal")
+            continue
         daemon.stop()
         return
 
@@ -694,7 +834,8 @@ def main(idle_exit: float | None) -> int:
     """``credproxy serve``: configure, then run until told to stop. Returns the exit code."""
     logs.configure()
     os.umask(0o077)  # every file and socket we create is born private
-    cfg = paths.load_config()
+    config_path = paths.config_file()
+    cfg = paths.load_config(config_path)
     raise_fd_limit()
     inherited = [s for _, s in systemd.listen_fds()]
     from credproxy.shell.http import HttpTokenEndpoint  # httpx itself loads at the first refresh
@@ -712,6 +853,7 @@ def main(idle_exit: float | None) -> int:
                 handle_signals=True,
                 inherited=inherited,
                 serving_thread=True,
+                config_path=config_path,
             )
         finally:
             with trio.CancelScope(shield=True):

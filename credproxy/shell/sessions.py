@@ -26,7 +26,7 @@ import contextlib
 import os
 import secrets
 import socket as stdsocket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +37,13 @@ from credproxy.core.failover import BucketMarks, Profile
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key
 from credproxy.core.renewal import RenewalTimer
-from credproxy.core.servecore import CloseSession, Forget, OpenSession, SessionState
+from credproxy.core.servecore import (
+    CloseSession,
+    Forget,
+    OpenSession,
+    Reconfigure,
+    SessionState,
+)
 from credproxy.core.throttle import Throttle
 from credproxy.errors import UsageError
 from credproxy.shell import logs
@@ -52,6 +58,7 @@ from credproxy.shell.server import (
 from credproxy.shell.servingloop import LoopStopped, ServingLoop
 
 if TYPE_CHECKING:
+    from credproxy.core.config import Provider
     from credproxy.shell.tokens import Entry, Tokens
 
 log = logs.get("credproxy.sessions")
@@ -298,6 +305,21 @@ class Sessions:
                 continue
             session.connections += 1
             self.loop.add(stdsocket.socket(fileno=sock.detach()), session)
+
+    async def reconfigure(self, providers: Mapping[str, Provider], max_connections: int) -> None:
+        """The configuration was reloaded: new requests of every session follow it.
+
+        Each session's profiles are worked out again (here and in the serving
+        loop, :class:`~credproxy.core.servecore.Reconfigure`); the connection
+        cap applies to connections accepted from now on. Returns once the
+        serving loop serves with *providers*.
+        """
+        self.max_connections = max_connections
+        for session in self.by_id.values():
+            session.profiles.clear()
+        self.loop.command(Reconfigure(providers))
+        with contextlib.suppress(LoopStopped):
+            await self.loop.ask(lambda core: None)
 
     async def token_changed(self, key: Key, still_stored: bool) -> int:
         """The command line changed *key* in the store; returns the timers it stopped.
