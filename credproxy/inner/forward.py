@@ -4,6 +4,8 @@ Standard library only, like ``credproxy token``: it runs inside sandboxes and
 must start in the time Python itself needs.
 
     credproxy forward [--port N] [--provider P[:BUCKET]]... [--env NAME=P[:BUCKET]]...
+                      [--metadata P[:BUCKET] [--metadata-port N] [--metadata-email E]
+                       [--metadata-project ID] [--metadata-scopes S[,S...]]]
                       -- CMD [ARGS...]
 
 Tools that take nothing but a base URL (the ``anthropic`` and ``openai`` SDKs,
@@ -15,16 +17,24 @@ tool needs is a TCP port that leads there. This command listens on
 ``127.0.0.1:N`` in the sandbox's own network namespace, runs CMD with base-URL
 variables pointing at that port, and exits with CMD's status.
 
+With ``--metadata P[:BUCKET]``, a second port (``127.0.0.1:M``, ``--metadata-port
+M``, default an ephemeral port) serves a GCE metadata server answered from P's
+token (:mod:`credproxy.inner.metadata` says what it serves and where each value
+comes from; ``--metadata-email``, ``--metadata-project`` and
+``--metadata-scopes`` set values the token does not carry), for tools built on
+Google's client libraries, which find it through ``GCE_METADATA_HOST``.
+
 Theory of operation
 -------------------
 
-Who may connect. The port is on a loopback interface, and without
-``--unshare-net`` that is the host's, where every local user can reach it. So
-each accepted connection is first traced to the uid that owns its other end:
-the line of ``/proc/net/tcp`` (``/proc/net/tcp6`` for an IPv6 socket connected
-to ``::ffff:127.0.0.1``) whose ``local_address`` is the peer's address and port
-and whose ``rem_address`` is ours gives that socket's ``uid``. Only a
-connection from this process's own uid is relayed. Any other, and one whose
+Who may connect (the same on both ports). A port is on a loopback interface,
+and without ``--unshare-net`` that is the host's, where every local user can
+reach it. So each accepted connection is first traced to the uid that owns its
+other end: the line of ``/proc/net/tcp`` (``/proc/net/tcp6`` for an IPv6 socket
+connected to ``::ffff:127.0.0.1``) whose ``local_address`` is the peer's address
+and port and whose ``rem_address`` is ours gives that socket's ``uid``. Only a
+connection from this process's own uid is served (relayed, or answered by the
+metadata server). Any other, and one whose
 owner cannot be told (no such line, as when ``/proc`` is not mounted; or a
 socket its process has already closed: its inode is 0, and from FIN_WAIT2 on
 the kernel shows it as uid 0, so a line with inode 0 does not count), gets a
@@ -94,6 +104,10 @@ Which variables CMD gets (``http://127.0.0.1:N`` is ``ROOT``):
   ``openai`` sets ``OPENAI_BASE_URL``, and ``gemini`` sets
   ``GOOGLE_GEMINI_BASE_URL`` (a bucket, ``claude:work``, keeps the mapping).
 
+- With ``--metadata``: ``GCE_METADATA_HOST``, ``GCE_METADATA_ROOT`` (its older
+  name) and ``GCE_METADATA_IP`` (where google-auth sends its ping), each
+  ``127.0.0.1:M``.
+
 The value is ``ROOT/P`` with nothing appended, because the daemon maps
 ``/P/REST`` to ``base_url + /REST``: a tool's base-URL variable stands for the
 provider's ``base_url``, and the tool appends the rest itself. So the provider's
@@ -105,7 +119,7 @@ reaches ``https://api.anthropic.com/v1/messages``.
 
 Exit status: CMD's (128 + N when a signal N ended it; 127 when CMD is not
 found, 126 when it cannot be run); 2 for a usage error; 1 when the session
-socket variable is unset or names no socket, or the port cannot be bound
+socket variable is unset or names no socket, or a port cannot be bound
 (the exit codes every command shares, in the README: 1 is "anything else",
 as for ``credproxy token``).
 """
