@@ -13,6 +13,7 @@ handshake matter (Codex's).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from websockets.sync.client import ClientConnection, unix_connect
 from websockets.sync.server import Request, Response, ServerConnection, serve
 
 from conftest import CREDPROXY, Dirs, Harness, StartDaemon
+from credproxy.core.protocol import capability_digest
 
 WAIT = 10.0  # seconds any one step may take before a test gives up (never a timing claim)
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
@@ -127,19 +129,23 @@ def echo(request: pytest.FixtureRequest, ca: trustme.CA) -> Iterator[EchoServer]
 
 
 async def _setup(
-    start_daemon: StartDaemon, up: EchoServer, *grants: str, **sections: Any
+    start_daemon: StartDaemon,
+    up: EchoServer,
+    *grants: str,
+    capability: bytes | None = None,
+    **sections: Any,
 ) -> tuple[Harness, Any]:
     h = await start_daemon(providers={"dev": {"api": {"base_url": up.url, **API}}}, **sections)
     h.login()
-    s = await h.session(*(grants or ("dev",)))
+    s = await h.session(*(grants or ("dev",)), capability=capability)
     return h, s
 
 
 def _connect(socket_path: Path, path: str = "/dev/echo", **kw: Any) -> ClientConnection:
+    kw.setdefault("additional_headers", {"Authorization": SANDBOX_AUTH})
     return unix_connect(
         str(socket_path),
         f"ws://credproxy{path}",
-        additional_headers={"Authorization": SANDBOX_AUTH},
         max_size=None,
         ping_interval=None,
         open_timeout=WAIT,
@@ -260,6 +266,27 @@ async def test_a_session_without_the_grant_gets_404_and_the_upstream_is_never_co
     assert echo.handshakes == []
 
 
+async def test_a_capability_session_wants_its_capability_on_the_handshake(
+    start_daemon: StartDaemon, echo: EchoServer
+) -> None:
+    """In a --capability session a handshake without it gets 407 and reaches no upstream; with Proxy-Authorization it opens, and the capability is not sent upstream."""
+    cap = "c0" * 32
+    _h, s = await _setup(start_daemon, echo, capability=capability_digest(cap))
+
+    def attempt() -> tuple[int, str]:
+        with pytest.raises(InvalidStatus) as refused:
+            _connect(s.socket_path)
+        assert echo.handshakes == []
+        headers = {"Proxy-Authorization": f"Bearer {cap}", "Authorization": SANDBOX_AUTH}
+        with _connect(s.socket_path, additional_headers=headers) as ws:
+            ws.send("with the capability")
+            return refused.value.response.status_code, str(ws.recv(WAIT))
+
+    assert await trio.to_thread.run_sync(attempt) == (407, "with the capability")
+    (shake,) = echo.handshakes
+    assert cap not in json.dumps(shake) and "proxy-authorization" not in shake["headers"]
+
+
 @pytest.mark.parametrize(
     ("status", "body", "headers"),
     [
@@ -376,6 +403,7 @@ async def test_a_websocket_idle_past_the_idle_timeout_is_closed(
 
 FORWARDED = """
     import json, os
+    from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
     url = os.environ["CREDPROXY_BASE_URL_DEV"].replace("http://", "ws://", 1) + "/echo"
     with connect(url, proxy=None, max_size=None, open_timeout=10) as ws:
@@ -383,14 +411,20 @@ FORWARDED = """
         text = ws.recv(10)
         ws.send(bytes(range(256)) * 4096)
         blob = ws.recv(10)
-    print(json.dumps({"text": text, "blob": len(blob), "ok": blob == bytes(range(256)) * 4096}))
+    try:  # a web page's WebSocket carries its Origin: refused
+        connect(url, proxy=None, origin="http://evil.example", open_timeout=10).close()
+        origin = 101
+    except InvalidStatus as exc:
+        origin = exc.response.status_code
+    ok = blob == bytes(range(256)) * 4096
+    print(json.dumps({"text": text, "blob": len(blob), "ok": ok, "origin": origin}))
 """
 
 
 async def test_through_credproxy_forward_on_loopback_tcp(
     start_daemon: StartDaemon, echo: EchoServer, dirs: Dirs
 ) -> None:
-    """A WebSocket client on forward's loopback port (Host and no Origin, as tools send) echoes text and a 1 MiB binary message."""
+    """A WebSocket client on forward's loopback port (Host and no Origin, as tools send) echoes text and a 1 MiB binary message; one with a browser's Origin gets 403 and reaches no upstream."""
     h, s = await _setup(start_daemon, echo)
     env = {
         **dirs.env(),
@@ -403,7 +437,80 @@ async def test_through_credproxy_forward_on_loopback_tcp(
         proc = await trio.run_process(argv, env=env, capture_stdout=True, capture_stderr=True)
     assert proc.returncode == 0, proc.stderr.decode()
     out = json.loads(proc.stdout)
-    assert out == {"text": "through forward", "blob": 1 << 20, "ok": True}
+    assert out == {"text": "through forward", "blob": 1 << 20, "ok": True, "origin": 403}
     token = h.store.read("dev", "default")["access_token"]
     assert [shake["headers"]["authorization"] for shake in echo.handshakes] == [f"Bearer {token}"]
     assert token.encode() not in proc.stdout + proc.stderr
+
+
+async def test_a_refused_upgrade_leaves_the_connection_open_for_the_next_request(
+    start_daemon: StartDaemon, echo: EchoServer
+) -> None:
+    """After the upstream answers 426, the same client connection sends the handshake again and gets 101."""
+    echo.refusals.append(refuse(426, "not now"))
+    _h, s = await _setup(start_daemon, echo)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    stream = trio.SocketStream(sock)
+    conn = h11.Connection(h11.CLIENT)
+    key = base64.b64encode(os.urandom(16))
+    handshake = [
+        ("host", "credproxy"),
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-key", key),
+        ("sec-websocket-version", "13"),
+    ]
+
+    async def next_event() -> Any:
+        with trio.fail_after(WAIT):
+            while (event := conn.next_event()) is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        return event
+
+    async def shake() -> Any:
+        request = h11.Request(method="GET", target="/dev/echo", headers=handshake)
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        return await next_event()
+
+    refused = await shake()
+    assert isinstance(refused, h11.Response) and refused.status_code == 426
+    body = b""
+    while not isinstance(event := await next_event(), h11.EndOfMessage):
+        body += event.data
+    assert body.strip() == b"not now"
+    conn.start_next_cycle()
+    accepted = await shake()
+    assert isinstance(accepted, h11.InformationalResponse) and accepted.status_code == 101
+    assert dict(accepted.headers)[b"sec-websocket-accept"].decode() == _accept(key)
+    await stream.aclose()
+    assert len(echo.handshakes) == 2
+
+
+async def test_an_upstream_behind_https_proxy_gets_no_websocket_around_it(
+    start_daemon: StartDaemon, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When HTTPS_PROXY applies to the upstream, the handshake is answered 502 naming the reason, and nothing connects to the upstream directly."""
+    accepted: list[Any] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, record, 0, host="127.0.0.2"))
+    port = listeners[0].socket.getsockname()[1]
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # (never reached either)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    up = EchoServer(url=f"https://127.0.0.2:{port}/v1")
+    _h, s = await _setup(start_daemon, up)
+
+    def attempt() -> Any:
+        with pytest.raises(InvalidStatus) as refused:
+            _connect(s.socket_path)
+        return refused.value.response
+
+    response = await trio.to_thread.run_sync(attempt)
+    assert response.status_code == 502
+    assert "HTTPS_PROXY" in json.loads(response.body)["error"]["message"]
+    assert accepted == []

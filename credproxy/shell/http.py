@@ -6,7 +6,10 @@ with one shared ``httpx.AsyncClient``, and mints the signing grants' tokens
 the keys ``shell/signing_keys.py``'s). The codec in ``credproxy/core/oauth.py``
 builds the form and judges the answer; this module only moves bytes and turns
 every httpx exception into :class:`~credproxy.errors.RefreshFailed` at the
-boundary, so nothing above it needs to know httpx exists.
+boundary, so nothing above it needs to know httpx exists. The API proxy's
+upstream is :class:`ApiClient`: httpx for requests, and for a WebSocket
+upgrade, which httpx cannot do, a connection of its own (trio, h11, the
+same TLS context; :meth:`ApiClient.upgrade`).
 
 What never leaves this module: the refresh token, the client secret and the
 response body. Exceptions are raised ``from None`` and name only the host of

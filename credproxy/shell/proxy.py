@@ -45,6 +45,16 @@ Every rule of the frame side holds here too:
 - **Audit.** One line per request: session, provider, bucket, method, path
   without query, status, bytes, milliseconds; a client that went away is
   status ``499`` (as nginx logs it), never a traceback. Never a header or a body.
+
+**WebSocket** (RFC 6455). A ``GET`` with ``Upgrade: websocket`` is admitted,
+routed and given its headers like any request, then sent upstream as an
+upgrade on a connection of its own (:meth:`ApiClient.upgrade`: httpx cannot
+switch protocols). A ``101`` is relayed, and then bytes both ways, unparsed
+(:meth:`ApiProxy._tunnel`), until either side closes, nothing moves for
+``idle_timeout``, the client hangs up or the session closes; it counts as a
+request in flight throughout, and its audit line, written when it ends, says
+``101``, the bytes each way (``bytes``, ``bytes_up``) and which side ended it.
+Any other answer is relayed as a response; a ``401`` is retried as above.
 """
 
 from __future__ import annotations
@@ -717,15 +727,15 @@ class ApiProxy:
             scope.cancel()
 
         async def to_upstream() -> None:
-            data = bytes(early)
             try:
+                data = bytes(early)
                 while True:
                     if data:
                         await tunnel.send(data)
                         audit.received += len(data)
                         moved()
-                    if client_closed and data is early:
-                        break
+                    if client_closed:
+                        break  # (it closed right after its handshake)
                     data = await x.stream.receive_some(RECV_SIZE)
                     if not data:
                         break
@@ -736,8 +746,8 @@ class ApiProxy:
                 end("client")
 
         async def to_client() -> None:
-            data = tunnel.early
             try:
+                data = tunnel.early
                 while True:
                     if data:
                         await self._send_all(x.stream, data)
