@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import trio
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
+from test_systemd_user import User, host_marker, machine, user  # noqa: F401
 
 from conftest import CREDPROXY, Dirs, Peer, cli
 from credproxy import devidp
@@ -37,6 +38,9 @@ from credproxy.shell import paths
 from credproxy.shell.daemon import Daemon, serve
 from credproxy.shell.http import HttpTokenEndpoint
 from credproxy.shell.store import TokenStore
+from systemd_boot import unavailable
+
+SYSTEMD_UNAVAILABLE = unavailable()
 
 
 class WatchedIdP(DevIdP):
@@ -527,3 +531,55 @@ def test_help_lists_reload_and_stop(dirs: Dirs) -> None:
     assert re.search(r"^\s+stop\s+stop the running daemon cleanly", out, re.M)
     for command in ("reload", "stop"):
         assert cli(dirs, command, "--help").returncode == 0
+
+
+# --- under a real systemd user manager -------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    SYSTEMD_UNAVAILABLE is not None, reason=f"cannot boot systemd: {SYSTEMD_UNAVAILABLE}"
+)
+def test_reload_and_stop_under_systemd(user: User) -> None:  # noqa: F811
+    """The installed units: `systemctl --user reload` (ExecReload=, SIGHUP) brings a new
+    provider, a bad edit makes `credproxy reload` exit 2 with the line and field, and
+    `credproxy stop` ends the service with exit 0 and no restart; the socket stays."""
+    user("credproxy", "status")  # the first connection starts the service
+    first = user.show("credproxy.service", "ActiveState", "MainPID")
+    assert first["ActiveState"] == "active"
+
+    user(
+        "sh",
+        "-c",
+        "cat >> .config/credproxy/config.toml",
+        input='[providers.demo2]\ntoken_url = "http://127.0.0.1:9/token"\nclient_id = "demo-client"\n',
+    )
+    user("systemctl", "--user", "reload", "credproxy.service")
+
+    def reloaded() -> list[dict[str, object]]:
+        return [e for e in user.journal_events() if e.get("event") == "config_reloaded"]
+
+    user.wait_for("config_reloaded in the journal", lambda: bool(reloaded()))
+    assert reloaded()[0]["providers_added"] == ["demo2"]
+    assert any(
+        e.get("event") == "signal_received" and e.get("signal") == "SIGHUP"
+        for e in user.journal_events()
+    )
+
+    user("sh", "-c", "printf '[limits]\\nmax_connections = 0\\n' >> .config/credproxy/config.toml")
+    bad = user("credproxy", "reload", check=False)
+    assert bad.returncode == 2
+    assert re.search(r"config\.toml:\d+: field limits\.max_connections", bad.stderr)
+    assert user.show("credproxy.service", "MainPID") == {"MainPID": first["MainPID"]}
+
+    stopped = user("credproxy", "stop")
+    assert stopped.stdout.strip() == f"stopped the credproxy daemon (pid {first['MainPID']})"
+    after = user.show("credproxy.service", "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+    assert after == {
+        "ActiveState": "inactive",
+        "Result": "success",
+        "ExecMainStatus": "0",
+        "NRestarts": "0",
+    }
+    assert user("systemctl", "--user", "is-active", "credproxy.socket").stdout.strip() == "active"
+    user.wait_for("daemon_stopped in the journal", lambda: "daemon_stopped" in user.events())
