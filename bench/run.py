@@ -80,6 +80,7 @@ from common import (
     write_config,
 )
 from proxy import figure7
+from signing import figure8
 
 from credproxy.inner.client import Client
 from credproxy.shell.store import TokenStore
@@ -989,6 +990,13 @@ def run(mode: Mode, keep: bool) -> Report:
             report.add(Row(**row))
         report.notes.extend(f7["notes"])
         report.details["figure7"] = f7["details"]
+        f8 = figure8(
+            stack, token_url, BENCH_TOKEN, mode.name == "quick", one_client, Peer, mode, _log
+        )
+        for row in f8["rows"]:
+            report.add(Row(**row))
+        report.notes.extend(f8["notes"])
+        report.details["figure8"] = f8["details"]
         report.rows.sort(key=lambda r: r.figure)
 
         status = daemon.stop()

@@ -28,7 +28,7 @@ pytestmark = [
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
-    """`bench/run.py --quick --json FILE` exits 0 with numeric rows for figures 1-7."""
+    """`bench/run.py --quick --json FILE` exits 0 with numeric rows for figures 1-8."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--json", str(out)],
@@ -42,7 +42,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["mode"] == "quick"
     rows = result["figures"]
-    assert {r["figure"] for r in rows} == {1, 2, 3, 4, 5, 6, 7}
+    assert {r["figure"] for r in rows} == {1, 2, 3, 4, 5, 6, 7, 8}
     for row in rows:
         value = row["credproxy"]
         assert isinstance(value, int | float) and math.isfinite(value), row
@@ -61,3 +61,8 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     assert any(r["figure"] == 7 and "added p50" in r["metric"] for r in rows)
     streams = result["details"]["figure7"]["streams"]["runs"]
     assert streams and all(run["events"] > 0 for runs in streams.values() for run in runs)
+    # figure 8 (signing): both algorithms minted against the verifying issuer, and a
+    # minted token was served in the same rounds as a login's.
+    metrics = {r["metric"] for r in rows if r["figure"] == 8}
+    assert {m.split(":")[0] for m in metrics} >= {"mint, RS256", "mint, ES256"}
+    assert "get_token of a minted token, 1 client: p99" in metrics
