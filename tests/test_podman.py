@@ -175,8 +175,10 @@ def podman() -> Iterator[Podman]:
     try:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        # conmon, runc's parent, runs with nproc at most pid_max here; runc
-        # cannot raise the container's limit above that without CAP_SYS_RESOURCE.
+        # Podman's default nproc (1048576) and nofile exceed root's hard limits
+        # here, and without CAP_SYS_RESOURCE runc cannot raise them. conmon,
+        # runc's parent, was seen with nproc at pid_max (32768), below this
+        # process's hard limit, and runc failed above it: so no more than that.
         pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
         nproc = pid_max if nproc == resource.RLIM_INFINITY else min(nproc, pid_max)
         nofile = 1_048_576 if nofile == resource.RLIM_INFINITY else nofile
