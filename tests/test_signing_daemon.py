@@ -246,6 +246,20 @@ async def test_a_key_the_issuer_refuses_says_why_and_the_host_is_told_at_the_thi
     assert "401" in replies[0]["error"] or "refused" in replies[0]["error"], replies[0]
     told = [e for e in no_secrets_in_logs if e["event"] == "mint_failing"]
     assert len(told) == 1 and told[0]["failures"] == 3 and told[0]["bucket"] == "readonly"
+    # status names the key (nothing is stored yet), its grant and narrowing, and why it fails.
+    (row,) = [
+        t
+        for t in (await h.daemon.status())["tokens"]
+        if (t["provider"], t["bucket"]) == ("gh", "readonly")
+    ]
+    assert row["grant"] == "github-app"
+    assert row["narrow"] == {
+        "repositories": ["alpha"],
+        "repository_ids": [],
+        "permissions": {"contents": "read"},
+    }
+    assert row["failures"] >= 3 and row["last_error"] == told[0]["error"]
+    assert "expiry" not in row
     said = repr(no_secrets_in_logs) + json.dumps([*replies, within, again])
     assert all(line not in said for line in _pem_lines(RSA_KEY))
     # The key is put right: the next get_token after the cooldown mints.

@@ -34,11 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
-from credproxy.core.config import Config
+from credproxy.core.config import SIGNING_GRANTS, Config
 from credproxy.core.failover import BucketMarks
-from credproxy.core.names import Key
+from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint
 from credproxy.core.servecore import Hold, Release, ServingCore
 from credproxy.errors import ConfigError, CredproxyError, StoreError, UsageError
@@ -317,11 +318,12 @@ class Daemon:
                     "profiles": await self.ops.profiles_status(s),
                 }
             )
-        tokens = [
-            self._token_status(Key(provider, bucket), now)
-            for provider in self.store.providers()
-            for bucket in self.store.buckets(provider)
-        ]
+        keys = {Key(p, b) for p in self.store.providers() for b in self.store.buckets(p)}
+        for name, prov in self.cfg.providers.items():
+            if prov.grant in SIGNING_GRANTS:  # minted on first use: listed before then too
+                buckets = {DEFAULT_BUCKET, *prov.buckets, *prov.narrow}
+                keys.update(Key(name, b) for b in buckets)
+        tokens = [self._token_status(key, now) for key in sorted(keys)]
         return {
             "daemon": {
                 "pid": os.getpid(),
@@ -337,6 +339,12 @@ class Daemon:
 
     def _token_status(self, key: Key, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {"provider": key.provider, "bucket": key.bucket}
+        prov = self.cfg.providers.get(key.provider)
+        if prov is not None and prov.grant in SIGNING_GRANTS:
+            out["grant"] = prov.grant
+            narrow = prov.narrow.get(key.bucket)
+            if narrow is not None:
+                out["narrow"] = msgspec.to_builtins(narrow)
         try:
             entry = self.tokens.entry(key)
         except StoreError as exc:
