@@ -11,6 +11,7 @@ import sys
 
 from credproxy.errors import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from credproxy.inner.gitcred import main as git_credential_main
 
         return git_credential_main(args[1:])
+    if args[:2] == ["key", "get"]:
+        from credproxy.inner.client import key_get_main
+
+        return key_get_main(args[2:])
     parser = _parser()
     ns, extra = parser.parse_known_args(args)
     if ns.command == "import" and not any(e.startswith("-") and e != "-" for e in extra):
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"credproxy {ns.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> Any:
@@ -66,6 +71,8 @@ def _parser() -> Any:
     p = argparse.ArgumentParser(
         prog="credproxy",
         description="Serve OAuth access tokens to sandboxes; keep refresh tokens on the host.",
+        epilog="`credproxy COMMAND --help` says more about each command; the exit codes "
+        "and the errors a user can meet are in docs/cli.md.",
     )
     p.add_argument("--version", action="version", version=f"credproxy {version}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -84,13 +91,15 @@ def _parser() -> Any:
         help="run a command with a sandbox session",
         description="Open a sandbox session, run CMD with CREDPROXY_SOCKET set, close it after. "
         "'{socket}' in an argument is replaced by the session's socket path.",
+        epilog=RUN_GRANTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument(
         "--allow",
         action="append",
         default=[],
         metavar="GRANT",
-        help="PROVIDER, PROVIDER:BUCKET, key:NAME or '*' (repeatable)",
+        help="what the session may use (repeatable; the GRANT forms are listed below)",
     )
     s.add_argument(
         "--allow-uid",
@@ -112,10 +121,18 @@ def _parser() -> Any:
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("token", help="(inside a sandbox) print an access token")
-    s.add_argument("provider")
-    s.add_argument("--bucket")
-    s.add_argument("--json", action="store_true")
+    # Dispatched before argparse (see main); listed here for --help.
+    sub.add_parser("token", help="(inside a sandbox) print an access token", add_help=False)
+    sub.add_parser(
+        "forward",
+        help="(inside a sandbox) run CMD with a base URL on 127.0.0.1 that reaches the API proxy",
+        add_help=False,
+    )
+    sub.add_parser(
+        "git-credential",
+        help="(inside a sandbox) a git credential helper that answers with a granted token",
+        add_help=False,
+    )
 
     s = sub.add_parser(
         "import",
@@ -180,8 +197,12 @@ def _parser() -> Any:
     s.add_argument("--bucket", default="default")
     s.set_defaults(func=cmd_logout)
 
-    k = sub.add_parser("key", help="manage API keys")
+    k = sub.add_parser("key", help="store or remove API keys; (inside a sandbox) read one")
     ksub = k.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    # Dispatched before argparse (see main): it runs inside sandboxes.
+    ksub.add_parser(
+        "get", help="(inside a sandbox) print a granted API key (key:NAME)", add_help=False
+    )
     s = ksub.add_parser("set", help="store an API key read from stdin")
     s.add_argument("name")
     s.set_defaults(func=cmd_key_set)
@@ -234,6 +255,21 @@ def _parser() -> Any:
     return p
 
 
+RUN_GRANTS_HELP = """\
+GRANT is one of:
+  PROVIDER         every bucket (account) of PROVIDER: its tokens and its API
+  PROVIDER:BUCKET  one bucket of PROVIDER
+  PROVIDER:B1,B2   those buckets as a profile: without a bucket, the first that
+                   can serve is served (failover in that order)
+  api:PROVIDER     PROVIDER's API through the HTTP proxy only; the token itself
+                   is never served to the sandbox
+  key:NAME         the API key NAME (inside: credproxy key get NAME)
+  '*'              everything: every provider, bucket, API and key
+Without --allow, the config's [sandbox] default_allow is used. A grant that
+names nothing configured is warned about at once (the sandbox itself is told
+no more than "not found"); see docs/cli.md."""
+
+
 def _seconds(text: str) -> float:
     import argparse
 
@@ -273,15 +309,45 @@ def _store() -> Any:
 
 
 def _notify_daemon(provider: str, bucket: str) -> None:
-    """Tell a running daemon that a token changed; fine if none runs."""
+    """Tell a running daemon that a token changed; fine if none runs, said if it did not hear."""
     from credproxy.inner.client import Client
     from credproxy.shell import paths
 
+    client = Client(paths.control_socket(), timeout=5)
     try:
-        with Client(paths.control_socket(), timeout=5) as c:
-            c.call("token_changed", {"provider": provider, "bucket": bucket})
+        client.connect()
     except CredproxyError:
-        pass
+        return  # no daemon runs (or it cannot be reached): the next one reads the store
+    try:
+        client.call("token_changed", {"provider": provider, "bucket": bucket})
+    except CredproxyError as exc:
+        print(
+            f"credproxy: warning: the running daemon was not told that {provider}:{bucket} "
+            f"changed ({exc}); until it is, it may serve the old token: run this command "
+            "again, or `credproxy stop` (the next `credproxy run` starts a daemon again)",
+            file=sys.stderr,
+        )
+    finally:
+        client.close()
+
+
+def expires_text(left: float) -> str:
+    """``expires in 1 h 2 min`` / ``expired 38 s ago``: *left* seconds, said shortly."""
+    span = _span(abs(left))
+    return f"expires in {span}" if left >= 0 else f"expired {span} ago"
+
+
+def _span(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 2 * 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h} h {m} min" if m else f"{h} h"
+    d, h = divmod(s // 3600, 24)
+    return f"{d} d {h} h" if h else f"{d} d"
 
 
 def cmd_import(ns: Any) -> int:
@@ -300,6 +366,7 @@ def import_token(provider: str, bucket: str, file: str) -> int:
     import json
 
     from credproxy.core.names import check_name
+    from credproxy.errors import NotFound
 
     check_name("provider", provider)
     check_name("bucket", bucket)
@@ -310,6 +377,8 @@ def import_token(provider: str, bucket: str, file: str) -> int:
         else:
             with open(file, encoding="utf-8") as f:
                 text = f.read()
+    except FileNotFoundError:
+        raise NotFound(f"{source} does not exist (give the token file's path)") from None
     except OSError as exc:
         raise UsageError(f"cannot read {source}: {exc.strerror}") from None
     try:
@@ -337,7 +406,7 @@ def store_token(provider: str, bucket: str, raw: Any) -> dict[str, Any]:
         store.write(provider, bucket, token)
     _notify_daemon(provider, bucket)
     expiry = token.get("expiry")
-    left = "no expiry" if expiry is None else f"expires in {int(expiry - time.time())} s"
+    left = "no expiry" if expiry is None else expires_text(expiry - time.time())
     rt = "with" if token.get("refresh_token") else "without"
     print(f"stored {provider}:{bucket} ({left}, {rt} refresh token)")
     return token
@@ -489,6 +558,7 @@ def cmd_status(ns: Any) -> int:
             status = c.call("status")
     except DaemonUnavailable:
         status = _offline_status()
+    _add_grant_problems(status)
     if ns.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return EXIT_OK
@@ -591,6 +661,36 @@ def _wait_exit(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
+def _add_grant_problems(status: dict[str, Any]) -> None:
+    """Name, per session, each grant that gives it nothing (cause and fix), from the config file.
+
+    The daemon re-reads the file when it changes, so the file is what it
+    serves with, unless the file is bad now: then that is said instead.
+    """
+    from credproxy.core.grantcheck import grant_problems
+    from credproxy.core.grants import Grants
+    from credproxy.errors import ConfigError
+    from credproxy.shell import paths
+
+    try:
+        cfg = paths.load_config()
+    except ConfigError as exc:
+        status["config_error"] = str(exc)
+        return
+    stored = {t["provider"] for t in status.get("tokens", [])}
+    for s in status["sessions"]:
+        try:
+            grants = Grants.parse(list(s.get("grants", [])))
+        except CredproxyError:
+            continue
+        s["grant_problems"] = [
+            {"grant": p.grant, "cause": p.cause, "error": p.message, "fix": p.fix}
+            for p in grant_problems(
+                grants, cfg.providers, stored, status.get("keys"), str(paths.config_file())
+            )
+        ]
+
+
 def _offline_status() -> dict[str, Any]:
     import time
     from datetime import UTC, datetime
@@ -629,6 +729,9 @@ def _render_status(st: dict[str, Any]) -> str:
         lines.append(f"daemon: pid {d['pid']}, version {d['version']}, since {d['running_since']}")
     else:
         lines.append("daemon: not running")
+    if st.get("config_error"):
+        kept = "the daemon keeps the one it runs with" if d else "no daemon starts on it"
+        lines.append(f"config: {st['config_error']} ({kept})")
     sessions = st.get("sessions", [])
     lines.append(f"sessions: {len(sessions)}")
     for s in sessions:
@@ -636,6 +739,8 @@ def _render_status(st: dict[str, Any]) -> str:
             f"  {s['id']} {s['name']!r}: grants {', '.join(s['grants']) or '-'}; "
             f"{s['connections']} connections; launcher pid {s['launcher_pid']}"
         )
+        for p in s.get("grant_problems", []):
+            lines.append(f"    grant {p['grant']!r}: {p['error']}; {p['fix']}")
         for r in s.get("renewals", []):
             state = (
                 "re-auth required"
@@ -664,7 +769,8 @@ def _render_status(st: dict[str, Any]) -> str:
         if "error" in t:
             lines.append(f"  {t['provider']}:{t['bucket']}: unreadable: {t['error']}")
             continue
-        bits = [f"expires in {t.get('expires_in')} s"]
+        left = t.get("expires_in")
+        bits = ["no expiry" if left is None else expires_text(left)]
         bits.append("refreshable" if t.get("refreshable") else "not refreshable")
         if t.get("reauth_required"):
             bits.append("RE-AUTH REQUIRED")

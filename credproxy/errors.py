@@ -14,12 +14,16 @@ Standard library only: the inner-side client imports this module.
 
 from __future__ import annotations
 
-# Exit codes of every command (the README's "Exit codes of every command").
+# Exit codes of every command: the table in docs/cli.md, which tests/test_errors.py
+# reads and compares with these, so the two cannot drift apart.
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_REFUSED = 4
+EXIT_CANNOT_EXECUTE = 126  # credproxy run: CMD exists but cannot be run
+EXIT_COMMAND_NOT_FOUND = 127  # credproxy run: CMD does not exist
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
 class CredproxyError(Exception):

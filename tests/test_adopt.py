@@ -386,7 +386,7 @@ def test_not_json_and_missing_files_are_one_line(dirs: Dirs) -> None:
         f"credproxy import: {source} is not valid JSON (line 1)"
     ]
     gone = cli(dirs, "import", "p", "--from", "gemini-cli", str(dirs.root / "nope.json"))
-    assert gone.returncode == 2
+    assert gone.returncode == 3  # the "not found" exit code (docs/cli.md)
     assert len(gone.stderr.strip().splitlines()) == 1
     assert "does not exist" in gone.stderr
     assert _stored(dirs) is None

@@ -114,7 +114,7 @@ BAD_IMPORTS = {
 
 
 def test_import_refuses_bad_input_with_exit_2_and_one_line(dirs: Dirs) -> None:
-    """Invalid JSON, a non-token, a bad name or an unreadable file: exit 2, one stderr line, nothing stored, no secret echoed."""
+    """Invalid JSON, a non-token or a bad name: exit 2 (a missing file: 3, not found), one stderr line, nothing stored, no secret echoed."""
     with ThreadPoolExecutor(4) as pool:
         results = dict(
             zip(
@@ -126,7 +126,7 @@ def test_import_refuses_bad_input_with_exit_2_and_one_line(dirs: Dirs) -> None:
             )
         )
     for name, result in results.items():
-        assert result.returncode == 2, (name, result.stderr)
+        assert result.returncode == (3 if name == "missing-file" else 2), (name, result.stderr)
         assert one_line(result.stderr).startswith("credproxy import: "), name
         assert result.stdout == "", name
     assert "not valid JSON" in results["invalid-json"].stderr

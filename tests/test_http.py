@@ -162,7 +162,10 @@ async def test_endpoint_slower_than_the_timeout_fails(
         started = trio.current_time()
         with pytest.raises(RefreshFailed) as info:
             await ep.refresh(provider, idp.mint()["refresh_token"])
-        assert str(info.value) == "refresh for 127.0.0.1 failed: ReadTimeout"
+        assert str(info.value) == (
+            "the refresh to 127.0.0.1 failed: no answer in time (ReadTimeout); "
+            "the server is slow or unreachable; try again later"
+        )
         assert trio.current_time() - started == pytest.approx(1, abs=0.1)
     finally:
         await ep.aclose()
@@ -184,14 +187,17 @@ async def test_endpoint_slower_than_usual_but_within_the_timeout_succeeds(
 
 
 async def test_unreachable_endpoint_is_transient(endpoint: HttpTokenEndpoint) -> None:
-    """A refused connection is a RefreshFailed naming the host and ConnectError."""
+    """A refused connection is a RefreshFailed naming the host, the cause in words and what next."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     provider = Provider(token_url=f"http://127.0.0.1:{port}/token", client_id="x")
     with pytest.raises(RefreshFailed) as info:
         await endpoint.refresh(provider, "rt")
-    assert str(info.value) == "refresh for 127.0.0.1 failed: ConnectError"
+    assert str(info.value) == (
+        "the refresh to 127.0.0.1 failed: connection refused (ConnectError); "
+        "check the host and port in the config, then try again"
+    )
 
 
 async def test_wrong_path_is_transient(nursery: trio.Nursery, endpoint: HttpTokenEndpoint) -> None:

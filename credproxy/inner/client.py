@@ -39,6 +39,7 @@ from credproxy.errors import (
     AllBucketsExhausted,
     CredproxyError,
     DaemonUnavailable,
+    NotFound,
     ProtocolError,
     RateLimited,
     Unauthorized,
@@ -380,6 +381,9 @@ def token_main(argv: list[str]) -> int:
             return _usage(f"unexpected argument {arg!r}")
     if provider is None:
         return _usage("PROVIDER is required")
+    hint = _grant_form_hint(provider)
+    if hint:
+        return _usage(hint)
     stdin = sys.stdin.read(STDIN_LIMIT) if fmt == "docker" and sys.stdin else ""
     try:
         with Client() as client:
@@ -394,10 +398,78 @@ def token_main(argv: list[str]) -> int:
             from credproxy.inner.formats import FORMATS
 
             out = FORMATS[fmt](token, stdin)
+    except NotFound as exc:
+        print(
+            f"credproxy token: {exc}: the session must be granted {provider}, and logged in "
+            "on the host; `credproxy status` on the host says which is missing",
+            file=sys.stderr,
+        )
+        return exc.exit_code
     except CredproxyError as exc:
         print(f"credproxy token: {exc}", file=sys.stderr)
         return exc.exit_code
     return print_out(out)
+
+
+def _grant_form_hint(provider: str) -> str | None:
+    """What to do instead when *provider* is written as a grant (``key:NAME``, ``api:P``)."""
+    head, sep, tail = provider.partition(":")
+    if not sep:
+        return None
+    if head == "key":
+        return f"{provider} is an API key: print it with `credproxy key get {tail}`"
+    if head == "api":
+        return (
+            f"{provider} grants {tail}'s API through the HTTP proxy, never its token: "
+            f"send requests to http://credproxy/{tail}/... (credproxy forward --provider {tail})"
+        )
+    return f"give the bucket as an option: credproxy token {head} --bucket {tail}"
+
+
+KEY_USAGE = "usage: credproxy key get NAME"
+KEY_HELP = """\
+Print the API key NAME from the socket in $CREDPROXY_SOCKET (the session must be
+granted key:NAME). A key that is not stored and one that is not granted are the
+same "not found" (exit 3)."""
+
+
+def key_get_main(argv: list[str]) -> int:
+    """``credproxy key get NAME``: print a granted API key (inside a sandbox)."""
+    name = None
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(KEY_USAGE)
+            print(KEY_HELP)
+            return EXIT_OK
+        if arg.startswith("-"):
+            return _key_usage(f"unknown option {arg}")
+        if name is not None:
+            return _key_usage(f"unexpected argument {arg!r}")
+        name = arg
+    if name is None:
+        return _key_usage("NAME is required")
+    if name.startswith("key:"):
+        name = name[4:]  # the grant's spelling, key:NAME, means the same key
+    try:
+        with Client() as client:
+            value = client.get_api_key(name)
+    except NotFound as exc:
+        print(
+            f"credproxy key get: {exc}: the session must be granted key:{name}, and the key "
+            f"stored on the host (credproxy key set {name}); `credproxy status` on the host "
+            "says which is missing",
+            file=sys.stderr,
+        )
+        return exc.exit_code
+    except CredproxyError as exc:
+        print(f"credproxy key get: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return print_out(value)
+
+
+def _key_usage(message: str) -> int:
+    print(f"credproxy key get: {message} ({KEY_USAGE})", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def print_out(out: str) -> int:

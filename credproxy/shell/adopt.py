@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 
 from credproxy.core.adopt import AdoptError, refresh_token_of, retire_text
-from credproxy.errors import CredproxyError
+from credproxy.errors import CredproxyError, NotFound
 
 __all__ = ["BACKUP_SUFFIX", "read_source", "retire_source"]
 
@@ -29,14 +29,13 @@ def read_source(path: Path) -> str:
     """The text of the credentials file at *path*.
 
     Raises:
+        NotFound: there is no such file (exit 3, the "not found" code).
         AdoptError: the file cannot be read or is not UTF-8 (names the file).
     """
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise AdoptError(
-            f"{path} does not exist (give the file's path after the provider)"
-        ) from None
+        raise NotFound(f"{path} does not exist (give the file's path after the provider)") from None
     except OSError as exc:
         raise AdoptError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -32,6 +32,7 @@ import trio
 
 from credproxy.core import failover, serving
 from credproxy.core.failover import BucketMarks, Profile
+from credproxy.core.grantcheck import grant_problems
 from credproxy.core.grants import Grants
 from credproxy.core.names import Key, key_field, name_field
 from credproxy.core.protocol import capability_digest
@@ -54,13 +55,19 @@ from credproxy.errors import (
     StoreError,
     UsageError,
 )
-from credproxy.shell import logs
-from credproxy.shell.servingloop import Pending, SandboxConnection, ServingLoop
+from credproxy.shell import logs, paths
+from credproxy.shell.servingloop import LoopStopped, Pending, SandboxConnection, ServingLoop
 from credproxy.shell.sessions import Session, Sessions
 from credproxy.shell.store import TokenStore
 from credproxy.shell.tokens import Entry, Tokens
 
 log = logs.get("credproxy.handlers")
+#: The log event of each cause of :func:`credproxy.core.grantcheck.grant_problems`.
+_GRANT_EVENTS = {
+    "not_configured": "grant_unknown",
+    "no_api_section": "grant_no_api",
+    "key_missing": "grant_key_missing",
+}
 _encoder = msgspec.json.Encoder()
 
 
@@ -501,7 +508,31 @@ class ControlOps:
             capability_digest(cap) if cap else None,
             peer_pid if watch else None,
         )
+        await self._log_grant_problems(session.id, grants)
         return {"session": session.id, "socket": str(session.socket_path)}
+
+    async def _log_grant_problems(self, sid: str, grants: Grants) -> None:
+        """Log each grant that gives the session nothing, with its cause and fix.
+
+        The sandbox is never told (an unknown provider answers as one not
+        granted); the host is, here and in ``credproxy status``.
+        """
+        try:
+            providers = await self.sessions.loop.ask(lambda core: core.providers)
+            status = await self.status()
+        except LoopStopped:
+            return
+        stored = {t["provider"] for t in status.get("tokens", [])}
+        keys = status.get("keys")
+        for problem in grant_problems(grants, providers, stored, keys, str(paths.config_file())):
+            log.warning(
+                _GRANT_EVENTS[problem.cause],
+                session=sid,
+                grant=problem.grant,
+                cause=problem.cause,
+                error=problem.message,
+                fix=problem.fix,
+            )
 
     async def close_session(self, payload: dict[str, Any]) -> dict[str, Any]:
         sid = payload.get("session")

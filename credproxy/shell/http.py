@@ -20,10 +20,12 @@ carries the request (form body included) and its message may quote the URL.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import socket
 import ssl
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, cast
@@ -63,6 +65,94 @@ def _httpx_errors() -> tuple[type[Exception], ...]:
 
 # A mount of None means "the client's own transport", i.e. no proxy.
 _LOOPBACK_PATTERNS = ("all://127.0.0.1", "all://localhost", "all://[::1]")
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+_RETRY = "check the network connection, then try again"
+_CHECK_PROXY = "check the network and the proxy settings (HTTPS_PROXY, NO_PROXY), then try again"
+
+
+def network_failure(what: str, url: str, exc: BaseException) -> str:
+    """One line for a request that failed on the way: what, to which host, why, what next.
+
+    *exc* is what httpx (or the socket or TLS layer) raised; it is looked
+    through (its causes, and the attempts of a connection group) for the
+    cause in words: DNS lookup, connection refused, timed out, TLS
+    verification. Names the host only (a URL's userinfo may hold a
+    password) and the exception class, never its text, which may quote the
+    URL or the request.
+    """
+    host = urlsplit(url).hostname or "the server"
+    proxied = _env_proxy(urlsplit(url).scheme, host)
+    cause, advice = _cause(exc, proxied)
+    via = " (through the proxy that HTTPS_PROXY names)" if proxied else ""
+    return f"{what} to {host}{via} failed: {cause} ({type(exc).__name__}); {advice}"
+
+
+def _cause(exc: BaseException, proxied: bool) -> tuple[str, str]:
+    """The cause of *exc* in words, and the next step."""
+    import httpx
+
+    seen = list(_chain(exc))
+    if any(isinstance(e, socket.gaierror) for e in seen):
+        if proxied:
+            return "DNS lookup of the proxy failed", _CHECK_PROXY
+        return (
+            "DNS lookup failed, no network or no such host",
+            "check the network connection and the host name in the config, then try again",
+        )
+    for e in seen:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return (
+                f"TLS certificate verification failed, {str(e.verify_message).rstrip('.')}",
+                "check this host's clock and CA certificates (SSL_CERT_FILE names extra ones; "
+                "a proxy that intercepts TLS needs its CA there), then try again",
+            )
+    if any(isinstance(e, ssl.SSLError) for e in seen):
+        return "TLS handshake failed", f"{_CHECK_PROXY}; the server may not speak TLS there"
+    if any(isinstance(e, ConnectionRefusedError) for e in seen):
+        if proxied:
+            return "connection to the proxy refused", _CHECK_PROXY
+        return "connection refused", "check the host and port in the config, then try again"
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connection timed out", _CHECK_PROXY
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer in time", "the server is slow or unreachable; try again later"
+    unreachable = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
+    if any(isinstance(e, OSError) and e.errno in unreachable for e in seen):
+        return "network unreachable", _RETRY
+    if isinstance(exc, httpx.ProxyError):
+        return "the proxy refused the request", _CHECK_PROXY
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return "the URL cannot be used", "fix the URL in the config"
+    if isinstance(exc, httpx.ConnectError):
+        return "no connection could be made", _CHECK_PROXY
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        return "the connection broke before a whole answer", "try again"
+    return "the request did not complete", _CHECK_PROXY
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """*exc*, its causes and contexts, and the members of exception groups among them."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+
+
+def _env_proxy(scheme: str, host: str) -> bool:
+    """Whether httpx would send a request to *host* through a proxy of the environment."""
+    if host in _LOOPBACK_HOSTS:
+        return False  # (the clients' mounts: loopback is always direct)
+    proxies = getproxies_environment()
+    if not (proxies.get(scheme) or proxies.get("all")):
+        return False
+    return not proxy_bypass(host)  # (on Linux: NO_PROXY)
 
 
 class HttpTokenEndpoint:
@@ -161,7 +251,7 @@ class HttpTokenEndpoint:
                 provider.token_url, form, json_body=provider.refresh_body == "json"
             )
         except _httpx_errors() as exc:
-            raise RefreshFailed(f"refresh for {host} failed: {type(exc).__name__}") from None
+            raise RefreshFailed(network_failure("the refresh", provider.token_url, exc)) from None
         except _ResponseTooLarge:
             raise RefreshFailed(
                 f"refresh for {host} failed: response larger than {MAX_RESPONSE_BYTES} bytes"
@@ -182,9 +272,7 @@ class HttpTokenEndpoint:
         try:
             status, body = await self._call("GET", url, headers=copilot.mint_headers(github_token))
         except _httpx_errors() as exc:
-            raise RefreshFailed(
-                f"the Copilot token request to {host} failed: {type(exc).__name__}"
-            ) from None
+            raise RefreshFailed(network_failure("the Copilot token request", url, exc)) from None
         except _ResponseTooLarge:
             raise RefreshFailed(
                 f"the answer of {host} is larger than {MAX_RESPONSE_BYTES} bytes"
@@ -255,7 +343,7 @@ class HttpTokenEndpoint:
             )
         except _httpx_errors() as exc:
             raise assertions.MintFailed(
-                f"the {request.grant} request to {host} failed: {type(exc).__name__}"
+                network_failure(f"the {request.grant} request", request.url, exc)
             ) from None
         except _ResponseTooLarge:
             raise assertions.MintFailed(
@@ -333,7 +421,7 @@ class HttpTokenEndpoint:
         try:
             return await self._post(url, form, json_body=json_body)
         except _httpx_errors() as exc:
-            raise login.LoginFailed(f"the request to {host} failed: {type(exc).__name__}") from None
+            raise login.LoginFailed(network_failure("the login request", url, exc)) from None
         except _ResponseTooLarge:
             raise login.LoginFailed(
                 f"the answer of {host} is larger than {MAX_RESPONSE_BYTES} bytes"
@@ -573,7 +661,6 @@ class _UpgradeResponse(UpstreamResponse):
 
 
 _RECV = 65_536
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 async def _answer_head(
@@ -650,7 +737,7 @@ class ApiClient:
             request = client.build_request(method, url, headers=headers, content=content)
             response = await client.send(request, stream=True)
         except _httpx_errors() as exc:
-            raise UpstreamUnavailable(f"{host} did not answer ({type(exc).__name__})") from None
+            raise UpstreamUnavailable(network_failure("the request", url, exc)) from None
         return _HttpxResponse(response, host)
 
     async def upgrade(self, url: str, headers: list[tuple[bytes, bytes]]) -> UpstreamResponse:
@@ -720,12 +807,7 @@ class ApiClient:
     @staticmethod
     def _env_proxy(scheme: str, host: str) -> bool:
         """Whether httpx would send a request to *host* through a proxy of the environment."""
-        if host in _LOOPBACK_HOSTS:
-            return False  # (the client's mounts: loopback is always direct)
-        proxies = getproxies_environment()
-        if not (proxies.get(scheme) or proxies.get("all")):
-            return False
-        return not proxy_bypass(host)  # (on Linux: NO_PROXY)
+        return _env_proxy(scheme, host)
 
     async def close_response(self, response: UpstreamResponse) -> None:
         await response.aclose()

@@ -1,7 +1,12 @@
 """``credproxy run``: open a session, run the sandbox command, close the session.
 
-Standard library only (plus config for ``default_allow``): this process stays
-alive for as long as the sandbox runs, and stays small.
+Standard library only, plus the config and the grants: this process stays
+alive for as long as the sandbox runs, and stays small. The config file is
+read first: a bad one is said here (file, line, field) rather than by a
+daemon that would not start on it, and a grant that names a provider the
+config does not have (and no login is stored for), or ``api:P`` for a
+provider without an ``api`` section, is warned about at once on stderr (the
+sandbox itself is told only "not found"; see ``credproxy/core/grantcheck.py``).
 
 If no daemon answers on the control socket, one is started in the background
 (``credproxy serve --idle-exit``), so ``credproxy run`` works the same with or
@@ -28,7 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from credproxy.errors import EXIT_USAGE, CredproxyError, DaemonUnavailable, UsageError
+from credproxy.core.config import Config
+from credproxy.core.grants import Grants
+from credproxy.errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_COMMAND_NOT_FOUND,
+    EXIT_USAGE,
+    ConfigError,
+    CredproxyError,
+    DaemonUnavailable,
+    UsageError,
+)
 from credproxy.inner.client import CAPABILITY_ENV, CAPABILITY_FD_ENV, Client
 from credproxy.inner.forward import wait_forwarding_signals
 from credproxy.shell import paths
@@ -46,7 +61,9 @@ def run(
     name: str,
     capability: bool,
 ) -> int:
-    grants = allow or _default_grants()
+    control = paths.control_socket()
+    cfg = _config(control)
+    grants = allow or ([] if cfg is None else list(cfg.sandbox.default_allow))
     if not grants:
         print(
             "credproxy run: no grants: pass --allow PROVIDER[:BUCKET] (or key:NAME, or '*'), "
@@ -54,7 +71,9 @@ def run(
             file=sys.stderr,
         )
         return EXIT_USAGE
-    control = paths.control_socket()
+    parsed = Grants.parse(grants)  # a malformed grant is refused before any daemon starts
+    if cfg is not None:
+        _warn_grants(parsed, cfg)
     ensure_daemon(control)
     cap = secrets.token_hex(32) if capability else None
     payload: dict[str, Any] = {
@@ -109,8 +128,44 @@ def _note_closed_path(sock: Path) -> None:
             return
 
 
-def _default_grants() -> list[str]:
-    return list(paths.load_config().sandbox.default_allow)
+def _config(control: Path) -> Config | None:
+    """The config file's settings; None if it is bad but a running daemon keeps a good one.
+
+    Raises:
+        ConfigError: the file is bad and no daemon runs (one would not start on it):
+            the file, line and field, and what to do.
+    """
+    path = paths.config_file()
+    try:
+        return paths.load_config(path)
+    except ConfigError as exc:
+        if _answers(control):
+            print(
+                f"credproxy run: warning: {exc}; the running daemon keeps the configuration "
+                f"it runs with until {path} is fixed",
+                file=sys.stderr,
+            )
+            return None
+        raise ConfigError(f"{exc}; fix {path}, then run this again") from None
+
+
+def _warn_grants(grants: Grants, cfg: Config) -> None:
+    """Say at once which grants give the sandbox nothing, and the fix (the sandbox is not told)."""
+    from credproxy.core.grantcheck import grant_problems
+    from credproxy.shell.store import TokenStore
+
+    try:
+        store = TokenStore(paths.state_dir())
+        stored, keys = store.providers(), store.key_names()
+    except (CredproxyError, OSError):
+        return  # the store cannot be listed: the daemon says why when it starts
+    for problem in grant_problems(grants, cfg.providers, stored, keys, str(paths.config_file())):
+        told = (
+            "its API requests get a 404 that says so"
+            if problem.cause == "no_api_section"
+            else 'the sandbox is told only "not found"'
+        )
+        print(f"credproxy run: warning: {problem.line()} ({told}; running anyway)", file=sys.stderr)
 
 
 def _run_child(argv: list[str], env: dict[str, str], *, capability: str | None) -> int:
@@ -118,7 +173,7 @@ def _run_child(argv: list[str], env: dict[str, str], *, capability: str | None) 
         child = _spawn(argv, env, capability)
     except OSError as exc:
         print(f"credproxy run: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr)
-        return 127 if isinstance(exc, FileNotFoundError) else 126
+        return EXIT_COMMAND_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
     return wait_forwarding_signals(child)
 
 

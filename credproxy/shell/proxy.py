@@ -78,6 +78,7 @@ from credproxy.core.config import Config
 from credproxy.core.connection import TokenBucket
 from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble
 from credproxy.core.names import DEFAULT_BUCKET, Key, is_name
+from credproxy.core.throttle import Throttle
 from credproxy.errors import AllBucketsExhausted, CredproxyError, NotFound, ReauthRequired
 from credproxy.shell import logs
 from credproxy.shell.http import ApiClient, UpstreamResponse, UpstreamUnavailable
@@ -97,6 +98,18 @@ CLIENT_GONE_STATUS = 499  # nginx's "client closed request", in the audit line o
 TRIM_AFTER = 1 << 20  # body bytes relayed before the last exchange ending gives memory back
 _FIELD = re.compile(r"\{([A-Za-z0-9_.:@-]+)\}")
 _NO_API = "no such API in this session (http://credproxy/PROVIDER/...)"
+NOT_SERVED_LOG_INTERVAL = 60.0  # seconds between api_not_served lines of a session and cause
+NOT_SERVED_MEMORY = 1024  # (session, provider, cause) throttles kept; then forgotten at once
+#: Why a request to a provider's API was not served, as the host's log says it, and the fix.
+#: The sandbox gets one answer (_NO_API) for the first two, so it cannot tell unknown providers
+#: from ones it was not granted; the last two concern what it was granted and are said plainly.
+_NOT_SERVED_FIX = {
+    "not_configured": "add [providers.{p}] and [providers.{p}.api] to the config file, "
+    "or fix the sandbox's URL",
+    "not_granted": "grant it to the session: credproxy run --allow {p} (or --allow api:{p})",
+    "no_api_section": "add [providers.{p}.api] (base_url, headers) to the config file",
+    "no_login": "log in on the host: credproxy login {p} --bucket {b}",
+}
 
 
 class Route(NamedTuple):
@@ -179,6 +192,7 @@ class ApiProxy:
         self.kept_bytes = 0  # request bodies kept for a retry, all sessions together
         self.hangups = Hangups()  # run by the daemon: ApiProxy.hangups.run()
         self._moved = 0  # body bytes relayed since memory was last given back
+        self._said: dict[tuple[str, str, str], Throttle] = {}
 
     def pace(self) -> BodyPace:
         return BodyPace(self.cfg.proxy.body_timeout, self.cfg.proxy.body_min_rate)
@@ -449,7 +463,8 @@ class ApiProxy:
 
         Raises:
             HttpError: CONNECT, an absolute-form target, a dot segment, or a
-                provider that is not granted or has no API (the same 404 for both).
+                provider that is not configured or not granted (one 404 for both),
+                or that is granted but has no ``api`` section (a 404 that says so).
         """
         if method == "CONNECT":
             raise HttpError(405, "CONNECT is not available: this is not an open proxy")
@@ -476,10 +491,17 @@ class ApiProxy:
         if not is_name(provider) or (bucket and not is_name(bucket)):
             raise HttpError(404, _NO_API)
         prov = self.cfg.providers.get(provider)
-        if prov is None or prov.api is None:
-            raise HttpError(404, _NO_API)
+        if prov is None:
+            raise self._not_served(session, provider, "not_configured")
         if bucket and not self._allowed(session, Key(provider, bucket)):
-            raise HttpError(404, _NO_API)
+            raise self._not_served(session, provider, "not_granted")
+        if prov.api is None:
+            granted = session.grants.provider_visible(provider) or session.grants.api_allowed(
+                provider
+            )
+            raise self._not_served(
+                session, provider, "no_api_section" if granted else "not_granted"
+            )
         return Route(
             provider,
             bucket or None,
@@ -511,8 +533,39 @@ class ApiProxy:
             except CredproxyError as exc:
                 raise HttpError(502, f"no token for {route.provider}: {exc.code}") from None
         if not self._allowed(session, key):
-            raise HttpError(404, _NO_API)
+            raise self._not_served(session, key.provider, "not_granted")
         return key
+
+    def _not_served(
+        self, session: Session, provider: str, cause: str, bucket: str = DEFAULT_BUCKET
+    ) -> HttpError:
+        """The 404 for *cause*, said on the host with the fix (one line per interval and cause).
+
+        The sandbox is told plainly only what concerns a provider it was
+        granted (no ``api`` section, no login); an unknown provider and one
+        not granted get one identical answer.
+        """
+        said = (session.id, provider, cause)
+        throttle = self._said.get(said)
+        if throttle is None:
+            if len(self._said) >= NOT_SERVED_MEMORY:
+                self._said.clear()
+            throttle = self._said[said] = Throttle(NOT_SERVED_LOG_INTERVAL)
+        suppressed = throttle.allow(_now())
+        if suppressed is not None:
+            log.warning(
+                "api_not_served",
+                session=session.id,
+                provider=provider,
+                cause=cause,
+                fix=_NOT_SERVED_FIX[cause].format(p=provider, b=bucket),
+                suppressed=suppressed,
+            )
+        if cause == "no_api_section":
+            return HttpError(404, f"{provider} has no api section in the host's config")
+        if cause == "no_login":
+            return HttpError(404, f"{provider}:{bucket} has no stored login on the host")
+        return HttpError(404, _NO_API)
 
     async def _forward(self, x: Exchange) -> None:
         """Forward one request and stream its answer back, watching the client throughout.
@@ -612,7 +665,7 @@ class ApiProxy:
         try:
             entry = await self.tokens.get(key)
         except NotFound:
-            raise HttpError(404, _NO_API) from None
+            raise self._not_served(session, key.provider, "no_login", key.bucket) from None
         except ReauthRequired as exc:
             raise HttpError(401, str(exc)) from None
         except CredproxyError as exc:

@@ -1,0 +1,97 @@
+"""What is wrong with a session's grants, said on the host (sans I/O).
+
+A sandbox is never told why a grant gives it nothing: a provider that is not
+configured answers exactly as one that is not granted (no enumeration). The
+host is told instead: ``credproxy run`` warns at once on its stderr, the
+daemon logs it when the session opens, and ``credproxy status`` lists it. All
+three call :func:`grant_problems` with what they know (the configured
+providers, the providers with a stored login, the stored API keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import NamedTuple
+
+from credproxy.core.config import Provider
+from credproxy.core.grants import Grants
+
+__all__ = ["GrantProblem", "grant_problems"]
+
+
+class GrantProblem(NamedTuple):
+    """One grant that gives the session nothing, why, and the fix (never a secret)."""
+
+    grant: str  # as the user wrote it: P, P:B, P:B1,B2, api:P, key:NAME
+    cause: str  # not_configured, no_api_section, key_missing
+    message: str
+    fix: str
+
+    def line(self) -> str:
+        return f"grant {self.grant!r}: {self.message}; {self.fix}"
+
+
+def grant_problems(
+    grants: Grants,
+    providers: Mapping[str, Provider],
+    stored: Collection[str],
+    keys: Collection[str] | None,
+    config_file: str,
+) -> list[GrantProblem]:
+    """The problems of *grants* (``*`` has none: it names nothing).
+
+    Args:
+        providers: the configured providers.
+        stored: the providers that have at least one stored token.
+        keys: the stored API keys' names (None: not known, not checked).
+        config_file: the config file's path, for the fix.
+    """
+    found: list[GrantProblem] = []
+    for spec in grants.specs():
+        head, sep, tail = spec.partition(":")
+        if spec == "*":
+            continue
+        if sep and head == "key":
+            if keys is not None and tail not in keys:
+                found.append(
+                    GrantProblem(
+                        spec,
+                        "key_missing",
+                        f"no API key {tail} is stored",
+                        f"store it on the host: credproxy key set {tail} < FILE",
+                    )
+                )
+            continue
+        if sep and head == "api":
+            prov = providers.get(tail)
+            if prov is None:
+                found.append(
+                    GrantProblem(
+                        spec,
+                        "not_configured",
+                        f"provider {tail} is not configured",
+                        f"add [providers.{tail}] and [providers.{tail}.api] (base_url, "
+                        f"headers) to {config_file}, or fix the grant",
+                    )
+                )
+            elif prov.api is None:
+                found.append(
+                    GrantProblem(
+                        spec,
+                        "no_api_section",
+                        f"provider {tail} has no api section",
+                        f"add [providers.{tail}.api] (base_url, headers) to {config_file}",
+                    )
+                )
+            continue
+        if head not in providers and head not in stored:
+            found.append(
+                GrantProblem(
+                    spec,
+                    "not_configured",
+                    f"provider {head} is not configured and has no stored login",
+                    f"add [providers.{head}] to {config_file} (a preset is quickest: see "
+                    "docs/providers.md), or fix the grant",
+                )
+            )
+    return found
