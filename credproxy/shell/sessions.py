@@ -98,8 +98,8 @@ class Session:
         """Start this session's renewal timer for *key* on its first serve (docs/design.md 3.1)."""
         if not entry.refreshable or self.nursery is None:
             return
-        current = self.timers.get(key)
-        if current is not None and current[0].ended is None:
+        running = self.timers.get(key)
+        if running is not None and running[0].ended is None:
             return  # a second serve is a no-op for this session
         timer = tokens.new_timer(key, entry)
         scope = trio.CancelScope()
@@ -333,16 +333,16 @@ class Sessions:
             # A new login: sessions whose renewal had ended (re-auth required,
             # gave up) schedule it again on their next get_token.
             for session in self.by_id.values():
-                current = session.timers.get(key)
-                if current is not None and current[0].ended is not None:
+                timer = session.timers.get(key)
+                if timer is not None and timer[0].ended is not None:
                     del session.timers[key]
             log.info("token_replaced", provider=key.provider, bucket=key.bucket)
             return 0
         cancelled = 0
         for session in self.by_id.values():
-            current = session.timers.pop(key, None)
-            if current is not None:
-                current[1].cancel()
+            timer = session.timers.pop(key, None)
+            if timer is not None:
+                timer[1].cancel()
                 cancelled += 1
         log.info(
             "token_removed", provider=key.provider, bucket=key.bucket, timers_cancelled=cancelled
