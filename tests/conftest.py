@@ -432,7 +432,7 @@ async def start_daemon(nursery: trio.Nursery, dirs: Dirs) -> AsyncIterator[Start
         }
         cfg = make_config(providers=providers, **sections)
         store = TokenStore(dirs.state)
-        endpoint = HttpTokenEndpoint(wall_clock=wall, timeout=10)
+        endpoint = HttpTokenEndpoint(wall_clock=wall, timeout=10, signing_store=store.signing_dir)
         extra: dict[str, Any] = (
             {"serving_thread": True}
             if serving_thread

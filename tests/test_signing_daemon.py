@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_proxy import HttpClient, Upstream, answer, upstream  # noqa: F401
 
-from conftest import Harness, StartDaemon
+from conftest import Dirs, Harness, StartDaemon
 from credproxy.devidp import DevIssuers
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -267,3 +268,37 @@ async def test_a_key_the_issuer_refuses_says_why_and_the_host_is_told_at_the_thi
     await trio.sleep(h.daemon.cfg.renewal.refresh_cooldown + 1)
     fixed = await p.call("get_token", {"provider": "gh", "bucket": "readonly"})
     assert fixed["ok"] is True, fixed
+
+
+async def test_a_private_key_imported_into_the_store_signs_without_a_file_of_its_own(
+    start_daemon: StartDaemon, tmp_path: Path, dirs: Dirs
+) -> None:
+    """private_key = "store:NAME": the key kept in the daemon's store (0600, under signing/, apart from the API keys a sandbox may be granted) mints the App's tokens."""
+    from credproxy.shell.store import TokenStore
+
+    store = TokenStore(dirs.state)
+    store.write_signing_key("app", _pem(RSA_KEY))
+    path = store.signing_key_path("app")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert "app" not in store.key_names()  # not an API key: no grant can name it
+    table = _github("store:app")
+    h = await start_daemon(issuers=True, providers={"gh": table})
+    issuers = _issuers(h)
+    issuers.register_app(42, RSA_KEY.public_key())
+    issuers.add_installation(
+        7, 42, repositories={"alpha": 1, "beta": 2}, permissions={"contents": "write"}
+    )
+    s = await h.session("gh:push", "gh:readonly", "key:app")
+    reply = await _token(h, s, "push")
+    assert reply["ok"] is True, reply
+    p = await h.peer(s)
+    leaked = await p.call("get_api_key", {"name": "app"})
+    assert leaked["ok"] is False and leaked["code"] == "NOT_FOUND"
+    # A name that is not stored says so, naming the store and never a key.
+    h.daemon.cfg.providers["gh"] = msgspec.structs.replace(
+        h.daemon.cfg.providers["gh"], private_key="store:missing"
+    )
+    h.daemon.tokens.cfg = h.daemon.cfg
+    h.daemon.tokens.refresher.cfg = h.daemon.cfg
+    other = await _token(h, s, "readonly")
+    assert other["ok"] is False and "missing" in other["error"], other

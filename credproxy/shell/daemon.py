@@ -848,7 +848,9 @@ def main(idle_exit: float | None) -> int:
     inherited = [s for _, s in systemd.listen_fds()]
     from credproxy.shell.http import HttpTokenEndpoint  # httpx itself loads at the first refresh
 
-    endpoint = HttpTokenEndpoint(timeout=UPSTREAM_TIMEOUT)
+    endpoint = HttpTokenEndpoint(
+        timeout=UPSTREAM_TIMEOUT, signing_store=TokenStore(paths.state_dir()).signing_dir
+    )
 
     async def run() -> None:
         try:

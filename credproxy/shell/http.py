@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 from urllib.request import getproxies_environment, proxy_bypass
@@ -178,7 +179,9 @@ class HttpTokenEndpoint:
         timeout: float = 10.0,
         random: Callable[[int], bytes] = os.urandom,
         signing_keys: SigningKeys | None = None,
+        signing_store: Path | None = None,
     ) -> None:
+        self._signing_store = signing_store  # where "store:NAME" keys live
         self._wall_clock = wall_clock
         self._timeout = timeout
         self._random = random
@@ -309,7 +312,7 @@ class HttpTokenEndpoint:
         if provider.grant not in SIGNING_GRANTS:
             raise assertions.MintFailed(f"grant {provider.grant!r} is refreshed, not minted")
         if self._keys is None:
-            self._keys = SigningKeys()
+            self._keys = SigningKeys(store_dir=self._signing_store)
         keys = self._keys
         key = await keys.load(provider)
         if provider.grant == "signed-jwt":

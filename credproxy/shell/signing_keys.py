@@ -29,12 +29,14 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 from cryptography.hazmat.primitives import serialization
 
 from credproxy.core.assertions import MintFailed, SigningKey, signable
 from credproxy.core.config import Provider
+from credproxy.core.names import NAME_RULE, is_name
 
 __all__ = ["MAX_KEY_FILE_BYTES", "SigningKeys", "read_private_file"]
 
@@ -124,13 +126,33 @@ class _Source:
     passphrase_command: tuple[str, ...] | None
 
 
-def _source(provider: Provider) -> _Source | None:
+STORE_PREFIX = "store:"  # private_key = "store:NAME": a key kept by `credproxy signing-key import`
+
+
+def _source(provider: Provider, store_dir: Path | None) -> _Source | None:
     if provider.key_file:
-        return _Source(provider.key_file, "key_file", None, None)
+        return _Source(_where(provider.key_file, store_dir), "key_file", None, None)
     if provider.private_key:
         command = tuple(provider.passphrase_command) if provider.passphrase_command else None
-        return _Source(provider.private_key, "private_key", provider.passphrase_file, command)
+        path = _where(provider.private_key, store_dir)
+        return _Source(path, "private_key", provider.passphrase_file, command)
     return None
+
+
+def _where(value: str, store_dir: Path | None) -> str:
+    """The file *value* names: a path, or ``store:NAME`` in the daemon's store of signing keys.
+
+    Raises:
+        MintFailed: ``store:`` with a bad name, or where there is no store.
+    """
+    if not value.startswith(STORE_PREFIX):
+        return value
+    name = value[len(STORE_PREFIX) :]
+    if not is_name(name):
+        raise MintFailed(f"{value!r}: the name after store: must be a name of {NAME_RULE}", "key")
+    if store_dir is None:
+        raise MintFailed(f"{value!r}: this process has no store of signing keys", "key")
+    return str(store_dir / name)
 
 
 class SigningKeys:
@@ -146,7 +168,9 @@ class SigningKeys:
         *,
         command_timeout: float = COMMAND_TIMEOUT,
         uid: int | None = None,
+        store_dir: Path | None = None,
     ) -> None:
+        self._store_dir = store_dir
         self._timeout = command_timeout
         self._uid = os.getuid() if uid is None else uid
         self._cache: dict[_Source, tuple[_Signature, SigningKey]] = {}
@@ -163,7 +187,7 @@ class SigningKeys:
                 not a key, is encrypted without a passphrase, or the passphrase
                 is wrong or could not be had.
         """
-        source = _source(provider)
+        source = _source(provider, self._store_dir)
         if source is None:
             return None
         cached = self._cache.get(source)

@@ -124,6 +124,9 @@ class TokenStore:
         self.tokens_dir = root / "tokens"
         self.keys_dir = root / "keys"
         self.locks_dir = root / "locks"
+        # Private keys of the signing grants (docs/signing.md): never served to a
+        # sandbox (unlike keys/, which grants can name), only read by the daemon.
+        self.signing_dir = root / "signing"
         # (provider, bucket) -> token file path, for tokens that exist (so a
         # sandbox asking for made-up buckets cannot grow it).
         self._token_paths: dict[tuple[str, str], str] = {}
@@ -311,6 +314,27 @@ class TokenStore:
 
     def key_names(self) -> list[str]:
         return sorted(n for n in _listdir(self.keys_dir) if is_name(n))
+
+    # -- signing keys --
+
+    def signing_key_path(self, name: str) -> Path:
+        return self.signing_dir / check_name("signing key", name)
+
+    def write_signing_key(self, name: str, data: bytes) -> None:
+        """Keep a signing grant's private key (the file's bytes, as given) under *name*."""
+        self._atomic_write(self.signing_key_path(name), data)
+
+    def remove_signing_key(self, name: str) -> bool:
+        path = self.signing_key_path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def signing_key_names(self) -> list[str]:
+        return sorted(n for n in _listdir(self.signing_dir) if is_name(n))
 
     # -- locking --
 
