@@ -27,6 +27,7 @@ from credproxy.core.failover import (
     classify,
     next_current,
     quota_hold,
+    refresh_failure_reason,
     retry_after,
 )
 from credproxy.core.grants import Grants
@@ -445,3 +446,13 @@ def test_any_profile_grant_keeps_order_and_round_trips(provider: str, buckets: l
     assert g.profile(provider) == tuple(buckets)
     assert all(g.token_allowed(provider, b) for b in buckets)
     assert Grants.parse(g.specs()) == g
+
+
+def test_a_failed_refresh_gives_the_walk_its_reason_only_when_nothing_can_be_served() -> None:
+    from credproxy.errors import NotFound, ReauthRequired, RefreshFailed
+
+    reason = refresh_failure_reason
+    assert reason(ReauthRequired("x"), servable=True) == "reauth-failed"
+    assert reason(NotFound("x"), servable=True) == "no-token"
+    assert reason(RefreshFailed("x"), servable=True) is None  # the old token still serves
+    assert reason(RefreshFailed("x"), servable=False) == "expired-refresh-failed"

@@ -56,6 +56,7 @@ from typing import Literal, NamedTuple
 
 from credproxy.core import serving
 from credproxy.core.config import Renewal
+from credproxy.errors import CredproxyError, NotFound, ReauthRequired
 
 __all__ = [
     "QUOTA",
@@ -68,6 +69,7 @@ __all__ = [
     "later",
     "next_current",
     "quota_hold",
+    "refresh_failure_reason",
     "retry_after",
     "walk_start",
 ]
@@ -213,6 +215,21 @@ def retry_after(marks: Iterable[BucketMarks], now: float) -> int | None:
     if not ends:
         return None
     return max(1, math.ceil(min(ends) - now))
+
+
+def refresh_failure_reason(error: CredproxyError, *, servable: bool) -> Reason | None:
+    """Why a bucket whose refresh (or first mint) failed with *error* cannot serve.
+
+    None when it still can: a transient failure while its old token is
+    *servable* (unexpired) serves that token. A rejected refresh token is
+    ``reauth-failed``, a token removed meanwhile ``no-token``, anything else
+    with nothing to serve ``expired-refresh-failed``.
+    """
+    if isinstance(error, ReauthRequired):
+        return "reauth-failed"
+    if isinstance(error, NotFound):
+        return "no-token"
+    return None if servable else "expired-refresh-failed"
 
 
 def next_current(profile: Profile, served: str) -> int:

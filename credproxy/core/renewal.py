@@ -208,7 +208,7 @@ class RenewalTimer:
             # Timers exist only for tokens that have both; a token
             # replaced by one without them is left to the on-demand path.
             return self._end("token removed or not refreshable", "renewal_stopped")
-        if expiry > self.expiry and expiry > now:
+        if policy.renewed_since(expiry, self.expiry, now):
             # Renewed elsewhere. One whose new expiry has also passed (a long
             # suspend) is refreshed instead: rescheduling would fire at once.
             return self._schedule(expiry, now, "renewal_rescheduled")

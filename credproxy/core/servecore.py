@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from credproxy.core import failover
 from credproxy.core.config import Provider
 from credproxy.core.failover import Profile
 from credproxy.core.grants import Grants
@@ -405,7 +406,7 @@ class ServingCore:
         ready = state.ready.get(key)
         if ready is not None and boot < ready.until and not self.held(state, key, wall):
             if profile.strategy == "round-robin":
-                state.current[profile.provider] = (index + 1) % n
+                state.current[profile.provider] = failover.next_current(profile, key.bucket)
             elif (
                 index
                 and profile.strategy == "fill-first"

@@ -51,7 +51,6 @@ from credproxy.errors import (
     ConfigError,
     CredproxyError,
     NotFound,
-    ReauthRequired,
     StoreError,
     UsageError,
 )
@@ -153,8 +152,10 @@ class SandboxOps:
             except StoreError:
                 walk.failed(bucket, "no-token")
                 continue
-            except CredproxyError:
-                walk.failed(bucket, "expired-refresh-failed")
+            except CredproxyError as exc:  # its first mint failed: nothing to serve
+                reason = failover.refresh_failure_reason(exc, servable=False)
+                assert reason is not None  # (with nothing to serve there is always one)
+                walk.failed(bucket, reason)
                 continue
             health = self.tokens.known_health(key)
             verdict = failover.classify(
@@ -171,15 +172,11 @@ class SandboxOps:
             if isinstance(verdict, serving.Refresh):
                 try:
                     entry = await self.tokens.refresh_to_serve(key, entry, reason="failover")
-                except ReauthRequired:
-                    walk.failed(bucket, "reauth-failed")
-                    continue
-                except NotFound:
-                    walk.failed(bucket, "no-token")
-                    continue
-                except CredproxyError:
-                    if serving.after_failed_refresh(self.tokens.facts(entry), self.wall()) is None:
-                        walk.failed(bucket, "expired-refresh-failed")
+                except CredproxyError as exc:
+                    servable = serving.after_failed_refresh(self.tokens.facts(entry), self.wall())
+                    reason = failover.refresh_failure_reason(exc, servable=servable is not None)
+                    if reason is not None:
+                        walk.failed(bucket, reason)
                         continue
             walk.served(bucket)
             reasons: dict[str, str] = {b: r for b, r in walk.reasons.items() if r != "skipped"}

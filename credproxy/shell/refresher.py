@@ -56,6 +56,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 import trio
 
+from credproxy.core import policy
 from credproxy.core.config import SIGNING_GRANTS, Config
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
@@ -277,12 +278,7 @@ class Refresher(Generic[G]):
         mints = prov is not None and prov.grant in SIGNING_GRANTS
         if stored is None and not mints:
             raise NotFound(f"no token for {key}")
-        if (
-            stored is not None
-            and stored.expiry is not None
-            and seen_expiry is not None
-            and stored.expiry > seen_expiry
-        ):
+        if stored is not None and policy.renewed_since(stored.expiry, seen_expiry, self.wall()):
             log.info("refresh_skipped", provider=provider, bucket=bucket, why="renewed elsewhere")
             return stored
         health = self.cache.health(key)
