@@ -210,6 +210,26 @@ def _parser() -> Any:
     s.add_argument("name")
     s.set_defaults(func=cmd_key_rm)
 
+    k = sub.add_parser(
+        "signing-key",
+        help='keep a signing grant\'s private key in the store (private_key = "store:NAME")',
+        description="Keep the private key of a signing grant (docs/signing.md) in credproxy's "
+        "store, apart from the API keys a sandbox may be granted; a provider then names it "
+        'with private_key = "store:NAME" (or key_file = "store:NAME" for Google\'s JSON key).',
+    )
+    ksub = k.add_subparsers(dest="signing_key_command", metavar="ACTION", required=True)
+    s = ksub.add_parser(
+        "import", help="copy a private key file (PEM or Google's JSON) into the store"
+    )
+    s.add_argument("name")
+    s.add_argument("file", help="the key file; checked to be a key, stored 0600 as it is")
+    s.set_defaults(func=cmd_signing_key_import)
+    s = ksub.add_parser("list", help="the names of the stored signing keys")
+    s.set_defaults(func=cmd_signing_key_list)
+    s = ksub.add_parser("rm", help="remove a stored signing key")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_signing_key_rm)
+
     s = sub.add_parser("status", help="sessions, grants, tokens and renewals (no secrets)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
@@ -544,6 +564,58 @@ def cmd_key_rm(ns: Any) -> int:
         print(f"credproxy key rm: no key named {ns.name}", file=sys.stderr)
         return EXIT_NOT_FOUND
     print(f"removed key {ns.name}")
+    return EXIT_OK
+
+
+def cmd_signing_key_import(ns: Any) -> int:
+    """Check that FILE is a key credproxy can sign with, then keep a 0600 copy under NAME."""
+    import os
+    import stat
+
+    from credproxy.core.names import check_name
+    from credproxy.errors import NotFound
+    from credproxy.shell.signing_keys import describe_key
+
+    check_name("signing key", ns.name)
+    try:
+        with open(ns.file, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > 1_000_000:
+                raise UsageError(f"{ns.file} is not a key file")
+            data = f.read()
+    except FileNotFoundError:
+        raise NotFound(f"no file {ns.file}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {ns.file}: {exc.strerror}") from None
+    what = describe_key(data, ns.file)  # MintFailed names the file, never its content
+    os.umask(0o077)
+    _store().write_signing_key(ns.name, data)
+    print(f"stored signing key {ns.name}: {what}")
+    key = "key_file" if "key_file" in what else "private_key"
+    print(f'use it with {key} = "store:{ns.name}" in the provider\'s table')
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        print(
+            f"warning: {ns.file} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+            "the key may have been seen; remove the file, or consider the key exposed",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_signing_key_list(ns: Any) -> int:
+    for name in _store().signing_key_names():
+        print(name)
+    return EXIT_OK
+
+
+def cmd_signing_key_rm(ns: Any) -> int:
+    from credproxy.core.names import check_name
+
+    check_name("signing key", ns.name)
+    if not _store().remove_signing_key(ns.name):
+        print(f"credproxy signing-key rm: no signing key named {ns.name}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(f"removed signing key {ns.name}")
     return EXIT_OK
 
 

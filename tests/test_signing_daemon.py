@@ -302,3 +302,36 @@ async def test_a_private_key_imported_into_the_store_signs_without_a_file_of_its
     h.daemon.tokens.refresher.cfg = h.daemon.cfg
     other = await _token(h, s, "readonly")
     assert other["ok"] is False and "missing" in other["error"], other
+
+
+def test_signing_key_import_keeps_a_private_copy_and_refuses_what_is_not_a_key(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """`credproxy signing-key import NAME FILE` checks the file is a key, stores it 0600 under signing/, says how to name it; list and rm; a non-key is refused without quoting it."""
+    from conftest import cli
+
+    key_file = tmp_path / "app.pem"
+    key_file.write_bytes(_pem(EC_KEY))
+    key_file.chmod(0o644)  # imported all the same, with a warning
+    done = cli(dirs, "signing-key", "import", "app", str(key_file))
+    assert done.returncode == 0, done.stderr
+    assert "ES256" in done.stdout and 'private_key = "store:app"' in done.stdout
+    assert "readable by others" in done.stderr
+    stored = dirs.state / "signing" / "app"
+    assert stored.read_bytes() == _pem(EC_KEY)
+    assert oct(stored.stat().st_mode & 0o777) == "0o600"
+    assert cli(dirs, "signing-key", "list").stdout.split() == ["app"]
+    assert cli(dirs, "key", "rm", "app").returncode == 3  # not an API key
+
+    junk = tmp_path / "notes.txt"
+    junk.write_text("CANARY-not-a-key\n")
+    refused = cli(dirs, "signing-key", "import", "bad", str(junk))
+    assert refused.returncode != 0
+    assert "not a PEM file" in refused.stderr and "CANARY" not in refused.stderr
+    said = done.stdout + done.stderr + refused.stdout + refused.stderr
+    assert all(line not in said for line in _pem_lines(EC_KEY))
+    assert cli(dirs, "signing-key", "import", "gone", str(tmp_path / "nope")).returncode == 3
+
+    assert cli(dirs, "signing-key", "rm", "app").returncode == 0
+    assert not stored.exists()
+    assert cli(dirs, "signing-key", "rm", "app").returncode == 3

@@ -34,7 +34,7 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from credproxy.core.assertions import MintFailed, SigningKey, signable
+from credproxy.core.assertions import MintFailed, SigningKey, algorithm_for, signable
 from credproxy.core.config import Provider
 from credproxy.core.names import NAME_RULE, is_name
 
@@ -291,6 +291,21 @@ class SigningKeys:
 def _encrypted(pem: bytes) -> bool:
     """An encrypted PEM: PKCS#8 ``ENCRYPTED PRIVATE KEY``, or ``Proc-Type: 4,ENCRYPTED``."""
     return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in pem or b"Proc-Type: 4,ENCRYPTED" in pem
+
+
+def describe_key(data: bytes, path: str) -> str:
+    """What *data* (a key file's bytes) is, said without its content, for ``signing-key import``.
+
+    Raises:
+        MintFailed: it is not a private key credproxy can sign with.
+    """
+    if data.lstrip().startswith(b"{"):
+        _google_key(data, path)
+        return "Google's JSON service-account key (key_file)"
+    if _encrypted(data):
+        return "an encrypted PEM private key (private_key, with a passphrase_file or _command)"
+    key = _pem_key(data, None, path)
+    return f"a PEM private key that signs {algorithm_for(key.private_key)} (private_key)"
 
 
 def _pem_key(data: bytes, password: bytes | None, path: str) -> SigningKey:
