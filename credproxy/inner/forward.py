@@ -120,7 +120,7 @@ reaches ``https://api.anthropic.com/v1/messages``.
 Exit status: CMD's (128 + N when a signal N ended it; 127 when CMD is not
 found, 126 when it cannot be run); 2 for a usage error; 1 when the session
 socket variable is unset or names no socket, or a port cannot be bound
-(the exit codes every command shares, in the README: 1 is "anything else",
+(the exit codes every command shares, in docs/cli.md: 1 is "anything else",
 as for ``credproxy token``).
 """
 
