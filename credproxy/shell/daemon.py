@@ -29,7 +29,7 @@ import resource
 import signal
 import socket as stdsocket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 import msgspec
 import trio
 
-from credproxy.core.config import SIGNING_GRANTS, Config
+from credproxy.core.config import SIGNING_GRANTS, Config, Provider
 from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint
@@ -235,6 +235,16 @@ class Daemon:
         await self.loop.ask(lambda core: None)
         log.info("holds_released", provider=provider, bucket=bucket, released=ended)
         return ended
+
+    def known(self) -> tuple[Mapping[str, Provider], set[str], list[str]]:
+        """What a grant may name: configured providers, providers with a stored token, API keys.
+
+        Raises:
+            StoreError: the store could not be listed.
+        """
+        store = self.store
+        stored = {p for p in store.providers() if store.buckets(p)}
+        return self.cfg.providers, stored, store.key_names()
 
     def holds(self) -> list[dict[str, Any]]:
         """Every quota hold in force: bucket, who set it (daemon or a session), and its end."""
@@ -763,6 +773,7 @@ def _start_control(
         daemon.release,
         daemon.reload,
         daemon.stop,
+        daemon.known,
     )
     for listener in listeners:
         main.start_soon(daemon.accept_control, listener, control_ops, main)

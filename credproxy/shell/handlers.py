@@ -24,13 +24,14 @@ path, which is where the session's renewal timer is started
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
 import trio
 
 from credproxy.core import failover, serving
+from credproxy.core.config import Provider
 from credproxy.core.failover import BucketMarks, Profile
 from credproxy.core.grantcheck import grant_problems
 from credproxy.core.grants import Grants
@@ -55,7 +56,7 @@ from credproxy.errors import (
     UsageError,
 )
 from credproxy.shell import logs, paths
-from credproxy.shell.servingloop import LoopStopped, Pending, SandboxConnection, ServingLoop
+from credproxy.shell.servingloop import Pending, SandboxConnection, ServingLoop
 from credproxy.shell.sessions import Session, Sessions
 from credproxy.shell.store import TokenStore
 from credproxy.shell.tokens import Entry, Tokens
@@ -422,7 +423,11 @@ class ControlOps:
         release: Callable[[str, str | None], Awaitable[int]],
         reload: Callable[[], Awaitable[dict[str, Any]]],
         stop: Callable[[], None],
+        known: Callable[[], tuple[Mapping[str, Provider], set[str], list[str]]],
     ) -> None:
+        # What a grant may name: the configured providers, the providers with a
+        # stored token, the stored API keys (read when a session opens).
+        self._known = known
         self.sessions = sessions
         self._token_changed = token_changed
         self.status = status
@@ -515,12 +520,10 @@ class ControlOps:
         granted); the host is, here and in ``credproxy status``.
         """
         try:
-            providers = await self.sessions.loop.ask(lambda core: core.providers)
-            status = await self.status()
-        except LoopStopped:
+            providers, stored, keys = self._known()
+        except StoreError as exc:
+            log.warning("grant_check_failed", session=sid, error=str(exc))
             return
-        stored = {t["provider"] for t in status.get("tokens", [])}
-        keys = status.get("keys")
         for problem in grant_problems(grants, providers, stored, keys, str(paths.config_file())):
             log.warning(
                 _GRANT_EVENTS[problem.cause],
