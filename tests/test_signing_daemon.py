@@ -188,7 +188,7 @@ async def test_the_api_proxy_sends_a_minted_token_and_mints_once_more_after_a_40
 async def test_jwt_bearer_and_client_credentials_are_served_to_a_sandbox(
     start_daemon: StartDaemon, tmp_path: Path, alg: str
 ) -> None:
-    """A service account (JWT bearer) and a machine client (private_key_jwt): each sandbox token is one the issuer minted and a resource server takes."""
+    """A service account (JWT bearer), a machine client (private_key_jwt) and a key-pair JWT (signed-jwt): each sandbox token is one a resource server that verifies it takes."""
     private = RSA_KEY if alg == "RS256" else EC_KEY
     key = _key_file(tmp_path, "sa.pem", private)
     h = await start_daemon(
@@ -207,14 +207,25 @@ async def test_jwt_bearer_and_client_credentials_are_served_to_a_sandbox(
                 "client_id": "m2m",
                 "private_key": key,
             },
+            "sf": {  # the JWT is the token (Snowflake's key-pair JWTs)
+                "grant": "signed-jwt",
+                "private_key": key,
+                "issuer": "ACME.BOT",
+                "subject": "ACME.BOT",
+                "audience": "resource",
+                "lifetime": 3600,
+            },
         },
     )
     issuers = _issuers(h)
     issuers.register_assertion_issuer("agent@example.iam", private.public_key())
     issuers.register_client("m2m", public_key=private.public_key())
-    s = await h.session("sa", "m2m")
+    issuers.register_signed_jwt(
+        "ACME.BOT", private.public_key(), subject="ACME.BOT", audience="resource"
+    )
+    s = await h.session("sa", "m2m", "sf")
     p = await h.peer(s)
-    for provider, sub in (("sa", "agent@example.iam"), ("m2m", "m2m")):
+    for provider, sub in (("sa", "agent@example.iam"), ("m2m", "m2m"), ("sf", "ACME.BOT")):
         reply = await p.call("get_token", {"provider": provider})
         assert reply["ok"] is True, reply
         status, claims = issuers.answer_resource(f"Bearer {reply['data']['access_token']}")
