@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
+import msgspec
 import pytest
 import trio
 
@@ -164,7 +165,14 @@ FACTS: dict[str, dict[str, Any]] = {
         "token_url": "https://oauth2.googleapis.com/token",
         "scope_in_assertion": True,
     },
-    "github-app": {"grant": "github-app", "api_url": "https://api.github.com"},
+    "github-app": {
+        "grant": "github-app",
+        "api_url": "https://api.github.com",
+        "api": {
+            "base_url": "https://api.github.com",
+            "headers": {"Authorization": "Bearer {access_token}"},
+        },
+    },
     "snowflake": {
         "grant": "signed-jwt",
         "issuer": "{subject}.{key_fingerprint}",
@@ -269,7 +277,8 @@ def test_every_preset_decodes_into_a_valid_config(tmp_path: Path, name: str) -> 
     provider = load_config(path).providers["p"]
     want = {**PRESETS[name].defaults, **USER_VALUES[name], "preset": name}
     for key, value in want.items():
-        assert getattr(provider, key) == value, key
+        got = getattr(provider, key)
+        assert (msgspec.to_builtins(got) if key == "api" else got) == value, key
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

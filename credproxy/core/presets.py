@@ -311,6 +311,12 @@ PRESETS: dict[str, Preset] = {
         defaults={
             "grant": "github-app",
             "api_url": "https://api.github.com",
+            # The REST API through the API proxy (GitHub takes an installation
+            # token as a Bearer); GitHub Enterprise sets its own api too.
+            "api": {
+                "base_url": "https://api.github.com",
+                "headers": {"Authorization": "Bearer {access_token}"},
+            },
         },
         required={
             "app_id": "the App's id, or its client id (the App's settings page)",
