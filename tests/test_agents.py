@@ -225,9 +225,17 @@ def _configure(dirs: Dirs, up: Upstream) -> None:
 
 
 def _sandbox(
-    dirs: Dirs, bin_dir: Path, home: Path, env: dict[str, str], cmd: list[str]
+    dirs: Dirs,
+    bin_dir: Path,
+    home: Path,
+    env: dict[str, str],
+    cmd: list[str],
+    share_net: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
     """bwrap with only loopback, an empty environment but *env*, and *home* as a throwaway HOME.
+
+    With *share_net* the host's network instead; *extra* are more bwrap options.
 
     The host's HOME (its agent logins) and the daemon's state are hidden; the
     agent's install, node, Python (venv and base) and the checkout are read-only.
@@ -255,8 +263,9 @@ def _sandbox(
         "--clearenv",
         *setenv,
         "--setenv", "CREDPROXY_SOCKET", "/run/credproxy.sock",
+        *extra,
         "--unshare-all",
-        "--unshare-net",
+        *(["--share-net"] if share_net else ["--unshare-net"]),
         "--die-with-parent",
         *cmd,
     ]  # fmt: skip
@@ -365,6 +374,40 @@ def test_claude_code_prints_the_streamed_reply_with_the_hosts_token(
     assert all("oauth-2025-04-20" in r["headers"]["anthropic-beta"] for r in asked)
 
 
+def test_claude_code_api_key_helper_sends_the_served_token_as_bearer_and_x_api_key(
+    background_daemon: Dirs, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The token route: `apiKeyHelper = "credproxy token claude"` in the sandbox (host network, straight to the fake); Claude Code sends what it prints as both Authorization: Bearer and x-api-key."""
+    bin_dir = installed(CLAUDE)
+    dirs = background_daemon
+    _configure(dirs, upstream)
+    home = tmp_path / "home"
+    (home / ".claude").mkdir(parents=True)
+    helper = {"apiKeyHelper": "credproxy token claude"}
+    (home / ".claude" / "settings.json").write_text(json.dumps(helper))
+    env = {
+        "ANTHROPIC_BASE_URL": upstream.root,
+        "NODE_EXTRA_CA_CERTS": "/tmp/ca.pem",  # the fake's CA (bun reads it too)
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+    }
+    cmd = ["claude", "-p", PROMPT]
+    ca = ("--ro-bind", str(upstream.ca_file), "/tmp/ca.pem")
+    sandbox = _sandbox(dirs, bin_dir, home, env, cmd, share_net=True, extra=ca)
+    ran = _run(dirs, upstream, ["--allow", "claude"], sandbox)
+    seen = upstream.requests()
+    assert ran.returncode == 0 and REPLY in ran.stdout, (ran, seen)
+    asked = [r for r in seen if r["path"].partition("?")[0] == "/v1/messages"]
+    assert any(r["prompt"] and r["stream"] is True for r in asked), seen
+    for r in seen:
+        assert r["headers"]["authorization"] == f"Bearer {CLAUDE_AT}", r
+        assert r["headers"]["x-api-key"] == CLAUDE_AT, r
+    assert CLAUDE_RT not in ran.stdout + ran.stderr  # the refresh token stays on the host
+    for f in home.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            assert CLAUDE_RT not in f.read_bytes().decode("latin-1"), f
+
+
 # Codex 0.171 ignores OPENAI_BASE_URL. Either of these two reaches forward's port:
 CODEX_CONFIGS = {
     # a model provider of one's own: HTTP streaming only (custom providers do not try
@@ -425,29 +468,38 @@ def test_codex_exec_prints_the_streamed_reply_with_the_hosts_key(
         assert ran.seconds < 30, ran
 
 
-GEMINI_SETTINGS = {
+GEMINI_SETTINGS: dict[str, Any] = {
     "security": {"auth": {"selectedType": "gemini-api-key"}},
     "privacy": {"usageStatisticsEnabled": False},
     "telemetry": {"enabled": False},
-    "general": {"disableAutoUpdate": True, "disableUpdateNag": True},
+    "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
 }
 
 
+@pytest.mark.parametrize("auth", ["gemini-api-key", "unset"])
 def test_gemini_cli_prints_the_streamed_reply_with_the_hosts_key(
-    background_daemon: Dirs, upstream: Upstream, tmp_path: Path
+    background_daemon: Dirs, upstream: Upstream, tmp_path: Path, auth: str
 ) -> None:
-    """`gemini -p` under credproxy forward (GOOGLE_GEMINI_BASE_URL) gets streamGenerateContent's events; the upstream sees the stored key, never the sandbox's."""
+    """`gemini -p` under credproxy forward (GOOGLE_GEMINI_BASE_URL) gets streamGenerateContent's events; the upstream sees the stored key, never the sandbox's. Without selectedType = gemini-api-key, Gemini CLI refuses to start."""
     bin_dir = installed(GEMINI)
     dirs = background_daemon
     _configure(dirs, upstream)
     home = tmp_path / "home"
     (home / ".gemini").mkdir(parents=True)
-    (home / ".gemini" / "settings.json").write_text(json.dumps(GEMINI_SETTINGS))
+    settings = dict(GEMINI_SETTINGS)
+    if auth == "unset":
+        del settings["security"]
+    (home / ".gemini" / "settings.json").write_text(json.dumps(settings))
     env = {"GEMINI_API_KEY": PLACEHOLDER}
     cmd = [CREDPROXY, "forward", "--port", str(PORT), "--provider", "gemini", "--"]
     cmd += ["gemini", "--skip-trust", "-p", PROMPT, "-m", "gemini-2.5-flash"]
     grants = ["--allow", "api:gemini", "--allow", "key:gemini"]
     ran = _run(dirs, upstream, grants, _sandbox(dirs, bin_dir, home, env, cmd))
+    if auth == "unset":  # GOOGLE_GEMINI_BASE_URL alone selects the "gateway" type, refused
+        assert ran.returncode == 41, ran
+        assert "Invalid auth method selected." in ran.stderr, ran
+        assert upstream.requests() == []
+        return
     seen = _check(dirs, upstream, ran, home, "x-goog-api-key", GEMINI_KEY)
     asked = [r for r in seen if ":streamGenerateContent?" in r["path"]]
     assert any(r["prompt"] and "alt=sse" in r["path"] for r in asked), seen
