@@ -371,7 +371,9 @@ def test_claude_code_prints_the_streamed_reply_with_the_hosts_token(
     ]
     assert any(r["prompt"] and r["stream"] is True for r in asked), seen
     assert all("x-api-key" not in r["headers"] for r in seen)
-    assert all("oauth-2025-04-20" in r["headers"]["anthropic-beta"] for r in asked)
+    for r in asked:  # the host's beta first, then Claude Code's own ({client})
+        betas = [b.strip() for b in r["headers"]["anthropic-beta"].split(",")]
+        assert betas[0] == "oauth-2025-04-20" and "claude-code-20250219" in betas, betas
 
 
 def test_claude_code_api_key_helper_sends_the_served_token_as_bearer_and_x_api_key(
