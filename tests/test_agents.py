@@ -187,8 +187,8 @@ def _configure(dirs: Dirs, up: Upstream) -> None:
     """The daemon's providers, as docs/integrations.md gives them, pointed at the fake.
 
     claude: a stored login (its access token goes out as Bearer); openai and
-    gemini: API keys stored with `credproxy key set` (a provider section needs
-    `token_url` and `client_id` even when only a key is used; never called).
+    gemini: API keys stored with `credproxy key set`, and nothing else (a
+    provider whose API headers name only keys needs no login and no token_url).
     """
     dirs.config.write_text(
         "[providers.claude]\n"
@@ -197,15 +197,9 @@ def _configure(dirs: Dirs, up: Upstream) -> None:
         f'base_url = "{up.root}"\n'
         'headers = { Authorization = "Bearer {access_token}",'
         ' anthropic-beta = "oauth-2025-04-20,{client}" }\n'
-        "[providers.openai]\n"
-        'token_url = "https://127.0.0.1:9/unused"\n'
-        'client_id = "unused"\n'
         "[providers.openai.api]\n"
         f'base_url = "{up.root}/v1"\n'
         'headers = { Authorization = "Bearer {key:openai}" }\n'
-        "[providers.gemini]\n"
-        'token_url = "https://127.0.0.1:9/unused"\n'
-        'client_id = "unused"\n'
         "[providers.gemini.api]\n"
         f'base_url = "{up.root}"\n'
         'headers = { x-goog-api-key = "{key:gemini}" }\n'
@@ -215,10 +209,6 @@ def _configure(dirs: Dirs, up: Upstream) -> None:
         (("import", "claude"), json.dumps(token)),
         (("key", "set", "openai"), OPENAI_KEY),
         (("key", "set", "gemini"), GEMINI_KEY),
-        # The proxy serves a provider only once it has a stored login, even when
-        # its headers use nothing of it: a placeholder, never sent anywhere.
-        (("import", "openai"), json.dumps({"access_token": "no-login"})),
-        (("import", "gemini"), json.dumps({"access_token": "no-login"})),
     ):
         proc = cli(dirs, *args, input=value)
         assert proc.returncode == 0, proc.stderr

@@ -8,15 +8,19 @@ real session sockets.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import h11
+import pytest
 import trio
 from test_isolation import _daemon, _logged_in, _raw
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
 
 from conftest import StartDaemon
+from credproxy.core.config import parse
 from credproxy.core.names import Key
+from credproxy.errors import ConfigError
 
 
 async def test_a_header_value_with_non_ascii_bytes_is_forwarded_as_it_came(
@@ -189,3 +193,28 @@ async def test_fill_first_says_a_failover_once_and_does_not_walk_on_every_reques
     lines = [e for e in no_secrets_in_logs if e["event"] == "bucket_failover"]
     assert len(lines) == 1, len(lines)
     assert lines[0]["reasons"] == {"a": "no-token"}
+
+
+async def test_an_api_with_only_key_headers_needs_no_login_nor_token_url(
+    start_daemon: StartDaemon,
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    """A provider whose API headers name only {key:NAME} loads without token_url or client_id, and its requests go out with the key though no login is stored."""
+    text = (
+        '[providers.openai.api]\nbase_url = "https://api.openai.com/v1"\n'
+        'headers = { Authorization = "Bearer {key:openai}" }\n'
+    )
+    parse(text, tmp_path / "config.toml")  # loads: no token_url, no client_id, no error
+    with pytest.raises(ConfigError, match="token_url"):
+        parse(text.replace("{key:openai}", "{access_token}"), tmp_path / "config.toml")
+    api = {"base_url": upstream.url, "headers": {"Authorization": "Bearer {key:openai}"}}
+    h = await start_daemon(providers={"openai": {"api": api}})
+    h.store.write_key("openai", "sk-KEY-only-1")
+    s = await h.session("api:openai", "key:openai")
+    c = await HttpClient.connect(s.socket_path)
+    status, _, _ = await c.call("GET", "/openai/models")
+    assert status == 200
+    assert upstream.headers()["authorization"] == "Bearer sk-KEY-only-1"
+    assert h.store.read("openai", "default") is None  # nothing was logged in, or needed
+    await c.aclose()

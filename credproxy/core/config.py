@@ -41,6 +41,23 @@ class Api(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         default_factory=lambda: {"Authorization": "Bearer {access_token}"}
     )
 
+    def uses_token(self) -> bool:
+        """Whether the headers name a field of the provider's token (not only API keys).
+
+        An API whose headers name only ``{key:NAME}`` (and ``{client}``) needs
+        no login: its requests go out without one, and its provider needs no
+        ``token_url`` or ``client_id``.
+        """
+        return any(
+            name != "client" and not name.startswith("key:")
+            for template in self.headers.values()
+            for name in HEADER_FIELD.findall(template)
+        )
+
+
+#: A ``{field}`` in an API header template.
+HEADER_FIELD = re.compile(r"\{([A-Za-z0-9_.:@-]+)\}")
+
 
 class Secret:
     """A secret written in the config file itself (``client_secret``): hidden from every repr.
@@ -504,9 +521,11 @@ def _grant_problems(prov: Provider) -> list[tuple[str, list[str]]]:
     def need(key: str, what: str) -> None:
         out.append((f"missing required field `{key}`: grant {grant!r} needs {what}", []))
 
-    if grant in _NEEDS_TOKEN_URL and not prov.token_url and not prov.key_file:
+    # A provider that only gives an API with API keys has no login to refresh.
+    keys_only = grant == "refresh_token" and prov.api is not None and not prov.api.uses_token()
+    if grant in _NEEDS_TOKEN_URL and not prov.token_url and not prov.key_file and not keys_only:
         need("token_url", "the token endpoint's URL")
-    if grant in _NEEDS_CLIENT_ID and not prov.client_id:
+    if grant in _NEEDS_CLIENT_ID and not prov.client_id and not keys_only:
         need("client_id", "the client's id")
     if grant in ("github-app", "signed-jwt") and not prov.private_key:
         need("private_key", "the private key file (PEM)")

@@ -74,7 +74,7 @@ import h11
 import trio
 
 from credproxy.core import httprules
-from credproxy.core.config import Config
+from credproxy.core.config import HEADER_FIELD, Config
 from credproxy.core.connection import TokenBucket
 from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble
 from credproxy.core.names import DEFAULT_BUCKET, Key, is_name
@@ -96,7 +96,7 @@ CLOSE_TIMEOUT = 1.0  # seconds to close an upstream response (shielded from canc
 SEND_TIMEOUT = 10.0  # seconds a client may take nothing of its answer (as on the frame side)
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request", in the audit line only
 TRIM_AFTER = 1 << 20  # body bytes relayed before the last exchange ending gives memory back
-_FIELD = re.compile(r"\{([A-Za-z0-9_.:@-]+)\}")
+_FIELD = HEADER_FIELD  # a {field} in a header template
 _NO_API = "no such API in this session (http://credproxy/PROVIDER/...)"
 NOT_SERVED_LOG_INTERVAL = 60.0  # seconds between api_not_served lines of a session and cause
 NOT_SERVED_MEMORY = 1024  # (session, provider, cause) throttles kept; then forgotten at once
@@ -602,7 +602,8 @@ class ApiProxy:
         """Send; after a 401 maybe again with a newer token, after a 429 on the next bucket."""
         key, body = x.audit.key, x.body
         assert key is not None
-        entry = await self._token(x.session, key)
+        # A provider whose headers name only API keys ({key:NAME}) needs no login.
+        entry = await self._token(x.session, key) if self._uses_token(key.provider) else None
         framing = {name.lower(): value for name, value in x.req.headers}
         has_body = b"transfer-encoding" in framing or framing.get(b"content-length", b"0") != b"0"
         if x.websocket and has_body:
@@ -618,7 +619,7 @@ class ApiProxy:
             )
         upstream = await self._send(x, key, entry, body.source() if has_body else b"")
         try:
-            if upstream.status == 401 and body.whole():
+            if upstream.status == 401 and entry is not None and body.whole():
                 newer = await self.tokens.after_rejection(key, entry)
                 if newer is not None:
                     await self._close(upstream)
@@ -673,7 +674,9 @@ class ApiProxy:
         self.ops.publish(session, key, entry)
         return entry
 
-    async def _send(self, x: Exchange, key: Key, entry: Entry, content: Any) -> UpstreamResponse:
+    async def _send(
+        self, x: Exchange, key: Key, entry: Entry | None, content: Any
+    ) -> UpstreamResponse:
         """Send *x*'s request upstream with *key*'s token (*content*: bytes or an iterator)."""
         headers = httprules.upstream_headers(
             x.req.headers, self._template(x.session, key, entry), self.cfg.proxy.strip_headers
@@ -691,13 +694,19 @@ class ApiProxy:
         except UpstreamUnavailable as exc:
             raise HttpError(502, str(exc)) from None
 
-    def _template(self, session: Session, key: Key, entry: Entry) -> dict[str, str]:
+    def _uses_token(self, provider: str) -> bool:
+        """Whether *provider*'s headers name a field of its token (not only API keys)."""
+        api = self.cfg.providers[provider].api
+        assert api is not None
+        return api.uses_token()
+
+    def _template(self, session: Session, key: Key, entry: Entry | None) -> dict[str, str]:
         """The provider's headers filled in from the token and keys (``{client}`` left in place)."""
         prov = self.cfg.providers[key.provider]
         assert prov.api is not None
         fields = {
             k: str(v)
-            for k, v in entry.token.items()
+            for k, v in (entry.token.items() if entry is not None else ())
             if k != "refresh_token" and isinstance(v, str | int | float) and not isinstance(v, bool)
         }
 

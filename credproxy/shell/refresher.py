@@ -290,6 +290,11 @@ class Refresher(Generic[G]):
                 f"provider {provider!r} is not configured; add [providers.{provider}] "
                 "to the config file"
             )
+        if not mints and not prov.token_url:
+            raise RefreshFailed(
+                f"provider {provider!r} has no token_url: its login cannot be refreshed "
+                f"(add token_url and client_id to [providers.{provider}], or a preset)"
+            )
         # Claim the disk space for the answer before asking: a full disk is
         # met now, while the refresh token in hand still works. If it cannot
         # be claimed, refresh anyway (the answer is then kept in memory):
