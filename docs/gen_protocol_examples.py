@@ -49,10 +49,11 @@ from credproxy import devidp  # noqa: TID251 - the documentation's upstream, not
 from credproxy.core.config import Config
 from credproxy.core.grants import Grants
 from credproxy.core.protocol import capability_digest
-from credproxy.shell.store import TokenStore, normalize_token
+from credproxy.core.tokendata import normalize_token
 from credproxy.shell import logs
 from credproxy.shell.daemon import Daemon, serve
 from credproxy.shell.http import HttpTokenEndpoint
+from credproxy.shell.store import TokenStore
 
 BASE_EPOCH = 1_800_000_000.0
 DEMO_CAPABILITY = "0123456789abcdef" * 4  # 64 lowercase hex characters, a demo value
@@ -652,11 +653,12 @@ async def run_examples(
         "S10. Duplicate id, a burst waiting on one refresh, one upstream refresh for many callers",
         "`lab:expired` has expired, so each `get_token` waits for a refresh (the IdP is "
         "made to take 1 s). The client writes 18 frames at once: `s1`, `s1` again "
-        "(duplicate while in flight) and `s2`…`s17`. The duplicate is answered at once. "
-        "The 17 `get_token` of one key wait on one answer together and take one "
-        "in-flight slot between them (llxprt's client sends such bursts on one "
-        "connection), so none is refused: they share one upstream refresh and then all "
-        "get the new token, in the order they were sent (the first two shown).",
+        "(duplicate while in flight) and `s2`…`s17`. Replies leave in request order, so "
+        "the duplicate's refusal comes right after `s1`'s answer. The 17 `get_token` of "
+        "one key wait on one answer together and take one in-flight slot between them "
+        "(llxprt's client sends such bursts on one connection), so none is refused: they "
+        "share one upstream refresh and then all get the new token, in the order they "
+        "were sent (the first three replies shown, as they came).",
     )
     frames = [req("s1", "get_token", {"provider": "lab", "bucket": "expired"})]
     frames.append(frames[0])
@@ -671,12 +673,8 @@ async def run_examples(
         data = await sb.raw.recv_frame()
         assert data is not None
         answers.append(data)
-    immediate = [a for a in answers if body(a).get("ok") is False]
     served = [a for a in answers if body(a).get("ok") is True]
-    for a in immediate:
-        show_frame("daemon → client", a)
-    served.sort(key=lambda a: int(body(a)["id"][1:]))
-    for a in served[:2]:
+    for a in answers[:3]:  # s1, the duplicate's refusal, s2: the wire's order
         show_frame("daemon → client", a)
     emit(
         f"({len(served)} requests answered with the new token; "
@@ -696,9 +694,13 @@ async def run_examples(
     idp.fail_next("invalid_grant")
     example(
         "S12. `REAUTH_REQUIRED`",
-        "The token endpoint rejects the refresh token (`invalid_grant`): not retried; "
+        "After `refresh_cooldown` (a failing key's IdP is not asked again sooner), the "
+        "token endpoint rejects the refresh token (`invalid_grant`): not retried; "
         "the message names the command the person runs on the host, who is told once.",
     )
+    clock.advance(31)
+    emit("(the wall clock moves 31 s, past the 30 s refresh cooldown)")
+    emit()
     await sb.call(req("24", "get_token", {"provider": "lab", "bucket": "broken"}))
     end_example()
 

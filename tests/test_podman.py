@@ -29,14 +29,13 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from echo_upstream import configure_dev_api, echo_upstream
 
 from conftest import Dirs, cli
 
@@ -232,58 +231,15 @@ def podman() -> Iterator[Podman]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-class _Upstream(BaseHTTPRequestHandler):
-    """A fake API: answers every POST with what it received (headers lower-cased, body)."""
-
-    seen: list[dict[str, Any]]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("content-length", 0)))
-        got = {
-            "path": self.path,
-            "headers": {k.lower(): v for k, v in self.headers.items()},
-            "body": body.decode(),
-        }
-        self.seen.append(got)
-        answer = json.dumps({"echo": got["body"], "path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def upstream() -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """The fake API on an ephemeral loopback port (plain HTTP is allowed on loopback)."""
-    seen: list[dict[str, Any]] = []
-    handler = type("Handler", (_Upstream,), {"seen": seen})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with echo_upstream() as up:
+        yield up
 
 
 def _setup(dirs: Dirs, port: int) -> None:
-    dirs.config.write_text(
-        "[providers.dev]\n"
-        'token_url = "http://127.0.0.1:9/token"\n'
-        'client_id = "dev-client"\n'
-        "[providers.dev.api]\n"
-        f'base_url = "http://127.0.0.1:{port}"\n'
-        'headers = { Authorization = "Bearer {access_token}" }\n'
-    )
-    token = {"access_token": AT, "refresh_token": RT, "expires_in": 3600}
-    proc = cli(dirs, "import", "dev", input=json.dumps(token))
-    assert proc.returncode == 0, proc.stderr
+    configure_dev_api(dirs, port, AT, RT)
 
 
 def _run_container(

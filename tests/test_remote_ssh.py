@@ -30,11 +30,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from echo_upstream import configure_dev_api, echo_upstream
 
 from conftest import CREDPROXY, Dirs, cli
 
@@ -211,52 +211,15 @@ def sshd() -> Iterator[Sshd]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-class _Upstream(BaseHTTPRequestHandler):
-    """A fake API: answers every POST with what it received."""
-
-    seen: list[dict[str, Any]]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.seen.append({"path": self.path, "authorization": self.headers.get("authorization")})
-        answer = json.dumps({"echo": body.decode(), "path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def upstream() -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """The fake API on an ephemeral loopback port (plain HTTP is allowed on loopback)."""
-    seen: list[dict[str, Any]] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Upstream,), {"seen": seen}))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with echo_upstream() as up:
+        yield up
 
 
 def _setup(dirs: Dirs, port: int) -> None:
-    dirs.config.write_text(
-        "[providers.dev]\n"
-        'token_url = "http://127.0.0.1:9/token"\n'
-        'client_id = "dev-client"\n'
-        "[providers.dev.api]\n"
-        f'base_url = "http://127.0.0.1:{port}"\n'
-        'headers = { Authorization = "Bearer {access_token}" }\n'
-    )
-    token = {"access_token": AT, "refresh_token": RT, "expires_in": 3600}
-    proc = cli(dirs, "import", "dev", input=json.dumps(token))
-    assert proc.returncode == 0, proc.stderr
+    configure_dev_api(dirs, port, AT, RT)
 
 
 def _remote(
@@ -302,7 +265,9 @@ def test_ssh_R_remote_side_gets_the_token_and_the_api(
     assert out["providers"] == ["dev"]
     assert out["proxied"][0] == 200
     assert json.loads(out["proxied"][1]) == {"echo": '{"hi": 1}', "path": "/v1/echo"}
-    assert seen == [{"path": "/v1/echo", "authorization": f"Bearer {AT}"}]
+    assert [(r["path"], r["headers"]["authorization"]) for r in seen] == [
+        ("/v1/echo", f"Bearer {AT}")
+    ]
     log = (dirs.runtime / "daemon.log").read_text()
     assert AT not in log and RT not in log
 

@@ -304,13 +304,7 @@ class TokenStore:
         self._atomic_write(self.key_path(name), value.encode("utf-8"))
 
     def remove_key(self, name: str) -> bool:
-        path = self.key_path(name)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
-        _fsync_dir(path.parent)
-        return True
+        return _remove(self.key_path(name))
 
     def key_names(self) -> list[str]:
         return sorted(n for n in _listdir(self.keys_dir) if is_name(n))
@@ -325,13 +319,7 @@ class TokenStore:
         self._atomic_write(self.signing_key_path(name), data)
 
     def remove_signing_key(self, name: str) -> bool:
-        path = self.signing_key_path(name)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
-        _fsync_dir(path.parent)
-        return True
+        return _remove(self.signing_key_path(name))
 
     def signing_key_names(self) -> list[str]:
         return sorted(n for n in _listdir(self.signing_dir) if is_name(n))
@@ -424,6 +412,16 @@ def _allocate(fd: int, size: int) -> None:
             raise
         # A file system without fallocate: writing the bytes claims them as well.
         os.pwrite(fd, bytes(size), 0)
+
+
+def _remove(path: Path) -> bool:
+    """Remove *path* durably; False if it was not there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
 
 
 def _makedirs(path: Path) -> None:
