@@ -62,6 +62,7 @@ from credproxy.shell.store import TokenStore
 from credproxy.shell.tokens import Entry, Tokens
 
 log = logs.get("credproxy.handlers")
+REPUBLISH_BEFORE = 0.5  # seconds before a published answer's end that it is published again
 #: The log event of each cause of :func:`credproxy.core.grantcheck.grant_problems`.
 _GRANT_EVENTS = {
     "not_configured": "grant_unknown",
@@ -399,7 +400,18 @@ class SandboxOps:
             key, entry.served, entry.fp, self.tokens.expiry(entry), self.tokens.serve_until(entry)
         )
         if session.open:
-            self.loop.command(Publish(session.id, ready, current))
+            # The API proxy publishes on every request; the loop hears of the
+            # same token again only when what it holds is about to run out
+            # (each command wakes the loop's thread).
+            last = session.published.get(key)
+            if (
+                current is not None
+                or last is None
+                or last[0] != ready.fp
+                or last[1] - self.boot() < REPUBLISH_BEFORE
+            ):
+                session.published[key] = (ready.fp, ready.until)
+                self.loop.command(Publish(session.id, ready, current))
             session.ensure_timer(self.tokens, key, entry)
         return ready
 

@@ -85,6 +85,8 @@ class Session:
     timers: dict[Key, tuple[RenewalTimer, trio.CancelScope]] = field(default_factory=dict)
     # Several accounts: the profile of each provider (None: no profile).
     profiles: dict[str, Profile | None] = field(default_factory=dict)
+    # What was last published to the serving loop per key: (fingerprint, until).
+    published: dict[Key, tuple[str, float]] = field(default_factory=dict)
     # Quota holds this session's sandbox reported: they hold for it alone.
     holds: dict[Key, BucketMarks] = field(default_factory=dict)
     # The last failover each profile logged: (served bucket, reasons), said once per change.
@@ -327,6 +329,8 @@ class Sessions:
         Returns once the serving loop serves nothing from the old token.
         """
         self.loop.command(Forget(key))
+        for session in self.by_id.values():
+            session.published.pop(key, None)
         with contextlib.suppress(LoopStopped):
             await self.loop.ask(lambda core: None)
         if still_stored:
