@@ -574,13 +574,13 @@ def cmd_signing_key_import(ns: Any) -> int:
 
     from credproxy.core.names import check_name
     from credproxy.errors import NotFound
-    from credproxy.shell.signing_keys import describe_key
+    from credproxy.shell.signing_keys import MAX_KEY_FILE_BYTES, describe_key
 
     check_name("signing key", ns.name)
     try:
         with open(ns.file, "rb") as f:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size > 1_000_000:
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE_BYTES:
                 raise UsageError(f"{ns.file} is not a key file")
             data = f.read()
     except FileNotFoundError:

@@ -96,7 +96,6 @@ CLOSE_TIMEOUT = 1.0  # seconds to close an upstream response (shielded from canc
 SEND_TIMEOUT = 10.0  # seconds a client may take nothing of its answer (as on the frame side)
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request", in the audit line only
 TRIM_AFTER = 1 << 20  # body bytes relayed before the last exchange ending gives memory back
-_FIELD = HEADER_FIELD  # a {field} in a header template
 _NO_API = "no such API in this session (http://credproxy/PROVIDER/...)"
 NOT_SERVED_LOG_INTERVAL = 60.0  # seconds between api_not_served lines of a session and cause
 NOT_SERVED_MEMORY = 1024  # (session, provider, cause) throttles kept; then forgotten at once
@@ -603,7 +602,9 @@ class ApiProxy:
         key, body = x.audit.key, x.body
         assert key is not None
         # A provider whose headers name only API keys ({key:NAME}) needs no login.
-        entry = await self._token(x.session, key) if self._uses_token(key.provider) else None
+        api = self.cfg.providers[key.provider].api
+        assert api is not None
+        entry = await self._token(x.session, key) if api.uses_token() else None
         framing = {name.lower(): value for name, value in x.req.headers}
         has_body = b"transfer-encoding" in framing or framing.get(b"content-length", b"0") != b"0"
         if x.websocket and has_body:
@@ -694,12 +695,6 @@ class ApiProxy:
         except UpstreamUnavailable as exc:
             raise HttpError(502, str(exc)) from None
 
-    def _uses_token(self, provider: str) -> bool:
-        """Whether *provider*'s headers name a field of its token (not only API keys)."""
-        api = self.cfg.providers[provider].api
-        assert api is not None
-        return api.uses_token()
-
     def _template(self, session: Session, key: Key, entry: Entry | None) -> dict[str, str]:
         """The provider's headers filled in from the token and keys (``{client}`` left in place)."""
         prov = self.cfg.providers[key.provider]
@@ -731,7 +726,10 @@ class ApiProxy:
                 raise HttpError(502, f"the token of {key} has no field {name!r} for the headers")
             return fields[name]
 
-        return {header: _FIELD.sub(fill, template) for header, template in prov.api.headers.items()}
+        return {
+            header: HEADER_FIELD.sub(fill, template)
+            for header, template in prov.api.headers.items()
+        }
 
     async def _relay(self, x: Exchange, upstream: UpstreamResponse) -> None:
         """Send the upstream's answer as it arrives (a hang-up cancels it: :class:`Hangups`)."""
