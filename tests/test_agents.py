@@ -39,7 +39,10 @@ from typing import Any
 import pytest
 import trustme
 from agent_upstreams import PROMPT, REPLY
-from test_proxy_e2e import _wait_or_kill
+from test_proxy_e2e import (
+    Upstream,  # the fake upstream\'s address, CA and log
+    _wait_or_kill,
+)
 
 from conftest import CREDPROXY, Dirs, cli
 
@@ -139,22 +142,6 @@ def _install(agent: Agent, where: Path) -> str | None:
         got = version.stdout.strip() or version.stderr.strip()
         return f"{agent.spec} was installed but `{agent.bin} --version` said {got!r}"
     return None
-
-
-@dataclass
-class Upstream:
-    port: int
-    ca_file: Path
-    log_file: Path
-
-    @property
-    def root(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def requests(self) -> list[dict[str, Any]]:
-        if not self.log_file.exists():
-            return []
-        return [json.loads(line) for line in self.log_file.read_text().splitlines()]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandbox import bwrap
 
 from conftest import CREDPROXY, Dirs, cli
 
@@ -349,36 +350,10 @@ def test_bwrap_sandbox_reads_the_token_on_fd3(background_daemon: Dirs) -> None:
     )
     proc = _run_capability(
         dirs,
-        "bwrap",
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/run",
-        "--tmpfs",
-        str(dirs.root),
-        "--ro-bind",
-        sys.prefix,
-        sys.prefix,  # the virtual environment may live under /tmp
-        "--ro-bind",
-        REPO,
-        REPO,  # so may the checkout (the editable install)
-        "--bind",
-        "{socket}",
-        "/run/credproxy.sock",
-        "--setenv",
-        "CREDPROXY_SOCKET",
-        "/run/credproxy.sock",
-        "--unsetenv",
-        "LLXPRT_CREDENTIAL_SOCKET",
-        "--unshare-all",
-        "--die-with-parent",
+        *bwrap(
+            dirs,
+            options=("--unsetenv", "LLXPRT_CREDENTIAL_SOCKET"),
+        ),
         "sh",
         "-c",
         inner,

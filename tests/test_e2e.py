@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sandbox import bwrap
 
 from conftest import CREDPROXY, Dirs, cli, stop_daemon
 
@@ -72,37 +73,10 @@ def test_bwrap_sandbox_gets_token_and_nothing_else(background_daemon: Dirs) -> N
         "--allow",
         "demo",
         "--",
-        "bwrap",
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/run",
-        "--tmpfs",
-        str(dirs.root),
-        "--ro-bind",
-        sys.prefix,
-        sys.prefix,  # the virtual environment may live under /tmp
-        "--ro-bind",
-        REPO,
-        REPO,  # so may the checkout (the editable install and the probe)
-        "--bind",
-        "{socket}",
-        "/run/credproxy.sock",
-        "--setenv",
-        "CREDPROXY_SOCKET",
-        "/run/credproxy.sock",
-        "--setenv",
-        "LLXPRT_CREDENTIAL_SOCKET",
-        "/run/credproxy.sock",
-        "--unshare-all",
-        "--die-with-parent",
+        *bwrap(
+            dirs,
+            options=("--setenv", "LLXPRT_CREDENTIAL_SOCKET", "/run/credproxy.sock"),
+        ),
         "sh",
         "-c",
         inner,

@@ -328,20 +328,26 @@ class GitHandler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-@pytest.fixture
-def git_server(dirs: Dirs) -> Iterator[GitServer]:
-    """A bare repository with one commit, served on loopback to holders of the canary token."""
+def bare_repo(dirs: Dirs, name: str, readme: str) -> Path:
+    """``DIRS/srv/NAME.git``: a bare repository with one commit (a README saying *readme*)."""
     env = dict(os.environ, **git_env(dirs))
-    work, bare = dirs.root / "work", dirs.root / "srv" / "repo.git"
+    work, bare = dirs.root / "work", dirs.root / "srv" / f"{name}.git"
 
     def git(*args: str) -> None:
         subprocess.run([GIT or "git", *args], env=env, check=True, capture_output=True)
 
     git("init", "-q", "-b", "main", str(work))
-    (work / "README").write_text("served through credproxy\n")
+    (work / "README").write_text(readme)
     git("-C", str(work), "add", "README")
     git("-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
     git("clone", "-q", "--bare", str(work), str(bare))
+    return bare
+
+
+@pytest.fixture
+def git_server(dirs: Dirs) -> Iterator[GitServer]:
+    """A bare repository with one commit, served on loopback to holders of the canary token."""
+    bare = bare_repo(dirs, "repo", "served through credproxy\n")
     server = GitServer(bare.parent, "x-access-token", "AT-CANARY-1")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandbox import bwrap
 from test_forward_peer import AS_NOBODY, PEER_CLIENT, assert_refused, nobody_python
 
 from conftest import CREDPROXY, Dirs, cli
@@ -114,40 +115,11 @@ def _env(dirs: Dirs) -> dict[str, str]:
 
 def _bwrap(dirs: Dirs, *cmd: str) -> list[str]:
     """A bubblewrap sandbox with its own network namespace (loopback only), as test_proxy_e2e builds it."""
-    return [
-        "bwrap",
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/run",
-        "--tmpfs",
-        str(dirs.root),  # the state directory (refresh tokens) and the daemon's runtime
-        "--ro-bind",
-        sys.prefix,
-        sys.prefix,  # the virtual environment may live under /tmp
-        "--ro-bind",
-        REPO,
-        REPO,  # so may the checkout (the editable install)
-        "--bind",
-        "{socket}",
-        "/run/credproxy.sock",
-        "--setenv",
-        "CREDPROXY_SOCKET",
-        "/run/credproxy.sock",
-        "--unsetenv",
-        "LLXPRT_CREDENTIAL_SOCKET",
-        "--unshare-all",
-        "--unshare-net",
-        "--die-with-parent",
+    return bwrap(
+        dirs,
         *cmd,
-    ]
+        options=("--unsetenv", "LLXPRT_CREDENTIAL_SOCKET"),
+    )
 
 
 def _forward(*options: str, code: str) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import trustme
 from https_upstream import ANTHROPIC_TEXT, OPENAI_TEXT
+from sandbox import bwrap
 
 from conftest import CREDPROXY, Dirs, cli
 
@@ -258,42 +259,16 @@ print(json.dumps(out))
 
 def _bwrap(dirs: Dirs, *cmd: str) -> list[str]:
     """A bubblewrap sandbox with its own network namespace (loopback only), as test_e2e builds it."""
-    return [
-        "bwrap",
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/run",
-        "--tmpfs",
-        str(dirs.root),  # the state directory (refresh tokens) and the daemon's runtime
-        "--ro-bind",
-        sys.prefix,
-        sys.prefix,  # the virtual environment may live under /tmp
-        "--ro-bind",
-        REPO,
-        REPO,  # so may the checkout (the editable install)
-        "--bind",
-        "{socket}",
-        "/run/credproxy.sock",
-        "--setenv",
-        "CREDPROXY_SOCKET",
-        "/run/credproxy.sock",
-        "--unsetenv",
-        "LLXPRT_CREDENTIAL_SOCKET",
-        "--unsetenv",
-        "SSL_CERT_FILE",  # the daemon's trust, not the sandbox's (its CA file is not in there)
-        "--unshare-all",
-        "--unshare-net",
-        "--die-with-parent",
+    return bwrap(
+        dirs,
         *cmd,
-    ]
+        options=(
+            "--unsetenv",
+            "LLXPRT_CREDENTIAL_SOCKET",
+            "--unsetenv",
+            "SSL_CERT_FILE",  # the daemon's trust, not the sandbox's (its CA file is not in there)
+        ),
+    )
 
 
 @pytest.mark.parametrize(

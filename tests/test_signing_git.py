@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_inner_formats import GIT, GitHandler, GitServer, git_env, needs_git
+from test_inner_formats import GIT, GitHandler, GitServer, bare_repo, git_env, needs_git
 from test_signing_daemon import RSA_KEY, _github_daemon, _pem_lines
 
 from conftest import Dirs, Harness, StartDaemon
@@ -75,18 +75,12 @@ class AppGitHandler(GitHandler):
 @pytest.fixture
 def app_git_server(dirs: Dirs) -> Iterator[AppGitServer]:
     """A bare repository `alpha` (one commit) that accepts pushes, behind :class:`AppGitHandler`."""
-    env = dict(os.environ, **git_env(dirs))
-    work, bare = dirs.root / "work", dirs.root / "srv" / "alpha.git"
-
-    def git(*args: str) -> None:
-        subprocess.run([GIT or "git", *args], env=env, check=True, capture_output=True)
-
-    git("init", "-q", "-b", "main", str(work))
-    (work / "README").write_text("served to a GitHub App token\n")
-    git("-C", str(work), "add", "README")
-    git("-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
-    git("clone", "-q", "--bare", str(work), str(bare))
-    git("-C", str(bare), "config", "http.receivepack", "true")
+    bare = bare_repo(dirs, "alpha", "served to a GitHub App token\n")
+    subprocess.run(
+        [GIT or "git", "-C", str(bare), "config", "http.receivepack", "true"],
+        check=True,
+        capture_output=True,
+    )
     server = AppGitServer(bare.parent, "unused", "unused")
     server.RequestHandlerClass = AppGitHandler
     thread = threading.Thread(target=server.serve_forever, daemon=True)
