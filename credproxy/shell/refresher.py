@@ -57,7 +57,7 @@ import msgspec
 import trio
 
 from credproxy.core import policy
-from credproxy.core.config import SIGNING_GRANTS, Config
+from credproxy.core.config import Config
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import KeyHealth
@@ -104,6 +104,10 @@ class Cache(Protocol[G_co]):
     def health(self, key: Key) -> KeyHealth: ...
 
     def known_health(self, key: Key) -> KeyHealth | None: ...
+
+    def mints(self, key: Key) -> bool:
+        """True if *key*'s provider mints its tokens (a signing grant) instead of refreshing."""
+        ...
 
     def mint_failed(self, key: Key, exc: CredproxyError) -> None:
         """A mint of *key* failed (already counted in its health)."""
@@ -225,8 +229,7 @@ class Refresher(Generic[G]):
             reauth_required=health.reauth_required,
             failures=health.failures,
         )
-        prov = self.cfg.providers.get(key.provider)
-        if prov is not None and prov.grant in SIGNING_GRANTS:
+        if self.cache.mints(key):
             self.cache.mint_failed(key, exc)
 
     # -- under the key's lock ------------------------------------------------
@@ -275,7 +278,7 @@ class Refresher(Generic[G]):
         prov = self.cfg.providers.get(provider)
         # A signing grant mints with a key on the host: no stored token (the
         # first mint) and no refresh token needed, nothing of the old one kept.
-        mints = prov is not None and prov.grant in SIGNING_GRANTS
+        mints = self.cache.mints(key)
         if stored is None and not mints:
             raise NotFound(f"no token for {key}")
         if stored is not None and policy.renewed_since(stored.expiry, seen_expiry, self.wall()):
