@@ -595,6 +595,8 @@ class ServingLoop(Generic[S]):
         except Exception:
             log.exception("request_failed", session=state.id, op=req.op)
             return conn.engine.fail(req.id, CredproxyError("bug"), now)
+        if isinstance(answer, Ready):  # the hot path: a cached token
+            return self._serve(conn, req.id, answer, now, wall)
         if isinstance(answer, Defer) and req.op == "get_token" and conn.waiting:
             # The key the request names (a profile's is Key(provider, "")):
             # an earlier get_token of it is still being answered. Wait with
@@ -607,8 +609,6 @@ class ServingLoop(Generic[S]):
                 conn.pending.append(slot)
                 conn.paused = len(conn.pending) >= MAX_PENDING
                 return None
-        if isinstance(answer, Ready):
-            return self._serve(conn, req.id, answer, now, wall)
         if isinstance(answer, Defer):
             slot = Slot(req.id, None)
             pending = Pending(answer.key, slot)
