@@ -67,6 +67,10 @@ class TokenBucket:
         self._level = level
         return (1.0 - level) / self._rate
 
+    def rebase(self, then: float, now: float) -> None:
+        """Go on on another clock: *then* on the old clock is *now* on the new one."""
+        self._last += now - then
+
 
 class Connection:
     """Protocol state, rate limit and deadlines of one connection (see the module docstring)."""

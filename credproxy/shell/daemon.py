@@ -46,7 +46,8 @@ from credproxy.errors import ConfigError, CredproxyError, StoreError, UsageError
 from credproxy.shell import faults, logs, paths, systemd
 from credproxy.shell.handlers import ControlOps, SandboxOps
 from credproxy.shell.http import ApiClient
-from credproxy.shell.proxy import ApiProxy
+from credproxy.shell.loopproxy import LoopProxy
+from credproxy.shell.proxy import ApiProxy, Handed
 from credproxy.shell.server import (
     accept_forever,
     bind_unix,
@@ -666,12 +667,14 @@ def _serving_parts(
     sandbox_ops = SandboxOps(tokens, store, wall_clock, boot_clock)
     proxy = ApiProxy(cfg, tokens, sandbox_ops, api_client)
 
-    def start_http(session: Session, sock: stdsocket.socket, data: bytes) -> None:
+    def start_http(
+        session: Session, sock: stdsocket.socket, data: bytes, handed: Handed | None = None
+    ) -> None:
         if not session.open or session.nursery is None:
             sock.close()
             session.connection_closed()
             return
-        session.nursery.start_soon(proxy.serve, session, sock, data)
+        session.nursery.start_soon(proxy.serve, session, sock, data, handed)
 
     to_trio: Callable[..., None]
     clock: Callable[[], float]
@@ -692,6 +695,9 @@ def _serving_parts(
         fault=store.fault,
     )
     sandbox_ops.loop = loop
+    # The API proxy's requests are relayed in the loop itself; what it does not
+    # serve there goes to the trio side (start_http) at the start of a request.
+    loop.relay = LoopProxy(loop, proxy, start_http)
 
     def hold_changed(key: Key, marks: BucketMarks | None) -> None:
         loop.command(Hold(key, None if marks is None else marks.quota_until))

@@ -89,6 +89,14 @@ def network_failure(what: str, url: str, exc: BaseException) -> str:
     return f"{what} to {host}{via} failed: {cause} ({type(exc).__name__}); {advice}"
 
 
+def relay_failure(url: str, timed_out: bool) -> str:
+    """:func:`network_failure`'s line for the loop's relay: no answer in time, or none at all."""
+    import httpx
+
+    exc = httpx.ReadTimeout("read") if timed_out else httpx.RemoteProtocolError("closed")
+    return network_failure("the request", url, exc)
+
+
 def _cause(exc: BaseException, proxied: bool) -> tuple[str, str]:
     """The cause of *exc* in words, and the next step."""
     import httpx
@@ -682,6 +690,31 @@ async def _answer_head(
             raise trio.BrokenResourceError
 
 
+#: TLS driven by the serving loop: the object and its incoming and outgoing buffers.
+Tls = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
+Opened = tuple[socket.socket, Tls | None]
+
+
+async def _handshake(
+    stream: trio.SocketStream, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+) -> None:
+    """A TLS handshake through memory buffers, over *stream*."""
+    while True:
+        try:
+            obj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        if outgoing.pending:
+            await stream.send_all(outgoing.read())
+        if done:
+            return
+        data = await stream.receive_some(65_536)
+        if not data:
+            raise ssl.SSLEOFError("the server closed the connection during the TLS handshake")
+        incoming.write(data)
+
+
 class ApiClient:
     """One shared ``httpx.AsyncClient`` for every proxied API request.
 
@@ -811,6 +844,45 @@ class ApiClient:
     def _env_proxy(scheme: str, host: str) -> bool:
         """Whether httpx would send a request to *host* through a proxy of the environment."""
         return _env_proxy(scheme, host)
+
+    @property
+    def read_timeout(self) -> float:
+        return self._timeouts[1]
+
+    async def open(self, scheme: str, host: str, port: int) -> Opened:
+        """A connection to *host* for the serving loop's relay: connected, TLS negotiated.
+
+        TLS is an ``ssl.SSLObject`` over two ``MemoryBIO`` (:meth:`_tls`'s
+        context, so the same trust store), so the loop drives it on its
+        non-blocking socket. The connect timeout bounds TCP and TLS together.
+
+        Raises:
+            UpstreamUnavailable: not reached, or TLS refused, in words.
+        """
+        import httpx
+
+        url = f"{scheme}://{host}:{port}/"
+        stream: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(self._timeouts[0]):
+                stream = await trio.open_tcp_stream(host, port)
+                tls = None
+                if scheme == "https":
+                    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+                    obj = self._tls().wrap_bio(incoming, outgoing, server_hostname=host)
+                    tls = (obj, incoming, outgoing)
+                    await _handshake(stream, *tls)
+            fd = stream.socket.detach()
+            stream = None
+        except trio.TooSlowError:
+            exc: BaseException = httpx.ConnectTimeout("connect")
+            raise UpstreamUnavailable(network_failure("the request", url, exc)) from None
+        except _STREAM_ERRORS as exc:
+            raise UpstreamUnavailable(network_failure("the request", url, exc)) from None
+        finally:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+        return socket.socket(fileno=fd), tls
 
     async def close_response(self, response: UpstreamResponse) -> None:
         await response.aclose()

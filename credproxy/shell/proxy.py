@@ -65,7 +65,8 @@ import json
 import re
 import select
 import socket as stdsocket
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote
@@ -74,10 +75,12 @@ import h11
 import trio
 
 from credproxy.core import httprules
-from credproxy.core.config import HEADER_FIELD, Config
+from credproxy.core.config import HEADER_FIELD, Config, Provider
 from credproxy.core.connection import TokenBucket
+from credproxy.core.grants import Grants
 from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble
 from credproxy.core.names import DEFAULT_BUCKET, Key, is_name
+from credproxy.core.servecore import Ready
 from credproxy.core.throttle import Throttle
 from credproxy.errors import AllBucketsExhausted, CredproxyError, NotFound, ReauthRequired
 from credproxy.shell import logs
@@ -150,6 +153,16 @@ class Link:
     rate: TokenBucket
 
 
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """A connection the loop's relay hands to the trio side at the start of a request."""
+
+    preamble: Preamble
+    rate: TokenBucket  # the connection's request rate, on the loop's clock at *at*
+    at: float
+    admitted: bool  # the request was admitted (and its rate spent) already
+
+
 @dataclass(slots=True)
 class Audit:
     """What the audit line of one request says (filled in as the exchange goes)."""
@@ -186,11 +199,8 @@ class ApiProxy:
         self.tokens = tokens
         self.ops = ops
         self.client = client
-        # session id -> proxied requests in flight (no entry: none)
-        self._streams: dict[str, int] = {}
-        self.kept_bytes = 0  # request bodies kept for a retry, all sessions together
+        self.ledger = Ledger()  # streams in flight, kept bodies: counted with the loop's relay
         self.hangups = Hangups()  # run by the daemon: ApiProxy.hangups.run()
-        self._moved = 0  # body bytes relayed since memory was last given back
         self._said: dict[tuple[str, str, str], Throttle] = {}
 
     def pace(self) -> BodyPace:
@@ -198,14 +208,27 @@ class ApiProxy:
 
     # -- one connection ------------------------------------------------------------
 
-    async def serve(self, session: Session, sock: stdsocket.socket, initial: bytes) -> None:
-        """Serve one HTTP connection until it closes, idles out or breaks the protocol."""
+    async def serve(
+        self,
+        session: Session,
+        sock: stdsocket.socket,
+        initial: bytes,
+        handed: Handed | None = None,
+    ) -> None:
+        """Serve one HTTP connection until it closes, idles out or breaks the protocol.
+
+        *handed*: the connection comes from the loop's relay
+        (:mod:`credproxy.shell.loopproxy`) at the start of a request it does not
+        serve itself; *initial* is that request's bytes, and the preamble, the
+        rate spent so far and whether the request was already admitted come
+        with it.
+        """
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.proxy.max_header_bytes)
         try:
             async with stream:
                 try:
-                    await self._serve(session, conn, stream, initial)
+                    await self._serve(session, conn, stream, initial, handed)
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint if exc.error_status_hint in (413, 431) else 400
                     await self._refuse(conn, stream, status, f"malformed HTTP request: {exc}")
@@ -217,24 +240,36 @@ class ApiProxy:
             session.connection_closed()
 
     async def _serve(
-        self, session: Session, conn: h11.Connection, stream: trio.SocketStream, initial: bytes
+        self,
+        session: Session,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        initial: bytes,
+        handed: Handed | None,
     ) -> None:
-        got = await self._preamble(stream, initial)
-        if got is None:
-            return
-        preamble, rest = got
-        if isinstance(preamble, str):
-            await self._refuse(conn, stream, 400, preamble)
-            return
-        limits = self.cfg.limits
-        link = Link(preamble, TokenBucket(limits.requests_per_second, limits.request_burst, _now()))
+        admitted = False
+        if handed is None:
+            got = await self._preamble(stream, initial)
+            if got is None:
+                return
+            preamble, rest = got
+            if isinstance(preamble, str):
+                await self._refuse(conn, stream, 400, preamble)
+                return
+            limits = self.cfg.limits
+            rate = TokenBucket(limits.requests_per_second, limits.request_burst, _now())
+            link = Link(preamble, rate)
+        else:
+            link, rest, admitted = Link(handed.preamble, handed.rate), initial, handed.admitted
+            handed.rate.rebase(handed.at, _now())  # the loop's clock, then trio's
         if rest:  # (h11 takes b"" for the end of the stream)
             conn.receive_data(rest)
         while True:
             event = await self._next_event(conn, stream, head=True)
             if not isinstance(event, h11.Request):
                 return  # closed, idle, or broken
-            await self._exchange(session, link, conn, stream, event)
+            await self._exchange(session, link, conn, stream, event, admitted=admitted)
+            admitted = False
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -322,14 +357,7 @@ class ApiProxy:
         """Answer with an error of the proxy's own, if the connection still allows it."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = b'{"error":{"type":"credproxy","message":' + _json_string(message) + b"}}"
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *(extra or []),
-        ]
-        if close or conn.their_state is not h11.DONE or status >= 500 or status in (400, 408):
-            headers.append((b"connection", b"close"))
+        headers, body = error_answer(conn, status, message, extra, close=close)
         try:
             await stream.send_all(
                 conn.send(h11.Response(status_code=status, headers=headers)) or b""
@@ -348,18 +376,20 @@ class ApiProxy:
         conn: h11.Connection,
         stream: trio.SocketStream,
         req: h11.Request,
+        *,
+        admitted: bool = False,
     ) -> None:
         started = _now()
         method = req.method.decode("ascii", "replace")
         audit = Audit()
         try:
-            self._admit(session, link, req)
+            if not admitted:  # (the loop's relay admitted it, and spent its rate)
+                self._admit(session, link, req)
             route = self._route(session, method, req.target, req.headers)
             audit.path = "/" + route.rest
             audit.key = await self._key(session, route)
-            if self._streams.get(session.id, 0) >= self.cfg.proxy.max_streams:
+            if not self.ledger.enter(session.id, self.cfg.proxy.max_streams):
                 raise HttpError(503, "too many proxied requests in flight for this session")
-            self._streams[session.id] = self._streams.get(session.id, 0) + 1
             try:
                 url = f"{route.base_url.rstrip('/')}/{route.rest}{route.query}"
                 body = Body(self, conn, stream)
@@ -368,14 +398,9 @@ class ApiProxy:
                     Exchange(session, conn, stream, req, route, url, audit, body, websocket)
                 )
             finally:
-                if self._streams[session.id] == 1:
-                    del self._streams[session.id]  # (no entry: nothing in flight)
-                else:
-                    self._streams[session.id] -= 1
-                if not self._streams and self._moved >= TRIM_AFTER:
+                if self.ledger.leave(session.id):
                     # The last exchange has ended: what the big ones freed goes
                     # back to the system, not only to the allocator.
-                    self._moved = 0
                     give_back_memory()
         except HttpError as exc:
             audit.status = exc.status
@@ -458,60 +483,22 @@ class ApiProxy:
                 )
 
     def _route(self, session: Session, method: str, target: bytes, headers: Any = ()) -> Route:
-        """Where a request target goes (see :class:`Route`).
-
-        Raises:
-            HttpError: CONNECT, an absolute-form target, a dot segment, or a
-                provider that is not configured or not granted (one 404 for both),
-                or that is granted but has no ``api`` section (a 404 that says so).
-        """
-        if method == "CONNECT":
-            raise HttpError(405, "CONNECT is not available: this is not an open proxy")
-        size = len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
-        if size > self.cfg.proxy.max_header_bytes:
-            # h11 caps what it buffers of an incomplete request, not a whole one
-            # that arrived at once: the cap is checked here as well.
-            raise HttpError(431, "request line and headers are too large")
-        names = [name.lower() for name, _ in headers]
-        if b"transfer-encoding" in names and b"content-length" in names:
-            # A request-smuggling shape (RFC 9112 6.3): refused, not guessed at.
-            raise HttpError(400, "Content-Length and Transfer-Encoding together are refused")
-        text = target.decode("ascii", "replace")
-        if not text.startswith("/"):
-            raise HttpError(400, "use a path (http://credproxy/PROVIDER/...), not an absolute URL")
-        path, mark, query = text.partition("?")
-        segments = path.split("/")[1:]
-        for segment in segments:
-            decoded = unquote(segment)
-            if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
-                raise HttpError(400, "the path may not contain . or .. segments")
-        head = segments[0] if segments else ""
-        provider, _, bucket = head.partition(":")
-        if not is_name(provider) or (bucket and not is_name(bucket)):
-            raise HttpError(404, _NO_API)
-        prov = self.cfg.providers.get(provider)
-        if prov is None:
-            raise self._not_served(session, provider, "not_configured")
-        if bucket and not self._allowed(session, Key(provider, bucket)):
-            raise self._not_served(session, provider, "not_granted")
-        if prov.api is None:
-            granted = session.grants.provider_visible(provider) or session.grants.api_allowed(
-                provider
+        """Where a request target goes (:func:`route_request`), said on the host when refused."""
+        try:
+            return route_request(
+                self.cfg.providers,
+                session.grants,
+                self.cfg.proxy.max_header_bytes,
+                method,
+                target,
+                headers,
             )
-            raise self._not_served(
-                session, provider, "no_api_section" if granted else "not_granted"
-            )
-        return Route(
-            provider,
-            bucket or None,
-            prov.api.base_url,
-            "/".join(segments[1:]),
-            mark + query if query else "",
-        )
+        except NotServed as exc:
+            raise self._not_served(session, exc.provider, exc.cause) from None
 
     @staticmethod
     def _allowed(session: Session, key: Key) -> bool:
-        return session.grants.token_allowed(*key) or session.grants.api_allowed(key.provider)
+        return allowed(session.grants, key)
 
     async def _key(self, session: Session, route: Route) -> Key:
         """The key whose token the request carries: the named bucket, or get_token's choice."""
@@ -621,7 +608,7 @@ class ApiProxy:
         upstream = await self._send(x, key, entry, body.source() if has_body else b"")
         try:
             if upstream.status == 401 and entry is not None and body.whole():
-                newer = await self.tokens.after_rejection(key, entry)
+                newer = await self.tokens.after_rejection(key, entry.fp)
                 if newer is not None:
                     await self._close(upstream)
                     self.ops.publish(x.session, key, newer)
@@ -675,6 +662,44 @@ class ApiProxy:
         self.ops.publish(session, key, entry)
         return entry
 
+    # -- what the loop's relay hands over to wait for (credproxy.shell.loopproxy) --------
+
+    async def ready(self, session: Session, key: Key) -> Ready:
+        """What the session is served for *key* now (published to the loop as well).
+
+        Raises:
+            HttpError: as for a request of the trio side (no login, reauth, failed).
+        """
+        entry = await self._token(session, key)
+        return self.ops.publish(session, key, entry)
+
+    async def retry_ready(self, session: Session, key: Key, rejected: str) -> Ready | None:
+        """The token to send again after an upstream 401 of the token *rejected* (its fp)."""
+        newer = await self.tokens.after_rejection(key, rejected)
+        return None if newer is None else self.ops.publish(session, key, newer)
+
+    async def next_ready(self, session: Session, key: Key) -> Ready | None:
+        """After a 429 of *key*: the bucket get_token serves now, if another, and its token."""
+        try:
+            other = await self.ops.pick(session, key.provider)
+            entry = self.tokens.entry(other)
+        except CredproxyError:
+            return None
+        if entry is None or other == key:
+            return None
+        return self.ops.publish(session, other, entry)
+
+    async def key_for(self, session: Session, route: Route) -> Key:
+        """:meth:`_key`, for the loop's relay when the core could not pick at once."""
+        return await self._key(session, route)
+
+    def not_served(self, session: Session, provider: str) -> None:
+        """Say on the host why a request of the loop's relay got its 404 (not granted)."""
+        self._not_served(session, provider, "not_granted")
+
+    def mark_quota(self, key: Key, headers: list[tuple[bytes, bytes]]) -> None:
+        self.tokens.mark_quota(key, _retry_after(headers))
+
     async def _send(
         self, x: Exchange, key: Key, entry: Entry | None, content: Any
     ) -> UpstreamResponse:
@@ -699,37 +724,8 @@ class ApiProxy:
         """The provider's headers filled in from the token and keys (``{client}`` left in place)."""
         prov = self.cfg.providers[key.provider]
         assert prov.api is not None
-        fields = {
-            k: str(v)
-            for k, v in (entry.token.items() if entry is not None else ())
-            if k != "refresh_token" and isinstance(v, str | int | float) and not isinstance(v, bool)
-        }
-
-        def fill(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name == "client":
-                return httprules.CLIENT_FIELD
-            if name.startswith("key:"):
-                if not session.grants.key_allowed(name[4:]):
-                    raise HttpError(
-                        403,
-                        f"the headers need the API key {name[4:]}, "
-                        "which this session is not granted",
-                    )
-                value = self.ops.store.read_key(name[4:])
-                if value is None:
-                    raise HttpError(
-                        502, f"the API key {name[4:]} named in the headers is not stored"
-                    )
-                return value
-            if name not in fields:
-                raise HttpError(502, f"the token of {key} has no field {name!r} for the headers")
-            return fields[name]
-
-        return {
-            header: HEADER_FIELD.sub(fill, template)
-            for header, template in prov.api.headers.items()
-        }
+        fields = token_fields(entry.token) if entry is not None else {}
+        return fill_headers(prov.api.headers, fields, key, session.grants, self.ops.store.read_key)
 
     async def _relay(self, x: Exchange, upstream: UpstreamResponse) -> None:
         """Send the upstream's answer as it arrives (a hang-up cancels it: :class:`Hangups`)."""
@@ -744,7 +740,7 @@ class ApiProxy:
                     if chunk:
                         await self._send_all(stream, conn.send(h11.Data(data=chunk)))
                         x.audit.sent += len(chunk)
-                        self._moved += len(chunk)
+                        self.ledger.moved(len(chunk))
         except UpstreamUnavailable as exc:
             # No clean end for a truncated answer: the connection closes
             # without the last chunk, so the client cannot take it as whole.
@@ -853,6 +849,182 @@ class ApiProxy:
                 return
 
 
+# -- what both paths decide alike (the trio side above, the loop's relay) ---------------
+
+
+class NotServed(Exception):
+    """A provider's API is not served to this session: *cause* (see ``_NOT_SERVED_FIX``)."""
+
+    def __init__(self, provider: str, cause: str) -> None:
+        super().__init__(cause)
+        self.provider = provider
+        self.cause = cause
+
+
+def allowed(grants: Grants, key: Key) -> bool:
+    """Whether a session with *grants* may send requests with *key*'s token."""
+    return grants.token_allowed(*key) or grants.api_allowed(key.provider)
+
+
+def route_request(
+    providers: Mapping[str, Provider],
+    grants: Grants,
+    max_header_bytes: int,
+    method: str,
+    target: bytes,
+    headers: Any = (),
+) -> Route:
+    """Where a request target goes (see :class:`Route`).
+
+    Raises:
+        HttpError: CONNECT, an absolute-form target, a dot segment, or headers
+            too large.
+        NotServed: a provider that is not configured or not granted (one 404
+            for both), or that is granted but has no ``api`` section.
+    """
+    if method == "CONNECT":
+        raise HttpError(405, "CONNECT is not available: this is not an open proxy")
+    size = len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
+    if size > max_header_bytes:
+        # h11 caps what it buffers of an incomplete request, not a whole one
+        # that arrived at once: the cap is checked here as well.
+        raise HttpError(431, "request line and headers are too large")
+    names = [name.lower() for name, _ in headers]
+    if b"transfer-encoding" in names and b"content-length" in names:
+        # A request-smuggling shape (RFC 9112 6.3): refused, not guessed at.
+        raise HttpError(400, "Content-Length and Transfer-Encoding together are refused")
+    text = target.decode("ascii", "replace")
+    if not text.startswith("/"):
+        raise HttpError(400, "use a path (http://credproxy/PROVIDER/...), not an absolute URL")
+    path, mark, query = text.partition("?")
+    segments = path.split("/")[1:]
+    for segment in segments:
+        decoded = unquote(segment) if "%" in segment else segment
+        if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
+            raise HttpError(400, "the path may not contain . or .. segments")
+    head = segments[0] if segments else ""
+    provider, _, bucket = head.partition(":")
+    if not is_name(provider) or (bucket and not is_name(bucket)):
+        raise HttpError(404, _NO_API)
+    prov = providers.get(provider)
+    if prov is None:
+        raise NotServed(provider, "not_configured")
+    if bucket and not allowed(grants, Key(provider, bucket)):
+        raise NotServed(provider, "not_granted")
+    if prov.api is None:
+        granted = grants.provider_visible(provider) or grants.api_allowed(provider)
+        raise NotServed(provider, "no_api_section" if granted else "not_granted")
+    return Route(
+        provider,
+        bucket or None,
+        prov.api.base_url,
+        "/".join(segments[1:]),
+        mark + query if query else "",
+    )
+
+
+def token_fields(token: Mapping[str, Any]) -> dict[str, str]:
+    """What a header template may name of a token: its scalar fields but the refresh token."""
+    return {
+        k: str(v)
+        for k, v in token.items()
+        if k != "refresh_token" and isinstance(v, str | int | float) and not isinstance(v, bool)
+    }
+
+
+def fill_headers(
+    templates: Mapping[str, str],
+    fields: Mapping[str, str],
+    key: Key,
+    grants: Grants,
+    read_key: Callable[[str], str | None],
+) -> dict[str, str]:
+    """*templates* (``[providers.X.api] headers``) filled in; ``{client}`` is left in place.
+
+    Raises:
+        HttpError: 403 for an API key the session is not granted, 502 for one
+            not stored or a field the token lacks.
+    """
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "client":
+            return httprules.CLIENT_FIELD
+        if name.startswith("key:"):
+            if not grants.key_allowed(name[4:]):
+                raise HttpError(
+                    403,
+                    f"the headers need the API key {name[4:]}, which this session is not granted",
+                )
+            value = read_key(name[4:])
+            if value is None:
+                raise HttpError(502, f"the API key {name[4:]} named in the headers is not stored")
+            return value
+        if name not in fields:
+            raise HttpError(502, f"the token of {key} has no field {name!r} for the headers")
+        return fields[name]
+
+    return {header: HEADER_FIELD.sub(fill, template) for header, template in templates.items()}
+
+
+class Ledger:
+    """What the two paths of the proxy count together: streams in flight, kept bodies.
+
+    The loop's relay (in the serving loop's thread) and the trio side both
+    count here, under one lock, so a session's ``max_streams`` and the
+    daemon's ``retry_body_budget`` hold whichever path serves a request.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: dict[str, int] = {}  # session id -> requests in flight (no entry: none)
+        self.kept = 0  # request bodies kept for a retry, all sessions together
+        self._moved = 0  # body bytes relayed since memory was last given back
+
+    def enter(self, sid: str, cap: int) -> bool:
+        """Count one more request in flight for *sid*, unless it has *cap* already."""
+        with self._lock:
+            n = self._streams.get(sid, 0)
+            if n >= cap:
+                return False
+            self._streams[sid] = n + 1
+            return True
+
+    def leave(self, sid: str) -> bool:
+        """One request of *sid* ended; True when none is left anywhere after big bodies moved.
+
+        Then the caller gives the freed memory back (:func:`give_back_memory`).
+        """
+        with self._lock:
+            n = self._streams.get(sid, 0)
+            if n <= 1:
+                self._streams.pop(sid, None)
+            else:
+                self._streams[sid] = n - 1
+            if not self._streams and self._moved >= TRIM_AFTER:
+                self._moved = 0
+                return True
+            return False
+
+    def in_flight(self, sid: str) -> int:
+        return self._streams.get(sid, 0)
+
+    def keep(self, n: int, budget: int) -> bool:
+        """Reserve *n* bytes of kept body within *budget* for all (False: not kept)."""
+        with self._lock:
+            if self.kept + n > budget:
+                return False
+            self.kept += n
+            return True
+
+    def unkeep(self, n: int) -> None:
+        with self._lock:
+            self.kept -= n
+
+    def moved(self, n: int) -> None:
+        self._moved += n  # (a hint for give_back_memory: a lost update costs nothing)
+
+
 class Hangup:
     """One watched connection: the scope to cancel when its client hangs up."""
 
@@ -947,7 +1119,7 @@ class Body:
                 self.gone = True
                 raise
             if isinstance(event, h11.Data):
-                self.proxy._moved += len(event.data)
+                self.proxy.ledger.moved(len(event.data))
                 self._keep(event.data)
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -973,19 +1145,17 @@ class Body:
         if self.kept is None:
             return
         cfg = self.proxy.cfg.proxy
-        if (
-            len(self.kept) + len(data) > cfg.retry_body_limit
-            or self.proxy.kept_bytes + len(data) > cfg.retry_body_budget
+        if len(self.kept) + len(data) > cfg.retry_body_limit or not self.proxy.ledger.keep(
+            len(data), cfg.retry_body_budget
         ):
             self.release()  # too big to keep: a 401 is passed through
             return
         self.kept += data
-        self.proxy.kept_bytes += len(data)
 
     def release(self) -> None:
         """Drop the kept copy (no retry from here on) and give its bytes back to the budget."""
         if self.kept is not None:
-            self.proxy.kept_bytes -= len(self.kept)
+            self.proxy.ledger.unkeep(len(self.kept))
             self.kept = None
 
 
@@ -1019,6 +1189,30 @@ def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+def error_answer(
+    conn: h11.Connection,
+    status: int,
+    message: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    close: bool = False,
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and JSON body of an answer of the proxy's own (a refusal, an error).
+
+    The connection closes after it when asked, when the request was not read
+    whole, for a 5xx, and for 400 and 408.
+    """
+    body = b'{"error":{"type":"credproxy","message":' + _json_string(message) + b"}}"
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or []),
+    ]
+    if close or conn.their_state is not h11.DONE or status >= 500 or status in (400, 408):
+        headers.append((b"connection", b"close"))
+    return headers, body
 
 
 def _json_string(text: str) -> bytes:

@@ -185,6 +185,27 @@ class TrioSide(Protocol[S]):
     def read(self, state: SessionState, read: Read) -> bytes: ...
 
 
+S_contra = TypeVar("S_contra", bound=Owner, contravariant=True)
+
+
+class Relay(Protocol[S_contra]):
+    """The API proxy's relay, run by the loop (``shell/loopproxy.py``'s ``LoopProxy``)."""
+
+    def adopt(
+        self, session: S_contra, state: SessionState, sock: socket.socket, data: bytes, now: float
+    ) -> None: ...
+
+    def event(self, fd: int, mask: int, now: float) -> None: ...
+
+    def deadline(self) -> float: ...
+
+    def expire(self, now: float) -> None: ...
+
+    def close_session(self, sid: str) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Add(Generic[S]):
     sock: socket.socket
@@ -196,6 +217,12 @@ class _Deliver(Generic[S]):
     conn: SandboxConnection[S]
     pending: Pending
     outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    fn: Callable[..., None]
+    args: tuple[object, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +247,8 @@ class ServingLoop(Generic[S]):
         clock: monotonic seconds for connection deadlines.
         wall: epoch seconds (quota holds, serve counts).
         boot: the boot clock (how long a published token may be served).
-        http: takes over a connection that speaks HTTP (the API proxy).
+        http: takes over a connection that speaks HTTP (the API proxy), when
+            no relay (:attr:`relay`) serves it in this loop.
         on_crash: told why, in the trio thread, if the loop itself crashes.
         fault: the crash tests' checkpoints.
     """
@@ -250,9 +278,12 @@ class ServingLoop(Generic[S]):
         self.wall = wall
         self.boot = boot
         self._epoll = select.epoll()
+        self.epoll = self._epoll  # (shared with the relay, which runs in this thread)
+        #: The API proxy's relay in this loop (:class:`Relay`).
+        self.relay: Relay[S] | None = None
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
-        self._commands: collections.deque[Command | _Add[S] | _Deliver[S] | _Ask] = (
+        self._commands: collections.deque[Command | _Add[S] | _Deliver[S] | _Ask | _Call] = (
             collections.deque()
         )
         self._conns: dict[int, SandboxConnection[S]] = {}
@@ -280,6 +311,10 @@ class ServingLoop(Generic[S]):
         """The answer to a request handed to the trio side."""
         self._send(_Deliver(conn, pending, outcome))
 
+    def post(self, fn: Callable[..., None], *args: object) -> None:
+        """Run ``fn(*args)`` in the loop at the start of its next turn (from any thread)."""
+        self._send(_Call(fn, args))
+
     async def ask(self, question: Callable[[ServingCore], _T]) -> _T:
         """``question(core)``, run by the loop after every command sent before it.
 
@@ -300,7 +335,7 @@ class ServingLoop(Generic[S]):
             raise value
         return value  # type: ignore[return-value]  # what question returned
 
-    def _send(self, command: Command | _Add[S] | _Deliver[S] | _Ask) -> None:
+    def _send(self, command: Command | _Add[S] | _Deliver[S] | _Ask | _Call) -> None:
         with self._lock:  # against _shutdown: a command is either run or refused, never lost
             if not self._closed:
                 self._commands.append(command)
@@ -309,7 +344,7 @@ class ServingLoop(Generic[S]):
                 return
         self._refused(command)
 
-    def _refused(self, command: Command | _Add[S] | _Deliver[S] | _Ask) -> None:
+    def _refused(self, command: Command | _Add[S] | _Deliver[S] | _Ask | _Call) -> None:
         """A command that came after the loop stopped: a connection handed over is closed."""
         with contextlib.suppress(RuntimeError):  # trio.RunFinishedError: trio is gone too
             if isinstance(command, _Add):
@@ -375,6 +410,7 @@ class ServingLoop(Generic[S]):
         due = min(
             self._heap[0][0] if self._heap else math.inf,
             self._audits[0][0] if self._audits else math.inf,
+            math.inf if self.relay is None else self.relay.deadline(),
         )
         if due == math.inf:
             return None
@@ -388,6 +424,8 @@ class ServingLoop(Generic[S]):
             self._refused(command)
         for conn in list(self._conns.values()):
             self._close(conn, "daemon stopping")
+        if self.relay is not None:
+            self.relay.shutdown()
         self._flush_audits(None, math.inf)
         self._epoll.close()
         os.close(self._wake_fd)
@@ -416,6 +454,8 @@ class ServingLoop(Generic[S]):
                 continue
             ready = conns.get(fd)
             if ready is None:
+                if self.relay is not None:
+                    self.relay.event(fd, mask, now)
                 continue
             self.fault(
                 "serving-loop-turn"
@@ -426,6 +466,8 @@ class ServingLoop(Generic[S]):
                 self._guarded(self._read, ready, now)
         if self._audits and self._audits[0][0] <= now:
             self._flush_audits(None, now)
+        if self.relay is not None:
+            self.relay.expire(now)
         heap = self._heap
         while heap and heap[0][0] <= now:
             at, _, conn = heapq.heappop(heap)
@@ -454,8 +496,12 @@ class ServingLoop(Generic[S]):
             log.exception("connection_crashed", conn=conn.state.id)
             self._close(conn, "internal error")
 
-    def _run_command(self, command: Command | _Add[S] | _Deliver[S] | _Ask, now: float) -> None:
-        if isinstance(command, _Deliver):
+    def _run_command(
+        self, command: Command | _Add[S] | _Deliver[S] | _Ask | _Call, now: float
+    ) -> None:
+        if isinstance(command, _Call):
+            command.fn(*command.args)
+        elif isinstance(command, _Deliver):
             self._deliver(command.conn, command.pending, command.outcome, now)
         elif isinstance(command, _Add):
             self._add(command.sock, command.session, now)
@@ -511,6 +557,8 @@ class ServingLoop(Generic[S]):
         for conn in [c for c in self._conns.values() if c.state.id == sid]:
             self._close(conn, "session closed")
             self._flush_audits(conn.state, now)
+        if self.relay is not None:
+            self.relay.close_session(sid)
 
     # -- reading and answering ---------------------------------------------------
 
@@ -535,9 +583,14 @@ class ServingLoop(Generic[S]):
             conn.fresh = False
             # A frame header starts with 0x00 (frames are at most 64 KiB); an
             # HTTP request line with a letter: that connection is the API proxy's.
-            if self.http is not None and data[:1].isalpha():
-                self._hand_over(conn, data)
-                return
+            if data[:1].isalpha():
+                if self.relay is not None:
+                    self._detach(conn)
+                    self.relay.adopt(conn.session, conn.state, conn.sock, data, now)
+                    return
+                if self.http is not None:
+                    self._hand_over(conn, data)
+                    return
         conn.engine.receive_data(data)
         self._process(conn, now)
 
@@ -761,13 +814,17 @@ class ServingLoop(Generic[S]):
             conn.heap_at = at
             heapq.heappush(self._heap, (at, next(self._seq), conn))
 
-    def _hand_over(self, conn: SandboxConnection[S], data: bytes) -> None:
-        """Give an HTTP connection, with what was read of it, to the trio side."""
-        conn.closed = True  # for the loop it is gone; the socket lives on over there
+    def _detach(self, conn: SandboxConnection[S]) -> None:
+        """The connection is no frame connection any more (its socket lives on)."""
+        conn.closed = True
         fd = conn.sock.fileno()
         self._conns.pop(fd, None)
         with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
+
+    def _hand_over(self, conn: SandboxConnection[S], data: bytes) -> None:
+        """Give an HTTP connection, with what was read of it, to the trio side."""
+        self._detach(conn)
         assert self.http is not None
         self.to_trio(self.http, conn.session, conn.sock, data)
 

@@ -384,8 +384,8 @@ class Tokens:
             )
         return await self.refresher.refresh(key, entry.expiry, reason=reason)
 
-    async def after_rejection(self, key: Key, rejected: Entry) -> Entry | None:
-        """A token to retry with after an upstream refused *rejected*, or None.
+    async def after_rejection(self, key: Key, rejected: str) -> Entry | None:
+        """A token to retry with after an upstream refused the token whose fp is *rejected*.
 
         An upstream 401 goes through the ``refresh_token`` op's rules: a newer
         token already there (renewed by anyone) is used as is; else one
@@ -400,7 +400,7 @@ class Tokens:
             return None
         if current is None:
             return None
-        if current.fp != rejected.fp:
+        if current.fp != rejected:
             return current
         if not self.refresher.in_flight(key):
             health = self._health.get(key)
@@ -410,15 +410,16 @@ class Tokens:
             ):
                 return None
         try:
-            # Seen expiry: the rejected one's, so a token renewed meanwhile (by
-            # another process too) is taken instead of refreshing again.
-            entry = await self.refresher.refresh(key, rejected.expiry, reason="api-401")
+            # Seen expiry: the rejected one's (it is the current one), so a token
+            # renewed meanwhile (by another process too) is taken instead of
+            # refreshing again.
+            entry = await self.refresher.refresh(key, current.expiry, reason="api-401")
         except ReauthRequired as exc:
             self.reauth(key, str(exc))  # the host hears it, once
             return None
         except CredproxyError:
             return None
-        return entry if entry.fp != rejected.fp else None
+        return entry if entry.fp != rejected else None
 
     def facts(self, entry: Entry) -> serving.TokenFacts:
         """*entry*'s facts with the expiry no wall-clock step can stretch."""

@@ -1,0 +1,1245 @@
+"""The API proxy's relay in the serving loop's thread: the path of every ordinary request.
+
+Theory of operation
+-------------------
+
+The trio side's proxy (:mod:`credproxy.shell.proxy`) pays about a millisecond
+of CPU per request in trio's scheduler, httpx's request model and h11 (see
+``docs/design.md`` section 9.1). So the serving loop keeps an HTTP connection
+in its own epoll set instead of handing it over, and this module relays its
+requests there: h11 on both sides, non-blocking sockets, TLS through
+``ssl.MemoryBIO``, pooled keep-alive connections to each upstream, and every
+deadline in a heap of the loop. No task, cancel scope or scheduler pass per
+request.
+
+**What the loop serves, and what it hands over.** At the start of each
+request, before anything is spent, :meth:`LoopProxy.plan` checks what the
+loop needs: a granted provider with an ``api`` section reached without a
+proxy of the environment, no WebSocket or other upgrade, no ``Expect``, no
+chunked body and a ``Content-Length`` within ``retry_body_limit``, and, for a
+connection that came through ``forward``, its Host and Origin rules and the
+capability. A request that fails any of them goes to the trio side with the
+connection, unread and unadmitted (:class:`~credproxy.shell.proxy.Handed`):
+it is refused, or served, there exactly as before, with the rate the
+connection has spent so far. The same happens after admission when the
+session's streams are all in flight or the daemon's budget of kept bodies
+is spent: the trio side then answers 503, or streams the body without a
+copy.
+
+**One request in the loop.** Admitted (the rate, as on the trio side), its
+body read whole and kept (it is at most ``retry_body_limit``; the read keeps
+:class:`~credproxy.core.httprules.BodyPace`), its bucket picked by the
+serving core as ``get_token`` would, its headers filled from the token the
+core has ready for the session (:class:`~credproxy.core.servecore.Ready`) or
+the API keys, it goes upstream on a pooled connection. The answer is relayed
+event by event as it arrives (server-sent events leave as they come), with
+backpressure: while :data:`HIGH_WATER` bytes wait for the client, the
+upstream is not read.
+
+**What waits is the trio side's** (:meth:`HttpConn.wait`): a token that is
+not ready or has to be refreshed (``ApiProxy.ready``), a failover walk
+(``ApiProxy.key_for``), a new upstream connection (``ApiClient.open``: DNS,
+connect, TLS), the token to retry with after a 401 (``Tokens.after_rejection``
+through ``ApiProxy.retry_ready``) and the next bucket after a 429. The answer
+comes back as a loop command and the request goes on where it stopped. A
+401 or 429 that may be retried is held (its body up to
+:data:`MAX_HELD_ANSWER`) until the retry is decided, then either dropped or
+relayed.
+
+**Deadlines**, as the trio side keeps them: the request head within
+``HEAD_TIMEOUT`` of its first byte, ``idle_timeout`` between requests, the
+body's pace (``408``), the upstream's ``read_timeout`` (``502`` before the
+answer, a cut answer after), and ``SEND_TIMEOUT`` for a client that takes
+nothing of its answer. A client that hangs up (``EPOLLHUP``/``EPOLLERR``)
+ends its exchange at once: the upstream connection is closed and the audit
+line says ``499``.
+
+Everything here runs in the loop's thread; the trio side is reached only by
+``to_trio`` and answers only by :meth:`~credproxy.shell.servingloop.ServingLoop.post`.
+The two paths count streams in flight and kept bodies together
+(:class:`~credproxy.shell.proxy.Ledger`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import math
+import select
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import h11
+import msgspec
+
+from credproxy.core import httprules
+from credproxy.core.connection import TokenBucket
+from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble
+from credproxy.core.names import DEFAULT_BUCKET, Key
+from credproxy.core.servecore import Ready, SessionState
+from credproxy.errors import CredproxyError
+from credproxy.shell import logs
+from credproxy.shell.http import Tls, _env_proxy, relay_failure
+from credproxy.shell.proxy import (
+    _NO_API,
+    CLIENT_GONE_STATUS,
+    HEAD_TIMEOUT,
+    SEND_TIMEOUT,
+    ApiProxy,
+    Handed,
+    HttpError,
+    NotServed,
+    Route,
+    allowed,
+    error_answer,
+    fill_headers,
+    give_back_memory,
+    route_request,
+    token_fields,
+)
+
+if TYPE_CHECKING:
+    from credproxy.shell.servingloop import ServingLoop
+    from credproxy.shell.sessions import Session
+
+log = logs.get("credproxy.proxy")
+
+RECV_SIZE = 65_536
+HIGH_WATER = 1 << 20  # bytes waiting for a client before its upstream is read no more
+POOL_PER_ORIGIN = 64  # idle upstream connections kept per origin
+POOL_IDLE = 5.0  # seconds an idle upstream connection is kept (httpx's keep-alive expiry)
+TLS_CHUNK = 1 << 16  # plaintext encrypted at a time for an upstream that takes it
+MAX_HELD_ANSWER = 1 << 16  # a 401's or 429's body, held while its retry is decided
+MAX_FIELDS_MEMO = 1024  # tokens whose header fields are remembered
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_GONE = select.EPOLLHUP | select.EPOLLERR
+
+
+class Origin:
+    """Where a provider's ``base_url`` points, as the relay connects to it."""
+
+    __slots__ = ("authority", "host", "path", "port", "proxied", "scheme", "url")
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.authority = parts.netloc.rpartition("@")[2].encode("ascii")
+        self.path = parts.path.rstrip("/")
+        self.url = base_url
+        # A proxy of the environment is the trio side's (httpx's) business.
+        self.proxied = parts.scheme not in ("http", "https") or _env_proxy(parts.scheme, self.host)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+
+class Upstream:
+    """One connection to an upstream: non-blocking, TLS through memory buffers."""
+
+    __slots__ = (
+        "closed",
+        "conn",
+        "fd",
+        "idle_since",
+        "lp",
+        "mask",
+        "origin",
+        "out",
+        "owner",
+        "paused",
+        "pending",
+        "reused",
+        "sock",
+        "tls",
+    )
+
+    def __init__(self, lp: LoopProxy, sock: socket.socket, origin: Origin, tls: Tls | None):
+        sock.setblocking(False)
+        self.lp = lp
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.origin = origin
+        self.tls = tls
+        self.conn = h11.Connection(h11.CLIENT)
+        self.owner: HttpConn | None = None
+        self.out = memoryview(b"")  # bytes the socket has not taken yet
+        self.pending: collections.deque[memoryview] = collections.deque()  # not yet encrypted
+        self.closed = False
+        self.reused = False
+        self.paused = False
+        self.idle_since = 0.0
+        self.mask = _IN
+        lp.handlers[self.fd] = self
+        lp.epoll.register(self.fd, _IN)
+
+    def write(self, *pieces: bytes | bytearray) -> bool:
+        """Send *pieces* (encrypted first on TLS); False when the connection broke.
+
+        Not copied: a body goes out from the caller's buffer, encrypted a
+        :data:`TLS_CHUNK` at a time as the socket takes it, so no TLS buffer
+        ever holds a whole big body.
+        """
+        self.pending.extend(memoryview(p) for p in pieces if p)
+        return self.push()
+
+    def push(self) -> bool:
+        out, pending = self.out, self.pending
+        try:
+            while True:
+                if out:
+                    sent = self.sock.send(out)
+                    out = out[sent:]
+                    if out:
+                        break  # the socket is full: EPOLLOUT
+                if not pending:
+                    break
+                chunk = pending.popleft()
+                if len(chunk) > TLS_CHUNK and self.tls is not None:
+                    pending.appendleft(chunk[TLS_CHUNK:])
+                    chunk = chunk[:TLS_CHUNK]
+                if self.tls is None:
+                    out = chunk
+                else:
+                    obj, _, outgoing = self.tls
+                    while chunk:
+                        chunk = chunk[obj.write(chunk) :]
+                    out = memoryview(outgoing.read())
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.out = out
+            return False
+        self.out = out
+        self.interest()
+        return True
+
+    def interest(self) -> None:
+        waiting = bool(self.out) or bool(self.pending)
+        mask = (0 if self.paused else _IN) | (_OUT if waiting else 0)
+        if mask != self.mask:
+            self.mask = mask
+            self.lp.epoll.modify(self.fd, mask)
+
+    def event(self, mask: int, now: float) -> None:
+        owner = self.owner
+        if mask & _OUT and not self.push():
+            self.broke(now)
+            return
+        if not mask & (_IN | _GONE) or (self.paused and not mask & _GONE):
+            return  # (paused: the client has enough to take; an end is read all the same)
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.broke(now)
+            return
+        if owner is None:
+            self.close()  # bytes (or the end) on an idle connection: it is not reused
+            return
+        if self.tls is not None and data:
+            obj, incoming, _ = self.tls
+            incoming.write(data)
+            parts = []
+            ended = False
+            while True:
+                try:
+                    chunk = obj.read(RECV_SIZE)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    ended = True
+                    break
+                except ssl.SSLError:
+                    self.broke(now)
+                    return
+                if not chunk:  # (the server's close_notify)
+                    ended = True
+                    break
+                parts.append(chunk)
+            data = b"".join(parts)
+            if data:
+                self.conn.receive_data(data)
+            if ended:
+                self.conn.receive_data(b"")
+            elif not data:
+                return  # (a TLS record not yet whole)
+        else:
+            self.conn.receive_data(data)
+        owner.upstream_events(self, now)
+
+    def broke(self, now: float) -> None:
+        owner = self.owner
+        self.close()
+        if owner is not None:
+            owner.upstream_broke(self, now)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.owner = None
+        self.lp.handlers.pop(self.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.lp.epoll.unregister(self.fd)
+        self.sock.close()
+
+
+class Exchange:
+    """One request the loop relays, and what its audit line says."""
+
+    __slots__ = (
+        "body",
+        "chunks",
+        "got_answer",
+        "headers",
+        "held",
+        "kept",
+        "key",
+        "method",
+        "origin",
+        "pace",
+        "ready",
+        "req",
+        "route",
+        "sent",
+        "started",
+        "status",
+        "target",
+        "template",
+        "tried",
+        "up",
+        "waited_since",
+    )
+
+    def __init__(self, req: h11.Request, method: str, route: Route, origin: Origin, now: float):
+        self.req = req
+        self.method = method
+        self.route = route
+        self.origin = origin
+        self.started = now
+        self.key: Key | None = None
+        self.ready: Ready | None = None  # the token the request carries (None: API keys only)
+        self.template: dict[str, str] = {}
+        self.headers: list[tuple[bytes, bytes]] = []  # as sent upstream
+        self.target = b""
+        self.chunks: list[bytes] = []  # the body as it is read
+        self.body = b""  # the body, whole
+        self.kept = 0  # bytes of retry_body_budget held for the body
+        self.pace: BodyPace | None = None
+        self.waited_since = now
+        self.up: Upstream | None = None
+        self.got_answer = False  # the upstream's head has come
+        self.held: tuple[int, list[tuple[bytes, bytes]], bytearray] | None = None
+        self.tried: set[str] = set()  # "stale", "401", "429": each retry at most once
+        self.status = 0
+        self.sent = 0
+
+
+class HttpConn:
+    """One sandbox connection speaking HTTP, served in the loop (see the module docstring)."""
+
+    __slots__ = (
+        "again",
+        "close_when_flushed",
+        "closed",
+        "conn",
+        "fd",
+        "heap_at",
+        "lp",
+        "mask",
+        "out",
+        "pre",
+        "preamble",
+        "rate",
+        "raw",
+        "session",
+        "sock",
+        "state",
+        "stepping",
+        "t_body",
+        "t_head",
+        "t_idle",
+        "t_send",
+        "t_up",
+        "x",
+    )
+
+    def __init__(
+        self, lp: LoopProxy, session: Session, state: SessionState, sock: socket.socket, now: float
+    ) -> None:
+        self.lp = lp
+        self.session = session
+        self.state = state
+        self.sock = sock
+        self.fd = sock.fileno()
+        cfg = lp.proxy.cfg
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.proxy.max_header_bytes)
+        self.preamble: Preamble | None = None  # None: not read yet (then *pre* holds its bytes)
+        self.pre = bytearray()
+        limits = cfg.limits
+        self.rate = TokenBucket(limits.requests_per_second, limits.request_burst, now)
+        self.raw = bytearray()  # the bytes of the request under way, for a hand-over
+        self.out = bytearray()
+        self.mask = _IN
+        self.x: Exchange | None = None
+        self.closed = False
+        self.close_when_flushed = False
+        self.stepping = False  # inside step(): a request that ends at once loops, not recurses
+        self.again = False
+        self.heap_at = math.inf
+        self.t_idle = now + limits.idle_timeout
+        self.t_head = now + HEAD_TIMEOUT  # its first bytes are here
+        self.t_body = math.inf
+        self.t_up = math.inf
+        self.t_send = math.inf
+
+    # -- the client side ---------------------------------------------------------------
+
+    def event(self, mask: int, now: float) -> None:
+        if mask & _OUT:
+            self.flush(now)
+        if self.closed:
+            return
+        if mask & _IN and not self.mask & _IN and not mask & _GONE:
+            return  # (a stale readiness: not reading now)
+        if mask & _GONE and self.x is not None:
+            self.gone(now)
+            return
+        if not mask & (_IN | _GONE):
+            return
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.gone(now)
+            return
+        self.received(data, now)
+
+    def received(self, data: bytes, now: float) -> None:
+        if not data:  # the client closed (or half-closed) its side
+            if self.preamble is None:
+                self.close()
+            elif self.x is not None:
+                self.gone(now)  # in the middle of its body
+            else:
+                self.conn.receive_data(b"")
+                self.step(now)
+            return
+        if self.preamble is None:
+            self.pre += data
+            pre = self.pre
+            marker = httprules.PREAMBLE
+            if marker.startswith(pre[: len(marker)]) and b"\r\n" not in pre:
+                if len(pre) > httprules.MAX_PREAMBLE:
+                    self.hand_over(bytes(pre), None, now)  # the trio side says what is wrong
+                else:
+                    self.track()
+                return
+            if pre.startswith(marker):
+                line, _, rest = bytes(pre).partition(b"\r\n")
+                try:
+                    self.preamble = httprules.parse_preamble(line)
+                except ValueError:
+                    self.hand_over(bytes(pre), None, now)
+                    return
+                data = rest
+            else:
+                self.preamble, data = Preamble(), bytes(pre)
+            self.pre = bytearray()
+            self.raw = bytearray(data)
+        elif self.x is None:
+            self.raw += data  # (until a request is admitted: it may still be handed over)
+        x = self.x
+        if x is not None and x.pace is not None:
+            x.pace.record(now - x.waited_since, len(data))
+        if data:  # (h11 takes b"" for the end of the stream)
+            self.conn.receive_data(data)
+        if x is None:
+            self.step(now)
+        else:
+            self.read_body(x, now)
+
+    def step(self, now: float) -> None:
+        """Take the next request of the connection, if it is here.
+
+        A request answered at once (a refusal) ends inside this call: the
+        next one is then taken by this loop, not by a deeper call.
+        """
+        if self.stepping:
+            self.again = True
+            return
+        self.stepping = True
+        try:
+            self.again = True
+            while self.again and not self.closed and self.x is None:
+                self.again = False
+                self.next_request(now)
+        finally:
+            self.stepping = False
+
+    def next_request(self, now: float) -> None:
+        conn = self.conn
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            self.hand_over(bytes(self.raw), self.handed(False, now), now)  # 400/413/431 there
+            return
+        if event is h11.NEED_DATA:
+            if conn.their_state is h11.IDLE and self.t_head == math.inf and conn.trailing_data[0]:
+                self.t_head = now + HEAD_TIMEOUT
+            self.t_idle = now + self.lp.proxy.cfg.limits.idle_timeout
+            self.interest()
+            self.track()
+            return
+        if type(event) is h11.Request:
+            self.begin(event, now)
+        else:  # ConnectionClosed: the client is done
+            self.close()
+
+    def begin(self, req: h11.Request, now: float) -> None:
+        lp = self.lp
+        method = req.method.decode("ascii", "replace")
+        self.t_head = self.t_idle = math.inf
+        if not self.state.open:
+            self.close()
+            return
+        x = lp.plan(self, req, method, now)
+        if x is None or self.rate.take(now):
+            # Not the loop's kind of request, or refused: the trio side serves
+            # it, or refuses it, as it did before the loop served any.
+            self.hand_over(bytes(self.raw), self.handed(False, now), now)
+            return
+        proxy = lp.proxy
+        cfg = proxy.cfg.proxy
+        length = next((int(v) for n, v in req.headers if n == b"content-length"), 0)
+        if not proxy.ledger.enter(self.state.id, cfg.max_streams):
+            self.hand_over(bytes(self.raw), self.handed(True, now), now)  # 503 there
+            return
+        if length and not proxy.ledger.keep(length, cfg.retry_body_budget):
+            proxy.ledger.leave(self.state.id)
+            self.hand_over(bytes(self.raw), self.handed(True, now), now)  # streamed there
+            return
+        x.kept = length
+        x.pace = BodyPace(cfg.body_timeout, cfg.body_min_rate)
+        self.x = x
+        self.read_body(x, now)
+
+    def read_body(self, x: Exchange, now: float) -> None:
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                self.refuse(x, HttpError(400, "malformed HTTP request"), now)
+                return
+            if event is h11.NEED_DATA:
+                assert x.pace is not None
+                x.waited_since = now
+                self.t_body = now + x.pace.allowance()
+                self.interest()
+                self.track()
+                return
+            if type(event) is h11.Data:
+                x.chunks.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                break
+            else:  # the client closed in the middle of its body
+                self.gone(now)
+                return
+        x.pace = None
+        x.body, x.chunks = b"".join(x.chunks), []
+        self.t_body = math.inf
+        self.interest()  # nothing more is read until the answer is sent
+        self.pick(x, now)
+
+    # -- the bucket, the token, the headers ------------------------------------------
+
+    def pick(self, x: Exchange, now: float) -> None:
+        lp, route = self.lp, x.route
+        core = lp.loop.core
+        if route.bucket is not None:
+            key = Key(route.provider, route.bucket)
+        elif core.profile(self.state, route.provider) is None:
+            key = Key(route.provider, DEFAULT_BUCKET)
+        else:
+            try:
+                answer = core.pick(self.state.id, route.provider, lp.loop.wall(), lp.loop.boot())
+            except CredproxyError:
+                self.close()  # the session is gone
+                return
+            if not isinstance(answer, Ready):
+                session = self.session
+                self.wait(x, lambda: lp.proxy.key_for(session, route), self.with_key)
+                return
+            key = answer.key
+            x.ready = answer
+        self.with_key(key, now)
+
+    def with_key(self, key: Key, now: float) -> None:
+        x = self.x
+        assert x is not None
+        x.key = key
+        if not allowed(self.state.grants, key):
+            self.lp.loop.to_trio(self.lp.proxy.not_served, self.session, key.provider)
+            self.refuse(x, HttpError(404, _NO_API), now)
+            return
+        prov = self.lp.loop.core.providers.get(key.provider)
+        api = None if prov is None else prov.api
+        if api is None:  # (a reload took it away meanwhile)
+            self.refuse(x, HttpError(404, _NO_API), now)
+            return
+        if not api.uses_token():
+            x.ready = None
+            self.with_fields({}, now)
+            return
+        ready = x.ready if x.ready is not None and x.ready.key == key else None
+        if ready is None:
+            ready = self.state.ready.get(key)
+            if ready is None or self.lp.loop.boot() >= ready.until:
+                session, proxy = self.session, self.lp.proxy
+                self.wait(x, lambda: proxy.ready(session, key), self.with_ready)
+                return
+        self.with_ready(ready, now)
+
+    def with_ready(self, ready: Ready, now: float) -> None:
+        x = self.x
+        assert x is not None
+        x.ready = ready
+        self.with_fields(self.lp.fields(ready), now)
+
+    def with_fields(self, fields: dict[str, str], now: float) -> None:
+        x = self.x
+        assert x is not None
+        assert x.key is not None
+        lp = self.lp
+        prov = lp.loop.core.providers[x.key.provider]
+        assert prov.api is not None
+        try:
+            filled = fill_headers(prov.api.headers, fields, x.key, self.state.grants, lp.read_key)
+        except HttpError as exc:
+            self.refuse(x, exc, now)
+            return
+        req = x.req
+        headers = httprules.upstream_headers(req.headers, filled, lp.proxy.cfg.proxy.strip_headers)
+        if not any(name.lower() == b"accept-encoding" for name, _ in headers):
+            headers.append((b"accept-encoding", b"identity"))  # as the trio side sends it
+        headers.insert(0, (b"host", x.origin.authority))
+        x.template = filled
+        x.target = f"{x.origin.path}/{x.route.rest}{x.route.query}".encode("ascii", "replace")
+        x.held = None
+        self.connect(x, headers, now)
+
+    # -- upstream ------------------------------------------------------------------------
+
+    def connect(self, x: Exchange, headers: list[tuple[bytes, bytes]], now: float) -> None:
+        up = self.lp.pooled(x.origin, now)
+        if up is None:
+            origin, client = x.origin, self.lp.proxy.client
+
+            def opened(got: tuple[socket.socket, Tls | None], now: float) -> None:
+                self.send(x, Upstream(self.lp, got[0], origin, got[1]), headers, now)
+
+            self.wait(x, lambda: client.open(origin.scheme, origin.host, origin.port), opened)
+            return
+        self.send(x, up, headers, now)
+
+    def send(
+        self, x: Exchange, up: Upstream, headers: list[tuple[bytes, bytes]], now: float
+    ) -> None:
+        up.owner = self
+        x.up = up
+        x.got_answer = False
+        conn = up.conn
+        try:
+            events: list[h11.Request | h11.Data | h11.EndOfMessage] = [
+                h11.Request(method=x.req.method, target=x.target, headers=headers)
+            ]
+            if x.body:  # (passed through: the kept body itself is sent, not a copy)
+                events.append(h11.Data(data=x.body))
+            events.append(h11.EndOfMessage())
+            pieces: list[bytes | bytearray] = []
+            for event in events:
+                pieces += conn.send_with_data_passthrough(event) or ()
+        except h11.LocalProtocolError:
+            up.close()
+            self.refuse(x, HttpError(502, f"the request to {x.origin.host} cannot be sent"), now)
+            return
+        if not up.write(*pieces):
+            self.upstream_broke(up, now)
+            return
+        x.headers = headers
+        self.t_up = now + self.lp.proxy.client.read_timeout
+        self.track()
+
+    def upstream_events(self, up: Upstream, now: float) -> None:
+        x = self.x
+        if x is None or x.up is not up:
+            up.close()
+            return
+        self.t_up = now + self.lp.proxy.client.read_timeout
+        conn = up.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                up.close()
+                self.upstream_broke(up, now)
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self.answer_data(x, event.data)  # type: ignore[union-attr]
+            elif event is h11.NEED_DATA:
+                break
+            elif kind is h11.Response:
+                self.answer_head(x, event, now)  # type: ignore[arg-type]
+            elif kind is h11.EndOfMessage:
+                self.answer_end(x, up, now)
+                return
+            elif kind is h11.InformationalResponse:
+                continue
+            else:  # ConnectionClosed, PAUSED
+                up.close()
+                self.upstream_broke(up, now)
+                return
+            if self.closed or x.up is not up:
+                return
+        if len(self.out) > HIGH_WATER and not up.paused:
+            up.paused = True  # backpressure: resumed when the client has taken it
+            up.interest()
+        self.track()
+
+    def answer_head(self, x: Exchange, resp: h11.Response, now: float) -> None:
+        x.got_answer = True
+        status = resp.status_code
+        key = x.key
+        assert key is not None
+        if status == 401 and x.ready is not None and "401" not in x.tried:
+            x.held = (status, list(resp.headers), bytearray())
+            return
+        if status == 429:
+            self.lp.loop.to_trio(self.lp.proxy.mark_quota, key, list(resp.headers))
+            if (
+                "429" not in x.tried
+                and x.route.bucket is None
+                and self.lp.loop.core.profile(self.state, key.provider) is not None
+            ):
+                x.held = (status, list(resp.headers), bytearray())
+                return
+        self.answer(x, status, list(resp.headers))
+
+    def answer(self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Start relaying the answer: no retry from here on, so the kept body goes."""
+        self.unkeep(x)
+        x.status = status
+        kept = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP]
+        self.write(self.conn.send(h11.Response(status_code=status, headers=kept)))
+
+    def answer_data(self, x: Exchange, data: bytes) -> None:
+        if x.held is not None:
+            body = x.held[2]
+            if len(body) + len(data) <= MAX_HELD_ANSWER:
+                body += data
+                return
+            self.answer(x, x.held[0], x.held[1])  # too big to hold: it is the answer
+            data, x.held = bytes(body) + data, None
+        if data:
+            x.sent += len(data)
+            self.write(self.conn.send(h11.Data(data=data)))
+
+    def answer_end(self, x: Exchange, up: Upstream, now: float) -> None:
+        self.lp.release(up, now)
+        x.up = None
+        self.t_up = math.inf
+        if x.held is not None:
+            self.retry(x, now)
+            return
+        try:
+            self.write(self.conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            # A Content-Length the upstream did not fill cannot end cleanly.
+            self.close_when_flushed = True
+        self.finish(x, now)
+
+    def retry(self, x: Exchange, now: float) -> None:
+        """A held 401 or 429: send again with a newer token or on the next bucket, or relay it."""
+        assert x.held is not None
+        assert x.key is not None
+        session, proxy, key = self.session, self.lp.proxy, x.key
+        if x.held[0] == 401:
+            x.tried.add("401")
+            assert x.ready is not None
+            rejected = x.ready.fp
+            self.wait(x, lambda: proxy.retry_ready(session, key, rejected), self.retried)
+        else:
+            x.tried.add("429")
+            self.wait(x, lambda: proxy.next_ready(session, key), self.retried)
+
+    def retried(self, ready: Ready | None, now: float) -> None:
+        x = self.x
+        assert x is not None
+        assert x.held is not None
+        if ready is None:  # nothing newer, no other bucket: the held answer is the answer
+            status, headers, body = x.held
+            x.held = None
+            self.answer(x, status, headers)
+            self.answer_data(x, bytes(body))
+            self.write(self.conn.send(h11.EndOfMessage()))
+            self.finish(x, now)
+            return
+        x.key = ready.key
+        self.with_ready(ready, now)
+
+    def upstream_broke(self, up: Upstream, now: float) -> None:
+        x = self.x
+        if x is None or self.closed:
+            return
+        x.up = None
+        self.t_up = math.inf
+        if not x.got_answer:
+            if up.reused and "stale" not in x.tried:
+                # A pooled connection the upstream had closed: once more on a new one.
+                x.tried.add("stale")
+                self.connect(x, x.headers, now)
+                return
+            message = relay_failure(x.origin.url, timed_out=False)
+            self.refuse(x, HttpError(502, message), now)
+            return
+        self.cut(x, "the upstream broke off its answer", now)
+
+    def cut(self, x: Exchange, why: str, now: float) -> None:
+        """The answer cannot end cleanly: the client's connection closes without its end."""
+        log.warning("api_upstream_broke_off", error=why)
+        if x.status == 0 and x.held is not None:
+            x.status = x.held[0]
+        self.finish(x, now, close=True)
+
+    # -- what waits on the trio side -----------------------------------------------
+
+    def wait(
+        self,
+        x: Exchange,
+        make: Callable[[], Awaitable[Any]],
+        then: Callable[[Any, float], None],
+    ) -> None:
+        """Run ``make()`` on the trio side; go on with ``then(result, now)`` in the loop.
+
+        An :class:`HttpError` (or a bug) ends the request with its answer.
+        """
+        lp = self.lp
+        lp.defer(
+            self.session,
+            make,
+            lambda value: lp.guarded(self, lambda: self.resumed(x, then, value)),
+        )
+
+    def resumed(self, x: Exchange, then: Callable[[Any, float], None], value: object) -> None:
+        if self.closed or self.x is not x:
+            if isinstance(value, tuple) and value and isinstance(value[0], socket.socket):
+                value[0].close()  # a connection opened for a request that is gone
+            return
+        now = self.lp.loop.clock()
+        if isinstance(value, HttpError):
+            self.refuse(x, value, now)
+            return
+        then(value, now)
+
+    # -- ending --------------------------------------------------------------------------
+
+    def refuse(self, x: Exchange, exc: HttpError, now: float) -> None:
+        """Answer *x* with an error of the proxy's own (its body was read, or it closes)."""
+        conn = self.conn
+        x.status = exc.status
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            close = exc.status in (403, 407)
+            headers, body = error_answer(conn, exc.status, str(exc), exc.headers, close=close)
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.write(
+                    conn.send(h11.Response(status_code=exc.status, headers=headers))
+                    + conn.send(h11.Data(data=body))
+                    + conn.send(h11.EndOfMessage())
+                )
+        self.finish(x, now)
+
+    def finish(self, x: Exchange, now: float, *, close: bool = False) -> None:
+        """The exchange has ended: its audit line, and on to the next request (or close)."""
+        if x.up is not None:
+            x.up.close()  # (not whole: never reused)
+            x.up = None
+        self.unkeep(x)
+        self.x = None
+        self.t_up = self.t_body = math.inf
+        self.audit(x, now)
+        if self.lp.proxy.ledger.leave(self.state.id):
+            give_back_memory()
+        conn = self.conn
+        if close or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            self.close_after_flush()
+            return
+        conn.start_next_cycle()
+        self.raw = bytearray(conn.trailing_data[0])
+        self.step(now)
+
+    def unkeep(self, x: Exchange) -> None:
+        if x.kept:
+            self.lp.proxy.ledger.unkeep(x.kept)
+            x.kept = 0
+
+    def audit(self, x: Exchange, now: float) -> None:
+        key = x.key
+        log.info(
+            "api_request",
+            session=self.state.id,
+            provider=None if key is None else key.provider,
+            bucket=None if key is None else key.bucket,
+            method=x.method,
+            path="/" + x.route.rest,
+            status=x.status,
+            bytes=x.sent,
+            ms=round((now - x.started) * 1000, 1),
+        )
+        self.lp.proxy.ledger.moved(x.sent + len(x.body))
+
+    def gone(self, now: float) -> None:
+        """The client went away (or broke its connection)."""
+        x = self.x
+        if x is not None:
+            x.status = CLIENT_GONE_STATUS
+            self.finish(x, now, close=True)
+        self.close()
+
+    def handed(self, admitted: bool, now: float) -> Handed:
+        assert self.preamble is not None
+        return Handed(self.preamble, self.rate, now, admitted)
+
+    def hand_over(self, initial: bytes, handed: Handed | None, now: float) -> None:
+        """Give the connection, with the bytes of its request, to the trio side."""
+        x = self.x
+        if x is not None:
+            self.x = None
+            self.unkeep(x)
+        self.detach()
+        self.lp.loop.to_trio(self.lp.start_http, self.session, self.sock, initial, handed)
+
+    # -- writing, deadlines, closing -----------------------------------------------------
+
+    def write(self, data: bytes | None) -> None:
+        if not data or self.closed:
+            return
+        if self.out:
+            self.out += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.gone(self.lp.loop.clock())
+            return
+        if sent < len(data):
+            self.out += data[sent:]
+            self.t_send = self.lp.loop.clock() + SEND_TIMEOUT
+            self.interest()
+            self.track()
+
+    def flush(self, now: float) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.gone(now)
+            return
+        del self.out[:sent]
+        if self.out:
+            self.t_send = now + SEND_TIMEOUT
+            return
+        self.out = bytearray()  # (not the big one's capacity, kept for an idle connection)
+        self.t_send = math.inf
+        if self.close_when_flushed:
+            self.close()
+            return
+        x = self.x
+        if x is not None and x.up is not None and x.up.paused:
+            x.up.paused = False
+            x.up.interest()
+        self.interest()
+
+    def interest(self) -> None:
+        """Read while a request (head or body) is awaited; write while bytes wait."""
+        reading = self.x is None or self.t_body != math.inf
+        mask = (_IN if reading and not self.close_when_flushed else 0) | (_OUT if self.out else 0)
+        if mask != self.mask:
+            self.mask = mask
+            self.lp.epoll.modify(self.fd, mask)
+
+    def deadline(self) -> float:
+        return min(self.t_idle, self.t_head, self.t_body, self.t_up, self.t_send)
+
+    def track(self) -> None:
+        at = self.deadline()
+        if at < self.heap_at:
+            self.heap_at = at
+            self.lp.schedule(at, self)
+
+    def expired(self, now: float) -> None:
+        self.heap_at = math.inf
+        x = self.x
+        if now >= self.t_send:
+            self.gone(now)  # it takes nothing of its answer
+        elif x is not None and now >= self.t_body:
+            cfg = self.lp.proxy.cfg.proxy
+            message = (
+                f"the request body arrived too slowly (at least {cfg.body_min_rate:g} "
+                f"bytes/s after {cfg.body_timeout:g} s)"
+            )
+            self.refuse(x, HttpError(408, message), now)
+        elif x is not None and now >= self.t_up:
+            if x.got_answer:
+                self.cut(x, f"{x.origin.host} sent nothing for the read timeout", now)
+            else:
+                message = relay_failure(x.origin.url, timed_out=True)
+                self.refuse(x, HttpError(502, message), now)
+        elif x is None and (now >= self.t_head or now >= self.t_idle):
+            self.close()  # idle, or a request head that does not come
+        if not self.closed:
+            self.track()
+
+    def close_after_flush(self) -> None:
+        if self.out:
+            self.close_when_flushed = True
+            self.interest()
+        else:
+            self.close()
+
+    def detach(self) -> None:
+        """Out of the loop's sight (the socket itself stays open)."""
+        self.closed = True
+        self.lp.handlers.pop(self.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.lp.epoll.unregister(self.fd)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        x = self.x
+        if x is not None:  # (the session closed, or the daemon stops)
+            self.x = None
+            if x.up is not None:
+                x.up.close()
+            self.unkeep(x)
+            if x.status == 0:
+                x.status = CLIENT_GONE_STATUS
+            self.audit(x, self.lp.loop.clock())
+            if self.lp.proxy.ledger.leave(self.state.id):
+                give_back_memory()
+        self.detach()
+        self.sock.close()
+        loop = self.lp.loop
+        loop.to_trio(loop.trio_side.connection_closed, self.session, None)
+
+
+class LoopProxy:
+    """The relay's connections, upstream pool and deadlines (in the serving loop's thread).
+
+    Args:
+        loop: the serving loop it runs in.
+        proxy: the trio side's proxy: configuration, counters, what waits.
+        start_http: hands a connection to the trio side (in the trio thread).
+    """
+
+    def __init__(
+        self,
+        loop: ServingLoop[Session],
+        proxy: ApiProxy,
+        start_http: Callable[[Session, socket.socket, bytes, Handed | None], None],
+    ) -> None:
+        self.loop = loop
+        self.proxy = proxy
+        self.start_http = start_http
+        self.epoll = loop.epoll
+        self.handlers: dict[int, HttpConn | Upstream] = {}
+        self.pool: dict[tuple[str, str, int], list[Upstream]] = {}
+        self._origins: dict[str, Origin] = {}
+        self._fields: dict[tuple[Key, str], dict[str, str]] = {}
+        self._heap: list[tuple[float, int, HttpConn]] = []
+        self._seq = itertools.count()
+
+    # -- called by the serving loop --------------------------------------------------
+
+    def adopt(
+        self, session: Session, state: SessionState, sock: socket.socket, data: bytes, now: float
+    ) -> None:
+        """Serve *sock*, an HTTP connection whose first bytes are *data*."""
+        c: HttpConn = HttpConn(self, session, state, sock, now)
+        self.handlers[c.fd] = c
+        self.epoll.register(c.fd, _IN)
+        self.guarded(c, lambda: c.received(data, now))
+
+    def event(self, fd: int, mask: int, now: float) -> None:
+        handler = self.handlers.get(fd)
+        if handler is not None:
+            owner = handler if isinstance(handler, HttpConn) else handler.owner
+            self.guarded(owner, lambda: handler.event(mask, now))
+
+    def deadline(self) -> float:
+        return self._heap[0][0] if self._heap else math.inf
+
+    def expire(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, _, c = heapq.heappop(heap)
+            if c.closed or at != c.heap_at:
+                continue  # stale: the connection has an earlier entry, or is gone
+            self.guarded(c, lambda c=c: c.expired(now))  # type: ignore[misc]
+
+    def close_session(self, sid: str) -> None:
+        for c in [h for h in self.handlers.values() if isinstance(h, HttpConn)]:
+            if c.state.id == sid:
+                c.close()
+
+    def shutdown(self) -> None:
+        for handler in list(self.handlers.values()):
+            handler.close()
+        self.pool.clear()
+
+    # -- for the connections -----------------------------------------------------------
+
+    def guarded(self, c: HttpConn | None, step: Callable[[], None]) -> None:
+        """Run one connection's step; a bug ends that connection, never the loop."""
+        try:
+            step()
+        except Exception:
+            log.exception("api_connection_crashed", session=None if c is None else c.state.id)
+            if c is not None:
+                x = c.x
+                if x is not None:
+                    x.status = 500
+                    if c.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        with contextlib.suppress(Exception):
+                            c.refuse(x, HttpError(500, "internal error; see the daemon log"), 0.0)
+                c.close()
+
+    def schedule(self, at: float, c: HttpConn) -> None:
+        heapq.heappush(self._heap, (at, next(self._seq), c))
+
+    def plan(self, c: HttpConn, req: h11.Request, method: str, now: float) -> Exchange | None:
+        """The request as the loop would relay it, or None: the trio side's (module docstring)."""
+        proxy = self.proxy
+        cfg = proxy.cfg.proxy
+        headers = req.headers
+        for name, value in headers:  # (h11 gives names lower-cased)
+            if name in (b"transfer-encoding", b"expect", b"upgrade"):
+                return None
+            if name == b"content-length" and int(value) > cfg.retry_body_limit:
+                return None
+        state = c.state
+        core = self.loop.core
+        try:
+            route = route_request(
+                core.providers, state.grants, cfg.max_header_bytes, method, req.target, headers
+            )
+        except (HttpError, NotServed):
+            return None
+        if (
+            route.bucket is None
+            and core.profile(state, route.provider) is None
+            and not allowed(state.grants, Key(route.provider, DEFAULT_BUCKET))
+        ):
+            return None
+        origin = self._origins.get(route.base_url)
+        if origin is None:
+            try:
+                origin = Origin(route.base_url)
+            except ValueError:
+                return None
+            self._origins[route.base_url] = origin
+        if origin.proxied:
+            return None
+        preamble = c.preamble
+        assert preamble is not None
+        if preamble.forward_port is not None and httprules.forward_refusal(
+            headers, preamble.forward_port
+        ):
+            return None
+        if state.capability is not None and not httprules.capability_ok(
+            preamble.capability or httprules.presented_capability(headers), state.capability
+        ):
+            return None
+        return Exchange(req, method, route, origin, now)
+
+    def fields(self, ready: Ready) -> dict[str, str]:
+        """What the header templates may name of *ready*'s token."""
+        memo = (ready.key, ready.fp)
+        got = self._fields.get(memo)
+        if got is None:
+            if len(self._fields) >= MAX_FIELDS_MEMO:
+                self._fields.clear()
+            got = self._fields[memo] = token_fields(msgspec.json.decode(ready.served))
+        return got
+
+    def read_key(self, name: str) -> str | None:
+        return self.proxy.ops.store.read_key(name)
+
+    def pooled(self, origin: Origin, now: float) -> Upstream | None:
+        idle = self.pool.get(origin.key)
+        while idle:
+            up = idle.pop()
+            if up.closed:
+                continue
+            if now - up.idle_since > POOL_IDLE:
+                up.close()
+                continue
+            up.reused = True
+            return up
+        return None
+
+    def release(self, up: Upstream, now: float) -> None:
+        """*up* has answered whole: back to the pool if it can carry another request."""
+        up.owner = None
+        if up.paused:
+            up.paused = False
+            up.interest()
+        conn = up.conn
+        if not up.closed and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            idle = self.pool.setdefault(up.origin.key, [])
+            if len(idle) < POOL_PER_ORIGIN:
+                up.idle_since = now
+                idle.append(up)
+                return
+        up.close()
+
+    def defer(
+        self, session: Session, make: Callable[[], Awaitable[Any]], done: Callable[[object], None]
+    ) -> None:
+        """Run ``make()`` in the session's nursery; ``done(result)`` back in the loop."""
+        post = self.loop.post
+
+        async def run() -> None:
+            try:
+                value: object = await make()
+            except HttpError as exc:
+                value = exc
+            except Exception as exc:  # (a bug, or an error no request should see whole)
+                if not isinstance(exc, CredproxyError):
+                    log.exception("api_request_failed", session=session.id)
+                value = HttpError(500, "internal error; see the daemon log")
+            post(done, value)
+
+        def start() -> None:
+            if not session.open or session.nursery is None:
+                post(done, HttpError(503, "the session is closing"))
+                return
+            session.nursery.start_soon(run)
+
+        self.loop.to_trio(start)
