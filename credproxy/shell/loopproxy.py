@@ -64,9 +64,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import math
+import re
 import select
 import socket
 import ssl
@@ -75,6 +77,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import h11
+import httptools
 import msgspec
 
 from credproxy.core import httprules
@@ -114,6 +117,7 @@ HIGH_WATER = 1 << 20  # bytes waiting for a client before its upstream is read n
 POOL_PER_ORIGIN = 64  # idle upstream connections kept per origin
 POOL_IDLE = 5.0  # seconds an idle upstream connection is kept (httpx's keep-alive expiry)
 TLS_CHUNK = 1 << 16  # plaintext encrypted at a time for an upstream that takes it
+MAX_EARLY = 1 << 16  # bytes of later requests read ahead during an exchange
 MAX_HELD_ANSWER = 1 << 16  # a 401's or 429's body, held while its retry is decided
 MAX_FIELDS_MEMO = 1024  # tokens whose header fields are remembered
 _IN = select.EPOLLIN
@@ -142,12 +146,109 @@ class Origin:
         return (self.scheme, self.host, self.port)
 
 
+_HEAD, _DATA, _END = 0, 1, 2
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NOT_IN_VALUE = re.compile(rb"[\x00\r\n]")
+
+
+def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 request head (the relay's own writing: no parsing involved).
+
+    Raises:
+        ValueError: a header name that is not a token, or a value with CR, LF or NUL.
+    """
+    names = b"".join(name for name, _ in headers)  # tokens joined are one token
+    values = b"".join(value for _, value in headers)
+    if _TOKEN.fullmatch(names) is None or _NOT_IN_VALUE.search(values) is not None:
+        raise ValueError("a header that cannot be sent")
+    lines = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, lines)
+
+
+def response_head(status: int, headers: list[tuple[bytes, bytes]], keep: bool) -> bytes:
+    """A response head as h11 writes one (no reason phrase), ``Connection: close`` unless *keep*.
+
+    Raises:
+        ValueError: as :func:`request_head`.
+    """
+    if not keep:
+        headers = [*headers, (b"connection", b"close")]
+    names = b"".join(name for name, _ in headers)
+    values = b"".join(value for _, value in headers)
+    if _TOKEN.fullmatch(names) is None or _NOT_IN_VALUE.search(values) is not None:
+        raise ValueError("a header that cannot be sent")
+    lines = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+    return b"HTTP/1.1 %d \r\n%s\r\n" % (status, lines)
+
+
+class Answer:
+    """One upstream answer as llhttp reads it (``httptools``): what the relay passes on.
+
+    The upstream is the provider's own API, reached over TLS; its answers are
+    read with llhttp, a C parser, and re-framed for the client by h11, which
+    checks what is sent to the sandbox. ``1xx`` answers are skipped.
+    """
+
+    __slots__ = ("began", "done", "events", "framed", "headers", "interim", "parser")
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.events: collections.deque[tuple[int, Any, Any]] = collections.deque()
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.framed = False  # a Content-Length or chunked: its end does not need a close
+        self.interim = False
+        self.began = False  # its head has come
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        """Read *data* (b"": the connection ended).
+
+        Raises:
+            httptools.HttpParserError: not an HTTP answer, or cut short.
+        """
+        if data:
+            self.parser.feed_data(data)
+            return
+        if self.done:
+            return
+        if not self.began:
+            raise httptools.HttpParserError("closed before an answer")
+        if self.framed:
+            raise httptools.HttpParserError("closed in the middle of an answer")
+        self.done = True  # an answer whose end is the connection's
+        self.events.append((_END, None, False))
+
+    def on_header(self, name: bytes, value: bytes | None) -> None:
+        self.headers.append((name.lower(), value or b""))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        headers, self.headers = self.headers, []
+        if status < 200:
+            self.interim = True  # (100 Continue, 103 Early Hints: not passed on)
+            return
+        self.began = True
+        names = {name for name, _ in headers}
+        self.framed = b"content-length" in names or b"transfer-encoding" in names
+        self.events.append((_HEAD, status, headers))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append((_DATA, body, None))
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.done = True
+        self.events.append((_END, None, self.parser.should_keep_alive()))
+
+
 class Upstream:
     """One connection to an upstream: non-blocking, TLS through memory buffers."""
 
     __slots__ = (
+        "answer",
         "closed",
-        "conn",
         "fd",
         "idle_since",
         "lp",
@@ -157,6 +258,7 @@ class Upstream:
         "owner",
         "paused",
         "pending",
+        "reusable",
         "reused",
         "sock",
         "tls",
@@ -169,7 +271,8 @@ class Upstream:
         self.fd = sock.fileno()
         self.origin = origin
         self.tls = tls
-        self.conn = h11.Connection(h11.CLIENT)
+        self.answer: Answer | None = None  # the answer being read
+        self.reusable = False
         self.owner: HttpConn | None = None
         self.out = memoryview(b"")  # bytes the socket has not taken yet
         self.pending: collections.deque[memoryview] = collections.deque()  # not yet encrypted
@@ -246,36 +349,31 @@ class Upstream:
         if owner is None:
             self.close()  # bytes (or the end) on an idle connection: it is not reused
             return
-        if self.tls is not None and data:
-            obj, incoming, _ = self.tls
-            incoming.write(data)
-            parts = []
-            ended = False
-            while True:
-                try:
-                    chunk = obj.read(RECV_SIZE)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    ended = True
-                    break
-                except ssl.SSLError:
-                    self.broke(now)
-                    return
-                if not chunk:  # (the server's close_notify)
-                    ended = True
-                    break
-                parts.append(chunk)
-            data = b"".join(parts)
-            if data:
-                self.conn.receive_data(data)
-            if ended:
-                self.conn.receive_data(b"")
-            elif not data:
-                return  # (a TLS record not yet whole)
-        else:
-            self.conn.receive_data(data)
-        owner.upstream_events(self, now)
+        answer = self.answer
+        assert answer is not None
+        try:
+            if self.tls is None:
+                answer.feed(data)
+            elif data:
+                obj, incoming, _ = self.tls
+                incoming.write(data)
+                while True:
+                    try:
+                        chunk = obj.read(RECV_SIZE)
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLZeroReturnError:
+                        chunk = b""
+                    answer.feed(chunk)  # (b"": the server's close_notify)
+                    if not chunk:
+                        break
+            else:
+                answer.feed(b"")
+        except (httptools.HttpParserError, ssl.SSLError):
+            self.broke(now)
+            return
+        if answer.events:
+            owner.upstream_events(self, now)
 
     def broke(self, now: float) -> None:
         owner = self.owner
@@ -350,13 +448,20 @@ class HttpConn:
 
     __slots__ = (
         "again",
+        "answered",
+        "chunked",
         "close_when_flushed",
         "closed",
         "conn",
+        "early",
+        "eof",
         "fd",
         "heap_at",
+        "http11",
+        "keep",
         "lp",
         "mask",
+        "no_body",
         "out",
         "pre",
         "preamble",
@@ -394,6 +499,11 @@ class HttpConn:
         self.x: Exchange | None = None
         self.closed = False
         self.close_when_flushed = False
+        self.answered = 0
+        self.chunked = self.no_body = False
+        self.http11 = self.keep = True
+        self.early = 0  # bytes of later requests read during an exchange
+        self.eof = False  # the client shut down its side
         self.stepping = False  # inside step(): a request that ends at once loops, not recurses
         self.again = False
         self.heap_at = math.inf
@@ -427,14 +537,27 @@ class HttpConn:
         self.received(data, now)
 
     def received(self, data: bytes, now: float) -> None:
+        x = self.x
         if not data:  # the client closed (or half-closed) its side
             if self.preamble is None:
                 self.close()
-            elif self.x is not None:
+            elif x is not None and x.pace is not None:
                 self.gone(now)  # in the middle of its body
             else:
                 self.conn.receive_data(b"")
-                self.step(now)
+                self.eof = True  # (a half-close still gets its answer)
+                if x is None:
+                    self.step(now)
+                else:
+                    self.interest()
+            return
+        if x is not None and x.pace is None:
+            # The next request, sent before this one's answer: kept for later
+            # (past MAX_EARLY bytes the connection is not read until then).
+            self.conn.receive_data(data)
+            self.early += len(data)
+            if self.early > MAX_EARLY:
+                self.interest()
             return
         if self.preamble is None:
             self.pre += data
@@ -458,9 +581,8 @@ class HttpConn:
                 self.preamble, data = Preamble(), bytes(pre)
             self.pre = bytearray()
             self.raw = bytearray(data)
-        elif self.x is None:
+        elif x is None:
             self.raw += data  # (until a request is admitted: it may still be handed over)
-        x = self.x
         if x is not None and x.pace is not None:
             x.pace.record(now - x.waited_since, len(data))
         if data:  # (h11 takes b"" for the end of the stream)
@@ -533,6 +655,11 @@ class HttpConn:
         x.kept = length
         x.pace = BodyPace(cfg.body_timeout, cfg.body_min_rate)
         self.x = x
+        self.answered = 0  # 1: the head is sent, 2: the whole answer
+        self.http11 = req.http_version == b"1.1"
+        self.keep = self.http11 and not any(
+            n == b"connection" and b"close" in v.lower() for n, v in req.headers
+        )
         self.read_body(x, now)
 
     def read_body(self, x: Exchange, now: float) -> None:
@@ -559,7 +686,6 @@ class HttpConn:
         x.pace = None
         x.body, x.chunks = b"".join(x.chunks), []
         self.t_body = math.inf
-        self.interest()  # nothing more is read until the answer is sent
         self.pick(x, now)
 
     # -- the bucket, the token, the headers ------------------------------------------
@@ -598,9 +724,8 @@ class HttpConn:
         if api is None:  # (a reload took it away meanwhile)
             self.refuse(x, HttpError(404, _NO_API), now)
             return
-        if not api.uses_token():
-            x.ready = None
-            self.with_fields({}, now)
+        if not self.lp.uses_token(key.provider, api):
+            self.with_ready(None, now)
             return
         ready = x.ready if x.ready is not None and x.ready.key == key else None
         if ready is None:
@@ -611,21 +736,16 @@ class HttpConn:
                 return
         self.with_ready(ready, now)
 
-    def with_ready(self, ready: Ready, now: float) -> None:
-        x = self.x
-        assert x is not None
-        x.ready = ready
-        self.with_fields(self.lp.fields(ready), now)
-
-    def with_fields(self, fields: dict[str, str], now: float) -> None:
+    def with_ready(self, ready: Ready | None, now: float) -> None:
+        """Fill the headers from *ready* (None: the API's headers name no token field)."""
         x = self.x
         assert x is not None
         assert x.key is not None
+        x.ready = ready
         lp = self.lp
         prov = lp.loop.core.providers[x.key.provider]
-        assert prov.api is not None
         try:
-            filled = fill_headers(prov.api.headers, fields, x.key, self.state.grants, lp.read_key)
+            filled = lp.filled(self.state.id, x.key, ready, prov.api, self.state.grants)
         except HttpError as exc:
             self.refuse(x, exc, now)
             return
@@ -657,24 +777,21 @@ class HttpConn:
         self, x: Exchange, up: Upstream, headers: list[tuple[bytes, bytes]], now: float
     ) -> None:
         up.owner = self
+        up.answer = Answer()
         x.up = up
         x.got_answer = False
-        conn = up.conn
         try:
-            events: list[h11.Request | h11.Data | h11.EndOfMessage] = [
-                h11.Request(method=x.req.method, target=x.target, headers=headers)
-            ]
-            if x.body:  # (passed through: the kept body itself is sent, not a copy)
-                events.append(h11.Data(data=x.body))
-            events.append(h11.EndOfMessage())
-            pieces: list[bytes | bytearray] = []
-            for event in events:
-                pieces += conn.send_with_data_passthrough(event) or ()
-        except h11.LocalProtocolError:
-            up.close()
+            head = request_head(x.req.method, x.target, headers)
+        except ValueError:
+            self.lp.release(up, now)
             self.refuse(x, HttpError(502, f"the request to {x.origin.host} cannot be sent"), now)
             return
-        if not up.write(*pieces):
+        # The body goes as the client sent it (its Content-Length was checked by
+        # h11 and is among the headers), from the kept copy itself.
+        body = x.body
+        if len(body) <= TLS_CHUNK:  # (small: one write; a big one is sent from where it is)
+            head, body = head + body, b""
+        if not up.write(head, body):
             self.upstream_broke(up, now)
             return
         x.headers = headers
@@ -687,62 +804,71 @@ class HttpConn:
             up.close()
             return
         self.t_up = now + self.lp.proxy.client.read_timeout
-        conn = up.conn
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:
-                up.close()
-                self.upstream_broke(up, now)
-                return
-            kind = type(event)
-            if kind is h11.Data:
-                self.answer_data(x, event.data)  # type: ignore[union-attr]
-            elif event is h11.NEED_DATA:
-                break
-            elif kind is h11.Response:
-                self.answer_head(x, event, now)  # type: ignore[arg-type]
-            elif kind is h11.EndOfMessage:
+        assert up.answer is not None
+        events = up.answer.events
+        while events:
+            kind, a, b = events.popleft()
+            if kind == _DATA:
+                self.answer_data(x, a)
+            elif kind == _HEAD:
+                self.answer_head(x, a, b, now)
+            else:
+                up.reusable = bool(b)
                 self.answer_end(x, up, now)
-                return
-            elif kind is h11.InformationalResponse:
-                continue
-            else:  # ConnectionClosed, PAUSED
-                up.close()
-                self.upstream_broke(up, now)
                 return
             if self.closed or x.up is not up:
                 return
-        if len(self.out) > HIGH_WATER and not up.paused:
-            up.paused = True  # backpressure: resumed when the client has taken it
-            up.interest()
         self.track()
 
-    def answer_head(self, x: Exchange, resp: h11.Response, now: float) -> None:
+    def answer_head(
+        self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]], now: float
+    ) -> None:
         x.got_answer = True
-        status = resp.status_code
         key = x.key
         assert key is not None
         if status == 401 and x.ready is not None and "401" not in x.tried:
-            x.held = (status, list(resp.headers), bytearray())
+            x.held = (status, headers, bytearray())
             return
         if status == 429:
-            self.lp.loop.to_trio(self.lp.proxy.mark_quota, key, list(resp.headers))
+            self.lp.loop.to_trio(self.lp.proxy.mark_quota, key, headers)
             if (
                 "429" not in x.tried
                 and x.route.bucket is None
                 and self.lp.loop.core.profile(self.state, key.provider) is not None
             ):
-                x.held = (status, list(resp.headers), bytearray())
+                x.held = (status, headers, bytearray())
                 return
-        self.answer(x, status, list(resp.headers))
+        self.answer(x, status, headers)
 
-    def answer(self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Start relaying the answer: no retry from here on, so the kept body goes."""
+    def answer(self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Start relaying the answer: no retry from here on, so the kept body goes.
+
+        The head is written here, framed as h11 frames a response: the
+        upstream's ``Content-Length`` kept, else chunked for an HTTP/1.1
+        client (close-delimited for 1.0); no body after 204 or 304;
+        ``Connection: close`` when the connection ends after it. False when a
+        header cannot be sent: the exchange has then ended (connection closed).
+        """
         self.unkeep(x)
         x.status = status
-        kept = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP]
-        self.write(self.conn.send(h11.Response(status_code=status, headers=kept)))
+        kept = [(n, v) for n, v in headers if n not in HOP_BY_HOP]
+        self.no_body = status in (204, 304)
+        self.chunked = False
+        if not self.no_body and not any(n == b"content-length" for n, _ in kept):
+            if self.http11:
+                self.chunked = True
+                kept.append((b"transfer-encoding", b"chunked"))
+            else:
+                self.keep = False  # (its end is the connection's)
+        try:
+            head = response_head(status, kept, self.keep)
+        except ValueError:
+            x.status = 502
+            self.cut(x, f"{x.origin.host} sent a head that cannot be relayed", self.lp.loop.clock())
+            return False
+        self.write(head)
+        self.answered = 1
+        return True
 
     def answer_data(self, x: Exchange, data: bytes) -> None:
         if x.held is not None:
@@ -750,11 +876,12 @@ class HttpConn:
             if len(body) + len(data) <= MAX_HELD_ANSWER:
                 body += data
                 return
-            self.answer(x, x.held[0], x.held[1])  # too big to hold: it is the answer
+            if not self.answer(x, x.held[0], x.held[1]):  # too big to hold: it is the answer
+                return
             data, x.held = bytes(body) + data, None
-        if data:
+        if data and not self.no_body:
             x.sent += len(data)
-            self.write(self.conn.send(h11.Data(data=data)))
+            self.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
     def answer_end(self, x: Exchange, up: Upstream, now: float) -> None:
         self.lp.release(up, now)
@@ -763,11 +890,7 @@ class HttpConn:
         if x.held is not None:
             self.retry(x, now)
             return
-        try:
-            self.write(self.conn.send(h11.EndOfMessage()))
-        except h11.LocalProtocolError:
-            # A Content-Length the upstream did not fill cannot end cleanly.
-            self.close_when_flushed = True
+        self.end_answer()
         self.finish(x, now)
 
     def retry(self, x: Exchange, now: float) -> None:
@@ -791,9 +914,10 @@ class HttpConn:
         if ready is None:  # nothing newer, no other bucket: the held answer is the answer
             status, headers, body = x.held
             x.held = None
-            self.answer(x, status, headers)
+            if not self.answer(x, status, headers):
+                return
             self.answer_data(x, bytes(body))
-            self.write(self.conn.send(h11.EndOfMessage()))
+            self.end_answer()
             self.finish(x, now)
             return
         x.key = ready.key
@@ -855,19 +979,23 @@ class HttpConn:
 
     # -- ending --------------------------------------------------------------------------
 
+    def end_answer(self) -> None:
+        if self.chunked:
+            self.write(b"0\r\n\r\n")
+        self.answered = 2
+
     def refuse(self, x: Exchange, exc: HttpError, now: float) -> None:
         """Answer *x* with an error of the proxy's own (its body was read, or it closes)."""
-        conn = self.conn
         x.status = exc.status
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            close = exc.status in (403, 407)
-            headers, body = error_answer(conn, exc.status, str(exc), exc.headers, close=close)
-            with contextlib.suppress(h11.LocalProtocolError):
-                self.write(
-                    conn.send(h11.Response(status_code=exc.status, headers=headers))
-                    + conn.send(h11.Data(data=body))
-                    + conn.send(h11.EndOfMessage())
-                )
+        if self.answered == 0:
+            close = exc.status in (403, 407) or not self.keep
+            headers, body = error_answer(self.conn, exc.status, str(exc), exc.headers, close=close)
+            if any(n == b"connection" for n, _ in headers):
+                self.keep = False
+                headers = [(n, v) for n, v in headers if n != b"connection"]
+            with contextlib.suppress(ValueError):
+                self.write(response_head(exc.status, headers, self.keep) + body)
+                self.answered = 2
         self.finish(x, now)
 
     def finish(self, x: Exchange, now: float, *, close: bool = False) -> None:
@@ -882,11 +1010,24 @@ class HttpConn:
         if self.lp.proxy.ledger.leave(self.state.id):
             give_back_memory()
         conn = self.conn
-        if close or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        if close or not self.keep or self.answered != 2 or conn.their_state is not h11.DONE:
             self.close_after_flush()
             return
-        conn.start_next_cycle()
-        self.raw = bytearray(conn.trailing_data[0])
+        # The next request is read by an h11 connection of its own, given what
+        # was read after this one (the answers are written here, not by h11).
+        rest, ended = conn.trailing_data
+        conn = self.conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=conn._max_incomplete_event_size
+        )
+        if rest:
+            conn.receive_data(rest)
+        if ended:
+            conn.receive_data(b"")
+        self.raw = bytearray(rest)
+        if self.early > MAX_EARLY:
+            self.early = 0
+            self.interest()
+        self.early = 0
         self.step(now)
 
     def unkeep(self, x: Exchange) -> None:
@@ -927,41 +1068,50 @@ class HttpConn:
         if x is not None:
             self.x = None
             self.unkeep(x)
+        if self.out and handed is not None:
+            # Earlier answers not yet sent: what the socket takes now, the rest
+            # is sent by the trio side before anything else.
+            with contextlib.suppress(OSError):
+                del self.out[: self.sock.send(self.out)]
+            handed = dataclasses.replace(handed, unsent=bytes(self.out))
         self.detach()
         self.lp.loop.to_trio(self.lp.start_http, self.session, self.sock, initial, handed)
 
     # -- writing, deadlines, closing -----------------------------------------------------
 
     def write(self, data: bytes | None) -> None:
+        """Queue *data* for the client: sent once the event being handled is done.
+
+        (One system call for a whole small answer, head, body and end.)
+        """
         if not data or self.closed:
             return
-        if self.out:
-            self.out += data
-            return
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.gone(self.lp.loop.clock())
-            return
-        if sent < len(data):
-            self.out += data[sent:]
-            self.t_send = self.lp.loop.clock() + SEND_TIMEOUT
-            self.interest()
-            self.track()
+        if not self.out:
+            self.lp.dirty.append(self)
+        self.out += data
 
     def flush(self, now: float) -> None:
+        """Send what waits for the client; wait for room (``EPOLLOUT``) if it is full."""
+        if self.closed or not self.out:
+            return
         try:
             sent = self.sock.send(self.out)
         except BlockingIOError:
-            return
+            sent = 0
         except OSError:
             self.gone(now)
             return
-        del self.out[:sent]
-        if self.out:
-            self.t_send = now + SEND_TIMEOUT
+        if sent < len(self.out):
+            del self.out[:sent]
+            if sent or self.t_send == math.inf:
+                self.t_send = now + SEND_TIMEOUT
+            x = self.x
+            up = None if x is None else x.up
+            if up is not None and len(self.out) > HIGH_WATER and not up.paused:
+                up.paused = True  # backpressure: resumed when the client has taken it
+                up.interest()
+            self.interest()
+            self.track()
             return
         self.out = bytearray()  # (not the big one's capacity, kept for an idle connection)
         self.t_send = math.inf
@@ -972,12 +1122,13 @@ class HttpConn:
         if x is not None and x.up is not None and x.up.paused:
             x.up.paused = False
             x.up.interest()
-        self.interest()
+        if self.mask & _OUT:
+            self.interest()
 
     def interest(self) -> None:
-        """Read while a request (head or body) is awaited; write while bytes wait."""
-        reading = self.x is None or self.t_body != math.inf
-        mask = (_IN if reading and not self.close_when_flushed else 0) | (_OUT if self.out else 0)
+        """Read unless the client has ended or sent too much ahead; write while bytes wait."""
+        reading = not (self.eof or self.close_when_flushed or self.early > MAX_EARLY)
+        mask = (_IN if reading else 0) | (_OUT if self.out and self.t_send != math.inf else 0)
         if mask != self.mask:
             self.mask = mask
             self.lp.epoll.modify(self.fd, mask)
@@ -1073,6 +1224,9 @@ class LoopProxy:
         self._fields: dict[tuple[Key, str], dict[str, str]] = {}
         self._heap: list[tuple[float, int, HttpConn]] = []
         self._seq = itertools.count()
+        self.dirty: list[HttpConn] = []  # connections with bytes to send once this step ends
+        self._uses_token: dict[str, tuple[object, bool]] = {}
+        self._filled: dict[tuple[str, Key, str], tuple[object, dict[str, str]]] = {}
 
     # -- called by the serving loop --------------------------------------------------
 
@@ -1087,9 +1241,14 @@ class LoopProxy:
 
     def event(self, fd: int, mask: int, now: float) -> None:
         handler = self.handlers.get(fd)
-        if handler is not None:
-            owner = handler if isinstance(handler, HttpConn) else handler.owner
-            self.guarded(owner, lambda: handler.event(mask, now))
+        if handler is None:
+            return
+        try:
+            handler.event(mask, now)
+        except Exception:
+            self.crashed(handler if isinstance(handler, HttpConn) else handler.owner)
+        if self.dirty:
+            self.flush_dirty(now)
 
     def deadline(self) -> float:
         return self._heap[0][0] if self._heap else math.inf
@@ -1119,24 +1278,52 @@ class LoopProxy:
         try:
             step()
         except Exception:
-            log.exception("api_connection_crashed", session=None if c is None else c.state.id)
-            if c is not None:
-                x = c.x
-                if x is not None:
-                    x.status = 500
-                    if c.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        with contextlib.suppress(Exception):
-                            c.refuse(x, HttpError(500, "internal error; see the daemon log"), 0.0)
-                c.close()
+            self.crashed(c)
+        if self.dirty:
+            self.flush_dirty(self.loop.clock())
+
+    def flush_dirty(self, now: float) -> None:
+        dirty, self.dirty = self.dirty, []
+        for c in dirty:
+            try:
+                c.flush(now)
+            except Exception:
+                self.crashed(c)
+
+    def crashed(self, c: HttpConn | None) -> None:
+        """A bug (called in an ``except``): logged; that connection ends, never the loop.
+
+        Its request gets a 500 if the answer has not begun.
+        """
+        log.exception("api_connection_crashed", session=None if c is None else c.state.id)
+        if c is None:
+            return
+        x = c.x
+        if x is not None:
+            x.status = 500
+            if c.answered == 0:
+                with contextlib.suppress(Exception):
+                    now = self.loop.clock()
+                    c.refuse(x, HttpError(500, "internal error; see the daemon log"), now)
+                    c.flush(now)
+        c.close()
 
     def schedule(self, at: float, c: HttpConn) -> None:
-        heapq.heappush(self._heap, (at, next(self._seq), c))
+        heap = self._heap
+        heapq.heappush(heap, (at, next(self._seq), c))
+        if len(heap) > 2 * len(self.handlers) + 1024:
+            # Entries replaced by earlier ones, of connections still open: dropped
+            # now, not when their instant comes (a body's deadline each request).
+            self._heap = [e for e in heap if not e[2].closed and e[0] == e[2].heap_at]
+            heapq.heapify(self._heap)
 
     def plan(self, c: HttpConn, req: h11.Request, method: str, now: float) -> Exchange | None:
         """The request as the loop would relay it, or None: the trio side's (module docstring)."""
         proxy = self.proxy
         cfg = proxy.cfg.proxy
         headers = req.headers
+        if method == "HEAD":
+            return None  # (its answer's framing is h11's business on the trio side)
         for name, value in headers:  # (h11 gives names lower-cased)
             if name in (b"transfer-encoding", b"expect", b"upgrade"):
                 return None
@@ -1187,6 +1374,36 @@ class LoopProxy:
             got = self._fields[memo] = token_fields(msgspec.json.decode(ready.served))
         return got
 
+    def uses_token(self, provider: str, api: object) -> bool:
+        """``api.uses_token()``, worked out once per configuration of *provider*."""
+        got = self._uses_token.get(provider)
+        if got is None or got[0] is not api:
+            got = self._uses_token[provider] = (api, api.uses_token())  # type: ignore[attr-defined]
+        return got[1]
+
+    def filled(
+        self, sid: str, key: Key, ready: Ready | None, api: Any, grants: Any
+    ) -> dict[str, str]:
+        """The session's headers for *key*, filled from *ready* (remembered per token).
+
+        Headers that name an API key are filled anew each time (the key is read
+        from the store, as ``get_api_key`` reads it).
+
+        Raises:
+            HttpError: as :func:`fill_headers`.
+        """
+        if ready is None or any("{key:" in t for t in api.headers.values()):
+            fields = {} if ready is None else self.fields(ready)
+            return fill_headers(api.headers, fields, key, grants, self.read_key)
+        memo = (sid, key, ready.fp)
+        got = self._filled.get(memo)
+        if got is None or got[0] is not api:
+            if len(self._filled) >= MAX_FIELDS_MEMO:
+                self._filled.clear()
+            filled = fill_headers(api.headers, self.fields(ready), key, grants, self.read_key)
+            got = self._filled[memo] = (api, filled)
+        return got[1]
+
     def read_key(self, name: str) -> str | None:
         return self.proxy.ops.store.read_key(name)
 
@@ -1209,9 +1426,9 @@ class LoopProxy:
         if up.paused:
             up.paused = False
             up.interest()
-        conn = up.conn
-        if not up.closed and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+        answer, up.answer = up.answer, None
+        if not up.closed and up.reusable and answer is not None and answer.done:
+            up.reusable = False
             idle = self.pool.setdefault(up.origin.key, [])
             if len(idle) < POOL_PER_ORIGIN:
                 up.idle_since = now

@@ -161,6 +161,7 @@ class Handed:
     rate: TokenBucket  # the connection's request rate, on the loop's clock at *at*
     at: float
     admitted: bool  # the request was admitted (and its rate spent) already
+    unsent: bytes = b""  # the end of earlier answers, to send before anything else
 
 
 @dataclass(slots=True)
@@ -262,6 +263,7 @@ class ApiProxy:
         else:
             link, rest, admitted = Link(handed.preamble, handed.rate), initial, handed.admitted
             handed.rate.rebase(handed.at, _now())  # the loop's clock, then trio's
+            await self._send_all(stream, handed.unsent)
         if rest:  # (h11 takes b"" for the end of the stream)
             conn.receive_data(rest)
         while True:

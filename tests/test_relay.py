@@ -1,0 +1,166 @@
+"""The API proxy's relay in the serving loop: what it keeps that the trio side did not need to.
+
+The relay (``credproxy/shell/loopproxy.py``) remembers things between
+requests that the trio side looked up each time: the headers filled from a
+token, pooled upstream connections, the bytes a client sent ahead. Each test
+is something a sandbox or the host does that would show if one of them were
+kept too long or lost. Same setting as ``test_isolation.py``: the live daemon
+in this test's trio loop, a real TLS upstream on loopback, raw clients on
+real session sockets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+import trio
+from test_isolation import _logged_in, _raw
+from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
+
+from conftest import StartDaemon
+from credproxy.core.names import Key
+
+
+def _statuses(reply: bytes) -> list[int]:
+    """The status of every answer in *reply* (a whole connection's bytes)."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.receive_data(reply)
+    conn.receive_data(b"")
+    out = []
+    while True:
+        conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        conn.send(h11.EndOfMessage())
+        event = conn.next_event()
+        if not isinstance(event, h11.Response):
+            return out
+        out.append(event.status_code)
+        while not isinstance(conn.next_event(), h11.EndOfMessage):
+            pass
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return out
+        conn.start_next_cycle()
+
+
+async def test_a_renewed_token_is_sent_at_once_on_a_kept_connection(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A new token in the store (a login, a renewal elsewhere): the next request on the same connection carries it, not the headers filled from the old one."""
+    h, s = await _logged_in(start_daemon, upstream)
+    c = await HttpClient.connect(s.socket_path)
+    assert (await c.call("GET", "/dev/a"))[0] == 200
+    old = h.store.read("dev", "default")["access_token"]
+    assert upstream.headers()["authorization"] == f"Bearer {old}"
+    new = h.login()["access_token"]
+    assert new != old
+    await h.daemon.token_changed(Key("dev", "default"))
+    assert (await c.call("GET", "/dev/b"))[0] == 200
+    assert upstream.headers()["authorization"] == f"Bearer {new}"
+    await c.aclose()
+
+
+async def test_a_removed_login_is_not_used_by_a_kept_connection(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """`credproxy logout` on the host: the next request on an open connection gets the 404 that says so, and the upstream sees nothing more."""
+    h, s = await _logged_in(start_daemon, upstream)
+    c = await HttpClient.connect(s.socket_path)
+    assert (await c.call("GET", "/dev/a"))[0] == 200
+    h.store.remove("dev", "default")
+    await h.daemon.token_changed(Key("dev", "default"))
+    status, _, body = await c.call("GET", "/dev/b")
+    assert status == 404 and b"no stored login" in body, body
+    assert len(upstream.received) == 1
+    await c.aclose()
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """Three requests sent at once on one connection: three answers, in order, each for its own path."""
+    _, s = await _logged_in(start_daemon, upstream)
+    requests = b"".join(
+        b"GET /dev/item/%d HTTP/1.1\r\nHost: credproxy\r\n%s\r\n"
+        % (i, b"Connection: close\r\n" if i == 2 else b"")
+        for i in range(3)
+    )
+    reply = await _raw(s.socket_path, requests)
+    assert _statuses(reply) == [200, 200, 200]
+    assert [r["target"] for r in upstream.received] == [f"/v1/item/{i}" for i in range(3)]
+    assert reply.index(b"/v1/item/0") < reply.index(b"/v1/item/1") < reply.index(b"/v1/item/2")
+
+
+async def _answer_then_hang_up(
+    up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+) -> None:
+    """A whole keep-alive answer, then the upstream closes the connection (an idle timeout)."""
+    payload = b'{"ok": true}'
+    head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+    await stream.send_all(conn.send(h11.Response(status_code=200, headers=head)) or b"")
+    await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
+    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+    await stream.aclose()
+
+
+async def test_an_upstream_connection_the_upstream_closed_is_not_reused(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """The upstream closes a keep-alive connection after its answer: the next request still gets its answer, sent upstream once."""
+    _, s = await _logged_in(start_daemon, upstream)
+    upstream.script.append(_answer_then_hang_up)
+    c = await HttpClient.connect(s.socket_path)
+    assert (await c.call("GET", "/dev/a"))[0] == 200
+    await trio.sleep(0.05)
+    status, _, body = await c.call("POST", "/dev/b", body=b'{"n": 1}')
+    assert status == 200, body
+    assert [r["target"] for r in upstream.received] == ["/v1/a", "/v1/b"]
+    assert upstream.received[1]["body"] == b'{"n": 1}'
+    await c.aclose()
+
+
+async def test_a_request_the_trio_side_serves_keeps_the_connections_rate(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """Two requests allowed a connection (burst 2): the relay serves a GET, a chunked POST goes to the trio side with the rate spent so far, and a third request gets 429 there."""
+    _, s = await _logged_in(
+        start_daemon, upstream, limits={"requests_per_second": 0.01, "request_burst": 2}
+    )
+    requests = (
+        b"GET /dev/a HTTP/1.1\r\nHost: credproxy\r\n\r\n"
+        b"POST /dev/b HTTP/1.1\r\nHost: credproxy\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+        b"GET /dev/c HTTP/1.1\r\nHost: credproxy\r\nConnection: close\r\n\r\n"
+    )
+    reply = await _raw(s.socket_path, requests)
+    assert _statuses(reply) == [200, 200, 429]
+    assert [r["target"] for r in upstream.received] == ["/v1/a", "/v1/b"]
+    assert upstream.received[1]["body"] == b"hello"
+
+
+async def _no_length(
+    up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+) -> None:
+    """An answer without Content-Length (chunked on the upstream's side)."""
+    await stream.send_all(
+        conn.send(h11.Response(status_code=200, headers=[(b"content-type", b"text/plain")])) or b""
+    )
+    for part in (b"first ", b"second"):
+        await stream.send_all(conn.send(h11.Data(data=part)) or b"")
+    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+
+
+async def test_an_answer_without_length_is_chunked_for_http_1_1_and_ends_the_connection_for_1_0(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """The relay frames answers as h11 would: chunked to an HTTP/1.1 client (the connection kept), the end of the connection to an HTTP/1.0 one."""
+    _, s = await _logged_in(start_daemon, upstream)
+    upstream.script += [_no_length, _no_length, _no_length]
+    c = await HttpClient.connect(s.socket_path)
+    status, headers, body = await c.call("GET", "/dev/a")
+    assert (status, headers.get("transfer-encoding"), body) == (200, "chunked", b"first second")
+    assert (await c.call("GET", "/dev/b"))[0] == 200  # the same connection goes on
+    await c.aclose()
+    reply = await _raw(s.socket_path, b"GET /dev/c HTTP/1.0\r\nHost: credproxy\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head.lower() and body == b"first second"
