@@ -151,34 +151,37 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_IN_VALUE = re.compile(rb"[\x00\r\n]")
 
 
-def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """An HTTP/1.1 request head (the relay's own writing: no parsing involved).
+def _header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """``name: value`` lines; names must be tokens and values free of CR, LF and NUL.
 
     Raises:
-        ValueError: a header name that is not a token, or a value with CR, LF or NUL.
+        ValueError: a header that cannot be sent.
     """
     names = b"".join(name for name, _ in headers)  # tokens joined are one token
     values = b"".join(value for _, value in headers)
     if _TOKEN.fullmatch(names) is None or _NOT_IN_VALUE.search(values) is not None:
         raise ValueError("a header that cannot be sent")
-    lines = b"".join([b"%s: %s\r\n" % pair for pair in headers])
-    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, lines)
+    return b"".join([b"%s: %s\r\n" % pair for pair in headers])
+
+
+def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 request head (the relay's own writing: no parsing involved).
+
+    Raises:
+        ValueError: as :func:`_header_lines`.
+    """
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, _header_lines(headers))
 
 
 def response_head(status: int, headers: list[tuple[bytes, bytes]], keep: bool) -> bytes:
     """A response head as h11 writes one (no reason phrase), ``Connection: close`` unless *keep*.
 
     Raises:
-        ValueError: as :func:`request_head`.
+        ValueError: as :func:`_header_lines`.
     """
     if not keep:
         headers = [*headers, (b"connection", b"close")]
-    names = b"".join(name for name, _ in headers)
-    values = b"".join(value for _, value in headers)
-    if _TOKEN.fullmatch(names) is None or _NOT_IN_VALUE.search(values) is not None:
-        raise ValueError("a header that cannot be sent")
-    lines = b"".join([b"%s: %s\r\n" % pair for pair in headers])
-    return b"HTTP/1.1 %d \r\n%s\r\n" % (status, lines)
+    return b"HTTP/1.1 %d \r\n%s\r\n" % (status, _header_lines(headers))
 
 
 class Answer:
