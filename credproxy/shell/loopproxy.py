@@ -1430,7 +1430,8 @@ class LoopProxy:
             up.paused = False
             up.interest()
         answer, up.answer = up.answer, None
-        if not up.closed and up.reusable and answer is not None and answer.done:
+        whole = answer is not None and answer.done and not up.out and not up.pending
+        if not up.closed and up.reusable and whole:  # (an early answer: the request not sent)
             up.reusable = False
             idle = self.pool.setdefault(up.origin.key, [])
             if len(idle) < POOL_PER_ORIGIN:
