@@ -115,8 +115,10 @@ class Connection:
 
     def answer(self, rid: str, data_json: bytes, now: float) -> bytes:
         """The reply frame for request *rid*: ``data_json`` is an encoded JSON value."""
-        out = self.protocol.reply_ok_raw(rid, data_json)
-        self._answered(now)
+        protocol = self.protocol
+        out = protocol.reply_ok_raw(rid, data_json)
+        if not protocol.in_flight:  # (what _answered does, inline: this is the hot path)
+            self._idle_deadline = now + self._idle
         return out
 
     def fail(self, rid: str, exc: CredproxyError, now: float | None = None) -> bytes:
@@ -152,9 +154,10 @@ class Connection:
 
     def deadline(self) -> float:
         """The earliest instant at which :meth:`expired` may say something (or inf)."""
-        if self.protocol.in_flight:
-            return self._body_deadline
-        return min(self._body_deadline, self._idle_deadline)
+        body = self._body_deadline
+        if self.protocol.in_flight or body < self._idle_deadline:
+            return body
+        return self._idle_deadline
 
     def expired(self, now: float) -> str | None:
         """Why the connection must close at *now*, or None."""

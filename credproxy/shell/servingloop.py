@@ -166,7 +166,8 @@ class SandboxConnection(Generic[S]):
         self.finishing: set[trio.CancelScope] = set()  # touched by the trio side only
 
     def deadline(self) -> float:
-        return min(self.engine.deadline(), self.send_deadline)
+        at = self.engine.deadline()
+        return at if at < self.send_deadline else self.send_deadline
 
 
 class TrioSide(Protocol[S]):
@@ -544,6 +545,7 @@ class ServingLoop(Generic[S]):
     def _process(self, conn: SandboxConnection[S], now: float) -> None:
         """Answer up to :data:`BATCH` buffered requests of *conn*."""
         engine = conn.engine
+        next_event = engine.next_event
         out: list[bytes] = []
         close_after = False
         wall = self.wall()
@@ -552,11 +554,11 @@ class ServingLoop(Generic[S]):
             for _ in range(BATCH):
                 if conn.paused:
                     break  # resumed when the replies before them have left
-                event = engine.next_event(now)
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, Request):
+                event = next_event(now)
+                if type(event) is Request:
                     data = self._request(conn, event, now, wall, boot)
+                elif event is NEED_DATA:
+                    break
                 else:
                     assert isinstance(event, Send)
                     data = event.data
@@ -711,7 +713,8 @@ class ServingLoop(Generic[S]):
             else:
                 self._close(conn, "handshake refused")
                 return
-        self._interest(conn)
+        if conn.out or conn.eof or conn.paused or conn.mask != _IN:
+            self._interest(conn)  # (else it reads, as it did: no change to the epoll set)
         self._track(conn)
 
     def _interest(self, conn: SandboxConnection[S]) -> None:
