@@ -106,10 +106,16 @@ class Connection:
                 return Send(self.fail(event.id, limited, now))
         return event
 
-    def after_read(self, now: float) -> None:
-        """Arm the body deadline if a header arrived without its whole body."""
+    def after_read(self, now: float) -> bool:
+        """Arm the body deadline if a header arrived without its whole body.
+
+        Returns True if it armed it: the one way a read brings :meth:`deadline`
+        earlier (a frame or an answer only moves the idle deadline later).
+        """
         if self.protocol.awaiting_body and self._body_deadline == math.inf:
             self._body_deadline = now + BODY_DEADLINE
+            return True
+        return False
 
     # -- output --
 

@@ -578,8 +578,12 @@ class ServingLoop(Generic[S]):
             self._write(conn, b"".join(out), now)
             self._close(conn, f"protocol error: {exc}")
             return
-        engine.after_read(now)
-        self._write(conn, b"".join(out), now, close_after=close_after)
+        # Answering requests only moves the connection's deadline later (the
+        # idle clock restarts; a request in flight has none), and the heap
+        # keeps an entry for the earlier one, which re-tracks when it comes:
+        # only an armed body deadline (or a reply left to send) needs a new entry.
+        armed = engine.after_read(now)
+        self._write(conn, b"".join(out), now, close_after=close_after, track=armed)
 
     def _request(
         self, conn: SandboxConnection[S], req: Request, now: float, wall: float, boot: float
@@ -690,8 +694,19 @@ class ServingLoop(Generic[S]):
     # -- writing -----------------------------------------------------------------
 
     def _write(
-        self, conn: SandboxConnection[S], data: bytes, now: float, *, close_after: bool = False
+        self,
+        conn: SandboxConnection[S],
+        data: bytes,
+        now: float,
+        *,
+        close_after: bool = False,
+        track: bool = True,
     ) -> None:
+        """Send *data* now, or what of it the socket takes and the rest when it can.
+
+        ``track=False``: the connection's deadline has not moved earlier (see
+        :meth:`_process`); a send deadline armed here is tracked all the same.
+        """
         if conn.closed:
             return
         if conn.out:
@@ -707,6 +722,7 @@ class ServingLoop(Generic[S]):
             if sent < len(data):
                 conn.out += data[sent:]
                 conn.send_deadline = now + SEND_TIMEOUT
+                track = True
         if close_after:
             if conn.out:
                 conn.close_when_flushed = True
@@ -715,7 +731,8 @@ class ServingLoop(Generic[S]):
                 return
         if conn.out or conn.eof or conn.paused or conn.mask != _IN:
             self._interest(conn)  # (else it reads, as it did: no change to the epoll set)
-        self._track(conn)
+        if track:
+            self._track(conn)
 
     def _interest(self, conn: SandboxConnection[S]) -> None:
         """Wait for what *conn* needs: room to write pending replies, else requests.
