@@ -5,10 +5,13 @@ Everything the benchmark starts is a child process recorded in a :class:`Stack`
 under one short temporary directory (Unix socket paths are limited to 108
 bytes). ``Stack.close()`` stops the children and removes the directory.
 
-The client loop (:func:`roundtrips`) is deliberately protocol-blind: it writes
-a fixed request (bytes prepared once) and reads one 4-byte big-endian
-length-prefixed reply. credproxy and ssh-agent frame their messages the same
-way, so the very same loop measures both peers.
+The client loops are deliberately protocol-blind: they write a fixed request
+(bytes prepared once) and read one 4-byte big-endian length-prefixed reply.
+credproxy and ssh-agent frame their messages the same way, so the very same
+loop measures both peers. :func:`lean_roundtrips` is the throughput loop (send,
+read the reply into a buffer allocated once, nothing else: any work in the
+client dilutes the ratio of the servers); :func:`roundtrips` also times every
+round trip, for the latency figures.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -124,6 +128,64 @@ def roundtrips(sock: socket.socket, request: bytes, end_ns: int) -> array[int]:
         append(t1 - t0)
         if t1 >= end_ns:
             return lat
+
+
+def lean_roundtrips(sock: socket.socket, request: bytes, reply: bytes, end_ns: int) -> int:
+    """Send *request* and read its reply, back to back, until ``time.monotonic_ns() >= end_ns``.
+
+    The leanest client loop there is: the request's bytes are built once, each
+    reply is read with ``recv_into`` into one preallocated buffer until its
+    length (that of *reply*, the framed reply the peer gave to the same
+    request before) is complete, nothing is decoded, and the clock is read
+    once per :data:`LEAN_BATCH` round trips. The last reply is checked against
+    *reply* at the end. Returns the number of round trips (a multiple of
+    :data:`LEAN_BATCH`).
+    """
+    size = len(reply)
+    buf = bytearray(max(size, 65536))
+    view = memoryview(buf)
+    send, recv_into, clock = sock.sendall, sock.recv_into, time.monotonic_ns
+    batch = range(LEAN_BATCH)
+    count = 0
+    # A Python socket with a timeout polls before every send and receive: two
+    # system calls more per round trip. The loop's socket blocks instead, and
+    # the kernel's own receive timeout keeps a silent peer from hanging it.
+    timeout = sock.gettimeout()
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout or 0))
+    try:
+        while True:
+            for _ in batch:
+                send(request)
+                got = recv_into(buf)
+                while got < size:
+                    more = recv_into(view[got:])
+                    if not more:
+                        raise ConnectionError("peer closed the connection")
+                    got += more
+            count += LEAN_BATCH
+            if clock() >= end_ns:
+                break
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+        sock.settimeout(timeout)
+    if buf[:size] != reply:
+        raise RuntimeError(f"the reply changed: {bytes(buf[:size])!r} != {reply!r}")
+    return count
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
+#: Round trips of :func:`lean_roundtrips` between two looks at the clock.
+LEAN_BATCH = 32
+
+
+def read_framed(sock: socket.socket) -> bytes:
+    """Read one length-prefixed reply and return it whole, header included."""
+    body = read_reply(sock)
+    return frame(body)
 
 
 # -- statistics -------------------------------------------------------------------

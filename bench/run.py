@@ -1,6 +1,6 @@
 """credproxy's benchmark: every figure of docs/design.md section 9, against a peer, in one run.
 
-    python bench/run.py [--quick] [--json FILE] [--keep]
+    python bench/run.py [--quick] [--json FILE] [--keep] [--figure N ...]
 
 It starts and stops everything it needs under one temporary directory: the
 development IdP (``python -m credproxy.devidp``), ``ssh-agent -D`` holding one
@@ -13,7 +13,9 @@ Figures (``--quick`` uses small counts and short rounds; it checks that the
 benchmark works, its timings are rough):
 
 1. cached ``get_token`` over the socket, one client, vs ``ssh-agent`` answering
-   SSH2_AGENTC_REQUEST_IDENTITIES with the same client loop, A/B interleaved;
+   SSH2_AGENTC_REQUEST_IDENTITIES with the same client loop, A/B interleaved
+   (throughput from the leanest loop: send a frame, read the reply, nothing
+   else; latencies from a loop that also times each round trip, run apart);
    then the same rounds with client and servers pinned to one CPU;
 2. the same with 64 client processes;
 3. ``credproxy token PROVIDER`` start to exit vs ``python -c "import socket, json"``;
@@ -69,9 +71,11 @@ from common import (
     credproxy_argv,
     devidp_events,
     frame,
+    lean_roundtrips,
     median,
     percentile,
     raise_nofile,
+    read_framed,
     read_reply,
     roundtrips,
     rss_kib,
@@ -119,6 +123,7 @@ class Mode:
     herd: int  # figure 6
 
 
+ALL_FIGURES = frozenset(range(1, 9))
 QUICK = Mode("quick", 3, 0.5, 2, 1.0, 64, 10, 3, 100, 10, 10, 1000)
 FULL = Mode("full", 6, 2.0, 4, 3.0, 64, 40, 10, 1000, 10, 50, 1000)
 
@@ -184,27 +189,40 @@ def _log(msg: str) -> None:
 
 
 def one_client(peers: list[Peer], mode: Mode) -> dict[str, dict[str, Any]]:
-    """Interleaved rounds of the shared client loop; per peer: latencies and round rates."""
+    """Interleaved rounds, one connection per peer: round rates, server CPU, latencies.
+
+    Each round gives every peer (in alternating order) ``round_seconds`` of the
+    lean loop (:func:`lean_roundtrips`: throughput and server CPU per request),
+    then a quarter of that of the timed loop (:func:`roundtrips`: latencies).
+    Timing each round trip costs the client two clock reads and an append, which
+    would dilute the throughput ratio, so the two are measured apart.
+    """
     socks = {p.name: connect(p.path, p.handshake) for p in peers}
+    replies: dict[str, bytes] = {}
     for p in peers:
         socks[p.name].sendall(p.request)
-        p.check(read_reply(socks[p.name]))
+        replies[p.name] = read_framed(socks[p.name])
+        p.check(replies[p.name][4:])
         # warm-up: both sides' code paths and caches
-        roundtrips(socks[p.name], p.request, time.monotonic_ns() + 200_000_000)
+        warm = time.monotonic_ns() + 100_000_000
+        roundtrips(socks[p.name], p.request, warm)
+        lean_roundtrips(socks[p.name], p.request, replies[p.name], warm + 100_000_000)
     lat: dict[str, array[int]] = {p.name: array("q") for p in peers}
     rates: dict[str, list[float]] = {p.name: [] for p in peers}
     cpu: dict[str, list[float]] = {p.name: [] for p in peers}
+    round_ns = int(mode.round_seconds * 1e9)
     gc.disable()
     try:
         for r in range(mode.rounds):
             order = peers if r % 2 == 0 else list(reversed(peers))
             for p in order:
+                sock = socks[p.name]
                 c0, t0 = cpu_ns(p.pid), time.monotonic_ns()
-                got = roundtrips(socks[p.name], p.request, t0 + int(mode.round_seconds * 1e9))
+                n = lean_roundtrips(sock, p.request, replies[p.name], t0 + round_ns)
                 t1, c1 = time.monotonic_ns(), cpu_ns(p.pid)
-                lat[p.name].extend(got)
-                rates[p.name].append(len(got) / ((t1 - t0) / 1e9))
-                cpu[p.name].append((c1 - c0) / len(got) / 1e3)
+                rates[p.name].append(n / ((t1 - t0) / 1e9))
+                cpu[p.name].append((c1 - c0) / n / 1e3)
+                lat[p.name].extend(roundtrips(sock, p.request, t1 + round_ns // 4))
     finally:
         gc.enable()
         for s in socks.values():
@@ -927,7 +945,10 @@ def print_table(report: Report) -> None:
 # -- main ------------------------------------------------------------------------------------
 
 
-def run(mode: Mode, keep: bool) -> Report:
+def run(mode: Mode, keep: bool, figures: frozenset[int] = ALL_FIGURES) -> Report:
+    """Measure *figures* (figure 5 compares with figure 1's idle rounds: it brings 1 along)."""
+    if 5 in figures:
+        figures |= {1}
     report = Report(mode.name)
     report.notes.append(RATE_LIMIT_NOTE)
     report.notes.append(
@@ -979,24 +1000,32 @@ def run(mode: Mode, keep: bool) -> Report:
         report.details["daemon_pid"] = daemon.pid
         report.details["daemon_log"] = str(stack.path("main.log"))
 
-        f1 = figure1(report, cp, agent, mode)
-        figure2(report, cp, agent, mode)
-        figure3(report, stack, daemon, session["socket"], BENCH_TOKEN["access_token"], mode)
-        figure4(report, stack, config, mode)
-        figure6(report, stack, daemon, minted, mode)
-        figure5(report, stack, daemon, cp, f1["credproxy"], mode)
-        f7 = figure7(stack, token_url, mode.name == "quick", _log)
-        for row in f7["rows"]:
-            report.add(Row(**row))
-        report.notes.extend(f7["notes"])
-        report.details["figure7"] = f7["details"]
-        f8 = figure8(
-            stack, token_url, BENCH_TOKEN, mode.name == "quick", one_client, Peer, mode, _log
-        )
-        for row in f8["rows"]:
-            report.add(Row(**row))
-        report.notes.extend(f8["notes"])
-        report.details["figure8"] = f8["details"]
+        if 1 in figures:
+            f1 = figure1(report, cp, agent, mode)
+        if 2 in figures:
+            figure2(report, cp, agent, mode)
+        if 3 in figures:
+            figure3(report, stack, daemon, session["socket"], BENCH_TOKEN["access_token"], mode)
+        if 4 in figures:
+            figure4(report, stack, config, mode)
+        if 6 in figures:
+            figure6(report, stack, daemon, minted, mode)
+        if 5 in figures:
+            figure5(report, stack, daemon, cp, f1["credproxy"], mode)
+        if 7 in figures:
+            f7 = figure7(stack, token_url, mode.name == "quick", _log)
+            for row in f7["rows"]:
+                report.add(Row(**row))
+            report.notes.extend(f7["notes"])
+            report.details["figure7"] = f7["details"]
+        if 8 in figures:
+            f8 = figure8(
+                stack, token_url, BENCH_TOKEN, mode.name == "quick", one_client, Peer, mode, _log
+            )
+            for row in f8["rows"]:
+                report.add(Row(**row))
+            report.notes.extend(f8["notes"])
+            report.details["figure8"] = f8["details"]
         report.rows.sort(key=lambda r: r.figure)
 
         status = daemon.stop()
@@ -1016,8 +1045,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts (~30 s)")
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument(
+        "--figure",
+        metavar="N",
+        type=int,
+        action="append",
+        choices=sorted(ALL_FIGURES),
+        help="measure only this figure (repeat for more; default: all)",
+    )
     args = parser.parse_args(argv)
-    report = run(QUICK if args.quick else FULL, args.keep)
+    figures = frozenset(args.figure) if args.figure else ALL_FIGURES
+    report = run(QUICK if args.quick else FULL, args.keep, figures)
     print_table(report)
     if args.json is not None:
         out = {

@@ -110,17 +110,25 @@ class Connection:
                 return Send(self.fail(event.id, limited, now))
         return event
 
-    def after_read(self, now: float) -> None:
-        """Arm the body deadline if a header arrived without its whole body."""
+    def after_read(self, now: float) -> bool:
+        """Arm the body deadline if a header arrived without its whole body.
+
+        Returns True if it armed it: the one way a read brings :meth:`deadline`
+        earlier (a frame or an answer only moves the idle deadline later).
+        """
         if self.protocol.awaiting_body and self._body_deadline == math.inf:
             self._body_deadline = now + BODY_DEADLINE
+            return True
+        return False
 
     # -- output --
 
     def answer(self, rid: str, data_json: bytes, now: float) -> bytes:
         """The reply frame for request *rid*: ``data_json`` is an encoded JSON value."""
-        out = self.protocol.reply_ok_raw(rid, data_json)
-        self._answered(now)
+        protocol = self.protocol
+        out = protocol.reply_ok_raw(rid, data_json)
+        if not protocol.in_flight:  # (what _answered does, inline: this is the hot path)
+            self._idle_deadline = now + self._idle
         return out
 
     def fail(self, rid: str, exc: CredproxyError, now: float | None = None) -> bytes:
@@ -156,9 +164,10 @@ class Connection:
 
     def deadline(self) -> float:
         """The earliest instant at which :meth:`expired` may say something (or inf)."""
-        if self.protocol.in_flight:
-            return self._body_deadline
-        return min(self._body_deadline, self._idle_deadline)
+        body = self._body_deadline
+        if self.protocol.in_flight or body < self._idle_deadline:
+            return body
+        return self._idle_deadline
 
     def expired(self, now: float) -> str | None:
         """Why the connection must close at *now*, or None."""

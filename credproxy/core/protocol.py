@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -52,6 +53,10 @@ MIN_VERSION, MAX_VERSION = 1, 2
 MAX_ID_LENGTH = 128
 
 _HEADER = 4
+_unpack_header = struct.Struct(">I").unpack_from
+_pack_header = struct.Struct(">I").pack
+_OK = b',"ok":true,"data":'
+_OK_SIZE = len(b'{"id":') + len(_OK) + len(b"}")  # a reply's body less the id and the data
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 
@@ -81,28 +86,50 @@ class FrameReader:
     payload or ``None`` if more bytes are needed. A header announcing more than
     ``max_frame`` bytes raises :class:`FrameTooLarge` as soon as the header is
     complete, before any of the body is buffered.
+
+    Bytes fed while nothing else waits (a read of whole frames, the usual
+    case) are kept as they came and cut in place; only what is left of a
+    frame that is not complete yet goes to the buffer, where the next reads
+    join it.
     """
 
-    __slots__ = ("_buf", "_max", "_need")
+    __slots__ = ("_buf", "_data", "_max", "_need", "_pos")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
+        self._data = b""  # bytes fed while the buffer was empty, parsed from _pos on
+        self._pos = 0
         self._max = max_frame
         self._need: int | None = None  # body length once the header is read
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        if self._data:
+            self._spill()
+        if self._buf or self._need is not None:
+            self._buf += data
+        elif data:
+            self._data = bytes(data)
+            self._pos = 0
 
     def next_frame(self) -> bytes | None:
+        data = self._data
+        if data:
+            pos = self._pos
+            if len(data) - pos >= _HEADER:
+                end = pos + _HEADER + self._length(data, pos)
+                if end <= len(data):
+                    if end == len(data):
+                        self._data, self._pos = b"", 0
+                    else:
+                        self._pos = end
+                    return data[pos + _HEADER : end]
+            self._spill()  # the rest is part of a frame: buffer it until it is whole
         buf = self._buf
         if self._need is None:
             if len(buf) < _HEADER:
                 return None
-            need = int.from_bytes(buf[:_HEADER], "big")
-            if need > self._max:
-                raise FrameTooLarge(f"frame of {need} bytes exceeds the {self._max}-byte limit")
+            self._need = self._length(buf, 0)
             del buf[:_HEADER]
-            self._need = need
         need = self._need
         if len(buf) < need:
             return None
@@ -110,6 +137,18 @@ class FrameReader:
         del buf[:need]
         self._need = None
         return payload
+
+    def _length(self, data: bytes | bytearray, pos: int) -> int:
+        """The body length the header at *pos* announces (raises if over the limit)."""
+        need: int = _unpack_header(data, pos)[0]
+        if need > self._max:
+            raise FrameTooLarge(f"frame of {need} bytes exceeds the {self._max}-byte limit")
+        return need
+
+    def _spill(self) -> None:
+        self._buf += memoryview(self._data)[self._pos :]
+        self._data = b""
+        self._pos = 0
 
     @property
     def awaiting_body(self) -> bool:
@@ -122,7 +161,7 @@ class FrameReader:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + len(self._data) - self._pos
 
 
 def decode_object(payload: bytes) -> dict[str, Any]:
@@ -140,13 +179,51 @@ def decode_object(payload: bytes) -> dict[str, Any]:
 # --- events ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A well-formed request the caller must answer exactly once."""
+class Request(msgspec.Struct, frozen=True, gc=False):
+    """A well-formed request the caller must answer exactly once.
+
+    A struct rather than a dataclass: a well-typed request frame is decoded
+    straight into one (see :meth:`ServerConnection._request`).
+    """
 
     id: str
     op: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+_request_decoder = msgspec.json.Decoder(Request)
+
+
+class _Envelope(msgspec.Struct, gc=False):
+    """A request frame's fields as they came (checked by :meth:`ServerConnection._request`).
+
+    Decoding into it gives what ``dict.get`` on the decoded object would (a
+    missing field is None, a repeated one keeps its last value, others are
+    ignored) without building the dict.
+    """
+
+    id: Any = None
+    op: Any = None
+    payload: Any = None
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+
+
+def _envelope(payload: bytes) -> _Envelope:
+    """A request frame's envelope; what :func:`decode_object` refuses raises the same here.
+
+    The decoder skips the fields it does not keep without checking that their
+    strings are UTF-8: a frame with any byte over 0x7f goes through
+    :func:`decode_object`, which checks the whole frame.
+    """
+    if payload.isascii():
+        try:
+            return _envelope_decoder.decode(payload)
+        except (msgspec.DecodeError, RecursionError):
+            pass  # not a JSON object: decode_object raises what such a frame gets
+    obj = decode_object(payload)
+    return _Envelope(obj.get("id"), obj.get("op"), obj.get("payload"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,19 +337,20 @@ class ServerConnection:
         Raises:
             ProtocolError: the peer broke framing; close without replying.
         """
-        if self.state == CLOSED:
+        state = self.state
+        if state == CLOSED:
             raise ProtocolError("connection is closed")
         try:
             payload = self._reader.next_frame()
             if payload is None:
                 return NEED_DATA
+            if state == OPEN:
+                return self._request(payload)
             obj = decode_object(payload)
         except ProtocolError:
             self.state = CLOSED
             raise
-        if self.state == AWAIT_HANDSHAKE:
-            return self._handshake(obj)
-        return self._request(obj)
+        return self._handshake(obj)
 
     def _handshake(self, obj: dict[str, Any]) -> Send:
         version = negotiate(obj)
@@ -297,20 +375,23 @@ class ServerConnection:
             encode({"v": version, "op": "handshake", "ok": True, "data": {"version": version}})
         )
 
-    def _request(self, obj: dict[str, Any]) -> Request | Send:
-        rid, op, payload = obj.get("id"), obj.get("op"), obj.get("payload", {})
-        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LENGTH:
-            echo = rid if isinstance(rid, str) else "unknown"
-            return Send(self._error(echo[:MAX_ID_LENGTH], "INVALID_REQUEST", _ID_PROBLEM))
-        if not isinstance(op, str) or not op:
-            return Send(self._error(rid, "INVALID_REQUEST", "missing or non-string 'op'"))
-        if payload is None:
-            payload = {}
-        if not isinstance(payload, dict):
-            return Send(self._error(rid, "INVALID_REQUEST", "'payload' must be a JSON object"))
-        if rid in self._in_flight:
+    def _request(self, body: bytes) -> Request | Send:
+        # An id, an op and a payload object, decoded straight into a Request;
+        # anything else takes the long way (see _envelope for bytes over 0x7f).
+        req: Request | Send | None
+        try:
+            req = _request_decoder.decode(body) if body.isascii() else None
+        except (msgspec.DecodeError, RecursionError):
+            req = None
+        if req is None or not 0 < len(req.id) <= MAX_ID_LENGTH or not req.op:
+            req = self._checked(_envelope(body))
+            if isinstance(req, Send):
+                return req
+        rid = req.id
+        in_flight = self._in_flight
+        if rid in in_flight:
             return Send(self._error(rid, "INVALID_REQUEST", "Duplicate request id"))
-        if len(self._in_flight) - len(self._shared) >= self._max_in_flight:
+        if len(in_flight) - len(self._shared) >= self._max_in_flight:
             return Send(
                 self._error(
                     rid,
@@ -318,7 +399,21 @@ class ServerConnection:
                     f"more than {self._max_in_flight} requests in flight on this connection",
                 )
             )
-        self._in_flight.add(rid)
+        in_flight.add(rid)
+        return req
+
+    def _checked(self, envelope: _Envelope) -> Request | Send:
+        """The request in *envelope*, or the error its envelope gets."""
+        rid, op, payload = envelope.id, envelope.op, envelope.payload
+        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LENGTH:
+            echo = rid if isinstance(rid, str) else "unknown"
+            return Send(self._error(echo[:MAX_ID_LENGTH], "INVALID_REQUEST", _ID_PROBLEM))
+        if not isinstance(op, str) or not op:
+            return Send(self._error(rid, "INVALID_REQUEST", "missing or non-string 'op'"))
+        if payload is None:
+            payload = {}
+        elif not isinstance(payload, dict):
+            return Send(self._error(rid, "INVALID_REQUEST", "'payload' must be a JSON object"))
         return Request(rid, op, payload)
 
     # -- output --
@@ -330,11 +425,13 @@ class ServerConnection:
     def reply_ok_raw(self, rid: str, data_json: bytes) -> bytes:
         """Answer request *rid* with an already-encoded JSON object (the hot path)."""
         self._in_flight.discard(rid)
-        self._shared.discard(rid)
-        body = b'{"id":' + _encoder.encode(rid) + b',"ok":true,"data":' + data_json + b"}"
-        if self.version == 1 and len(body) > MAX_FRAME:
+        if self._shared:
+            self._shared.discard(rid)
+        rid_json = _encoder.encode(rid)
+        size = len(rid_json) + len(data_json) + _OK_SIZE
+        if size > MAX_FRAME and self.version == 1:
             return self._error(rid, "RESPONSE_TOO_LARGE", "response exceeds 64 KiB for a v1 peer")
-        return frame(body)
+        return b"".join((_pack_header(size), b'{"id":', rid_json, _OK, data_json, b"}"))
 
     def reply_error(
         self,

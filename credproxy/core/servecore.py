@@ -148,6 +148,8 @@ class SessionState:
     holds: dict[Key, float] = field(default_factory=dict)  # its own quota holds: end, wall clock
     served: dict[Key, list[float]] = field(default_factory=dict)  # key -> [count, last ms]
     audit: dict[Key, ServeAudit] = field(default_factory=dict)  # serves counted, not yet logged
+    # (provider, bucket) as a request names them -> the key, for pairs its grants allow
+    granted: dict[tuple[object, object], Key] = field(default_factory=dict)
 
 
 # -- commands: how the trio side changes the core ------------------------------------
@@ -437,17 +439,24 @@ class ServingCore:
 
     def _granted_key(self, state: SessionState, payload: dict[str, Any]) -> Key:
         # Names are checked once per distinct (provider, bucket) pair, not per
-        # request: this is the hot path of every get_token.
+        # request, and a session's grants (which never change) once per pair
+        # it names: this is the hot path of every get_token.
         raw = (payload.get("provider"), payload.get("bucket"))
         try:
-            key = self._keys[raw]
+            return state.granted[raw]
         except (KeyError, TypeError):  # TypeError: an unhashable value, not a name
+            pass
+        try:
+            key = self._keys[raw]
+        except (KeyError, TypeError):
             key = key_field(payload)
             if len(self._keys) < MAX_KEY_MEMO:
                 self._keys[raw] = key
         if not state.grants.token_allowed(*key):
             # Missing and not granted answer alike, so a sandbox cannot probe.
             raise NotFound(f"no token for {key} in this session")
+        if len(state.granted) < MAX_KEY_MEMO:
+            state.granted[raw] = key
         return key
 
     def _report_failure(self, state: SessionState, payload: dict[str, Any]) -> Defer | bytes:

@@ -166,7 +166,8 @@ class SandboxConnection(Generic[S]):
         self.finishing: set[trio.CancelScope] = set()  # touched by the trio side only
 
     def deadline(self) -> float:
-        return min(self.engine.deadline(), self.send_deadline)
+        at = self.engine.deadline()
+        return at if at < self.send_deadline else self.send_deadline
 
 
 class TrioSide(Protocol[S]):
@@ -597,6 +598,7 @@ class ServingLoop(Generic[S]):
     def _process(self, conn: SandboxConnection[S], now: float) -> None:
         """Answer up to :data:`BATCH` buffered requests of *conn*."""
         engine = conn.engine
+        next_event = engine.next_event
         out: list[bytes] = []
         close_after = False
         wall = self.wall()
@@ -605,11 +607,11 @@ class ServingLoop(Generic[S]):
             for _ in range(BATCH):
                 if conn.paused:
                     break  # resumed when the replies before them have left
-                event = engine.next_event(now)
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, Request):
+                event = next_event(now)
+                if type(event) is Request:
                     data = self._request(conn, event, now, wall, boot)
+                elif event is NEED_DATA:
+                    break
                 else:
                     assert isinstance(event, Send)
                     data = event.data
@@ -629,8 +631,12 @@ class ServingLoop(Generic[S]):
             self._write(conn, b"".join(out), now)
             self._close(conn, f"protocol error: {exc}")
             return
-        engine.after_read(now)
-        self._write(conn, b"".join(out), now, close_after=close_after)
+        # Answering requests only moves the connection's deadline later (the
+        # idle clock restarts; a request in flight has none), and the heap
+        # keeps an entry for the earlier one, which re-tracks when it comes:
+        # only an armed body deadline (or a reply left to send) needs a new entry.
+        armed = engine.after_read(now)
+        self._write(conn, b"".join(out), now, close_after=close_after, track=armed)
 
     def _request(
         self, conn: SandboxConnection[S], req: Request, now: float, wall: float, boot: float
@@ -741,8 +747,19 @@ class ServingLoop(Generic[S]):
     # -- writing -----------------------------------------------------------------
 
     def _write(
-        self, conn: SandboxConnection[S], data: bytes, now: float, *, close_after: bool = False
+        self,
+        conn: SandboxConnection[S],
+        data: bytes,
+        now: float,
+        *,
+        close_after: bool = False,
+        track: bool = True,
     ) -> None:
+        """Send *data* now, or what of it the socket takes and the rest when it can.
+
+        ``track=False``: the connection's deadline has not moved earlier (see
+        :meth:`_process`); a send deadline armed here is tracked all the same.
+        """
         if conn.closed:
             return
         if conn.out:
@@ -758,14 +775,17 @@ class ServingLoop(Generic[S]):
             if sent < len(data):
                 conn.out += data[sent:]
                 conn.send_deadline = now + SEND_TIMEOUT
+                track = True
         if close_after:
             if conn.out:
                 conn.close_when_flushed = True
             else:
                 self._close(conn, "handshake refused")
                 return
-        self._interest(conn)
-        self._track(conn)
+        if conn.out or conn.eof or conn.paused or conn.mask != _IN:
+            self._interest(conn)  # (else it reads, as it did: no change to the epoll set)
+        if track:
+            self._track(conn)
 
     def _interest(self, conn: SandboxConnection[S]) -> None:
         """Wait for what *conn* needs: room to write pending replies, else requests.
