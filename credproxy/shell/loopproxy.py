@@ -401,6 +401,7 @@ class Exchange:
     __slots__ = (
         "body",
         "chunks",
+        "close",
         "got_answer",
         "headers",
         "held",
@@ -436,6 +437,7 @@ class Exchange:
         self.chunks: list[bytes] = []  # the body as it is read
         self.body = b""  # the body, whole
         self.kept = 0  # bytes of retry_body_budget held for the body
+        self.close = False  # the client asked to close after it (or speaks HTTP/1.0)
         self.pace: BodyPace | None = None
         self.waited_since = now
         self.up: Upstream | None = None
@@ -647,7 +649,7 @@ class HttpConn:
             return
         proxy = lp.proxy
         cfg = proxy.cfg.proxy
-        length = next((int(v) for n, v in req.headers if n == b"content-length"), 0)
+        length = x.kept
         if not proxy.ledger.enter(self.state.id, cfg.max_streams):
             self.hand_over(bytes(self.raw), self.handed(True, now), now)  # 503 there
             return
@@ -655,14 +657,11 @@ class HttpConn:
             proxy.ledger.leave(self.state.id)
             self.hand_over(bytes(self.raw), self.handed(True, now), now)  # streamed there
             return
-        x.kept = length
         x.pace = BodyPace(cfg.body_timeout, cfg.body_min_rate)
         self.x = x
         self.answered = 0  # 1: the head is sent, 2: the whole answer
         self.http11 = req.http_version == b"1.1"
-        self.keep = self.http11 and not any(
-            n == b"connection" and b"close" in v.lower() for n, v in req.headers
-        )
+        self.keep = not x.close
         self.read_body(x, now)
 
     def read_body(self, x: Exchange, now: float) -> None:
@@ -894,6 +893,7 @@ class HttpConn:
             self.retry(x, now)
             return
         self.end_answer()
+        self.flush(now)  # the answer leaves before its audit line is written
         self.finish(x, now)
 
     def retry(self, x: Exchange, now: float) -> None:
@@ -1225,7 +1225,7 @@ class LoopProxy:
         self.pool: dict[tuple[str, str, int], list[Upstream]] = {}
         self._origins: dict[str, Origin] = {}
         self._fields: dict[tuple[Key, str], dict[str, str]] = {}
-        self._heap: list[tuple[float, int, HttpConn]] = []
+        self.heap: list[tuple[float, int, HttpConn]] = []  # deadlines (lazy deletion)
         self._seq = itertools.count()
         self.dirty: list[HttpConn] = []  # connections with bytes to send once this step ends
         self._uses_token: dict[str, tuple[object, bool]] = {}
@@ -1253,11 +1253,8 @@ class LoopProxy:
         if self.dirty:
             self.flush_dirty(now)
 
-    def deadline(self) -> float:
-        return self._heap[0][0] if self._heap else math.inf
-
     def expire(self, now: float) -> None:
-        heap = self._heap
+        heap = self.heap
         while heap and heap[0][0] <= now:
             at, _, c = heapq.heappop(heap)
             if c.closed or at != c.heap_at:
@@ -1312,13 +1309,13 @@ class LoopProxy:
         c.close()
 
     def schedule(self, at: float, c: HttpConn) -> None:
-        heap = self._heap
+        heap = self.heap
         heapq.heappush(heap, (at, next(self._seq), c))
         if len(heap) > 2 * len(self.handlers) + 1024:
             # Entries replaced by earlier ones, of connections still open: dropped
             # now, not when their instant comes (a body's deadline each request).
-            self._heap = [e for e in heap if not e[2].closed and e[0] == e[2].heap_at]
-            heapq.heapify(self._heap)
+            self.heap = [e for e in heap if not e[2].closed and e[0] == e[2].heap_at]
+            heapq.heapify(self.heap)
 
     def plan(self, c: HttpConn, req: h11.Request, method: str, now: float) -> Exchange | None:
         """The request as the loop would relay it, or None: the trio side's (module docstring)."""
@@ -1327,11 +1324,17 @@ class LoopProxy:
         headers = req.headers
         if method == "HEAD":
             return None  # (its answer's framing is h11's business on the trio side)
+        length = 0
+        close = False
         for name, value in headers:  # (h11 gives names lower-cased)
             if name in (b"transfer-encoding", b"expect", b"upgrade"):
                 return None
-            if name == b"content-length" and int(value) > cfg.retry_body_limit:
-                return None
+            if name == b"content-length":
+                length = int(value)
+                if length > cfg.retry_body_limit:
+                    return None
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
         state = c.state
         core = self.loop.core
         try:
@@ -1365,7 +1368,10 @@ class LoopProxy:
             preamble.capability or httprules.presented_capability(headers), state.capability
         ):
             return None
-        return Exchange(req, method, route, origin, now)
+        x = Exchange(req, method, route, origin, now)
+        x.kept = length
+        x.close = close or req.http_version != b"1.1"
+        return x
 
     def fields(self, ready: Ready) -> dict[str, str]:
         """What the header templates may name of *ready*'s token."""

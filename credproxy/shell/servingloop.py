@@ -58,7 +58,7 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -87,6 +87,7 @@ log = logs.get("credproxy.servingloop")
 RECV_SIZE = 65_536
 BATCH = 64  # requests answered per connection per wake-up before the others get their turn
 SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
+MAX_EVENTS = 256  # readiness events taken per wait (the rest: at the next, at once)
 MAX_PENDING = 256  # replies that may wait for an earlier one on a connection before it is paused
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -198,7 +199,10 @@ class Relay(Protocol[S_contra]):
 
     def event(self, fd: int, mask: int, now: float) -> None: ...
 
-    def deadline(self) -> float: ...
+    @property
+    def heap(self) -> Sequence[tuple[float, int, object]]:
+        """Its deadlines, earliest first (the loop wakes for the first)."""
+        ...
 
     def expire(self, now: float) -> None: ...
 
@@ -377,7 +381,7 @@ class ServingLoop(Generic[S]):
         try:
             while not self._stopped:
                 timeout = self._timeout()
-                events = self._epoll.poll(-1 if timeout is None else timeout)
+                events = self._epoll.poll(-1 if timeout is None else timeout, MAX_EVENTS)
                 self._turn(events)
         except Exception as exc:  # a bug: say so, and stop the daemon rather than half-serve
             log.exception("serving_loop_crashed")
@@ -400,7 +404,7 @@ class ServingLoop(Generic[S]):
                         await trio.lowlevel.wait_readable(self._epoll.fileno())
                 else:
                     await trio.lowlevel.checkpoint()
-                self._turn(self._epoll.poll(0))
+                self._turn(self._epoll.poll(0, MAX_EVENTS))
         finally:
             self._shutdown()
 
@@ -411,10 +415,9 @@ class ServingLoop(Generic[S]):
         due = self._heap[0][0] if self._heap else math.inf
         if self._audits and self._audits[0][0] < due:
             due = self._audits[0][0]
-        if self.relay is not None:
-            relay = self.relay.deadline()
-            if relay < due:
-                due = relay
+        relay = self.relay
+        if relay is not None and relay.heap and relay.heap[0][0] < due:
+            due = relay.heap[0][0]
         if due == math.inf:
             return None
         due -= self.clock()
@@ -473,8 +476,9 @@ class ServingLoop(Generic[S]):
                 self._close(ready, "internal error")
         if self._audits and self._audits[0][0] <= now:
             self._flush_audits(None, now)
-        if self.relay is not None:
-            self.relay.expire(now)
+        relay = self.relay
+        if relay is not None and relay.heap and relay.heap[0][0] <= now:
+            relay.expire(now)
         heap = self._heap
         while heap and heap[0][0] <= now:
             at, _, conn = heapq.heappop(heap)
