@@ -312,6 +312,8 @@ def figure1(report: Report, cp: Peer, agent: Peer, mode: Mode) -> dict[str, Any]
                 median(pa["rates"]),
                 "ssh-agent",
                 median(pratios),
+                ">= 0.9x ssh-agent",
+                median(pratios) >= 0.9,
             )
         )
         pcs, pas = _latency_summary(pc["lat"]), _latency_summary(pa["lat"])
