@@ -164,3 +164,43 @@ async def test_an_answer_without_length_is_chunked_for_http_1_1_and_ends_the_con
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
     assert b"connection: close" in head.lower() and body == b"first second"
+
+
+async def test_a_client_that_stops_reading_holds_back_the_upstream_and_is_dropped(
+    start_daemon: StartDaemon,
+    upstream: Upstream,
+    autojump_clock: trio.testing.MockClock,
+    no_secrets_in_logs: list[dict[str, Any]],
+) -> None:
+    """A sandbox that reads nothing of a fast stream: the relay stops reading the upstream (which can push only a few MiB), and once nothing moves for the send timeout the client is dropped, the upstream connection closed, and the audit line says 499."""
+    pushed = [0]
+    ended = trio.Event()
+
+    async def flood(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[])) or b"")
+        chunk = b"x" * 65536
+        try:
+            while True:
+                await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                pushed[0] += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            ended.set()
+
+    _, s = await _logged_in(start_daemon, upstream)
+    upstream.script.append(flood)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(b"GET /dev/flood HTTP/1.1\r\nHost: credproxy\r\n\r\n")
+    t0 = trio.current_time()
+    with trio.fail_after(120):
+        await ended.wait()
+    assert 10 <= trio.current_time() - t0 <= 30
+    assert pushed[0] < 32 * 2**20, f"the upstream pushed {pushed[0] >> 20} MiB into the relay"
+    with trio.fail_after(5):
+        while not [e for e in no_secrets_in_logs if e["event"] == "api_request"]:
+            await trio.sleep(0.01)
+    (line,) = [e for e in no_secrets_in_logs if e["event"] == "api_request"]
+    assert line["status"] == 499
+    sock.close()

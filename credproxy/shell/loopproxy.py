@@ -1092,6 +1092,16 @@ class HttpConn:
         if not self.out:
             self.lp.dirty.append(self)
         self.out += data
+        if len(self.out) > HIGH_WATER:
+            self.hold_back()
+
+    def hold_back(self) -> None:
+        """Backpressure: the upstream is not read while the client has this much to take."""
+        x = self.x
+        up = None if x is None else x.up
+        if up is not None and not up.paused:
+            up.paused = True  # resumed by flush() once the client has taken it all
+            up.interest()
 
     def flush(self, now: float) -> None:
         """Send what waits for the client; wait for room (``EPOLLOUT``) if it is full."""
@@ -1108,11 +1118,8 @@ class HttpConn:
             del self.out[:sent]
             if sent or self.t_send == math.inf:
                 self.t_send = now + SEND_TIMEOUT
-            x = self.x
-            up = None if x is None else x.up
-            if up is not None and len(self.out) > HIGH_WATER and not up.paused:
-                up.paused = True  # backpressure: resumed when the client has taken it
-                up.interest()
+            if len(self.out) > HIGH_WATER:
+                self.hold_back()
             self.interest()
             self.track()
             return
