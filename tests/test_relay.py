@@ -11,6 +11,8 @@ real session sockets.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from typing import Any
 
 import h11
@@ -204,3 +206,28 @@ async def test_a_client_that_stops_reading_holds_back_the_upstream_and_is_droppe
     (line,) = [e for e in no_secrets_in_logs if e["event"] == "api_request"]
     assert line["status"] == 499
     sock.close()
+
+
+async def test_an_upstream_head_without_end_is_a_502_not_a_memory_sink(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """An upstream that sends header lines without end: the relay gives up past 64 KiB with a 502 naming the host (closing that connection, as for any 5xx); the next connection is served."""
+
+    async def endless_head(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            for i in itertools.count():  # (until the relay hangs up)
+                await stream.send_all(b"x-filler-%d: %s\r\n" % (i, b"a" * 200))
+
+    _, s = await _logged_in(start_daemon, upstream)
+    upstream.script.append(endless_head)
+    c = await HttpClient.connect(s.socket_path)
+    with trio.fail_after(10):
+        status, _, body = await c.call("GET", "/dev/a")
+    assert status == 502 and b"127.0.0.1" in body, body
+    await c.aclose()
+    c = await HttpClient.connect(s.socket_path)
+    assert (await c.call("GET", "/dev/b"))[0] == 200
+    await c.aclose()

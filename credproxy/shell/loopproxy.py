@@ -119,6 +119,7 @@ POOL_IDLE = 5.0  # seconds an idle upstream connection is kept (httpx's keep-ali
 TLS_CHUNK = 1 << 16  # plaintext encrypted at a time for an upstream that takes it
 MAX_EARLY = 1 << 16  # bytes of later requests read ahead during an exchange
 MAX_HELD_ANSWER = 1 << 16  # a 401's or 429's body, held while its retry is decided
+MAX_ANSWER_HEAD = 1 << 16  # bytes of an upstream's answer before its head is whole
 MAX_FIELDS_MEMO = 1024  # tokens whose header fields are remembered
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -192,7 +193,7 @@ class Answer:
     checks what is sent to the sandbox. ``1xx`` answers are skipped.
     """
 
-    __slots__ = ("began", "done", "events", "framed", "headers", "interim", "parser")
+    __slots__ = ("began", "done", "events", "framed", "head_bytes", "headers", "interim", "parser")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -201,6 +202,7 @@ class Answer:
         self.framed = False  # a Content-Length or chunked: its end does not need a close
         self.interim = False
         self.began = False  # its head has come
+        self.head_bytes = 0  # read before it came
         self.done = False
 
     def feed(self, data: bytes) -> None:
@@ -210,6 +212,10 @@ class Answer:
             httptools.HttpParserError: not an HTTP answer, or cut short.
         """
         if data:
+            if not self.began:
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_ANSWER_HEAD:
+                    raise httptools.HttpParserError("the answer's head is too large")
             self.parser.feed_data(data)
             return
         if self.done:
