@@ -7,15 +7,17 @@ The trio side's proxy (:mod:`credproxy.shell.proxy`) pays about a millisecond
 of CPU per request in trio's scheduler, httpx's request model and h11 (see
 ``docs/design.md`` section 9.1). So the serving loop keeps an HTTP connection
 in its own epoll set instead of handing it over, and this module relays its
-requests there: h11 on both sides, non-blocking sockets, TLS through
-``ssl.MemoryBIO``, pooled keep-alive connections to each upstream, and every
-deadline in a heap of the loop. No task, cancel scope or scheduler pass per
-request.
+requests there: h11 parses the sandbox's requests, llhttp (``httptools``) the
+upstream's answers, and the relay writes both sides' heads itself
+(:func:`request_head`, :func:`response_head`); non-blocking sockets, TLS
+through ``ssl.MemoryBIO``, pooled keep-alive connections to each upstream,
+and every deadline in a heap of the loop. No task, cancel scope or scheduler
+pass per request.
 
 **What the loop serves, and what it hands over.** At the start of each
 request, before anything is spent, :meth:`LoopProxy.plan` checks what the
 loop needs: a granted provider with an ``api`` section reached without a
-proxy of the environment, no WebSocket or other upgrade, no ``Expect``, no
+proxy of the environment, no WebSocket or other upgrade, no ``HEAD`` or ``Expect``, no
 chunked body and a ``Content-Length`` within ``retry_body_limit``, and, for a
 connection that came through ``forward``, its Host and Origin rules and the
 capability. A request that fails any of them goes to the trio side with the
