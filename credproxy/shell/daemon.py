@@ -690,7 +690,6 @@ def _serving_parts(
         clock=clock,
         wall=wall_clock,
         boot=boot_clock,
-        http=start_http,
         on_crash=on_crash,
         fault=store.fault,
     )

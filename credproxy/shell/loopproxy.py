@@ -425,7 +425,6 @@ class Exchange:
         "started",
         "status",
         "target",
-        "template",
         "tried",
         "up",
         "waited_since",
@@ -439,7 +438,6 @@ class Exchange:
         self.started = now
         self.key: Key | None = None
         self.ready: Ready | None = None  # the token the request carries (None: API keys only)
-        self.template: dict[str, str] = {}
         self.headers: list[tuple[bytes, bytes]] = []  # as sent upstream
         self.target = b""
         self.chunks: list[bytes] = []  # the body as it is read
@@ -764,7 +762,6 @@ class HttpConn:
         if not any(name.lower() == b"accept-encoding" for name, _ in headers):
             headers.append((b"accept-encoding", b"identity"))  # as the trio side sends it
         headers.insert(0, (b"host", x.origin.authority))
-        x.template = filled
         x.target = f"{x.origin.path}/{x.route.rest}{x.route.query}".encode("ascii", "replace")
         x.held = None
         self.connect(x, headers, now)

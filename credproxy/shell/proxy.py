@@ -5,9 +5,11 @@ Theory of operation
 
 A session socket answers two protocols, told apart by the first byte: a frame
 header starts with 0x00 (frames are at most 64 KiB), an HTTP request line with
-a letter. The serving loop (:mod:`credproxy.shell.servingloop`) hands an HTTP
-connection, with the bytes it has read, to :meth:`ApiProxy.serve`, which
-parses HTTP/1.1 with h11 (never by hand) and forwards::
+a letter. The serving loop relays most requests itself
+(:mod:`credproxy.shell.loopproxy`, with the rules below, from the functions of
+this module); what it does not serve it hands, with the connection and the
+bytes it has read, to :meth:`ApiProxy.serve`, which parses HTTP/1.1 with h11
+(never by hand) and forwards::
 
     http://credproxy/PROVIDER[:BUCKET]/REST?QUERY  ->  base_url + /REST?QUERY
 
@@ -389,7 +391,7 @@ class ApiProxy:
                 self._admit(session, link, req)
             route = self._route(session, method, req.target, req.headers)
             audit.path = "/" + route.rest
-            audit.key = await self._key(session, route)
+            audit.key = await self.key_for(session, route)
             if not self.ledger.enter(session.id, self.cfg.proxy.max_streams):
                 raise HttpError(503, "too many proxied requests in flight for this session")
             try:
@@ -502,8 +504,11 @@ class ApiProxy:
     def _allowed(session: Session, key: Key) -> bool:
         return allowed(session.grants, key)
 
-    async def _key(self, session: Session, route: Route) -> Key:
-        """The key whose token the request carries: the named bucket, or get_token's choice."""
+    async def key_for(self, session: Session, route: Route) -> Key:
+        """The key whose token the request carries: the named bucket, or get_token's choice.
+
+        (Also the loop's relay's, when the serving core could not pick at once.)
+        """
         if route.bucket is not None:
             return Key(route.provider, route.bucket)
         if self.ops.profile(session, route.provider) is None:
@@ -690,10 +695,6 @@ class ApiProxy:
         if entry is None or other == key:
             return None
         return self.ops.publish(session, other, entry)
-
-    async def key_for(self, session: Session, route: Route) -> Key:
-        """:meth:`_key`, for the loop's relay when the core could not pick at once."""
-        return await self._key(session, route)
 
     def not_served(self, session: Session, provider: str) -> None:
         """Say on the host why a request of the loop's relay got its 404 (not granted)."""

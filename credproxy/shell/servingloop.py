@@ -252,8 +252,6 @@ class ServingLoop(Generic[S]):
         clock: monotonic seconds for connection deadlines.
         wall: epoch seconds (quota holds, serve counts).
         boot: the boot clock (how long a published token may be served).
-        http: takes over a connection that speaks HTTP (the API proxy), when
-            no relay (:attr:`relay`) serves it in this loop.
         on_crash: told why, in the trio thread, if the loop itself crashes.
         fault: the crash tests' checkpoints.
     """
@@ -268,13 +266,11 @@ class ServingLoop(Generic[S]):
         clock: Callable[[], float],
         wall: Callable[[], float],
         boot: Callable[[], float],
-        http: Callable[[S, socket.socket, bytes], None] | None = None,
         on_crash: Callable[[str], None] | None = None,
         fault: Faults = NO_FAULTS,
     ) -> None:
         self.core = core
         self.trio_side = trio_side
-        self.http = http
         self.on_crash = on_crash
         self.fault = fault
         self.limits = limits
@@ -594,14 +590,10 @@ class ServingLoop(Generic[S]):
             conn.fresh = False
             # A frame header starts with 0x00 (frames are at most 64 KiB); an
             # HTTP request line with a letter: that connection is the API proxy's.
-            if data[:1].isalpha():
-                if self.relay is not None:
-                    self._detach(conn)
-                    self.relay.adopt(conn.session, conn.state, conn.sock, data, now)
-                    return
-                if self.http is not None:
-                    self._hand_over(conn, data)
-                    return
+            if data[:1].isalpha() and self.relay is not None:
+                self._detach(conn)
+                self.relay.adopt(conn.session, conn.state, conn.sock, data, now)
+                return
         conn.engine.receive_data(data)
         self._process(conn, now)
 
@@ -851,12 +843,6 @@ class ServingLoop(Generic[S]):
         self._conns.pop(fd, None)
         with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
-
-    def _hand_over(self, conn: SandboxConnection[S], data: bytes) -> None:
-        """Give an HTTP connection, with what was read of it, to the trio side."""
-        self._detach(conn)
-        assert self.http is not None
-        self.to_trio(self.http, conn.session, conn.sock, data)
 
     def _close(self, conn: SandboxConnection[S], reason: str) -> None:
         if conn.closed:
