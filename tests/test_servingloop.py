@@ -206,12 +206,11 @@ async def test_session_closed_during_a_refresh_gets_no_token(
 # --- 4. pipelining --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
-async def test_hundred_pipelined_get_token_are_answered_in_order(
-    start_daemon: StartDaemon, peers: Peers, warm: bool
-) -> None:
-    """100 get_token sent in one write get 100 ok replies, in the order sent, on a fresh or a warm session."""
-    h = await start_daemon()
+async def _hundred_pipelined_in_order(h: Harness, peers: Peers, warm: bool) -> tuple[Any, Any]:
+    """100 get_token in one write (after one alone when *warm*): 100 ok replies, in order, one token.
+
+    Returns the session and the peer.
+    """
     first = h.login()["access_token"]
     s = await h.session("dev")
     p = await peers.open(s)
@@ -224,8 +223,18 @@ async def test_hundred_pipelined_get_token_are_answered_in_order(
     assert [r["id"] for r in got] == ids
     assert all(r["ok"] is True for r in got), [r for r in got if not r["ok"]][:2]
     assert {r["data"]["access_token"] for r in got} == {first}
+    return s, p
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
+async def test_hundred_pipelined_get_token_are_answered_in_order(
+    start_daemon: StartDaemon, peers: Peers, warm: bool
+) -> None:
+    """100 get_token sent in one write get 100 ok replies, in the order sent, on a fresh or a warm session."""
+    h = await start_daemon()
+    _, p = await _hundred_pipelined_in_order(h, peers, warm)
     assert h.idp.refresh_count == 0
-    assert await token(p) == first
+    assert await token(p) == h.store.read("dev", "default")["access_token"]
 
 
 async def test_two_hundred_pipelined_get_token_on_a_fresh_session_are_answered_in_order(
@@ -300,13 +309,22 @@ async def test_llxprt_burst_during_a_refresh_is_served_twenty_of_twenty(
 ) -> None:
     """20 get_token in one write while the token is being refreshed (slow IdP) are all served, with one upstream refresh."""
     h = await start_daemon(lifetime=3600, limits=LONG_IDLE)
+    p = await _burst_behind_a_slow_refresh(h, peers, delay=2, within=10)
+    assert (await p.call("list_providers"))["ok"] is True  # nothing left counted in flight
+
+
+async def _burst_behind_a_slow_refresh(
+    h: Harness, peers: Peers, delay: float, within: float
+) -> Any:
+    """llxprt's burst: 20 get_token in one write behind a refresh taking *delay* s: all served
+    within *within* s with the one refreshed token. Returns the peer."""
     stale = store_expired(h)
-    h.idp.fail_next("slow", delay=2)
+    h.idp.fail_next("slow", delay=delay)
     s = await h.session("dev")
     p = await peers.open(s)
     ids, data = pipeline("b", 20)
     await p.send_raw(data)
-    with trio.fail_after(10):
+    with trio.fail_after(within):
         got = await replies(p, 20)
     assert [r.get("code") for r in got if not r["ok"]] == []
     assert sorted(r["id"] for r in got) == sorted(ids)
@@ -314,7 +332,7 @@ async def test_llxprt_burst_during_a_refresh_is_served_twenty_of_twenty(
     assert len(served) == 1
     assert stale["access_token"] not in served
     assert h.idp.refresh_count == 1
-    assert (await p.call("list_providers"))["ok"] is True  # nothing left counted in flight
+    return p
 
 
 async def test_llxprt_burst_joining_a_refresh_already_under_way_is_served(
@@ -351,18 +369,7 @@ async def test_thread_mode_hundred_pipelined_get_token_in_order(
 ) -> None:
     """Thread mode: 100 get_token in one write get 100 ok replies in the order sent, fresh or warm."""
     h = await start_daemon(serving_thread=True)
-    first = h.login()["access_token"]
-    s = await h.session("dev")
-    p = await peers.open(s)
-    if warm:
-        assert await token(p) == first
-    ids, data = pipeline("q", 100)
-    await p.send_raw(data)
-    with trio.fail_after(2):
-        got = await replies(p, 100)
-    assert [r["id"] for r in got] == ids
-    assert all(r["ok"] is True for r in got), [r for r in got if not r["ok"]][:2]
-    assert {r["data"]["access_token"] for r in got} == {first}
+    s, _ = await _hundred_pipelined_in_order(h, peers, warm)
     assert len(await renewals(h, s)) == 1
 
 
@@ -371,20 +378,7 @@ async def test_thread_mode_llxprt_burst_during_a_refresh(
 ) -> None:
     """Thread mode: 20 get_token in one write behind a slow refresh are served 20/20 with one refresh."""
     h = await start_daemon(serving_thread=True)
-    stale = store_expired(h)
-    h.idp.fail_next("slow", delay=0.3)
-    s = await h.session("dev")
-    p = await peers.open(s)
-    ids, data = pipeline("b", 20)
-    await p.send_raw(data)
-    with trio.fail_after(2):
-        got = await replies(p, 20)
-    assert [r.get("code") for r in got if not r["ok"]] == []
-    assert sorted(r["id"] for r in got) == sorted(ids)
-    served = {r["data"]["access_token"] for r in got}
-    assert len(served) == 1
-    assert stale["access_token"] not in served
-    assert h.idp.refresh_count == 1
+    await _burst_behind_a_slow_refresh(h, peers, delay=0.3, within=2)
 
 
 async def test_thread_mode_closing_a_session_revokes_its_open_connections(
