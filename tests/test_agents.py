@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 from agent_upstreams import PROMPT, REPLY
 from test_proxy_e2e import (
     Upstream,  # the fake upstream\'s address, CA and log
-    _wait_or_kill,
+    fake_upstream,
 )
 
 from conftest import CREDPROXY, Dirs, cli
@@ -147,27 +146,8 @@ def _install(agent: Agent, where: Path) -> str | None:
 @pytest.fixture
 def upstream(dirs: Dirs) -> Iterator[Upstream]:
     """agent_upstreams.py as a subprocess on an ephemeral loopback port (ended by its pid)."""
-    where = dirs.root / "upstream"
-    where.mkdir(parents=True)
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(where / "ca.pem"))
-    pem = where / "server.pem"
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
-    port_file, log_file = where / "port", where / "requests.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, UPSTREAM, str(pem), str(port_file), str(log_file)],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not port_file.exists():
-            assert proc.poll() is None, "the fake upstream exited before it listened"
-            assert time.monotonic() < deadline, "the fake upstream did not listen within 10 s"
-            time.sleep(0.02)
-        yield Upstream(int(port_file.read_text()), where / "ca.pem", log_file)
-    finally:
-        proc.terminate()
-        _wait_or_kill(proc, 5)
+    with fake_upstream(dirs, UPSTREAM) as up:
+        yield up
 
 
 def _configure(dirs: Dirs, up: Upstream) -> None:

@@ -13,6 +13,7 @@ contain one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -61,27 +62,22 @@ class Upstream:
         return [json.loads(line) for line in self.log_file.read_text().splitlines()]
 
 
-@pytest.fixture
-def upstream(dirs: Dirs) -> Iterator[Upstream]:
-    """The fake HTTPS API as a subprocess on an ephemeral loopback port (ended by its pid)."""
+@contextlib.contextmanager
+def fake_upstream(dirs: Dirs, script: str, pem_copies: int = 1) -> Iterator[Upstream]:
+    """*script* as a subprocess on an ephemeral loopback port, with a test CA (ended by its pid).
+
+    Its arguments: the server's PEM (key and chain), *pem_copies* times, then the
+    port file it writes once it listens and its request log.
+    """
     where = dirs.root / "upstream"
     where.mkdir(parents=True)
     ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
     ca.cert_pem.write_to_path(str(where / "ca.pem"))
-    cert.private_key_and_cert_chain_pem.write_to_path(str(where / "server.pem"))
+    pem = where / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
     port_file, log_file = where / "port", where / "requests.jsonl"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            UPSTREAM,
-            str(where / "server.pem"),
-            str(where / "server.pem"),
-            str(port_file),
-            str(log_file),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    argv = [sys.executable, script, *[str(pem)] * pem_copies, str(port_file), str(log_file)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while not port_file.exists():
@@ -92,6 +88,13 @@ def upstream(dirs: Dirs) -> Iterator[Upstream]:
     finally:
         proc.terminate()
         _wait_or_kill(proc, 5)
+
+
+@pytest.fixture
+def upstream(dirs: Dirs) -> Iterator[Upstream]:
+    """The fake HTTPS API (certificate and key files given apart, the same PEM twice)."""
+    with fake_upstream(dirs, UPSTREAM, pem_copies=2) as up:
+        yield up
 
 
 def _wait_or_kill(proc: subprocess.Popen[Any], timeout: float) -> None:
