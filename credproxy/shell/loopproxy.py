@@ -195,7 +195,17 @@ class Answer:
     checks what is sent to the sandbox. ``1xx`` answers are skipped.
     """
 
-    __slots__ = ("began", "done", "events", "framed", "head_bytes", "headers", "interim", "parser")
+    __slots__ = (
+        "began",
+        "done",
+        "events",
+        "framed",
+        "head_bytes",
+        "headers",
+        "interim",
+        "keep",
+        "parser",
+    )
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -203,6 +213,7 @@ class Answer:
         self.headers: list[tuple[bytes, bytes]] = []
         self.framed = False  # a Content-Length or chunked: its end does not need a close
         self.interim = False
+        self.keep = False  # whole, and the connection may carry another request
         self.began = False  # its head has come
         self.head_bytes = 0  # read before it came
         self.done = False
@@ -227,7 +238,7 @@ class Answer:
         if self.framed:
             raise httptools.HttpParserError("closed in the middle of an answer")
         self.done = True  # an answer whose end is the connection's
-        self.events.append((_END, None, False))
+        self.events.append((_END, None, None))
 
     def on_header(self, name: bytes, value: bytes | None) -> None:
         self.headers.append((name.lower(), value or b""))
@@ -251,7 +262,8 @@ class Answer:
             self.interim = False
             return
         self.done = True
-        self.events.append((_END, None, self.parser.should_keep_alive()))
+        self.keep = self.parser.should_keep_alive()
+        self.events.append((_END, None, None))
 
 
 class Upstream:
@@ -269,7 +281,6 @@ class Upstream:
         "owner",
         "paused",
         "pending",
-        "reusable",
         "reused",
         "sock",
         "tls",
@@ -283,7 +294,6 @@ class Upstream:
         self.origin = origin
         self.tls = tls
         self.answer: Answer | None = None  # the answer being read
-        self.reusable = False
         self.owner: HttpConn | None = None
         self.out = memoryview(b"")  # bytes the socket has not taken yet
         self.pending: collections.deque[memoryview] = collections.deque()  # not yet encrypted
@@ -820,7 +830,6 @@ class HttpConn:
             elif kind == _HEAD:
                 self.answer_head(x, a, b, now)
             else:
-                up.reusable = bool(b)
                 self.answer_end(x, up, now)
                 return
             if self.closed or x.up is not up:
@@ -1448,9 +1457,9 @@ class LoopProxy:
             up.paused = False
             up.interest()
         answer, up.answer = up.answer, None
-        whole = answer is not None and answer.done and not up.out and not up.pending
-        if not up.closed and up.reusable and whole:  # (an early answer: the request not sent)
-            up.reusable = False
+        # (An answer that came before the whole request was sent: not pooled.)
+        sent = not up.out and not up.pending
+        if not up.closed and answer is not None and answer.done and answer.keep and sent:
             idle = self.pool.setdefault(up.origin.key, [])
             if len(idle) < POOL_PER_ORIGIN:
                 up.idle_since = now
