@@ -26,6 +26,19 @@ def test_a_new_token_is_new() -> None:
     assert ServeAudit("fp1", None).is_new("fp2")
 
 
+def test_every_serve_of_a_key_counts_for_its_stats_whatever_the_token() -> None:
+    """The bucket stats count every serve, across a token change; the audit counts per token."""
+    audit = ServeAudit("fp1", None, 1.0)  # the first serve of fp1, logged at once
+    audit.count(2.0)
+    audit.count(3.0)
+    assert audit.take() == 2
+    audit.renew("fp2", 50.0, 4.0)  # the first serve of fp2, logged at once
+    assert (audit.fp, audit.expiry, audit.pending) == ("fp2", 50.0, 0)
+    assert not audit.is_new("fp2")
+    audit.count(5.0)
+    assert (audit.total, audit.last) == (5, 5.0)
+
+
 def test_throttle_lets_one_through_per_interval_and_reports_the_rest() -> None:
     """Within an interval only the first event passes; the next one to pass says how many were dropped."""
     t = Throttle(10.0)

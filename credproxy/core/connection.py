@@ -29,10 +29,12 @@ connection when :meth:`expired` says why.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from credproxy.core.config import Limits
 from credproxy.core.protocol import (
     BODY_DEADLINE,
+    CLOSED,
     NEED_DATA,
     Event,
     Request,
@@ -75,10 +77,26 @@ class TokenBucket:
 class Connection:
     """Protocol state, rate limit and deadlines of one connection (see the module docstring)."""
 
-    __slots__ = ("_body_deadline", "_idle", "_idle_deadline", "_limited", "_rate", "protocol")
+    __slots__ = (
+        "_body_deadline",
+        "_idle",
+        "_idle_deadline",
+        "_in_flight",
+        "_limited",
+        "_rate",
+        "_reader",
+        "protocol",
+        "receive_data",
+    )
 
     def __init__(self, limits: Limits, now: float, *, capability: bytes | None = None) -> None:
         self.protocol = ServerConnection(capability=capability, max_in_flight=limits.max_in_flight)
+        # The protocol's parts that every request touches, held here so that
+        # the hot path does not go through two layers of calls to reach them.
+        self._reader = self.protocol.reader
+        self._in_flight = self.protocol.in_flight_ids
+        #: Store bytes from the peer (the frame reader's own ``feed``).
+        self.receive_data: Callable[[bytes], None] = self._reader.feed
         self._rate = TokenBucket(limits.requests_per_second, limits.request_burst, now)
         self._limited = limits.requests_per_second > 0
         self._idle = limits.idle_timeout
@@ -87,16 +105,17 @@ class Connection:
 
     # -- input --
 
-    def receive_data(self, data: bytes) -> None:
-        self.protocol.receive_data(data)
-
     def next_event(self, now: float) -> Event:
         """The next :class:`Send` or :class:`Request`, or :data:`NEED_DATA`.
 
         Raises:
             ProtocolError: the peer broke framing; close without replying.
         """
-        event = self.protocol.next_event()
+        protocol = self.protocol
+        reader = self._reader
+        if not reader.data and not reader.buf and protocol.state is not CLOSED:
+            return NEED_DATA  # (what the protocol would say, without asking it)
+        event = protocol.next_event()
         if event is NEED_DATA:
             return event
         self._idle_deadline = now + self._idle  # a frame completed
@@ -116,7 +135,7 @@ class Connection:
         Returns True if it armed it: the one way a read brings :meth:`deadline`
         earlier (a frame or an answer only moves the idle deadline later).
         """
-        if self.protocol.awaiting_body and self._body_deadline == math.inf:
+        if self._reader.need is not None and self._body_deadline == math.inf:
             self._body_deadline = now + BODY_DEADLINE
             return True
         return False
@@ -127,7 +146,7 @@ class Connection:
         """The reply frame for request *rid*: ``data_json`` is an encoded JSON value."""
         protocol = self.protocol
         out = protocol.reply_ok_raw(rid, data_json)
-        if not protocol.in_flight:  # (what _answered does, inline: this is the hot path)
+        if not self._in_flight:  # (what _answered does, inline: this is the hot path)
             self._idle_deadline = now + self._idle
         return out
 

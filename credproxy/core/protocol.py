@@ -91,51 +91,58 @@ class FrameReader:
     case) are kept as they came and cut in place; only what is left of a
     frame that is not complete yet goes to the buffer, where the next reads
     join it.
+
+    Its state is public to be read (never changed) by its connection's hot
+    path: ``data`` and ``buf`` are both empty when nothing is buffered, and
+    ``need`` is the body length while a header waits for its body (else None).
     """
 
-    __slots__ = ("_buf", "_data", "_max", "_need", "_pos")
+    __slots__ = ("_max", "_pos", "buf", "data", "need")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
-        self._data = b""  # bytes fed while the buffer was empty, parsed from _pos on
+        self.buf = bytearray()
+        self.data = b""  # bytes fed while the buffer was empty, parsed from _pos on
         self._pos = 0
         self._max = max_frame
-        self._need: int | None = None  # body length once the header is read
+        self.need: int | None = None  # body length once the header is read
 
     def feed(self, data: bytes) -> None:
-        if self._data:
+        if self.data:
             self._spill()
-        if self._buf or self._need is not None:
-            self._buf += data
+        if self.buf or self.need is not None:
+            self.buf += data
         elif data:
-            self._data = bytes(data)
+            self.data = bytes(data)
             self._pos = 0
 
     def next_frame(self) -> bytes | None:
-        data = self._data
+        data = self.data
         if data:
             pos = self._pos
             if len(data) - pos >= _HEADER:
-                end = pos + _HEADER + self._length(data, pos)
+                need: int = _unpack_header(data, pos)[0]  # (_length, inline: the usual case)
+                if need > self._max:
+                    self._length(data, pos)  # raises
+                end = pos + _HEADER + need
                 if end <= len(data):
                     if end == len(data):
-                        self._data, self._pos = b"", 0
+                        self.data, self._pos = b"", 0
                     else:
                         self._pos = end
                     return data[pos + _HEADER : end]
             self._spill()  # the rest is part of a frame: buffer it until it is whole
-        buf = self._buf
-        if self._need is None:
+        buf = self.buf
+        if self.need is None:
             if len(buf) < _HEADER:
                 return None
-            self._need = self._length(buf, 0)
+            self.need = self._length(buf, 0)
             del buf[:_HEADER]
-        need = self._need
+        need = self.need
         if len(buf) < need:
             return None
         payload = bytes(buf[:need])
         del buf[:need]
-        self._need = None
+        self.need = None
         return payload
 
     def _length(self, data: bytes | bytearray, pos: int) -> int:
@@ -146,8 +153,8 @@ class FrameReader:
         return need
 
     def _spill(self) -> None:
-        self._buf += memoryview(self._data)[self._pos :]
-        self._data = b""
+        self.buf += memoryview(self.data)[self._pos :]
+        self.data = b""
         self._pos = 0
 
     @property
@@ -157,11 +164,11 @@ class FrameReader:
         The body deadline runs only in this state: one to three stray bytes of
         a header never arm it (llxprt's rule).
         """
-        return self._need is not None
+        return self.need is not None
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) + len(self._data) - self._pos
+        return len(self.buf) + len(self.data) - self._pos
 
 
 def decode_object(payload: bytes) -> dict[str, Any]:
@@ -295,30 +302,30 @@ class ServerConnection:
     def __init__(self, *, capability: bytes | None = None, max_in_flight: int = 16) -> None:
         self.state = AWAIT_HANDSHAKE
         self.version = 0
-        self._reader = FrameReader()
+        self.reader = FrameReader()  # (read-only for others: it splits this connection's bytes)
         self._capability = capability
         self._max_in_flight = max_in_flight
-        self._in_flight: set[str] = set()
+        self.in_flight_ids: set[str] = set()  # (read-only for others: changed by the replies)
         self._shared: set[str] = set()  # in flight, but waiting on another request's work
 
     # -- input --
 
     def receive_data(self, data: bytes) -> None:
         """Store bytes from the peer; call :meth:`next_event` to process them."""
-        self._reader.feed(data)
+        self.reader.feed(data)
 
     @property
     def awaiting_body(self) -> bool:
-        return self._reader.awaiting_body
+        return self.reader.awaiting_body
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet parsed."""
-        return self._reader.buffered
+        return self.reader.buffered
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self.in_flight_ids)
 
     def share(self, rid: str) -> None:
         """Request *rid* waits on the same work as an earlier request in flight.
@@ -328,7 +335,7 @@ class ServerConnection:
         ``get_token`` on one connection, and twenty of them waiting on one
         coalesced refresh cost what one does.
         """
-        if rid in self._in_flight:
+        if rid in self.in_flight_ids:
             self._shared.add(rid)
 
     def next_event(self) -> Event:
@@ -341,7 +348,7 @@ class ServerConnection:
         if state == CLOSED:
             raise ProtocolError("connection is closed")
         try:
-            payload = self._reader.next_frame()
+            payload = self.reader.next_frame()
             if payload is None:
                 return NEED_DATA
             if state == OPEN:
@@ -388,7 +395,7 @@ class ServerConnection:
             if isinstance(req, Send):
                 return req
         rid = req.id
-        in_flight = self._in_flight
+        in_flight = self.in_flight_ids
         if rid in in_flight:
             return Send(self._error(rid, "INVALID_REQUEST", "Duplicate request id"))
         if len(in_flight) - len(self._shared) >= self._max_in_flight:
@@ -424,7 +431,7 @@ class ServerConnection:
 
     def reply_ok_raw(self, rid: str, data_json: bytes) -> bytes:
         """Answer request *rid* with an already-encoded JSON object (the hot path)."""
-        self._in_flight.discard(rid)
+        self.in_flight_ids.discard(rid)
         if self._shared:
             self._shared.discard(rid)
         rid_json = _encoder.encode(rid)
@@ -446,7 +453,7 @@ class ServerConnection:
         ``retry_after`` in seconds (``RATE_LIMITED``, ``ALL_BUCKETS_EXHAUSTED``);
         ``extra`` adds fields such as ``bucketFailureReasons``.
         """
-        self._in_flight.discard(rid)
+        self.in_flight_ids.discard(rid)
         self._shared.discard(rid)
         return self._error(rid, code, message, retry_after, extra)
 

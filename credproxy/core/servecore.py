@@ -146,8 +146,7 @@ class SessionState:
     profiles: dict[str, Profile | None] = field(default_factory=dict)
     current: dict[str, int] = field(default_factory=dict)  # profile index get_token starts from
     holds: dict[Key, float] = field(default_factory=dict)  # its own quota holds: end, wall clock
-    served: dict[Key, list[float]] = field(default_factory=dict)  # key -> [count, last ms]
-    audit: dict[Key, ServeAudit] = field(default_factory=dict)  # serves counted, not yet logged
+    serves: dict[Key, ServeAudit] = field(default_factory=dict)  # counted, for stats and the audit
     # (provider, bucket) as a request names them -> the key, for pairs its grants allow
     granted: dict[tuple[object, object], Key] = field(default_factory=dict)
 
@@ -316,9 +315,10 @@ class ServingCore:
             return self._report_failure(state, payload)
         if op == "get_bucket_stats":
             key = self._granted_key(state, payload)
-            count, last = state.served.get(key, (0, 0.0))
-            total = sum(int(v[0]) for k, v in state.served.items() if k.provider == key.provider)
-            return Defer("get_bucket_stats", key, stats=(int(count), last, total))
+            serves = state.serves.get(key)
+            count, last = (0, 0.0) if serves is None else (serves.total, serves.last * 1000)
+            total = sum(v.total for k, v in state.serves.items() if k.provider == key.provider)
+            return Defer("get_bucket_stats", key, stats=(count, last, total))
         if op == "list_providers":
             return Read("list_providers")
         if op == "list_api_keys":
@@ -337,7 +337,8 @@ class ServingCore:
         self, state: SessionState, payload: dict[str, Any], wall: float, boot: float
     ) -> Ready | Defer:
         """The hot path: a ready token of the named (or the profile's current) bucket, or Defer."""
-        if payload.get("bucket") is None:
+        bucket = payload.get("bucket")
+        if bucket is None:
             provider = payload.get("provider")
             # The profile is looked up once per session and provider; after
             # that the hot path pays one dict lookup, not a name check.
@@ -347,7 +348,10 @@ class ServingCore:
                 profile = self.profile(state, name_field(payload, "provider"))
             if profile is not None:
                 return self._pick(state, profile, wall, boot)
-        key = self._granted_key(state, payload)
+        try:  # (what _granted_key does first, inline: this is every get_token's path)
+            key = state.granted[payload.get("provider"), bucket]
+        except (KeyError, TypeError):
+            key = self._granted_key(state, payload)
         ready = state.ready.get(key)
         if ready is not None and boot < ready.until:
             return ready
@@ -388,14 +392,6 @@ class ServingCore:
             return True
         own = state.holds.get(key)
         return own is not None and wall < own
-
-    def count_serve(self, state: SessionState, key: Key, wall: float) -> None:
-        """Account one serve of *key* at *wall* (for ``get_bucket_stats``)."""
-        stats = state.served.get(key)
-        if stats is None:
-            stats = state.served[key] = [0, 0.0]
-        stats[0] += 1
-        stats[1] = wall * 1000
 
     # -- inside ----------------------------------------------------------------------
 

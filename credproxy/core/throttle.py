@@ -21,27 +21,41 @@ AUDIT_INTERVAL = 60.0  # seconds between the count lines of one session and key
 
 
 class ServeAudit:
-    """The audit state of one session and key: the token last logged, and serves not yet logged.
+    """The serves of one session and key: counted for ``get_bucket_stats`` and for the audit.
 
-    The caller logs a serve at once when :meth:`is_new` says the token changed
-    (after logging :meth:`take` of the old one), else calls :meth:`count`,
-    and logs :meth:`take` when the interval that the first count started ends.
+    ``total`` and ``last`` (wall clock) count every serve of the key, whatever
+    its token. For the audit lines it keeps the token last logged and the
+    serves not yet logged: the caller logs a serve at once when :meth:`is_new`
+    says the token changed (after logging :meth:`take` of the old one, then
+    :meth:`renew`), else calls :meth:`count`, and logs :meth:`take` when the
+    interval that the first count started ends.
     """
 
-    __slots__ = ("expiry", "fp", "pending")
+    __slots__ = ("expiry", "fp", "last", "pending", "total")
 
-    def __init__(self, fp: str, expiry: float | None) -> None:
+    def __init__(self, fp: str, expiry: float | None, wall: float = 0.0) -> None:
         self.fp = fp
         self.expiry = expiry
         self.pending = 0
+        self.total = 1  # made by a token's first serve, which is logged at once
+        self.last = wall
 
     def is_new(self, fp: str) -> bool:
         return fp != self.fp
 
-    def count(self) -> bool:
-        """Count one serve of the same token; True if it starts an interval."""
+    def count(self, wall: float = 0.0) -> bool:
+        """Count one serve of the same token at *wall*; True if it starts an interval."""
+        self.total += 1
+        self.last = wall
         self.pending += 1
         return self.pending == 1
+
+    def renew(self, fp: str, expiry: float | None, wall: float) -> None:
+        """Count the first serve of a new token (logged at once, after :meth:`take`)."""
+        self.fp = fp
+        self.expiry = expiry
+        self.total += 1
+        self.last = wall
 
     def take(self) -> int:
         """The serves not yet logged (and forget them)."""

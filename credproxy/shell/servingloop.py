@@ -86,11 +86,13 @@ log = logs.get("credproxy.servingloop")
 
 RECV_SIZE = 65_536
 BATCH = 64  # requests answered per connection per wake-up before the others get their turn
+_BATCH = range(BATCH)
 SEND_TIMEOUT = 10.0  # seconds a reply may wait for a peer that does not read
 MAX_EVENTS = 256  # readiness events taken per wait (the rest: at the next, at once)
 MAX_PENDING = 256  # replies that may wait for an earlier one on a connection before it is paused
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
+_READABLE = _IN | select.EPOLLHUP | select.EPOLLERR  # (a hang-up or an error: read to learn it)
 _T = TypeVar("_T")
 
 
@@ -375,10 +377,10 @@ class ServingLoop(Generic[S]):
 
     def _run_thread(self) -> None:
         try:
+            poll = self._epoll.poll
+            timeout = self._timeout(self.clock())
             while not self._stopped:
-                timeout = self._timeout()
-                events = self._epoll.poll(-1 if timeout is None else timeout, MAX_EVENTS)
-                self._turn(events)
+                timeout = self._turn(poll(-1 if timeout is None else timeout, MAX_EVENTS))
         except Exception as exc:  # a bug: say so, and stop the daemon rather than half-serve
             log.exception("serving_loop_crashed")
             if self.on_crash is not None:
@@ -392,20 +394,20 @@ class ServingLoop(Generic[S]):
     async def run_in_trio(self) -> None:
         """Run the loop as this trio task until cancelled (or :meth:`stop`)."""
         try:
+            timeout = self._timeout(self.clock())
             while not self._stopped:
-                timeout = self._timeout()
                 if timeout is None or timeout > 0:
                     deadline = math.inf if timeout is None else trio.current_time() + timeout
                     with trio.move_on_at(deadline):
                         await trio.lowlevel.wait_readable(self._epoll.fileno())
                 else:
                     await trio.lowlevel.checkpoint()
-                self._turn(self._epoll.poll(0, MAX_EVENTS))
+                timeout = self._turn(self._epoll.poll(0, MAX_EVENTS))
         finally:
             self._shutdown()
 
-    def _timeout(self) -> float | None:
-        """Seconds the loop may sleep: 0 with a backlog, else until the next deadline."""
+    def _timeout(self, now: float) -> float | None:
+        """Seconds the loop may sleep from *now*: 0 with a backlog, else until the next deadline."""
         if self._backlog or self._commands:
             return 0.0
         due = self._heap[0][0] if self._heap else math.inf
@@ -416,7 +418,7 @@ class ServingLoop(Generic[S]):
             due = relay.heap[0][0]
         if due == math.inf:
             return None
-        due -= self.clock()
+        due -= now
         return due if due > 0.0 else 0.0
 
     def _shutdown(self) -> None:
@@ -435,7 +437,8 @@ class ServingLoop(Generic[S]):
 
     # -- one turn of the loop ------------------------------------------------
 
-    def _turn(self, events: list[tuple[int, int]]) -> None:
+    def _turn(self, events: list[tuple[int, int]]) -> float | None:
+        """Answer *events*, then the commands, backlog and deadlines; returns :meth:`_timeout`."""
         now = self.clock()
         # Commands first: what the trio side changed holds for everything read from now on.
         while self._commands:
@@ -465,7 +468,7 @@ class ServingLoop(Generic[S]):
             try:  # (_guarded, inlined: this is every request's path)
                 if mask & _OUT:
                     self._flush(ready, now)
-                elif mask & (_IN | select.EPOLLHUP | select.EPOLLERR):
+                elif mask & _READABLE:
                     self._read(ready, now)
             except Exception:
                 log.exception("connection_crashed", conn=ready.state.id)
@@ -489,6 +492,9 @@ class ServingLoop(Generic[S]):
                 self._close(conn, reason)
             else:
                 self._track(conn)
+        # The wait from the turn's start: a deadline of this turn is late by
+        # no more than the turn took, and a command sent meanwhile wakes it.
+        return self._timeout(now)
 
     def _guarded(
         self,
@@ -606,7 +612,7 @@ class ServingLoop(Generic[S]):
         wall = self.wall()
         boot = self.boot()
         try:
-            for _ in range(BATCH):
+            for _ in _BATCH:
                 if conn.paused:
                     break  # resumed when the replies before them have left
                 event = next_event(now)
@@ -649,6 +655,8 @@ class ServingLoop(Generic[S]):
             return b""  # revoked: the connection is about to close
         try:
             answer = self.core.request(state, req.op, req.payload, wall, boot)
+            if isinstance(answer, Ready):  # the hot path: a cached token
+                return self._serve(conn, req.id, answer, now, wall)
             if isinstance(answer, Read):
                 answer = self.trio_side.read(state, answer)
         except CredproxyError as exc:
@@ -656,8 +664,6 @@ class ServingLoop(Generic[S]):
         except Exception:
             log.exception("request_failed", session=state.id, op=req.op)
             return conn.engine.fail(req.id, CredproxyError("bug"), now)
-        if isinstance(answer, Ready):  # the hot path: a cached token
-            return self._serve(conn, req.id, answer, now, wall)
         if isinstance(answer, Defer) and req.op == "get_token" and conn.waiting:
             # The key the request names (a profile's is Key(provider, "")):
             # an earlier get_token of it is still being answered. Wait with
@@ -693,14 +699,15 @@ class ServingLoop(Generic[S]):
     ) -> bytes:
         state = conn.state
         key = ready.key
-        self.core.count_serve(state, key, wall)
-        audit = state.audit.get(key)
-        if audit is None or audit.is_new(ready.fp):
-            if audit is not None:
-                self._log_count(state, key, audit, wall)
-            state.audit[key] = ServeAudit(ready.fp, ready.expiry)
+        serves = state.serves.get(key)
+        if serves is None:
+            state.serves[key] = ServeAudit(ready.fp, ready.expiry, wall)
             self._log_served(state, key, ready.fp, ready.expiry, wall, 1)
-        elif audit.count():
+        elif serves.is_new(ready.fp):
+            self._log_count(state, key, serves, wall)
+            serves.renew(ready.fp, ready.expiry, wall)
+            self._log_served(state, key, ready.fp, ready.expiry, wall, 1)
+        elif serves.count(wall):
             heapq.heappush(self._audits, (now + AUDIT_INTERVAL, next(self._seq), state, key))
         return conn.engine.answer(rid, ready.served, now)
 
@@ -727,13 +734,13 @@ class ServingLoop(Generic[S]):
         """Log the counted serves that are due (all of *state*'s, or all, when given)."""
         wall = self.wall()
         if state is not None:
-            for key, counted in state.audit.items():
+            for key, counted in state.serves.items():
                 self._log_count(state, key, counted, wall)
             return
         heap = self._audits
         while heap and heap[0][0] <= now:
             _, _, due_state, key = heapq.heappop(heap)
-            audit = due_state.audit.get(key)
+            audit = due_state.serves.get(key)
             if audit is not None:
                 self._log_count(due_state, key, audit, wall)
 
