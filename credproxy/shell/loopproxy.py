@@ -382,12 +382,12 @@ class Upstream:
                     try:
                         chunk = obj.read(RECV_SIZE)
                     except ssl.SSLWantReadError:
-                        break
+                        break  # (the rest of a record is still on its way)
                     except ssl.SSLZeroReturnError:
                         chunk = b""
                     answer.feed(chunk)  # (b"": the server's close_notify)
-                    if not chunk:
-                        break
+                    if not chunk or not (incoming.pending or obj.pending()):
+                        break  # all read (asking once more would raise, at a cost)
             else:
                 answer.feed(b"")
         except (httptools.HttpParserError, ssl.SSLError):
