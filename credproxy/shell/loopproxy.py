@@ -7,8 +7,10 @@ The trio side's proxy (:mod:`credproxy.shell.proxy`) pays about a millisecond
 of CPU per request in trio's scheduler, httpx's request model and h11 (see
 ``docs/design.md`` section 9.1). So the serving loop keeps an HTTP connection
 in its own epoll set instead of handing it over, and this module relays its
-requests there: h11 parses the sandbox's requests, llhttp (``httptools``) the
-upstream's answers, and the relay writes both sides' heads itself
+requests there: llhttp (``httptools``) reads the sandbox's request heads
+(:func:`read_head`; anything it or the relay's checks do not take goes to the
+trio side, whose h11 refuses or reads it) and the upstream's answers, and the
+relay writes both sides' heads itself
 (:func:`request_head`, :func:`response_head`); non-blocking sockets, TLS
 through ``ssl.MemoryBIO``, pooled keep-alive connections to each upstream,
 and every deadline in a heap of the loop. No task, cancel scope or scheduler
@@ -78,7 +80,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import h11
 import httptools
 import msgspec
 
@@ -187,12 +188,73 @@ def response_head(status: int, headers: list[tuple[bytes, bytes]], keep: bool) -
     return b"HTTP/1.1 %d \r\n%s\r\n" % (status, _header_lines(headers))
 
 
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head (llhttp takes only CRLF lines)
+
+
+class Req:
+    """A request head as :func:`read_head` reads it: what the relay uses of it."""
+
+    __slots__ = ("headers", "http_version", "method", "target")
+
+    def __init__(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], version: bytes
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers  # names lower-cased, values without surrounding blanks
+        self.http_version = version
+
+
+class _HeadParts:
+    """llhttp's callbacks for one request head."""
+
+    __slots__ = ("headers", "target")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.target = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes | None) -> None:
+        self.headers.append((name.lower(), (value or b"").strip(b" \t")))
+
+
+def read_head(head: bytes) -> Req | None:
+    """*head* (a request head through its blank line) read by llhttp, or None.
+
+    None for anything the loop leaves to the trio side, whose h11 refuses it or
+    reads it there: what llhttp refuses (bad syntax, a bare LF, a folded or
+    invalid header, a Content-Length twice or with Transfer-Encoding), blank
+    lines before the request line, an upgrade, a request line without a
+    version, and a Host missing (1.1) or repeated. llhttp is strict by
+    default; its lenient modes are not used. A version other than 1.1 is
+    served and the connection closed after it, as h11 read it.
+    """
+    if head.startswith((b"\r", b"\n")):
+        return None  # (llhttp skips blank lines before a request line; h11 refuses them)
+    parts = _HeadParts()
+    parser = httptools.HttpRequestParser(parts)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None
+    version = parser.get_http_version()
+    if version == "0.9":  # (a request line without a version)
+        return None
+    hosts = sum(1 for name, _ in parts.headers if name == b"host")
+    if hosts > 1 or (hosts == 0 and version == "1.1"):
+        return None
+    return Req(parser.get_method(), parts.target, parts.headers, version.encode())
+
+
 class Answer:
     """One upstream answer as llhttp reads it (``httptools``): what the relay passes on.
 
     The upstream is the provider's own API, reached over TLS; its answers are
-    read with llhttp, a C parser, and re-framed for the client by h11, which
-    checks what is sent to the sandbox. ``1xx`` answers are skipped.
+    read with llhttp, a C parser, and re-framed for the client by the relay
+    (:func:`response_head`), which checks what is sent to the sandbox. ``1xx`` answers are skipped.
     """
 
     __slots__ = (
@@ -418,7 +480,6 @@ class Exchange:
 
     __slots__ = (
         "body",
-        "chunks",
         "close",
         "got_answer",
         "headers",
@@ -440,7 +501,7 @@ class Exchange:
         "waited_since",
     )
 
-    def __init__(self, req: h11.Request, method: str, route: Route, origin: Origin, now: float):
+    def __init__(self, req: Req, method: str, route: Route, origin: Origin, now: float):
         self.req = req
         self.method = method
         self.route = route
@@ -450,7 +511,6 @@ class Exchange:
         self.ready: Ready | None = None  # the token the request carries (None: API keys only)
         self.headers: list[tuple[bytes, bytes]] = []  # as sent upstream
         self.target = b""
-        self.chunks: list[bytes] = []  # the body as it is read
         self.body = b""  # the body, whole
         self.kept = 0  # bytes of retry_body_budget held for the body
         self.close = False  # the client asked to close after it (or speaks HTTP/1.0)
@@ -470,13 +530,14 @@ class HttpConn:
     __slots__ = (
         "again",
         "answered",
+        "buf",
         "chunked",
         "close_when_flushed",
         "closed",
-        "conn",
         "early",
         "eof",
         "fd",
+        "head",
         "heap_at",
         "http11",
         "keep",
@@ -487,7 +548,6 @@ class HttpConn:
         "pre",
         "preamble",
         "rate",
-        "raw",
         "session",
         "sock",
         "state",
@@ -497,6 +557,7 @@ class HttpConn:
         "t_idle",
         "t_send",
         "t_up",
+        "whole",
         "x",
     )
 
@@ -509,12 +570,15 @@ class HttpConn:
         self.sock = sock
         self.fd = sock.fileno()
         cfg = lp.proxy.cfg
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.proxy.max_header_bytes)
         self.preamble: Preamble | None = None  # None: not read yet (then *pre* holds its bytes)
         self.pre = bytearray()
         limits = cfg.limits
         self.rate = TokenBucket(limits.requests_per_second, limits.request_burst, now)
-        self.raw = bytearray()  # the bytes of the request under way, for a hand-over
+        # The bytes of the request under way from its first (what a hand-over
+        # gives the trio side), then of the requests after it.
+        self.buf = bytearray()
+        self.head = 0  # the length of the request's head
+        self.whole = True  # the request's body is read whole (else it ends with the connection)
         self.out = bytearray()
         self.mask = _IN
         self.x: Exchange | None = None
@@ -565,7 +629,6 @@ class HttpConn:
             elif x is not None and x.pace is not None:
                 self.gone(now)  # in the middle of its body
             else:
-                self.conn.receive_data(b"")
                 self.eof = True  # (a half-close still gets its answer)
                 if x is None:
                     self.step(now)
@@ -575,7 +638,7 @@ class HttpConn:
         if x is not None and x.pace is None:
             # The next request, sent before this one's answer: kept for later
             # (past MAX_EARLY bytes the connection is not read until then).
-            self.conn.receive_data(data)
+            self.buf += data
             self.early += len(data)
             if self.early > MAX_EARLY:
                 self.interest()
@@ -601,13 +664,11 @@ class HttpConn:
             else:
                 self.preamble, data = Preamble(), bytes(pre)
             self.pre = bytearray()
-            self.raw = bytearray(data)
-        elif x is None:
-            self.raw += data  # (until a request is admitted: it may still be handed over)
+            self.buf = bytearray(data)
+        else:
+            self.buf += data
         if x is not None and x.pace is not None:
             x.pace.record(now - x.waited_since, len(data))
-        if data:  # (h11 takes b"" for the end of the stream)
-            self.conn.receive_data(data)
         if x is None:
             self.step(now)
         else:
@@ -632,25 +693,28 @@ class HttpConn:
             self.stepping = False
 
     def next_request(self, now: float) -> None:
-        conn = self.conn
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError:
-            self.hand_over(bytes(self.raw), self.handed(False, now), now)  # 400/413/431 there
+        buf = self.buf
+        cfg = self.lp.proxy.cfg
+        end = _HEAD_END.search(buf)
+        if end is None:
+            if self.eof and not buf:
+                self.close()  # the client is done
+            elif self.eof or len(buf) > cfg.proxy.max_header_bytes:
+                self.hand_over(bytes(buf), self.handed(False, now), now)  # 400/431 there
+            else:
+                if buf and self.t_head == math.inf:
+                    self.t_head = now + HEAD_TIMEOUT
+                self.t_idle = now + cfg.limits.idle_timeout
+                self.interest()
+                self.track()
             return
-        if event is h11.NEED_DATA:
-            if conn.their_state is h11.IDLE and self.t_head == math.inf and conn.trailing_data[0]:
-                self.t_head = now + HEAD_TIMEOUT
-            self.t_idle = now + self.lp.proxy.cfg.limits.idle_timeout
-            self.interest()
-            self.track()
+        req = read_head(bytes(buf[: end.end()]))
+        if req is None:  # not a head the loop reads: h11 on the trio side says what it is
+            self.hand_over(bytes(buf), self.handed(False, now), now)
             return
-        if type(event) is h11.Request:
-            self.begin(event, now)
-        else:  # ConnectionClosed: the client is done
-            self.close()
+        self.begin(req, end.end(), now)
 
-    def begin(self, req: h11.Request, now: float) -> None:
+    def begin(self, req: Req, head: int, now: float) -> None:
         lp = self.lp
         method = req.method.decode("ascii", "replace")
         self.t_head = self.t_idle = math.inf
@@ -661,48 +725,42 @@ class HttpConn:
         if x is None or self.rate.take(now):
             # Not the loop's kind of request, or refused: the trio side serves
             # it, or refuses it, as it did before the loop served any.
-            self.hand_over(bytes(self.raw), self.handed(False, now), now)
+            self.hand_over(bytes(self.buf), self.handed(False, now), now)
             return
         proxy = lp.proxy
         cfg = proxy.cfg.proxy
         length = x.kept
         if not proxy.ledger.enter(self.state.id, cfg.max_streams):
-            self.hand_over(bytes(self.raw), self.handed(True, now), now)  # 503 there
+            self.hand_over(bytes(self.buf), self.handed(True, now), now)  # 503 there
             return
         if length and not proxy.ledger.keep(length, cfg.retry_body_budget):
             proxy.ledger.leave(self.state.id)
-            self.hand_over(bytes(self.raw), self.handed(True, now), now)  # streamed there
+            self.hand_over(bytes(self.buf), self.handed(True, now), now)  # streamed there
             return
         x.pace = BodyPace(cfg.body_timeout, cfg.body_min_rate)
         self.x = x
         self.answered = 0  # 1: the head is sent, 2: the whole answer
         self.http11 = req.http_version == b"1.1"
         self.keep = not x.close
+        self.head = head
+        self.whole = False
         self.read_body(x, now)
 
     def read_body(self, x: Exchange, now: float) -> None:
-        while True:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError:
-                self.refuse(x, HttpError(400, "malformed HTTP request"), now)
-                return
-            if event is h11.NEED_DATA:
-                assert x.pace is not None
-                x.waited_since = now
-                self.t_body = now + x.pace.allowance()
-                self.interest()
-                self.track()
-                return
-            if type(event) is h11.Data:
-                x.chunks.append(event.data)
-            elif type(event) is h11.EndOfMessage:
-                break
-            else:  # the client closed in the middle of its body
-                self.gone(now)
-                return
+        """The body is the *Content-Length* bytes after the head (llhttp checked the header)."""
+        buf = self.buf
+        end = self.head + x.kept
+        if len(buf) < end:
+            assert x.pace is not None
+            x.waited_since = now
+            self.t_body = now + x.pace.allowance()
+            self.interest()
+            self.track()
+            return
+        x.body = bytes(buf[self.head : end])
+        del buf[:end]  # (what is left is the next request's)
+        self.whole = True
         x.pace = None
-        x.body, x.chunks = b"".join(x.chunks), []
         self.t_body = math.inf
         self.pick(x, now)
 
@@ -804,7 +862,7 @@ class HttpConn:
             self.refuse(x, HttpError(502, f"the request to {x.origin.host} cannot be sent"), now)
             return
         # The body goes as the client sent it (its Content-Length was checked by
-        # h11 and is among the headers), from the kept copy itself.
+        # llhttp and is among the headers), from the kept copy itself.
         body = x.body
         if len(body) <= TLS_CHUNK:  # (small: one write; a big one is sent from where it is)
             head, body = head + body, b""
@@ -1006,7 +1064,7 @@ class HttpConn:
         x.status = exc.status
         if self.answered == 0:
             close = exc.status in (403, 407) or not self.keep
-            headers, body = error_answer(self.conn, exc.status, str(exc), exc.headers, close=close)
+            headers, body = error_answer(self.whole, exc.status, str(exc), exc.headers, close=close)
             if any(n == b"connection" for n, _ in headers):
                 self.keep = False
                 headers = [(n, v) for n, v in headers if n != b"connection"]
@@ -1026,21 +1084,10 @@ class HttpConn:
         self.audit(x, now)
         if self.lp.proxy.ledger.leave(self.state.id):
             give_back_memory()
-        conn = self.conn
-        if close or not self.keep or self.answered != 2 or conn.their_state is not h11.DONE:
+        if close or not self.keep or self.answered != 2 or not self.whole:
             self.close_after_flush()
             return
-        # The next request is read by an h11 connection of its own, given what
-        # was read after this one (the answers are written here, not by h11).
-        rest, ended = conn.trailing_data
-        conn = self.conn = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=conn._max_incomplete_event_size
-        )
-        if rest:
-            conn.receive_data(rest)
-        if ended:
-            conn.receive_data(b"")
-        self.raw = bytearray(rest)
+        # The next request starts with what is left in the buffer.
         if self.early > MAX_EARLY:
             self.early = 0
             self.interest()
@@ -1338,7 +1385,7 @@ class LoopProxy:
             self.heap = [e for e in heap if not e[2].closed and e[0] == e[2].heap_at]
             heapq.heapify(self.heap)
 
-    def plan(self, c: HttpConn, req: h11.Request, method: str, now: float) -> Exchange | None:
+    def plan(self, c: HttpConn, req: Req, method: str, now: float) -> Exchange | None:
         """The request as the loop would relay it, or None: the trio side's (module docstring)."""
         proxy = self.proxy
         cfg = proxy.cfg.proxy
@@ -1347,7 +1394,7 @@ class LoopProxy:
             return None  # (its answer's framing is h11's business on the trio side)
         length = 0
         close = False
-        for name, value in headers:  # (h11 gives names lower-cased)
+        for name, value in headers:  # (names lower-cased by read_head)
             if name in (b"transfer-encoding", b"expect", b"upgrade"):
                 return None
             if name == b"content-length":

@@ -361,7 +361,8 @@ class ApiProxy:
         """Answer with an error of the proxy's own, if the connection still allows it."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        headers, body = error_answer(conn, status, message, extra, close=close)
+        whole = conn.their_state is h11.DONE
+        headers, body = error_answer(whole, status, message, extra, close=close)
         try:
             await stream.send_all(
                 conn.send(h11.Response(status_code=status, headers=headers)) or b""
@@ -1195,7 +1196,7 @@ def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
 
 
 def error_answer(
-    conn: h11.Connection,
+    whole: bool,
     status: int,
     message: str,
     extra: list[tuple[bytes, bytes]] | None = None,
@@ -1205,7 +1206,7 @@ def error_answer(
     """The headers and JSON body of an answer of the proxy's own (a refusal, an error).
 
     The connection closes after it when asked, when the request was not read
-    whole, for a 5xx, and for 400 and 408.
+    *whole*, for a 5xx, and for 400 and 408.
     """
     body = b'{"error":{"type":"credproxy","message":' + _json_string(message) + b"}}"
     headers = [
@@ -1213,7 +1214,7 @@ def error_answer(
         (b"content-length", str(len(body)).encode()),
         *(extra or []),
     ]
-    if close or conn.their_state is not h11.DONE or status >= 500 or status in (400, 408):
+    if close or not whole or status >= 500 or status in (400, 408):
         headers.append((b"connection", b"close"))
     return headers, body
 
