@@ -170,7 +170,7 @@ async def test_a_head_the_relay_does_not_read_gets_what_h11_says_of_it(
 async def test_a_request_in_pieces_is_read_whole_and_the_next_one_after_it(
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
-    """A head cut inside its lines and a body in three writes, the next request in the body's last write: two requests upstream, each whole."""
+    """A head cut inside its lines, a body in three writes with the next request in the last, its blank line cut in two: two requests upstream, each whole."""
     _, s = await _logged_in(start_daemon, upstream)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.connect(str(s.socket_path))
@@ -179,7 +179,8 @@ async def test_a_request_in_pieces_is_read_whole_and_the_next_one_after_it(
         b"st: credproxy\r\nContent-Le",
         b"ngth: 11\r\n\r\nhello",
         b" wor",
-        b"ldGET /dev/q HTTP/1.1\r\nHost: credproxy\r\n" + _CLOSE + b"\r\n",
+        b"ldGET /dev/q HTTP/1.1\r\nHost: credproxy\r\n" + _CLOSE + b"\r",
+        b"\n",  # (the blank line cut in two)
     ]
     for piece in pieces:
         await sock.send(piece)

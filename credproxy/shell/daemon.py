@@ -47,7 +47,7 @@ from credproxy.shell import faults, logs, paths, systemd
 from credproxy.shell.handlers import ControlOps, SandboxOps
 from credproxy.shell.http import ApiClient
 from credproxy.shell.loopproxy import LoopProxy
-from credproxy.shell.proxy import ApiProxy, Handed
+from credproxy.shell.proxy import ApiProxy, Handed, keep_big_blocks_off_the_heap
 from credproxy.shell.server import (
     accept_forever,
     bind_unix,
@@ -858,6 +858,7 @@ def main(idle_exit: float | None) -> int:
     """``credproxy serve``: configure, then run until told to stop. Returns the exit code."""
     logs.configure()
     os.umask(0o077)  # every file and socket we create is born private
+    keep_big_blocks_off_the_heap()  # (big request bodies: see proxy.py)
     config_path = paths.config_file()
     cfg = paths.load_config(config_path)
     raise_fd_limit()

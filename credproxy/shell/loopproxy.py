@@ -530,6 +530,7 @@ class HttpConn:
     __slots__ = (
         "again",
         "answered",
+        "body_end",
         "buf",
         "chunked",
         "close_when_flushed",
@@ -548,6 +549,7 @@ class HttpConn:
         "pre",
         "preamble",
         "rate",
+        "scanned",
         "session",
         "sock",
         "state",
@@ -577,7 +579,9 @@ class HttpConn:
         # The bytes of the request under way from its first (what a hand-over
         # gives the trio side), then of the requests after it.
         self.buf = bytearray()
+        self.scanned = 0  # bytes of the buffer searched for a head's end, not found there
         self.head = 0  # the length of the request's head
+        self.body_end = 0  # where its body ends in the buffer
         self.whole = True  # the request's body is read whole (else it ends with the connection)
         self.out = bytearray()
         self.mask = _IN
@@ -695,8 +699,11 @@ class HttpConn:
     def next_request(self, now: float) -> None:
         buf = self.buf
         cfg = self.lp.proxy.cfg
-        end = _HEAD_END.search(buf)
+        # (searched from where the last search stopped: a head sent a byte at a
+        # time costs no more than one sent whole)
+        end = _HEAD_END.search(buf, max(0, self.scanned - 2))
         if end is None:
+            self.scanned = len(buf)
             if self.eof and not buf:
                 self.close()  # the client is done
             elif self.eof or len(buf) > cfg.proxy.max_header_bytes:
@@ -712,6 +719,7 @@ class HttpConn:
         if req is None:  # not a head the loop reads: h11 on the trio side says what it is
             self.hand_over(bytes(buf), self.handed(False, now), now)
             return
+        self.scanned = 0
         self.begin(req, end.end(), now)
 
     def begin(self, req: Req, head: int, now: float) -> None:
@@ -743,13 +751,14 @@ class HttpConn:
         self.http11 = req.http_version == b"1.1"
         self.keep = not x.close
         self.head = head
+        self.body_end = head + length
         self.whole = False
         self.read_body(x, now)
 
     def read_body(self, x: Exchange, now: float) -> None:
         """The body is the *Content-Length* bytes after the head (llhttp checked the header)."""
         buf = self.buf
-        end = self.head + x.kept
+        end = self.body_end
         if len(buf) < end:
             assert x.pace is not None
             x.waited_since = now
@@ -757,8 +766,9 @@ class HttpConn:
             self.interest()
             self.track()
             return
-        x.body = bytes(buf[self.head : end])
-        del buf[:end]  # (what is left is the next request's)
+        with memoryview(buf) as view:  # (one copy of the body, and a new buffer for the rest:
+            x.body = bytes(view[self.head : end])  # the old one's room goes with it)
+            self.buf = bytearray(view[end:])  # what is left is the next request's
         self.whole = True
         x.pace = None
         self.t_body = math.inf
@@ -1082,6 +1092,7 @@ class HttpConn:
         self.x = None
         self.t_up = self.t_body = math.inf
         self.audit(x, now)
+        x.body = b""  # (freed before the heap is trimmed, not after)
         if self.lp.proxy.ledger.leave(self.state.id):
             give_back_memory()
         if close or not self.keep or self.answered != 2 or not self.whole:
@@ -1244,8 +1255,12 @@ class HttpConn:
             self.close()
 
     def detach(self) -> None:
-        """Out of the loop's sight (the socket itself stays open)."""
+        """Out of the loop's sight (the socket itself stays open).
+
+        Its buffers go now: a stale deadline of the heap may hold it a while.
+        """
         self.closed = True
+        self.buf, self.out, self.pre = bytearray(), bytearray(), bytearray()
         self.lp.handlers.pop(self.fd, None)
         with contextlib.suppress(OSError, ValueError):
             self.lp.epoll.unregister(self.fd)
