@@ -12,18 +12,18 @@ from credproxy.core.throttle import ServeAudit, Throttle
 
 def test_the_same_token_is_counted_and_only_the_first_count_starts_an_interval() -> None:
     """Serves of one token after the first are counted; only the first of a run asks for a count line."""
-    audit = ServeAudit("fp1", 100.0)
+    audit = ServeAudit("fp1", 100.0, 1.0)
     assert not audit.is_new("fp1")
-    assert audit.count() is True
-    assert [audit.count() for _ in range(4)] == [False] * 4
+    assert audit.count(2.0) is True
+    assert [audit.count(2.0) for _ in range(4)] == [False] * 4
     assert audit.take() == 5
     assert audit.take() == 0
-    assert audit.count() is True, "after a count line, the next serve starts a new interval"
+    assert audit.count(2.0) is True, "after a count line, the next serve starts a new interval"
 
 
 def test_a_new_token_is_new() -> None:
     """A different fingerprint is a new token, to be logged at once."""
-    assert ServeAudit("fp1", None).is_new("fp2")
+    assert ServeAudit("fp1", None, 1.0).is_new("fp2")
 
 
 def test_every_serve_of_a_key_counts_for_its_stats_whatever_the_token() -> None:

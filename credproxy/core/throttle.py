@@ -33,7 +33,7 @@ class ServeAudit:
 
     __slots__ = ("expiry", "fp", "last", "pending", "total")
 
-    def __init__(self, fp: str, expiry: float | None, wall: float = 0.0) -> None:
+    def __init__(self, fp: str, expiry: float | None, wall: float) -> None:
         self.fp = fp
         self.expiry = expiry
         self.pending = 0
@@ -43,7 +43,7 @@ class ServeAudit:
     def is_new(self, fp: str) -> bool:
         return fp != self.fp
 
-    def count(self, wall: float = 0.0) -> bool:
+    def count(self, wall: float) -> bool:
         """Count one serve of the same token at *wall*; True if it starts an interval."""
         self.total += 1
         self.last = wall

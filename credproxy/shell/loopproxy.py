@@ -514,7 +514,7 @@ class Exchange:
         self.body = b""  # the body, whole
         self.kept = 0  # bytes of retry_body_budget held for the body
         self.close = False  # the client asked to close after it (or speaks HTTP/1.0)
-        self.pace: BodyPace | None = None
+        self.pace: BodyPace | None = None  # while its body is read (None: not begun, or whole)
         self.waited_since = now
         self.up: Upstream | None = None
         self.got_answer = False  # the upstream's head has come
@@ -559,7 +559,6 @@ class HttpConn:
         "t_idle",
         "t_send",
         "t_up",
-        "whole",
         "x",
     )
 
@@ -582,7 +581,6 @@ class HttpConn:
         self.scanned = 0  # bytes of the buffer searched for a head's end, not found there
         self.head = 0  # the length of the request's head
         self.body_end = 0  # where its body ends in the buffer
-        self.whole = True  # the request's body is read whole (else it ends with the connection)
         self.out = bytearray()
         self.mask = _IN
         self.x: Exchange | None = None
@@ -752,7 +750,6 @@ class HttpConn:
         self.keep = not x.close
         self.head = head
         self.body_end = head + length
-        self.whole = False
         self.read_body(x, now)
 
     def read_body(self, x: Exchange, now: float) -> None:
@@ -769,7 +766,6 @@ class HttpConn:
         with memoryview(buf) as view:  # (one copy of the body, and a new buffer for the rest:
             x.body = bytes(view[self.head : end])  # the old one's room goes with it)
             self.buf = bytearray(view[end:])  # what is left is the next request's
-        self.whole = True
         x.pace = None
         self.t_body = math.inf
         self.pick(x, now)
@@ -1074,7 +1070,8 @@ class HttpConn:
         x.status = exc.status
         if self.answered == 0:
             close = exc.status in (403, 407) or not self.keep
-            headers, body = error_answer(self.whole, exc.status, str(exc), exc.headers, close=close)
+            whole = x.pace is None
+            headers, body = error_answer(whole, exc.status, str(exc), exc.headers, close=close)
             if any(n == b"connection" for n, _ in headers):
                 self.keep = False
                 headers = [(n, v) for n, v in headers if n != b"connection"]
@@ -1095,7 +1092,7 @@ class HttpConn:
         x.body = b""  # (freed before the heap is trimmed, not after)
         if self.lp.proxy.ledger.leave(self.state.id):
             give_back_memory()
-        if close or not self.keep or self.answered != 2 or not self.whole:
+        if close or not self.keep or self.answered != 2 or x.pace is not None:
             self.close_after_flush()
             return
         # The next request starts with what is left in the buffer.
