@@ -336,3 +336,50 @@ async def test_an_upstream_head_without_end_is_a_502_not_a_memory_sink(
     c = await HttpClient.connect(s.socket_path)
     assert (await c.call("GET", "/dev/b"))[0] == 200
     await c.aclose()
+
+
+async def test_a_stream_is_cut_once_silent_for_the_read_timeout_counted_from_its_last_event(
+    start_daemon: StartDaemon,
+    upstream: Upstream,
+    autojump_clock: trio.testing.MockClock,
+    no_secrets_in_logs: list[dict[str, Any]],
+) -> None:
+    """An upstream stream that sends an event every 2 s for 10 s, with a read timeout of 5 s, reaches the sandbox whole; once it falls silent, the relay ends it 5 s after its last event: the sandbox's connection closes without the stream's end, and the upstream connection is closed, not pooled."""
+    closed = trio.Event()
+
+    async def paced(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        head = h11.Response(status_code=200, headers=[(b"content-type", b"text/event-stream")])
+        await stream.send_all(conn.send(head) or b"")
+        for i in range(5):
+            await stream.send_all(conn.send(h11.Data(data=b"data: %d\n\n" % i)) or b"")
+            await trio.sleep(2)
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(65536):  # silent, until the relay hangs up
+                pass
+        closed.set()
+
+    _, s = await _logged_in(start_daemon, upstream, proxy={"read_timeout": 5.0})
+    upstream.script.append(paced)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(b"GET /dev/events HTTP/1.1\r\nHost: credproxy\r\n\r\n")
+    got, last = b"", 0.0
+    with trio.fail_after(60):
+        while chunk := await sock.recv(65536):
+            got += chunk
+            if b"data: " in chunk:
+                last = trio.current_time()
+        ended = trio.current_time()
+        await closed.wait()
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200 ")
+    assert [b"data: %d" % i in got for i in range(5)] == [True] * 5
+    assert not got.endswith(b"0\r\n\r\n"), "a stream cut short must not look whole"
+    assert 5.0 <= ended - last <= 6.0, ended - last
+    with trio.fail_after(5):
+        while not [e for e in no_secrets_in_logs if e["event"] == "api_upstream_broke_off"]:
+            await trio.sleep(0.01)
+    (line,) = [e for e in no_secrets_in_logs if e["event"] == "api_upstream_broke_off"]
+    assert "sent nothing for the read timeout" in line["error"]

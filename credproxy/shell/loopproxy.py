@@ -280,7 +280,7 @@ class Answer:
         self.head_bytes = 0  # read before it came
         self.done = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Read *data* (b"": the connection ended).
 
         Raises:
@@ -422,8 +422,9 @@ class Upstream:
             return
         if not mask & (_IN | _GONE) or (self.paused and not mask & _GONE):
             return  # (paused: the client has enough to take; an end is read all the same)
+        lp = self.lp
         try:
-            data = self.sock.recv(RECV_SIZE)
+            n = self.sock.recv_into(lp.inbuf)
         except BlockingIOError:
             return
         except OSError:
@@ -434,24 +435,32 @@ class Upstream:
             return
         answer = self.answer
         assert answer is not None
+        # (Read through the loop's own two buffers: nothing allocated per read.
+        # llhttp's callbacks copy what they pass on.)
+        feed = answer.parser.feed_data if answer.began else answer.feed
         try:
-            if self.tls is None:
-                answer.feed(data)
-            elif data:
+            if not n:
+                answer.feed(b"")
+            elif self.tls is None:
+                feed(lp.inview[:n])
+            else:
                 obj, incoming, _ = self.tls
-                incoming.write(data)
+                incoming.write(lp.inview[:n])
+                plain, view = lp.tlsbuf, lp.tlsview
                 while True:
                     try:
-                        chunk = obj.read(RECV_SIZE)
+                        # (Into a buffer, read() gives a count, not the bytes typeshed says.)
+                        got: int = obj.read(RECV_SIZE, plain)  # type: ignore[assignment]
                     except ssl.SSLWantReadError:
                         break  # (the rest of a record is still on its way)
                     except ssl.SSLZeroReturnError:
-                        chunk = b""
-                    answer.feed(chunk)  # (b"": the server's close_notify)
-                    if not chunk or not (incoming.pending or obj.pending()):
-                        break  # all read (asking once more would raise, at a cost)
-            else:
-                answer.feed(b"")
+                        answer.feed(b"")  # the server's close_notify
+                        break
+                    feed(view[:got])
+                    if got < RECV_SIZE and not incoming.pending:
+                        # The record read whole, and no other waits: asking once
+                        # more would raise SSLWantReadError, at a cost.
+                        break
         except (httptools.HttpParserError, ssl.SSLError):
             self.broke(now)
             return
@@ -876,7 +885,7 @@ class HttpConn:
             self.upstream_broke(up, now)
             return
         x.headers = headers
-        self.t_up = now + self.lp.proxy.client.read_timeout
+        self.t_up = now + self.lp.read_timeout
         self.track()
 
     def upstream_events(self, up: Upstream, now: float) -> None:
@@ -884,13 +893,18 @@ class HttpConn:
         if x is None or x.up is not up:
             up.close()
             return
-        self.t_up = now + self.lp.proxy.client.read_timeout
+        # Later, never sooner: its deadline's heap entry stands (expired() sets the next).
+        self.t_up = now + self.lp.read_timeout
         assert up.answer is not None
         events = up.answer.events
         while events:
             kind, a, b = events.popleft()
             if kind == _DATA:
-                self.answer_data(x, a)
+                if a and x.held is None and not self.no_body:  # (answer_data's usual case)
+                    x.sent += len(a)
+                    self.out += b"%x\r\n%s\r\n" % (len(a), a) if self.chunked else a
+                else:
+                    self.answer_data(x, a)
             elif kind == _HEAD:
                 self.answer_head(x, a, b, now)
             else:
@@ -898,7 +912,7 @@ class HttpConn:
                 return
             if self.closed or x.up is not up:
                 return
-        self.track()
+        self.flush(now)
 
     def answer_head(
         self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]], now: float
@@ -1301,7 +1315,11 @@ class LoopProxy:
         self.proxy = proxy
         self.start_http = start_http
         self.epoll = loop.epoll
+        self.read_timeout = proxy.client.read_timeout  # (the daemon's one client: fixed)
         self.handlers: dict[int, HttpConn | Upstream] = {}
+        # Upstream reads land here, then (TLS) their plaintext: one of each for the loop.
+        self.inbuf, self.tlsbuf = bytearray(RECV_SIZE), bytearray(RECV_SIZE)
+        self.inview, self.tlsview = memoryview(self.inbuf), memoryview(self.tlsbuf)
         self.pool: dict[tuple[str, str, int], list[Upstream]] = {}
         self._origins: dict[str, Origin] = {}
         self._fields: dict[tuple[Key, str], dict[str, str]] = {}
