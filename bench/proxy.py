@@ -513,7 +513,12 @@ def small_requests(
 
 
 def sse_latencies(targets: list[Target], ctl_path: Path, mode: ProxyMode) -> dict[str, array[int]]:
-    """Upstream send to client receive of single events, triggered one at a time."""
+    """Upstream send to client receive of single events, triggered one at a time.
+
+    Each round opens one stream on every target; the events then go round the
+    streams one by one, the order turned each time, so a slow moment of the
+    machine falls on every target alike rather than on the one whose turn it is.
+    """
     ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     addr = str(ctl_path)
     out: dict[str, array[int]] = {t.name: array("q") for t in targets}
@@ -521,14 +526,18 @@ def sse_latencies(targets: list[Target], ctl_path: Path, mode: ProxyMode) -> dic
     clock = time.monotonic_ns
     sid = 0
     try:
-        for r in range(mode.rounds):
-            for t in targets if r % 2 == 0 else reversed(targets):
-                sid += 1
-                name = f"s{sid}".encode()
-                sock = t.connect()
-                try:
+        for _ in range(mode.rounds):
+            streams: list[tuple[Target, bytes, socket.socket, Chunked]] = []
+            socks: list[socket.socket] = []
+            try:
+                for t in targets:
+                    sid += 1
+                    name = f"s{sid}".encode()
+                    socks.append(sock := t.connect())
                     dec = _stream_head(sock, t.request(f"sse/{name.decode()}"))
-                    for k in range(per_round + 5):  # 5 warm-up events per stream
+                    streams.append((t, name, sock, dec))
+                for k in range(per_round + 5):  # 5 warm-up events per stream
+                    for t, name, sock, dec in streams if k % 2 == 0 else streams[::-1]:
                         ctl.sendto(name, addr)
                         body = b""
                         while b"\n\n" not in body:
@@ -542,13 +551,15 @@ def sse_latencies(targets: list[Target], ctl_path: Path, mode: ProxyMode) -> dic
                             raise RuntimeError(f"{t.name}: no stamp in {body[:100]!r}")
                         if k >= 5:
                             out[t.name].append(now - int(m.group(1)))
+                for _, name, sock, dec in streams:
                     ctl.sendto(name + b"!", addr)
                     while not dec.done:
                         data = sock.recv(65536)
                         if not data:
                             break
                         dec.feed(data)
-                finally:
+            finally:
+                for sock in socks:
                     sock.close()
     finally:
         ctl.close()
@@ -1051,7 +1062,8 @@ def figure7(stack: Stack, token_url: str, quick: bool, log: Any = print) -> dict
         )
         notes.append(
             "figure 7: SSE latency = the upstream's CLOCK_MONOTONIC stamp (just before its send) "
-            f"to the client's recv, one event in flight at a time; {mode.streams} streams: "
+            f"to the client's recv, one event in flight at a time, in turn on every path's "
+            f"stream; {mode.streams} streams: "
             f"{mode.stream_events} events of {EVENT_SIZE} bytes per stream as fast as the path "
             f"takes them, one select loop reading all of them (the client and upstream share "
             f"{os.cpu_count()} CPUs with the proxy, so throughput ratios are a lower bound of the "
