@@ -568,7 +568,7 @@ def sse_latencies(targets: list[Target], ctl_path: Path, mode: ProxyMode) -> dic
 
 def _drain(sock: socket.socket) -> bytes | None:
     """Everything readable now (b"" at EOF, None if nothing); TLS may hold more than select sees."""
-    parts = []
+    parts: list[bytes] = []
     while True:
         try:
             data = sock.recv(262144)
@@ -604,9 +604,9 @@ def concurrent_streams(target: Target, mode: ProxyMode, watch_pid: int | None) -
     try:
         while open_ and time.monotonic_ns() < deadline:
             for key, _ in sel.select(timeout=0.05):
-                i, s = key.data, key.fileobj
+                i, s = key.data, socks[key.data]
                 st = state[i]
-                data = _drain(s)  # type: ignore[arg-type]
+                data = _drain(s)
                 if data is None:
                     continue
                 now = time.monotonic_ns()
@@ -1056,7 +1056,7 @@ def figure7(stack: Stack, token_url: str, quick: bool, log: Any = print) -> dict
             "figure 7: the upstream is a Python thread-per-connection server in its own process "
             "(plain HTTP and HTTPS on loopback); both are measured: the plain rows show the "
             "proxy's own overhead (TLS would otherwise dominate the difference), the https rows "
-            "the real setting (credproxy's httpx and nginx each make the TLS call, the direct "
+            "the real setting (credproxy's relay and nginx each make the TLS call, the direct "
             "client does TLS itself). Clients: one raw HTTP/1.1 keep-alive loop for every path; "
             "credproxy and nginx on Unix sockets, direct over loopback TCP."
         )
