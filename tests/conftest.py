@@ -98,9 +98,9 @@ def no_secrets_in_logs() -> Iterator[list[Any]]:
     Events are captured before any redaction, so this checks what the code
     passes to the logger, not what a filter later hides.
     """
-    import structlog
+    from credproxy.shell import logs
 
-    with structlog.testing.capture_logs() as events:
+    with logs.capture() as events:
         yield events
     leaks = [e for e in events if any(m in repr(e) for m in SECRET_MARKERS)]
     assert leaks == [], f"secret-looking values in log events: {leaks[:3]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,36 @@ def test_exception_messages_never_reach_the_log() -> None:
     assert [e["exc_type"] for e in line["exception"]] == ["KeyError", "ValueError"]
     assert all(e["frames"] for e in line["exception"])
     assert "CANARY" not in proc.stderr
+
+
+LINE_SCRIPT = r"""
+import sys
+from credproxy.shell import logs
+logs.configure(sys.argv[1])
+fields = {"session": "s-1", "provider": "dev", "bucket": None, "method": "GET",
+          "path": "/v1/models?x=1", "status": 200, "bytes": 12, "ms": 0.4,
+          "refresh_token": "RT-CANARY-line"}
+logs.get("credproxy.proxy").info("api_request", **fields)
+logs.info_line("api_request", fields)
+"""
+
+
+def test_the_fast_info_line_is_the_pipelines_line() -> None:
+    """The line written for each relayed request without structlog's chain is the line the chain writes: same keys in the same order, the same redaction; and neither is written below the configured level."""
+    out = []
+    for level in ("info", "warning"):
+        proc = subprocess.run(
+            [sys.executable, "-c", LINE_SCRIPT, level],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        out.append(proc.stderr.splitlines())
+    chain, fast = (json.loads(line) for line in out[0])
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+    assert stamp.fullmatch(chain.pop("timestamp")) and stamp.fullmatch(fast.pop("timestamp"))
+    assert list(chain.items()) == list(fast.items())
+    assert fast["event"] == "api_request" and fast["level"] == "info"
+    assert fast["refresh_token"] == "[redacted]"
+    assert b"CANARY" not in b"".join(out[0])
+    assert out[1] == []

@@ -15,11 +15,12 @@ Two rules keep secrets out:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import msgspec
@@ -101,8 +102,44 @@ def _tracebacks_without_messages(exc_info: Any) -> list[dict[str, Any]]:
 _traceback_dicts = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
 
 
+_out: structlog.BytesLogger | None = None  # stderr, once configure() has run
+_info = False  # info lines are written at the configured level
+_captured: list[MutableMapping[str, Any]] | None = None  # the events of capture(), while it runs
+
+
+def info_line(event: str, fields: dict[str, Any]) -> None:
+    """Log *event* at info as ``get(...).info(event, **fields)`` would, in less time.
+
+    For the lines written once per request (the relay's ``api_request``):
+    the same JSON line, built without structlog's processor chain (about
+    7 µs of it per call). Before :func:`configure`, it goes through structlog.
+    """
+    if _captured is not None:
+        _captured.append({**fields, "event": event, "log_level": "info"})
+    elif _out is None:
+        structlog.get_logger().info(event, **fields)
+    elif _info:
+        line = {**fields, "event": event, "level": "info"}
+        _out.msg(_serialize(_redact(None, "info", _timestamp(None, "info", line))))
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[MutableMapping[str, Any]]]:
+    """``structlog.testing.capture_logs()``, :func:`info_line`'s events included."""
+    global _captured
+    with structlog.testing.capture_logs() as events:
+        _captured = events
+        try:
+            yield events
+        finally:
+            _captured = None
+
+
 def configure(level: str = "info") -> None:
     """Send JSON lines to stderr. Idempotent."""
+    global _out, _info
+    number = logging.getLevelNamesMapping()[level.upper()]
+    _out, _info = structlog.BytesLogger(sys.stderr.buffer), number <= logging.INFO
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -111,9 +148,7 @@ def configure(level: str = "info") -> None:
             _redact,
             structlog.processors.JSONRenderer(serializer=_serialize),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=structlog.BytesLoggerFactory(sys.stderr.buffer),
         cache_logger_on_first_use=True,
     )

@@ -161,8 +161,8 @@ def _header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     Raises:
         ValueError: a header that cannot be sent.
     """
-    names = b"".join(name for name, _ in headers)  # tokens joined are one token
-    values = b"".join(value for _, value in headers)
+    names = b"".join([name for name, _ in headers])  # tokens joined are one token
+    values = b"".join([value for _, value in headers])
     if _TOKEN.fullmatch(names) is None or _NOT_IN_VALUE.search(values) is not None:
         raise ValueError("a header that cannot be sent")
     return b"".join([b"%s: %s\r\n" % pair for pair in headers])
@@ -243,7 +243,7 @@ def read_head(head: bytes) -> Req | None:
     version = parser.get_http_version()
     if version == "0.9":  # (a request line without a version)
         return None
-    hosts = sum(1 for name, _ in parts.headers if name == b"host")
+    hosts = [name for name, _ in parts.headers].count(b"host")
     if hosts > 1 or (hosts == 0 and version == "1.1"):
         return None
     return Req(parser.get_method(), parts.target, parts.headers, version.encode())
@@ -374,7 +374,10 @@ class Upstream:
         :data:`TLS_CHUNK` at a time as the socket takes it, so no TLS buffer
         ever holds a whole big body.
         """
-        self.pending.extend(memoryview(p) for p in pieces if p)
+        pending = self.pending
+        for p in pieces:
+            if p:
+                pending.append(memoryview(p))
         return self.push()
 
     def push(self) -> bool:
@@ -948,7 +951,7 @@ class HttpConn:
         kept = [(n, v) for n, v in headers if n not in HOP_BY_HOP]
         self.no_body = status in (204, 304)
         self.chunked = False
-        if not self.no_body and not any(n == b"content-length" for n, _ in kept):
+        if not self.no_body and b"content-length" not in [n for n, _ in kept]:
             if self.http11:
                 self.chunked = True
                 kept.append((b"transfer-encoding", b"chunked"))
@@ -1123,16 +1126,18 @@ class HttpConn:
 
     def audit(self, x: Exchange, now: float) -> None:
         key = x.key
-        log.info(
+        logs.info_line(  # (one per request: structlog's chain was a fifth of the relay's CPU)
             "api_request",
-            session=self.state.id,
-            provider=None if key is None else key.provider,
-            bucket=None if key is None else key.bucket,
-            method=x.method,
-            path="/" + x.route.rest,
-            status=x.status,
-            bytes=x.sent,
-            ms=round((now - x.started) * 1000, 1),
+            {
+                "session": self.state.id,
+                "provider": None if key is None else key.provider,
+                "bucket": None if key is None else key.bucket,
+                "method": x.method,
+                "path": "/" + x.route.rest,
+                "status": x.status,
+                "bytes": x.sent,
+                "ms": round((now - x.started) * 1000, 1),
+            },
         )
         self.lp.proxy.ledger.moved(x.sent + len(x.body))
 
