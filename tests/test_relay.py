@@ -12,6 +12,7 @@ real session sockets.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 from typing import Any
 
@@ -383,3 +384,23 @@ async def test_a_stream_is_cut_once_silent_for_the_read_timeout_counted_from_its
             await trio.sleep(0.01)
     (line,) = [e for e in no_secrets_in_logs if e["event"] == "api_upstream_broke_off"]
     assert "sent nothing for the read timeout" in line["error"]
+
+
+async def test_relayed_requests_leave_no_garbage_for_the_cycle_collector(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """200 requests relayed on one kept-alive connection leave (next to) nothing that only the cycle collector frees: its passes stall every connection the loop serves, so they must stay rare."""
+    _, s = await _logged_in(start_daemon, upstream)
+    c = await HttpClient.connect(s.socket_path)
+    for i in range(20):  # (warm: the pool, the memos)
+        assert (await c.call("GET", f"/dev/warm/{i}"))[0] == 200
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(200):
+            assert (await c.call("GET", f"/dev/item/{i}"))[0] == 200
+        found = gc.collect()
+    finally:
+        gc.enable()
+    await c.aclose()
+    assert found < 20, f"{found} objects in reference cycles after 200 requests"
