@@ -404,3 +404,29 @@ async def test_relayed_requests_leave_no_garbage_for_the_cycle_collector(
         gc.enable()
     await c.aclose()
     assert found < 20, f"{found} objects in reference cycles after 200 requests"
+
+
+async def test_an_upstream_that_sends_more_than_its_answer_is_not_reused(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """An upstream whose answer is followed, in the same write, by bytes nobody asked for (the start of another answer): the sandbox gets the answer, and the next request goes on a new connection, sent upstream once, its answer its own."""
+
+    async def answer_and_more(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        payload = b'{"first": true}'
+        head = h11.Response(
+            status_code=200, headers=[(b"content-length", str(len(payload)).encode())]
+        )
+        whole = conn.send(head) + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+        await stream.send_all(whole + b"HTTP/1.1 200 OK\r\nx-stray: 1\r\n")
+
+    _, s = await _logged_in(start_daemon, upstream)
+    upstream.script.append(answer_and_more)
+    c = await HttpClient.connect(s.socket_path)
+    status, _, body = await c.call("GET", "/dev/a")
+    assert (status, body) == (200, b'{"first": true}')
+    status, _, body = await c.call("GET", "/dev/b")
+    assert status == 200 and b'"path": "/v1/b"' in body, body
+    assert [r["target"] for r in upstream.received] == ["/v1/a", "/v1/b"]
+    await c.aclose()

@@ -265,6 +265,7 @@ class Answer:
         "began",
         "done",
         "events",
+        "extra",
         "framed",
         "head_bytes",
         "headers",
@@ -288,6 +289,7 @@ class Answer:
         self.began = False  # its head has come
         self.head_bytes = 0  # read before it came
         self.done = False
+        self.extra = False  # bytes came after its end, unasked: the connection is not reused
         return self
 
     def feed(self, data: bytes | memoryview) -> None:
@@ -311,6 +313,10 @@ class Answer:
             raise httptools.HttpParserError("closed in the middle of an answer")
         self.done = True  # an answer whose end is the connection's
         self.events.append((_END, None, None))
+
+    def on_message_begin(self) -> None:
+        if self.done:  # (in the same read as the end: llhttp reads on)
+            self.extra = True
 
     def on_header(self, name: bytes, value: bytes | None) -> None:
         self.headers.append((name.lower(), value or b""))
@@ -1553,7 +1559,8 @@ class LoopProxy:
         answer, up.answer = up.answer, None
         # (An answer that came before the whole request was sent: not pooled.)
         sent = not up.out and not up.pending
-        if not up.closed and answer is not None and answer.done and answer.keep and sent:
+        whole = answer is not None and answer.done and answer.keep and not answer.extra
+        if not up.closed and whole and sent:
             idle = self.pool.setdefault(up.origin.key, [])
             if len(idle) < POOL_PER_ORIGIN:
                 up.idle_since = now
