@@ -458,12 +458,11 @@ class Upstream:
         assert answer is not None
         # (Read through the loop's own two buffers: nothing allocated per read.
         # llhttp's callbacks copy what they pass on.)
-        feed = answer.parser.feed_data if answer.began else answer.feed
         try:
             if not n:
                 answer.feed(b"")
             elif self.tls is None:
-                feed(lp.inview[:n])
+                answer.feed(lp.inview[:n])
             else:
                 obj, incoming, _ = self.tls
                 incoming.write(lp.inview[:n])
@@ -477,7 +476,7 @@ class Upstream:
                     except ssl.SSLZeroReturnError:
                         answer.feed(b"")  # the server's close_notify
                         break
-                    feed(view[:got])
+                    answer.feed(view[:got])
                     if got < RECV_SIZE and not incoming.pending:
                         # The record read whole, and no other waits: asking once
                         # more would raise SSLWantReadError, at a cost.
@@ -921,11 +920,7 @@ class HttpConn:
         while events:
             kind, a, b = events.popleft()
             if kind == _DATA:
-                if a and x.held is None and not self.no_body:  # (answer_data's usual case)
-                    x.sent += len(a)
-                    self.out += b"%x\r\n%s\r\n" % (len(a), a) if self.chunked else a
-                else:
-                    self.answer_data(x, a)
+                self.answer_data(x, a)
             elif kind == _HEAD:
                 self.answer_head(x, a, b, now)
             else:
@@ -933,7 +928,6 @@ class HttpConn:
                 return
             if self.closed or x.up is not up:
                 return
-        self.flush(now)
 
     def answer_head(
         self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]], now: float
