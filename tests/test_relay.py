@@ -17,13 +17,17 @@ import itertools
 from typing import Any
 
 import h11
+import httptools
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_isolation import _logged_in, _raw
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
 
 from conftest import StartDaemon
 from credproxy.core.names import Key
+from credproxy.shell.loopproxy import read_head
 
 
 def _statuses(reply: bytes) -> list[int]:
@@ -166,6 +170,90 @@ async def test_a_head_the_relay_does_not_read_gets_what_h11_says_of_it(
     assert [(r["target"], r["body"]) for r in upstream.received] == sent_upstream
     if sent_upstream:
         assert upstream.headers()["authorization"].startswith("Bearer ")
+
+
+async def test_an_agent_shaped_request_reaches_the_upstream_header_for_header(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """Twenty headers as an SDK sends them (mixed case, no space or tabs after the colon, colons and bytes over 0x7f in values, an empty one) and a JSON body: the upstream gets each value, blanks around it trimmed, in order, and the body whole."""
+    _, s = await _logged_in(start_daemon, upstream)
+    body = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 3000 + b'"}]}'
+    sent = [
+        (b"Accept", b"application/json"),
+        (b"anthropic-beta", b"claude-code-20250219,oauth-2025-04-20"),
+        (b"Anthropic-Version", b"2023-06-01"),
+        (b"Content-Type", b"application/json"),
+        (b"User-Agent", b"claude-cli/2.0.14 (external, cli)"),
+        (b"x-app", b"cli"),
+        (b"X-Stainless-Arch", b"x64"),
+        (b"X-Stainless-Lang", b"js"),
+        (b"X-Stainless-OS", b"Linux"),
+        (b"X-Stainless-Retry-Count", b"0"),
+        (b"X-Stainless-Runtime-Version", b"v22.11.0"),
+        (b"X-Tabbed", b"\t one\tvalue \t"),
+        (b"X-Tight", b"no-space"),
+        (b"X-Colons", b"a:b::c"),
+        (b"X-Latin", b"caf\xe9 \xff"),
+        (b"X-Empty", b""),
+        (b"X-Trailing", b"kept   "),
+    ]
+    lines = b"".join(
+        b"%s:%s\r\n" % (n, v) if n == b"X-Tight" else b"%s: %s\r\n" % (n, v) for n, v in sent
+    )
+    reply = await _raw(
+        s.socket_path,
+        b"POST /dev/v1/messages HTTP/1.1\r\nHost: credproxy\r\n%sContent-Length: %d\r\n%s\r\n%s"
+        % (lines, len(body), _CLOSE, body),
+    )
+    assert _statuses(reply) == [200], reply[:300]
+    (got,) = upstream.received
+    assert got["body"] == body
+    relayed = [(n, v) for n, v in got["raw_headers"] if n.encode() in {x.lower() for x, _ in sent}]
+    assert relayed == [(n.decode().lower(), v.strip(b" \t").decode("latin-1")) for n, v in sent]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.from_regex(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,12}\Z"),
+            st.binary(max_size=12),
+            st.sampled_from([b"", b" ", b"  ", b"\t", b" \t"]),
+        ),
+        max_size=8,
+    )
+)
+def test_the_relay_reads_a_head_as_llhttp_itself_does(
+    lines: list[tuple[bytes, bytes, bytes]],
+) -> None:
+    """Any head llhttp takes: read_head's headers are the ones llhttp's own callbacks give (names lower-cased, values trimmed); any it refuses, the relay leaves to h11."""
+    head = (
+        b"GET /dev/x HTTP/1.1\r\nHost: h\r\n"
+        + b"".join(b"%s:%s%s\r\n" % (name, pad, value) for name, value, pad in lines)
+        + b"\r\n"
+    )
+
+    class Callbacks:
+        def __init__(self) -> None:
+            self.headers: list[tuple[bytes, bytes]] = []
+
+        def on_header(self, name: bytes, value: bytes | None) -> None:
+            self.headers.append((name.lower(), (value or b"").strip(b" \t")))
+
+    ref = Callbacks()
+    try:
+        httptools.HttpRequestParser(ref).feed_data(head)
+    except httptools.HttpParserError:
+        assert read_head(head) is None
+        return
+    hosts = [n for n, _ in ref.headers].count(b"host")
+    req = read_head(head)
+    if hosts != 1:
+        assert req is None
+        return
+    assert req is not None
+    assert req.headers == ref.headers
+    assert req.names == [n for n, _ in ref.headers]
 
 
 async def test_a_request_in_pieces_is_read_whole_and_the_next_one_after_it(

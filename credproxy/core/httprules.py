@@ -45,6 +45,7 @@ against it).
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -190,6 +191,16 @@ def fill_client(template_value: str, client_values: Sequence[str]) -> str:
     return ", ".join(item.strip() for item in filled.split(",") if item.strip())
 
 
+#: What the sandbox sends that never goes upstream as it came (and any ``proxy-`` header).
+_NEVER_SENT = HOP_BY_HOP | _DAEMON_SETS | CREDENTIAL_HEADERS
+
+
+@functools.lru_cache(maxsize=16)
+def _never_sent(strip: tuple[str, ...]) -> frozenset[bytes]:
+    """:data:`_NEVER_SENT` and the configured ``strip_headers``."""
+    return _NEVER_SENT | {name.lower().encode("latin-1") for name in strip}
+
+
 def upstream_headers(
     client: Headers,
     template: Mapping[str, str],
@@ -204,19 +215,13 @@ def upstream_headers(
     sandbox's bytes go on as they came (h11 checked them; a value may hold
     bytes 0x80-0xFF), the template's values as UTF-8.
     """
-    dropped = (
-        CREDENTIAL_HEADERS | {s.lower().encode("latin-1") for s in strip}
-        if strip
-        else CREDENTIAL_HEADERS
-    )
+    dropped = _never_sent(tuple(strip)) if strip else _NEVER_SENT
     templated = {name.lower().encode("latin-1"): name for name in template}
     kept: list[tuple[bytes, bytes]] = []
     wanted: dict[bytes, list[str]] = {}
     for raw_name, raw_value in client:
         name = raw_name.lower()
-        if name in HOP_BY_HOP or name in _DAEMON_SETS or name.startswith(b"proxy-"):
-            continue
-        if name in dropped:
+        if name in dropped or name.startswith(b"proxy-"):
             continue
         if name in templated:
             wanted.setdefault(name, []).append(raw_value.decode("latin-1").strip())

@@ -194,31 +194,33 @@ _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head (llhttp takes only 
 class Req:
     """A request head as :func:`read_head` reads it: what the relay uses of it."""
 
-    __slots__ = ("headers", "http_version", "method", "target")
+    __slots__ = ("headers", "http_version", "method", "names", "target")
 
     def __init__(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], version: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        names: list[bytes],
+        version: bytes,
     ) -> None:
         self.method = method
         self.target = target
         self.headers = headers  # names lower-cased, values without surrounding blanks
+        self.names = names  # the headers' names, in order
         self.http_version = version
 
 
-class _HeadParts:
-    """llhttp's callbacks for one request head."""
+class _Target:
+    """llhttp's one callback for a request head: its target (the lines are split after)."""
 
-    __slots__ = ("headers", "target")
+    __slots__ = ("target",)
 
     def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
         self.target = b""
 
     def on_url(self, url: bytes) -> None:
         self.target += url
-
-    def on_header(self, name: bytes, value: bytes | None) -> None:
-        self.headers.append((name.lower(), (value or b"").strip(b" \t")))
 
 
 def read_head(head: bytes) -> Req | None:
@@ -234,7 +236,7 @@ def read_head(head: bytes) -> Req | None:
     """
     if head.startswith((b"\r", b"\n")):
         return None  # (llhttp skips blank lines before a request line; h11 refuses them)
-    parts = _HeadParts()
+    parts = _Target()
     parser = httptools.HttpRequestParser(parts)
     try:
         parser.feed_data(head)
@@ -243,10 +245,16 @@ def read_head(head: bytes) -> Req | None:
     version = parser.get_http_version()
     if version == "0.9":  # (a request line without a version)
         return None
-    hosts = [name for name, _ in parts.headers].count(b"host")
+    # llhttp took the head, so its lines end in CRLF and each header line is a
+    # token, a colon and a value (no folding, no bare CR or LF): split here, at
+    # C speed, rather than through a Python callback per header.
+    lines = [line.partition(b":") for line in head[:-4].split(b"\r\n")[1:]]
+    headers = [(name.lower(), value.strip(b" \t")) for name, _, value in lines]
+    names = [name for name, _ in headers]
+    hosts = names.count(b"host")
     if hosts > 1 or (hosts == 0 and version == "1.1"):
         return None
-    return Req(parser.get_method(), parts.target, parts.headers, version.encode())
+    return Req(parser.get_method(), parts.target, headers, names, version.encode())
 
 
 class Answer:
@@ -772,7 +780,8 @@ class HttpConn:
             proxy.ledger.leave(self.state.id)
             self.hand_over(bytes(self.buf), self.handed(True, now), now)  # streamed there
             return
-        x.pace = BodyPace(cfg.body_timeout, cfg.body_min_rate)
+        if len(self.buf) < head + length:  # (its body is still on its way)
+            x.pace = BodyPace(cfg.body_timeout, cfg.body_min_rate)
         self.x = x
         self.answered = 0  # 1: the head is sent, 2: the whole answer
         self.http11 = req.http_version == b"1.1"
@@ -835,7 +844,7 @@ class HttpConn:
         if api is None:  # (a reload took it away meanwhile)
             self.refuse(x, HttpError(404, _NO_API), now)
             return
-        if not self.lp.uses_token(key.provider, api):
+        if not self.lp.facts(key.provider, api)[0]:
             self.with_ready(None, now)
             return
         ready = x.ready if x.ready is not None and x.ready.key == key else None
@@ -862,7 +871,7 @@ class HttpConn:
             return
         req = x.req
         headers = httprules.upstream_headers(req.headers, filled, lp.proxy.cfg.proxy.strip_headers)
-        if not any(name.lower() == b"accept-encoding" for name, _ in headers):
+        if b"accept-encoding" not in [name.lower() for name, _ in headers]:
             headers.append((b"accept-encoding", b"identity"))  # as the trio side sends it
         headers.insert(0, (b"host", x.origin.authority))
         x.target = f"{x.origin.path}/{x.route.rest}{x.route.query}".encode("ascii", "replace")
@@ -1343,7 +1352,7 @@ class LoopProxy:
         self.heap: list[tuple[float, int, HttpConn]] = []  # deadlines (lazy deletion)
         self._seq = itertools.count()
         self.dirty: list[HttpConn] = []  # connections with bytes to send once this step ends
-        self._uses_token: dict[str, tuple[object, bool]] = {}
+        self._facts: dict[str, tuple[object, tuple[bool, bool]]] = {}
         self._filled: dict[tuple[str, Key, str], tuple[object, dict[str, str]]] = {}
 
     # -- called by the serving loop --------------------------------------------------
@@ -1439,17 +1448,17 @@ class LoopProxy:
         headers = req.headers
         if method == "HEAD":
             return None  # (its answer's framing is h11's business on the trio side)
+        names = req.names  # (lower-cased by read_head)
+        if b"transfer-encoding" in names or b"expect" in names or b"upgrade" in names:
+            return None
         length = 0
-        close = False
-        for name, value in headers:  # (names lower-cased by read_head)
-            if name in (b"transfer-encoding", b"expect", b"upgrade"):
+        if b"content-length" in names:  # (llhttp took one, of digits)
+            length = int(headers[names.index(b"content-length")][1])
+            if length > cfg.retry_body_limit:
                 return None
-            if name == b"content-length":
-                length = int(value)
-                if length > cfg.retry_body_limit:
-                    return None
-            elif name == b"connection" and b"close" in value.lower():
-                close = True
+        close = b"connection" in names and any(
+            name == b"connection" and b"close" in value.lower() for name, value in headers
+        )
         state = c.state
         core = self.loop.core
         try:
@@ -1498,11 +1507,12 @@ class LoopProxy:
             got = self._fields[memo] = token_fields(msgspec.json.decode(ready.served))
         return got
 
-    def uses_token(self, provider: str, api: object) -> bool:
-        """``api.uses_token()``, worked out once per configuration of *provider*."""
-        got = self._uses_token.get(provider)
+    def facts(self, provider: str, api: Any) -> tuple[bool, bool]:
+        """Whether *api*'s headers name a token field, and an API key: once per configuration."""
+        got = self._facts.get(provider)
         if got is None or got[0] is not api:
-            got = self._uses_token[provider] = (api, api.uses_token())  # type: ignore[attr-defined]
+            names_key = any("{key:" in t for t in api.headers.values())
+            got = self._facts[provider] = (api, (api.uses_token(), names_key))
         return got[1]
 
     def filled(
@@ -1516,7 +1526,7 @@ class LoopProxy:
         Raises:
             HttpError: as :func:`fill_headers`.
         """
-        if ready is None or any("{key:" in t for t in api.headers.values()):
+        if ready is None or self.facts(key.provider, api)[1]:
             fields = {} if ready is None else self.fields(ready)
             return fill_headers(api.headers, fields, key, grants, self.read_key)
         memo = (sid, key, ready.fp)

@@ -888,7 +888,7 @@ def route_request(
     """
     if method == "CONNECT":
         raise HttpError(405, "CONNECT is not available: this is not an open proxy")
-    size = len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
+    size = len(target) + sum([len(n) + len(v) + 4 for n, v in headers])
     if size > max_header_bytes:
         # h11 caps what it buffers of an incomplete request, not a whole one
         # that arrived at once: the cap is checked here as well.
