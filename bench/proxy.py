@@ -28,7 +28,10 @@ Everything here is a child of the benchmark, in its temporary directory:
 
 The client is the same raw HTTP/1.1 keep-alive loop for every path: direct to
 the upstream over TCP (or TLS), through credproxy, through nginx; A/B rounds
-interleaved. Added latency = p50(proxy) - p50(direct).
+interleaved. Added latency = p50(proxy) - p50(direct). The small request is a
+``GET`` with one header; the agent-shaped one (rows without a target) is a
+``POST`` with the headers an Anthropic SDK sends from a coding agent (19) and a
+3 KB JSON body, to the same answer: it shows what each header costs.
 """
 
 from __future__ import annotations
@@ -250,6 +253,32 @@ class Target:
 
     def request(self, rest: str) -> bytes:
         return f"GET {self.prefix}/{rest} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+
+    def agent_request(self, rest: str) -> bytes:
+        """A POST shaped as a coding agent's SDK sends one: its headers and a 3 KB JSON body."""
+        return (
+            f"POST {self.prefix}/{rest} HTTP/1.1\r\nHost: bench\r\n{AGENT_HEADERS}"
+            f"Content-Length: {len(AGENT_BODY)}\r\n\r\n"
+        ).encode() + AGENT_BODY
+
+
+#: The headers of an Anthropic SDK request from a coding agent (values of that shape).
+AGENT_HEADERS = (
+    "Accept: application/json\r\nAccept-Encoding: gzip, deflate, br\r\n"
+    "Anthropic-Beta: claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14\r\n"
+    "Anthropic-Dangerous-Direct-Browser-Access: true\r\nAnthropic-Version: 2023-06-01\r\n"
+    "Content-Type: application/json\r\nUser-Agent: claude-cli/2.0.14 (external, cli)\r\n"
+    "X-App: cli\r\nX-Stainless-Arch: x64\r\nX-Stainless-Lang: js\r\nX-Stainless-OS: Linux\r\n"
+    "X-Stainless-Package-Version: 0.60.0\r\nX-Stainless-Retry-Count: 0\r\n"
+    "X-Stainless-Runtime: node\r\nX-Stainless-Runtime-Version: v22.11.0\r\n"
+    "X-Stainless-Timeout: 600\r\nX-Stainless-Helper-Method: stream\r\n"
+    "Connection: keep-alive\r\n"
+)
+AGENT_BODY = (
+    b'{"model":"bench","max_tokens":100,"messages":[{"role":"user","content":"'
+    + b"x" * 3000
+    + b'"}]}'
+)
 
 
 def _content_length(head: bytes) -> int:
@@ -478,11 +507,14 @@ def _cpu(pids: list[int]) -> int:
 
 
 def small_requests(
-    targets: list[Target], cpu_pids: dict[str, list[int]], mode: ProxyMode
+    targets: list[Target], cpu_pids: dict[str, list[int]], mode: ProxyMode, agent: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """Interleaved rounds of the keep-alive loop on every target: latencies and server CPU."""
+    """Interleaved rounds of the keep-alive loop on every target: latencies and server CPU.
+
+    *agent*: the agent-shaped POST (:meth:`Target.agent_request`) instead of the small GET.
+    """
     socks = {t.name: t.connect() for t in targets}
-    reqs = {t.name: t.request("small") for t in targets}
+    reqs = {t.name: (t.agent_request if agent else t.request)("small") for t in targets}
     for t in targets:
         head, body = fetch(socks[t.name], reqs[t.name])
         reply = json.loads(body) if head.startswith(b"HTTP/1.1 200") else None
@@ -884,6 +916,43 @@ def figure7(stack: Stack, token_url: str, quick: bool, log: Any = print) -> dict
                         cc <= 4 * nc,
                     )
                 )
+
+        log("figure 7: agent-shaped requests, interleaved rounds")
+        res = small_requests(all_targets, cpu_pids, mode, agent=True)
+        details["agent"] = {
+            name: {**_summary(r["lat"]), "server_cpu_us": r["cpu_us"]} for name, r in res.items()
+        }
+        for kind, g in paths.items():
+            if "nginx" not in g:
+                continue
+            label = "plain http upstream" if kind == "plain" else "https upstream"
+            d = _summary(res[g["direct"].name]["lat"])
+            c = _summary(res[g["credproxy"].name]["lat"])
+            n = _summary(res[g["nginx"].name]["lat"])
+            added = (c["p50_us"] - d["p50_us"]) / 1e3
+            n_added = (n["p50_us"] - d["p50_us"]) / 1e3
+            rows.append(
+                _row(
+                    f"API proxy, {label}: agent-shaped POST added p50 over direct",
+                    "ms",
+                    added,
+                    n_added,
+                    "nginx reverse proxy, added p50",
+                    _ratio(added, n_added),
+                )
+            )
+            cc = median(res[g["credproxy"].name]["cpu_us"])
+            nc = median(res[g["nginx"].name]["cpu_us"])
+            rows.append(
+                _row(
+                    f"API proxy, {label}: proxy CPU per agent-shaped POST",
+                    "us",
+                    cc,
+                    nc,
+                    "nginx worker",
+                    _ratio(cc, nc),
+                )
+            )
 
         log(f"figure 7: {IDLE_CONNECTIONS} idle keep-alive connections")
         idle_pids = {"credproxy": [daemon.pid]}

@@ -59,6 +59,8 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     # figure 7 (the API proxy) ran: the added-latency row of the plain-HTTP path is there
     # (its nginx anchor only where nginx is installed), and every stream was read.
     assert any(r["figure"] == 7 and "added p50" in r["metric"] for r in rows)
+    # The agent-shaped POSTs were answered on every path (the upstream checks the token).
+    assert all(d["n"] > 0 for d in result["details"]["figure7"]["agent"].values())
     streams = result["details"]["figure7"]["streams"]["runs"]
     assert streams and all(run["events"] > 0 for runs in streams.values() for run in runs)
     # figure 8 (signing): both algorithms minted against the verifying issuer, and a
