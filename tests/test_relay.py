@@ -17,17 +17,13 @@ import itertools
 from typing import Any
 
 import h11
-import httptools
 import pytest
 import trio
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from test_isolation import _logged_in, _raw
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
 
 from conftest import StartDaemon
 from credproxy.core.names import Key
-from credproxy.shell.loopproxy import read_head
 
 
 def _statuses(reply: bytes) -> list[int]:
@@ -210,50 +206,6 @@ async def test_an_agent_shaped_request_reaches_the_upstream_header_for_header(
     assert got["body"] == body
     relayed = [(n, v) for n, v in got["raw_headers"] if n.encode() in {x.lower() for x, _ in sent}]
     assert relayed == [(n.decode().lower(), v.strip(b" \t").decode("latin-1")) for n, v in sent]
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.tuples(
-            st.from_regex(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,12}\Z"),
-            st.binary(max_size=12),
-            st.sampled_from([b"", b" ", b"  ", b"\t", b" \t"]),
-        ),
-        max_size=8,
-    )
-)
-def test_the_relay_reads_a_head_as_llhttp_itself_does(
-    lines: list[tuple[bytes, bytes, bytes]],
-) -> None:
-    """Any head llhttp takes: read_head's headers are the ones llhttp's own callbacks give (names lower-cased, values trimmed); any it refuses, the relay leaves to h11."""
-    head = (
-        b"GET /dev/x HTTP/1.1\r\nHost: h\r\n"
-        + b"".join(b"%s:%s%s\r\n" % (name, pad, value) for name, value, pad in lines)
-        + b"\r\n"
-    )
-
-    class Callbacks:
-        def __init__(self) -> None:
-            self.headers: list[tuple[bytes, bytes]] = []
-
-        def on_header(self, name: bytes, value: bytes | None) -> None:
-            self.headers.append((name.lower(), (value or b"").strip(b" \t")))
-
-    ref = Callbacks()
-    try:
-        httptools.HttpRequestParser(ref).feed_data(head)
-    except httptools.HttpParserError:
-        assert read_head(head) is None
-        return
-    hosts = [n for n, _ in ref.headers].count(b"host")
-    req = read_head(head)
-    if hosts != 1:
-        assert req is None
-        return
-    assert req is not None
-    assert req.headers == ref.headers
-    assert req.names == [n for n, _ in ref.headers]
 
 
 async def test_a_request_in_pieces_is_read_whole_and_the_next_one_after_it(

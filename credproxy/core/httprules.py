@@ -219,14 +219,14 @@ def upstream_headers(
     templated = {name.lower().encode("latin-1"): name for name in template}
     kept: list[tuple[bytes, bytes]] = []
     wanted: dict[bytes, list[str]] = {}
-    for raw_name, raw_value in client:
-        name = raw_name.lower()
+    for pair in client:
+        name = pair[0].lower()
         if name in dropped or name.startswith(b"proxy-"):
             continue
         if name in templated:
-            wanted.setdefault(name, []).append(raw_value.decode("latin-1").strip())
+            wanted.setdefault(name, []).append(pair[1].decode("latin-1").strip())
             continue
-        kept.append((bytes(raw_name), bytes(raw_value)))
+        kept.append(pair)  # (a pair of bytes: kept as it is)
     for lower, header in templated.items():
         value = fill_client(template[header], wanted.get(lower, []))
         if value:

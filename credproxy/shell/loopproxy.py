@@ -194,33 +194,31 @@ _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head (llhttp takes only 
 class Req:
     """A request head as :func:`read_head` reads it: what the relay uses of it."""
 
-    __slots__ = ("headers", "http_version", "method", "names", "target")
+    __slots__ = ("headers", "http_version", "method", "target")
 
     def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        names: list[bytes],
-        version: bytes,
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], version: bytes
     ) -> None:
         self.method = method
         self.target = target
         self.headers = headers  # names lower-cased, values without surrounding blanks
-        self.names = names  # the headers' names, in order
         self.http_version = version
 
 
-class _Target:
-    """llhttp's one callback for a request head: its target (the lines are split after)."""
+class _HeadParts:
+    """llhttp's callbacks for one request head."""
 
-    __slots__ = ("target",)
+    __slots__ = ("headers", "target")
 
     def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
         self.target = b""
 
     def on_url(self, url: bytes) -> None:
         self.target += url
+
+    def on_header(self, name: bytes, value: bytes | None) -> None:
+        self.headers.append((name.lower(), (value or b"").strip(b" \t")))
 
 
 def read_head(head: bytes) -> Req | None:
@@ -236,7 +234,7 @@ def read_head(head: bytes) -> Req | None:
     """
     if head.startswith((b"\r", b"\n")):
         return None  # (llhttp skips blank lines before a request line; h11 refuses them)
-    parts = _Target()
+    parts = _HeadParts()
     parser = httptools.HttpRequestParser(parts)
     try:
         parser.feed_data(head)
@@ -245,16 +243,10 @@ def read_head(head: bytes) -> Req | None:
     version = parser.get_http_version()
     if version == "0.9":  # (a request line without a version)
         return None
-    # llhttp took the head, so its lines end in CRLF and each header line is a
-    # token, a colon and a value (no folding, no bare CR or LF): split here, at
-    # C speed, rather than through a Python callback per header.
-    lines = [line.partition(b":") for line in head[:-4].split(b"\r\n")[1:]]
-    headers = [(name.lower(), value.strip(b" \t")) for name, _, value in lines]
-    names = [name for name, _ in headers]
-    hosts = names.count(b"host")
+    hosts = [name for name, _ in parts.headers].count(b"host")
     if hosts > 1 or (hosts == 0 and version == "1.1"):
         return None
-    return Req(parser.get_method(), parts.target, headers, names, version.encode())
+    return Req(parser.get_method(), parts.target, parts.headers, version.encode())
 
 
 class Answer:
@@ -1448,17 +1440,17 @@ class LoopProxy:
         headers = req.headers
         if method == "HEAD":
             return None  # (its answer's framing is h11's business on the trio side)
-        names = req.names  # (lower-cased by read_head)
-        if b"transfer-encoding" in names or b"expect" in names or b"upgrade" in names:
-            return None
         length = 0
-        if b"content-length" in names:  # (llhttp took one, of digits)
-            length = int(headers[names.index(b"content-length")][1])
-            if length > cfg.retry_body_limit:
+        close = False
+        for name, value in headers:  # (names lower-cased by read_head)
+            if name in (b"transfer-encoding", b"expect", b"upgrade"):
                 return None
-        close = b"connection" in names and any(
-            name == b"connection" and b"close" in value.lower() for name, value in headers
-        )
+            if name == b"content-length":
+                length = int(value)
+                if length > cfg.retry_body_limit:
+                    return None
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
         state = c.state
         core = self.loop.core
         try:
