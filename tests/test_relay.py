@@ -266,6 +266,51 @@ async def test_an_upstream_connection_the_upstream_closed_is_not_reused(
     await c.aclose()
 
 
+async def test_a_pooled_connection_that_fails_at_the_first_write_is_retried_whole(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A pooled upstream connection whose first write fails at once (as when the upstream's reset is still on its way to the loop): the request goes again on a new connection with every header, its token and its body, and is answered."""
+    h, s = await _logged_in(start_daemon, upstream)
+    c = await HttpClient.connect(s.socket_path)
+    assert (await c.call("GET", "/dev/a"))[0] == 200
+    relay = h.daemon.loop.relay
+    assert relay is not None
+    (pooled,) = [up for idle in relay.pool.values() for up in idle]
+    # The fault: the socket goes away under the relay, which learns it from its next send.
+    pooled.sock.close()
+    status, _, body = await c.call("POST", "/dev/b", body=b'{"n": 2}')
+    assert status == 200, body
+    assert [r["target"] for r in upstream.received] == ["/v1/a", "/v1/b"]
+    again = upstream.received[1]
+    assert again["body"] == b'{"n": 2}'
+    assert again["headers"]["authorization"].startswith("Bearer ")
+    assert again["headers"]["host"]
+    assert (await c.call("GET", "/dev/c"))[0] == 200  # (and the connection goes on)
+    await c.aclose()
+
+
+async def _no_content_no_headers(
+    up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+) -> None:
+    """``HTTP/1.1 204`` and not one header line."""
+    await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+    conn.send(h11.Response(status_code=204, headers=[]))
+    conn.send(h11.EndOfMessage())
+
+
+async def test_an_answer_without_any_header_is_relayed(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """An upstream's 204 with no header lines at all reaches the sandbox as a 204, and the connection serves the next request."""
+    _, s = await _logged_in(start_daemon, upstream)
+    upstream.script.append(_no_content_no_headers)
+    c = await HttpClient.connect(s.socket_path)
+    status, _, body = await c.call("DELETE", "/dev/thing")
+    assert (status, body) == (204, b"")
+    assert (await c.call("GET", "/dev/next"))[0] == 200
+    await c.aclose()
+
+
 async def test_a_request_the_trio_side_serves_keeps_the_connections_rate(
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
