@@ -30,8 +30,9 @@ The client is the same raw HTTP/1.1 keep-alive loop for every path: direct to
 the upstream over TCP (or TLS), through credproxy, through nginx; A/B rounds
 interleaved. Added latency = p50(proxy) - p50(direct). The small request is a
 ``GET`` with one header; the agent-shaped one (rows without a target) is a
-``POST`` with the headers an Anthropic SDK sends from a coding agent (19) and a
-3 KB JSON body, to the same answer: it shows what each header costs.
+``POST`` with the headers an Anthropic SDK sends from a coding agent (20 lines
+with Host and Content-Length) and a 3 KB JSON body, to the same answer: it
+shows what each header costs.
 """
 
 from __future__ import annotations
@@ -168,8 +169,7 @@ class _Upstream:
 
     @staticmethod
     def _skip_body(sock: socket.socket, low: bytes, buf: bytes) -> bytes:
-        """Drop the request's body (the benchmark sends none, but a proxy may frame an
-        empty one: credproxy forwards a GET as ``Transfer-Encoding: chunked`` + ``0``)."""
+        """Drop the request's body (a Content-Length one, as the agent-shaped POST's, or chunked)."""
         if b"\r\ntransfer-encoding: chunked" in low:
             dec = Chunked()
             rest = buf

@@ -26,7 +26,8 @@ benchmark works, its timings are rough):
 6. 1,000 concurrent ``get_token`` on an expired token: upstream refreshes (must be 1);
 7. the HTTP API proxy (``bench/proxy.py``): added latency of a small request over
    the same client straight to the upstream, with nginx as a reverse proxy on the
-   same path as the anchor; SSE event latency; 64 concurrent streams.
+   same path as the anchor; the same for an agent-shaped POST (20 header lines, a
+   3 KB body; no target); SSE event latency; 64 concurrent streams.
 
 Rows without a target are there to explain the others: "server CPU per request"
 (from /proc/PID/task/*/schedstat) and CPU times of whole processes do not depend

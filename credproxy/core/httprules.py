@@ -212,7 +212,7 @@ def upstream_headers(
     with ``{client}`` left in place. A header the template sets replaces every
     copy the sandbox sent (case-insensitively); its ``{client}`` becomes the
     sandbox's values. A header whose value comes out empty is not sent. The
-    sandbox's bytes go on as they came (h11 checked them; a value may hold
+    sandbox's bytes go on as they came (h11 or llhttp checked them; a value may hold
     bytes 0x80-0xFF), the template's values as UTF-8.
     """
     dropped = _never_sent(tuple(strip)) if strip else _NEVER_SENT

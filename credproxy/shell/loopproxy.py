@@ -31,7 +31,8 @@ is spent: the trio side then answers 503, or streams the body without a
 copy.
 
 **One request in the loop.** Admitted (the rate, as on the trio side), its
-body read whole and kept (it is at most ``retry_body_limit``; the read keeps
+body read whole and kept (it is at most ``retry_body_limit``; a body not
+all here with its head is read under
 :class:`~credproxy.core.httprules.BodyPace`), its bucket picked by the
 serving core as ``get_token`` would, its headers filled from the token the
 core has ready for the session (:class:`~credproxy.core.servecore.Ready`) or
