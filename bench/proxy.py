@@ -169,7 +169,7 @@ class _Upstream:
 
     @staticmethod
     def _skip_body(sock: socket.socket, low: bytes, buf: bytes) -> bytes:
-        """Drop the request's body (a Content-Length one, as the agent-shaped POST's, or chunked)."""
+        """Drop the request's body (Content-Length, as the agent-shaped POST's, or chunked)."""
         if b"\r\ntransfer-encoding: chunked" in low:
             dec = Chunked()
             rest = buf
