@@ -208,6 +208,24 @@ async def test_an_agent_shaped_request_reaches_the_upstream_header_for_header(
     assert relayed == [(n.decode().lower(), v.strip(b" \t").decode("latin-1")) for n, v in sent]
 
 
+@pytest.mark.parametrize(
+    ("target", "upstream_target"),
+    [
+        (b"/dev/a#frag?q=1", "/v1/a"),
+        (b"/dev/c/{x}|%zz", "/v1/c/%7Bx%7D|%zz"),
+        (b"/dev/d/%7Bok%7D?a=b&c=%2F", "/v1/d/%7Bok%7D?a=b&c=%2F"),
+    ],
+)
+async def test_a_request_target_goes_upstream_as_a_url_writes_it(
+    start_daemon: StartDaemon, upstream: Upstream, target: bytes, upstream_target: str
+) -> None:
+    """A fragment is not sent, and bytes a URL may not hold go quoted, as httpx writes any URL (the trio side's); a target that is a URL already goes as it came."""
+    _, s = await _logged_in(start_daemon, upstream)
+    reply = await _raw(s.socket_path, b"GET %s HTTP/1.1\r\nHost: c\r\n%s\r\n" % (target, _CLOSE))
+    assert _statuses(reply) == [200], reply[:300]
+    assert [r["target"] for r in upstream.received] == [upstream_target]
+
+
 async def test_a_request_in_pieces_is_read_whole_and_the_next_one_after_it(
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:
@@ -328,6 +346,45 @@ async def test_a_request_the_trio_side_serves_keeps_the_connections_rate(
     assert _statuses(reply) == [200, 200, 429]
     assert [r["target"] for r in upstream.received] == ["/v1/a", "/v1/b"]
     assert upstream.received[1]["body"] == b"hello"
+
+
+async def _answer_32k(
+    up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+) -> None:
+    payload = b"y" * 32_000
+    head = [(b"content-length", b"%d" % len(payload))]
+    await stream.send_all(
+        conn.send(h11.Response(status_code=200, headers=head))
+        + conn.send(h11.Data(data=payload))
+        + conn.send(h11.EndOfMessage())
+    )
+
+
+async def test_pipelined_requests_wait_while_their_answers_are_not_read(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A sandbox sends 300 requests at once and reads nothing: the relay stops starting them once about 1 MiB of answers waits for it (as the trio side would, one answer at a time), then, as it reads, gets all 300 answers in order."""
+    _, s = await _logged_in(start_daemon, upstream)
+    upstream.script.extend([_answer_32k] * 300)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(
+        b"".join(
+            b"GET /dev/i/%d HTTP/1.1\r\nHost: c\r\n%s\r\n" % (i, _CLOSE if i == 299 else b"")
+            for i in range(300)
+        )
+    )
+    await trio.sleep(1.0)
+    held = len(upstream.received)
+    # (1 MiB of 32 KB answers, and what the socket's own buffers hold)
+    assert held < 100, f"the relay fetched {held} answers for a client that reads nothing"
+    reply = b""
+    with trio.fail_after(30):
+        while chunk := await sock.recv(1 << 20):
+            reply += chunk
+    sock.close()
+    assert _statuses(reply) == [200] * 300
+    assert [r["target"] for r in upstream.received] == [f"/v1/i/{i}" for i in range(300)]
 
 
 async def _no_length(

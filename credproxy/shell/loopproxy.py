@@ -152,6 +152,11 @@ class Origin:
 
 
 _HEAD, _DATA, _END = 0, 1, 2
+#: What a request target the relay sends as it came may hold: RFC 3986's
+#: unreserved and sub-delims, ``:@/?`` and ``%`` (httpx leaves them as they are).
+_TARGET_CHARS = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?%"
+)
 _TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
@@ -185,6 +190,8 @@ def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]
     Raises:
         ValueError: as :func:`_header_lines`.
     """
+    if not headers:  # (never: Host is always there; a head without one would be a bug)
+        raise ValueError("a request head without headers")
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, _header_lines(headers))
 
 
@@ -575,6 +582,7 @@ class HttpConn:
         "chunked",
         "close_when_flushed",
         "closed",
+        "deferred",
         "early",
         "eof",
         "fd",
@@ -633,6 +641,7 @@ class HttpConn:
         self.eof = False  # the client shut down its side
         self.stepping = False  # inside step(): a request that ends at once loops, not recurses
         self.again = False
+        self.deferred = False  # the next request waits until the client has taken its answers
         self.heap_at = math.inf
         self.t_idle = now + limits.idle_timeout
         self.t_head = now + HEAD_TIMEOUT  # its first bytes are here
@@ -729,6 +738,12 @@ class HttpConn:
         try:
             self.again = True
             while self.again and not self.closed and self.x is None:
+                if len(self.out) > HIGH_WATER:
+                    # Answers to pipelined requests that the client does not read:
+                    # nothing more is read or started until it has taken them (flush).
+                    self.deferred = True
+                    self.interest()
+                    return
                 self.again = False
                 self.next_request(now)
         finally:
@@ -1244,6 +1259,11 @@ class HttpConn:
         if self.close_when_flushed:
             self.close()
             return
+        if self.deferred:
+            self.deferred = False
+            self.interest()
+            self.step(now)  # (what it writes is sent by flush_dirty)
+            return
         x = self.x
         if x is not None and x.up is not None and x.up.paused:
             x.up.paused = False
@@ -1253,7 +1273,9 @@ class HttpConn:
 
     def interest(self) -> None:
         """Read unless the client has ended or sent too much ahead; write while bytes wait."""
-        reading = not (self.eof or self.close_when_flushed or self.early > MAX_EARLY)
+        reading = not (
+            self.eof or self.close_when_flushed or self.deferred or self.early > MAX_EARLY
+        )
         mask = (_IN if reading else 0) | (_OUT if self.out and self.t_send != math.inf else 0)
         if mask != self.mask:
             self.mask = mask
@@ -1414,12 +1436,13 @@ class LoopProxy:
             self.flush_dirty(self.loop.clock())
 
     def flush_dirty(self, now: float) -> None:
-        dirty, self.dirty = self.dirty, []
-        for c in dirty:
-            try:
-                c.flush(now)
-            except Exception:
-                self.crashed(c)
+        while self.dirty:  # (a flush may start a held-back request, which writes)
+            dirty, self.dirty = self.dirty, []
+            for c in dirty:
+                try:
+                    c.flush(now)
+                except Exception:
+                    self.crashed(c)
 
     def crashed(self, c: HttpConn | None) -> None:
         """A bug (called in an ``except``): logged; that connection ends, never the loop.
@@ -1455,6 +1478,8 @@ class LoopProxy:
         headers = req.headers
         if method == "HEAD":
             return None  # (its answer's framing is h11's business on the trio side)
+        if req.target.translate(None, _TARGET_CHARS):
+            return None  # (a fragment, or bytes a URL quotes: httpx on the trio side writes it)
         length = 0
         close = False
         for name, value in headers:  # (names lower-cased by read_head)
