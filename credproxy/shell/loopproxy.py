@@ -39,7 +39,7 @@ core has ready for the session (:class:`~credproxy.core.servecore.Ready`) or
 the API keys, it goes upstream on a pooled connection. The answer is relayed
 event by event as it arrives (server-sent events leave as they come), with
 backpressure: while :data:`HIGH_WATER` bytes wait for the client, the
-upstream is not read.
+upstream is not read, nor the client, and a request it sent ahead waits.
 
 **What waits is the trio side's** (:meth:`HttpConn.wait`): a token that is
 not ready or has to be refreshed (``ApiProxy.ready``), a failover walk
