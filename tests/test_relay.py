@@ -100,6 +100,20 @@ async def test_pipelined_requests_are_answered_in_order(
 _CLOSE = b"Connection: close\r\n"
 
 
+async def test_connection_close_is_a_token_of_the_list(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """``Connection: keep-alive, x-closed`` does not close the connection (only a ``close`` token does, as h11 reads it): both pipelined requests are answered."""
+    _, s = await _logged_in(start_daemon, upstream)
+    reply = await _raw(
+        s.socket_path,
+        b"GET /dev/one HTTP/1.1\r\nHost: c\r\nConnection: keep-alive, x-closed\r\n\r\n"
+        b"GET /dev/two HTTP/1.1\r\nHost: c\r\nConnection: Keep-Alive, Close\r\n\r\n",
+    )
+    assert _statuses(reply) == [200, 200]
+    assert [r["target"] for r in upstream.received] == ["/v1/one", "/v1/two"]
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "statuses", "sent_upstream"),
     [

@@ -1490,7 +1490,8 @@ class LoopProxy:
                 if length > cfg.retry_body_limit:
                     return None
             elif name == b"connection" and b"close" in value.lower():
-                close = True
+                # (a token of the list, as h11 reads it: not "x-close")
+                close = close or b"close" in [t.strip() for t in value.lower().split(b",")]
         state = c.state
         core = self.loop.core
         try:
