@@ -38,6 +38,7 @@ class Upstream:
     script: list[Handler] = field(default_factory=list)
     cancelled: int = 0
     hanging: int = 0
+    connections: int = 0  # open now (the proxy's pooled ones among them)
     release: trio.Event = field(default_factory=trio.Event)
 
     def headers(self, i: int = -1) -> dict[str, str]:
@@ -101,6 +102,14 @@ async def endless(
 
 
 async def _serve_upstream(up: Upstream, stream: trio.SSLStream[Any]) -> None:
+    up.connections += 1
+    try:
+        await _serve_connection(up, stream)
+    finally:
+        up.connections -= 1
+
+
+async def _serve_connection(up: Upstream, stream: trio.SSLStream[Any]) -> None:
     conn = h11.Connection(h11.SERVER)
     try:
         while True:

@@ -20,7 +20,7 @@ import h11
 import pytest
 import trio
 from test_isolation import _logged_in, _raw
-from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
+from test_proxy import HttpClient, Upstream, _json_answer, upstream  # noqa: F401
 
 from conftest import StartDaemon
 from credproxy.core.names import Key
@@ -341,6 +341,39 @@ async def test_an_answer_without_any_header_is_relayed(
     assert (status, body) == (204, b"")
     assert (await c.call("GET", "/dev/next"))[0] == 200
     await c.aclose()
+
+
+async def test_an_upstream_connection_idle_past_five_seconds_is_closed_when_the_pool_is_used(
+    start_daemon: StartDaemon, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Two requests at once leave two pooled connections; one is used again 4 s later; 2 s after that, when it comes back to the pool, the other, idle for 6 s, is closed (the upstream sees it end), and the fresh one is kept."""
+    _, s = await _logged_in(start_daemon, upstream)
+    a = await HttpClient.connect(s.socket_path)
+    b = await HttpClient.connect(s.socket_path)
+    release = trio.Event()
+
+    async def held(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        await release.wait()  # (both requests are upstream at once: two connections)
+        await _json_answer(up, req, body, stream, conn)
+
+    upstream.script.extend([held, held])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.call, "GET", "/dev/a")
+        nursery.start_soon(b.call, "GET", "/dev/b")
+        while len(upstream.received) < 2:
+            await trio.sleep(0.01)
+        release.set()
+    assert upstream.connections == 2
+    await trio.sleep(4)
+    assert (await a.call("GET", "/dev/c"))[0] == 200  # (on the newer of the two)
+    await trio.sleep(2)
+    assert (await a.call("GET", "/dev/d"))[0] == 200  # (on the same, given back: the other goes)
+    await trio.sleep(0.1)
+    assert upstream.connections == 1
+    await a.aclose()
+    await b.aclose()
 
 
 async def test_a_request_the_trio_side_serves_keeps_the_connections_rate(

@@ -1599,6 +1599,8 @@ class LoopProxy:
         whole = answer is not None and answer.done and answer.keep and not answer.extra
         if not up.closed and whole and sent:
             idle = self.pool.setdefault(up.origin.key, [])
+            while idle and (idle[0].closed or now - idle[0].idle_since > POOL_IDLE):
+                idle.pop(0).close()  # (the oldest first: past their time, or closed)
             if len(idle) < POOL_PER_ORIGIN:
                 up.idle_since = now
                 idle.append(up)
