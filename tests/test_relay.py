@@ -434,6 +434,39 @@ async def test_pipelined_requests_wait_while_their_answers_are_not_read(
     assert [r["target"] for r in upstream.received] == [f"/v1/i/{i}" for i in range(300)]
 
 
+async def test_a_client_that_half_closes_gets_all_of_a_big_answer(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """A sandbox sends its request, shuts down its sending side, then reads slowly: it gets the whole 600 KB answer (more than the socket holds at once), then the connection's end."""
+    _, s = await _logged_in(start_daemon, upstream)
+    payload = bytes(range(256)) * 2400
+
+    async def big(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        head = [(b"content-length", b"%d" % len(payload))]
+        await stream.send_all(
+            conn.send(h11.Response(status_code=200, headers=head))
+            + conn.send(h11.Data(data=payload))
+            + conn.send(h11.EndOfMessage())
+        )
+
+    upstream.script.append(big)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(b"GET /dev/big HTTP/1.1\r\nHost: c\r\n\r\n")
+    sock.shutdown(trio.socket.SHUT_WR)
+    await trio.sleep(0.5)  # (the answer is in, and more of it than the socket takes)
+    reply = b""
+    with trio.fail_after(10):
+        while chunk := await sock.recv(16384):
+            reply += chunk
+            await trio.sleep(0.001)
+    sock.close()
+    assert _statuses(reply) == [200]
+    assert reply.endswith(payload)
+
+
 async def _no_length(
     up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
 ) -> None:

@@ -758,7 +758,7 @@ class HttpConn:
         if end is None:
             self.scanned = len(buf)
             if self.eof and not buf:
-                self.close()  # the client is done
+                self.close_after_flush()  # the client is done (its answer goes first)
             elif self.eof or len(buf) > cfg.proxy.max_header_bytes:
                 self.hand_over(bytes(buf), self.handed(False, now), now)  # 400/431 there
             else:
@@ -1309,7 +1309,7 @@ class HttpConn:
                 message = relay_failure(x.origin.url, timed_out=True)
                 self.refuse(x, HttpError(502, message), now)
         elif x is None and (now >= self.t_head or now >= self.t_idle):
-            self.close()  # idle, or a request head that does not come
+            self.close_after_flush()  # idle, or a request head that does not come
         if not self.closed:
             self.track()
 
