@@ -19,11 +19,12 @@ from typing import Any
 import h11
 import pytest
 import trio
-from test_isolation import _logged_in, _raw
-from test_proxy import HttpClient, Upstream, _json_answer, upstream  # noqa: F401
+from test_isolation import _audit, _logged_in, _raw
+from test_proxy import HttpClient, Upstream, _json_answer, sse, upstream  # noqa: F401
 
 from conftest import StartDaemon
 from credproxy.core.names import Key
+from credproxy.shell.loopproxy import HttpConn
 
 
 def _statuses(reply: bytes) -> list[int]:
@@ -465,6 +466,153 @@ async def test_a_client_that_half_closes_gets_all_of_a_big_answer(
     sock.close()
     assert _statuses(reply) == [200]
     assert reply.endswith(payload)
+
+
+async def test_a_client_that_stops_reading_before_its_answer_counts_once(
+    start_daemon: StartDaemon, upstream: Upstream, no_secrets_in_logs: list[dict[str, Any]]
+) -> None:
+    """A sandbox sends a request and shuts down its reading side; the whole answer comes in one read and cannot be sent: the exchange ends once (one audit line, 499), and the session's one stream in flight is counted right after it (a second request at once is refused)."""
+    _, s = await _logged_in(start_daemon, upstream, proxy={"max_streams": 1})
+
+    async def at_once(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        head = [(b"content-length", b"2")]
+        await stream.send_all(
+            conn.send(h11.Response(status_code=200, headers=head))
+            + conn.send(h11.Data(data=b"ok"))
+            + conn.send(h11.EndOfMessage())
+        )
+
+    upstream.script.append(at_once)  # (the whole answer in one read: its end follows the send)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(b"GET /dev/deaf HTTP/1.1\r\nHost: c\r\n\r\n")
+    sock.shutdown(trio.socket.SHUT_RD)
+    while not [e for e in _audit(no_secrets_in_logs) if e["path"] == "/deaf"]:
+        await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    assert [e["status"] for e in _audit(no_secrets_in_logs)] == [499]
+    sock.close()
+    # (counted twice, the session's streams in flight would be -1: two requests at once)
+    release = trio.Event()
+
+    async def held(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        await release.wait()
+        await _json_answer(up, req, body, stream, conn)
+
+    upstream.script.extend([held, held])
+    first = await HttpClient.connect(s.socket_path)
+    second = await HttpClient.connect(s.socket_path)
+    async with trio.open_nursery() as nursery:
+        got: list[int] = []
+
+        async def call(c: HttpClient, path: str) -> None:
+            got.append((await c.call("GET", path))[0])
+
+        nursery.start_soon(call, first, "/dev/one")
+        while len(upstream.received) < 2:
+            await trio.sleep(0.01)
+        await call(second, "/dev/two")  # (its turn while the first is upstream: refused)
+        release.set()
+    assert sorted(got) == [200, 503]
+    await first.aclose()
+    await second.aclose()
+
+
+async def test_bytes_after_a_whole_answer_leave_the_answer_and_drop_the_connection(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """An upstream sends a whole answer and, in the same write, bytes that are no answer: the sandbox gets that answer, the request went upstream once, and the connection is not used again."""
+    _, s = await _logged_in(start_daemon, upstream)
+
+    async def junk_after(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhiXYZ")
+        await stream.aclose()
+
+    c = await HttpClient.connect(s.socket_path)
+    assert (await c.call("GET", "/dev/warm"))[0] == 200  # (a pooled connection to reuse)
+    upstream.script.append(junk_after)
+    status, _, body = await c.call("POST", "/dev/charge", body=b'{"n": 1}')
+    assert (status, body) == (200, b"hi")
+    assert [r["target"] for r in upstream.received] == ["/v1/warm", "/v1/charge"]
+    assert (await c.call("GET", "/dev/after"))[0] == 200
+    await c.aclose()
+
+
+async def _hang_up_unanswered(
+    up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+) -> None:
+    """The upstream closes a kept-alive connection with the request read and no answer."""
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(("method", "sent"), [("GET", 2), ("POST", 1)])
+async def test_a_request_a_reused_connection_drops_is_sent_again_only_if_it_may_be(
+    start_daemon: StartDaemon, upstream: Upstream, method: str, sent: int
+) -> None:
+    """A pooled connection the upstream closes after reading the request, with no answer: a GET is sent once more on a new connection and answered; a POST, which the upstream may have acted on, is not sent again and gets a 502 (the sandbox's client decides whether to retry)."""
+    _, s = await _logged_in(start_daemon, upstream)
+    c = await HttpClient.connect(s.socket_path)
+    assert (await c.call("GET", "/dev/warm"))[0] == 200
+    upstream.script.append(_hang_up_unanswered)
+    status, _, _ = await c.call(method, "/dev/act", body=b"{}" if method == "POST" else b"")
+    assert status == (200 if method == "GET" else 502)
+    assert [r["target"] for r in upstream.received] == ["/v1/warm"] + ["/v1/act"] * sent
+    await c.aclose()
+
+
+async def test_a_slow_steady_reader_gets_a_long_answer_whole_past_the_read_timeout(
+    start_daemon: StartDaemon, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A 3 MiB answer to a sandbox that reads 16 KiB every quarter second (about 12 s in all) with a read timeout of 5 s: the relay stops reading the upstream while 1 MiB waits for the client, that wait is not the upstream's silence, and the answer arrives whole."""
+    _, s = await _logged_in(start_daemon, upstream, proxy={"read_timeout": 5.0})
+    payload = bytes(range(256)) * (3 * 4096)
+
+    async def big(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        head = [(b"content-length", b"%d" % len(payload))]
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=head)) or b"")
+        await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+
+    upstream.script.append(big)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    await sock.send(b"GET /dev/big HTTP/1.1\r\nHost: c\r\n%s\r\n" % _CLOSE)
+    reply = b""
+    while chunk := await sock.recv(16384):
+        reply += chunk
+        await trio.sleep(0.25)
+    sock.close()
+    assert _statuses(reply) == [200]
+    assert reply.endswith(payload)
+
+
+async def test_a_streamed_answer_does_not_keep_the_request_body(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """Once its answer has begun (no retry can come after), a 1 MiB request body is no longer held by the relay, while the stream goes on."""
+    h, s = await _logged_in(start_daemon, upstream)
+    upstream.script.append(sse)
+    c = await HttpClient.connect(s.socket_path)
+    await c.send("POST", "/dev/stream", body=b"x" * (1 << 20))
+    got = b""
+    while b"data: one" not in got:
+        got += await c.stream.receive_some(65536)
+    relay = h.daemon.loop.relay
+    assert relay is not None
+    exchanges = [
+        conn.x for conn in relay.handlers.values() if isinstance(conn, HttpConn) and conn.x
+    ]
+    assert [(x.body_size, len(x.body)) for x in exchanges] == [(1 << 20, 0)]
+    upstream.release.set()
+    await c.aclose()
 
 
 async def _no_length(

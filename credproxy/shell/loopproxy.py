@@ -267,6 +267,16 @@ def read_head(head: bytes) -> Req | None:
     return Req(parser.get_method(), parts.target, parts.headers, version.encode())
 
 
+_REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
+
+def _replayable(req: Req) -> bool:
+    """Whether *req* may reach the upstream twice: a safe method, or an idempotency key."""
+    return req.method in _REPLAYABLE or any(
+        name in (b"idempotency-key", b"x-idempotency-key") for name, _ in req.headers
+    )
+
+
 class Answer:
     """An upstream connection's answers as llhttp reads them (``httptools``): what is relayed.
 
@@ -381,6 +391,7 @@ class Upstream:
         "reused",
         "sock",
         "tls",
+        "wrote",
     )
 
     def __init__(self, lp: LoopProxy, sock: socket.socket, origin: Origin, tls: Tls | None):
@@ -397,6 +408,7 @@ class Upstream:
         self.pending: collections.deque[memoryview] = collections.deque()  # not yet encrypted
         self.closed = False
         self.reused = False
+        self.wrote = False  # a byte of the request under way has been sent
         self.paused = False
         self.idle_since = 0.0
         self.mask = _IN
@@ -422,6 +434,7 @@ class Upstream:
             while True:
                 if out:
                     sent = self.sock.send(out)
+                    self.wrote = True
                     out = out[sent:]
                     if out:
                         break  # the socket is full: EPOLLOUT
@@ -499,9 +512,13 @@ class Upstream:
                         # The record read whole, and no other waits: asking once
                         # more would raise SSLWantReadError, at a cost.
                         break
-        except (httptools.HttpParserError, ssl.SSLError):
-            self.broke(now)
-            return
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, ssl.SSLError):
+            if not answer.done:
+                self.broke(now)  # (an unasked 101 too: not an answer the relay can pass on)
+                return
+            # Bytes after a whole answer that are not an answer: that answer
+            # stands (h11 reads it so), the connection goes.
+            answer.extra = True
         if answer.events:
             owner.upstream_events(self, now)
 
@@ -527,6 +544,7 @@ class Exchange:
 
     __slots__ = (
         "body",
+        "body_size",
         "close",
         "got_answer",
         "headers",
@@ -558,7 +576,8 @@ class Exchange:
         self.ready: Ready | None = None  # the token the request carries (None: API keys only)
         self.headers: list[tuple[bytes, bytes]] = []  # as sent upstream
         self.target = b""
-        self.body = b""  # the body, whole
+        self.body = b""  # the body, whole (until the answer starts: no retry after)
+        self.body_size = 0
         self.kept = 0  # bytes of retry_body_budget held for the body
         self.close = False  # the client asked to close after it (or speaks HTTP/1.0)
         self.pace: BodyPace | None = None  # while its body is read (None: not begun, or whole)
@@ -821,6 +840,7 @@ class HttpConn:
             return
         with memoryview(buf) as view:  # (one copy of the body, and a new buffer for the rest:
             x.body = bytes(view[self.head : end])  # the old one's room goes with it)
+            x.body_size = len(x.body)
             self.buf = bytearray(view[end:])  # what is left is the next request's
         x.pace = None
         self.t_body = math.inf
@@ -917,6 +937,7 @@ class HttpConn:
         self, x: Exchange, up: Upstream, headers: list[tuple[bytes, bytes]], now: float
     ) -> None:
         up.owner = self
+        up.wrote = False
         up.answer = up.reader.next()
         x.up = up
         x.got_answer = False
@@ -989,6 +1010,7 @@ class HttpConn:
         header cannot be sent: the exchange has then ended (connection closed).
         """
         self.unkeep(x)
+        x.body = b""  # (what is still being sent upstream holds its own view of it)
         x.status = status
         kept = [(n, v) for n, v in headers if n not in HOP_BY_HOP]
         self.no_body = status in (204, 304)
@@ -1031,7 +1053,8 @@ class HttpConn:
             return
         self.end_answer()
         self.flush(now)  # the answer leaves before its audit line is written
-        self.finish(x, now)
+        if self.x is x:  # (else the send found the client gone, which ended it)
+            self.finish(x, now)
 
     def retry(self, x: Exchange, now: float) -> None:
         """A held 401 or 429: send again with a newer token or on the next bucket, or relay it."""
@@ -1070,9 +1093,11 @@ class HttpConn:
         x.up = None
         self.t_up = math.inf
         if not x.got_answer:
-            if up.reused and "stale" not in x.tried:
+            if up.reused and "stale" not in x.tried and (not up.wrote or _replayable(x.req)):
                 # A pooled connection the upstream had closed: once more on a new
-                # one (another pooled one may have been closed as well).
+                # one (another pooled one may have been closed as well). Only if
+                # nothing of it left, or it may be sent twice (as Go's client
+                # decides): a POST the upstream may have read is not sent again.
                 x.tried.add("stale")
                 self.connect(x, x.headers, now, fresh=True)
                 return
@@ -1142,6 +1167,8 @@ class HttpConn:
 
     def finish(self, x: Exchange, now: float, *, close: bool = False) -> None:
         """The exchange has ended: its audit line, and on to the next request (or close)."""
+        if self.x is not x:
+            return  # (ended already: one audit line, one leave of the ledger)
         if x.up is not None:
             x.up.close()  # (not whole: never reused)
             x.up = None
@@ -1182,7 +1209,7 @@ class HttpConn:
                 "ms": round((now - x.started) * 1000, 1),
             },
         )
-        self.lp.proxy.ledger.moved(x.sent + len(x.body))
+        self.lp.proxy.ledger.moved(x.sent + x.body_size)
 
     def gone(self, now: float) -> None:
         """The client went away (or broke its connection)."""
@@ -1233,6 +1260,7 @@ class HttpConn:
         if up is not None and not up.paused:
             up.paused = True  # resumed by flush() once the client has taken it all
             up.interest()
+            self.t_up = math.inf  # (not read, so not timed: the send deadline is the client's)
 
     def flush(self, now: float) -> None:
         """Send what waits for the client; wait for room (``EPOLLOUT``) if it is full."""
@@ -1268,6 +1296,8 @@ class HttpConn:
         if x is not None and x.up is not None and x.up.paused:
             x.up.paused = False
             x.up.interest()
+            self.t_up = now + self.lp.read_timeout
+            self.track()
         if self.mask & _OUT:
             self.interest()
 
