@@ -544,6 +544,26 @@ async def test_bytes_after_a_whole_answer_leave_the_answer_and_drop_the_connecti
     await c.aclose()
 
 
+async def test_an_unasked_switch_of_protocols_is_a_502(
+    start_daemon: StartDaemon, upstream: Upstream, no_secrets_in_logs: list[dict[str, Any]]
+) -> None:
+    """An upstream that answers a plain request with ``101 Switching Protocols``: the sandbox gets a 502 (an answer the relay cannot pass on), not a 500, and no crash is logged."""
+    _, s = await _logged_in(start_daemon, upstream)
+
+    async def switch(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"
+        )
+        await stream.aclose()
+
+    upstream.script.append(switch)
+    reply = await _raw(s.socket_path, b"GET /dev/plain HTTP/1.1\r\nHost: c\r\n%s\r\n" % _CLOSE)
+    assert _statuses(reply) == [502], reply[:300]
+    assert not [e for e in no_secrets_in_logs if e["event"] == "api_connection_crashed"]
+
+
 async def _hang_up_unanswered(
     up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
 ) -> None:
