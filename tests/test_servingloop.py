@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -637,3 +638,125 @@ async def test_thread_mode_a_connection_handed_over_after_the_loop_stopped_is_cl
             await trio.sleep(0.01)
     assert right.recv(16) == b""  # closed, not left open with nobody serving it
     right.close()
+
+
+# --- the end of a client's input, and what it holds back ----------------------------
+
+
+async def test_a_half_close_after_three_hundred_pipelined_requests_gets_every_reply(
+    start_daemon: StartDaemon, peers: Peers
+) -> None:
+    """300 get_token in one write, then the client shuts its sending side (``nc -N``): all 300 replies come, in order (more than the loop answers in one turn), then the end."""
+    h = await start_daemon(limits=LONG_IDLE)
+    h.login()
+    s = await h.session("dev")
+    p = await peers.open(s)
+    ids, data = pipeline("h", 300)
+    await p.send_raw(data)
+    p.sock.shutdown(socket.SHUT_WR)
+    with trio.fail_after(10):
+        got = await replies(p, 300)
+        assert await p.recv() is None
+    assert [r["id"] for r in got] == ids
+    assert all(r["ok"] for r in got)
+
+
+async def test_a_frame_cut_short_by_the_end_of_input_is_dropped_and_the_rest_answered(
+    start_daemon: StartDaemon, peers: Peers
+) -> None:
+    """Two whole requests and half of a third, then the end of input: two replies, then the connection closes."""
+    h = await start_daemon(limits=LONG_IDLE)
+    h.login()
+    s = await h.session("dev")
+    p = await peers.open(s)
+    third = request("c3")
+    await p.send_raw(request("c1") + request("c2") + third[: len(third) // 2])
+    p.sock.shutdown(socket.SHUT_WR)
+    with trio.fail_after(5):
+        got = await replies(p, 2)
+        assert await p.recv() is None
+    assert [r["id"] for r in got] == ["c1", "c2"]
+
+
+def _loop_thread_cpu() -> float:
+    """CPU seconds the serving loop's thread has used (thread mode)."""
+    (t,) = [t for t in threading.enumerate() if t.name == "credproxy-serving-loop"]
+    with open(f"/proc/self/task/{t.native_id}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+async def test_thread_mode_a_client_gone_while_its_token_is_refreshed_costs_no_cpu(
+    start_daemon: StartDaemon, peers: Peers
+) -> None:
+    """Thread mode: a get_token that waits for a slow refresh, and the client closes its socket: while the refresh goes on, the loop's thread stays idle (it does not wake for the hang-up again and again)."""
+    h = await start_daemon(serving_thread=True)
+    store_expired(h)
+    h.idp.fail_next("slow", delay=1.5)
+    s = await h.session("dev")
+    p = await peers.open(s)
+    await p.send_raw(request("w1"))
+    await trio.sleep(0.2)  # (the refresh is under way)
+    p.sock.close()
+    await trio.sleep(0.1)
+    before = _loop_thread_cpu()
+    await trio.sleep(0.6)
+    used = _loop_thread_cpu() - before
+    assert used < 0.1, f"the serving loop's thread used {used:.2f} s of CPU in 0.6 s"
+
+
+async def test_a_frame_body_is_not_timed_while_the_loop_holds_back_reading(
+    start_daemon: StartDaemon, peers: Peers, autojump_clock: trio.testing.MockClock
+) -> None:
+    """50 replies of 16 KB the client has not read yet fill the socket, so the loop stops reading; the client's next frame, started in the same write and finished a second later, is not cut for a slow body while the client takes 6.5 s to read: it is answered."""
+    h = await start_daemon(limits=LONG_IDLE)
+    big = h.idp.mint()
+    big["access_token"] = "t" * 16_000
+    big["expiry"] = h.wall() + 3600
+    h.store.write("dev", "default", big)
+    s = await h.session("dev")
+    p = await peers.open(s)
+    ids, data = pipeline("f", 50)
+    last = request("late")
+    await p.send_raw(data + last[:10])
+    await trio.sleep(1)
+    await p.send_raw(last[10:])
+    await trio.sleep(5.5)  # (past the 5 s a frame's body may take; within the send's 10 s)
+    with trio.fail_after(5):
+        got = await replies(p, 51)
+    assert [r["id"] for r in got] == [*ids, "late"]
+
+
+async def test_made_up_provider_names_do_not_grow_the_daemon_without_end(
+    start_daemon: StartDaemon, peers: Peers
+) -> None:
+    """6,000 get_token, each naming a provider nobody configured: each gets NOT_FOUND, and what the session remembers of providers stays bounded (4,096 names)."""
+    h = await start_daemon(limits={**LONG_IDLE, "requests_per_second": 0})
+    h.login()
+    s = await h.session("dev")
+    p = await peers.open(s)
+    ids = [f"m{i}" for i in range(6000)]
+    await p.send_raw(
+        b"".join(request(rid, "get_token", {"provider": f"made-up-{rid}"}) for rid in ids)
+    )
+    with trio.fail_after(30):
+        got = await replies(p, 6000)
+    assert {r["code"] for r in got} == {"NOT_FOUND"}
+    assert len(h.daemon.loop.core.sessions[s.id].profiles) <= 4096
+    assert (await p.call("get_token", DEV))["ok"] is True
+
+
+async def test_a_v1_peer_naming_a_huge_unknown_op_gets_a_reply_within_64_kib(
+    start_daemon: StartDaemon, peers: Peers
+) -> None:
+    """A v1 peer sends an operation name of 60,000 characters: the error reply quotes at most 64 of them, so it stays within v1's 64 KiB frames."""
+    h = await start_daemon()
+    s = await h.session("dev")
+    p = await peers.open(s, handshake=False)
+    assert (await p.handshake(1, 1))["ok"] is True
+    op = "x" * 60_000
+    await p.send_raw(frame(json.dumps({"v": 1, "id": "big", "op": op, "payload": {}}).encode()))
+    start = len(p.received)
+    reply = await p.recv()
+    assert reply is not None and reply["ok"] is False and reply["id"] == "big"
+    assert reply["code"] == "INVALID_REQUEST"
+    assert len(p.received) - start < 200

@@ -140,6 +140,22 @@ class Connection:
             return True
         return False
 
+    def hold_body(self) -> None:
+        """The driver stops reading (its peer has replies to take): no body deadline runs."""
+        self._body_deadline = math.inf
+
+    def resume_body(self, now: float) -> bool:
+        """The driver reads again: a frame's body still on its way gets a whole deadline.
+
+        Returns True if it armed one (as :meth:`after_read`).
+        """
+        return self.after_read(now)
+
+    @property
+    def has_frame(self) -> bool:
+        """True if a whole frame is buffered (at the peer's end of input, the rest is dropped)."""
+        return self._reader.has_frame
+
     # -- output --
 
     def answer(self, rid: str, data_json: bytes, now: float) -> bytes:

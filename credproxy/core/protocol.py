@@ -170,6 +170,18 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self.buf) + len(self.data) - self._pos
 
+    @property
+    def has_frame(self) -> bool:
+        """True if :meth:`next_frame` would give a frame (or raise on a header over the limit)."""
+        data, pos = self.data, self._pos
+        if data:
+            left = len(data) - pos
+            return left >= _HEADER and left - _HEADER >= _unpack_header(data, pos)[0]
+        buf = self.buf
+        if self.need is not None:
+            return len(buf) >= self.need
+        return len(buf) >= _HEADER and len(buf) - _HEADER >= _unpack_header(buf, 0)[0]
+
 
 def decode_object(payload: bytes) -> dict[str, Any]:
     """Decode one frame payload, which must be a JSON object."""

@@ -218,6 +218,11 @@ class Reconfigure:
 Command = OpenSession | Publish | Hold | Release | Forget | CloseSession | Reconfigure
 
 
+def _shown(op: str) -> str:
+    """*op* as an error message quotes it: at most 64 characters (a reply stays small)."""
+    return op if len(op) <= 64 else op[:64] + "..."
+
+
 def profile_of(grants: Grants, provider: str, providers: Mapping[str, Provider]) -> Profile | None:
     """*provider*'s profile under *grants* when it has two or more buckets, else None.
 
@@ -331,7 +336,7 @@ class ServingCore:
             return Read("has_api_key", name_field(payload, "name"))
         if op in FORBIDDEN_OPS or op.startswith("oauth_"):
             raise Forbidden(f"{op} is not available to a sandbox")
-        raise UsageError(f"Unknown operation: {op}")
+        raise UsageError(f"Unknown operation: {_shown(op)}")
 
     def get_token(
         self, state: SessionState, payload: dict[str, Any], wall: float, boot: float
@@ -362,7 +367,9 @@ class ServingCore:
         try:
             return state.profiles[provider]
         except KeyError:
-            profile = state.profiles[provider] = profile_of(state.grants, provider, self.providers)
+            profile = profile_of(state.grants, provider, self.providers)
+            if len(state.profiles) < MAX_KEY_MEMO:  # (names a sandbox makes up are not kept)
+                state.profiles[provider] = profile
             return profile
 
     def pick(self, sid: str, provider: str, wall: float, boot: float) -> Ready | Defer:

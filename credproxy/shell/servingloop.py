@@ -130,6 +130,7 @@ class SandboxConnection(Generic[S]):
     """One sandbox connection as the loop sees it."""
 
     __slots__ = (
+        "backlogged",
         "close_when_flushed",
         "closed",
         "engine",
@@ -160,7 +161,8 @@ class SandboxConnection(Generic[S]):
         self.heap_at = math.inf
         self.closed = False
         self.close_when_flushed = False
-        self.eof = False  # the peer shut down its side; answer what is in flight, then close
+        self.backlogged = False  # in the loop's backlog (once, however often it is put there)
+        self.eof = False  # the peer shut down its side; answer what it sent, then close
         self.fresh = True  # nothing read yet: the first byte tells frames from HTTP
         self.paused = False  # MAX_PENDING replies wait: parse no more until they leave
         self.mask = _IN  # what the epoll set waits for on this connection
@@ -451,6 +453,7 @@ class ServingLoop(Generic[S]):
         if self._backlog:
             backlog, self._backlog = self._backlog, []
             for conn in backlog:
+                conn.backlogged = False
                 if not conn.closed:
                     self._guarded(self._process, conn, now)
         for fd, mask in events:
@@ -469,7 +472,10 @@ class ServingLoop(Generic[S]):
                 if mask & _OUT:
                     self._flush(ready, now)
                 elif mask & _READABLE:
-                    self._read(ready, now)
+                    if ready.eof:  # (a hang-up after its end of input: nobody reads replies)
+                        self._close(ready, "closed by peer")
+                    else:
+                        self._read(ready, now)
             except Exception:
                 log.exception("connection_crashed", conn=ready.state.id)
                 self._close(ready, "internal error")
@@ -561,10 +567,9 @@ class ServingLoop(Generic[S]):
         if conn.paused and len(queue) < MAX_PENDING:
             conn.paused = False
             if conn.engine.buffered:
-                self._backlog.append(conn)
+                self._to_backlog(conn)
         self._write(conn, b"".join(out), now)
-        if conn.eof and not conn.out and not queue and conn.engine.in_flight == 0:
-            self._close(conn, "closed by peer")
+        self._close_if_done(conn)
 
     def _close_session(self, sid: str, now: float) -> None:
         for conn in [c for c in self._conns.values() if c.state.id == sid]:
@@ -584,13 +589,14 @@ class ServingLoop(Generic[S]):
             self._close(conn, f"socket error: {type(exc).__name__}")
             return
         if not data:
-            if conn.engine.in_flight == 0 and not conn.out and not conn.pending:
-                self._close(conn, "closed by peer")
-                return
             # A half-close (`nc -N`, a script's `shutdown(SHUT_WR)`): answer
-            # what is in flight, then close. Nothing more is read.
+            # what is in flight and every whole request still buffered, then
+            # close. Nothing more is read.
             conn.eof = True
+            if conn.engine.has_frame and not conn.paused:
+                self._to_backlog(conn)
             self._interest(conn)
+            self._close_if_done(conn)
             return
         if conn.fresh:
             conn.fresh = False
@@ -634,7 +640,7 @@ class ServingLoop(Generic[S]):
                     break  # the handshake was refused: what waits is dropped with it
             else:
                 if engine.buffered:
-                    self._backlog.append(conn)  # more may be buffered: next turn
+                    self._to_backlog(conn)  # more may be buffered: next turn
         except ProtocolError as exc:
             self._write(conn, b"".join(out), now)
             self._close(conn, f"protocol error: {exc}")
@@ -645,6 +651,8 @@ class ServingLoop(Generic[S]):
         # only an armed body deadline (or a reply left to send) needs a new entry.
         armed = engine.after_read(now)
         self._write(conn, b"".join(out), now, close_after=close_after, track=armed)
+        if conn.eof:
+            self._close_if_done(conn)
 
     def _request(
         self, conn: SandboxConnection[S], req: Request, now: float, wall: float, boot: float
@@ -809,6 +817,11 @@ class ServingLoop(Generic[S]):
         else:
             mask = _IN
         if mask != conn.mask:
+            # A frame's body is not timed while the loop does not read it.
+            if conn.mask == _IN:
+                conn.engine.hold_body()
+            elif mask == _IN and conn.engine.resume_body(self.clock()):
+                self._track(conn)
             conn.mask = mask
             self._epoll.modify(conn.sock.fileno(), mask)
 
@@ -827,13 +840,31 @@ class ServingLoop(Generic[S]):
         if conn.close_when_flushed:
             self._close(conn, "handshake refused")
             return
-        if conn.eof and conn.engine.in_flight == 0 and not conn.pending:
-            self._close(conn, "closed by peer")
+        if self._close_if_done(conn):
             return
         self._interest(conn)
         if conn.engine.buffered and not conn.paused:
-            self._backlog.append(conn)
+            self._to_backlog(conn)
         self._track(conn)
+
+    def _to_backlog(self, conn: SandboxConnection[S]) -> None:
+        """Serve more of *conn*'s buffered requests next turn (it is in the backlog once)."""
+        if not conn.backlogged:
+            conn.backlogged = True
+            self._backlog.append(conn)
+
+    def _close_if_done(self, conn: SandboxConnection[S]) -> bool:
+        """After the peer's end of input: close once every request it sent is answered."""
+        if (
+            conn.eof
+            and not conn.closed
+            and not conn.out
+            and not conn.pending
+            and conn.engine.in_flight == 0
+            and not conn.engine.has_frame  # (a frame cut short by the end: dropped)
+        ):
+            self._close(conn, "closed by peer")
+        return conn.closed
 
     # -- deadlines and closing -------------------------------------------------
 

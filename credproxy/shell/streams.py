@@ -112,7 +112,9 @@ async def serve_stream(
                     op = ops.get(event.op)
                     if op is None:
                         await send(
-                            conn.fail(event.id, UsageError(f"Unknown operation: {event.op}"), now)
+                            conn.fail(
+                                event.id, UsageError(f"Unknown operation: {event.op[:64]}"), now
+                            )
                         )
                     elif inspect.iscoroutinefunction(op):
                         nursery.start_soon(answer_slow, event, op)
