@@ -449,3 +449,28 @@ async def test_refresh_in_flight_lands_on_disk_when_the_daemon_stops(
     )
     assert status == 200  # the refresh token on disk is the live one
     p.close()
+
+
+async def test_a_store_that_cannot_be_read_when_the_timer_fires_does_not_stop_the_daemon(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """The token file becomes unreadable (a symbolic link to itself: ELOOP, as EIO or a stale NFS handle would) when its renewal is due: the daemon keeps serving other requests and answers ``status``; once the file is back, the token is renewed."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    first = h.login()
+    s = await h.session("dev")
+    p = await h.peer(s)
+    assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
+    path = h.store.token_path("dev")
+    saved = path.read_bytes()
+    path.unlink()
+    path.symlink_to(path.name)  # (itself: every stat fails with ELOOP)
+    await trio.sleep(HOUR * 0.8)  # (past the renewal, due at about half the life)
+    assert (await p.call("list_buckets", {"provider": "dev"}))["ok"] is True
+    assert (await h.daemon.status())["sessions"]
+    path.unlink()
+    path.write_bytes(saved)
+    path.chmod(0o600)
+    await trio.sleep(HOUR * 0.15)
+    reply = await p.call("get_token", {"provider": "dev"})
+    assert reply["ok"] is True
+    assert reply["data"]["access_token"] != first["access_token"]

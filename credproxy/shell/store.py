@@ -186,6 +186,8 @@ class TokenStore:
         except FileNotFoundError:
             self._token_paths.pop((provider, bucket), None)
             return None
+        except OSError as exc:  # (EIO, ESTALE, ELOOP...: an error of the store, not a crash)
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
         self._token_paths[(provider, bucket)] = path
         return (st.st_ino, st.st_mtime_ns)
 
