@@ -474,3 +474,25 @@ async def test_a_store_that_cannot_be_read_when_the_timer_fires_does_not_stop_th
     reply = await p.call("get_token", {"provider": "dev"})
     assert reply["ok"] is True
     assert reply["data"]["access_token"] != first["access_token"]
+
+
+async def test_a_renewal_that_was_refused_is_not_started_again_by_the_next_serves(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """The identity provider refuses the renewal (``invalid_grant``): the timer gives up, and the sandbox's get_token every 2 s for the next 200 s (outside the serve margin) present the refused refresh token to nobody: one refresh request in all, and ``status`` still says it gave up."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    s = await h.session("dev")
+    p = await h.peer(s)
+    assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
+    h.idp.fail_next("invalid_grant")
+    await trio.sleep(3260)  # (the renewal, due at about 3245 s, was refused)
+    refused = len(h.idp.requests)
+    assert refused == 1
+    for i in range(100):
+        reply = await p.call("get_token", {"provider": "dev"})
+        assert reply["ok"] is True, (i, reply)
+        await trio.sleep(2)
+    assert len(h.idp.requests) == refused
+    (entry,) = [x for x in (await h.daemon.status())["sessions"] if x["id"] == s.id]
+    assert [r["gave_up"] for r in entry["renewals"]] == [True]

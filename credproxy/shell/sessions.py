@@ -101,8 +101,11 @@ class Session:
         if not entry.refreshable or self.nursery is None:
             return
         running = self.timers.get(key)
-        if running is not None and running[0].ended is None:
-            return  # a second serve is a no-op for this session
+        if running is not None and (running[0].ended is None or running[0].gave_up):
+            # A second serve is a no-op for this session; a timer that gave up
+            # stays until a new login clears it (docs/design.md 3.4): its
+            # refresh token is not presented again on the next serve.
+            return
         timer = tokens.new_timer(key, entry)
         scope = trio.CancelScope()
         self.timers[key] = (timer, scope)
