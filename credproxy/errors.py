@@ -125,6 +125,18 @@ class RefreshFailed(UpstreamError):
     """A transient refresh failure (network, timeout, 5xx, malformed answer): retried."""
 
 
+class RotatedUnusable(RefreshFailed):
+    """A 200 whose token is unusable but which rotated the refresh token: keep the new one.
+
+    The old refresh token is spent upstream; the next refresh must present
+    :attr:`refresh_token` (a secret: never in the message).
+    """
+
+    def __init__(self, message: str, refresh_token: str) -> None:
+        super().__init__(message)
+        self.refresh_token = refresh_token
+
+
 class ReauthRequired(UpstreamError):
     """The refresh token was rejected (invalid_grant, invalid_client, 401): not retried.
 

@@ -496,3 +496,22 @@ async def test_a_renewal_that_was_refused_is_not_started_again_by_the_next_serve
     assert len(h.idp.requests) == refused
     (entry,) = [x for x in (await h.daemon.status())["sessions"] if x["id"] == s.id]
     assert [r["gave_up"] for r in entry["renewals"]] == [True]
+
+
+async def test_an_unusable_answer_that_rotated_the_refresh_token_keeps_the_new_one(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """The identity provider rotates the refresh token but answers with an ``expires_in`` that is no number: the refresh counts as failed, the new refresh token is stored all the same, and the retry presents it (no reuse of the spent one, no revoked family, no logout)."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    h.login()
+    s = await h.session("dev")
+    p = await h.peer(s)
+    assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
+    h.idp.fail_next("bad_expiry")
+    await trio.sleep(3260)  # (the renewal, due at about 3245 s, got the unusable answer)
+    assert h.idp.refresh_count == 1
+    await trio.sleep(120)  # (its retry, 30 s after)
+    assert h.idp.refresh_count == 2
+    assert h.idp.reuse_count == 0 and h.idp.families_revoked == 0
+    reply = await p.call("get_token", {"provider": "dev"})
+    assert reply["ok"] is True and h.idp.is_access_token_valid(reply["data"]["access_token"])

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from credproxy.core.config import Provider
-from credproxy.errors import ReauthRequired, RefreshFailed
+from credproxy.errors import ReauthRequired, RefreshFailed, RotatedUnusable
 
 __all__ = [
     "REAUTH_ERRORS",
@@ -104,10 +104,29 @@ def parse_refresh_response(status: int, body: bytes, now: float) -> dict[str, An
     Raises:
         ReauthRequired: 401, or a 400 (or 200) whose ``error`` is one of
             :data:`REAUTH_ERRORS`.
-        RefreshFailed: anything else that is not a usable token.
+        RefreshFailed: anything else that is not a usable token;
+            :class:`~credproxy.errors.RotatedUnusable` when that answer is a 200
+            carrying a new refresh token, which the caller must keep.
     """
     payload = json_object(body)
     error = payload.get("error") if payload is not None else None
+    try:
+        return _refreshed(status, payload, error, now)
+    except RotatedUnusable:
+        raise
+    except RefreshFailed as exc:
+        rotated = payload.get("refresh_token") if status == 200 and payload is not None else None
+        if isinstance(rotated, str) and rotated:
+            # The identity provider may have spent the old refresh token: the
+            # new one is kept, whatever else is wrong with the answer.
+            raise RotatedUnusable(str(exc), rotated) from None
+        raise
+
+
+def _refreshed(
+    status: int, payload: dict[str, Any] | None, error: object, now: float
+) -> dict[str, Any]:
+    """:func:`parse_refresh_response`'s reading of an answer (without the rotation rule)."""
 
     if status != 200 or payload is None or "access_token" not in payload:
         code = error_code(error)

@@ -26,7 +26,9 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 __all__ = ["DEVICE_ACTIONS", "FAULT_KINDS", "DevIdP", "Fault", "fingerprint"]
 
 #: What :meth:`DevIdP.fail_next` can script.
-FAULT_KINDS = frozenset({"server_error", "invalid_grant", "slow", "malformed", "no_refresh_token"})
+FAULT_KINDS = frozenset(
+    {"server_error", "invalid_grant", "slow", "malformed", "no_refresh_token", "bad_expiry"}
+)
 
 #: What ``GET /device?user_code=X&action=...`` can do to a pending device flow.
 DEVICE_ACTIONS = frozenset({"approve", "deny", "expire", "slow_down"})
@@ -199,7 +201,10 @@ class DevIdP:
         refresh token even if the client has stopped waiting, as a real IdP would;
         ``"malformed"`` answers 200 with a body that is not JSON (an empty
         object when called directly); ``"no_refresh_token"`` answers
-        normally but does not rotate, omitting ``refresh_token``.
+        normally but does not rotate, omitting ``refresh_token``;
+        ``"bad_expiry"`` rotates the refresh token and answers with an
+        ``expires_in`` that is not a number (a token the client cannot use,
+        whose refresh token it must keep all the same).
         Faults queue up in order, one per request. ``"server_error"``,
         ``"invalid_grant"`` and ``"malformed"`` change no token's state.
 
@@ -285,6 +290,8 @@ class DevIdP:
         }
         if "scope" in form:
             answer["scope"] = form["scope"]
+        if kind == "bad_expiry":
+            answer["expires_in"] = "soon"
         if kind == "no_refresh_token":
             rotated = "kept"
         else:

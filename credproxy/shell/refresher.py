@@ -61,7 +61,14 @@ from credproxy.core.config import Config
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import KeyHealth
-from credproxy.errors import CredproxyError, NotFound, ReauthRequired, RefreshFailed, StoreError
+from credproxy.errors import (
+    CredproxyError,
+    NotFound,
+    ReauthRequired,
+    RefreshFailed,
+    RotatedUnusable,
+    StoreError,
+)
 from credproxy.shell import logs
 from credproxy.shell.store import Reservation, TokenStore
 
@@ -317,7 +324,16 @@ class Refresher(Generic[G]):
             else:
                 assert stored is not None
                 assert isinstance(rt, str)
-                new = await self.endpoint.refresh(prov, rt)
+                try:
+                    new = await self.endpoint.refresh(prov, rt)
+                except RotatedUnusable as exc:
+                    # No usable token, but the old refresh token is spent: the
+                    # new one is stored (with the old access token) before the
+                    # failure is counted, so the next attempt presents it.
+                    kept = {**stored.token, "refresh_token": exc.refresh_token}
+                    self._store_refreshed(key, kept, reservation, stored.signature)
+                    reservation = None
+                    raise RefreshFailed(str(exc)) from None
                 # The old refresh token may be spent now: the new one must reach
                 # the disk whatever happens to whoever asked. There is
                 # deliberately no await between the response and the write, so
