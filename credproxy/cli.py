@@ -281,8 +281,9 @@ GRANT is one of:
   PROVIDER:BUCKET  one bucket of PROVIDER
   PROVIDER:B1,B2   those buckets as a profile: without a bucket, the first that
                    can serve is served (failover in that order)
-  api:PROVIDER     PROVIDER's API through the HTTP proxy only; the token itself
-                   is never served to the sandbox
+  api:PROVIDER     PROVIDER's API through the HTTP proxy only, for every bucket;
+                   the tokens themselves are never served to the sandbox
+  api:PROVIDER:BUCKET  one bucket's API through the HTTP proxy only
   key:NAME         the API key NAME (inside: credproxy key get NAME)
   '*'              everything: every provider, bucket, API and key
 Without --allow, the config's [sandbox] default_allow is used. A grant that

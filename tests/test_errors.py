@@ -91,6 +91,7 @@ def test_run_help_shows_the_grant_syntax(dirs: Dirs) -> None:
         "PROVIDER:BUCKET": "one bucket",
         "PROVIDER:B1,B2": "profile",
         "api:PROVIDER": "API through the HTTP proxy only",
+        "api:PROVIDER:BUCKET": "one bucket's API through the HTTP proxy only",
         "key:NAME": "API key NAME",
         "'*'": "everything",
     }

@@ -471,6 +471,55 @@ async def test_10_the_proxy_without_a_bucket_respects_holds_and_records_a_429_on
     await c.aclose()
 
 
+# -- 11. an API grant for one bucket is for that bucket ------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["relay", "trio side"])
+async def test_11_an_api_grant_for_one_bucket_reaches_that_buckets_api_and_no_other(
+    start_daemon: StartDaemon, upstream: Upstream, chunked: bool
+) -> None:
+    """Grants ``dev:a`` and ``api:dev:b``: requests to ``/dev:a`` and ``/dev:b`` carry those buckets' tokens, ``/dev:c`` and ``/dev`` (the default bucket) are 404 and reach nobody, and ``get_token`` of b is NOT_FOUND; the same through the relay and (chunked bodies) the trio side."""
+    h = await _daemon(start_daemon, upstream)
+    for b in ("a", "b", "c", "default"):
+        h.login(bucket=b)
+    s = await h.session("dev:a", "api:dev:b")
+    c = await HttpClient.connect(s.socket_path)
+
+    async def post(path: str) -> int:
+        if chunked:  # (a chunked body: the relay hands the request to the trio side)
+            reply = await _raw(
+                s.socket_path,
+                b"POST %s HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n"
+                b"Connection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n" % path.encode(),
+            )
+            return int(reply.split(b" ", 2)[1])
+        return (await c.call("POST", path, body=b"{}"))[0]
+
+    for bucket in ("a", "b"):
+        assert await post(f"/dev:{bucket}/x") == 200
+        token = h.store.read("dev", bucket)["access_token"]
+        assert upstream.headers()["authorization"] == f"Bearer {token}"
+    sent = len(upstream.received)
+    assert await post("/dev:c/x") == 404
+    assert await post("/dev/x") == 404
+    assert len(upstream.received) == sent
+    p = await h.peer(s)
+    assert (await p.call("get_token", {"provider": "dev", "bucket": "b"}))["code"] == "NOT_FOUND"
+    await c.aclose()
+
+
+async def test_11_trace_is_refused_and_reaches_nobody(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """``TRACE`` would have the upstream echo the request, the host's credential headers included, back to the sandbox: it is refused (405), and the upstream sees nothing."""
+    _, s = await _logged_in(start_daemon, upstream, "api:dev")
+    reply = await _raw(
+        s.socket_path, b"TRACE /dev/x HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 405"), reply[:200]
+    assert upstream.received == []
+
+
 # -- 7. the forward rules, on the daemon's side ----------------------------------------------
 
 

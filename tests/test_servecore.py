@@ -340,3 +340,15 @@ def test_a_reload_that_keeps_a_provider_keeps_its_profile_position() -> None:
     assert core.current("s", "p") == "b"
     core.apply(Reconfigure(_providers("round-robin")))
     assert core.current("s", "p") == "a"
+
+
+def test_an_api_grant_for_one_bucket_reads_back_and_malformed_ones_are_refused() -> None:
+    """``api:P:B`` is one bucket's API (not the token, not another bucket's API); it reads back as written; ``api:a,b`` and ``api:P:B:C`` are refused, not read as something else."""
+    g = Grants.parse(["dev:a", "api:dev:b"])
+    assert g.specs() == ["dev:a", "api:dev:b"]
+    assert g.api_allowed("dev", "b") and not g.api_allowed("dev", "a")
+    assert not g.api_allowed("dev", "default") and g.api_allowed("dev")
+    assert not g.token_allowed("dev", "b")
+    for bad in ("api:a,b", "api:dev:b:c", "api:dev:", "api::b"):
+        with pytest.raises(UsageError):
+            Grants.parse([bad])

@@ -167,7 +167,7 @@ async def test_the_api_proxy_sends_a_minted_token_and_mints_once_more_after_a_40
     """A proxied request carries the App's installation token; a 401 (past the refresh cooldown) forces one new mint and one retry."""
     h = await _github_daemon(start_daemon, tmp_path, api_url=upstream.url)
     issuers = _issuers(h)
-    s = await h.session("gh:push", "api:gh")
+    s = await h.session("api:gh:push")
     client = await HttpClient.connect(s.socket_path)
     status, _headers, _body = await client.call("GET", "/gh:push/repos/dev-org/alpha")
     assert status == 200

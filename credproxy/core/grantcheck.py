@@ -22,7 +22,7 @@ __all__ = ["GrantProblem", "grant_problems"]
 class GrantProblem(NamedTuple):
     """One grant that gives the session nothing, why, and the fix (never a secret)."""
 
-    grant: str  # as the user wrote it: P, P:B, P:B1,B2, api:P, key:NAME
+    grant: str  # as the user wrote it: P, P:B, P:B1,B2, api:P, api:P:B, key:NAME
     cause: str  # not_configured, no_api_section, key_missing
     message: str
     fix: str
@@ -63,6 +63,7 @@ def grant_problems(
                 )
             continue
         if sep and head == "api":
+            tail = tail.partition(":")[0]  # (api:PROVIDER:BUCKET: the provider's)
             prov = providers.get(tail)
             if prov is None:
                 found.append(

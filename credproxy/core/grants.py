@@ -26,6 +26,8 @@ class Grants:
     # provider -> ordered buckets, from PROVIDER:B1,B2 grants
     profiles: tuple[tuple[str, tuple[str, ...]], ...] = ()
     apis: frozenset[str] = field(default_factory=frozenset)  # api:PROVIDER grants
+    # api:PROVIDER:BUCKET grants: one bucket's API, without its token
+    api_buckets: frozenset[tuple[str, str]] = field(default_factory=frozenset)
 
     @classmethod
     def parse(cls, specs: list[str]) -> Grants:
@@ -40,6 +42,7 @@ class Grants:
         keys: set[str] = set()
         profiles: dict[str, tuple[str, ...]] = {}
         apis: set[str] = set()
+        api_buckets: set[tuple[str, str]] = set()
         for spec in specs:
             if not isinstance(spec, str):
                 raise UsageError("grants must be strings")
@@ -47,7 +50,7 @@ class Grants:
                 everything = True
                 continue
             head, sep, tail = spec.partition(":")
-            if sep and head != "key" and "," in tail:
+            if sep and head not in ("key", "api") and "," in tail:
                 order = tuple(tail.split(","))
                 if (
                     not is_name(head)
@@ -61,11 +64,19 @@ class Grants:
                 profiles[head] = order
                 buckets.update((head, b) for b in order)
                 continue
+            if head == "api" and ":" in tail:
+                provider, _, bucket = tail.partition(":")
+                if not is_name(provider) or not is_name(bucket):
+                    raise UsageError(
+                        f"grant {spec!r} must be api:PROVIDER:BUCKET (names are {NAME_RULE})"
+                    )
+                api_buckets.add((provider, bucket))
+                continue
             names = [head, tail] if sep else [head]
             if not all(is_name(n) for n in names):
                 raise UsageError(
                     f"grant {spec!r} must be PROVIDER, PROVIDER:BUCKET, key:NAME, "
-                    f"api:PROVIDER or '*' (names are {NAME_RULE})"
+                    f"api:PROVIDER, api:PROVIDER:BUCKET or '*' (names are {NAME_RULE})"
                 )
             if not sep:
                 providers.add(head)
@@ -82,15 +93,22 @@ class Grants:
             frozenset(keys),
             tuple(sorted(profiles.items())),
             frozenset(apis),
+            frozenset(api_buckets),
         )
 
-    def api_allowed(self, provider: str) -> bool:
-        """True if an ``api:PROVIDER`` grant (or ``*``) lets the session use *provider*'s API.
+    def api_allowed(self, provider: str, bucket: str | None = None) -> bool:
+        """True if an ``api:`` grant (or ``*``) lets the session use *provider*'s API.
 
-        The proxy also accepts a grant of the token itself; this is the grant
-        that gives the API without the token.
+        ``api:PROVIDER`` gives every bucket's; ``api:PROVIDER:BUCKET`` one
+        bucket's (with *bucket* None: whether any). The proxy also accepts a
+        grant of the token itself; these are the grants that give the API
+        without the token.
         """
-        return self.everything or provider in self.apis
+        if self.everything or provider in self.apis:
+            return True
+        if bucket is None:
+            return any(p == provider for p, _ in self.api_buckets)
+        return (provider, bucket) in self.api_buckets
 
     def profile(self, provider: str) -> tuple[str, ...] | None:
         """The bucket order a ``PROVIDER:B1,B2`` grant gave *provider*, if any."""
@@ -121,4 +139,5 @@ class Grants:
         out += [f"{p}:{','.join(order)}" for p, order in self.profiles]
         out += sorted(f"key:{k}" for k in self.keys)
         out += sorted(f"api:{a}" for a in self.apis)
+        out += sorted(f"api:{p}:{b}" for p, b in self.api_buckets)
         return out

@@ -267,7 +267,7 @@ def read_head(head: bytes) -> Req | None:
     return Req(parser.get_method(), parts.target, parts.headers, version.encode())
 
 
-_REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+_REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 
 def _replayable(req: Req) -> bool:

@@ -867,7 +867,7 @@ class NotServed(Exception):
 
 def allowed(grants: Grants, key: Key) -> bool:
     """Whether a session with *grants* may send requests with *key*'s token."""
-    return grants.token_allowed(*key) or grants.api_allowed(key.provider)
+    return grants.token_allowed(*key) or grants.api_allowed(key.provider, key.bucket)
 
 
 def route_request(
@@ -888,6 +888,8 @@ def route_request(
     """
     if method == "CONNECT":
         raise HttpError(405, "CONNECT is not available: this is not an open proxy")
+    if method == "TRACE":  # (the upstream would echo the host's credential headers back)
+        raise HttpError(405, "TRACE is not available through the API proxy")
     size = len(target) + sum([len(n) + len(v) + 4 for n, v in headers])
     if size > max_header_bytes:
         # h11 caps what it buffers of an incomplete request, not a whole one
