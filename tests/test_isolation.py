@@ -520,6 +520,20 @@ async def test_11_trace_is_refused_and_reaches_nobody(
     assert upstream.received == []
 
 
+async def test_11_a_refused_request_that_expects_100_continue_is_answered_at_once(
+    start_daemon: StartDaemon, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A POST with ``Expect: 100-continue`` to a provider the session was not granted: the 404 comes at once (the client will not send its body before a 100 Continue), not when the body's time runs out, and the connection closes."""
+    _, s = await _logged_in(start_daemon, upstream)
+    start = trio.current_time()
+    reply = await _raw(
+        s.socket_path,
+        b"POST /nope/x HTTP/1.1\r\nHost: c\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 404"), reply[:200]
+    assert trio.current_time() - start < 1
+
+
 # -- 7. the forward rules, on the daemon's side ----------------------------------------------
 
 

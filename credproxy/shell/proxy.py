@@ -414,6 +414,11 @@ class ApiProxy:
                 # the connection closes (such a peer gets no more of our time).
                 await self._refuse(conn, stream, exc.status, str(exc), exc.headers, close=True)
                 return
+            if conn.they_are_waiting_for_100_continue:
+                # The client sends its body only after a 100 Continue, which a
+                # refusal does not give: answer now and close, not wait it out.
+                await self._refuse(conn, stream, exc.status, str(exc), exc.headers, close=True)
+                return
             with contextlib.suppress(ClientTooSlow, *GONE):
                 await self._drain_request(conn, stream)
             await self._refuse(conn, stream, exc.status, str(exc), exc.headers)
