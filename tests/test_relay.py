@@ -564,6 +564,29 @@ async def test_an_unasked_switch_of_protocols_is_a_502(
     assert not [e for e in no_secrets_in_logs if e["event"] == "api_connection_crashed"]
 
 
+async def test_a_401_cut_short_is_retried_with_a_new_token(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """The upstream answers 401, sends part of its body and hangs up: the request goes again with a refreshed token and its answer reaches the sandbox (before, the sandbox's connection closed with no answer at all)."""
+    h, s = await _logged_in(start_daemon, upstream, renewal={"refresh_cooldown": 0})
+
+    async def cut_401(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        await stream.send_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 100\r\n\r\n0123456789")
+        await stream.aclose()
+
+    upstream.script.append(cut_401)
+    c = await HttpClient.connect(s.socket_path)
+    status, _, _ = await c.call("POST", "/dev/x", body=b'{"n": 1}')
+    assert status == 200
+    first, second = upstream.received
+    assert first["headers"]["authorization"] != second["headers"]["authorization"]
+    assert second["body"] == b'{"n": 1}'
+    assert h.idp.refresh_count == 1
+    await c.aclose()
+
+
 async def _hang_up_unanswered(
     up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
 ) -> None:

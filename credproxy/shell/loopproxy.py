@@ -584,7 +584,8 @@ class Exchange:
         self.waited_since = now
         self.up: Upstream | None = None
         self.got_answer = False  # the upstream's head has come
-        self.held: tuple[int, list[tuple[bytes, bytes]], bytearray] | None = None
+        # A 401 or 429 kept until its retry is decided (its body None: cut short).
+        self.held: tuple[int, list[tuple[bytes, bytes]], bytearray | None] | None = None
         self.tried: set[str] = set()  # "stale", "401", "429": each retry at most once
         self.status = 0
         self.sent = 0
@@ -1034,6 +1035,7 @@ class HttpConn:
     def answer_data(self, x: Exchange, data: bytes) -> None:
         if x.held is not None:
             body = x.held[2]
+            assert body is not None  # (cut short only once its upstream is gone)
             if len(body) + len(data) <= MAX_HELD_ANSWER:
                 body += data
                 return
@@ -1077,6 +1079,10 @@ class HttpConn:
         if ready is None:  # nothing newer, no other bucket: the held answer is the answer
             status, headers, body = x.held
             x.held = None
+            if body is None:  # (cut short: there is no whole answer to relay)
+                message = relay_failure(x.origin.url, timed_out=False)
+                self.refuse(x, HttpError(502, message), now)
+                return
             if not self.answer(x, status, headers):
                 return
             self.answer_data(x, bytes(body))
@@ -1104,7 +1110,17 @@ class HttpConn:
             message = relay_failure(x.origin.url, timed_out=False)
             self.refuse(x, HttpError(502, message), now)
             return
+        if x.held is not None:
+            self.held_cut(x, now)
+            return
         self.cut(x, "the upstream broke off its answer", now)
+
+    def held_cut(self, x: Exchange, now: float) -> None:
+        """A held 401 or 429 whose body did not come whole: its retry goes on (as on
+        the trio side, which retries on the head), and if there is none, a 502."""
+        assert x.held is not None
+        x.held = (x.held[0], x.held[1], None)
+        self.retry(x, now)
 
     def cut(self, x: Exchange, why: str, now: float) -> None:
         """The answer cannot end cleanly: the client's connection closes without its end."""
@@ -1333,7 +1349,13 @@ class HttpConn:
             )
             self.refuse(x, HttpError(408, message), now)
         elif x is not None and now >= self.t_up:
-            if x.got_answer:
+            if x.held is not None:
+                if x.up is not None:
+                    x.up.close()
+                    x.up = None
+                self.t_up = math.inf
+                self.held_cut(x, now)
+            elif x.got_answer:
                 self.cut(x, f"{x.origin.host} sent nothing for the read timeout", now)
             else:
                 message = relay_failure(x.origin.url, timed_out=True)
