@@ -163,6 +163,12 @@ def _parser() -> Any:
         help="with --from: replace the refresh token in TOOL's file with a marker so "
         "that TOOL cannot spend it (a 0600 backup of the file is kept)",
     )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="store the token even if the one stored already expires later "
+        "(it may hold the newer, rotated refresh token)",
+    )
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser(
@@ -376,13 +382,15 @@ def cmd_import(ns: Any) -> int:
         raise UsageError("import takes PROVIDER and at most one FILE")
     file = ns.args[1] if len(ns.args) > 1 else None
     if ns.from_tool is not None:
-        return adopt_login(ns.args[0], ns.bucket, ns.from_tool, file, ns.retire_source)
+        return adopt_login(
+            ns.args[0], ns.bucket, ns.from_tool, file, ns.retire_source, force=ns.force
+        )
     if ns.retire_source:
         raise UsageError("--retire-source goes with --from TOOL")
-    return import_token(ns.args[0], ns.bucket, file or "-")
+    return import_token(ns.args[0], ns.bucket, file or "-", force=ns.force)
 
 
-def import_token(provider: str, bucket: str, file: str) -> int:
+def import_token(provider: str, bucket: str, file: str, *, force: bool = False) -> int:
     """Read token JSON from *file* (``-``: stdin), validate, store under the key's lock."""
     import json
 
@@ -408,12 +416,17 @@ def import_token(provider: str, bucket: str, file: str) -> int:
         raise UsageError(
             f"{source} is not valid JSON (line {getattr(exc, 'lineno', '?')})"
         ) from None
-    store_token(provider, bucket, raw)
+    store_token(provider, bucket, raw, older_ok=force)
     return EXIT_OK
 
 
-def store_token(provider: str, bucket: str, raw: Any) -> dict[str, Any]:
-    """Normalize token JSON *raw*, store it under the key's lock, tell the daemon; say so."""
+def store_token(provider: str, bucket: str, raw: Any, *, older_ok: bool = True) -> dict[str, Any]:
+    """Normalize token JSON *raw*, store it under the key's lock, tell the daemon; say so.
+
+    Without *older_ok* (an import), a token that expires before the stored one is
+    refused: the stored one may carry the newer, rotated refresh token, which an
+    older copy would replace with a spent one (a login lost).
+    """
     import os
     import time
 
@@ -424,6 +437,19 @@ def store_token(provider: str, bucket: str, raw: Any) -> dict[str, Any]:
     store = _store()
     with store.locked(provider, bucket):
         store.recover_pending(provider, bucket)  # clears leftovers of a killed refresh
+        stored = None if older_ok else store.read(provider, bucket)
+        new_expiry, old_expiry = token.get("expiry"), (stored or {}).get("expiry")
+        if (
+            isinstance(new_expiry, int | float)
+            and isinstance(old_expiry, int | float)
+            and new_expiry < old_expiry
+        ):
+            raise UsageError(
+                f"{provider}:{bucket} already holds a token that expires later "
+                f"({expires_text(old_expiry - time.time())}, against "
+                f"{expires_text(new_expiry - time.time())}): it may carry the newer, rotated "
+                "refresh token, so nothing was stored (--force stores this one anyway)"
+            )
         store.write(provider, bucket, token)
     _notify_daemon(provider, bucket)
     expiry = token.get("expiry")
@@ -442,7 +468,9 @@ _ADOPT_PRESETS = {
 }
 
 
-def adopt_login(provider: str, bucket: str, tool: str, file: str | None, retire: bool) -> int:
+def adopt_login(
+    provider: str, bucket: str, tool: str, file: str | None, retire: bool, *, force: bool = False
+) -> int:
     """Store the login in *tool*'s credentials file; with *retire*, disable the tool's copy."""
     import os
     from pathlib import Path
@@ -459,7 +487,7 @@ def adopt_login(provider: str, bucket: str, tool: str, file: str | None, retire:
         raise UsageError("--from reads the tool's own file: give its path, not -")
     path = Path(file).expanduser() if file else adopt.default_path(tool, Path.home(), os.environ)
     raw = adopt.parse_source(tool, read_source(path), str(path))
-    store_token(provider, bucket, raw)
+    store_token(provider, bucket, raw, older_ok=force)
     title = adopt.TOOLS[tool].title
     if retire:
         backup = retire_source(tool, path, raw["refresh_token"])

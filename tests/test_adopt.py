@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -426,3 +427,35 @@ async def test_adopting_tells_the_running_daemon(
     assert reply["data"]["access_token"] == expected["access_token"]
     assert "refresh_token" not in reply["data"]
     assert os.stat(source).st_mode & 0o777 == 0o600
+
+
+def test_an_import_older_than_the_stored_token_is_refused_unless_forced(dirs: Dirs) -> None:
+    """The stored token expires in 8 h (say credproxy refreshed it, rotating its refresh token); importing the tool's older copy, expired an hour ago, is refused with exit 2 and stores nothing, for a JSON import and an adopt alike; --force stores it."""
+    now = int(time.time())
+    newer = {
+        "access_token": "fake-new-at",
+        "refresh_token": "fake-new-rt",
+        "expiry": now + 8 * 3600,
+    }
+    older = {"access_token": "fake-old-at", "refresh_token": "fake-old-rt", "expiry": now - 3600}
+    source = dirs.root / "token.json"
+    _write(source, newer)
+    assert cli(dirs, "import", "p", str(source)).returncode == 0
+    _write(source, older)
+    refused = cli(dirs, "import", "p", str(source))
+    assert refused.returncode == 2
+    assert "already holds a token that expires later" in refused.stderr
+    assert "--force" in refused.stderr
+    assert _stored(dirs)["refresh_token"] == "fake-new-rt"
+    doc, _, _ = FORMATS["claude-code"]
+    claude = dirs.root / "claude.json"
+    _write(
+        claude, {**doc, "claudeAiOauth": {**doc["claudeAiOauth"], "expiresAt": (now - 3600) * 1000}}
+    )
+    assert cli(dirs, "import", "p", "--from", "claude-code", str(claude)).returncode == 2
+    assert _stored(dirs)["refresh_token"] == "fake-new-rt"
+    forced = cli(dirs, "import", "p", "--force", str(source))
+    assert forced.returncode == 0, forced.stderr
+    assert _stored(dirs)["refresh_token"] == "fake-old-rt"
+    for secret in ("fake-new-rt", "fake-old-rt", "fake-new-at", "fake-old-at"):
+        assert secret not in refused.stdout + refused.stderr + forced.stdout + forced.stderr
