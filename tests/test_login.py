@@ -343,6 +343,18 @@ def test_loopback_time_out_ends_the_wait_cleanly(
     assert_port_closed(login.callback_port(url))
 
 
+def test_an_unreadable_client_secret_file_is_said_before_the_login_starts(
+    dirs: Dirs, idp: Idp, old_store: Snapshot, login_dev: LoginDev
+) -> None:
+    """``client_secret_file`` names a file that is not there: the loopback login fails at once with one line naming the file (no link to follow, no listener, no traceback), and the store is unchanged."""
+    missing = dirs.root / "no-such.secret"
+    with dirs.config.open("a") as f:
+        f.write(f'client_secret_file = "{missing}"\n')
+    login = login_dev("--flow", "loopback")
+    assert_failed_cleanly(dirs, login, old_store, f"cannot read client_secret_file {missing}")
+    assert "http" not in login.stdout
+
+
 def test_ctrl_c_leaves_the_store_unchanged_and_no_listener(
     dirs: Dirs, old_store: Snapshot, login_dev: LoginDev
 ) -> None:

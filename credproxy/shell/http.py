@@ -420,12 +420,24 @@ class HttpTokenEndpoint:
         )
         return login.parse_token_response(status, body, now)
 
+    async def login_client_secret(self, provider: Provider) -> str | None:
+        """*provider*'s client secret for a login, if it has one.
+
+        Raises:
+            LoginFailed: its ``client_secret_file`` cannot be read (the message
+                names the file and why, never the content).
+        """
+        try:
+            return await _read_client_secret(provider.client_secret_file)
+        except RefreshFailed as exc:
+            raise login.LoginFailed(f"{exc}; nothing was stored") from None
+
     async def _login_post(
         self, provider: Provider, url: str, form: dict[str, str], *, json_body: bool = False
     ) -> tuple[int, bytes]:
         if self._closed:
             raise login.LoginFailed("the HTTP client is closed")
-        client_secret = await _read_client_secret(provider.client_secret_file)
+        client_secret = await self.login_client_secret(provider)
         if client_secret is not None:
             form = {**form, "client_secret": client_secret}
         host = urlsplit(url).hostname or "the identity provider"

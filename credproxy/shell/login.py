@@ -160,6 +160,9 @@ async def run_login(
         "loopback": partial(_code, name, provider, endpoint, terminal, paste=False),
         "paste": partial(_code, name, provider, endpoint, terminal, paste=True),
     }
+    # A client secret that cannot be read is said now, not after the person
+    # has logged in at the provider.
+    await endpoint.login_client_secret(provider)
     limit = (
         give_up_after
         if give_up_after is not None
