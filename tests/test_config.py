@@ -136,6 +136,25 @@ def test_non_https_token_url_is_refused(tmp_path: Path, url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("https://user:pw@api.example/v1", "may not carry a user, a query or a fragment"),
+        ("https://api.example/v1?key=1", "may not carry a user, a query or a fragment"),
+        ("https://api.example/v1#frag", "may not carry a user, a query or a fragment"),
+        ("https://api.example:99999/v1", "invalid port"),
+    ],
+)
+def test_an_api_base_url_with_a_user_query_fragment_or_bad_port_is_refused(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    """The API proxy puts each request's path and query after base_url: a base_url with a user, a query, a fragment or an impossible port is refused at its line, naming the field."""
+    text = GOOD_PROVIDER + f'[providers.ex.api]\nbase_url = "{url}"\n'
+    path, msg = error_of(tmp_path, text)
+    assert msg.startswith(f"{path}:5: field providers.ex.api.base_url:"), msg
+    assert said in msg
+
+
+@pytest.mark.parametrize(
     "url", ["http://127.0.0.1:8080/token", "http://localhost/token", "http://[::1]:9/token"]
 )
 def test_plain_http_is_allowed_for_loopback(tmp_path: Path, url: str) -> None:

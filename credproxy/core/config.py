@@ -424,8 +424,23 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
             if not value:  # unset ("" for token_url: the grant checks say if it is needed)
                 continue
             url = urlsplit(value)
+            try:
+                url.port  # noqa: B018 (raises on a port that is no number, or out of range)
+            except ValueError:
+                out.append((f"{key} has an invalid port", ["providers", name, *where]))
+                continue
             if not url.hostname:
                 out.append((f"{key} has no host", ["providers", name, *where]))
+            elif key == "base_url" and (url.username is not None or url.query or url.fragment):
+                # The API proxy puts the request's own path and query after
+                # base_url: a user, a query or a fragment there has no one meaning.
+                out.append(
+                    (
+                        "base_url may not carry a user, a query or a fragment "
+                        "(put credentials in the api headers)",
+                        ["providers", name, *where],
+                    )
+                )
             elif url.scheme != "https" and not (
                 url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
             ):
