@@ -270,6 +270,24 @@ def test_device_authorization_response_is_parsed() -> None:
     assert CANARY not in repr(auth)
 
 
+@pytest.mark.parametrize("interval", [0, 0.01, "0"])
+def test_a_device_interval_of_zero_is_polled_at_one_second(interval: object) -> None:
+    """An identity provider that says to poll every 0 s is polled once a second, not in a tight loop."""
+    body = _body(
+        {
+            "device_code": "d",
+            "user_code": "U",
+            "verification_uri": "https://idp.example/device",
+            "expires_in": 900,
+            "interval": interval,
+        }
+    )
+    auth = login.parse_device_authorization(200, body, NOW)
+    assert auth.interval == 1
+    flow = login.DeviceFlow(auth)
+    assert flow.start(NOW) == login.Poll(1)
+
+
 def test_device_authorization_defaults_and_google_spelling() -> None:
     """No interval means 5 s (RFC 8628 3.2); Google's verification_url is accepted."""
     body = _body(

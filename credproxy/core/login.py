@@ -96,6 +96,8 @@ DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 SLOW_DOWN_STEP = 5.0
 #: RFC 8628 section 3.2: the interval when the response names none.
 DEFAULT_INTERVAL = 5.0
+#: The shortest interval honoured: an answer of 0 would poll in a tight loop.
+MIN_INTERVAL = 1.0
 #: The path of the loopback redirect URI.
 CALLBACK_PATH = "/callback"
 #: Transport failures in a row tolerated while polling (a Wi-Fi blip must not
@@ -475,7 +477,7 @@ def parse_device_authorization(status: int, body: bytes, now: float) -> DeviceAu
         user_code=user_code,
         verification_uri=uri,
         verification_uri_complete=complete,
-        interval=seconds,
+        interval=max(seconds, MIN_INTERVAL),
         expires_at=now + expires_in,
     )
 
