@@ -450,3 +450,15 @@ def test_dns_and_proxy_failures_are_named(monkeypatch: pytest.MonkeyPatch) -> No
         "connection to the proxy refused (ConnectError); check the network and the proxy "
         "settings (HTTPS_PROXY, NO_PROXY), then try again"
     )
+
+
+def test_run_of_a_command_with_a_long_file_name_runs_it(background_daemon: Dirs) -> None:
+    """A command whose file name is 150 characters runs (its session is named after the first 128 of them); before, `run` refused it over a name the user never gave."""
+    dirs = background_daemon
+    _config_with_dev(dirs)
+    script = dirs.root / ("x" * 150)
+    script.write_text("#!/bin/sh\necho ran\n")
+    script.chmod(0o755)
+    out = cli(dirs, "run", "--allow", "dev", "--", str(script))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ran\n"

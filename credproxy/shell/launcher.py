@@ -79,7 +79,7 @@ def run(
     payload: dict[str, Any] = {
         "grants": grants,
         "allow_uids": allow_uids,
-        "name": name or Path(cmd[0]).name,
+        "name": name or Path(cmd[0]).name[:128],  # (a name given is checked, not cut)
     }
     if cap:
         payload["capability"] = cap

@@ -218,9 +218,10 @@ class Sessions:
     async def _run(
         self, session: Session, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        make_private_dir(self.directory)
         pidfd = listener = None
         try:
+            # (inside the try: if it fails, the loop's state of the session goes too)
+            make_private_dir(self.directory)
             if session.launcher_pid is not None:
                 try:
                     pidfd = os.pidfd_open(session.launcher_pid)
