@@ -341,6 +341,44 @@ def test_watchdog_pings(
     assert wait_exit(proc, 10) == 0, stderr.read_text()
 
 
+def test_watchdog_pings_stop_while_the_serving_loop_hangs(
+    dirs: Dirs, spawn: Spawn, notify_socket: socket.socket
+) -> None:
+    """The serving loop's thread hangs on a sandbox's first request (an injected hang), the event loop running on: the WATCHDOG=1 pings stop, so systemd would restart the daemon."""
+    env = dirs.env(
+        NOTIFY_SOCKET=notify_socket.getsockname(),
+        WATCHDOG_USEC="400000",
+        CREDPROXY_FAULT="hang:serving-loop-turn",
+    )
+    env.pop("WATCHDOG_PID", None)
+    stderr = dirs.root / "daemon.err"
+    proc = spawn([CREDPROXY, "serve"], env, stderr)
+    got = receive_until(notify_socket, lambda got: OWN_READY in got, 15)
+    assert OWN_READY in got, (got, stderr.read_text())
+    assert receive_until(notify_socket, lambda got: False, 0.6).count(b"WATCHDOG=1") >= 2
+    with (dirs.root / "run.err").open("wb") as run_err:
+        sandbox = subprocess.Popen(
+            [CREDPROXY, "run", "--allow", "dev", "--", CREDPROXY, "token", "dev"],
+            env=dirs.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=run_err,
+        )
+    try:
+        opened = receive_until(
+            notify_socket, lambda got: any(d.startswith(b"STATUS=1 sessions") for d in got), 15
+        )
+        assert any(d.startswith(b"STATUS=1 sessions") for d in opened), opened
+        time.sleep(1.5)  # (the sandbox's request has reached the loop, which hangs on it)
+        got = receive_until(notify_socket, lambda got: False, 1.2)
+        assert got.count(b"WATCHDOG=1") == 0, got
+        assert "serving_loop_unresponsive" in stderr.read_text()
+    finally:
+        sandbox.kill()
+        sandbox.wait(timeout=10)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 # --- 5. one daemon per runtime directory ---------------------------------------------------
 
 

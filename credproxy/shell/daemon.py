@@ -56,7 +56,7 @@ from credproxy.shell.server import (
     peer_credentials,
     refuse,
 )
-from credproxy.shell.servingloop import ServingLoop
+from credproxy.shell.servingloop import LoopStopped, ServingLoop
 from credproxy.shell.sessions import Session, Sessions
 from credproxy.shell.store import TokenStore
 from credproxy.shell.streams import serve_stream
@@ -791,7 +791,7 @@ def _start_control(
         main.start_soon(_signal_watch, sigs, daemon)
     interval = systemd.watchdog_interval()
     if interval:
-        main.start_soon(_watchdog, interval)
+        main.start_soon(_watchdog, interval, daemon.loop)
 
 
 async def _until_stopped(
@@ -839,10 +839,29 @@ async def _signal_watch(sigs: Any, daemon: Daemon) -> None:
         return
 
 
-async def _watchdog(interval: float) -> None:
+async def _watchdog(interval: float, loop: ServingLoop[Session]) -> None:
+    """``WATCHDOG=1`` every *interval* / 2, each once the serving loop has answered.
+
+    The serving loop (its own thread) serves every sandbox: a ping from the trio
+    thread alone would go on while it hangs. A question to the loop that is not
+    answered within the half interval costs that ping, and systemd restarts the
+    daemon once a whole interval passes without one.
+    """
+    half = interval / 2
     while True:
-        systemd.notify("WATCHDOG=1")
-        await trio.sleep(interval / 2)
+        start = trio.current_time()
+        answered = False
+        with trio.move_on_after(half):
+            try:
+                await loop.ask(lambda core: None)
+            except LoopStopped:
+                return  # (stopping: nothing to vouch for)
+            answered = True
+        if answered:
+            systemd.notify("WATCHDOG=1")
+        else:
+            log.warning("serving_loop_unresponsive", waited_s=round(half, 3))
+        await trio.sleep_until(start + half)
 
 
 def raise_fd_limit() -> None:

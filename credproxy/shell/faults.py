@@ -3,8 +3,10 @@
 ``CREDPROXY_FAULT=NAME`` stops the process (``SIGSTOP``) at the checkpoint
 ``NAME``, so a test can ``SIGKILL`` it at exactly that point;
 ``CREDPROXY_FAULT=crash:NAME`` raises :class:`InjectedFault` there instead (a
-bug, as the code would meet one). The command line reads the variable once
-(:func:`from_env`) and hands the hook to what has checkpoints; everything else
+bug, as the code would meet one); ``CREDPROXY_FAULT=hang:NAME`` blocks the
+thread that reaches it, for good (a hung read, say), the others going on. The
+command line reads the variable once (:func:`from_env`) and hands the hook to
+what has checkpoints; everything else
 gets :data:`NO_FAULTS`, which costs one call per checkpoint.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Mapping
 
 Faults = Callable[[str], None]
@@ -38,6 +41,14 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Faults:
                 raise InjectedFault(f"fault injected at {name}")
 
         return crash
+    if spec.startswith("hang:"):
+        stuck = spec[5:]
+
+        def hang(name: str) -> None:
+            while name == stuck:
+                time.sleep(3600)
+
+        return hang
 
     def stop(name: str) -> None:
         if name == spec:
