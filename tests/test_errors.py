@@ -462,3 +462,29 @@ def test_run_of_a_command_with_a_long_file_name_runs_it(background_daemon: Dirs)
     out = cli(dirs, "run", "--allow", "dev", "--", str(script))
     assert out.returncode == 0, out.stderr
     assert out.stdout == "ran\n"
+
+
+def test_run_says_when_its_session_ended_before_its_command(dirs: Dirs) -> None:
+    """`credproxy stop` while a sandbox runs: the command finishes (its own exit status), and `run` says on stderr that the session ended first, so a failure inside the sandbox has its reason."""
+    import subprocess
+
+    _config_with_dev(dirs)
+    with (dirs.root / "run.err").open("wb") as err:
+        proc = subprocess.Popen(
+            [CREDPROXY, "run", "--allow", "dev", "--", "sh", "-c", "sleep 2; exit 3"],
+            env=dirs.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while not list((dirs.runtime / "s").glob("*.sock")):
+            assert time.monotonic() < deadline, "the session did not open"
+            time.sleep(0.05)
+        assert cli(dirs, "stop").returncode == 0
+        assert proc.wait(timeout=20) == 3
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr = (dirs.root / "run.err").read_text()
+    assert "warning: the session ended before the command did" in stderr, stderr

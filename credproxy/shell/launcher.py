@@ -103,7 +103,13 @@ def run(
             with Client(control, timeout=15) as c:
                 c.call("close_session", {"session": sid})
         except CredproxyError:
-            pass  # the daemon is gone or already closed it (pidfd watch)
+            # (This launcher still runs, so its own exit did not close it.)
+            print(
+                "credproxy run: warning: the session ended before the command did (the daemon "
+                "stopped or restarted meanwhile): the sandbox lost its socket, and what it "
+                "asked for after that failed",
+                file=sys.stderr,
+            )
 
 
 def _note_closed_path(sock: Path) -> None:
