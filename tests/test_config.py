@@ -155,6 +155,26 @@ def test_an_api_base_url_with_a_user_query_fragment_or_bad_port_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ('redirect_uri = "http://[::1]:1234/cb"\n', "must name 127.0.0.1 or localhost"),
+        ('redirect_uri = "http://127.0.0.1:1234/cb?tenant=x"\n', "may not carry a query"),
+        (
+            'redirect_uri = "http://127.0.0.1:1234/cb"\nredirect_port = 5678\n',
+            "redirect_port 5678 differs from redirect_uri's port 1234",
+        ),
+    ],
+)
+def test_a_loopback_redirect_uri_the_login_could_not_serve_is_refused(
+    tmp_path: Path, extra: str, said: str
+) -> None:
+    """A plain-http redirect_uri the login's listener (on 127.0.0.1, the URI's path, its port) could not answer as registered is refused at its line."""
+    path, msg = error_of(tmp_path, GOOD_PROVIDER + extra)
+    assert msg.startswith(f"{path}:4: field providers.ex.redirect_uri:"), msg
+    assert said in msg
+
+
+@pytest.mark.parametrize(
     "url", ["http://127.0.0.1:8080/token", "http://localhost/token", "http://[::1]:9/token"]
 )
 def test_plain_http_is_allowed_for_loopback(tmp_path: Path, url: str) -> None:

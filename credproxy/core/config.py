@@ -13,7 +13,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
@@ -431,6 +431,10 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
                 continue
             if not url.hostname:
                 out.append((f"{key} has no host", ["providers", name, *where]))
+            elif key == "redirect_uri" and url.scheme == "http" and (
+                problem := _loopback_redirect_problem(url, prov.redirect_port)
+            ):
+                out.append((problem, ["providers", name, *where]))
             elif key == "base_url" and (url.username is not None or url.query or url.fragment):
                 # The API proxy puts the request's own path and query after
                 # base_url: a user, a query or a fragment there has no one meaning.
@@ -461,6 +465,20 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
     if cfg.failover.max_quota_hold < cfg.failover.quota_hold:
         out.append(("max_quota_hold must be at least quota_hold", ["failover", "max_quota_hold"]))
     return out
+
+
+def _loopback_redirect_problem(url: SplitResult, redirect_port: int | None) -> str | None:
+    """What is wrong with a plain-http ``redirect_uri`` for the login's listener, if anything."""
+    if url.hostname not in ("127.0.0.1", "localhost"):
+        return (
+            "a plain-http redirect_uri must name 127.0.0.1 or localhost "
+            "(the login listens on 127.0.0.1)"
+        )
+    if url.query or url.fragment:
+        return "a loopback redirect_uri may not carry a query or a fragment"
+    if redirect_port is not None and url.port is not None and url.port != redirect_port:
+        return f"redirect_port {redirect_port} differs from redirect_uri's port {url.port}"
+    return None
 
 
 # The keys of the signing grants, and which grant uses which (docs/signing.md).
