@@ -543,6 +543,12 @@ def cmd_login(ns: Any) -> int:
     from credproxy.core.presets import PRESETS
 
     preset = PRESETS.get(provider.preset or "")
+    for key, hint in (preset.login_needs if preset is not None else {}).items():
+        if not getattr(provider, key, None):
+            raise UsageError(
+                f"provider {ns.provider} needs {key} to log in: {hint}; set it in "
+                f"[providers.{ns.provider}] of {paths.config_file()}"
+            )
     if preset is not None and preset.notice:
         print(f"credproxy login: note: {preset.notice}", file=sys.stderr)
     flow = login.choose_flow(ns.provider, provider, ns.flow)

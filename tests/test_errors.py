@@ -488,3 +488,14 @@ def test_run_says_when_its_session_ended_before_its_command(dirs: Dirs) -> None:
         proc.wait()
     stderr = (dirs.root / "run.err").read_text()
     assert "warning: the session ended before the command did" in stderr, stderr
+
+
+@pytest.mark.parametrize("preset", ["google", "entra"])
+def test_login_says_what_the_preset_needs_before_starting(dirs: Dirs, preset: str) -> None:
+    """A provider from a preset whose login needs scopes, without them: `credproxy login` says which key and where to set it (exit 2), before any flow starts."""
+    dirs.config.write_text(f'[providers.work]\npreset = "{preset}"\nclient_id = "c"\n')
+    out = cli(dirs, "login", "work", "--no-browser", "--timeout", "5")
+    assert out.returncode == 2, out.stderr
+    line = one_line(out.stderr)
+    assert line.startswith("credproxy login: provider work needs scopes to log in: "), line
+    assert f"set it in [providers.work] of {dirs.config}" in line

@@ -250,7 +250,11 @@ PRESETS: dict[str, Preset] = {
         required={
             "client_id": "your OAuth client's id",
         },
-        login_needs={},
+        login_needs={
+            "scopes": "the scopes to consent to (e.g. "
+            '["https://www.googleapis.com/auth/cloud-platform"]); Google refuses a login '
+            "without scope",
+        },
         source="docs/providers.md (google): endpoints from google-auth-library-nodejs "
         "src/auth/oauth2client.ts",
     ),
