@@ -366,6 +366,7 @@ def idle_socket(dirs: Dirs) -> Iterator[Path]:
 RAW_SCRIPT = r"""
 import json, os, socket
 host, port = os.environ["GCE_METADATA_HOST"].split(":")
+HOST = os.environ["GCE_METADATA_HOST"].encode()
 def exchange(request):
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(request)
@@ -375,34 +376,44 @@ def exchange(request):
             got += chunk
     return got.decode("latin-1")
 print(json.dumps({
-    "root": exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    "root": exchange(b"GET / HTTP/1.1\r\nHost: " + HOST + b"\r\nConnection: close\r\n\r\n"),
     "universe": exchange(
-        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: x\r\n"
+        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: " + HOST + b"\r\n"
         b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n"
     ),
     "no_flavor": exchange(
-        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: x\r\n"
+        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: " + HOST + b"\r\n"
         b"Connection: close\r\n\r\n"
     ),
     "forwarded": exchange(
-        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: x\r\n"
+        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: " + HOST + b"\r\n"
         b"Metadata-Flavor: Google\r\nX-Forwarded-For: 10.0.0.1\r\nConnection: close\r\n\r\n"
     ),
     "post": exchange(
-        b"POST /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: x\r\n"
+        b"POST /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: " + HOST + b"\r\n"
         b"Metadata-Flavor: Google\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
     ),
     "missing": exchange(
-        b"GET /computeMetadata/v1/instance/zone HTTP/1.1\r\nHost: x\r\n"
+        b"GET /computeMetadata/v1/instance/zone HTTP/1.1\r\nHost: " + HOST + b"\r\n"
         b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n"
     ),
     "wait": exchange(
         b"GET /computeMetadata/v1/universe/universe-domain?wait_for_change=true HTTP/1.1\r\n"
-        b"Host: x\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
+        b"Host: " + HOST + b"\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
+    ),
+    "rebound": exchange(
+        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\n"
+        b"Host: attacker.example:" + port.encode() + b"\r\n"
+        b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n"
+    ),
+    "from_page": exchange(
+        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: " + HOST + b"\r\n"
+        b"Origin: http://127.0.0.1:8000\r\nSec-Fetch-Site: same-site\r\n"
+        b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n"
     ),
     "keepalive": exchange(
-        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: x\r\n"
+        b"GET / HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n"
+        b"GET /computeMetadata/v1/universe/universe-domain HTTP/1.1\r\nHost: " + HOST + b"\r\n"
         b"Metadata-Flavor: Google\r\n\r\n"
     ),
 }))
@@ -416,7 +427,7 @@ def _status_and_head(answer: str) -> tuple[str, list[str], str]:
 
 
 def test_the_flavor_rules_on_the_wire(dirs: Dirs, idle_socket: Path) -> None:
-    """On the wire: `/` answers 200 to anyone (the ping); other paths want Metadata-Flavor: Google (else 403), refuse X-Forwarded-For, POST and wait_for_change; every answer carries the flavor; keep-alive serves two requests on one connection."""
+    """On the wire: `/` answers 200 to anyone (the ping); other paths want Metadata-Flavor: Google (else 403), refuse X-Forwarded-For, POST and wait_for_change, and refuse a Host other than the server's (a page reaching the port through DNS rebinding) or a request from a web page (Origin, Sec-Fetch-Site); every answer carries the flavor; keep-alive serves two requests on one connection."""
     proc = subprocess.run(
         _forward("--metadata", "google", code=RAW_SCRIPT),
         capture_output=True,
@@ -436,6 +447,8 @@ def test_the_flavor_rules_on_the_wire(dirs: Dirs, idle_socket: Path) -> None:
         "post": ("HTTP/1.1 405 Method Not Allowed", None),
         "missing": ("HTTP/1.1 404 Not Found", None),
         "wait": ("HTTP/1.1 400 Bad Request", None),
+        "rebound": ("HTTP/1.1 403 Forbidden", None),
+        "from_page": ("HTTP/1.1 403 Forbidden", None),
     }
     for name, (status, body) in expected.items():
         got_status, headers, got_body = _status_and_head(out[name])

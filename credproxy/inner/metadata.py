@@ -207,11 +207,16 @@ def answer(
     target: str,
     headers: Mapping[str, str],
     now: float,
+    port: int | None = None,
 ) -> Answer:
     """The answer to one request; *fetch* serves the grant's token (or raises CredproxyError).
 
-    *headers* holds the request's ``Metadata-Flavor`` and ``X-Forwarded-For``
-    (under those names) when it has them.
+    *headers* holds the request's ``Metadata-Flavor``, ``X-Forwarded-For``,
+    ``Host``, ``Origin`` and ``Sec-Fetch-Site`` (under those names) when it
+    has them. With *port* (the port the server listens on), a request must
+    name the server as its ``Host`` and come from no web page: a page that
+    reached this port through DNS rebinding names its own host, and a browser
+    says where a request comes from.
     """
     if method not in ("GET", "HEAD"):
         return _text(405, f"method {method} is not allowed; the metadata server answers GET")
@@ -220,7 +225,13 @@ def answer(
     if headers.get("X-Forwarded-For") is not None:
         return _text(403, "a request carrying X-Forwarded-For is refused")
     if split.path == "/":
-        return Answer(200, TEXT, b"computeMetadata/\n")
+        return Answer(200, TEXT, b"computeMetadata/\n")  # (the ping: nothing in it)
+    if port is not None:
+        host = headers.get("Host")
+        if host not in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+            return _text(403, f"a request for another host than 127.0.0.1:{port} is refused")
+        if headers.get("Origin") is not None or headers.get("Sec-Fetch-Site") is not None:
+            return _text(403, "a request from a web page is refused")
     if headers.get(FLAVOR_HEADER) != FLAVOR:
         return _text(403, f"missing required header: {FLAVOR_HEADER}: {FLAVOR}")
     if query.get("wait_for_change", [""])[-1].lower() == "true":
@@ -336,8 +347,10 @@ class MetadataServer:
         with Client(self.path, capability=self.capability, timeout=FETCH_TIMEOUT) as client:
             return client.get_token(self.settings.provider, self.settings.bucket)
 
-    def answer(self, method: str, target: str, headers: Mapping[str, str]) -> Answer:
-        result = answer(self.settings, self.fetch, method, target, headers, time.time())
+    def answer(
+        self, method: str, target: str, headers: Mapping[str, str], port: int | None = None
+    ) -> Answer:
+        result = answer(self.settings, self.fetch, method, target, headers, time.time(), port)
         if result.note is not None:
             kind, message = result.note
             self.note(f"metadata-{kind}", f"metadata server: {message} (noted once)")
@@ -376,9 +389,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _respond(self, *, with_body: bool) -> None:
         self._drop_body()
-        seen = {name: self.headers.get(name) for name in (FLAVOR_HEADER, "X-Forwarded-For")}
+        names = (FLAVOR_HEADER, "X-Forwarded-For", "Host", "Origin", "Sec-Fetch-Site")
+        seen = {name: self.headers.get(name) for name in names}
         headers = {name: value for name, value in seen.items() if value is not None}
-        result = self.server.answer(self.command, self.path, headers)
+        port = self.connection.getsockname()[1]
+        result = self.server.answer(self.command, self.path, headers, port)
         self.send_response(result.status)
         self.send_header(FLAVOR_HEADER, FLAVOR)
         self.send_header("Content-Type", result.content_type)
