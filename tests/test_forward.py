@@ -660,6 +660,44 @@ def test_a_port_in_use_exits_1(dirs: Dirs) -> None:
     )
 
 
+def test_a_fixed_port_is_listened_on_again_right_after_a_run(dirs: Dirs) -> None:
+    """A run on --port P whose connection forward ended first (the daemon's side closed) leaves P in TIME-WAIT; the next `forward --port P` listens on it at once (before, 'Address already in use' for a minute)."""
+    dirs.root.mkdir(exist_ok=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = """
+        import os, socket, urllib.parse
+        port = urllib.parse.urlsplit(os.environ["CREDPROXY_BASE_URL"]).port
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"GET /x HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
+            try:
+                while c.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as daemon:
+        daemon.bind(str(dirs.root / "closing.sock"))
+        daemon.listen()
+
+        def hang_up() -> None:  # (a daemon that answers, then closes the connection)
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = daemon.accept()
+                    conn.recv(65536)
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    conn.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        first = run_forward(dirs, dirs.root / "closing.sock", "--port", str(port), code=code)
+        assert first.returncode == 0, first.stderr
+        again = run_forward(dirs, dirs.root / "closing.sock", "--port", str(port), code="")
+    assert again.returncode == 0, again.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

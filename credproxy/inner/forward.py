@@ -805,6 +805,10 @@ def listen(port: int) -> socket.socket:
     """A listening TCP socket on 127.0.0.1:*port* (0: an ephemeral port), not inheritable."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        # A fixed port is bound again at once after a run whose connections
+        # forward closed first (TIME-WAIT); on Linux this still lets no second
+        # socket listen on it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((HOST, port))
         sock.listen(socket.SOMAXCONN)
     except OSError as exc:
