@@ -146,19 +146,30 @@ def test_env_format_survives_eval_with_shell_metacharacters(background_daemon: D
 
 
 def test_formats_that_cannot_be_made_fail_with_one_line(background_daemon: Dirs) -> None:
-    """aws-process without AWS fields and docker without a server URL exit 1 naming what is missing, no secret printed."""
+    """aws-process without AWS fields and docker without a server URL exit 1 naming what is missing, no secret printed; docker's reason is on stdout too, where docker reads a helper's error."""
     dirs = background_daemon
     store(dirs, "prov", dict(TOKEN, AccessKeyId="ASIACANARY"))
     aws = inside(dirs, '"$CP" token prov --format aws-process', "prov")
     docker = inside(dirs, '"$CP" token prov --format docker </dev/null', "prov")
+    assert aws.stdout == ""
+    assert docker.stdout == docker.stderr
     for result in (aws, docker):
         assert result.returncode == 1
-        assert result.stdout == ""
         assert len(result.stderr.splitlines()) == 1, result.stderr
         assert result.stderr.startswith("credproxy token: ")
-        assert "CANARY" not in result.stderr
+        assert "CANARY" not in result.stderr + result.stdout
     assert "SecretAccessKey, SessionToken" in aws.stderr
     assert "server URL on stdin" in docker.stderr
+
+
+def test_docker_is_told_not_found_as_its_helpers_say_it(background_daemon: Dirs) -> None:
+    """A registry whose provider the session was not granted: the docker helper answer is docker's own 'credentials not found in native keychain' on stdout with exit 1 (docker then pulls anonymously), and the reason for a person on stderr."""
+    dirs = background_daemon
+    store(dirs, "prov", TOKEN)
+    result = inside(dirs, 'echo ghcr.io | "$CP" token other --format docker', "prov")
+    assert result.returncode == 1
+    assert result.stdout == "credentials not found in native keychain\n"
+    assert result.stderr.startswith("credproxy token: ")
 
 
 @pytest.mark.parametrize(

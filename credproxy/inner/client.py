@@ -347,6 +347,9 @@ Print the access token for PROVIDER from the socket in $CREDPROXY_SOCKET.
 --format docker       a docker credential helper answer; the server URL on stdin
 See docs/integrations.md for each tool's configuration."""  # noqa: S105
 STDIN_LIMIT = 64 * 1024  # a server URL, for --format docker
+#: What a docker credential helper prints (on stdout, exit 1) when it has no
+#: credentials for the registry: docker then goes on without (anonymous pulls).
+DOCKER_NOT_FOUND = "credentials not found in native keychain"
 # The names of credproxy.inner.formats.FORMATS (a test keeps them equal): raw and
 # json, what helpers run most often, are printed here without importing that module.
 FORMAT_NAMES = ("raw", "json", "header", "env", "kubectl", "aws-process", "docker")
@@ -404,9 +407,15 @@ def token_main(argv: list[str]) -> int:
             "on the host; `credproxy status` on the host says which is missing",
             file=sys.stderr,
         )
+        if fmt == "docker":  # (docker reads a helper's error on stdout: this one means none)
+            print(DOCKER_NOT_FOUND)
+            return 1
         return exc.exit_code
     except CredproxyError as exc:
         print(f"credproxy token: {exc}", file=sys.stderr)
+        if fmt == "docker":
+            print(f"credproxy token: {exc}")
+            return 1
         return exc.exit_code
     return print_out(out)
 
