@@ -709,6 +709,17 @@ def _summary(lat: array[int] | list[int]) -> dict[str, float]:
     }
 
 
+def _cpu_row(
+    res: dict[str, dict[str, Any]], g: dict[str, Target], metric: str, target: bool
+) -> dict[str, Any]:
+    """The proxy's CPU per request against nginx's (with the 4x target when *target*)."""
+    cc = median(res[g["credproxy"].name]["cpu_us"])
+    nc = median(res[g["nginx"].name]["cpu_us"])
+    if not target:
+        return _row(metric, "us", cc, nc, "nginx worker", _ratio(cc, nc))
+    return _row(metric, "us", cc, nc, "nginx worker", _ratio(cc, nc), "<= 4x nginx", cc <= 4 * nc)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return None
@@ -902,20 +913,7 @@ def figure7(stack: Stack, token_url: str, quick: bool, log: Any = print) -> dict
                         _ratio(c["p99_us"], n["p99_us"]),
                     )
                 )
-                cc = median(res[g["credproxy"].name]["cpu_us"])
-                nc = median(res[g["nginx"].name]["cpu_us"])
-                rows.append(
-                    _row(
-                        f"API proxy, {label}: proxy CPU per request",
-                        "us",
-                        cc,
-                        nc,
-                        "nginx worker",
-                        _ratio(cc, nc),
-                        "<= 4x nginx",
-                        cc <= 4 * nc,
-                    )
-                )
+                rows.append(_cpu_row(res, g, f"API proxy, {label}: proxy CPU per request", True))
 
         log("figure 7: agent-shaped requests, interleaved rounds")
         res = small_requests(all_targets, cpu_pids, mode, agent=True)
@@ -941,17 +939,8 @@ def figure7(stack: Stack, token_url: str, quick: bool, log: Any = print) -> dict
                     _ratio(added, n_added),
                 )
             )
-            cc = median(res[g["credproxy"].name]["cpu_us"])
-            nc = median(res[g["nginx"].name]["cpu_us"])
             rows.append(
-                _row(
-                    f"API proxy, {label}: proxy CPU per agent-shaped POST",
-                    "us",
-                    cc,
-                    nc,
-                    "nginx worker",
-                    _ratio(cc, nc),
-                )
+                _cpu_row(res, g, f"API proxy, {label}: proxy CPU per agent-shaped POST", False)
             )
 
         log(f"figure 7: {IDLE_CONNECTIONS} idle keep-alive connections")

@@ -396,16 +396,23 @@ async def test_a_request_the_trio_side_serves_keeps_the_connections_rate(
     assert upstream.received[1]["body"] == b"hello"
 
 
-async def _answer_32k(
-    up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
-) -> None:
-    payload = b"y" * 32_000
-    head = [(b"content-length", b"%d" % len(payload))]
-    await stream.send_all(
-        conn.send(h11.Response(status_code=200, headers=head))
-        + conn.send(h11.Data(data=payload))
-        + conn.send(h11.EndOfMessage())
-    )
+def _answering(payload: bytes) -> Any:
+    """An upstream handler that answers 200 with *payload* (its Content-Length), in one write."""
+
+    async def handler(
+        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
+    ) -> None:
+        head = [(b"content-length", b"%d" % len(payload))]
+        await stream.send_all(
+            conn.send(h11.Response(status_code=200, headers=head))
+            + conn.send(h11.Data(data=payload))
+            + conn.send(h11.EndOfMessage())
+        )
+
+    return handler
+
+
+_answer_32k = _answering(b"y" * 32_000)
 
 
 async def test_pipelined_requests_wait_while_their_answers_are_not_read(
@@ -441,31 +448,26 @@ async def test_a_client_that_half_closes_gets_all_of_a_big_answer(
     """A sandbox sends its request, shuts down its sending side, then reads slowly: it gets the whole 600 KB answer (more than the socket holds at once), then the connection's end."""
     _, s = await _logged_in(start_daemon, upstream)
     payload = bytes(range(256)) * 2400
-
-    async def big(
-        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
-    ) -> None:
-        head = [(b"content-length", b"%d" % len(payload))]
-        await stream.send_all(
-            conn.send(h11.Response(status_code=200, headers=head))
-            + conn.send(h11.Data(data=payload))
-            + conn.send(h11.EndOfMessage())
-        )
-
-    upstream.script.append(big)
+    upstream.script.append(_answering(payload))
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.connect(str(s.socket_path))
     await sock.send(b"GET /dev/big HTTP/1.1\r\nHost: c\r\n\r\n")
     sock.shutdown(trio.socket.SHUT_WR)
     await trio.sleep(0.5)  # (the answer is in, and more of it than the socket takes)
-    reply = b""
     with trio.fail_after(10):
-        while chunk := await sock.recv(16384):
-            reply += chunk
-            await trio.sleep(0.001)
-    sock.close()
+        reply = await _read_slowly(sock, 0.001)
     assert _statuses(reply) == [200]
     assert reply.endswith(payload)
+
+
+async def _read_slowly(sock: Any, pause: float) -> bytes:
+    """Everything *sock* gets until its end, 16 KiB at a time with *pause* s between; closed."""
+    reply = b""
+    while chunk := await sock.recv(16384):
+        reply += chunk
+        await trio.sleep(pause)
+    sock.close()
+    return bytes(reply)
 
 
 async def test_a_client_that_stops_reading_before_its_answer_counts_once(
@@ -473,18 +475,8 @@ async def test_a_client_that_stops_reading_before_its_answer_counts_once(
 ) -> None:
     """A sandbox sends a request and shuts down its reading side; the whole answer comes in one read and cannot be sent: the exchange ends once (one audit line, 499), and the session's one stream in flight is counted right after it (a second request at once is refused)."""
     _, s = await _logged_in(start_daemon, upstream, proxy={"max_streams": 1})
-
-    async def at_once(
-        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
-    ) -> None:
-        head = [(b"content-length", b"2")]
-        await stream.send_all(
-            conn.send(h11.Response(status_code=200, headers=head))
-            + conn.send(h11.Data(data=b"ok"))
-            + conn.send(h11.EndOfMessage())
-        )
-
-    upstream.script.append(at_once)  # (the whole answer in one read: its end follows the send)
+    # (the whole answer in one read: its end follows the send)
+    upstream.script.append(_answering(b"ok"))
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.connect(str(s.socket_path))
     await sock.send(b"GET /dev/deaf HTTP/1.1\r\nHost: c\r\n\r\n")
@@ -615,24 +607,11 @@ async def test_a_slow_steady_reader_gets_a_long_answer_whole_past_the_read_timeo
     """A 3 MiB answer to a sandbox that reads 16 KiB every quarter second (about 12 s in all) with a read timeout of 5 s: the relay stops reading the upstream while 1 MiB waits for the client, that wait is not the upstream's silence, and the answer arrives whole."""
     _, s = await _logged_in(start_daemon, upstream, proxy={"read_timeout": 5.0})
     payload = bytes(range(256)) * (3 * 4096)
-
-    async def big(
-        up: Upstream, req: h11.Request, body: bytes, stream: Any, conn: h11.Connection
-    ) -> None:
-        head = [(b"content-length", b"%d" % len(payload))]
-        await stream.send_all(conn.send(h11.Response(status_code=200, headers=head)) or b"")
-        await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
-        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-
-    upstream.script.append(big)
+    upstream.script.append(_answering(payload))
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.connect(str(s.socket_path))
     await sock.send(b"GET /dev/big HTTP/1.1\r\nHost: c\r\n%s\r\n" % _CLOSE)
-    reply = b""
-    while chunk := await sock.recv(16384):
-        reply += chunk
-        await trio.sleep(0.25)
-    sock.close()
+    reply = await _read_slowly(sock, 0.25)
     assert _statuses(reply) == [200]
     assert reply.endswith(payload)
 

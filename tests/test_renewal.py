@@ -9,6 +9,8 @@ shows up as ``reuse_count`` > 0 and an ``invalid_grant``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 
@@ -476,17 +478,24 @@ async def test_a_store_that_cannot_be_read_when_the_timer_fires_does_not_stop_th
     assert reply["data"]["access_token"] != first["access_token"]
 
 
-async def test_a_renewal_that_was_refused_is_not_started_again_by_the_next_serves(
-    start_daemon: StartDaemon, autojump_clock: object
-) -> None:
-    """The identity provider refuses the renewal (``invalid_grant``): the timer gives up, and the sandbox's get_token every 2 s for the next 200 s (outside the serve margin) present the refused refresh token to nobody: one refresh request in all, and ``status`` still says it gave up."""
+async def _renewal_meets(start_daemon: StartDaemon, fault: str) -> tuple[Harness, Any, Peer]:
+    """A session served an hour's token, whose renewal (due at about 3245 s) meets the
+    identity provider's *fault*; returns at 3260 s, after it."""
     h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
     h.login()
     s = await h.session("dev")
     p = await h.peer(s)
     assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
-    h.idp.fail_next("invalid_grant")
-    await trio.sleep(3260)  # (the renewal, due at about 3245 s, was refused)
+    h.idp.fail_next(fault)
+    await trio.sleep(3260)
+    return h, s, p
+
+
+async def test_a_renewal_that_was_refused_is_not_started_again_by_the_next_serves(
+    start_daemon: StartDaemon, autojump_clock: object
+) -> None:
+    """The identity provider refuses the renewal (``invalid_grant``): the timer gives up, and the sandbox's get_token every 2 s for the next 200 s (outside the serve margin) present the refused refresh token to nobody: one refresh request in all, and ``status`` still says it gave up."""
+    h, s, p = await _renewal_meets(start_daemon, "invalid_grant")
     refused = len(h.idp.requests)
     assert refused == 1
     for i in range(100):
@@ -502,13 +511,7 @@ async def test_an_unusable_answer_that_rotated_the_refresh_token_keeps_the_new_o
     start_daemon: StartDaemon, autojump_clock: object
 ) -> None:
     """The identity provider rotates the refresh token but answers with an ``expires_in`` that is no number: the refresh counts as failed, the new refresh token is stored all the same, and the retry presents it (no reuse of the spent one, no revoked family, no logout)."""
-    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
-    h.login()
-    s = await h.session("dev")
-    p = await h.peer(s)
-    assert (await p.call("get_token", {"provider": "dev"}))["ok"] is True
-    h.idp.fail_next("bad_expiry")
-    await trio.sleep(3260)  # (the renewal, due at about 3245 s, got the unusable answer)
+    h, _, p = await _renewal_meets(start_daemon, "bad_expiry")
     assert h.idp.refresh_count == 1
     await trio.sleep(120)  # (its retry, 30 s after)
     assert h.idp.refresh_count == 2

@@ -643,20 +643,28 @@ async def test_thread_mode_a_connection_handed_over_after_the_loop_stopped_is_cl
 # --- the end of a client's input, and what it holds back ----------------------------
 
 
+async def _sent_then_half_closed(
+    start_daemon: StartDaemon, peers: Peers, data: bytes, n: int
+) -> list[dict[str, Any]]:
+    """*data* in one write on a served connection, then the end of input: the *n*
+    replies that come, after which the server must close."""
+    h = await start_daemon(limits=LONG_IDLE)
+    h.login()
+    p = await peers.open(await h.session("dev"))
+    await p.send_raw(data)
+    p.sock.shutdown(socket.SHUT_WR)
+    with trio.fail_after(10):
+        got = await replies(p, n)
+        assert await p.recv() is None
+    return got
+
+
 async def test_a_half_close_after_three_hundred_pipelined_requests_gets_every_reply(
     start_daemon: StartDaemon, peers: Peers
 ) -> None:
     """300 get_token in one write, then the client shuts its sending side (``nc -N``): all 300 replies come, in order (more than the loop answers in one turn), then the end."""
-    h = await start_daemon(limits=LONG_IDLE)
-    h.login()
-    s = await h.session("dev")
-    p = await peers.open(s)
     ids, data = pipeline("h", 300)
-    await p.send_raw(data)
-    p.sock.shutdown(socket.SHUT_WR)
-    with trio.fail_after(10):
-        got = await replies(p, 300)
-        assert await p.recv() is None
+    got = await _sent_then_half_closed(start_daemon, peers, data, 300)
     assert [r["id"] for r in got] == ids
     assert all(r["ok"] for r in got)
 
@@ -665,16 +673,9 @@ async def test_a_frame_cut_short_by_the_end_of_input_is_dropped_and_the_rest_ans
     start_daemon: StartDaemon, peers: Peers
 ) -> None:
     """Two whole requests and half of a third, then the end of input: two replies, then the connection closes."""
-    h = await start_daemon(limits=LONG_IDLE)
-    h.login()
-    s = await h.session("dev")
-    p = await peers.open(s)
     third = request("c3")
-    await p.send_raw(request("c1") + request("c2") + third[: len(third) // 2])
-    p.sock.shutdown(socket.SHUT_WR)
-    with trio.fail_after(5):
-        got = await replies(p, 2)
-        assert await p.recv() is None
+    data = request("c1") + request("c2") + third[: len(third) // 2]
+    got = await _sent_then_half_closed(start_daemon, peers, data, 2)
     assert [r["id"] for r in got] == ["c1", "c2"]
 
 
