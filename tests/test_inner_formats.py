@@ -158,8 +158,23 @@ def test_formats_that_cannot_be_made_fail_with_one_line(background_daemon: Dirs)
         assert len(result.stderr.splitlines()) == 1, result.stderr
         assert result.stderr.startswith("credproxy token: ")
         assert "CANARY" not in result.stderr + result.stdout
-    assert "SecretAccessKey, SessionToken" in aws.stderr
+    assert "this one has no SecretAccessKey" in aws.stderr
     assert "server URL on stdin" in docker.stderr
+
+
+def test_aws_process_serves_long_term_keys_without_a_session_token(
+    background_daemon: Dirs,
+) -> None:
+    """Long-term AWS keys (no SessionToken): the credential_process answer has Version 1 and both keys, and no SessionToken field (which the AWS CLI and SDKs take as it is)."""
+    dirs = background_daemon
+    keys = {"AccessKeyId": "AKIACANARY", "SecretAccessKey": "SK-CANARY-2"}
+    store(dirs, "prov", {**TOKEN, **keys})
+    result = inside(dirs, '"$CP" token prov --format aws-process', "prov")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["Version"] == 1
+    assert {k: answer[k] for k in keys} == keys
+    assert "SessionToken" not in answer
 
 
 def test_docker_is_told_not_found_as_its_helpers_say_it(background_daemon: Dirs) -> None:

@@ -11,7 +11,8 @@ shapes are those the tools' credential hooks read (docs/integrations.md):
 - ``env``: ``export CREDPROXY_ACCESS_TOKEN='<token>'`` and friends, for ``eval``.
 - ``kubectl``: a ``client.authentication.k8s.io/v1`` ExecCredential.
 - ``aws-process``: the ``credential_process`` answer; the served token must
-  carry ``AccessKeyId``, ``SecretAccessKey`` and ``SessionToken`` fields.
+  carry ``AccessKeyId`` and ``SecretAccessKey`` fields (and ``SessionToken``
+  for temporary credentials).
 - ``docker``: a docker credential helper's ``get`` answer.
 
 Standard library only, and nothing slow to import: this runs inside sandboxes
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 KUBE_API_VERSION = "client.authentication.k8s.io/v1"
-AWS_FIELDS = ("AccessKeyId", "SecretAccessKey", "SessionToken")
+AWS_FIELDS = ("AccessKeyId", "SecretAccessKey")  # (SessionToken: temporary credentials only)
 DOCKER_USERNAME = "oauth2accesstoken"  # the registry convention for an OAuth access token
 ENV_PREFIX = "CREDPROXY_"
 
@@ -145,9 +146,12 @@ def format_aws_process(token: dict[str, Any], stdin: str) -> str:
     else its ``expiry`` in RFC 3339; without either it is left out, which the
     AWS SDKs read as credentials that never expire.
 
+    ``SessionToken`` goes with them when the token has one (temporary
+    credentials); long-term keys have none, which the AWS CLI and SDKs accept.
+
     Raises:
-        FormatError: one of ``AccessKeyId``, ``SecretAccessKey``,
-            ``SessionToken`` is missing (all are named).
+        FormatError: ``AccessKeyId`` or ``SecretAccessKey`` is missing (both
+            are named).
     """
     missing = [f for f in AWS_FIELDS if not isinstance(token.get(f), str) or not token[f]]
     if missing:
@@ -156,6 +160,9 @@ def format_aws_process(token: dict[str, Any], stdin: str) -> str:
             f"this one has no {', '.join(missing)} (store them with `credproxy import`)"
         )
     out: dict[str, Any] = {"Version": 1, **{f: token[f] for f in AWS_FIELDS}}
+    session = token.get("SessionToken")
+    if isinstance(session, str) and session:
+        out["SessionToken"] = session
     stated = token.get("Expiration")
     exp = expiry(token)
     if isinstance(stated, str) and stated:
