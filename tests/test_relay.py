@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+from functools import partial
 from typing import Any
 
 import h11
@@ -729,6 +730,30 @@ async def test_an_upstream_head_without_end_is_a_502_not_a_memory_sink(
     c = await HttpClient.connect(s.socket_path)
     assert (await c.call("GET", "/dev/b"))[0] == 200
     await c.aclose()
+
+
+async def test_a_head_whose_end_comes_with_a_full_read_of_body_is_not_too_large(
+    start_daemon: StartDaemon, upstream: Upstream, nursery: trio.Nursery
+) -> None:
+    """A plain-http upstream sends part of its head, then the rest with 70,000 bytes of body in one write: the relay reads the end of the head in a full 64 KiB read and relays the answer (before, that read counted as head: a 502)."""
+    payload = b"z" * 70_000
+
+    async def serve(stream: trio.SocketStream) -> None:
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(payload))
+        await trio.sleep(0.2)  # (the relay reads this part of the head alone)
+        await stream.send_all(b"\r\n" + payload)
+        await stream.aclose()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    plain = {"dev": {"api": {"base_url": f"http://127.0.0.1:{port}/v1"}}}
+    _, s = await _logged_in(start_daemon, upstream, providers=plain)
+    reply = await _raw(s.socket_path, b"GET /dev/a HTTP/1.1\r\nHost: c\r\n%s\r\n" % _CLOSE)
+    assert _statuses(reply) == [200], reply[:300]
+    assert reply.endswith(payload)
 
 
 async def test_a_stream_is_cut_once_silent_for_the_read_timeout_counted_from_its_last_event(

@@ -327,11 +327,15 @@ class Answer:
             httptools.HttpParserError: not an HTTP answer, or cut short.
         """
         if data:
-            if not self.began:
+            began = self.began
+            self.parser.feed_data(data)
+            if not began and not self.began:
+                # Still no whole head after these bytes: counted (a read that
+                # ends the head, body and all, is not). At most one read more
+                # than the limit is ever held.
                 self.head_bytes += len(data)
                 if self.head_bytes > MAX_ANSWER_HEAD:
                     raise httptools.HttpParserError("the answer's head is too large")
-            self.parser.feed_data(data)
             return
         if self.done:
             return
