@@ -444,6 +444,19 @@ def test_transport_errors_are_retried_a_few_times() -> None:
     assert isinstance(decision, Failed) and decision.reason == "no route (3 times in a row)"
 
 
+def test_a_busy_token_endpoint_is_polled_again_like_a_network_error() -> None:
+    """A 503 or 429 without an OAuth error while polling is polled again at the interval; three in a row end the flow, and a real answer in between resets the count."""
+    flow = DeviceFlow(_auth())
+    assert flow.on_response(503, b"<html>busy</html>", NOW) == Poll(5)
+    assert flow.on_response(429, b"", NOW + 5) == Poll(5)
+    flow.on_response(400, _body({"error": "authorization_pending"}), NOW + 10)
+    assert flow.on_response(502, b"", NOW + 15) == Poll(5)
+    assert flow.on_response(503, b"", NOW + 20) == Poll(5)
+    decision = flow.on_response(503, b"", NOW + 25)
+    assert isinstance(decision, Failed)
+    assert decision.reason == "the token endpoint answered HTTP 503 (3 times in a row)"
+
+
 def test_a_success_resets_the_transport_error_count() -> None:
     """An answer between network failures resets their count."""
     flow = DeviceFlow(_auth())

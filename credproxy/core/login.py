@@ -537,8 +537,12 @@ class DeviceFlow:
         """Judge one token endpoint answer received at *now*."""
         self._check_open()
         self.polls += 1
-        self.transport_errors = 0
         payload = oauth.json_object(body)
+        if (status >= 500 or status == 429) and (payload is None or "error" not in payload):
+            # A busy or failing endpoint, not an answer about this login: polled
+            # again, as a network error is, up to MAX_TRANSPORT_ERRORS in a row.
+            return self.on_transport_error(f"the token endpoint answered HTTP {status}", now)
+        self.transport_errors = 0
         if payload is not None and "access_token" in payload:
             try:
                 token = parse_token_response(status, body, now)
