@@ -177,6 +177,31 @@ def test_aws_process_serves_long_term_keys_without_a_session_token(
     assert "SessionToken" not in answer
 
 
+def test_kubectl_gets_the_exec_credential_version_it_asks_for(background_daemon: Dirs) -> None:
+    """kubectl names the ExecCredential version it reads in KUBERNETES_EXEC_INFO: a kubeconfig on v1beta1 gets a v1beta1 answer, on v1 a v1 one; without the variable, v1."""
+    dirs = background_daemon
+    store(dirs, "prov", TOKEN)
+    got = {}
+    for version in ("v1beta1", "v1", None):
+        env = {}
+        if version is not None:
+            info = {
+                "apiVersion": f"client.authentication.k8s.io/{version}",
+                "kind": "ExecCredential",
+            }
+            env["KUBERNETES_EXEC_INFO"] = json.dumps(info)
+        result = inside(dirs, '"$CP" token prov --format kubectl', "prov", **env)
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        assert answer["status"]["token"] == TOKEN["access_token"]
+        got[version] = answer["apiVersion"]
+    assert got == {
+        "v1beta1": "client.authentication.k8s.io/v1beta1",
+        "v1": "client.authentication.k8s.io/v1",
+        None: "client.authentication.k8s.io/v1",
+    }
+
+
 def test_docker_is_told_not_found_as_its_helpers_say_it(background_daemon: Dirs) -> None:
     """A registry whose provider the session was not granted: the docker helper answer is docker's own 'credentials not found in native keychain' on stdout with exit 1 (docker then pulls anonymously), and the reason for a person on stderr."""
     dirs = background_daemon

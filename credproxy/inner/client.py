@@ -388,6 +388,8 @@ def token_main(argv: list[str]) -> int:
     if hint:
         return _usage(hint)
     stdin = sys.stdin.read(STDIN_LIMIT) if fmt == "docker" and sys.stdin else ""
+    if fmt == "kubectl":  # (kubectl's request: the ExecCredential version it reads)
+        stdin = os.environ.get("KUBERNETES_EXEC_INFO", "")
     try:
         with Client() as client:
             token = client.get_token(provider, bucket)

@@ -9,7 +9,8 @@ shapes are those the tools' credential hooks read (docs/integrations.md):
 - ``json``: the served JSON, keys sorted.
 - ``header``: ``Authorization: Bearer <token>`` (curl ``-H``).
 - ``env``: ``export CREDPROXY_ACCESS_TOKEN='<token>'`` and friends, for ``eval``.
-- ``kubectl``: a ``client.authentication.k8s.io/v1`` ExecCredential.
+- ``kubectl``: an ExecCredential, ``client.authentication.k8s.io/v1`` or the
+  ``v1beta1`` kubectl asks for.
 - ``aws-process``: the ``credential_process`` answer; the served token must
   carry ``AccessKeyId`` and ``SecretAccessKey`` fields (and ``SessionToken``
   for temporary credentials).
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 KUBE_API_VERSION = "client.authentication.k8s.io/v1"
+KUBE_API_VERSIONS = (KUBE_API_VERSION, "client.authentication.k8s.io/v1beta1")
 AWS_FIELDS = ("AccessKeyId", "SecretAccessKey")  # (SessionToken: temporary credentials only)
 DOCKER_USERNAME = "oauth2accesstoken"  # the registry convention for an OAuth access token
 ENV_PREFIX = "CREDPROXY_"
@@ -127,14 +129,23 @@ def format_env(token: dict[str, Any], stdin: str) -> str:
 def format_kubectl(token: dict[str, Any], stdin: str) -> str:
     """An ExecCredential; ``expirationTimestamp`` only when the token has an expiry.
 
-    Without one, kubectl keeps the token for the life of its process.
+    Without one, kubectl keeps the token for the life of its process. *stdin*
+    is kubectl's ``KUBERNETES_EXEC_INFO`` (its request): the answer has the
+    ``apiVersion`` it names (``v1beta1`` or ``v1``), else ``v1``.
     """
     status: dict[str, Any] = {"token": access_token(token)}
     exp = expiry(token)
     if exp is not None:
         status["expirationTimestamp"] = rfc3339(exp)
+    version = KUBE_API_VERSION
+    try:
+        asked = json.loads(stdin).get("apiVersion") if stdin else None
+    except (ValueError, AttributeError):
+        asked = None
+    if asked in KUBE_API_VERSIONS:
+        version = asked
     return json.dumps(
-        {"apiVersion": KUBE_API_VERSION, "kind": "ExecCredential", "status": status},
+        {"apiVersion": version, "kind": "ExecCredential", "status": status},
         sort_keys=True,
     )
 
