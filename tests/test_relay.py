@@ -242,6 +242,25 @@ async def test_a_request_target_goes_upstream_as_a_url_writes_it(
     assert [r["target"] for r in upstream.received] == [upstream_target]
 
 
+async def test_both_paths_send_the_upstream_the_same_headers(
+    start_daemon: StartDaemon, upstream: Upstream
+) -> None:
+    """One POST through the relay (Content-Length) and the same through the trio side (chunked, which the relay hands over): the upstream gets the same header names from both, bar the body's framing; none of httpx's own (User-Agent, Accept, Connection)."""
+    _, s = await _logged_in(start_daemon, upstream)
+    head = b"POST /dev/x HTTP/1.1\r\nHost: c\r\nX-App: cli\r\n" + _CLOSE
+    for framing in (
+        b"Content-Length: 2\r\n\r\n{}",
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    ):
+        assert _statuses(await _raw(s.socket_path, head + framing)) == [200]
+    framing_names = {"content-length", "transfer-encoding"}
+    relay, trio_side = (
+        sorted(n for n, _ in r["raw_headers"] if n not in framing_names) for r in upstream.received
+    )
+    assert relay == trio_side, (relay, trio_side)
+    assert "user-agent" not in trio_side and "connection" not in trio_side
+
+
 async def test_a_request_in_pieces_is_read_whole_and_the_next_one_after_it(
     start_daemon: StartDaemon, upstream: Upstream
 ) -> None:

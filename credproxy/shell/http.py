@@ -765,6 +765,9 @@ class ApiClient:
             # one sandbox must never be sent on behalf of another. Set-Cookie
             # still reaches the client that got it; the jar keeps nothing.
             self._client.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+            # Nor headers of httpx's own (User-Agent: python-httpx, Accept,
+            # Connection): the upstream gets the sandbox's, as from the relay.
+            self._client.headers.clear()
         return self._client
 
     async def send(
