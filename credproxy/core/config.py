@@ -431,8 +431,10 @@ def _problems(cfg: Config) -> list[tuple[str, list[str]]]:
                 continue
             if not url.hostname:
                 out.append((f"{key} has no host", ["providers", name, *where]))
-            elif key == "redirect_uri" and url.scheme == "http" and (
-                problem := _loopback_redirect_problem(url, prov.redirect_port)
+            elif (
+                key == "redirect_uri"
+                and url.scheme == "http"
+                and (problem := _loopback_redirect_problem(url, prov.redirect_port))
             ):
                 out.append((problem, ["providers", name, *where]))
             elif key == "base_url" and (url.username is not None or url.query or url.fragment):

@@ -141,15 +141,12 @@ class Connection:
         return False
 
     def hold_body(self) -> None:
-        """The driver stops reading (its peer has replies to take): no body deadline runs."""
-        self._body_deadline = math.inf
+        """The driver stops reading (its peer has replies to take): no body deadline runs.
 
-    def resume_body(self, now: float) -> bool:
-        """The driver reads again: a frame's body still on its way gets a whole deadline.
-
-        Returns True if it armed one (as :meth:`after_read`).
+        When it reads again, :meth:`after_read` gives a body still on its way a
+        whole deadline.
         """
-        return self.after_read(now)
+        self._body_deadline = math.inf
 
     @property
     def has_frame(self) -> bool:

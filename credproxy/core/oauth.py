@@ -112,8 +112,6 @@ def parse_refresh_response(status: int, body: bytes, now: float) -> dict[str, An
     error = payload.get("error") if payload is not None else None
     try:
         return _refreshed(status, payload, error, now)
-    except RotatedUnusable:
-        raise
     except RefreshFailed as exc:
         rotated = payload.get("refresh_token") if status == 200 and payload is not None else None
         if isinstance(rotated, str) and rotated:

@@ -887,7 +887,7 @@ class HttpConn:
         if api is None:  # (a reload took it away meanwhile)
             self.refuse(x, HttpError(404, _NO_API), now)
             return
-        if not self.lp.facts(key.provider, api)[0]:
+        if not self.lp.uses_token(key.provider, api):
             self.with_ready(None, now)
             return
         ready = x.ready if x.ready is not None and x.ready.key == key else None
@@ -1123,6 +1123,10 @@ class HttpConn:
         """A held 401 or 429 whose body did not come whole: its retry goes on (as on
         the trio side, which retries on the head), and if there is none, a 502."""
         assert x.held is not None
+        if x.up is not None:  # (silent past the read timeout: not reused)
+            x.up.close()
+            x.up = None
+        self.t_up = math.inf
         x.held = (x.held[0], x.held[1], None)
         self.retry(x, now)
 
@@ -1354,10 +1358,6 @@ class HttpConn:
             self.refuse(x, HttpError(408, message), now)
         elif x is not None and now >= self.t_up:
             if x.held is not None:
-                if x.up is not None:
-                    x.up.close()
-                    x.up = None
-                self.t_up = math.inf
                 self.held_cut(x, now)
             elif x.got_answer:
                 self.cut(x, f"{x.origin.host} sent nothing for the read timeout", now)
@@ -1437,7 +1437,7 @@ class LoopProxy:
         self.heap: list[tuple[float, int, HttpConn]] = []  # deadlines (lazy deletion)
         self._seq = itertools.count()
         self.dirty: list[HttpConn] = []  # connections with bytes to send once this step ends
-        self._facts: dict[str, tuple[object, tuple[bool, bool]]] = {}
+        self._uses_token: dict[str, tuple[object, bool]] = {}
         self._filled: dict[tuple[str, Key, str], tuple[object, dict[str, str]]] = {}
 
     # -- called by the serving loop --------------------------------------------------
@@ -1596,12 +1596,11 @@ class LoopProxy:
             got = self._fields[memo] = token_fields(msgspec.json.decode(ready.served))
         return got
 
-    def facts(self, provider: str, api: Any) -> tuple[bool, bool]:
-        """Whether *api*'s headers name a token field, and an API key: once per configuration."""
-        got = self._facts.get(provider)
+    def uses_token(self, provider: str, api: object) -> bool:
+        """``api.uses_token()``, worked out once per configuration of *provider*."""
+        got = self._uses_token.get(provider)
         if got is None or got[0] is not api:
-            names_key = any("{key:" in t for t in api.headers.values())
-            got = self._facts[provider] = (api, (api.uses_token(), names_key))
+            got = self._uses_token[provider] = (api, api.uses_token())  # type: ignore[attr-defined]
         return got[1]
 
     def filled(
@@ -1615,7 +1614,7 @@ class LoopProxy:
         Raises:
             HttpError: as :func:`fill_headers`.
         """
-        if ready is None or self.facts(key.provider, api)[1]:
+        if ready is None or any("{key:" in t for t in api.headers.values()):
             fields = {} if ready is None else self.fields(ready)
             return fill_headers(api.headers, fields, key, grants, self.read_key)
         memo = (sid, key, ready.fp)

@@ -409,14 +409,11 @@ class ApiProxy:
                     give_back_memory()
         except HttpError as exc:
             audit.status = exc.status
-            if exc.status in (403, 407):
-                # Refused for who or where it comes from: no body is read, and
-                # the connection closes (such a peer gets no more of our time).
-                await self._refuse(conn, stream, exc.status, str(exc), exc.headers, close=True)
-                return
-            if conn.they_are_waiting_for_100_continue:
-                # The client sends its body only after a 100 Continue, which a
-                # refusal does not give: answer now and close, not wait it out.
+            if exc.status in (403, 407) or conn.they_are_waiting_for_100_continue:
+                # Refused for who or where it comes from (such a peer gets no
+                # more of our time), or a client that sends its body only after
+                # a 100 Continue, which a refusal does not give: no body is
+                # read, and the connection closes.
                 await self._refuse(conn, stream, exc.status, str(exc), exc.headers, close=True)
                 return
             with contextlib.suppress(ClientTooSlow, *GONE):

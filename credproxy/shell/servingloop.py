@@ -820,8 +820,8 @@ class ServingLoop(Generic[S]):
             # A frame's body is not timed while the loop does not read it.
             if conn.mask == _IN:
                 conn.engine.hold_body()
-            elif mask == _IN and conn.engine.resume_body(self.clock()):
-                self._track(conn)
+            elif mask == _IN and conn.engine.after_read(self.clock()):
+                self._track(conn)  # (a body still on its way: a whole deadline again)
             conn.mask = mask
             self._epoll.modify(conn.sock.fileno(), mask)
 
