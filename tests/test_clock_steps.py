@@ -81,3 +81,27 @@ async def test_status_reports_the_true_time_left_after_a_step_back(
     h.wall.step(-HOUR)
     token: dict[str, Any] = (await h.daemon.status())["tokens"][0]
     assert token["expires_in"] <= HOUR + 1, token
+
+
+async def test_a_token_received_while_ahead_and_first_served_after_the_step_back_is_renewed_on_time(
+    start_daemon: StartDaemon, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A session that first serves, after the clock is put back, a token received while it was an hour ahead renews it before it expires, not an hour late."""
+    h = await start_daemon(lifetime=HOUR, limits={"idle_timeout": 1e9})
+    h.login()
+    h.wall.step(HOUR)  # the host's clock runs an hour ahead
+    await trio.sleep(2)
+    ahead = await h.session("dev")
+    p = await h.peer(ahead)
+    assert (await p.call("get_token", {"provider": "dev"}))["ok"]  # refreshed: stored an hour late
+    received = h.wall.true()
+    p.close()
+    assert await h.daemon.close_session(ahead.id)  # (its timer goes with it)
+    h.wall.step(-HOUR)  # the clock is put right
+    s = await h.session("dev")
+    q = await h.peer(s)
+    token = (await q.call("get_token", {"provider": "dev"}))["data"]["access_token"]
+    assert h.idp.is_access_token_valid(token)
+    before = h.idp.refresh_count
+    await trio.sleep(received + HOUR - 60 - h.wall.true())  # a minute before it expires
+    assert h.idp.refresh_count == before + 1, "the session's timer did not renew it in time"

@@ -161,6 +161,48 @@ def test_fire_after_long_suspend_refreshes_even_if_renewed_elsewhere() -> None:
     assert timer.on_fire(_token(NOW + 120), NOW + 7200) == Refresh(NOW + 60)
 
 
+# -- a wall clock put back: the stored expiry names the token, the true one times it --------
+
+HOUR = 3600.0
+
+
+def test_a_token_stored_an_hour_late_is_timed_by_its_true_expiry() -> None:
+    """A token received while the clock was an hour ahead is renewed before its true end, not an hour later."""
+    timer = RenewalTimer(NOW + 2 * HOUR, NOW, CFG, LOWEST, KeyHealth(), lives_until=NOW + HOUR)
+    assert timer.deadline == NOW + HOUR - 360  # 3600 s truly left: a lead of 360 s
+    # It fires; the same token is stored (its stored expiry is the one seen): refresh it.
+    assert timer.on_fire(_token(NOW + 2 * HOUR), NOW + 3240, NOW + HOUR) == Refresh(NOW + 2 * HOUR)
+
+
+def test_a_token_renewed_elsewhere_while_ahead_is_rescheduled_by_its_true_expiry() -> None:
+    """Renewed elsewhere while the clock was ahead: the timer waits for the new token's true end, not its stored one."""
+    timer = _timer(NOW + 60)
+    step = timer.on_fire(_token(NOW + 2 * HOUR), NOW + 30, NOW + 30 + HOUR)
+    assert step == Wait(NOW + 30 + 3240, "renewal_rescheduled")
+    assert timer.expiry == NOW + 2 * HOUR  # what tells this token from the next
+
+
+def test_a_token_renewed_elsewhere_whose_true_life_has_ended_is_refreshed() -> None:
+    """A newer stored expiry that is only alive on a clock put back counts as expired."""
+    timer = _timer(NOW + 60)
+    assert timer.on_fire(_token(NOW + HOUR), NOW + 120, NOW + 100) == Refresh(NOW + 60)
+
+
+def test_success_schedules_by_the_new_tokens_true_expiry() -> None:
+    """A refresh answered while the clock was ahead is timed by the token's real life."""
+    timer = _timer(NOW + 60)
+    assert isinstance(timer.on_fire(_token(NOW + 60), NOW + 30), Refresh)
+    step = timer.on_success(NOW + 30 + 2 * HOUR, NOW + 30, NOW + 30 + HOUR)
+    assert step == Wait(NOW + 30 + 3240, "renewal_scheduled")
+
+
+def test_renewed_since_needs_the_stored_token_alive_by_its_true_expiry() -> None:
+    """The refresher's double-check: a newer token whose true life has ended is refreshed."""
+    assert policy.renewed_since(NOW + HOUR, NOW + 60, NOW + HOUR, NOW)
+    assert not policy.renewed_since(NOW + HOUR, NOW + 60, NOW - 1, NOW)
+    assert not policy.renewed_since(NOW + 60, NOW + 60, NOW + 60, NOW)
+
+
 def test_fire_accepts_integer_expiry() -> None:
     """Stores written by other tools hold integer expiries; those count too."""
     timer = _timer(NOW + 60, rng=LOWEST)

@@ -102,15 +102,26 @@ def token_expiry(token: Mapping[str, Any]) -> float | None:
     return INVALID_EXPIRY if value is None else value
 
 
-def renewed_since(stored: float | None, seen: float | None, now: float) -> bool:
+def renewed_since(
+    stored: float | None, seen: float | None, lives_until: float | None, now: float
+) -> bool:
     """True if the stored token (expiry *stored*) replaced the one seen (*seen*) and still lives.
 
     "Renewed elsewhere" (another session's timer, another daemon, a login):
     the one rule both the renewal timer (before it refreshes) and the
-    refresher (under the key's lock) go by. A newer token that has expired
+    refresher (under the key's lock) go by. Tokens are told apart by their
+    stored expiries, as written; whether the stored one still lives, by
+    *lives_until*, its true expiry (``serving.true_expiry``: earlier than the
+    stored one after a wall clock put back). A newer token that has expired
     too (a long suspend) does not count: it is renewed again.
     """
-    return stored is not None and seen is not None and stored > seen and stored > now
+    return (
+        stored is not None
+        and seen is not None
+        and lives_until is not None
+        and stored > seen
+        and lives_until > now
+    )
 
 
 def lead(remaining: float, cfg: Renewal) -> float:

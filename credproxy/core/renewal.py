@@ -150,13 +150,18 @@ class RenewalTimer:
     """One session's renewal of one key. See the module docstring for the transitions.
 
     Args:
-        expiry: the expiry of the token that was served.
+        expiry: the stored expiry of the token that was served (what tells it
+            from a newer token).
         now: the current wall-clock time.
         cfg: the renewal settings.
         rng: the source of jitter.
         health: the key's record of failures (shared with other timers of the key).
         mints: the key's provider mints its tokens with a key on the host (a
             signing grant): its tokens need no refresh token to be renewed.
+        lives_until: when the token really expires, in today's wall-clock
+            terms, if a clock step since it was received makes that earlier
+            than *expiry* (``serving.true_expiry``); what the deadline is
+            counted from.
     """
 
     __slots__ = ("_cfg", "_rng", "deadline", "ended", "expiry", "health", "mints", "state")
@@ -170,6 +175,7 @@ class RenewalTimer:
         health: KeyHealth,
         *,
         mints: bool = False,
+        lives_until: float | None = None,
     ) -> None:
         self.mints = mints
         self._cfg = cfg
@@ -177,13 +183,17 @@ class RenewalTimer:
         self.health = health
         self.expiry = expiry
         self.state = State.SCHEDULED
-        self.deadline: float | None = policy.renewal_deadline(expiry, now, cfg, rng)
+        self.deadline: float | None = policy.renewal_deadline(
+            _earlier(expiry, lives_until), now, cfg, rng
+        )
         self.ended: End | None = None
 
-    def _schedule(self, expiry: float, now: float, event: str) -> Wait:
+    def _schedule(self, expiry: float, lives_until: float | None, now: float, event: str) -> Wait:
         self.expiry = expiry
         self.state = State.SCHEDULED
-        self.deadline = policy.renewal_deadline(expiry, now, self._cfg, self._rng)
+        self.deadline = policy.renewal_deadline(
+            _earlier(expiry, lives_until), now, self._cfg, self._rng
+        )
         return Wait(self.deadline, event)
 
     def _end(self, why: str, event: str) -> End:
@@ -196,8 +206,15 @@ class RenewalTimer:
         if self.state is not state:
             raise RuntimeError(f"renewal timer is {self.state.value}, not {state.value}")
 
-    def on_fire(self, stored: Mapping[str, Any] | None, now: float) -> Wait | Refresh | End:
-        """The deadline has passed; *stored* is the token as read from the store now."""
+    def on_fire(
+        self, stored: Mapping[str, Any] | None, now: float, lives_until: float | None = None
+    ) -> Wait | Refresh | End:
+        """The deadline has passed; *stored* is the token as read from the store now.
+
+        *lives_until* is when it really expires, if a clock step makes that
+        earlier than its stored expiry (see the constructor). Which token is
+        stored is told by its stored expiry; when to renew it, by the earlier.
+        """
         self._expect(State.SCHEDULED)
         if stored is None:
             return self._end("token removed", "renewal_stopped")
@@ -208,19 +225,25 @@ class RenewalTimer:
             # Timers exist only for tokens that have both; a token
             # replaced by one without them is left to the on-demand path.
             return self._end("token removed or not refreshable", "renewal_stopped")
-        if policy.renewed_since(expiry, self.expiry, now):
+        if policy.renewed_since(expiry, self.expiry, _earlier(expiry, lives_until), now):
             # Renewed elsewhere. One whose new expiry has also passed (a long
             # suspend) is refreshed instead: rescheduling would fire at once.
-            return self._schedule(expiry, now, "renewal_rescheduled")
+            return self._schedule(expiry, lives_until, now, "renewal_rescheduled")
         self.state = State.REFRESHING
         return Refresh(self.expiry)
 
-    def on_success(self, expiry: float | None, now: float) -> Wait | End:
-        """The refresh succeeded (here or elsewhere); *expiry* is the new token's."""
+    def on_success(
+        self, expiry: float | None, now: float, lives_until: float | None = None
+    ) -> Wait | End:
+        """The refresh succeeded (here or elsewhere); *expiry* is the new token's stored one.
+
+        *lives_until*: as for :meth:`on_fire` (a token renewed elsewhere while
+        the clock was ahead).
+        """
         self._expect(State.REFRESHING)
         if expiry is None:
             return self._end("the renewed token has no expiry", "renewal_stopped")
-        return self._schedule(expiry, now, "renewal_scheduled")
+        return self._schedule(expiry, lives_until, now, "renewal_scheduled")
 
     def on_failure(self, kind: Failure, now: float) -> Wait | End:
         """The refresh failed; the key's :class:`KeyHealth` already counts this failure."""
@@ -244,3 +267,7 @@ class RenewalTimer:
     @property
     def gave_up(self) -> bool:
         return self.ended is not None and self.ended.event == "renewal_gave_up"
+
+
+def _earlier(expiry: float, lives_until: float | None) -> float:
+    return expiry if lives_until is None or lives_until > expiry else lives_until

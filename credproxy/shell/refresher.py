@@ -92,6 +92,10 @@ class Generation(Protocol):
     @property
     def expiry(self) -> float | None: ...
 
+    def lives_until(self, now: float, boot_now: float) -> float | None:
+        """Its true expiry: earlier than :attr:`expiry` after a wall clock put back."""
+        ...
+
 
 G = TypeVar("G", bound=Generation)
 G_co = TypeVar("G_co", bound=Generation, covariant=True)
@@ -144,6 +148,7 @@ class Refresher(Generic[G]):
         nursery: where refreshes and the writers of unsaved tokens run.
         cache: the entries and health records this reads and fills.
         wall_clock: epoch seconds.
+        boot_clock: the boot clock (``CLOCK_BOOTTIME``), which no wall-clock step moves.
     """
 
     def __init__(
@@ -155,12 +160,14 @@ class Refresher(Generic[G]):
         cache: Cache[G],
         *,
         wall_clock: Callable[[], float],
+        boot_clock: Callable[[], float],
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.endpoint = endpoint
         self.cache = cache
         self.wall = wall_clock
+        self.boot = boot_clock
         self._nursery: trio.Nursery | None = nursery
         self._flights: dict[Key, _Flight[G]] = {}
         # Keys whose newest token is only in memory (its durable write failed),
@@ -288,7 +295,9 @@ class Refresher(Generic[G]):
         mints = self.cache.mints(key)
         if stored is None and not mints:
             raise NotFound(f"no token for {key}")
-        if stored is not None and policy.renewed_since(stored.expiry, seen_expiry, self.wall()):
+        if stored is not None and policy.renewed_since(
+            stored.expiry, seen_expiry, stored.lives_until(self.wall(), self.boot()), self.wall()
+        ):
             log.info("refresh_skipped", provider=provider, bucket=bucket, why="renewed elsewhere")
             return stored
         health = self.cache.health(key)

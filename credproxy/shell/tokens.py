@@ -118,6 +118,10 @@ class Entry:
     def refreshable(self) -> bool:
         return self.facts.refreshable
 
+    def lives_until(self, now: float, boot_now: float) -> float | None:
+        """Its true expiry (:func:`serving.true_expiry`)."""
+        return serving.true_expiry(self.facts, now, boot_now)
+
 
 class Tokens:
     """Every stored token as the daemon sees it (see the module docstring).
@@ -155,7 +159,13 @@ class Tokens:
         self._health: dict[Key, KeyHealth] = {}
         self._told: set[Key] = set()  # keys whose need of a new login the host was told
         self.refresher: Refresher[Entry] = Refresher(
-            cfg, store, endpoint, refresh_nursery, self, wall_clock=wall_clock
+            cfg,
+            store,
+            endpoint,
+            refresh_nursery,
+            self,
+            wall_clock=wall_clock,
+            boot_clock=boot_clock,
         )
         self.holds = Holds(cfg.failover, wall_clock)
 
@@ -427,7 +437,7 @@ class Tokens:
 
     def expiry(self, entry: Entry) -> float | None:
         """*entry*'s true expiry in wall-clock terms (see :func:`serving.true_expiry`)."""
-        return serving.true_expiry(entry.facts, self.wall(), self.boot())
+        return entry.lives_until(self.wall(), self.boot())
 
     def serve_until(self, entry: Entry) -> float:
         """Until which instant of the boot clock *entry* may be served without asking again.
@@ -536,15 +546,15 @@ class Tokens:
 
     def new_timer(self, key: Key, entry: Entry) -> RenewalTimer:
         """A renewal timer for a refreshable *entry* that was just served."""
-        expiry = self.expiry(entry)
-        assert expiry is not None
+        assert entry.expiry is not None
         return RenewalTimer(
-            expiry,
+            entry.expiry,
             self.wall(),
             self.cfg.renewal,
             self.rng,
             self.health(key),
             mints=self.mints(key),
+            lives_until=self.expiry(entry),
         )
 
     async def sleep_until(self, deadline: float) -> None:
@@ -578,7 +588,11 @@ class Tokens:
                 except StoreError as exc:
                     log.warning("renewal_store_unreadable", error=str(exc), **fields)
                     stored = None
-                step = timer.on_fire(None if stored is None else stored.token, self.wall())
+                step = (
+                    timer.on_fire(None, self.wall())
+                    if stored is None
+                    else timer.on_fire(stored.token, self.wall(), self.expiry(stored))
+                )
                 if isinstance(step, Refresh):
                     try:
                         entry = await self.refresher.refresh(
@@ -596,7 +610,7 @@ class Tokens:
                         # backoff. A timer never takes its session down.
                         step = timer.on_failure(Failure.TRANSIENT, self.wall())
                     else:
-                        step = timer.on_success(self.expiry(entry), self.wall())
+                        step = timer.on_success(entry.expiry, self.wall(), self.expiry(entry))
                 _log_step(step, timer, self.wall(), fields)
         finally:
             if timer.ended is None:
