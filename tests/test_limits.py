@@ -14,6 +14,7 @@ import os
 import resource
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -546,6 +547,12 @@ async def test_connection_over_the_session_cap_is_refused(
             "error": "this session already has 128 connections",
         }
         assert await extra.recv() is None
+    # One that sends its handshake first reads the same refusal.
+    eager = await peers.open(same, handshake=False)
+    await eager.send({"v": 1, "op": "handshake", "id": "h", "payload": {}})
+    with trio.fail_after(2):
+        assert (await eager.recv() or {}).get("code") == "RESOURCE_EXHAUSTED"
+        assert await eager.recv() is None
     await served(h, other)
     assert (await full[0].call("list_providers"))["ok"] is True
     full[1].close()
@@ -553,6 +560,28 @@ async def test_connection_over_the_session_cap_is_refused(
         while await connections(h, same) != 127:
             await trio.sleep(0.01)
     await served(h, same)
+
+
+async def test_an_http_client_over_the_session_cap_gets_an_http_503(
+    start_daemon: StartDaemon, peers: Peers
+) -> None:
+    """An HTTP client (the API proxy's) over the connection cap reads a 503 that says why, not a protocol frame it cannot parse."""
+    h, same, other = await setup(start_daemon, limits={"max_connections": 2})
+    _full = [await peers.open(same) for _ in range(2)]
+
+    def get() -> httpx.Response:
+        transport = httpx.HTTPTransport(uds=str(same.socket_path))
+        with httpx.Client(transport=transport, timeout=5) as client:
+            return client.post("http://credproxy/api/dev/v1/messages", content=b"x" * 1000)
+
+    answer = await trio.to_thread.run_sync(get)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "1"
+    assert answer.headers["connection"] == "close"
+    assert answer.json() == {
+        "error": {"type": "credproxy", "message": "this session already has 2 connections"}
+    }
+    await served(h, other)
 
 
 async def test_a_thousand_idle_connections_do_not_starve_other_sessions(

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -296,3 +297,38 @@ class BodyPace:
         """The proxy waited *waited* seconds and got *received* bytes."""
         self.waited += max(0.0, waited)
         self.received += received
+
+
+def error_answer(
+    whole: bool,
+    status: int,
+    message: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    close: bool = False,
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and JSON body of an answer of the proxy's own (a refusal, an error).
+
+    The connection closes after it when asked, when the request was not read
+    *whole*, for a 5xx, and for 400 and 408.
+    """
+    body = b'{"error":{"type":"credproxy","message":' + _json_string(message) + b"}}"
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or []),
+    ]
+    if close or not whole or status >= 500 or status in (400, 408):
+        headers.append((b"connection", b"close"))
+    return headers, body
+
+
+def _json_string(text: str) -> bytes:
+    return json.dumps(text).encode()
+
+
+def refusal(status: int, message: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole answer of the proxy's own that closes the connection (for a peer never served)."""
+    headers, body = error_answer(False, status, message, list(extra))
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return b"HTTP/1.1 %d \r\n%s\r\n%s" % (status, lines, body)

@@ -86,7 +86,7 @@ import msgspec
 
 from credproxy.core import httprules
 from credproxy.core.connection import TokenBucket
-from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble
+from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble, error_answer
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.servecore import Ready, SessionState
 from credproxy.errors import CredproxyError
@@ -103,7 +103,6 @@ from credproxy.shell.proxy import (
     NotServed,
     Route,
     allowed,
-    error_answer,
     fill_headers,
     give_back_memory,
     route_request,

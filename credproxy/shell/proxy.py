@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import re
 import select
 import socket as stdsocket
@@ -80,7 +79,7 @@ from credproxy.core import httprules
 from credproxy.core.config import HEADER_FIELD, Config, Provider
 from credproxy.core.connection import TokenBucket
 from credproxy.core.grants import Grants
-from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble
+from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble, error_answer
 from credproxy.core.names import DEFAULT_BUCKET, Key, is_name
 from credproxy.core.servecore import Ready
 from credproxy.core.throttle import Throttle
@@ -1217,31 +1216,3 @@ def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
             except ValueError:
                 return None
     return None
-
-
-def error_answer(
-    whole: bool,
-    status: int,
-    message: str,
-    extra: list[tuple[bytes, bytes]] | None = None,
-    *,
-    close: bool = False,
-) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The headers and JSON body of an answer of the proxy's own (a refusal, an error).
-
-    The connection closes after it when asked, when the request was not read
-    *whole*, for a 5xx, and for 400 and 408.
-    """
-    body = b'{"error":{"type":"credproxy","message":' + _json_string(message) + b"}}"
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *(extra or []),
-    ]
-    if close or not whole or status >= 500 or status in (400, 408):
-        headers.append((b"connection", b"close"))
-    return headers, body
-
-
-def _json_string(text: str) -> bytes:
-    return json.dumps(text).encode()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from credproxy.core import httprules
 from credproxy.core.protocol import handshake_error
 from credproxy.errors import CredproxyError
 from credproxy.shell import logs, paths
@@ -175,10 +176,29 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
         view = view[sent:]
 
 
+#: The HTTP status a refusal has for a peer that speaks HTTP (the API proxy's clients).
+_REFUSAL_STATUS = {"UNAUTHORIZED": 403, "RESOURCE_EXHAUSTED": 503}
+REFUSE_PEEK = 0.5  # seconds to wait for the peer's first byte, which tells HTTP from frames
+
+
 async def refuse(sock: trio.socket.SocketType, code: str, message: str) -> None:
-    """Tell a refused peer why (one handshake-shaped error frame), then close."""
+    """Tell a refused peer why, then close.
+
+    The peer speaks first on a session socket: a frame header starts with
+    0x00, an HTTP request with a letter. An HTTP client (the API proxy's,
+    directly or through ``credproxy forward``) gets an HTTP answer it can show;
+    anyone else, one handshake-shaped error frame.
+    """
     with sock, trio.move_on_after(1), contextlib.suppress(OSError):
-        await send_all(sock, handshake_error(code, message))
+        first = b""
+        with trio.move_on_after(REFUSE_PEEK):
+            first = await sock.recv(1, stdsocket.MSG_PEEK)
+        if first.isalpha():
+            status = _REFUSAL_STATUS.get(code, 403)
+            extra = [(b"retry-after", b"1")] if status == 503 else []
+            await send_all(sock, httprules.refusal(status, message, extra))
+        else:
+            await send_all(sock, handshake_error(code, message))
 
 
 async def accept_forever(listener: trio.socket.SocketType) -> AsyncIterator[trio.socket.SocketType]:
