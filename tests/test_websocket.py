@@ -17,10 +17,12 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import ssl
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -66,6 +68,8 @@ class EchoServer:
     def handler(self, ws: ServerConnection) -> None:
         try:
             for message in ws:
+                if message == "slow":
+                    time.sleep(0.3)  # (an answer still on its way when the client half-closes)
                 ws.send(message)
             how = "closed"
         except ConnectionClosed:
@@ -363,6 +367,33 @@ async def test_closing_the_session_ends_an_open_websocket(
     assert (line["status"], line["ended"]) == (101, "cancelled")
 
 
+async def test_a_logout_ends_an_open_websocket(
+    start_daemon: StartDaemon, echo: EchoServer, no_secrets_in_logs: list[Any]
+) -> None:
+    """`credproxy logout` on the host ends an open WebSocket its token let in; a WebSocket of another login stays open."""
+    h, s = await _setup(start_daemon, echo, "dev")
+    h.login(bucket="work")
+
+    def talk() -> str:
+        with _connect(s.socket_path) as ws, _connect(s.socket_path, "/dev:work/echo") as other:
+            ws.send("before")
+            assert ws.recv(WAIT) == "before"
+            h.store.remove("dev", "default")
+            trio.from_thread.run(h.daemon.token_changed, ("dev", "default"))
+            with pytest.raises(ConnectionClosed):
+                ws.recv(WAIT)
+            other.send("still")
+            assert other.recv(WAIT) == "still"
+        return "closed"
+
+    assert await trio.to_thread.run_sync(talk) == "closed"
+    lines = await _audit(no_secrets_in_logs, 2)
+    assert sorted((line["bucket"], line["status"], line["ended"]) for line in lines) == [
+        ("default", 101, "logout"),
+        ("work", 101, "upstream"),  # (closed in the end by its client's close frame)
+    ]
+
+
 async def test_a_client_that_hangs_up_closes_the_upstream(
     start_daemon: StartDaemon, echo: EchoServer, no_secrets_in_logs: list[Any]
 ) -> None:
@@ -376,6 +407,27 @@ async def test_a_client_that_hangs_up_closes_the_upstream(
             ws.socket.close()  # no close frame: as when the process is killed
 
     await trio.to_thread.run_sync(talk_then_drop)
+    assert await echo.wait_ended() == ["broken"]
+    (line,) = await _audit(no_secrets_in_logs)
+    assert (line["status"], line["ended"]) == (101, "client")
+
+
+async def test_a_client_that_half_closes_still_gets_the_answers_on_their_way(
+    start_daemon: StartDaemon, echo: EchoServer, no_secrets_in_logs: list[Any]
+) -> None:
+    """A client that shuts down its sending side (as after its close frame) still reads what the upstream sends; closing then ends the tunnel."""
+    _h, s = await _setup(start_daemon, echo)
+
+    def talk_then_half_close() -> str:
+        with _connect(s.socket_path) as ws:
+            ws.send("slow")
+            ws.socket.shutdown(socket.SHUT_WR)
+            answer = ws.recv(WAIT)
+            assert isinstance(answer, str)
+            ws.socket.close()
+            return answer
+
+    assert await trio.to_thread.run_sync(talk_then_half_close) == "slow"
     assert await echo.wait_ended() == ["broken"]
     (line,) = await _audit(no_secrets_in_logs)
     assert (line["status"], line["ended"]) == (101, "client")

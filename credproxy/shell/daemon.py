@@ -214,10 +214,17 @@ class Daemon:
         """The command line changed *key* in the store; returns the timers stopped.
 
         The control op ``token_changed`` (import, login, logout) calls this;
-        once it returns, no sandbox is served the old token.
+        once it returns, no sandbox is served the old token, and after a
+        logout no WebSocket its token opened is open.
         """
         k = Key(*key)
-        return await self.sessions.token_changed(k, self.tokens.changed(k))
+        still_stored = self.tokens.changed(k)
+        stopped = await self.sessions.token_changed(k, still_stored)
+        if not still_stored:
+            # A logout: an open WebSocket was let in with the removed login's
+            # token, and ends with it.
+            self.proxy.end_tunnels(k)
+        return stopped
 
     async def release(self, provider: str, bucket: str | None) -> int:
         """End every quota hold on *provider* (or one bucket of it): the daemon's and the sessions'.

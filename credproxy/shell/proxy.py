@@ -52,10 +52,13 @@ Every rule of the frame side holds here too:
 routed and given its headers like any request, then sent upstream as an
 upgrade on a connection of its own (:meth:`ApiClient.upgrade`: httpx cannot
 switch protocols). A ``101`` is relayed, and then bytes both ways, unparsed
-(:meth:`ApiProxy._tunnel`), until either side closes, nothing moves for
-``idle_timeout``, the client hangs up or the session closes; it counts as a
+(:meth:`ApiProxy._tunnel`), until the upstream closes, either side breaks,
+nothing moves for ``idle_timeout``, the client hangs up or the session
+closes (a client's half-close only ends what it sends: replies on their way
+still reach it); it counts as a
 request in flight throughout, and its audit line, written when it ends, says
 ``101``, the bytes each way (``bytes``, ``bytes_up``) and which side ended it.
+A logout of the login whose token opened it ends it too (:meth:`ApiProxy.end_tunnels`).
 Any other answer is relayed as a response; a ``401`` is retried as above.
 """
 
@@ -204,6 +207,17 @@ class ApiProxy:
         self.ledger = Ledger()  # streams in flight, kept bodies: counted with the loop's relay
         self.hangups = Hangups()  # run by the daemon: ApiProxy.hangups.run()
         self._said: dict[tuple[str, str, str], Throttle] = {}
+        # The open WebSockets, by the key whose token opened them (ended by a logout).
+        self._tunnels: dict[Key, dict[trio.CancelScope, Audit]] = {}
+
+    def end_tunnels(self, key: Key) -> int:
+        """End every open WebSocket that *key*'s token opened (its login was removed)."""
+        tunnels = self._tunnels.pop(key, {})
+        for scope, audit in tunnels.items():
+            if audit.ended is None:
+                audit.ended = "logout"
+            scope.cancel()
+        return len(tunnels)
 
     def pace(self) -> BodyPace:
         return BodyPace(self.cfg.proxy.body_timeout, self.cfg.proxy.body_min_rate)
@@ -761,8 +775,8 @@ class ApiProxy:
 
         Frames are not parsed: the handshake's key and accept went through
         unchanged, so the client and the upstream speak RFC 6455 to each
-        other. The relay ends when either side closes or breaks, when nothing
-        moves either way for ``idle_timeout``, when the client hangs up
+        other. The relay ends when the upstream closes, either side breaks,
+        nothing moves either way for ``idle_timeout``, the client hangs up
         (:class:`Hangups`) or the session closes; the upstream connection is
         then closed (:meth:`_attempts`), and the client's with it (:meth:`serve`).
         """
@@ -800,7 +814,10 @@ class ApiProxy:
                     data = await x.stream.receive_some(RECV_SIZE)
                     if not data:
                         break
-                end("client")
+                # The client's end of input: a half-close (it sends no more,
+                # and still reads what is on its way, such as the answer to
+                # its close frame) or a close, which Hangups notices and which
+                # ends the tunnel. The upstream goes on until it closes.
             except UpstreamUnavailable:
                 end("upstream")
             except GONE:
@@ -823,10 +840,19 @@ class ApiProxy:
             except GONE:
                 end("client")
 
+        key = audit.key
+        assert key is not None
         with trio.CancelScope(deadline=_now() + idle) as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(to_upstream)
-                nursery.start_soon(to_client)
+            open_now = self._tunnels.setdefault(key, {})
+            open_now[scope] = audit
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(to_upstream)
+                    nursery.start_soon(to_client)
+            finally:
+                open_now.pop(scope, None)
+                if not open_now and self._tunnels.get(key) is open_now:
+                    del self._tunnels[key]
         if audit.ended is None:
             audit.ended = "idle"
 
