@@ -7,6 +7,8 @@ real session sockets.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -218,3 +220,71 @@ async def test_an_api_with_only_key_headers_needs_no_login_nor_token_url(
     assert upstream.headers()["authorization"] == "Bearer sk-KEY-only-1"
     assert h.store.read("openai", "default") is None  # nothing was logged in, or needed
     await c.aclose()
+
+
+async def _answers(sock: trio.socket.SocketType, method: bytes) -> h11.Response:
+    """The next answer on *sock*, read whole (h11, for a request of *method*)."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=method, target="/", headers=[(b"host", b"x")]))
+    head: h11.Response | None = None
+    with trio.fail_after(10):
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return head
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+async def test_an_upstream_refusing_an_upload_after_its_head_is_relayed_with_the_connection_s_fate(
+    start_daemon: StartDaemon, nursery: trio.Nursery, framing: str
+) -> None:
+    """An upstream that answers 413 after a 3 MB upload's head, and closes: the client gets the 413, with Connection: close while its body was still coming (chunked, streamed), else on a connection that carries its next request."""
+
+    async def refuse_after_head(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        body = b'{"error":"too large"}'
+        await stream.send_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await stream.aclose()
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, refuse_after_head, 0, host="127.0.0.1")
+    )
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    api = {"base_url": base, "headers": {"Authorization": "Bearer {access_token}"}}
+    h = await start_daemon(providers={"dev": {"api": api}})
+    h.login()
+    s = await h.session("dev")
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    piece = b"x" * 0x4000
+    chunked = framing == "chunked"
+    frame = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % (200 * len(piece))
+    await sock.send(b"POST /dev/upload HTTP/1.1\r\nHost: credproxy\r\n" + frame + b"\r\n\r\n")
+
+    async def upload() -> None:
+        with contextlib.suppress(OSError):  # (refused midway: the rest has nowhere to go)
+            for _ in range(200):
+                await sock.send(b"4000\r\n" + piece + b"\r\n" if chunked else piece)
+            if chunked:
+                await sock.send(b"0\r\n\r\n")
+
+    nursery.start_soon(upload)
+    answer = await _answers(sock, b"POST")
+    assert answer.status_code == 413
+    if chunked:
+        assert (b"connection", b"close") in list(answer.headers)
+    else:  # (the relay had read the whole body before sending it)
+        assert (b"connection", b"close") not in list(answer.headers)
+        await sock.send(b"GET /dev/next HTTP/1.1\r\nHost: credproxy\r\n\r\n")
+        assert (await _answers(sock, b"GET")).status_code == 413
+    sock.close()

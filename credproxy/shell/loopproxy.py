@@ -40,6 +40,9 @@ the API keys, it goes upstream on a pooled connection. The answer is relayed
 event by event as it arrives (server-sent events leave as they come), with
 backpressure: while :data:`HIGH_WATER` bytes wait for the client, the
 upstream is not read, nor the client, and a request it sent ahead waits.
+An upstream that stops taking the body (it answered early, a 413 of a big
+upload, and reset the connection) is read before it counts as broken: its
+answer is relayed, and that connection is not pooled.
 
 **What waits is the trio side's** (:meth:`HttpConn.wait`): a token that is
 not ready or has to be refreshed (``ApiProxy.ready``), a failover walk
@@ -394,6 +397,7 @@ class Upstream:
         "reused",
         "sock",
         "tls",
+        "unwritable",
         "wrote",
     )
 
@@ -412,6 +416,7 @@ class Upstream:
         self.closed = False
         self.reused = False
         self.wrote = False  # a byte of the request under way has been sent
+        self.unwritable = False  # it stopped taking the request: read, never pooled
         self.paused = False
         self.idle_since = 0.0
         self.mask = _IN
@@ -473,8 +478,13 @@ class Upstream:
     def event(self, mask: int, now: float) -> None:
         owner = self.owner
         if mask & _OUT and not self.push():
-            self.broke(now)
-            return
+            # It stopped taking the request (a reset): it may have answered
+            # first and closed, as an upstream refusing a big upload with a
+            # 413 does. What it sent is read before it counts as broken.
+            self.unwritable = True
+            self.out, self.pending = memoryview(b""), collections.deque()
+            self.interest()
+            mask |= _GONE
         if not mask & (_IN | _GONE) or (self.paused and not mask & _GONE):
             return  # (paused: the client has enough to take; an end is read all the same)
         lp = self.lp
@@ -1649,7 +1659,7 @@ class LoopProxy:
             up.interest()
         answer, up.answer = up.answer, None
         # (An answer that came before the whole request was sent: not pooled.)
-        sent = not up.out and not up.pending
+        sent = not up.out and not up.pending and not up.unwritable
         whole = answer is not None and answer.done and answer.keep and not answer.extra
         if not up.closed and whole and sent:
             idle = self.pool.setdefault(up.origin.key, [])

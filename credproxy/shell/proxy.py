@@ -750,6 +750,11 @@ class ApiProxy:
         """Send the upstream's answer as it arrives (a hang-up cancels it: :class:`Hangups`)."""
         conn, stream = x.conn, x.stream
         headers = [(n, v) for n, v in upstream.headers if n.lower() not in HOP_BY_HOP]
+        if conn.their_state is not h11.DONE:
+            # The upstream answered before the whole body came (a 413 of a
+            # large upload): the rest is not read, so the connection closes
+            # after this answer, and the client is told so in it.
+            headers.append((b"connection", b"close"))
         await self._send_all(
             stream, conn.send(h11.Response(status_code=upstream.status, headers=headers))
         )
