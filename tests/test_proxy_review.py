@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,36 @@ async def test_an_upstream_refusing_an_upload_after_its_head_is_relayed_with_the
         await sock.send(b"GET /dev/next HTTP/1.1\r\nHost: credproxy\r\n\r\n")
         assert (await _answers(sock, b"GET")).status_code == 413
     sock.close()
+
+
+async def test_a_refusal_reaches_a_client_still_streaming_its_body_at_once(
+    start_daemon: StartDaemon,
+) -> None:
+    """A chunked upload whose upstream cannot be reached gets its 502 while its body is still coming (not after body_timeout); a 404 is answered as early, and the connection then carries the next request once the body has ended."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # (bound, never listening: connections are refused)
+    api = {
+        "base_url": f"http://127.0.0.1:{closed.getsockname()[1]}",
+        "headers": {"Authorization": "Bearer {access_token}"},
+    }
+    h = await start_daemon(providers={"dev": {"api": api}}, proxy={"body_timeout": 600})
+    h.login()
+    s = await h.session("dev")
+    upload = b"POST /%s/x HTTP/1.1\r\nHost: credproxy\r\nTransfer-Encoding: chunked\r\n\r\n"
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    with trio.fail_after(10):  # (600 s if it waited for the body)
+        await sock.send(upload % b"dev" + b"4\r\nabcd\r\n")
+        assert (await _answers(sock, b"POST")).status_code == 502
+    sock.close()
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(s.socket_path))
+    with trio.fail_after(10):
+        await sock.send(upload % b"other" + b"4\r\nabcd\r\n")
+        refused = await _answers(sock, b"POST")
+        assert refused.status_code == 404
+        assert (b"connection", b"close") not in list(refused.headers)
+        await sock.send(b"4\r\nefgh\r\n0\r\n\r\nGET /other/y HTTP/1.1\r\nHost: credproxy\r\n\r\n")
+        assert (await _answers(sock, b"GET")).status_code == 404
+    sock.close()
+    closed.close()

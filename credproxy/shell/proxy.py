@@ -370,11 +370,16 @@ class ApiProxy:
         extra: list[tuple[bytes, bytes]] | None = None,
         *,
         close: bool = False,
+        draining: bool = False,
     ) -> None:
-        """Answer with an error of the proxy's own, if the connection still allows it."""
+        """Answer with an error of the proxy's own, if the connection still allows it.
+
+        *draining*: the rest of the request's body will be read after it (the
+        connection may go on, unless the answer closes it anyway).
+        """
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        whole = conn.their_state is h11.DONE
+        whole = draining or conn.their_state is h11.DONE
         headers, body = error_answer(whole, status, message, extra, close=close)
         try:
             await stream.send_all(
@@ -429,9 +434,15 @@ class ApiProxy:
                 # read, and the connection closes.
                 await self._refuse(conn, stream, exc.status, str(exc), exc.headers, close=True)
                 return
-            with contextlib.suppress(ClientTooSlow, *GONE):
-                await self._drain_request(conn, stream)
-            await self._refuse(conn, stream, exc.status, str(exc), exc.headers)
+            # The answer goes at once: a client still sending its body (a
+            # streamed upload, or one the upstream could not be reached for)
+            # gets it now, not when its body ends. The rest of the body is then
+            # read and dropped, paced, so that the connection can carry the
+            # next request; an answer that closes it (a 5xx) drops it unread.
+            await self._refuse(conn, stream, exc.status, str(exc), exc.headers, draining=True)
+            if conn.our_state is h11.DONE:
+                with contextlib.suppress(ClientTooSlow, *GONE):
+                    await self._drain_request(conn, stream)
         except h11.RemoteProtocolError:
             audit.status = 400  # answered by serve(), which closes the connection
             raise
@@ -750,7 +761,7 @@ class ApiProxy:
         """Send the upstream's answer as it arrives (a hang-up cancels it: :class:`Hangups`)."""
         conn, stream = x.conn, x.stream
         headers = [(n, v) for n, v in upstream.headers if n.lower() not in HOP_BY_HOP]
-        if conn.their_state is not h11.DONE:
+        if conn.their_state is h11.SEND_BODY:
             # The upstream answered before the whole body came (a 413 of a
             # large upload): the rest is not read, so the connection closes
             # after this answer, and the client is told so in it.
