@@ -105,3 +105,26 @@ async def test_a_token_received_while_ahead_and_first_served_after_the_step_back
     before = h.idp.refresh_count
     await trio.sleep(received + HOUR - 60 - h.wall.true())  # a minute before it expires
     assert h.idp.refresh_count == before + 1, "the session's timer did not renew it in time"
+
+
+async def test_sessions_that_serve_a_token_stored_an_hour_late_renew_it_once(
+    start_daemon: StartDaemon, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Three sessions serve, after the clock is put back, a token received while it was an hour ahead: one renewal, not three (the new token's stored expiry is earlier than the old one's, and it counts as renewed elsewhere)."""
+    h = await start_daemon(lifetime=HOUR, limits={"idle_timeout": 1e9})
+    h.login()
+    h.wall.step(HOUR)
+    await trio.sleep(2)
+    ahead = await h.session("dev")
+    p = await h.peer(ahead)
+    assert (await p.call("get_token", {"provider": "dev"}))["ok"]  # refreshed: stored an hour late
+    received = h.wall.true()
+    p.close()
+    assert await h.daemon.close_session(ahead.id)
+    h.wall.step(-HOUR)
+    for _ in range(3):
+        q = await h.peer(await h.session("dev"))
+        assert (await q.call("get_token", {"provider": "dev"}))["ok"]
+    before = h.idp.refresh_count
+    await trio.sleep(received + HOUR - 60 - h.wall.true())  # every timer has fired by then
+    assert h.idp.refresh_count == before + 1, f"{h.idp.refresh_count - before} refreshes"

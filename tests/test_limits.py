@@ -584,6 +584,24 @@ async def test_an_http_client_over_the_session_cap_gets_an_http_503(
     await served(h, other)
 
 
+async def test_silent_connections_over_the_cap_hold_no_more_of_the_daemons_descriptors(
+    start_daemon: StartDaemon, peers: Peers
+) -> None:
+    """300 connections over the cap that say nothing: at most a few are waited for (to tell HTTP from frames), the rest are refused at once, and the daemon holds their descriptors no longer."""
+    raise_nofile(2048)
+    h, same, other = await setup(start_daemon, limits={"max_connections": 2})
+    _full = [await peers.open(same) for _ in range(2)]
+    await trio.sleep(0.1)
+    baseline = open_fds()
+    silent = [await peers.open(same, handshake=False) for _ in range(300)]
+    await trio.sleep(0.2)
+    held = open_fds() - baseline - len(silent)  # (the test's own ends not counted)
+    assert held <= 10, f"the daemon holds {held} descriptors of refused connections"
+    with trio.fail_after(2):
+        assert (await silent[-1].recv() or {}).get("code") == "RESOURCE_EXHAUSTED"
+    await served(h, other)
+
+
 async def test_a_thousand_idle_connections_do_not_starve_other_sessions(
     start_daemon: StartDaemon, peers: Peers, autojump_clock: trio.testing.MockClock
 ) -> None:

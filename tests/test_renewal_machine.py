@@ -196,6 +196,15 @@ def test_success_schedules_by_the_new_tokens_true_expiry() -> None:
     assert step == Wait(NOW + 30 + 3240, "renewal_scheduled")
 
 
+def test_a_token_renewed_after_the_step_back_counts_as_renewed_elsewhere() -> None:
+    """A timer set for a token stored an hour late finds a newer one stored with an earlier expiry (renewed after the clock was put back): it waits for that one, not refresh again."""
+    timer = RenewalTimer(NOW + 2 * HOUR, NOW, CFG, LOWEST, KeyHealth(), lives_until=NOW + HOUR)
+    fire_at = NOW + HOUR - 360
+    newer = fire_at + HOUR  # received after the step back: stored and true expiry agree
+    step = timer.on_fire(_token(newer), fire_at, newer)
+    assert step == Wait(fire_at + 3240, "renewal_rescheduled")
+
+
 def test_renewed_since_needs_the_stored_token_alive_by_its_true_expiry() -> None:
     """The refresher's double-check: a newer token whose true life has ended is refreshed."""
     assert policy.renewed_since(NOW + HOUR, NOW + 60, NOW + HOUR, NOW)

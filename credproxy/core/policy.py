@@ -110,16 +110,19 @@ def renewed_since(
     "Renewed elsewhere" (another session's timer, another daemon, a login):
     the one rule both the renewal timer (before it refreshes) and the
     refresher (under the key's lock) go by. Tokens are told apart by their
-    stored expiries, as written; whether the stored one still lives, by
-    *lives_until*, its true expiry (``serving.true_expiry``: earlier than the
-    stored one after a wall clock put back). A newer token that has expired
-    too (a long suspend) does not count: it is renewed again.
+    stored expiries, as written: another one means another token. Not by
+    their order: a token renewed after the wall clock was put back has an
+    earlier stored expiry than one received while it was ahead. Whether the
+    stored one still lives is told by *lives_until*, its true expiry
+    (``serving.true_expiry``: earlier than the stored one after a wall clock
+    put back). A newer token that has expired too (a long suspend) does not
+    count: it is renewed again.
     """
     return (
         stored is not None
         and seen is not None
         and lives_until is not None
-        and stored > seen
+        and stored != seen
         and lives_until > now
     )
 

@@ -21,9 +21,9 @@ reads the store, calls the identity provider, and reports back::
 A timer is created the first time its session serves a refreshable token,
 with a deadline of ``remaining - lead + jitter``. When it fires it looks at
 the token as stored *now*: gone or no longer refreshable ends it (a logout);
-a later expiry than the one it was set for means someone else renewed it, so
-it waits for the new expiry; otherwise it asks for a refresh. Success
-schedules the next renewal; a transient failure backs off,
+another stored expiry than the one it was set for (a token that still lives)
+means someone else renewed it, so it waits for the new expiry; otherwise it
+asks for a refresh. Success schedules the next renewal; a transient failure backs off,
 ``min(retry_cap, retry_base * 2**(n-1))`` after the n-th failure in a row,
 and gives up at ``max_failures``; a refusal (``invalid_grant``,
 ``invalid_client``, HTTP 401) or a removed token ends it at once. The rules

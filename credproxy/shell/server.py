@@ -181,18 +181,22 @@ _REFUSAL_STATUS = {"UNAUTHORIZED": 403, "RESOURCE_EXHAUSTED": 503}
 REFUSE_PEEK = 0.5  # seconds to wait for the peer's first byte, which tells HTTP from frames
 
 
-async def refuse(sock: trio.socket.SocketType, code: str, message: str) -> None:
+async def refuse(
+    sock: trio.socket.SocketType, code: str, message: str, *, peek: bool = True
+) -> None:
     """Tell a refused peer why, then close.
 
     The peer speaks first on a session socket: a frame header starts with
     0x00, an HTTP request with a letter. An HTTP client (the API proxy's,
     directly or through ``credproxy forward``) gets an HTTP answer it can show;
-    anyone else, one handshake-shaped error frame.
+    anyone else, one handshake-shaped error frame. Without *peek*, the peer
+    is not waited for: the frame goes at once.
     """
     with sock, trio.move_on_after(1), contextlib.suppress(OSError):
         first = b""
-        with trio.move_on_after(REFUSE_PEEK):
-            first = await sock.recv(1, stdsocket.MSG_PEEK)
+        if peek:
+            with trio.move_on_after(REFUSE_PEEK):
+                first = await sock.recv(1, stdsocket.MSG_PEEK)
         if first.isalpha():
             status = _REFUSAL_STATUS.get(code, 403)
             extra = [(b"retry-after", b"1")] if status == 503 else []

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = logs.get("credproxy.sessions")
 
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between refused-connection log lines of one session
+MAX_PEEKING = 8  # refused connections per session that may wait for their first byte
 
 
 @dataclass(eq=False)
@@ -93,6 +94,8 @@ class Session:
     failover_said: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     # At most one refused-connection line per interval; the next says how many were not logged.
     refusals: Throttle = field(default_factory=lambda: Throttle(REFUSAL_LOG_INTERVAL))
+    # Refused connections whose first byte is being waited for (server.refuse).
+    peeking: int = 0
     closed: trio.Event = field(default_factory=trio.Event)
     on_change: Callable[[], None] = lambda: None
 
@@ -287,7 +290,8 @@ class Sessions:
                         "peer_refused", session=session.id, uid=uid, pid=pid, suppressed=suppressed
                     )
                 session.nursery.start_soon(
-                    refuse,
+                    self._refuse,
+                    session,
                     sock,
                     "UNAUTHORIZED",
                     f"uid {uid} is not allowed on this socket (credproxy run --allow-uid)",
@@ -303,7 +307,8 @@ class Sessions:
                         suppressed=suppressed,
                     )
                 session.nursery.start_soon(
-                    refuse,
+                    self._refuse,
+                    session,
                     sock,
                     "RESOURCE_EXHAUSTED",
                     f"this session already has {session.connections} connections",
@@ -311,6 +316,19 @@ class Sessions:
                 continue
             session.connections += 1
             self.loop.add(stdsocket.socket(fileno=sock.detach()), session)
+
+    @staticmethod
+    async def _refuse(
+        session: Session, sock: trio.socket.SocketType, code: str, message: str
+    ) -> None:
+        """Refuse *sock*; while :data:`MAX_PEEKING` refusals of the session wait for
+        their peer's first byte, the others are refused without waiting: a flood of
+        silent connections over the cap holds no more of the daemon's descriptors."""
+        session.peeking += 1
+        try:
+            await refuse(sock, code, message, peek=session.peeking <= MAX_PEEKING)
+        finally:
+            session.peeking -= 1
 
     async def reconfigure(self, providers: Mapping[str, Provider], max_connections: int) -> None:
         """The configuration was reloaded: new requests of every session follow it.
