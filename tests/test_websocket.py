@@ -495,6 +495,87 @@ async def test_through_credproxy_forward_on_loopback_tcp(
     assert token.encode() not in proc.stdout + proc.stderr
 
 
+# A tool behind `credproxy forward` that drops its WebSocket without a close frame
+# and goes on running: forward passes its FIN on as a half-close of the session socket.
+DROPPER = """
+    import base64, os, socket, time, urllib.parse
+    url = urllib.parse.urlsplit(os.environ["CREDPROXY_BASE_URL_DEV"])
+    s = socket.create_connection((url.hostname, url.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((
+        "GET /dev/echo HTTP/1.1\\r\\nHost: %s:%d\\r\\nUpgrade: websocket\\r\\n"
+        "Connection: Upgrade\\r\\nSec-WebSocket-Key: %s\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n"
+        % (url.hostname, url.port, key)).encode())
+    head = b""
+    while b"\\r\\n\\r\\n" not in head:
+        head += s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    s.close()
+    open(os.environ["MARK"], "w").close()
+    time.sleep(30)
+"""
+
+
+async def test_a_websocket_dropped_behind_forward_closes_its_upstream(
+    start_daemon: StartDaemon,
+    echo: EchoServer,
+    dirs: Dirs,
+    tmp_path: Path,
+    no_secrets_in_logs: list[Any],
+) -> None:
+    """A tool behind forward that drops its WebSocket (no close frame) and goes on running: the upstream connection is closed within seconds, not at idle_timeout."""
+    _h, s = await _setup(start_daemon, echo)
+    mark = tmp_path / "dropped"
+    env = {
+        **dirs.env(),
+        "CREDPROXY_SOCKET": str(s.socket_path),
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "MARK": str(mark),
+    }
+    code = textwrap.dedent(DROPPER)
+    argv = [CREDPROXY, "forward", "--provider", "dev", "--", sys.executable, "-c", code]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(trio.run_process, argv, env=env, capture_stdout=True))
+        with trio.fail_after(3 * WAIT):
+            while not mark.exists():
+                await trio.sleep(0.05)
+        assert await echo.wait_ended() == ["broken"]  # (within WAIT; idle_timeout is 600 s)
+        nursery.cancel_scope.cancel()
+    (line,) = await _audit(no_secrets_in_logs)
+    assert (line["status"], line["ended"]) == (101, "client")
+
+
+async def test_a_logout_while_the_handshake_is_on_its_way_refuses_it(
+    start_daemon: StartDaemon, echo: EchoServer
+) -> None:
+    """`credproxy logout` while a WebSocket handshake sent with its token waits for the upstream's 101: the client gets 404 (no stored login), no tunnel."""
+    h, s = await _setup(start_daemon, echo)
+    in_handshake, go_on = threading.Event(), threading.Event()
+
+    def slow(conn: ServerConnection, request: Request) -> Response | None:
+        in_handshake.set()
+        go_on.wait(WAIT)
+        return None  # (accepted: 101)
+
+    echo.refusals.append(slow)
+
+    def talk() -> int:
+        with pytest.raises(InvalidStatus) as refused:
+            _connect(s.socket_path)
+        assert b"no stored login" in refused.value.response.body
+        return refused.value.response.status_code
+
+    async def logout_meanwhile() -> None:
+        await trio.to_thread.run_sync(in_handshake.wait, WAIT)
+        h.store.remove("dev", "default")
+        await h.daemon.token_changed(("dev", "default"))
+        go_on.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(logout_meanwhile)
+        assert await trio.to_thread.run_sync(talk) == 404
+
+
 async def test_a_refused_upgrade_leaves_the_connection_open_for_the_next_request(
     start_daemon: StartDaemon, echo: EchoServer
 ) -> None:

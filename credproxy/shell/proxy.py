@@ -52,10 +52,10 @@ Every rule of the frame side holds here too:
 routed and given its headers like any request, then sent upstream as an
 upgrade on a connection of its own (:meth:`ApiClient.upgrade`: httpx cannot
 switch protocols). A ``101`` is relayed, and then bytes both ways, unparsed
-(:meth:`ApiProxy._tunnel`), until the upstream closes, either side breaks,
-nothing moves for ``idle_timeout``, the client hangs up or the session
-closes (a client's half-close only ends what it sends: replies on their way
-still reach it); it counts as a
+(:meth:`ApiProxy._tunnel`), until either side closes or breaks, nothing
+moves for ``idle_timeout``, the client hangs up or the session closes (after
+a client's half-close, which is how a close reaches it through ``forward``,
+replies on their way still reach it for :data:`HALF_CLOSE_GRACE`); it counts as a
 request in flight throughout, and its audit line, written when it ends, says
 ``101``, the bytes each way (``bytes``, ``bytes_up``) and which side ended it.
 A logout of the login whose token opened it ends it too (:meth:`ApiProxy.end_tunnels`).
@@ -101,6 +101,7 @@ RECV_SIZE = 65_536
 HEAD_TIMEOUT = 10.0  # seconds for a request's line and headers, once its first byte is here
 CLOSE_TIMEOUT = 1.0  # seconds to close an upstream response (shielded from cancellation)
 SEND_TIMEOUT = 10.0  # seconds a client may take nothing of its answer (as on the frame side)
+HALF_CLOSE_GRACE = 2.0  # seconds a WebSocket lives after its client's end of input
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request", in the audit line only
 TRIM_AFTER = 1 << 20  # body bytes relayed before the last exchange ending gives memory back
 _NO_API = "no such API in this session (http://credproxy/PROVIDER/...)"
@@ -194,6 +195,7 @@ class Exchange:
     audit: Audit  # audit.key is the key whose token the request carries
     body: Body
     websocket: bool = False  # a WebSocket handshake (httprules.is_websocket_upgrade)
+    logouts: int = 0  # ApiProxy's count of logouts when it began (a WebSocket's check)
 
 
 class ApiProxy:
@@ -209,9 +211,17 @@ class ApiProxy:
         self._said: dict[tuple[str, str, str], Throttle] = {}
         # The open WebSockets, by the key whose token opened them (ended by a logout).
         self._tunnels: dict[Key, dict[trio.CancelScope, Audit]] = {}
+        self._logouts = 0  # logouts so far
+        self._logged_out: dict[Key, int] = {}  # each key's last one (its number)
 
     def end_tunnels(self, key: Key) -> int:
-        """End every open WebSocket that *key*'s token opened (its login was removed)."""
+        """End every open WebSocket that *key*'s token opened (its login was removed).
+
+        One whose handshake is still on its way is refused when its ``101``
+        comes (:meth:`_tunnel`).
+        """
+        self._logouts += 1
+        self._logged_out[key] = self._logouts
         tunnels = self._tunnels.pop(key, {})
         for scope, audit in tunnels.items():
             if audit.ended is None:
@@ -418,7 +428,18 @@ class ApiProxy:
                 body = Body(self, conn, stream)
                 websocket = httprules.is_websocket_upgrade(method, req.headers)
                 await self._forward(
-                    Exchange(session, conn, stream, req, route, url, audit, body, websocket)
+                    Exchange(
+                        session,
+                        conn,
+                        stream,
+                        req,
+                        route,
+                        url,
+                        audit,
+                        body,
+                        websocket,
+                        self._logouts,
+                    )
                 )
             finally:
                 if self.ledger.leave(session.id):
@@ -792,14 +813,20 @@ class ApiProxy:
         Frames are not parsed: the handshake's key and accept went through
         unchanged, so the client and the upstream speak RFC 6455 to each
         other. The relay ends when the upstream closes, either side breaks,
-        nothing moves either way for ``idle_timeout``, the client hangs up
-        (:class:`Hangups`) or the session closes; the upstream connection is
+        nothing moves either way for ``idle_timeout``, :data:`HALF_CLOSE_GRACE`
+        after the client's end of input, when the client hangs up
+        (:class:`Hangups`), or the session closes; the upstream connection is
         then closed (:meth:`_attempts`), and the client's with it (:meth:`serve`).
         """
         tunnel = upstream.tunnel
         assert tunnel is not None
+        key = x.audit.key
+        assert key is not None
         if not httprules.websocket_accepted(upstream.headers):
             raise HttpError(502, "the upstream switched to a protocol other than WebSocket")
+        if self._logged_out.get(key, 0) > x.logouts:
+            # Its login was removed while the handshake was on its way.
+            raise HttpError(404, f"{key.provider}:{key.bucket} has no stored login on the host")
         head = h11.InformationalResponse(
             status_code=101, headers=httprules.switch_headers(upstream.headers)
         )
@@ -808,9 +835,11 @@ class ApiProxy:
         early, client_closed = x.conn.trailing_data  # what the client sent after its head
         idle = self.cfg.limits.idle_timeout
         audit = x.audit
+        client_ended = False
 
         def moved() -> None:
-            scope.deadline = _now() + idle
+            if not client_ended:
+                scope.deadline = _now() + idle
 
         def end(why: str) -> None:
             if audit.ended is None:
@@ -832,8 +861,13 @@ class ApiProxy:
                         break
                 # The client's end of input: a half-close (it sends no more,
                 # and still reads what is on its way, such as the answer to
-                # its close frame) or a close, which Hangups notices and which
-                # ends the tunnel. The upstream goes on until it closes.
+                # its close frame), or a close, which Hangups notices at once
+                # (not behind forward, which passes a close on as a
+                # half-close). What the upstream sends still reaches it for
+                # HALF_CLOSE_GRACE; then the tunnel ends.
+                nonlocal client_ended
+                client_ended = True
+                scope.deadline = min(scope.deadline, _now() + HALF_CLOSE_GRACE)
             except UpstreamUnavailable:
                 end("upstream")
             except GONE:
@@ -870,7 +904,7 @@ class ApiProxy:
                 if not open_now and self._tunnels.get(key) is open_now:
                     del self._tunnels[key]
         if audit.ended is None:
-            audit.ended = "idle"
+            audit.ended = "client" if client_ended else "idle"
 
     @staticmethod
     async def _send_all(stream: trio.SocketStream, data: bytes | None) -> None:
