@@ -9,9 +9,11 @@ double spend anywhere shows up as a reuse and an ``invalid_grant``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import CREDPROXY, Dirs
+from conftest import CREDPROXY, Dirs, cli
 from credproxy import devidp
 from credproxy.errors import CredproxyError
 from credproxy.inner.client import Client
@@ -381,3 +383,86 @@ def test_sigkill_under_constant_refresh_leaves_a_complete_token(dirs: Dirs, kill
     # The loss rate is a measurement, not an expectation: it is the share of
     # time a rotation is on its way between the IdP and the daemon, which
     # depends on the machine's load (see docs/design.md section 5).
+
+
+# -- what a crash between the temp file's write and its rename leaves ------------------
+
+
+def _killed_mid_refresh(dirs: Dirs, idp: ThreadIdP, store: TokenStore) -> tuple[Path, str]:
+    """A daemon SIGKILLed once the rotated token is in its temp file, before the rename."""
+    old = idp.call(idp.idp.mint)
+    old["expiry"] = time.time() - 5  # the first get_token refreshes
+    store.write("dev", "default", old)
+    d = start_daemon_proc(dirs, dirs.root / "run", CREDPROXY_FAULT="store-written")
+    sock = _request_token(d.open_session("dev"))
+    try:
+        assert _wait_stopped(d.proc.pid), "never reached store-written"
+        d.proc.kill()
+        d.proc.wait()
+    finally:
+        sock.close()
+    path = store.token_path("dev", "default")
+    (left,) = path.parent.glob(".*~*.tmp")
+    live = json.loads(left.read_bytes())["refresh_token"]
+    assert live != old["refresh_token"]
+    return path, live
+
+
+def test_logout_after_a_crash_mid_refresh_leaves_no_refresh_token_on_disk(dirs: Dirs) -> None:
+    """`credproxy logout` after a daemon died between writing the rotated token and its rename: the temp file with the live refresh token goes too, and a later import of another login is not refused by the logged-out one."""
+    with thread_idp(lifetime=3600.0) as idp:
+        write_config(dirs, idp.url)
+        store = TokenStore(dirs.state)
+        _, live = _killed_mid_refresh(dirs, idp, store)
+        out = cli(dirs, "logout", "dev")
+        assert out.returncode == 0, out.stderr
+        holding = [
+            str(Path(root, name))
+            for root, _, names in os.walk(dirs.state)
+            for name in names
+            if live.encode() in Path(root, name).read_bytes()
+        ]
+        assert holding == [], f"the logged-out refresh token is still in {holding}"
+        other = {"access_token": "other-at", "refresh_token": "other-rt", "expires_in": 1800}
+        out = cli(dirs, "import", "dev", input=json.dumps(other))
+        assert out.returncode == 0, out.stderr
+        assert store.read("dev", "default")["access_token"] == "other-at"
+
+
+_WRITER = """
+import json, sys
+from pathlib import Path
+from credproxy.shell import faults
+from credproxy.shell.store import TokenStore
+store = TokenStore(Path(sys.argv[1]), faults.from_env())
+old, new = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+with store.locked("dev", "default"):  # what a refresh does: reserve, ask, commit the answer
+    store.reserve("dev", "default", old).commit(json.dumps(new).encode())
+"""
+
+
+@pytest.mark.parametrize("answer", ["without_expiry", "earlier_expiry"])
+def test_the_rotated_token_left_by_a_crash_is_adopted_whatever_its_expiry(
+    dirs: Dirs, answer: str
+) -> None:
+    """A writer killed between the answer's write and the rename: the next holder of the lock adopts the rotated token even when its answer had no expiry, or an earlier one than the stored token's (received after the clock was put back)."""
+    store = TokenStore(dirs.state)
+    now = time.time()
+    old = {"access_token": "at-1", "refresh_token": "rt-1-spent", "expiry": now + 3 * 3600}
+    store.write("dev", "default", old)
+    new = {"access_token": "at-2", "refresh_token": "rt-2-live"}
+    if answer == "earlier_expiry":
+        new["expiry"] = now + 3600
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(dirs.state), json.dumps(old), json.dumps(new)],
+        env=dirs.env(CREDPROXY_FAULT="store-written"),
+    )
+    try:
+        assert _wait_stopped(proc.pid), "never reached store-written"
+    finally:
+        proc.kill()
+        proc.wait()
+    with store.locked("dev", "default"):
+        assert store.recover_pending("dev", "default")
+    assert store.read("dev", "default")["refresh_token"] == "rt-2-live"
+    assert not list(store.token_path("dev", "default").parent.glob(".*~*.tmp"))

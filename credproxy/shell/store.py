@@ -42,7 +42,6 @@ from typing import Any
 import msgspec
 
 from credproxy.core.names import DEFAULT_BUCKET, check_name, is_name
-from credproxy.core.policy import token_expiry
 from credproxy.errors import StoreError
 from credproxy.shell.faults import NO_FAULTS, Faults
 
@@ -218,40 +217,38 @@ class TokenStore:
         return _reserve(path, size, self.fault)
 
     def recover_pending(self, provider: str, bucket: str = DEFAULT_BUCKET) -> bool:
-        """Adopt a newer token that a killed write left in a temp file; True if one was.
+        """Adopt the token that a killed write left in a temp file; True if one was.
 
         A refresh writes the rotated token to a temp file before renaming it
         into place. If the process dies between the two, the old refresh
         token on disk is already spent at the IdP, while the temp file holds
         the live one. Call this only while holding the key's lock (no write
-        of this key is in progress then): a complete temp token with a later
-        expiry than the stored one is renamed into place; every temp file of
-        the key is removed.
+        of this key is in progress then). Every writer of a key calls it first
+        under that lock, so a complete temp file is the answer of the last
+        writer, newer than the stored token whatever their expiries say (an
+        answer without ``expires_in`` has none; one received after the wall
+        clock was put back has an earlier one): it is renamed into place
+        (the most recent, should there be more). Every temp file of the key is
+        removed.
 
         Raises:
-            StoreError: a newer temp token exists but could not be put in
+            StoreError: a complete temp token exists but could not be put in
                 place (read-only disk, ...); do not refresh from the older one.
         """
-        path = self.token_path(provider, bucket)
-        pattern = re.compile(rf"\.{re.escape(path.name)}~\d+\.\d+\.tmp")
-        pending = [path.parent / n for n in _listdir(path.parent) if pattern.fullmatch(n)]
+        pending = self._pending(provider, bucket)
         if not pending:
             return False
-        try:
-            current = self.read(provider, bucket)
-        except StoreError:
-            current = None
-        best: tuple[float, Path] | None = None
-        floor = _expiry_or_never(current)
+        best: tuple[int, Path] | None = None
         for tmp in pending:
             try:
-                token = self._decode(tmp, tmp.read_bytes())
+                self._decode(tmp, tmp.read_bytes())
+                written = tmp.stat().st_mtime_ns
             except (OSError, StoreError):
-                continue  # truncated or unreadable: never adopted
-            exp = _expiry_or_never(token)
-            if exp > floor and (best is None or exp > best[0]):
-                best = (exp, tmp)
+                continue  # truncated, never written (zeros) or unreadable: never adopted
+            if best is None or written > best[0]:
+                best = (written, tmp)
         if best is not None:
+            path = self.token_path(provider, bucket)
             try:
                 fd = os.open(best[1], os.O_RDONLY | os.O_CLOEXEC)
                 try:
@@ -271,9 +268,26 @@ class TokenStore:
                 tmp.unlink()
         return best is not None
 
-    def remove(self, provider: str, bucket: str = DEFAULT_BUCKET) -> bool:
-        """Delete a token; False if there was none."""
+    def _pending(self, provider: str, bucket: str) -> list[Path]:
+        """The key's temp files (writes under way, or left by a killed writer)."""
         path = self.token_path(provider, bucket)
+        pattern = re.compile(rf"\.{re.escape(path.name)}~\d+\.\d+\.tmp")
+        return [path.parent / n for n in _listdir(path.parent) if pattern.fullmatch(n)]
+
+    def remove(self, provider: str, bucket: str = DEFAULT_BUCKET) -> bool:
+        """Delete a token, and what a killed write of it left; False if there was none.
+
+        Call it holding the key's lock: a temp file left by a write that died
+        before its rename may hold the login's live refresh token, which goes too.
+        """
+        path = self.token_path(provider, bucket)
+        for tmp in self._pending(provider, bucket):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot remove {tmp}: {exc.strerror}") from None
         try:
             path.unlink()
         except FileNotFoundError:
@@ -458,11 +472,6 @@ def _fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def _expiry_or_never(token: dict[str, Any] | None) -> float:
-    exp = None if token is None else token_expiry(token)
-    return float("-inf") if exp is None else exp
 
 
 def _listdir(path: Path) -> list[str]:
