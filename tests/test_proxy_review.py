@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 import trio
 from test_isolation import _daemon, _logged_in, _raw
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
+from test_reload import StartLive, WatchedIdP, edit, idp, provider, start_live  # noqa: F401
 
 from conftest import StartDaemon
 from credproxy.core.config import parse
@@ -322,3 +324,41 @@ async def test_a_refusal_reaches_a_client_still_streaming_its_body_at_once(
         assert (await _answers(sock, b"GET")).status_code == 404
     sock.close()
     closed.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])  # GET: the loop's relay; HEAD: the trio side
+@pytest.mark.parametrize("change", ["api_removed", "provider_renamed"])
+async def test_a_reload_that_takes_the_api_away_while_a_request_waits_for_its_token(
+    start_live: StartLive,
+    idp: tuple[WatchedIdP, str],
+    upstream: Upstream,
+    no_secrets_in_logs: list[dict[str, Any]],
+    method: str,
+    change: str,
+) -> None:
+    """A reload that removes the provider's api section (or renames the provider) while a request waits for a refresh: the request gets the 404 a later one gets, not a 500 and a crash in the log."""
+    the_idp, url = idp
+    live = await start_live(provider("dev", url, api=upstream.url))
+    expired = the_idp.mint()
+    expired["expiry"] = time.time() - 60  # serving it needs a refresh
+    live.store.write("dev", "default", expired)
+    s = await live.session("*")
+    http = await HttpClient.connect(s.socket_path)
+    the_idp.fail_next("slow", delay=1.5)
+    answer: list[tuple[int, Any, bytes]] = []
+
+    async def ask() -> None:
+        answer.append(await http.call(method, "/dev/models"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        with trio.fail_after(10):
+            await the_idp.slow_started.wait()  # the request waits for its token now
+        renamed = provider("dev2", url, upstream.url)
+        edit(live.dirs.config, provider("dev", url) if change == "api_removed" else renamed)
+        await live.daemon.reload("command")
+    await http.aclose()
+    ((status, _, body),) = answer
+    assert status == 404, (status, body)
+    crashes = [e["event"] for e in no_secrets_in_logs if e["event"].endswith(("crashed", "failed"))]
+    assert crashes == []

@@ -915,7 +915,10 @@ class HttpConn:
         assert x.key is not None
         x.ready = ready
         lp = self.lp
-        prov = lp.loop.core.providers[x.key.provider]
+        prov = lp.loop.core.providers.get(x.key.provider)
+        if prov is None or prov.api is None:  # (a reload took it away while the token came)
+            self.refuse(x, HttpError(404, _NO_API), now)
+            return
         try:
             filled = lp.filled(self.state.id, x.key, ready, prov.api, self.state.grants)
         except HttpError as exc:

@@ -79,7 +79,7 @@ import h11
 import trio
 
 from credproxy.core import httprules
-from credproxy.core.config import HEADER_FIELD, Config, Provider
+from credproxy.core.config import HEADER_FIELD, Api, Config, Provider
 from credproxy.core.connection import TokenBucket
 from credproxy.core.grants import Grants
 from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble, error_answer
@@ -644,9 +644,7 @@ class ApiProxy:
         key, body = x.audit.key, x.body
         assert key is not None
         # A provider whose headers name only API keys ({key:NAME}) needs no login.
-        api = self.cfg.providers[key.provider].api
-        assert api is not None
-        entry = await self._token(x.session, key) if api.uses_token() else None
+        entry = await self._token(x.session, key) if self._api(key).uses_token() else None
         framing = {name.lower(): value for name, value in x.req.headers}
         has_body = b"transfer-encoding" in framing or framing.get(b"content-length", b"0") != b"0"
         if x.websocket and has_body:
@@ -771,12 +769,22 @@ class ApiProxy:
         except UpstreamUnavailable as exc:
             raise HttpError(502, str(exc)) from None
 
+    def _api(self, key: Key) -> Api:
+        """*key*'s provider's ``api`` section as configured now.
+
+        Raises:
+            HttpError: 404, a reload took it away while the request waited.
+        """
+        prov = self.cfg.providers.get(key.provider)
+        if prov is None or prov.api is None:
+            raise HttpError(404, _NO_API)
+        return prov.api
+
     def _template(self, session: Session, key: Key, entry: Entry | None) -> dict[str, str]:
         """The provider's headers filled in from the token and keys (``{client}`` left in place)."""
-        prov = self.cfg.providers[key.provider]
-        assert prov.api is not None
         fields = token_fields(entry.token) if entry is not None else {}
-        return fill_headers(prov.api.headers, fields, key, session.grants, self.ops.store.read_key)
+        headers = self._api(key).headers
+        return fill_headers(headers, fields, key, session.grants, self.ops.store.read_key)
 
     async def _relay(self, x: Exchange, upstream: UpstreamResponse) -> None:
         """Send the upstream's answer as it arrives (a hang-up cancels it: :class:`Hangups`)."""
