@@ -9,12 +9,21 @@ shows up as ``reuse_count`` > 0 and an ``invalid_grant``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
+from test_reload import edit, provider
 
-from conftest import Harness, Peer, StartDaemon
+from conftest import Dirs, Harness, Peer, StartDaemon, WallClock
+from credproxy import devidp
+from credproxy.core.grants import Grants
+from credproxy.shell import paths
+from credproxy.shell.daemon import serve
+from credproxy.shell.http import HttpTokenEndpoint
+from credproxy.shell.store import TokenStore
 
 HOUR = 3600.0
 LONG_IDLE = {"idle_timeout": 1e9}  # these tests hold one connection across virtual hours
@@ -518,3 +527,53 @@ async def test_an_unusable_answer_that_rotated_the_refresh_token_keeps_the_new_o
     assert h.idp.reuse_count == 0 and h.idp.families_revoked == 0
     reply = await p.call("get_token", {"provider": "dev"})
     assert reply["ok"] is True and h.idp.is_access_token_valid(reply["data"]["access_token"])
+
+
+async def test_reloaded_renewal_settings_reach_a_running_sessions_timer(
+    nursery: trio.Nursery, dirs: Dirs, autojump_clock: trio.testing.MockClock
+) -> None:
+    """[renewal] changed by a reload: a session's timer running since before it schedules its next renewal with the new lead (lead_fraction 0.1 -> 0.5: 1800 s before expiry, not 360)."""
+    wall = WallClock()
+    the_idp = devidp.DevIdP(lifetime=3600, clock=wall.true)
+    url = await nursery.start(devidp.serve, the_idp)
+
+    def config(fraction: float) -> str:
+        return provider("dev", url) + f"[renewal]\nlead_fraction = {fraction}\nmax_jitter = 0\n"
+
+    dirs.config.write_text(config(0.1))
+    store = TokenStore(dirs.state)
+    store.write("dev", "default", the_idp.mint())
+    endpoint = HttpTokenEndpoint(wall_clock=wall, timeout=10)
+    daemon = await nursery.start(
+        functools.partial(
+            serve,
+            paths.load_config(dirs.config),
+            store=store,
+            runtime=dirs.runtime,
+            endpoint=endpoint,
+            wall_clock=wall,
+            boot_clock=wall.boot,
+            config_path=dirs.config,
+            config_poll=None,
+        )
+    )
+    try:
+        s = await daemon.open_session(Grants.parse(["dev"]), frozenset(), "old", None, None)
+        peer = await Peer.connect(s.socket_path)
+        await peer.handshake()
+        assert (await peer.call("get_token", {"provider": "dev"}))["ok"]
+
+        async def next_renewal_in() -> float:
+            (session,) = (await daemon.status())["sessions"]
+            return float(session["renewals"][0]["next_renewal_in"])
+
+        assert 3230 <= await next_renewal_in() <= 3245  # the lead of 0.1: 360 s of 3600
+        edit(dirs.config, config(0.5))
+        assert (await daemon.reload("command"))["sections_changed"] == ["renewal"]
+        await trio.sleep(3300)  # its timer has fired (at 3240) and refreshed once
+        assert the_idp.refresh_count == 1
+        assert await next_renewal_in() <= 1800, "scheduled with the settings before the reload"
+        peer.close()
+    finally:
+        daemon.stop()
+        await endpoint.aclose()

@@ -164,7 +164,7 @@ class RenewalTimer:
             counted from.
     """
 
-    __slots__ = ("_cfg", "_rng", "deadline", "ended", "expiry", "health", "mints", "state")
+    __slots__ = ("_rng", "cfg", "deadline", "ended", "expiry", "health", "mints", "state")
 
     def __init__(
         self,
@@ -178,7 +178,7 @@ class RenewalTimer:
         lives_until: float | None = None,
     ) -> None:
         self.mints = mints
-        self._cfg = cfg
+        self.cfg = cfg  # (a reload hands a running timer new settings here)
         self._rng = rng
         self.health = health
         self.expiry = expiry
@@ -192,7 +192,7 @@ class RenewalTimer:
         self.expiry = expiry
         self.state = State.SCHEDULED
         self.deadline = policy.renewal_deadline(
-            _earlier(expiry, lives_until), now, self._cfg, self._rng
+            _earlier(expiry, lives_until), now, self.cfg, self._rng
         )
         return Wait(self.deadline, event)
 
@@ -253,10 +253,10 @@ class RenewalTimer:
         if kind is Failure.REAUTH:
             return self._end("re-authentication required", "renewal_gave_up")
         failures = max(1, self.health.failures)
-        if policy.gives_up(failures, self._cfg):
+        if policy.gives_up(failures, self.cfg):
             return self._end(f"{failures} failures in a row", "renewal_gave_up")
         self.state = State.SCHEDULED
-        self.deadline = now + policy.retry_delay(failures, self._cfg)
+        self.deadline = now + policy.retry_delay(failures, self.cfg)
         return Wait(self.deadline, "renewal_retry")
 
     def cancel(self) -> None:

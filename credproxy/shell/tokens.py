@@ -588,29 +588,34 @@ class Tokens:
                 except StoreError as exc:
                     log.warning("renewal_store_unreadable", error=str(exc), **fields)
                     stored = None
+                timer.cfg = self.cfg.renewal  # (as a reload left it)
                 step = (
                     timer.on_fire(None, self.wall())
                     if stored is None
                     else timer.on_fire(stored.token, self.wall(), self.expiry(stored))
                 )
                 if isinstance(step, Refresh):
+                    outcome: Entry | Failure
                     try:
-                        entry = await self.refresher.refresh(
+                        outcome = await self.refresher.refresh(
                             key, step.seen_expiry, reason="proactive"
                         )
                     except ReauthRequired as exc:
                         self.reauth(key, str(exc))  # tells the host, once
-                        step = timer.on_failure(Failure.REAUTH, self.wall())
+                        outcome = Failure.REAUTH
                     except NotFound:
-                        step = timer.on_failure(Failure.GONE, self.wall())
+                        outcome = Failure.GONE
                     except CredproxyError:
                         # RefreshFailed, StoreError (a full or read-only disk,
                         # a lock file that cannot be opened) and anything else
                         # named: counted in KeyHealth by the refresher, retried with
                         # backoff. A timer never takes its session down.
-                        step = timer.on_failure(Failure.TRANSIENT, self.wall())
+                        outcome = Failure.TRANSIENT
+                    timer.cfg = self.cfg.renewal  # (a reload while it refreshed)
+                    if isinstance(outcome, Failure):
+                        step = timer.on_failure(outcome, self.wall())
                     else:
-                        step = timer.on_success(entry.expiry, self.wall(), self.expiry(entry))
+                        step = timer.on_success(outcome.expiry, self.wall(), self.expiry(outcome))
                 _log_step(step, timer, self.wall(), fields)
         finally:
             if timer.ended is None:
