@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_proxy import HttpClient, Upstream, answer, upstream  # noqa: F401
 
 from conftest import Dirs, Harness, StartDaemon
+from credproxy.core.grantcheck import grant_problems
+from credproxy.core.grants import Grants
 from credproxy.devidp import DevIssuers
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -346,3 +348,26 @@ def test_signing_key_import_keeps_a_private_copy_and_refuses_what_is_not_a_key(
     assert cli(dirs, "signing-key", "rm", "app").returncode == 0
     assert not stored.exists()
     assert cli(dirs, "signing-key", "rm", "app").returncode == 3
+
+
+async def test_a_bucket_the_configuration_does_not_name_is_never_minted(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A grant with a typo (gh:readonyl) gets NOT_FOUND, not the installation's whole token, and is warned about; 40 made-up buckets asked by a sandbox granted gh mint nothing and store nothing."""
+    h = await _github_daemon(start_daemon, tmp_path)
+    issuers = _issuers(h)
+    typo = await _token(h, await h.session("gh:readonyl"), "readonyl")
+    assert (typo["ok"], typo["code"]) == (False, "NOT_FOUND")
+    (warned,) = grant_problems(
+        Grants.parse(["gh:readonyl"]), h.daemon.cfg.providers, [], None, "config.toml"
+    )
+    assert warned.cause == "unknown_bucket"
+    assert "gh mints no bucket readonyl (it mints: default, push, readonly)" in warned.line()
+    p = await h.peer(await h.session("gh"))
+    for i in range(40):
+        reply = await p.call("get_token", {"provider": "gh", "bucket": f"made-up-{i}"})
+        assert (reply["ok"], reply["code"]) == (False, "NOT_FOUND")
+    assert issuers.mint_count == 0
+    assert h.store.buckets("gh") == []
+    assert (await p.call("get_token", {"provider": "gh", "bucket": "readonly"}))["ok"]
+    assert issuers.mint_count == 1

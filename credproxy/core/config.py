@@ -17,7 +17,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
-from credproxy.core.names import NAME_RULE, is_name
+from credproxy.core.names import DEFAULT_BUCKET, NAME_RULE, is_name
 from credproxy.errors import ConfigError
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -201,6 +201,18 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     buckets: list[str] = msgspec.field(default_factory=list)
     strategy: Literal["fill-first", "sticky", "round-robin"] = "fill-first"
     api: Api | None = None
+
+    def mints(self, bucket: str) -> bool:
+        """True if this provider mints *bucket*'s tokens with a key on the host.
+
+        A signing grant mints the buckets the configuration names: ``default``,
+        its ``buckets`` and the ones it narrows; any other name has no token,
+        as a bucket never logged in to has none (a typo must not get the
+        installation's whole token, nor make the issuer mint per made-up name).
+        """
+        return self.grant in SIGNING_GRANTS and (
+            bucket == DEFAULT_BUCKET or bucket in self.buckets or bucket in self.narrow
+        )
 
 
 #: The Provider fields that hold endpoint URLs: https, or plain http on loopback.

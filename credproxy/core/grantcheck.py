@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import NamedTuple
 
-from credproxy.core.config import Provider
+from credproxy.core.config import SIGNING_GRANTS, Provider
 from credproxy.core.grants import Grants
+from credproxy.core.names import DEFAULT_BUCKET
 
 __all__ = ["GrantProblem", "grant_problems"]
 
@@ -23,7 +24,7 @@ class GrantProblem(NamedTuple):
     """One grant that gives the session nothing, why, and the fix (never a secret)."""
 
     grant: str  # as the user wrote it: P, P:B, P:B1,B2, api:P, api:P:B, key:NAME
-    cause: str  # not_configured, no_api_section, key_missing
+    cause: str  # not_configured, no_api_section, key_missing, unknown_bucket
     message: str
     fix: str
 
@@ -95,4 +96,21 @@ def grant_problems(
                     "docs/providers.md), or fix the grant",
                 )
             )
+            continue
+        prov = providers.get(head)
+        if sep and prov is not None and prov.grant in SIGNING_GRANTS:
+            # A signing provider mints only the buckets its configuration names.
+            unknown = [b for b in tail.split(",") if not prov.mints(b)]
+            if unknown:
+                named = ", ".join(sorted({DEFAULT_BUCKET, *prov.buckets, *prov.narrow}))
+                found.append(
+                    GrantProblem(
+                        spec,
+                        "unknown_bucket",
+                        f"provider {head} mints no bucket {', '.join(unknown)} "
+                        f"(it mints: {named})",
+                        f"fix the grant, or name the bucket in [providers.{head}] "
+                        f"(buckets, or [providers.{head}.narrow.BUCKET]) in {config_file}",
+                    )
+                )
     return found

@@ -68,6 +68,7 @@ _GRANT_EVENTS = {
     "not_configured": "grant_unknown",
     "no_api_section": "grant_no_api",
     "key_missing": "grant_key_missing",
+    "unknown_bucket": "grant_unknown_bucket",
 }
 _encoder = msgspec.json.Encoder()
 

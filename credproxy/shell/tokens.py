@@ -58,7 +58,7 @@ import msgspec
 import trio
 
 from credproxy.core import policy, serving
-from credproxy.core.config import SIGNING_GRANTS, Config
+from credproxy.core.config import Config
 from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint
@@ -240,9 +240,9 @@ class Tokens:
         return entry
 
     def mints(self, key: Key) -> bool:
-        """True if *key*'s provider mints its tokens with a key on the host (docs/signing.md)."""
+        """True if *key* is minted with a key on the host (docs/signing.md; ``Provider.mints``)."""
         prov = self.cfg.providers.get(key.provider)
-        return prov is not None and prov.grant in SIGNING_GRANTS
+        return prov is not None and prov.mints(key.bucket)
 
     def health(self, key: Key) -> KeyHealth:
         """*key*'s health record, made if it has none yet."""
