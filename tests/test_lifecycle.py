@@ -1,9 +1,13 @@
 """Daemon lifecycle with real processes and signals: socket activation, sd_notify,
-SIGTERM, idle exit, the watchdog, and one daemon per runtime directory."""
+SIGTERM, idle exit, the watchdog, and one daemon per runtime directory (and, in
+this process under trio's autojump clock, the idle time and the instance lock's
+wait, where the instants matter)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import json
 import os
 import shutil
@@ -11,15 +15,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
-from conftest import CREDPROXY, Dirs, cli
+from conftest import CREDPROXY, Dirs, Peer, UnixServer, WallClock, cli, make_config
+from credproxy.errors import CredproxyError
 from credproxy.inner.client import Client
+from credproxy.shell.daemon import LOCK_WAIT, Daemon
+from credproxy.shell.daemon import serve as serve_in_trio
+from credproxy.shell.http import HttpTokenEndpoint
+from credproxy.shell.store import TokenStore
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 needs_socket_activate = pytest.mark.skipif(
@@ -310,6 +322,222 @@ def test_idle_exit_waits_for_sessions_to_close(dirs: Dirs, spawn: Spawn) -> None
     assert proc.poll() is None, "exited before the idle time passed"
     assert wait_exit(proc, 3.0 - (time.monotonic() - closed_at)) == 0, stderr.read_text()
     assert time.monotonic() - closed_at >= 0.9
+
+
+def test_idle_exit_counts_connections_that_come_and_go(dirs: Dirs, spawn: Spawn) -> None:
+    """A ping every 0.2 s (each lasting a millisecond) keeps an `--idle-exit 1` daemon up for 3 s; once they stop, it exits after the idle time."""
+    proc, stderr = serve(spawn, dirs, "--idle-exit", "1")
+    wait_event(stderr, "daemon_ready", proc)
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        assert control(dirs, "ping")["pid"] == proc.pid
+        last_ping = time.monotonic()
+        time.sleep(0.2)
+    assert proc.poll() is None, stderr.read_text()
+    assert wait_exit(proc, 3) == 0, stderr.read_text()
+    assert time.monotonic() - last_ping >= 0.9
+
+
+@contextlib.asynccontextmanager
+async def daemon_in_trio(nursery: trio.Nursery, dirs: Dirs, **kwargs: Any) -> Any:
+    """``serve()`` in this trio loop on *dirs*, with a fake wall clock; stopped on the way out."""
+    wall = WallClock()
+    endpoint = HttpTokenEndpoint(timeout=10)
+    try:
+        daemon: Daemon = await nursery.start(
+            functools.partial(
+                serve_in_trio,
+                make_config(),
+                store=TokenStore(dirs.state),
+                runtime=dirs.runtime,
+                endpoint=endpoint,
+                wall_clock=wall,
+                boot_clock=wall.boot,
+                **kwargs,
+            )
+        )
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+    finally:
+        await endpoint.aclose()
+
+
+async def test_a_ping_just_before_the_idle_exit_keeps_the_daemon_up_for_the_next_request(
+    nursery: trio.Nursery, dirs: Dirs, autojump_clock: trio.testing.MockClock
+) -> None:
+    """`credproxy run` pings, then opens its session on a second connection: a ping 1 ms before the idle time ends keeps the daemon up for a whole idle time more, and it exits exactly one idle time after the session closes."""
+    async with daemon_in_trio(nursery, dirs, idle_exit=1.0) as daemon:
+        control_path = dirs.runtime / "credproxy.sock"
+        await trio.sleep(0.999)
+        ping = await Peer.connect(control_path)
+        assert (await ping.handshake())["ok"] is True
+        assert (await ping.call("ping"))["ok"] is True
+        ping.close()
+        await trio.sleep(0.998)  # 2 ms before the idle time after the ping ends
+        opener = await Peer.connect(control_path)
+        assert (await opener.handshake())["ok"] is True
+        opened = await opener.call("open_session", {"grants": ["*"], "watch_launcher": False})
+        assert opened["ok"] is True, opened
+        await trio.sleep(5)  # an open session: never idle
+        closed = await opener.call("close_session", {"session": opened["data"]["session"]})
+        assert closed["ok"] is True
+        opener.close()
+        closed_at = trio.current_time()
+        with trio.fail_after(2):
+            await daemon.stop_event.wait()
+        assert trio.current_time() - closed_at == pytest.approx(1.0, abs=0.01)
+
+
+def _hold_lock(dirs: Dirs) -> int:
+    """Take ``daemon.lock`` as a daemon does (the caller closes the descriptor to release it)."""
+    dirs.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(dirs.runtime / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+async def test_a_daemon_started_while_the_last_one_stops_waits_and_takes_over(
+    nursery: trio.Nursery, dirs: Dirs, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The lock is held by a daemon that no longer listens (it is stopping, its refreshes landing): a new daemon waits instead of exiting, and starts as soon as the lock is released."""
+    lock = _hold_lock(dirs)
+    released_at: list[float] = []
+
+    async def release_later() -> None:
+        await trio.sleep(6)
+        released_at.append(trio.current_time())
+        os.close(lock)
+
+    nursery.start_soon(release_later)
+    async with daemon_in_trio(nursery, dirs):
+        started = trio.current_time()
+        assert released_at and started - released_at[0] < 0.1
+        ping = await Peer.connect(dirs.runtime / "credproxy.sock")
+        assert (await ping.handshake())["ok"] is True
+        ping.close()
+
+
+async def test_a_new_daemon_gives_up_on_a_lock_holder_that_neither_listens_nor_leaves(
+    dirs: Dirs, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The lock's holder never lets go and never listens: the new daemon refuses after LOCK_WAIT seconds, with the usual message."""
+    lock = _hold_lock(dirs)
+    try:
+        began = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(CredproxyError, match="another credproxy daemon is running"):
+                async with daemon_in_trio(nursery, dirs):
+                    pass
+        assert trio.current_time() - began == pytest.approx(LOCK_WAIT, abs=0.1)
+    finally:
+        os.close(lock)
+
+
+async def test_a_new_daemon_refuses_at_once_when_the_lock_holder_listens(
+    dirs: Dirs, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The lock's holder listens on the control socket (a running daemon): the new one refuses at once, without waiting."""
+    lock = _hold_lock(dirs)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as running:
+        running.bind(str(dirs.runtime / "credproxy.sock"))
+        running.listen(1)
+        try:
+            began = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                with pytest.raises(CredproxyError, match="another credproxy daemon is running"):
+                    async with daemon_in_trio(nursery, dirs):
+                        pass
+            assert trio.current_time() == began
+        finally:
+            os.close(lock)
+
+
+def _frame(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj).encode()
+    return len(body).to_bytes(4, "big") + body
+
+
+def _read_frame(conn: socket.socket) -> dict[str, Any]:
+    def exactly(n: int) -> bytes:
+        got = b""
+        while len(got) < n:
+            chunk = conn.recv(n - len(got))
+            assert chunk, "the launcher closed the connection"
+            got += chunk
+        return got
+
+    obj: dict[str, Any] = json.loads(exactly(int.from_bytes(exactly(4), "big")))
+    return obj
+
+
+def test_run_replaces_a_daemon_that_went_away_after_answering_its_ping(
+    background_daemon: Dirs,
+) -> None:
+    """A daemon answers `credproxy run`'s ping and is gone before the session is asked for (it idled out, or was stopped, in between): `run` starts a daemon and runs the command, instead of failing."""
+    dirs = background_daemon
+    dirs.runtime.mkdir(mode=0o700, parents=True)
+    path = dirs.runtime / "credproxy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(30)
+
+    def answer_the_ping_and_go() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            assert _read_frame(conn)["op"] == "handshake"
+            conn.sendall(_frame({"v": 2, "op": "handshake", "ok": True, "data": {"version": 2}}))
+            ping = _read_frame(conn)
+            assert ping["op"] == "ping"
+            os.unlink(path)  # gone, before the launcher has its answer
+            listener.close()
+            conn.sendall(_frame({"id": ping["id"], "ok": True, "data": {"pid": 1}}))
+
+    fake = threading.Thread(target=answer_the_ping_and_go)
+    fake.start()
+    try:
+        ran = cli(dirs, "run", "--allow", "*", "--", "sh", "-c", 'test -S "$CREDPROXY_SOCKET"')
+    finally:
+        fake.join(30)
+        listener.close()
+    assert ran.returncode == 0, ran.stderr
+    pid = control(dirs, "ping")["pid"]
+    assert pid != 1 and Path(f"/proc/{pid}").exists()  # the daemon `run` started
+
+
+class DropsSessions(UnixServer):
+    """A daemon that answers every ping (always the same pid) and drops every open_session."""
+
+    conn_timeout = 10.0
+
+    def __init__(self, path: Path) -> None:
+        self.ops: list[str] = []
+        super().__init__(path)
+
+    def serve(self, conn: socket.socket) -> None:
+        _read_frame(conn)
+        conn.sendall(_frame({"v": 2, "op": "handshake", "ok": True, "data": {"version": 2}}))
+        request = _read_frame(conn)
+        self.ops.append(request["op"])
+        if request["op"] == "ping":
+            conn.sendall(_frame({"id": request["id"], "ok": True, "data": {"pid": 4242}}))
+
+
+def test_run_does_not_ask_the_same_daemon_twice_for_its_session(dirs: Dirs) -> None:
+    """The daemon that answered the ping drops the session request, and still answers a ping: `run` fails (exit 1) rather than ask it again, and starts no daemon."""
+    dirs.runtime.mkdir(mode=0o700, parents=True)
+    fake = DropsSessions(dirs.runtime / "credproxy.sock")
+    try:
+        ran = cli(dirs, "run", "--allow", "*", "--", "true")
+    finally:
+        fake.close()
+    assert ran.returncode == 1, ran.stderr
+    assert "connection to credproxy" in ran.stderr and "lost" in ran.stderr, ran.stderr
+    assert fake.ops == ["ping", "open_session", "ping"]
+    assert not (dirs.runtime / "daemon.log").exists()  # no daemon was started
 
 
 # --- 4. watchdog -------------------------------------------------------------------------

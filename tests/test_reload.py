@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
 from test_systemd_user import User, host_marker, machine, user  # noqa: F401
 
@@ -35,7 +37,7 @@ from credproxy.devidp.idp import DevIdP, Fault
 from credproxy.errors import CredproxyError
 from credproxy.inner.client import Client
 from credproxy.shell import paths
-from credproxy.shell.daemon import Daemon, serve
+from credproxy.shell.daemon import Daemon, config_signature, serve
 from credproxy.shell.http import HttpTokenEndpoint
 from credproxy.shell.store import TokenStore
 from systemd_boot import unavailable
@@ -336,14 +338,15 @@ async def test_reload_applies_limits_to_new_connections(
 
 
 class Process:
-    """``credproxy serve`` on *dirs*, its stderr (the JSON log) in a file."""
+    """``credproxy serve`` on *dirs* (*env* added to its environment), its stderr (the JSON
+    log) in a file."""
 
-    def __init__(self, dirs: Dirs) -> None:
+    def __init__(self, dirs: Dirs, **env: str) -> None:
         self.log = dirs.root / "daemon.err"
         self._err = self.log.open("wb")
         self.proc = subprocess.Popen(
             [CREDPROXY, "serve"],
-            env=dirs.env(),
+            env=dirs.env(**env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._err,
@@ -378,8 +381,8 @@ class Process:
 def daemon_process(dirs: Dirs) -> Any:
     started: list[Process] = []
 
-    def start() -> Process:
-        started.append(Process(dirs))
+    def start(**env: str) -> Process:
+        started.append(Process(dirs, **env))
         return started[-1]
 
     yield start
@@ -500,6 +503,115 @@ async def test_stop_with_a_refresh_in_flight_loses_nothing(
         }
     )
     assert status == 200  # the stored refresh token is the live one
+
+
+async def test_run_while_the_daemon_stops_gets_a_new_daemon(
+    background_daemon: Dirs, idp: tuple[WatchedIdP, str], daemon_process: Callable[[], Process]
+) -> None:
+    """`credproxy run` while the daemon stops with a refresh in flight (it no longer listens,
+    but holds daemon.lock for up to its grace): the daemon `run` starts waits for the old one
+    to go, takes over, and the command runs (exit 0)."""
+    dirs = background_daemon
+    the_idp, url = idp
+    dirs.config.write_text(provider("dev", url))
+    TokenStore(dirs.state).write("dev", "default", the_idp.mint())
+    old = daemon_process()
+    await old.wait_event("daemon_ready")
+    opened = await in_thread(
+        control, dirs, "open_session", {"grants": ["dev"], "watch_launcher": False}
+    )
+    the_idp.fail_next("slow", delay=3)
+    sandbox = Client(opened["socket"], timeout=15)
+
+    def ask_refresh() -> None:
+        with contextlib.suppress(CredproxyError):  # the session closes under it
+            sandbox.refresh_token("dev")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_thread, ask_refresh)
+        with trio.fail_after(10):
+            await the_idp.slow_started.wait()
+        old.proc.send_signal(signal.SIGTERM)  # it stops; the refresh gets its grace
+        await old.wait_event("daemon_stopping")
+        ran = await in_thread(
+            cli, dirs, "run", "--allow", "dev", "--", CREDPROXY, "status", "--json"
+        )
+    sandbox.close()
+    assert ran.returncode == 0, ran.stderr
+    assert old.proc.wait(timeout=15) == 0
+    assert old.events("token_refreshed")  # the old daemon's refresh landed first
+    new_pid = json.loads(ran.stdout)["daemon"]["pid"]
+    assert new_pid != old.proc.pid
+    assert control(dirs, "ping")["pid"] == new_pid
+
+
+def test_an_edit_saved_while_credproxy_serve_starts_is_loaded(
+    dirs: Dirs, daemon_process: Callable[..., Process]
+) -> None:
+    """The config file is edited after `credproxy serve` has read it, before the daemon is
+    up (stopped there by a checkpoint): the file watch loads the edit once the daemon runs."""
+    dirs.config.write_text(provider("dev", "https://idp.example/token"))
+    daemon = daemon_process(CREDPROXY_FAULT="daemon-config-read")
+    assert _wait_stopped(daemon.proc.pid), daemon.log.read_text()
+    edit(
+        dirs.config,
+        provider("dev", "https://idp.example/token") + provider("dev2", "https://idp.example/t"),
+    )
+    daemon.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 15  # the watch acts on two looks, 2 s apart
+    while not daemon.events("config_reloaded"):
+        assert time.monotonic() < deadline, daemon.log.read_text()
+        assert daemon.proc.poll() is None, daemon.log.read_text()
+        time.sleep(0.05)
+    (reloaded,) = daemon.events("config_reloaded")
+    assert (reloaded["source"], reloaded["providers_added"]) == ("file", ["dev2"])
+
+
+async def test_serve_loads_an_edit_made_after_its_config_was_read(
+    nursery: trio.Nursery, dirs: Dirs, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``serve(config_seen=...)``: the signature taken before the config was read tells the
+    file watch that an edit saved since is new, and it loads it."""
+    dirs.config.write_text(provider("dev", "https://idp.example/token"))
+    seen = config_signature(dirs.config)
+    cfg = paths.load_config(dirs.config)
+    edit(
+        dirs.config,
+        provider("dev", "https://idp.example/token") + provider("dev2", "https://idp.example/t"),
+    )
+    endpoint = HttpTokenEndpoint(timeout=10)
+    daemon = await nursery.start(
+        functools.partial(
+            serve,
+            cfg,
+            store=TokenStore(dirs.state),
+            runtime=dirs.runtime,
+            endpoint=endpoint,
+            config_path=dirs.config,
+            config_seen=seen,
+            config_poll=0.05,
+        )
+    )
+    try:
+        await trio.sleep(1.0)  # twenty looks at the file
+        assert "dev2" in daemon.cfg.providers
+    finally:
+        daemon.stop()
+        await endpoint.aclose()
+
+
+def _wait_stopped(pid: int, timeout: float = 15) -> bool:
+    """Wait until process *pid* is stopped (state T: a ``CREDPROXY_FAULT`` checkpoint)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state == "T":
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def test_reload_and_stop_without_a_daemon(dirs: Dirs) -> None:

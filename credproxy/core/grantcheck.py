@@ -107,8 +107,7 @@ def grant_problems(
                     GrantProblem(
                         spec,
                         "unknown_bucket",
-                        f"provider {head} mints no bucket {', '.join(unknown)} "
-                        f"(it mints: {named})",
+                        f"provider {head} mints no bucket {', '.join(unknown)} (it mints: {named})",
                         f"fix the grant, or name the bucket in [providers.{head}] "
                         f"(buckets, or [providers.{head}.narrow.BUCKET]) in {config_file}",
                     )

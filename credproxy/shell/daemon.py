@@ -21,6 +21,7 @@ reloads the configuration into them (:meth:`Daemon.reload`), and stops them.
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import functools
 import gc
@@ -67,9 +68,20 @@ log = logs.get("credproxy.daemon")
 SHUTDOWN_GRACE = 8.0  # seconds for in-flight refreshes to land; < TimeoutStopSec (10 s)
 UPSTREAM_TIMEOUT = 6.0  # per phase of a refresh request; a sent request fits the grace
 CONFIG_POLL = 2.0  # seconds between looks at the config file's signature
+# Seconds a new daemon waits for one that is stopping (it no longer listens but
+# holds daemon.lock while its refreshes land): the grace, and its way out after.
+LOCK_WAIT = SHUTDOWN_GRACE + 2.0
 
 
 _BOOT_CLOCK = functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
+
+Signature = tuple[int, int, int]  # a config file's (mtime in ns, size, inode): config_signature
+
+
+class Unseen(enum.Enum):
+    """:func:`serve`'s default *config_seen*: the file's signature is taken at start."""
+
+    TAKE_AT_START = enum.auto()
 
 
 def version() -> str:
@@ -98,6 +110,7 @@ class Daemon:
         wall_clock: Callable[[], float],
         idle_exit: float | None,
         config_path: Path | None = None,
+        config_seen: Signature | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -107,18 +120,27 @@ class Daemon:
         self.ops = ops
         self.proxy = proxy
         self.config_path = config_path  # None: given in memory, nothing to reload
-        self.config_seen = None if config_path is None else config_signature(config_path)
+        # The signature of the file as it was when self.cfg was read from it
+        # (taken before the read: an edit saved after it is new to the watch).
+        self.config_seen = config_seen
         self._reloading = trio.Lock()
         self.wall = wall_clock
         self.idle_exit = idle_exit
         self.uid = os.getuid()
         self.control_connections = 0
+        # When a connection (control or sandbox) or a session last came or
+        # went, on trio's clock: the idle time counts from here (idle_watch).
+        self.last_activity = trio.current_time()
         self.started = wall_clock()
         self.stop_event = trio.Event()
         self.failure: str | None = None  # why the daemon stops on its own, if it does
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def touch(self) -> None:
+        """A connection or a session came or went: the idle time starts again from now."""
+        self.last_activity = trio.current_time()
 
     def fail(self, why: str) -> None:
         """Stop, and exit non-zero: something the daemon cannot serve without broke."""
@@ -282,6 +304,7 @@ class Daemon:
         self, listener: trio.socket.SocketType, ops: ControlOps, nursery: trio.Nursery
     ) -> None:
         async for sock in accept_forever(listener):
+            self.touch()  # (a refused peer too: it is a connection)
             pid, uid, _ = peer_credentials(sock)
             if uid != self.uid:
                 log.warning("peer_refused", socket="control", uid=uid, pid=pid)
@@ -299,6 +322,7 @@ class Daemon:
             log.exception("connection_crashed", conn="control")
         finally:
             self.control_connections -= 1
+            self.touch()
 
     # -- status --------------------------------------------------------------
 
@@ -396,23 +420,28 @@ class Daemon:
     # -- background tasks ----------------------------------------------------
 
     async def idle_watch(self) -> None:
-        """Stop after ``idle_exit`` seconds with no session and no connection."""
+        """Stop after ``idle_exit`` seconds with no session and no connection.
+
+        Idleness counts from :attr:`last_activity`, which every accepted
+        connection, every connection's close and every session's opening and
+        closing set (:meth:`touch`), not from what happens to be open when
+        this watch looks: a ping that lasts a millisecond keeps the daemon up
+        for ``idle_exit`` seconds more. ``credproxy run`` relies on that: it
+        pings, then opens its session on a second connection.
+        """
         assert self.idle_exit is not None
-        idle_since: float | None = None
         while True:
-            now = trio.current_time()
             if len(self.sessions) or self.control_connections:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = now
-            elif now - idle_since >= self.idle_exit:
+                self.touch()  # busy: idle at the earliest idle_exit after the last one leaves
+            deadline = self.last_activity + self.idle_exit
+            if trio.current_time() >= deadline:
                 log.info("idle_exit", idle_seconds=self.idle_exit)
                 self.stop()
                 return
-            await trio.sleep(min(0.25, self.idle_exit))
+            await trio.sleep_until(deadline)  # (a touch meanwhile moves it: looked at again)
 
 
-def config_signature(path: Path) -> tuple[int, int, int] | None:
+def config_signature(path: Path) -> Signature | None:
     """What tells an edited config file apart: (mtime in ns, size, inode); None if missing."""
     try:
         st = os.stat(path)
@@ -451,24 +480,59 @@ def _status_notifier(get_sessions: Callable[[], Sessions | None]) -> Callable[[]
     return changed
 
 
-def _take_instance_lock(runtime: Path) -> int:
-    """Hold ``daemon.lock`` for our lifetime: one daemon per runtime directory.
+async def _take_instance_lock(runtime: Path, control_path: Path) -> int:
+    """Take ``daemon.lock``, held for our lifetime: one daemon per runtime directory.
 
     Binding first and probing a stale socket is not enough on its own: a
     daemon that has bound but not yet listened refuses the probe, and a second
     daemon would unlink its socket. The lock closes that window. It is opened
     ``O_NOFOLLOW`` and must be a regular file of ours: a planted symlink is
     refused, not followed.
+
+    A holder that listens on *control_path* is a running daemon: refused at
+    once. One that does not is stopping (it closed its listeners and holds the
+    lock until its refreshes land) or starting: waited for, ``LOCK_WAIT``
+    seconds at most, so that the daemon ``credproxy run`` starts while the
+    last one stops takes over from it instead of exiting.
+
+    Raises:
+        CredproxyError: another daemon runs, or still holds the lock after the wait.
     """
     fd = paths.open_nofollow(runtime / "daemon.lock", os.O_RDWR, "instance lock")
+    deadline = trio.current_time() + LOCK_WAIT
+    said = False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                return fd
+            if _listens(control_path) or trio.current_time() >= deadline:
+                raise CredproxyError(
+                    f"another credproxy daemon is running (it holds {runtime}/daemon.lock)"
+                )
+            if not said:
+                said = True
+                log.info("waiting_for_daemon", why="it holds daemon.lock and does not listen")
+            await trio.sleep(0.05)
+    except BaseException:
         os.close(fd)
-        raise CredproxyError(
-            f"another credproxy daemon is running (it holds {runtime}/daemon.lock)"
-        ) from None
-    return fd
+        raise
+
+
+def _listens(path: Path) -> bool:
+    """Whether something listens on the Unix socket *path* (a connect that is not refused)."""
+    with stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a full backlog says "listening" at once (EAGAIN)
+        try:
+            probe.connect(str(path))
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+    return True
 
 
 def _check_state_dir(root: Path) -> None:
@@ -492,6 +556,7 @@ async def serve(
     inherited: list[stdsocket.socket] | None = None,
     serving_thread: bool = False,
     config_path: Path | None = None,
+    config_seen: Signature | Unseen | None = Unseen.TAKE_AT_START,
     config_poll: float | None = CONFIG_POLL,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -500,7 +565,10 @@ async def serve(
     *config_path* is the file *cfg* was read from: ``reload``, SIGHUP (with
     *handle_signals*) and a watch of the file every *config_poll* seconds
     (None: no watch) re-read it. Without it the configuration is *cfg* for the
-    daemon's life.
+    daemon's life. *config_seen* is the file's :func:`config_signature` taken
+    just before *cfg* was read (None: there was no file), so that the watch
+    loads an edit saved since; by default it is taken when the daemon starts,
+    and such an edit waits for the next one (or ``credproxy reload``).
 
     *inherited* are listening sockets passed by systemd; without them the
     control socket is bound under *runtime* (and removed on exit). With
@@ -526,7 +594,9 @@ async def serve(
 
     # Entered top to bottom; on the way out (stop, or an error) undone bottom to top.
     async with contextlib.AsyncExitStack() as stack:
-        stack.enter_context(_instance_lock(runtime))  # out: release it, log daemon_stopped
+        await stack.enter_async_context(  # out: release it, log daemon_stopped
+            _instance_lock(runtime, control_path)
+        )
         stack.enter_context(_own_control_path(control_path, own=not inherited))  # out: unlink
         _clear_sessions_dir(runtime / "s")
         listeners = await stack.enter_async_context(_listeners(control_path, inherited))
@@ -540,8 +610,21 @@ async def serve(
             cfg, tokens, store, api_client, wall_clock, boot_clock, serving_thread, on_crash=fail
         )
         main.start_soon(proxy.hangups.run)
+        if isinstance(config_seen, Unseen):
+            config_seen = None if config_path is None else config_signature(config_path)
         daemon = _daemon(
-            cfg, store, tokens, loop, ops, proxy, main, runtime, wall_clock, idle_exit, config_path
+            cfg,
+            store,
+            tokens,
+            loop,
+            ops,
+            proxy,
+            main,
+            runtime,
+            wall_clock,
+            idle_exit,
+            config_path,
+            config_seen,
         )
         stack.enter_context(_serving_loop(loop, main, serving_thread))  # out: stop its thread
         _start_control(daemon, main, listeners, sigs, config_poll)
@@ -553,10 +636,10 @@ async def serve(
 # -- the steps of serve(), in the order it takes them ----------------------------
 
 
-@contextlib.contextmanager
-def _instance_lock(runtime: Path) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def _instance_lock(runtime: Path, control_path: Path) -> AsyncIterator[None]:
     """Hold ``daemon.lock`` (see :func:`_take_instance_lock`); the last thing released."""
-    lock_fd = _take_instance_lock(runtime)
+    lock_fd = await _take_instance_lock(runtime, control_path)
     try:
         yield
     finally:
@@ -725,16 +808,24 @@ def _daemon(
     wall_clock: Callable[[], float],
     idle_exit: float | None,
     config_path: Path | None,
+    config_seen: Signature | None,
 ) -> Daemon:
     """:class:`Sessions` (their supervisors run in *main*) and the :class:`Daemon` over it all."""
     daemon: Daemon | None = None
+    notify_status = _status_notifier(lambda: daemon.sessions if daemon else None)
+
+    def changed() -> None:  # (in the trio thread) a session, connection or timer came or went
+        if daemon is not None:
+            daemon.touch()
+        notify_status()
+
     sessions = Sessions(
         runtime / "s",
         loop,
         cfg.limits.max_connections,
         main,
         wall_clock=wall_clock,
-        on_change=_status_notifier(lambda: daemon.sessions if daemon else None),
+        on_change=changed,
     )
     daemon = Daemon(
         cfg,
@@ -747,6 +838,7 @@ def _daemon(
         wall_clock=wall_clock,
         idle_exit=idle_exit,
         config_path=config_path,
+        config_seen=config_seen,
     )
     return daemon
 
@@ -886,8 +978,13 @@ def main(idle_exit: float | None) -> int:
     logs.configure()
     os.umask(0o077)  # every file and socket we create is born private
     keep_big_blocks_off_the_heap()  # (big request bodies: see proxy.py)
+    fault = faults.from_env()
     config_path = paths.config_file()
+    # Signature first: an edit saved while the daemon starts is then new to
+    # the file watch, which loads it (taken after the read, it would be missed).
+    config_seen = config_signature(config_path)
     cfg = paths.load_config(config_path)
+    fault("daemon-config-read")
     raise_fd_limit()
     inherited = [s for _, s in systemd.listen_fds()]
     from credproxy.shell.http import HttpTokenEndpoint  # httpx itself loads at the first refresh
@@ -900,7 +997,7 @@ def main(idle_exit: float | None) -> int:
         try:
             await serve(
                 cfg,
-                store=TokenStore(paths.state_dir(), faults.from_env()),
+                store=TokenStore(paths.state_dir(), fault),
                 runtime=paths.runtime_dir(),
                 endpoint=endpoint,
                 idle_exit=idle_exit,
@@ -908,6 +1005,7 @@ def main(idle_exit: float | None) -> int:
                 inherited=inherited,
                 serving_thread=True,
                 config_path=config_path,
+                config_seen=config_seen,
             )
         finally:
             with trio.CancelScope(shield=True):

@@ -11,7 +11,11 @@ sandbox itself is told only "not found"; see ``credproxy/core/grantcheck.py``).
 If no daemon answers on the control socket, one is started in the background
 (``credproxy serve --idle-exit``), so ``credproxy run`` works the same with or
 without systemd. Two launchers racing to start one are fine: the daemon holds
-an instance lock, the loser exits, and both launchers find the winner.
+an instance lock, the loser exits, and both launchers find the winner. A
+daemon started while the last one is stopping waits for it (the stopping one
+no longer listens but holds the lock until its refreshes land) and takes
+over; one that answered the ping but is gone by the time the session is
+asked for (it idled out, or was stopped) is replaced once (:func:`open_session`).
 
 With ``--capability`` the session's capability token reaches CMD on file
 descriptor 3 (``$CREDPROXY_CAPABILITY_FD`` and llxprt's ``$LLXPRT_CAPABILITY_FD``
@@ -49,7 +53,10 @@ from credproxy.inner.forward import wait_forwarding_signals
 from credproxy.shell import paths
 
 AUTOSTART_IDLE_EXIT = 30.0  # seconds an auto-started daemon lingers after the last session
-STARTUP_TIMEOUT = 10.0
+# Seconds to wait for a started daemon to answer. One started while the last
+# daemon stops waits for it first (up to daemon.LOCK_WAIT, 10 s: its refreshes
+# land), then takes over.
+STARTUP_TIMEOUT = 15.0
 CAPABILITY_FD = 3  # the descriptor llxprt's CLI reads (LLXPRT_CAPABILITY_FD must be "3")
 
 
@@ -74,7 +81,6 @@ def run(
     parsed = Grants.parse(grants)  # a malformed grant is refused before any daemon starts
     if cfg is not None:
         _warn_grants(parsed, cfg)
-    ensure_daemon(control)
     cap = secrets.token_hex(32) if capability else None
     payload: dict[str, Any] = {
         "grants": grants,
@@ -83,8 +89,7 @@ def run(
     }
     if cap:
         payload["capability"] = cap
-    with Client(control, timeout=15) as c:
-        opened = c.call("open_session", payload)
+    opened = open_session(control, payload)
     sid, sock = str(opened["session"]), str(opened["socket"])
     if allow_uids:
         _note_closed_path(Path(sock))
@@ -276,14 +281,42 @@ def _put_back(fd: int, saved: tuple[int, bool] | None) -> None:
     os.close(copy)
 
 
-def ensure_daemon(control: Path) -> None:
-    """Make sure a daemon answers on *control*, starting one if needed.
+def open_session(control: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """Open a session with *payload* on the daemon at *control*, starting one if none answers.
+
+    The daemon that answered :func:`ensure_daemon` can be gone by the time the
+    session is asked for (it was stopped in between): then a daemon is made sure
+    of once more and, if that is another one, the session asked for again.
+
+    Raises:
+        DaemonUnavailable: no daemon came up; the one that answered did not
+            answer the session (too slow: it is not asked twice); or the
+            daemon went away twice.
+        CredproxyError: the daemon refused the session (its error).
+    """
+
+    def ask() -> dict[str, Any]:
+        with Client(control, timeout=15) as c:
+            return c.call("open_session", payload)
+
+    pid = ensure_daemon(control)
+    try:
+        return ask()
+    except DaemonUnavailable:
+        if ensure_daemon(control) == pid:
+            raise  # the same daemon is there: it did not go away, it did not answer
+        return ask()
+
+
+def ensure_daemon(control: Path) -> int:
+    """Make sure a daemon answers on *control*, starting one if needed; returns its pid.
 
     Raises:
         DaemonUnavailable: none came up in time (its log is named).
     """
-    if _answers(control):
-        return
+    pid = _ping(control)
+    if pid is not None:
+        return pid
     unit = _enabled_socket_unit()
     if unit is not None:
         # The socket unit should have answered: say so instead of covering up
@@ -332,8 +365,9 @@ def ensure_daemon(control: Path) -> None:
         os.umask(old)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
-        if _answers(control):
-            return
+        pid = _ping(control)
+        if pid is not None:
+            return pid
         time.sleep(0.02)
     raise DaemonUnavailable(f"the credproxy daemon did not start; see {log_path}")
 
@@ -346,9 +380,13 @@ def _enabled_socket_unit() -> Path | None:
 
 
 def _answers(control: Path) -> bool:
+    return _ping(control) is not None
+
+
+def _ping(control: Path) -> int | None:
+    """The pid of the daemon that answers on *control*; None if none does."""
     try:
         with Client(control, timeout=5) as c:
-            c.call("ping")
+            return int(c.call("ping")["pid"])
     except (DaemonUnavailable, UsageError):
-        return False
-    return True
+        return None
