@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_proxy import HttpClient, Upstream, answer, upstream  # noqa: F401
 
 from conftest import Dirs, Harness, StartDaemon
+from credproxy.core.config import Narrowing
 from credproxy.core.grantcheck import grant_problems
 from credproxy.core.grants import Grants
 from credproxy.devidp import DevIssuers
@@ -371,3 +372,40 @@ async def test_a_bucket_the_configuration_does_not_name_is_never_minted(
     assert h.store.buckets("gh") == []
     assert (await p.call("get_token", {"provider": "gh", "bucket": "readonly"}))["ok"]
     assert issuers.mint_count == 1
+
+
+async def test_a_narrowing_taken_back_by_a_reload_or_a_restart_is_not_served_again(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Bucket push narrowed from contents:write to contents:read: after the reload the sandbox gets a new, read-only token, and a daemon started afresh with that config does not serve the stored write token either."""
+    h = await _github_daemon(start_daemon, tmp_path)
+    issuers = _issuers(h)
+    s = await h.session("gh:push")
+    wide = (await _token(h, s, "push"))["data"]["access_token"]
+    put = ("PUT", "/repos/dev-org/alpha/contents/x")
+    assert issuers.answer_github_request(*put, f"token {wide}")[0] == 200
+    cfg = h.daemon.cfg
+    narrow = dict(cfg.providers["gh"].narrow)
+    narrow["push"] = Narrowing(repositories=["alpha"], permissions={"contents": "read"})
+    gh = msgspec.structs.replace(cfg.providers["gh"], narrow=narrow)
+    await h.daemon._apply(  # (what `credproxy reload` does once the file is parsed)
+        msgspec.structs.replace(cfg, providers={**cfg.providers, "gh": gh})
+    )
+    after = (await _token(h, s, "push"))["data"]["access_token"]
+    assert after != wide
+    assert issuers.answer_github_request(*put, f"token {after}")[0] == 403
+    stored = h.store.read("gh", "push")
+    assert (
+        stored["access_token"] == after
+        and "minted_with" not in (await _token(h, s, "push"))["data"]
+    )
+    # A daemon started with the old narrowing again finds the stored token minted
+    # under another configuration, and mints anew.
+    h.daemon.stop()
+    h2 = await start_daemon(issuers=True, providers={"gh": _github(str(tmp_path / "app.pem"))})
+    _issuers(h2).register_app(42, RSA_KEY.public_key())
+    _issuers(h2).add_installation(
+        7, 42, repositories={"alpha": 1, "beta": 2}, permissions={"contents": "write"}
+    )
+    again = (await _token(h2, await h2.session("gh:push"), "push"))["data"]["access_token"]
+    assert again != after

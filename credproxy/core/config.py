@@ -7,6 +7,7 @@ half-understood configuration. A missing file means "all defaults".
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import re
@@ -213,6 +214,39 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.grant in SIGNING_GRANTS and (
             bucket == DEFAULT_BUCKET or bucket in self.buckets or bucket in self.narrow
         )
+
+    def minted_with(self, bucket: str) -> str:
+        """A digest of what *bucket*'s tokens are minted from (for :data:`MINTED_WITH`).
+
+        Whom the token is for and what it may do: the grant and its endpoints,
+        the key, the claims and scopes, the App and installation, the bucket's
+        narrowing. A stored minted token with another digest was minted under
+        another configuration (a narrowing taken back by a reload) and is not
+        served: the bucket is minted again.
+        """
+        narrowing = self.narrow.get(bucket)
+        inputs = [
+            self.grant,
+            self.token_url,
+            self.client_id,
+            self.scopes,
+            self.issuer,
+            self.subject,
+            self.audience,
+            self.scope_in_assertion,
+            self.private_key,
+            self.key_file,
+            self.app_id,
+            self.installation_id,
+            self.api_url,
+            self.mint_url,
+            None if narrowing is None else msgspec.structs.asdict(narrowing),
+        ]
+        return hashlib.sha256(msgspec.json.encode(inputs)).hexdigest()[:32]
+
+
+#: The field of a minted token that says what it was minted from (``Provider.minted_with``).
+MINTED_WITH = "minted_with"
 
 
 #: The Provider fields that hold endpoint URLs: https, or plain http on loopback.

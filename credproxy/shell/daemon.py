@@ -199,6 +199,10 @@ class Daemon:
         self.proxy.cfg = cfg  # api sections, proxy limits
         self.loop.limits = cfg.limits  # sandbox connections accepted from now on
         await self.sessions.reconfigure(cfg.providers, cfg.limits.max_connections)
+        for key in self.tokens.stale_mints():
+            # Minted under the old configuration (a narrowing taken back): not
+            # served from now on; the next get_token mints under the new one.
+            await self.sessions.token_changed(key, True)
 
     async def reload_logged(self, source: str) -> None:
         """:meth:`reload` for a signal or the file watch: a failure is logged, not raised."""

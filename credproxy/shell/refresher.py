@@ -57,7 +57,7 @@ import msgspec
 import trio
 
 from credproxy.core import policy
-from credproxy.core.config import Config
+from credproxy.core.config import MINTED_WITH, Config
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import KeyHealth
@@ -330,6 +330,7 @@ class Refresher(Generic[G]):
             health.attempted(self.wall())
             if mints:
                 merged = await self.endpoint.mint(prov, bucket)
+                merged[MINTED_WITH] = prov.minted_with(bucket)
             else:
                 assert stored is not None
                 assert isinstance(rt, str)

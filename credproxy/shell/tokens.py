@@ -58,7 +58,7 @@ import msgspec
 import trio
 
 from credproxy.core import policy, serving
-from credproxy.core.config import Config
+from credproxy.core.config import MINTED_WITH, Config
 from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint
@@ -96,8 +96,8 @@ def fingerprint(secret: str) -> str:
 
 
 def sanitize(token: dict[str, Any]) -> dict[str, Any]:
-    """The token as served: everything but ``refresh_token``."""
-    return {k: v for k, v in token.items() if k != "refresh_token"}
+    """The token as served: everything but ``refresh_token`` (and a minted one's digest)."""
+    return {k: v for k, v in token.items() if k != "refresh_token" and k != MINTED_WITH}
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +210,11 @@ class Tokens:
                 bucket=key.bucket,
                 why="the stored expiry is not a number; treated as expired",
             )
+        mints = self.mints(key)
+        if self._minted_elsewise(key, token):
+            # Minted under another configuration (a narrowing taken back, another
+            # key or installation): not served; minted again if the key still mints.
+            expiry = 0.0
         lifetime = old.facts.lifetime if old is not None else None
         boot_deadline = old.facts.boot_deadline if old is not None else None
         if expiry is not None and (old is None or old.expiry != expiry):
@@ -225,7 +230,7 @@ class Tokens:
         facts = serving.TokenFacts(
             expiry=expiry,
             # A key whose provider mints (a signing grant) renews without a refresh token.
-            refreshable=bool(token.get("refresh_token") or self.mints(key)) and expiry is not None,
+            refreshable=bool(token.get("refresh_token") or mints) and expiry is not None,
             lifetime=lifetime,
             boot_deadline=boot_deadline,
         )
@@ -254,6 +259,25 @@ class Tokens:
     def known_health(self, key: Key) -> KeyHealth | None:
         """*key*'s health record, if it has one."""
         return self._health.get(key)
+
+    def _minted_elsewise(self, key: Key, token: dict[str, Any]) -> bool:
+        """True if *token* is a minted one, or *key* mints, and the two configurations differ."""
+        minted = token.get(MINTED_WITH)
+        prov = self.cfg.providers.get(key.provider)
+        if prov is None or not prov.mints(key.bucket):
+            return minted is not None
+        return minted != prov.minted_with(key.bucket)
+
+    def stale_mints(self) -> list[Key]:
+        """The keys whose cached token was minted under another configuration (a reload).
+
+        Their entries are dropped: the next serve reads the store again, finds
+        the token stale, and mints anew.
+        """
+        stale = [key for key, e in self._entries.items() if self._minted_elsewise(key, e.token)]
+        for key in stale:
+            del self._entries[key]
+        return stale
 
     def changed(self, key: Key) -> bool:
         """The command line replaced or removed *key*; True if it is still stored.
