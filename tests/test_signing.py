@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -457,7 +459,11 @@ async def test_a_key_path_that_is_no_regular_file_is_refused(world: World, kind:
         (b"not a key at all", "is not a PEM file"),
         (
             b"-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
-            "OpenSSH key",
+            "cannot be read as an OpenSSH private key",
+        ),
+        (
+            b'{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----"}',
+            "is a JSON file: a Google service-account key goes in key_file",
         ),
         (
             RSA_KEY.public_key().public_bytes(
@@ -477,6 +483,41 @@ async def test_a_file_that_is_not_a_private_key(
     with pytest.raises(MintFailed) as info:
         await world.endpoint.mint(provider)
     assert expected in str(info.value)
+
+
+async def test_an_openssh_ed25519_key_as_ssh_keygen_writes_it_signs(world: World) -> None:
+    """ssh-keygen's default format (OpenSSH, here Ed25519) is read as it is: no conversion asked."""
+    openssh = ED_KEY.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    write_private(world.dir / "id_ed25519", openssh)
+    world.issuers.register_assertion_issuer("agent@example", ED_KEY.public_key())
+    provider = world.provider(
+        '[providers.p]\ngrant = "jwt-bearer"\ntoken_url = "{base}/token"\n'
+        'private_key = "{dir}/id_ed25519"\nissuer = "agent@example"\n'
+    )
+    assert (await world.endpoint.mint(provider))["access_token"].startswith("devst-")
+
+
+async def test_an_openssh_key_with_a_passphrase_says_how_to_use_it(world: World) -> None:
+    """An encrypted OpenSSH key cannot be decrypted here: the message says what to do instead."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen (openssh-client) is not installed")
+    path = world.dir / "id_ed25519"
+    keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", PASSPHRASE, "-f", str(path)]
+    subprocess.run(keygen, check=True, capture_output=True)
+    write_private(world.dir / "pass", PASSPHRASE + "\n")
+    provider = world.provider(
+        '[providers.p]\ngrant = "jwt-bearer"\ntoken_url = "{base}/token"\n'
+        'private_key = "{dir}/id_ed25519"\npassphrase_file = "{dir}/pass"\n'
+        'issuer = "agent@example"\n'
+    )
+    with pytest.raises(MintFailed) as info:
+        await world.endpoint.mint(provider)
+    assert f"remove the passphrase (ssh-keygen -p -N '' -f {path}" in str(info.value)
+    assert PASSPHRASE not in str(info.value)
 
 
 # -- encrypted keys ---------------------------------------------------------------------------

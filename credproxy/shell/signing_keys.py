@@ -33,6 +33,7 @@ from pathlib import Path
 
 import trio
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from credproxy.core.assertions import MintFailed, SigningKey, algorithm_for, signable
 from credproxy.core.config import Provider
@@ -309,21 +310,36 @@ def describe_key(data: bytes, path: str) -> str:
 
 
 def _pem_key(data: bytes, password: bytes | None, path: str) -> SigningKey:
-    if b"-----BEGIN" not in data:
-        raise MintFailed(f"private_key {path} is not a PEM file (no -----BEGIN line)", "key")
-    if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
+    """A PEM private key, or one in OpenSSH's own format (``ssh-keygen``'s default)."""
+    if data.lstrip().startswith(b"{"):
         raise MintFailed(
-            f"private_key {path} is an OpenSSH key: convert it to PEM "
-            f"(ssh-keygen -p -m PEM -f {path}) or use the PEM your issuer gave you",
+            f"private_key {path} is a JSON file: a Google service-account key goes in "
+            "key_file (the preset google-service-account reads it)",
             "key",
         )
+    if b"-----BEGIN" not in data:
+        raise MintFailed(f"private_key {path} is not a PEM file (no -----BEGIN line)", "key")
+    openssh = b"-----BEGIN OPENSSH PRIVATE KEY-----" in data
+    key: PrivateKeyTypes
     try:
-        key = serialization.load_pem_private_key(data, password=password)
-    except (ValueError, TypeError, _unsupported()):
+        if openssh:
+            key = serialization.load_ssh_private_key(data, password=password)  # type: ignore[assignment]  # (a subset of PrivateKeyTypes, typed apart)
+        else:
+            key = serialization.load_pem_private_key(data, password=password)
+    except (ValueError, TypeError, _unsupported()) as exc:
+        if openssh and not isinstance(exc, ValueError):
+            # A passphrase: OpenSSH's cipher needs bcrypt, not a dependency.
+            raise MintFailed(
+                f"private_key {path} is an OpenSSH key with a passphrase, which credproxy "
+                f"cannot decrypt: remove the passphrase (ssh-keygen -p -N '' -f {path}; "
+                "the file stays private) or use a PEM key",
+                "key",
+            ) from None
         # Neither the data nor the passphrase goes into the message.
         hint = "or the passphrase is wrong" if password is not None else "or it is a public key"
+        kind = "an OpenSSH" if openssh else "a PEM"
         raise MintFailed(
-            f"private_key {path} cannot be read as a PEM private key ({hint})", "key"
+            f"private_key {path} cannot be read as {kind} private key ({hint})", "key"
         ) from None
     return SigningKey(private_key=signable(key), path=path)
 
