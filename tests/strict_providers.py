@@ -11,13 +11,17 @@ where RULES says which rules the request broke (all of them, joined by "; ").
 
 Sources of the facts (pinned commits):
 
-- Codex: openai/codex ``codex-rs/login/src/server.rs`` and ``manager.rs`` @250de82b.
+- Codex: openai/codex ``codex-rs/login/src/server.rs`` and ``manager.rs`` @250de82b;
+  the refresh's ``originator`` header from ``codex-rs/login/src/auth/default_client.rs``
+  (``default_headers`` of the ``create_client()`` the refresh is sent with), read at 0157182c.
 - Gemini CLI: google-gemini/gemini-cli ``packages/core/src/code_assist/oauth2.ts``
   @5411f113 and google-auth-library ``oauth2client.ts`` (10.5.0 to 10.6.2).
 - Qwen Code: QwenLM/qwen-code ``packages/core/src/qwen/qwenOAuth2.ts`` @0231fe43.
 - Claude Code: ``cli.js`` of ``@anthropic-ai/claude-code`` 2.1.112 (the OAuth
   constants, the authorization URL, the JSON code exchange with ``state``, the
-  JSON refresh with the Claude.ai scopes).
+  JSON refresh); the scopes from 2.1.332, the JavaScript bundled in the native
+  binary of ``@anthropic-ai/claude-code-linux-x64`` 2.1.332 (``allOAuthScopes``,
+  ``claudeAiLoginScopes``, ``firstPartyRefreshScopes``, ``preservableScopesFrom``).
 - Copilot: ericc-ch/copilot-api @0ea08feb (``get-device-code.ts``,
   ``poll-access-token.ts``, ``get-copilot-token.ts``, ``api-config.ts``) and
   GitHub's device flow as GitHub documents it.
@@ -209,6 +213,9 @@ class StrictProvider:
     rotates: ClassVar[bool] = True
     #: The exact scope string the client's refresh carries (None: the refresh has no scope).
     refresh_scope: ClassVar[str | None] = None
+    #: Whether the server keeps the scope it granted with each refresh token and names it
+    #: in its token answers (``scope``): what the login asked for, then what each refresh did.
+    keeps_grants: ClassVar[bool] = False
     #: The HTTP status of an RFC 8628 poll error such as authorization_pending.
     pending_status: ClassVar[int] = 400
 
@@ -216,6 +223,8 @@ class StrictProvider:
         self.requests: list[Seen] = []
         self.lock = threading.Lock()
         self.refresh_tokens: set[str] = set()
+        #: The scope granted with each refresh token, where the server says (see token_response).
+        self.granted: dict[str, str] = {}
         self.issued: list[dict[str, Any]] = []  # every token response, in order
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -289,55 +298,77 @@ class StrictProvider:
             time.sleep(0.02)
         return got
 
-    def seed_refresh_token(self) -> str:
-        """A refresh token this provider will accept (as if it had issued it earlier)."""
+    def seed_refresh_token(self, granted: str | None = None) -> str:
+        """A refresh token this provider will accept (as if it had issued it earlier).
+
+        *granted*: the scope its login was granted, where the provider keeps one.
+        """
         token = canary(f"rt-{self.name}")
         with self.lock:
             self.refresh_tokens.add(token)
+            if granted is not None:
+                self.granted[token] = granted
         return token
 
     # -- answers ------------------------------------------------------------------------
 
-    def token_response(self, *, with_refresh_token: bool = True) -> dict[str, Any]:
+    def token_response(
+        self, *, with_refresh_token: bool = True, granted: str | None = None
+    ) -> dict[str, Any]:
+        """A token answer; with *granted*, it names that scope and the server keeps it with the refresh token."""
         answer: dict[str, Any] = {
             "access_token": canary(f"at-{self.name}"),
             "token_type": "Bearer",
             "expires_in": 3600,
             **self.token_extras,
         }
+        if granted is not None:
+            answer["scope"] = granted
         with self.lock:
             if with_refresh_token:
                 answer["refresh_token"] = canary(f"rt-{self.name}")
                 self.refresh_tokens.add(answer["refresh_token"])
+                if granted is not None:
+                    self.granted[answer["refresh_token"]] = granted
             self.issued.append(answer)
         return answer
 
     def refresh(self, seen: Seen) -> tuple[int, dict[str, str], Any]:
         checks = Checks()
         checks.encoding(seen, self.refresh_encoding)
-        checks.exact_fields(seen.fields, self.refresh_fields())
+        self.check_refresh_headers(checks, seen)
+        scope = self.refresh_scope_for(seen.fields.get("refresh_token", ""))
+        checks.exact_fields(seen.fields, self.refresh_fields(with_scope=scope is not None))
         self.check_client(checks, seen.fields)
         checks.value(seen.fields, "grant_type", "refresh_token")
-        if self.refresh_scope is not None:
-            checks.value(seen.fields, "scope", self.refresh_scope)
+        if scope is not None:
+            checks.value(seen.fields, "scope", scope)
         if checks.problems:
             raise Refused(checks.problems)
         with self.lock:
             known = seen.fields["refresh_token"] in self.refresh_tokens
         if not known:
             raise Refused(["unknown refresh token"], "invalid_grant")
-        return 200, {}, self.token_response(with_refresh_token=self.rotates)
+        granted = seen.fields.get("scope") if self.keeps_grants else None
+        return 200, {}, self.token_response(with_refresh_token=self.rotates, granted=granted)
 
-    def refresh_fields(self) -> set[str]:
+    def refresh_scope_for(self, refresh_token: str) -> str | None:
+        """The exact scope the client's refresh of *refresh_token* carries (None: no scope)."""
+        return self.refresh_scope
+
+    def refresh_fields(self, with_scope: bool) -> set[str]:
         fields = {"grant_type", "refresh_token", "client_id"}
-        return fields | {"scope"} if self.refresh_scope is not None else fields
+        return fields | {"scope"} if with_scope else fields
 
     def check_client(self, checks: Checks, fields: dict[str, str]) -> None:
         """Client authentication in a token request (client_id; a secret where there is one)."""
         checks.value(fields, "client_id", self.client_id)
 
     def check_headers(self, checks: Checks, seen: Seen) -> None:
-        """Headers the provider insists on (none by default)."""
+        """Headers the provider insists on in the device flow (none by default)."""
+
+    def check_refresh_headers(self, checks: Checks, seen: Seen) -> None:
+        """Headers the client sends with a refresh, which the provider insists on (none by default)."""
 
     # -- routing ------------------------------------------------------------------------
 
@@ -438,6 +469,7 @@ class Grant:
     redirect_uri: str
     challenge: str | None
     state: str | None = None
+    scope: str | None = None
     used: bool = False
 
 
@@ -525,6 +557,7 @@ class AuthCodeProvider(StrictProvider):
                 params["redirect_uri"],
                 params.get("code_challenge"),
                 params.get("state"),
+                params.get("scope"),
             )
         query = urlencode({"code": code, "state": params["state"]})
         return 302, {"Location": f"{params['redirect_uri']}?{query}"}, None
@@ -563,7 +596,8 @@ class AuthCodeProvider(StrictProvider):
             checks.pkce(fields.get("code_verifier"), grant.challenge)
         if checks.problems:
             raise Refused(checks.problems)
-        return 200, {}, self.token_response()
+        granted = grant.scope if self.keeps_grants else None
+        return 200, {}, self.token_response(granted=granted)
 
     def exchange_fields(self, with_verifier: bool) -> set[str]:
         """The exact fields of the code exchange."""
@@ -721,13 +755,23 @@ class Codex(AuthCodeProvider):
     authorize_free = frozenset({"redirect_uri", "code_challenge", "state"})
     exchange_encoding = FORM
     refresh_encoding = JSON  # manager.rs: RefreshRequest sent with .json(...)
+    #: The header every request of Codex's default client carries (default_client.rs
+    #: default_headers: DEFAULT_ORIGINATOR), the refresh among them.
+    originator = "codex_cli_rs"
 
     def check_redirect_uri(self, checks: Checks, uri: str) -> None:
         if uri not in self.redirect_uris:
             checks.fail(f"redirect_uri must be one of {list(self.redirect_uris)}, got {uri!r}")
 
-    def token_response(self, *, with_refresh_token: bool = True) -> dict[str, Any]:
-        answer = super().token_response(with_refresh_token=with_refresh_token)
+    def check_refresh_headers(self, checks: Checks, seen: Seen) -> None:
+        got = seen.headers.get("originator")
+        if got != self.originator:
+            checks.fail(f"header originator must be {self.originator!r}, got {got!r}")
+
+    def token_response(
+        self, *, with_refresh_token: bool = True, granted: str | None = None
+    ) -> dict[str, Any]:
+        answer = super().token_response(with_refresh_token=with_refresh_token, granted=granted)
         # A fake, unsigned id_token of the shape the Codex client decodes.
         claims = {
             "email": "person@example.invalid",
@@ -779,8 +823,8 @@ class Gemini(AuthCodeProvider):
     def exchange_fields(self, with_verifier: bool) -> set[str]:
         return super().exchange_fields(with_verifier) | {"client_secret"}
 
-    def refresh_fields(self) -> set[str]:
-        return super().refresh_fields() | {"client_secret"}
+    def refresh_fields(self, with_scope: bool) -> set[str]:
+        return super().refresh_fields(with_scope) | {"client_secret"}
 
 
 class Qwen(DeviceProvider):
@@ -797,13 +841,26 @@ class Qwen(DeviceProvider):
 
 
 class Claude(AuthCodeProvider):
-    """Anthropic's OAuth server as Claude Code uses it (``cli.js`` of 2.1.112).
+    """Anthropic's OAuth server as Claude Code 2.1.332 uses it.
 
     Authorization at ``/cai/oauth/authorize`` (claude.com) with ``code=true``;
     the redirect is ``http://localhost:<port>/callback``; the code exchange and
     the refresh are JSON bodies (``Content-Type: application/json``), the
-    exchange carrying the authorization request's ``state`` and the refresh
-    the Claude.ai scopes (the login's, less ``org:create_api_key``).
+    exchange carrying the authorization request's ``state`` (all as in
+    2.1.112's ``cli.js``).
+
+    The scopes are 2.1.332's. The authorization asks for ``allOAuthScopes()``:
+    the Console scopes and ``claudeAiLoginScopes()`` (the five Claude.ai scopes
+    then ``user:plugins``) without duplicates, then
+    ``user:privacy_consents:write``. A refresh asks for
+    ``firstPartyRefreshScopes(granted)``: ``claudeAiLoginScopes()``, then those
+    of ``user:projects:read``, ``user:projects:write`` and
+    ``user:privacy_consents:write`` that the token's grant has
+    (``preservableScopesFrom``), in the grant's order. The server keeps what
+    it granted with each refresh token (the login: what it asked for; a
+    refresh: what it asked for) and says it in ``scope``, where Claude Code
+    reads the grant from. A refresh token seeded by a test was granted
+    :attr:`seed_scope` unless the test says otherwise.
     """
 
     name = "claude"
@@ -812,11 +869,21 @@ class Claude(AuthCodeProvider):
     token_path = "/v1/oauth/token"
     scope = (
         "org:create_api_key user:profile user:inference user:sessions:claude_code "
+        "user:mcp_servers user:file_upload user:plugins user:privacy_consents:write"
+    )
+    #: claudeAiLoginScopes(): what every refresh asks for, before what the grant adds.
+    refresh_scope = (
+        "user:profile user:inference user:sessions:claude_code user:mcp_servers "
+        "user:file_upload user:plugins"
+    )
+    #: preservableScopesFrom(): the scopes a refresh keeps when the token's grant has them.
+    preservable = ("user:projects:read", "user:projects:write", "user:privacy_consents:write")
+    #: The grant of a seeded refresh token: a login by Claude Code 2.1.112.
+    seed_scope = (
+        "org:create_api_key user:profile user:inference user:sessions:claude_code "
         "user:mcp_servers user:file_upload"
     )
-    refresh_scope = (
-        "user:profile user:inference user:sessions:claude_code user:mcp_servers user:file_upload"
-    )
+    keeps_grants = True
     authorize_fixed = {
         "code": "true",
         "client_id": client_id,
@@ -828,22 +895,33 @@ class Claude(AuthCodeProvider):
     exchange_encoding = JSON
     exchange_state = True
     refresh_encoding = JSON
-    token_extras = {"expires_in": 28800, "scope": refresh_scope}  # about 8 h
+    token_extras = {"expires_in": 28800}  # about 8 h
 
     def check_redirect_uri(self, checks: Checks, uri: str) -> None:
         checks.loopback_redirect(uri, "localhost", "/callback")
+
+    def refresh_scope_for(self, refresh_token: str) -> str:
+        """firstPartyRefreshScopes(grant of *refresh_token*), joined by spaces."""
+        with self.lock:
+            granted = self.granted.get(refresh_token, self.seed_scope).split()
+        kept = [s for s in granted if s in self.preservable]
+        return " ".join(dict.fromkeys([*self.refresh_scope.split(), *kept]))
 
 
 class Copilot(DeviceProvider):
     """GitHub's device flow for Copilot's client, and Copilot's token exchange (copilot-api @0ea08feb).
 
     Device authorization and poll: ``client_id`` Iv1.b507a08c87ecfe98, scope
-    ``read:user``, a form or a JSON body (GitHub takes both) with ``Accept:
-    application/json``; a pending poll is answered HTTP 200 with
+    ``read:user``, JSON bodies with ``Content-Type: application/json`` and
+    ``Accept: application/json`` (``standardHeaders()`` and ``JSON.stringify``
+    in get-device-code.ts and poll-access-token.ts; GitHub itself would take a
+    form too, copilot-api never sends one); a pending poll is answered HTTP 200 with
     ``{"error": "authorization_pending"}``, the approved one with a GitHub
     token and no refresh token or expiry. The second exchange (``mint``) is a
     GET with ``Authorization: token <GitHub token>`` plus ``Editor-Version``,
-    ``Editor-Plugin-Version`` and ``User-Agent``; anything else is answered 401
+    ``Editor-Plugin-Version``, ``User-Agent`` and
+    ``X-Vscode-User-Agent-Library-Version: electron-fetch`` (``githubHeaders``
+    in api-config.ts); anything else is answered 401
     ``{"message": "Bad credentials"}`` (the rules broken are recorded, not
     sent). Each mint issues a new Copilot token valid 30 minutes. GitHub has no
     refresh grant for this client: a ``refresh_token`` grant is refused.
@@ -855,12 +933,14 @@ class Copilot(DeviceProvider):
     token_path = "/login/oauth/access_token"
     mint_path = "/copilot_internal/v2/token"
     scope = "read:user"
-    device_encoding = (FORM, JSON)
-    poll_encoding = (FORM, JSON)
+    device_encoding = JSON
+    poll_encoding = JSON
     pkce_required = False
     pending_status = 200  # GitHub answers every device-flow error with HTTP 200
     verification_uri = "https://github.com/login/device"
     mint_headers = ("Editor-Version", "Editor-Plugin-Version", "User-Agent")
+    #: Mint headers whose value is fixed by the client.
+    mint_fixed = {"X-Vscode-User-Agent-Library-Version": "electron-fetch"}
     api = "https://api.individual.githubcopilot.com"
 
     def __init__(self) -> None:
@@ -890,7 +970,9 @@ class Copilot(DeviceProvider):
             "interval": self.interval,
         }
 
-    def token_response(self, *, with_refresh_token: bool = True) -> dict[str, Any]:
+    def token_response(
+        self, *, with_refresh_token: bool = True, granted: str | None = None
+    ) -> dict[str, Any]:
         """A GitHub token: long-lived, no refresh token, no expiry."""
         answer = {
             "access_token": canary("ghu_copilot"),
@@ -908,7 +990,7 @@ class Copilot(DeviceProvider):
             "unsupported_grant_type",
         )
 
-    def seed_refresh_token(self) -> str:
+    def seed_refresh_token(self, granted: str | None = None) -> str:
         """A GitHub token this provider knows (as if a device login had issued it earlier)."""
         token = canary("ghu_seed")
         with self.lock:
@@ -938,6 +1020,10 @@ class Copilot(DeviceProvider):
         for name in self.mint_headers:
             if not seen.headers.get(name.lower()):
                 checks.fail(f"missing header {name}")
+        for name, expected in self.mint_fixed.items():
+            got = seen.headers.get(name.lower())
+            if got != expected:
+                checks.fail(f"header {name} must be {expected!r}, got {got!r}")
         if checks.problems:
             seen.problems = checks.problems
             return 401, {}, {"message": "Bad credentials"}

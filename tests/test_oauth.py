@@ -49,6 +49,16 @@ def test_form_carries_client_secret_and_scopes_when_configured() -> None:
     assert form["scope"] == "read write"
 
 
+def test_codex_refresh_names_its_originator_and_other_refreshes_add_no_header() -> None:
+    """A codex-preset provider's refresh adds ``originator: codex_cli_rs``; one without a preset, or of another preset, adds nothing."""
+    codex = Provider(token_url=PROVIDER.token_url, client_id="abc", preset="codex")
+    assert oauth.refresh_headers(codex) == {"originator": "codex_cli_rs"}
+    assert oauth.refresh_headers(PROVIDER) == {}
+    for preset in ("claude", "gemini", "qwen", "github"):
+        provider = Provider(token_url=PROVIDER.token_url, client_id="abc", preset=preset)
+        assert oauth.refresh_headers(provider) == {}, preset
+
+
 # -- successful responses -------------------------------------------------------------
 
 

@@ -366,6 +366,23 @@ def test_3_codex_refresh_is_json_without_scope(codex: Codex, background_daemon: 
     refreshed_once(background_daemon, codex, JSON, {"client_id", "grant_type", "refresh_token"})
 
 
+def test_codex_refresh_says_originator_codex_cli_rs_under_credproxys_own_user_agent(
+    codex: Codex, background_daemon: Dirs
+) -> None:
+    """The Codex CLI's refresh carries the header ``originator: codex_cli_rs``; so does credproxy's.
+
+    manager.rs sends the refresh with the client of ``create_client()``, whose
+    ``default_headers`` (default_client.rs) put ``originator`` on every
+    request. The strict provider refuses a refresh without it. The
+    User-Agent stays credproxy's own: credproxy does not pretend to be Codex.
+    """
+    fields = {"client_id", "grant_type", "refresh_token"}
+    refresh = refreshed_once(background_daemon, codex, JSON, fields)
+    assert refresh.headers.get("originator") == "codex_cli_rs", refresh.headers.keys()
+    user_agent = refresh.headers.get("user-agent", "")
+    assert user_agent.startswith("credproxy"), user_agent
+
+
 # -- Gemini CLI ---------------------------------------------------------------------------
 
 
@@ -496,14 +513,16 @@ def claude_redirect_ok(uri: str) -> bool:
 def test_1_2_claude_authorize_is_claude_codes_with_file_upload_scope(
     claude: Claude, background_daemon: Dirs, login_to: LoginTo
 ) -> None:
-    """Items 1 and 2: the authorization URL is Claude Code 2.1.112's, parameter for parameter.
+    """Items 1 and 2: the authorization URL is Claude Code's, parameter for parameter.
 
-    cli.js: ``code=true``, client_id 9d1c250a-..., response_type=code,
+    cli.js (2.1.112): ``code=true``, client_id 9d1c250a-..., response_type=code,
     redirect_uri http://localhost:<port>/callback (host localhost, not
-    127.0.0.1), scope exactly "org:create_api_key user:profile user:inference
-    user:sessions:claude_code user:mcp_servers user:file_upload" (item 2: with
-    user:file_upload), S256 PKCE, state. No other parameter. Only the host and
-    path come from the test's ``authorization_url``. Then the login completes.
+    127.0.0.1), S256 PKCE, state. The scope is 2.1.332's ``allOAuthScopes()``,
+    exactly "org:create_api_key user:profile user:inference
+    user:sessions:claude_code user:mcp_servers user:file_upload user:plugins
+    user:privacy_consents:write" (item 2: with user:file_upload). No other
+    parameter. Only the host and path come from the test's
+    ``authorization_url``. Then the login completes.
     """
     login = login_to(claude)
     url = login.auth_url()
@@ -513,7 +532,11 @@ def test_1_2_claude_authorize_is_claude_codes_with_file_upload_scope(
     assert params.get("client_id") == Claude.client_id, params
     assert params.get("response_type") == "code", params
     assert params.get("scope") == Claude.scope, params
-    assert "user:file_upload" in params.get("scope", "").split(" "), params
+    assert params.get("scope", "").split(" ")[-3:] == [
+        "user:file_upload",
+        "user:plugins",
+        "user:privacy_consents:write",
+    ], params
     assert claude_redirect_ok(params.get("redirect_uri", "")), params
     assert params.get("code_challenge_method") == "S256", params
     assert params.get("state"), params
@@ -557,15 +580,46 @@ def test_2_claude_refresh_is_json_with_the_claude_ai_scopes(
 ) -> None:
     """Item 2: Claude Code refreshes with JSON {grant_type, refresh_token, client_id, scope}.
 
-    cli.js: the scope is the Claude.ai list, "user:profile user:inference
-    user:sessions:claude_code user:mcp_servers user:file_upload" (the
-    login's less org:create_api_key), Content-Type application/json.
+    Content-Type application/json (cli.js, 2.1.112). The scope is 2.1.332's
+    ``firstPartyRefreshScopes`` for a login that was granted none of
+    user:projects:read, user:projects:write, user:privacy_consents:write (the
+    strict provider's seeded token, a 2.1.112 login): "user:profile
+    user:inference user:sessions:claude_code user:mcp_servers user:file_upload
+    user:plugins".
     """
     fields = {"grant_type", "refresh_token", "client_id", "scope"}
     refresh = refreshed_once(background_daemon, claude, JSON, fields)
     scope = refresh.fields.get("scope")
     assert scope == Claude.refresh_scope, scope
-    assert "user:file_upload" in (scope or "").split(" ")
+    assert (scope or "").split(" ")[-2:] == ["user:file_upload", "user:plugins"]
+
+
+def test_claude_refresh_keeps_the_privacy_consents_scope_its_login_was_granted(
+    claude: Claude, background_daemon: Dirs
+) -> None:
+    """Claude Code 2.1.332 refreshes a login granted user:privacy_consents:write with that scope kept.
+
+    ``firstPartyRefreshScopes(granted)``: the Claude.ai login's scopes, then
+    user:privacy_consents:write, because the stored token's ``scope`` (the
+    grant of a 2.1.332 login) has it.
+    """
+    dirs = background_daemon
+    configure(dirs, claude)
+    refresh_token = claude.seed_refresh_token(granted=Claude.scope)
+    old = {
+        "access_token": canary("at-old"),
+        "refresh_token": refresh_token,
+        "expiry": int(time.time()) - 60,
+        "scope": Claude.scope,
+    }
+    imported = cli(dirs, "import", "claude", input=json.dumps(old))
+    assert imported.returncode == 0, imported.stderr
+    proc = token_in_session(dirs, "claude")
+    refreshes = claude.seen("refresh")
+    assert refreshes, f"no refresh reached the provider: {claude.describe()} {proc.stderr}"
+    assert claude.refusals == [], claude.describe()
+    assert refreshes[0].fields.get("scope") == f"{Claude.refresh_scope} user:privacy_consents:write"
+    assert proc.stdout.strip() == claude.issued[-1]["access_token"]
 
 
 # -- Copilot ------------------------------------------------------------------------------
@@ -577,6 +631,8 @@ def assert_minted_with(copilot: Copilot, mint: Seen, github_token: str) -> None:
     assert mint.headers.get("authorization") == f"token {github_token}", copilot.describe()
     for name in Copilot.mint_headers:
         assert mint.headers.get(name.lower()), (name, copilot.describe())
+    library = mint.headers.get("x-vscode-user-agent-library-version")
+    assert library == "electron-fetch", copilot.describe()
     assert not mint.refused, copilot.describe()
 
 
@@ -613,11 +669,12 @@ def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back
 ) -> None:
     """Item 8: the login is GitHub's device flow, then Copilot's second exchange; the minted token is served.
 
-    copilot-api: device authorization {client_id=Iv1.b507a08c87ecfe98,
-    scope=read:user} with Accept: application/json; polls {client_id,
+    copilot-api: device authorization, a JSON body {client_id=Iv1.b507a08c87ecfe98,
+    scope=read:user} with Accept: application/json; polls, JSON bodies {client_id,
     device_code, grant_type=device_code}, pending answered HTTP 200; then
     ``GET /copilot_internal/v2/token`` with ``Authorization: token <GitHub
-    token>`` and Editor-Version, Editor-Plugin-Version, User-Agent. Stored:
+    token>`` and Editor-Version, Editor-Plugin-Version, User-Agent,
+    X-Vscode-User-Agent-Library-Version. Stored:
     access_token = the Copilot token, refresh_token = the GitHub token, expiry
     = expires_at (status shows it, refreshable). ``credproxy token copilot``
     in a session prints the Copilot token, never the GitHub token.
@@ -625,7 +682,7 @@ def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back
     dirs = background_daemon
     login = login_to(copilot)
     device = copilot.wait_for("device")[0]
-    assert device.content_type in (FORM, JSON), copilot.describe()
+    assert device.content_type == JSON, copilot.describe()
     assert set(device.fields) == {"client_id", "scope"}, copilot.describe()
     assert device.fields == {"client_id": Copilot.client_id, "scope": "read:user"}
     assert "application/json" in device.headers.get("accept", ""), device.headers.get("accept")
@@ -633,7 +690,8 @@ def test_8_copilot_login_stores_the_minted_token_and_keeps_the_github_token_back
     grant, polls = approve_device_login(copilot, login)  # pending polls are HTTP 200
     assert len(polls) >= 2 and {p.status for p in polls} == {200}, copilot.describe()
     for poll in polls:
-        assert poll.content_type in (FORM, JSON), copilot.describe()
+        assert poll.content_type == JSON, copilot.describe()
+        assert "application/json" in poll.headers.get("accept", ""), poll.headers.get("accept")
         assert poll.fields == {
             "client_id": Copilot.client_id,
             "device_code": grant.device_code,
@@ -716,11 +774,16 @@ def test_8_copilot_mint_refused_401_means_login_again(
 
 
 def _post(
-    provider: StrictProvider, path: str, fields: dict[str, str], as_json: bool = False
+    provider: StrictProvider,
+    path: str,
+    fields: dict[str, str],
+    as_json: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> httpx.Response:
+    url = provider.url(path)
     if as_json:
-        return httpx.post(provider.url(path), json=fields, trust_env=False)
-    return httpx.post(provider.url(path), data=fields, trust_env=False)
+        return httpx.post(url, json=fields, headers=headers, trust_env=False)
+    return httpx.post(url, data=fields, headers=headers, trust_env=False)
 
 
 def _get(provider: StrictProvider, path: str, params: dict[str, str]) -> httpx.Response:
@@ -745,8 +808,9 @@ def test_the_strict_providers_refuse_what_their_clients_do_not_send(
     """A check of the checker: each strict provider answers 400 invalid_request naming the rule.
 
     Right requests pass; a form refresh to Codex, a scope on a refresh, a
-    missing client secret, a /callback redirect for Gemini, a device request
-    without PKCE or with a wrong verifier are refused.
+    Codex refresh without its originator header, a missing client secret, a
+    /callback redirect for Gemini, a device request without PKCE or with a
+    wrong verifier are refused.
     """
     verifier = "v" * 43 + "-abc"
     challenge = s256(verifier)
@@ -754,12 +818,14 @@ def test_the_strict_providers_refuse_what_their_clients_do_not_send(
     cases: list[tuple[httpx.Response, str | None]] = []
 
     refresh = {"client_id": Codex.client_id, "grant_type": "refresh_token"}
-    cases.append((_post(codex, "/oauth/token", {**refresh, "refresh_token": codex_rt}, True), None))
-    cases.append(
-        (_post(codex, "/oauth/token", {**refresh, "refresh_token": "x"}), "Content-Type must be")
-    )
+    originator = {"originator": "codex_cli_rs"}
+    right = {**refresh, "refresh_token": codex_rt}
+    cases.append((_post(codex, "/oauth/token", right, True), "header originator must be"))
+    cases.append((_post(codex, "/oauth/token", right, True, originator), None))
+    form = {**refresh, "refresh_token": "x"}
+    cases.append((_post(codex, "/oauth/token", form, False, originator), "Content-Type must be"))
     scoped = {**refresh, "refresh_token": codex_rt, "scope": "openid"}
-    cases.append((_post(codex, "/oauth/token", scoped, True), "unexpected field scope"))
+    cases.append((_post(codex, "/oauth/token", scoped, True, originator), "unexpected field scope"))
 
     authorize = {
         "response_type": "code",
@@ -862,13 +928,16 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
 ) -> None:
     """A check of the checker, for the Claude and Copilot stand-ins.
 
-    Claude: a 127.0.0.1 redirect, a missing ``code=true``, a form exchange, an
-    exchange without or with another state, a refresh without the scope or
-    with the login's, a form refresh: 400 invalid_request naming the rule.
-    Copilot: form and JSON are both taken, a missing Accept or another scope
-    refused; pending is HTTP 200; a refresh grant is unsupported; a mint with
-    ``Bearer``, without Editor-Version or with a revoked token is 401 "Bad
-    credentials"; each right mint is a new token.
+    Claude: a 127.0.0.1 redirect, a missing ``code=true``, 2.1.112's scopes, a
+    form exchange, an exchange without or with another state, a refresh
+    without the scope, with the login's, with 2.1.112's or without the
+    preserved scopes of its grant, a form refresh: 400 invalid_request naming
+    the rule; the token answers name the scope granted. Copilot: a form device
+    request or poll, a missing Accept or another scope refused; pending is
+    HTTP 200; a refresh grant is unsupported; a mint with ``Bearer``, without
+    Editor-Version, without ``X-Vscode-User-Agent-Library-Version:
+    electron-fetch`` or with a revoked token is 401 "Bad credentials"; each
+    right mint is a new token.
     """
     verifier = "w" * 43 + "-xyz"
     challenge = s256(verifier)
@@ -891,6 +960,7 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
         ({**authorize, "redirect_uri": "http://127.0.0.1:54545/callback"}, "redirect_uri must be"),
         ({k: v for k, v in authorize.items() if k != "code"}, "missing field code"),
         ({**authorize, "scope": Claude.refresh_scope}, "scope must be"),
+        ({**authorize, "scope": Claude.seed_scope}, "scope must be"),  # 2.1.112's
     ):
         answer = _get(claude, "/cai/oauth/authorize", bad)
         cases.append((answer, broken))
@@ -911,7 +981,9 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
     cases.append((_post(claude, path, {**no_state, "code": code()}, True), "missing field state"))
     other = {**exchange, "state": "st-2", "code": code()}
     cases.append((_post(claude, path, other, True), "state must be"))
-    cases.append((_post(claude, path, {**exchange, "code": code()}, True), None))
+    exchanged = _post(claude, path, {**exchange, "code": code()}, True)
+    cases.append((exchanged, None))
+    assert exchanged.json()["scope"] == Claude.scope  # granted what the login asked for
 
     refresh = {
         "grant_type": "refresh_token",
@@ -926,26 +998,41 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
     login_scope = {**refresh, "refresh_token": rt, "scope": Claude.scope}
     cases.append((_post(claude, path, login_scope, True), "scope must be"))
     cases.append((_post(claude, path, {**refresh, "refresh_token": rt}), "Content-Type must be"))
+    old_scope = " ".join(Claude.refresh_scope.split()[:-1])  # 2.1.112's: no user:plugins
+    old = {**refresh, "refresh_token": rt, "scope": old_scope}
+    cases.append((_post(claude, path, old, True), "scope must be"))
     cases.append((_post(claude, path, {**refresh, "refresh_token": rt}, True), None))
+    # A grant with scopes a refresh keeps: they follow, in the grant's order.
+    granted = f"{Claude.scope} user:projects:read"
+    kept = claude.seed_refresh_token(granted=granted)
+    cases.append((_post(claude, path, {**refresh, "refresh_token": kept}, True), "scope must be"))
+    preserving = f"{Claude.refresh_scope} user:privacy_consents:write user:projects:read"
+    renewed = _post(claude, path, {**refresh, "refresh_token": kept, "scope": preserving}, True)
+    cases.append((renewed, None))
+    assert renewed.json()["scope"] == preserving
+    # The token from that login's exchange keeps user:privacy_consents:write too.
+    after_login = exchanged.json()["refresh_token"]
+    from_login = {**refresh, "refresh_token": after_login, "scope": preserving.rsplit(" ", 1)[0]}
+    cases.append((_post(claude, path, from_login, True), None))
 
     accept = {"Accept": "application/json"}
     device = {"client_id": Copilot.client_id, "scope": "read:user"}
     device_url = copilot.url("/login/device/code")
     as_form = httpx.post(device_url, data=device, headers=accept, trust_env=False)
     as_json = httpx.post(device_url, json=device, headers=accept, trust_env=False)
-    cases += [(as_form, None), (as_json, None)]
-    assert set(as_form.json()) == {
+    cases += [(as_form, "Content-Type must be application/json"), (as_json, None)]
+    assert set(as_json.json()) == {
         "device_code",
         "user_code",
         "verification_uri",
         "expires_in",
         "interval",
     }
-    assert as_form.json()["interval"] == 1
-    cases.append((httpx.post(device_url, data=device, trust_env=False), "Accept must include"))
+    assert as_json.json()["interval"] == 1
+    cases.append((httpx.post(device_url, json=device, trust_env=False), "Accept must include"))
     email = {**device, "scope": "user:email"}
     cases.append(
-        (httpx.post(device_url, data=email, headers=accept, trust_env=False), "scope must be")
+        (httpx.post(device_url, json=email, headers=accept, trust_env=False), "scope must be")
     )
 
     token_url = copilot.url("/login/oauth/access_token")
@@ -954,7 +1041,9 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
         "device_code": as_json.json()["device_code"],
         "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
     }
-    pending = httpx.post(token_url, data=poll, headers=accept, trust_env=False)
+    form_poll = httpx.post(token_url, data=poll, headers=accept, trust_env=False)
+    cases.append((form_poll, "Content-Type must be application/json"))
+    pending = httpx.post(token_url, json=poll, headers=accept, trust_env=False)
     assert (pending.status_code, pending.json()) == (200, {"error": "authorization_pending"})
     copilot.approve(as_json.json()["user_code"])
     approved = httpx.post(token_url, json=poll, headers=accept, trust_env=False)
@@ -976,12 +1065,15 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
         "Editor-Version": "vscode/1.104.3",
         "Editor-Plugin-Version": "copilot-chat/0.26.7",
         "User-Agent": "GitHubCopilotChat/0.26.7",
+        "X-Vscode-User-Agent-Library-Version": "electron-fetch",
     }
     gh = github["access_token"]
+    no_library = {k: v for k, v in editor.items() if not k.startswith("X-Vscode")}
     refused = [
         {**editor, "Authorization": f"Bearer {gh}"},
         {"Authorization": f"token {gh}", "User-Agent": "x"},
         {**editor, "Authorization": "token ghu_unknown"},
+        {**no_library, "Authorization": f"token {gh}"},
     ]
     for headers in refused:
         answer = httpx.get(mint_url, headers=headers, trust_env=False)
@@ -991,6 +1083,8 @@ def test_the_claude_and_copilot_stand_ins_refuse_what_their_clients_do_not_send(
     assert "scheme 'Bearer'" in problems[0][0], problems
     assert "missing header Editor-Version" in problems[1], problems
     assert problems[2] == ["unknown or revoked GitHub token"], problems
+    library_rule = "header X-Vscode-User-Agent-Library-Version must be 'electron-fetch', got None"
+    assert problems[3] == [library_rule], problems
     first, second = (
         httpx.get(mint_url, headers={**editor, "Authorization": f"token {gh}"}, trust_env=False)
         for _ in range(2)

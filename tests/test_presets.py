@@ -67,6 +67,8 @@ FACTS: dict[str, dict[str, Any]] = {
             "user:sessions:claude_code",
             "user:mcp_servers",
             "user:file_upload",
+            "user:plugins",
+            "user:privacy_consents:write",
         ],
         "flow": "loopback",
         "redirect_uri": "http://localhost/callback",
@@ -79,6 +81,7 @@ FACTS: dict[str, dict[str, Any]] = {
             "user:sessions:claude_code",
             "user:mcp_servers",
             "user:file_upload",
+            "user:plugins",
         ],
     },
     "codex": {
@@ -124,6 +127,7 @@ FACTS: dict[str, dict[str, Any]] = {
         "device_authorization_url": "https://github.com/login/device/code",
         "scopes": ["read:user"],
         "flow": "device",
+        "exchange_body": "json",
         "grant": "copilot",
         "mint_url": "https://api.github.com/copilot_internal/v2/token",
     },
@@ -180,6 +184,11 @@ FACTS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Headers a preset adds to its refresh (not config keys; sources in docs/providers.md).
+REFRESH_HEADERS: dict[str, dict[str, str]] = {
+    "codex": {"originator": "codex_cli_rs"},
+}
+
 # Presets that need nothing from the user, neither to refresh nor to log in.
 COMPLETE = ("claude", "copilot", "qwen")
 
@@ -220,6 +229,12 @@ def test_presets_carry_exactly_the_verified_facts(name: str) -> None:
     assert set(preset.required) == set(USER_VALUES[name])
     assert not set(preset.required) & set(preset.defaults)
     assert not set(preset.login_needs) & set(preset.defaults)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_add_exactly_the_verified_refresh_headers(name: str) -> None:
+    """Only the codex preset adds a header to its refresh (Codex's originator), and exactly that one."""
+    assert dict(PRESETS[name].refresh_headers) == REFRESH_HEADERS.get(name, {})
 
 
 @pytest.mark.parametrize("name", COMPLETE)
@@ -265,7 +280,7 @@ def test_claude_authorization_request_keeps_claude_codes_fixed_parameter(tmp_pat
     assert query["client_id"] == "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
     assert query["scope"] == (
         "org:create_api_key user:profile user:inference user:sessions:claude_code "
-        "user:mcp_servers user:file_upload"
+        "user:mcp_servers user:file_upload user:plugins user:privacy_consents:write"
     )
     assert query["code_challenge_method"] == "S256"
 
@@ -491,6 +506,7 @@ async def test_generic_idp_presets_send_the_documented_refresh_request(
     assert got.headers["content-type"] == "application/x-www-form-urlencoded"
     assert got.headers["accept"] == "application/json"
     assert "authorization" not in got.headers
+    assert "originator" not in got.headers
     assert got.form == {
         "grant_type": "refresh_token",
         "refresh_token": "fake-rt-old",

@@ -152,7 +152,8 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # from the plain RFC 6749 form (presets set these; see docs/providers.md):
     # extra query parameters of the authorization request,
     authorize_params: dict[str, str] = msgspec.field(default_factory=dict)
-    # the body of the code exchange and of a refresh (form-urlencoded or JSON),
+    # the body of every request of a login (the code exchange, or the device
+    # request and its polls) and of a refresh (form-urlencoded or JSON),
     exchange_body: Literal["form", "json"] = "form"
     refresh_body: Literal["form", "json"] = "form"
     # whether the code exchange carries the login's `state` (Claude's does),

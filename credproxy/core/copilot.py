@@ -46,6 +46,7 @@ def mint_headers(github_token: str) -> dict[str, str]:
         "Editor-Plugin-Version": PLUGIN_VERSION,
         "User-Agent": "GitHubCopilotChat/0.26.7",
         "X-GitHub-Api-Version": "2025-04-01",
+        "X-Vscode-User-Agent-Library-Version": "electron-fetch",
     }
 
 

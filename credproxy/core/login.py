@@ -401,7 +401,8 @@ def device_authorization_form(provider: Provider, pkce: Pkce | None = None) -> d
     """The device authorization request (RFC 8628 3.1): ``client_id`` and ``scope``.
 
     With *pkce* (a provider with ``device_pkce``, as Qwen Code's), its S256
-    challenge too.
+    challenge too. Sent as ``exchange_body`` says, like every request of a
+    login (a form; JSON for copilot-api's device flow).
     """
     form = {"client_id": provider.client_id}
     if provider.scopes:
@@ -417,7 +418,7 @@ def device_token_form(
 ) -> dict[str, str]:
     """One poll of the token endpoint (RFC 8628 3.4), without the client secret.
 
-    With *pkce*, its verifier on every poll.
+    With *pkce*, its verifier on every poll. Sent as ``exchange_body`` says.
     """
     form = {
         "grant_type": DEVICE_GRANT_TYPE,

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from credproxy.core.config import Provider
+from credproxy.core.presets import PRESETS
 from credproxy.errors import ReauthRequired, RefreshFailed, RotatedUnusable
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "merge_refreshed",
     "parse_refresh_response",
     "refresh_form",
+    "refresh_headers",
 ]
 
 #: OAuth ``error`` codes that mean the refresh token or the client was rejected.
@@ -59,14 +61,18 @@ _DEFAULT_TOKEN_TYPE = "Bearer"  # noqa: S105 (a token type, not a secret)
 
 
 def refresh_form(
-    provider: Provider, refresh_token: str, client_secret: str | None
+    provider: Provider, refresh_token: str, client_secret: str | None, granted: Any = None
 ) -> dict[str, str]:
     """The fields of a refresh request (sent as ``refresh_body`` says: form or JSON).
 
     The client authenticates with ``client_secret_post`` when *client_secret*
     is given; ``scope`` is ``refresh_scopes`` when that is a list, else
     ``scopes`` when ``refresh_scopes`` is true (omitting it asks for the scope
-    originally granted, RFC 6749 section 6).
+    originally granted, RFC 6749 section 6). A preset whose tool keeps some
+    scopes only if the token was granted them (Claude Code's
+    ``user:projects:*`` and ``user:privacy_consents:write``:
+    :attr:`~credproxy.core.presets.Preset.refresh_keeps_granted`) adds those
+    found in *granted*, the stored token's ``scope``, in its order.
     """
     form = {
         "grant_type": "refresh_token",
@@ -83,8 +89,22 @@ def refresh_form(
         else []
     )
     if scopes:
+        preset = PRESETS.get(provider.preset) if provider.preset else None
+        if preset is not None and preset.refresh_keeps_granted and isinstance(granted, str):
+            keeps = preset.refresh_keeps_granted
+            scopes = [*scopes, *(s for s in granted.split() if s in keeps and s not in scopes)]
         form["scope"] = " ".join(scopes)
     return form
+
+
+def refresh_headers(provider: Provider) -> dict[str, str]:
+    """The headers a refresh adds to credproxy's own ``Accept`` and ``User-Agent``.
+
+    Those of the provider's preset (:attr:`~credproxy.core.presets.Preset.refresh_headers`,
+    Codex's ``originator``); none without a preset.
+    """
+    preset = PRESETS.get(provider.preset) if provider.preset else None
+    return dict(preset.refresh_headers) if preset is not None else {}
 
 
 def parse_refresh_response(status: int, body: bytes, now: float) -> dict[str, Any]:
@@ -191,8 +211,12 @@ class TokenEndpoint(Protocol):
     machinery use in-memory fakes with the same shape.
     """
 
-    async def refresh(self, provider: Provider, refresh_token: str) -> dict[str, Any]:
+    async def refresh(
+        self, provider: Provider, refresh_token: str, granted: Any = None
+    ) -> dict[str, Any]:
         """Exchange *refresh_token* for a new token (parsed, not merged with the old one).
+
+        *granted* is the stored token's ``scope``, if any (:func:`refresh_form`).
 
         Raises:
             RefreshFailed: a transient failure; worth retrying later.

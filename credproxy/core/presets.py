@@ -11,9 +11,12 @@ the tool's own source, or (where ``docs/providers.md`` says so) a peer's;
 ``docs/providers.md`` cites the source of each preset. A preset sends what the
 tool's own client sends, field for field: the scopes of its authorization
 request, extra parameters (``authorize_params``), the body encoding of the
-code exchange and of a refresh (``exchange_body``, ``refresh_body``), whether
-a refresh repeats the scopes (``refresh_scopes``), ``state`` in the
-exchange, PKCE on the device flow, and the redirect's host, port and path.
+login's requests (the code exchange, or the device flow's request and polls)
+and of a refresh (``exchange_body``, ``refresh_body``), whether a refresh
+repeats the scopes (``refresh_scopes``), ``state`` in the exchange, PKCE on
+the device flow, and the redirect's host, port and path. Headers the tool
+adds to its refresh (Codex's ``originator``) are not a config key: they are
+:attr:`Preset.refresh_headers`, sent for every provider of that preset.
 Where a fact is not published (an installed-app client secret kept out of
 this repository, your own client id), the preset leaves the key unset and
 says so: a key that refresh needs (``token_url``, ``client_id``,
@@ -29,6 +32,7 @@ Pure: no I/O, no clock. ``credproxy.core.config.parse`` calls
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from credproxy.errors import ConfigError
@@ -62,6 +66,13 @@ class Preset(NamedTuple):
     source: str
     #: Said to the person by ``credproxy login`` before it starts (e.g. a service that ended).
     notice: str = ""
+    #: Headers the tool's own client sends with a refresh, beside credproxy's own
+    #: ``Accept`` and ``User-Agent``. Not a config key: a provider of this preset
+    #: always sends them (:func:`credproxy.core.oauth.refresh_headers`).
+    refresh_headers: Mapping[str, str] = MappingProxyType({})
+    #: Scopes the tool's refresh keeps only if the stored token was granted them
+    #: (its ``scope``), after ``refresh_scopes`` (:func:`credproxy.core.oauth.refresh_form`).
+    refresh_keeps_granted: tuple[str, ...] = ()
 
 
 # GitHub: "Authorizing OAuth apps" (device flow) and "Refreshing user access tokens",
@@ -90,6 +101,9 @@ PRESETS: dict[str, Preset] = {
             "authorization_url": "https://claude.com/cai/oauth/authorize",
             # Claude Code adds code=true to every authorization request.
             "authorize_params": {"code": "true"},
+            # allOAuthScopes() of 2.1.332: the Console scopes and the Claude.ai
+            # login's (claudeAiLoginScopes(), user:plugins last), without
+            # duplicates, then user:privacy_consents:write.
             "scopes": [
                 "org:create_api_key",
                 "user:profile",
@@ -97,13 +111,17 @@ PRESETS: dict[str, Preset] = {
                 "user:sessions:claude_code",
                 "user:mcp_servers",
                 "user:file_upload",
+                "user:plugins",
+                "user:privacy_consents:write",
             ],
             "flow": "loopback",
             # http://localhost:<any free port>/callback, as Claude Code's listener.
             "redirect_uri": "http://localhost/callback",
             # Its token requests are JSON; the exchange carries the login's state,
-            # and a refresh asks for the Claude.ai scopes (its login's, less
-            # org:create_api_key).
+            # and a refresh asks for the Claude.ai login's scopes
+            # (claudeAiLoginScopes()), then those of user:projects:* and
+            # user:privacy_consents:write the stored token was granted
+            # (firstPartyRefreshScopes: refresh_keeps_granted below).
             "exchange_body": "json",
             "exchange_state": True,
             "refresh_body": "json",
@@ -113,13 +131,22 @@ PRESETS: dict[str, Preset] = {
                 "user:sessions:claude_code",
                 "user:mcp_servers",
                 "user:file_upload",
+                "user:plugins",
             ],
         },
         required={},
         login_needs={},
         source="docs/providers.md (Claude): Claude Code's own client, cli.js of "
         "@anthropic-ai/claude-code 2.1.112 on npm (the last release with a readable "
-        "cli.js): its OAuth constants, authorization-URL, code-exchange and refresh functions",
+        "cli.js): its OAuth constants, authorization-URL, code-exchange and refresh functions; "
+        "the scopes of 2.1.332 (the JavaScript in the native binary of "
+        "@anthropic-ai/claude-code-linux-x64): allOAuthScopes, claudeAiLoginScopes, "
+        "firstPartyRefreshScopes",
+        refresh_keeps_granted=(
+            "user:projects:read",
+            "user:projects:write",
+            "user:privacy_consents:write",
+        ),
     ),
     "codex": Preset(
         title="Codex / ChatGPT login",
@@ -153,8 +180,12 @@ PRESETS: dict[str, Preset] = {
         required={},
         login_needs={},
         source="docs/providers.md (Codex): openai/codex codex-rs/login/src/server.rs "
-        "(build_authorize_url, exchange_code_for_tokens, bind_server) and "
-        "codex-rs/login/src/auth/manager.rs (request_chatgpt_token_refresh) at 250de82b",
+        "(build_authorize_url, exchange_code_for_tokens, bind_server), "
+        "codex-rs/login/src/auth/manager.rs (request_chatgpt_token_refresh) at 250de82b; "
+        "codex-rs/login/src/auth/default_client.rs (default_headers) read at 0157182c",
+        # The refresh goes through create_client(), whose default headers name the
+        # originator on every request (credproxy keeps its own User-Agent).
+        refresh_headers=MappingProxyType({"originator": "codex_cli_rs"}),
     ),
     "gemini": Preset(
         title="Gemini CLI (Google installed-app client)",
@@ -193,6 +224,8 @@ PRESETS: dict[str, Preset] = {
             "device_authorization_url": _GITHUB_DEVICE_CODE,
             "scopes": ["read:user"],
             "flow": "device",
+            # copilot-api sends the device request and its polls as JSON.
+            "exchange_body": "json",
             # The GitHub token mints the short-lived token the Copilot API takes.
             "grant": "copilot",
             "mint_url": "https://api.github.com/copilot_internal/v2/token",

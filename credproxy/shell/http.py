@@ -225,8 +225,12 @@ class HttpTokenEndpoint:
             )
         return self._client
 
-    async def refresh(self, provider: Provider, refresh_token: str) -> dict[str, Any]:
+    async def refresh(
+        self, provider: Provider, refresh_token: str, granted: Any = None
+    ) -> dict[str, Any]:
         """Exchange *refresh_token* at ``provider.token_url``.
+
+        *granted*: the stored token's ``scope`` (:func:`credproxy.core.oauth.refresh_form`).
 
         The client secret is read from ``provider.client_secret_file`` on
         every call, so rotating the file needs no daemon restart.
@@ -251,7 +255,7 @@ class HttpTokenEndpoint:
             # a refresh does not know. The caller mints (see mint).
             raise RefreshFailed(f"grant {provider.grant!r} is minted, not refreshed")
         client_secret = await _read_client_secret(provider.client_secret_file)
-        form = oauth.refresh_form(provider, refresh_token, client_secret)
+        form = oauth.refresh_form(provider, refresh_token, client_secret, granted)
         # The userinfo part of a URL may hold a password; name the host only.
         host = urlsplit(provider.token_url).hostname or "the token endpoint"
         # Taken before sending: expires_in counts from when the IdP answered,
@@ -259,7 +263,10 @@ class HttpTokenEndpoint:
         now = self._wall_clock()
         try:
             status, body = await self._post(
-                provider.token_url, form, json_body=provider.refresh_body == "json"
+                provider.token_url,
+                form,
+                json_body=provider.refresh_body == "json",
+                headers=oauth.refresh_headers(provider),
             )
         except _httpx_errors() as exc:
             raise RefreshFailed(network_failure("the refresh", provider.token_url, exc)) from None
@@ -371,6 +378,8 @@ class HttpTokenEndpoint:
     ) -> login.DeviceAuthorization:
         """Start a device flow: ``POST device_authorization_url`` (RFC 8628 3.1).
 
+        A form, or JSON as ``exchange_body`` says (see :meth:`_login_post`).
+
         Raises:
             LoginFailed: unreachable, too slow, or not a usable device authorization
                 response (:func:`credproxy.core.login.parse_device_authorization`).
@@ -387,6 +396,8 @@ class HttpTokenEndpoint:
         self, provider: Provider, device_code: str, pkce: login.Pkce | None = None
     ) -> tuple[int, bytes, float]:
         """One device-flow poll of ``token_url``: (status, body, time sent), judged by the caller.
+
+        A form, or JSON as ``exchange_body`` says (see :meth:`_login_post`).
 
         Raises:
             LoginFailed: the endpoint could not be reached or answered too much.
@@ -415,9 +426,7 @@ class HttpTokenEndpoint:
         """
         form = login.code_form(provider, code, pkce, redirect_uri, state)
         now = self._wall_clock()
-        status, body = await self._login_post(
-            provider, provider.token_url, form, json_body=provider.exchange_body == "json"
-        )
+        status, body = await self._login_post(provider, provider.token_url, form)
         return login.parse_token_response(status, body, now)
 
     async def login_client_secret(self, provider: Provider) -> str | None:
@@ -433,8 +442,14 @@ class HttpTokenEndpoint:
             raise login.LoginFailed(f"{exc}; nothing was stored") from None
 
     async def _login_post(
-        self, provider: Provider, url: str, form: dict[str, str], *, json_body: bool = False
+        self, provider: Provider, url: str, form: dict[str, str]
     ) -> tuple[int, bytes]:
+        """POST one request of a login, with the client secret if there is one.
+
+        Every request of a login (the code exchange, the device authorization
+        request and each poll) is a form, or a JSON object when the provider's
+        ``exchange_body`` is ``"json"`` (copilot-api sends its device flow so).
+        """
         if self._closed:
             raise login.LoginFailed("the HTTP client is closed")
         client_secret = await self.login_client_secret(provider)
@@ -442,7 +457,7 @@ class HttpTokenEndpoint:
             form = {**form, "client_secret": client_secret}
         host = urlsplit(url).hostname or "the identity provider"
         try:
-            return await self._post(url, form, json_body=json_body)
+            return await self._post(url, form, json_body=provider.exchange_body == "json")
         except _httpx_errors() as exc:
             raise login.LoginFailed(network_failure("the login request", url, exc)) from None
         except _ResponseTooLarge:
@@ -451,12 +466,20 @@ class HttpTokenEndpoint:
             ) from None
 
     async def _post(
-        self, url: str, form: dict[str, str], *, json_body: bool = False
+        self,
+        url: str,
+        form: dict[str, str],
+        *,
+        json_body: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        """POST *form* as ``application/x-www-form-urlencoded``, or as a JSON object."""
+        """POST *form* as ``application/x-www-form-urlencoded``, or as a JSON object.
+
+        *headers* are added to the client's own (``Accept``, ``User-Agent``).
+        """
         if json_body:
-            return await self._call("POST", url, json=form)
-        return await self._call("POST", url, data=form)
+            return await self._call("POST", url, json=form, headers=headers)
+        return await self._call("POST", url, data=form, headers=headers)
 
     async def _call(
         self,

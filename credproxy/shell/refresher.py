@@ -335,7 +335,7 @@ class Refresher(Generic[G]):
                 assert stored is not None
                 assert isinstance(rt, str)
                 try:
-                    new = await self.endpoint.refresh(prov, rt)
+                    new = await self.endpoint.refresh(prov, rt, stored.token.get("scope"))
                 except RotatedUnusable as exc:
                     # No usable token, but the old refresh token is spent: the
                     # new one is stored (with the old access token) before the
