@@ -264,6 +264,20 @@ def test_entra_tenant_is_overridden_by_setting_both_urls(tmp_path: Path) -> None
     assert provider.flow == "device"
 
 
+def test_github_app_on_github_enterprise_proxies_its_api_there(tmp_path: Path) -> None:
+    """api_url set for GitHub Enterprise: the API proxy goes to that host too, so its installation tokens are never sent to api.github.com."""
+    table = {
+        "preset": "github-app",
+        "app_id": 42,
+        "installation_id": 7,
+        "private_key": str(tmp_path / "app.pem"),
+        "api_url": "https://github.example.com/api/v3",
+    }
+    api = load_config(_write_config(tmp_path, {"ghe": table})).providers["ghe"].api
+    assert api is not None and api.base_url == "https://github.example.com/api/v3"
+    assert api.headers == {"Authorization": "Bearer {access_token}"}
+
+
 def test_claude_authorization_request_keeps_claude_codes_fixed_parameter(tmp_path: Path) -> None:
     """The browser URL for Claude carries code=true (as Claude Code sends it) plus the standard PKCE request and the scopes."""
     provider = load_config(_write_config(tmp_path, {"c": {"preset": "claude"}})).providers["c"]

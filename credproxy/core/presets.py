@@ -349,7 +349,7 @@ PRESETS: dict[str, Preset] = {
             "grant": "github-app",
             "api_url": "https://api.github.com",
             # The REST API through the API proxy (GitHub takes an installation
-            # token as a Bearer); GitHub Enterprise sets its own api too.
+            # token as a Bearer); another api_url (GitHub Enterprise) moves it.
             "api": {
                 "base_url": "https://api.github.com",
                 "headers": {"Authorization": "Bearer {access_token}"},
@@ -408,6 +408,17 @@ def apply_preset(name: str, table: dict[str, Any]) -> dict[str, Any]:
     if preset is None:
         raise PresetError(f"unknown preset {chosen!r}; known presets: {known}", where)
     merged = {**preset.defaults, **table}
+    api = preset.defaults.get("api")
+    if (
+        "api_url" in table
+        and "api" not in table
+        and isinstance(api, dict)
+        and api.get("base_url") == preset.defaults.get("api_url")
+    ):
+        # The preset's API is its api_url's (github-app): another api_url
+        # (GitHub Enterprise) moves the API proxy there too, so that its
+        # tokens never go to the default host.
+        merged["api"] = {**api, "base_url": table["api_url"]}
     for key, hint in preset.required.items():
         if key not in merged:
             raise PresetError(
