@@ -24,6 +24,7 @@ from credproxy.core import assertions
 from credproxy.core.assertions import MintFailed, MintRequest, SigningKey
 from credproxy.core.config import Narrowing, Provider, Secret, parse
 from credproxy.devidp import public_key_fingerprint
+from credproxy.errors import ConfigError
 
 NOW = 1_800_000_000.0
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -221,6 +222,32 @@ def test_signed_jwt_is_the_token_with_its_lifetime() -> None:
     assert token["expiry"] == claims["exp"]
     assert token["token_type"] == "Bearer"
     assert "refresh_token" not in token
+
+
+@pytest.mark.parametrize(
+    ("subject", "said"),
+    [
+        ("acme.alice", "subject must be uppercase, as Snowflake compares it: ACME.ALICE"),
+        ("ACME", "subject must be ACCOUNT.USER"),
+    ],
+)
+def test_a_snowflake_subject_snowflake_refuses_is_refused_at_load(subject: str, said: str) -> None:
+    """A lowercase or shapeless subject is said at load, not met as a 401 at the first use."""
+    text = f'[providers.sf]\npreset = "snowflake"\nsubject = "{subject}"\nprivate_key = "/k"\n'
+    with pytest.raises(ConfigError, match=said):
+        parse(text, Path("config.toml"))
+
+
+def test_a_snowflake_key_that_is_not_rsa_is_refused() -> None:
+    """Snowflake takes RSA key pairs only: an Ed25519 key is refused before anything is signed."""
+    cfg = parse(
+        '[providers.sf]\npreset = "snowflake"\nsubject = "ACME.ALICE"\nprivate_key = "/k"\n',
+        Path("config.toml"),
+    )
+    with pytest.raises(assertions.MintFailed, match="Snowflake takes RSA key pairs only"):
+        assertions.signed_jwt_token(
+            cfg.providers["sf"], key(ED_KEY), now=NOW, random=counter_random()
+        )
 
 
 def test_jti_is_unique_per_assertion() -> None:

@@ -492,6 +492,10 @@ def signed_jwt_token(
     and ``{subject}`` filled in (Snowflake: ``ACCOUNT.USER.SHA256:<fingerprint>``
     and ``ACCOUNT.USER``); ``aud`` when ``audience`` is set.
     """
+    if provider.preset == "snowflake" and not isinstance(key.private_key, rsa.RSAPrivateKey):
+        raise MintFailed(
+            f"Snowflake takes RSA key pairs only; {key.path} is another kind of key", "key"
+        )
     lifetime = provider.lifetime or 3600
     subject = _fill(provider.subject, key, None) if provider.subject else None
     issuer = _fill(provider.issuer or "", key, subject)

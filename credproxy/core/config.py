@@ -582,6 +582,21 @@ def _is_set(prov: Provider, key: str) -> bool:
     return value not in (None, False, {}, [])
 
 
+def _snowflake_subject(subject: str) -> list[str]:
+    """What Snowflake refuses in a key-pair JWT's ``ACCOUNT.USER`` (its drivers fix it silently).
+
+    Snowflake compares the account and the user in uppercase (its own
+    connectors uppercase both). Said at load, not as a 401 at the first use.
+    """
+    problems = []
+    if subject != subject.upper():
+        problems.append(f"subject must be uppercase, as Snowflake compares it: {subject.upper()}")
+    account, _, user = subject.partition(".")
+    if not account or not user:
+        problems.append("subject must be ACCOUNT.USER (your account identifier, a dot, the user)")
+    return problems
+
+
 def _grant_problems(prov: Provider) -> list[tuple[str, list[str]]]:
     """What is wrong with *prov* for its ``grant``: (message, the key at fault)."""
     grant = prov.grant
@@ -643,6 +658,8 @@ def _grant_problems(prov: Provider) -> list[tuple[str, list[str]]]:
             )
         if prov.client_secret is not None and not prov.client_secret.reveal():
             out.append(("client_secret is empty", ["client_secret"]))
+    if prov.preset == "snowflake" and prov.subject:
+        out.extend((message, ["subject"]) for message in _snowflake_subject(prov.subject))
     if prov.passphrase_file and prov.passphrase_command is not None:
         out.append(("set passphrase_file or passphrase_command, not both", ["passphrase_command"]))
     if prov.key_file and any(_is_set(prov, k) for k in _PASSPHRASE):
