@@ -613,11 +613,13 @@ def cmd_signing_key_import(ns: Any) -> int:
 
     check_name("signing key", ns.name)
     try:
-        with open(ns.file, "rb") as f:
+        with open(ns.file, "rb") as f:  # (a pipe too: `<(pass show app-key)`)
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE_BYTES:
-                raise UsageError(f"{ns.file} is not a key file")
-            data = f.read()
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
+            if len(data) > MAX_KEY_FILE_BYTES:
+                raise UsageError(
+                    f"{ns.file} is larger than {MAX_KEY_FILE_BYTES} bytes: not a key file"
+                )
     except FileNotFoundError:
         raise NotFound(f"no file {ns.file}") from None
     except OSError as exc:

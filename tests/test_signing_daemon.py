@@ -10,6 +10,7 @@ errors and the log (never the key).
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_proxy import HttpClient, Upstream, answer, upstream  # noqa: F401
 
-from conftest import Dirs, Harness, StartDaemon
+from conftest import CREDPROXY, Dirs, Harness, StartDaemon
 from credproxy.core.config import Narrowing
 from credproxy.core.grantcheck import grant_problems
 from credproxy.core.grants import Grants
@@ -345,6 +346,21 @@ def test_signing_key_import_keeps_a_private_copy_and_refuses_what_is_not_a_key(
     said = done.stdout + done.stderr + refused.stdout + refused.stderr
     assert all(line not in said for line in _pem_lines(EC_KEY))
     assert cli(dirs, "signing-key", "import", "gone", str(tmp_path / "nope")).returncode == 3
+    big = tmp_path / "big.pem"
+    big.write_bytes(b"x" * (1 << 20))
+    too_big = cli(dirs, "signing-key", "import", "big", str(big))
+    assert too_big.returncode == 2 and "larger than" in too_big.stderr
+    # From a pipe, as `credproxy signing-key import piped <(pass show app-key)` gives it.
+    piped = subprocess.run(
+        ["bash", "-c", f'"{CREDPROXY}" signing-key import piped <(cat "{key_file}")'],
+        capture_output=True,
+        text=True,
+        env=dirs.env(),
+        check=False,
+        timeout=30,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert (dirs.state / "signing" / "piped").read_bytes() == _pem(EC_KEY)
 
     assert cli(dirs, "signing-key", "rm", "app").returncode == 0
     assert not stored.exists()
