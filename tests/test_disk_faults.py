@@ -78,6 +78,25 @@ def small_disk(dirs: Dirs) -> Iterator[SmallDisk]:
             subprocess.run(["umount", "-l", str(dirs.state)], check=True, timeout=10)
 
 
+@pytest.fixture
+def small_token_disk(dirs: Dirs) -> Iterator[SmallDisk]:
+    """A tmpfs on tokens/dev only (the lock files, held open, stay on the real disk)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path = dirs.state / "tokens" / "dev"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        _mount("-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    try:
+        yield SmallDisk(path)
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _mount("-o", "remount,rw", str(path))
+        subprocess.run(["umount", "-l", str(path)], check=True, timeout=10)
+
+
 def _stored(h: Harness, bucket: str = "default") -> dict[str, Any]:
     data: dict[str, Any] = json.loads(h.store.token_path("dev", bucket).read_bytes())
     return data
@@ -228,3 +247,36 @@ async def test_read_only_disk_without_a_lock_file_fails_the_refresh_cleanly(
     assert h.idp.is_access_token_valid(token["access_token"])
     assert (await _status(h))["failures"] == 0
     assert _is_live(h, _stored(h)["refresh_token"])
+
+
+async def test_a_temp_file_of_a_failed_write_is_not_adopted_over_the_newer_token_saved_later(
+    small_token_disk: SmallDisk,
+    start_daemon: StartDaemon,
+    autojump_clock: object,
+    no_secrets_in_logs: list[dict[str, Any]],
+) -> None:
+    """The disk turns read-only between a write's fsync and its rename (its temp file stays, whole); the daemon refreshes again meanwhile; when the disk is back, the saved token is the newest and its refresh token live, not the older one in the temp file."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    old = h.idp.mint()
+    h.store.write("dev", "default", {**old, "expiry": h.wall() - 5})
+    p = await h.peer(await h.session("dev"))
+    flipped: list[bool] = []
+
+    def fault(name: str) -> None:
+        if name == "store-fsynced" and not flipped:
+            flipped.append(True)
+            small_token_disk.read_only(True)
+
+    h.store.fault = fault
+    first = await _token(p)  # refresh 1: its temp file stays, whole
+    assert flipped and list(small_token_disk.path.glob(".*~*.tmp"))
+    await trio.sleep(31)  # past the cooldown, still read-only
+    second = await _token(p, op="refresh_token")  # refresh 2: kept in memory
+    assert second["access_token"] != first["access_token"]
+    small_token_disk.read_only(False)
+    await trio.sleep(120)  # the saver writes it
+    assert "token_saved" in [e["event"] for e in no_secrets_in_logs]
+    stored = _stored(h)
+    assert stored["access_token"] == second["access_token"]
+    assert _is_live(h, stored["refresh_token"])
+    assert not list(small_token_disk.path.glob(".*~*.tmp"))

@@ -477,7 +477,8 @@ class Refresher(Generic[G]):
         health.saved()
         self.cache.remember(key, entry.token, sig)
         with suppress(StoreError):
-            self.store.recover_pending(provider, bucket)  # removes temp files of failed writes
+            # What its own failed writes left is older than this: removed, never adopted.
+            self.store.discard_pending(provider, bucket)
         log.warning(
             "token_saved",
             provider=provider,

@@ -224,12 +224,14 @@ class TokenStore:
         token on disk is already spent at the IdP, while the temp file holds
         the live one. Call this only while holding the key's lock (no write
         of this key is in progress then). Every writer of a key calls it first
-        under that lock, so a complete temp file is the answer of the last
-        writer, newer than the stored token whatever their expiries say (an
-        answer without ``expires_in`` has none; one received after the wall
-        clock was put back has an earlier one): it is renamed into place
-        (the most recent, should there be more). Every temp file of the key is
-        removed.
+        under that lock, and a writer that holds a newer token than a temp
+        file of its own failed write (the daemon saving a token it kept in
+        memory) removes them instead (:meth:`discard_pending`): so a complete
+        temp file is the answer of the last writer, newer than the stored
+        token whatever their expiries say (an answer without ``expires_in``
+        has none; one received after the wall clock was put back has an
+        earlier one). It is renamed into place (the most recent, should there
+        be more). Every temp file of the key is removed.
 
         Raises:
             StoreError: a complete temp token exists but could not be put in
@@ -268,6 +270,25 @@ class TokenStore:
                 tmp.unlink()
         return best is not None
 
+    def discard_pending(self, provider: str, bucket: str = DEFAULT_BUCKET) -> None:
+        """Remove the key's temp files, adopting none (the caller holds a newer token).
+
+        For a writer that has just put the newest token in place: what a write
+        of its own that failed halfway left behind is older, and adopting it
+        would put a spent refresh token over a live one. Call it holding the
+        key's lock.
+
+        Raises:
+            StoreError: a temp file could not be removed.
+        """
+        for tmp in self._pending(provider, bucket):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot remove {tmp}: {exc.strerror}") from None
+
     def _pending(self, provider: str, bucket: str) -> list[Path]:
         """The key's temp files (writes under way, or left by a killed writer)."""
         path = self.token_path(provider, bucket)
@@ -281,13 +302,7 @@ class TokenStore:
         before its rename may hold the login's live refresh token, which goes too.
         """
         path = self.token_path(provider, bucket)
-        for tmp in self._pending(provider, bucket):
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise StoreError(f"cannot remove {tmp}: {exc.strerror}") from None
+        self.discard_pending(provider, bucket)
         try:
             path.unlink()
         except FileNotFoundError:
