@@ -425,3 +425,49 @@ async def test_a_narrowing_taken_back_by_a_reload_or_a_restart_is_not_served_aga
     )
     again = (await _token(h2, await h2.session("gh:push"), "push"))["data"]["access_token"]
     assert again != after
+
+
+class _GatedMint:
+    """The daemon's own endpoint, whose mints wait for *gate* first (a slow issuer)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.gate = trio.Event()
+        self.waiting = trio.Event()
+
+    async def mint(self, provider: Any, bucket: str = "default") -> dict[str, Any]:
+        self.waiting.set()
+        await self.gate.wait()
+        return await self.real.mint(provider, bucket)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_a_mint_under_way_when_a_reload_narrows_its_bucket_is_minted_again(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """get_token of push waits for its first mint; a reload narrows push to contents:read meanwhile: what the sandbox gets cannot write."""
+    h = await _github_daemon(start_daemon, tmp_path)
+    issuers = _issuers(h)
+    gated = _GatedMint(h.daemon.tokens.refresher.endpoint)
+    h.daemon.tokens.refresher.endpoint = gated
+    s = await h.session("gh:push")
+    got: list[dict[str, Any]] = []
+
+    async def ask() -> None:
+        got.append(await _token(h, s, "push"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await gated.waiting.wait()
+        cfg = h.daemon.cfg
+        narrow = dict(cfg.providers["gh"].narrow)
+        narrow["push"] = Narrowing(repositories=["alpha"], permissions={"contents": "read"})
+        gh = msgspec.structs.replace(cfg.providers["gh"], narrow=narrow)
+        await h.daemon._apply(msgspec.structs.replace(cfg, providers={**cfg.providers, "gh": gh}))
+        gated.gate.set()  # the issuer answers after the reload
+    ((reply),) = got
+    token = reply["data"]["access_token"]
+    put = ("PUT", "/repos/dev-org/alpha/contents/x")
+    assert issuers.answer_github_request(*put, f"token {token}")[0] == 403

@@ -57,7 +57,7 @@ import msgspec
 import trio
 
 from credproxy.core import policy
-from credproxy.core.config import MINTED_WITH, Config
+from credproxy.core.config import MINTED_WITH, Config, Provider
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import KeyHealth
@@ -78,6 +78,7 @@ _encoder = msgspec.json.Encoder()
 LOCK_POLL = 0.02  # seconds between flock attempts while another process refreshes
 SAVE_RETRY_BASE = 1.0  # seconds before retrying the write of an unsaved token, doubling
 SAVE_RETRY_CAP = 60.0
+MINT_TRIES = 3  # mints in a row while reloads keep changing what a bucket is minted from
 
 
 class Generation(Protocol):
@@ -329,8 +330,7 @@ class Refresher(Generic[G]):
             self.store.fault("refresh-before-request")
             health.attempted(self.wall())
             if mints:
-                merged = await self.endpoint.mint(prov, bucket)
-                merged[MINTED_WITH] = prov.minted_with(bucket)
+                merged = await self._mint(prov, provider, bucket)
             else:
                 assert stored is not None
                 assert isinstance(rt, str)
@@ -385,6 +385,29 @@ class Refresher(Generic[G]):
             durable=key not in self._unsaved,
         )
         return entry
+
+    async def _mint(self, prov: Provider, provider: str, bucket: str) -> dict[str, Any]:
+        """A token minted under the configuration in force when it comes back.
+
+        A reload while the issuer answers (a narrowing taken back) makes the
+        token one of the old configuration: it is minted again under the new
+        one (a few times at most; then the failure is said), never served.
+
+        Raises:
+            RefreshFailed: as the mint, or the configuration kept changing.
+            NotFound: the reload took the bucket (or the provider) away.
+        """
+        for _ in range(MINT_TRIES):
+            merged = await self.endpoint.mint(prov, bucket)
+            digest = prov.minted_with(bucket)
+            now = self.cfg.providers.get(provider)
+            if now is None or not now.mints(bucket):
+                raise NotFound(f"{provider}:{bucket} is no longer minted (a reload)")
+            if now.minted_with(bucket) == digest:
+                merged[MINTED_WITH] = digest
+                return merged
+            prov = now
+        raise RefreshFailed(f"{provider}:{bucket}: its configuration changed while minting")
 
     def _store_refreshed(
         self,
