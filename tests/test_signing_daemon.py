@@ -471,3 +471,20 @@ async def test_a_mint_under_way_when_a_reload_narrows_its_bucket_is_minted_again
     token = reply["data"]["access_token"]
     put = ("PUT", "/repos/dev-org/alpha/contents/x")
     assert issuers.answer_github_request(*put, f"token {token}")[0] == 403
+
+
+async def test_a_token_an_earlier_version_minted_for_a_made_up_bucket_is_not_served(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A whole-installation token stored for a made-up bucket (as an earlier version minted one for any name asked): that bucket answers NOT_FOUND, and nothing more is minted."""
+    h = await _github_daemon(start_daemon, tmp_path, api_url="https://api.example")
+    issuers = _issuers(h)
+    wide = (await _token(h, await h.session("gh"), "default"))["data"]
+    h.store.write("gh", "readonyl", {**wide, "expiry": h.wall() + 3000})
+    reply = await _token(h, await h.session("gh:readonyl"), "readonyl")
+    assert (reply["ok"], reply["code"]) == (False, "NOT_FOUND")
+    assert issuers.mint_count == 1
+    (warned,) = grant_problems(
+        Grants.parse(["api:gh:readonyl"]), h.daemon.cfg.providers, [], None, "config.toml"
+    )
+    assert warned.cause == "unknown_bucket"

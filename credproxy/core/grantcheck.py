@@ -64,7 +64,7 @@ def grant_problems(
                 )
             continue
         if sep and head == "api":
-            tail = tail.partition(":")[0]  # (api:PROVIDER:BUCKET: the provider's)
+            tail, _, bucket = tail.partition(":")  # (api:PROVIDER:BUCKET)
             prov = providers.get(tail)
             if prov is None:
                 found.append(
@@ -85,6 +85,8 @@ def grant_problems(
                         f"add [providers.{tail}.api] (base_url, headers) to {config_file}",
                     )
                 )
+            elif bucket:
+                found.extend(_unknown_buckets(spec, tail, prov, bucket, config_file))
             continue
         if head not in providers and head not in stored:
             found.append(
@@ -98,18 +100,27 @@ def grant_problems(
             )
             continue
         prov = providers.get(head)
-        if sep and prov is not None and prov.grant in SIGNING_GRANTS:
-            # A signing provider mints only the buckets its configuration names.
-            unknown = [b for b in tail.split(",") if not prov.mints(b)]
-            if unknown:
-                named = ", ".join(sorted({DEFAULT_BUCKET, *prov.buckets, *prov.narrow}))
-                found.append(
-                    GrantProblem(
-                        spec,
-                        "unknown_bucket",
-                        f"provider {head} mints no bucket {', '.join(unknown)} (it mints: {named})",
-                        f"fix the grant, or name the bucket in [providers.{head}] "
-                        f"(buckets, or [providers.{head}.narrow.BUCKET]) in {config_file}",
-                    )
-                )
+        if sep and prov is not None:
+            found.extend(_unknown_buckets(spec, head, prov, tail, config_file))
     return found
+
+
+def _unknown_buckets(
+    spec: str, name: str, prov: Provider, buckets: str, config_file: str
+) -> list[GrantProblem]:
+    """The buckets of *buckets* a signing provider does not mint (it mints those it names)."""
+    if prov.grant not in SIGNING_GRANTS:
+        return []
+    unknown = [b for b in buckets.split(",") if not prov.mints(b)]
+    if not unknown:
+        return []
+    named = ", ".join(sorted({DEFAULT_BUCKET, *prov.buckets, *prov.narrow}))
+    return [
+        GrantProblem(
+            spec,
+            "unknown_bucket",
+            f"provider {name} mints no bucket {', '.join(unknown)} (it mints: {named})",
+            f"fix the grant, or name the bucket in [providers.{name}] "
+            f"(buckets, or [providers.{name}.narrow.BUCKET]) in {config_file}",
+        )
+    ]

@@ -58,7 +58,7 @@ import msgspec
 import trio
 
 from credproxy.core import policy, serving
-from credproxy.core.config import MINTED_WITH, Config
+from credproxy.core.config import MINTED_WITH, SIGNING_GRANTS, Config
 from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint
@@ -182,9 +182,15 @@ class Tokens:
     def entry(self, key: Key) -> Entry | None:
         """The current token of *key*, or None; reads the file only if it changed.
 
+        A bucket a signing provider does not mint has none, whatever is
+        stored for it (an earlier version minted for any name a sandbox asked for).
+
         Raises:
             StoreError: the store could not be read.
         """
+        prov = self.cfg.providers.get(key.provider)
+        if prov is not None and prov.grant in SIGNING_GRANTS and not prov.mints(key.bucket):
+            return None
         sig = self.store.signature(*key)
         entry = self._entries.get(key)
         if entry is not None and entry.signature == sig and sig is not None:
