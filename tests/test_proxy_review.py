@@ -362,3 +362,45 @@ async def test_a_reload_that_takes_the_api_away_while_a_request_waits_for_its_to
     assert status == 404, (status, body)
     crashes = [e["event"] for e in no_secrets_in_logs if e["event"].endswith(("crashed", "failed"))]
     assert crashes == []
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])  # GET: the loop's relay; HEAD: the trio side
+async def test_a_reload_that_moves_the_api_while_a_request_waits_sends_nothing_to_the_old_host(
+    start_live: StartLive,
+    idp: tuple[WatchedIdP, str],
+    upstream: Upstream,
+    method: str,
+) -> None:
+    """A reload gives dev's api a new base_url and a new key header while a request waits for its token: the request is answered 503 (send it again) and the old base_url gets nothing, least of all the new api's credentials."""
+    the_idp, url = idp
+
+    def api(base: str, extra: str = "") -> str:
+        return (
+            f'[providers.dev]\ntoken_url = "{url}"\nclient_id = "credproxy-dev"\n'
+            f'[providers.dev.api]\nbase_url = "{base}"\n'
+            'headers = { Authorization = "Bearer {access_token}"' + extra + " }\n"
+        )
+
+    live = await start_live(api(upstream.url))
+    live.store.write_key("bkey", "CANARY-for-v2-only")
+    expired = the_idp.mint()
+    expired["expiry"] = time.time() - 60  # serving it needs a refresh
+    live.store.write("dev", "default", expired)
+    http = await HttpClient.connect((await live.session("*")).socket_path)
+    the_idp.fail_next("slow", delay=1.5)
+    answer: list[tuple[int, Any, bytes]] = []
+
+    async def ask() -> None:
+        answer.append(await http.call(method, "/dev/models"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        with trio.fail_after(10):
+            await the_idp.slow_started.wait()
+        moved = api(upstream.url.replace("/v1", "/v2"), ', X-Api-Key = "{key:bkey}"')
+        edit(live.dirs.config, moved)
+        await live.daemon.reload("command")
+    await http.aclose()
+    ((status, _, _),) = answer
+    assert status == 503
+    assert upstream.received == []

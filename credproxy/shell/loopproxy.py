@@ -97,6 +97,7 @@ from credproxy.shell import logs
 from credproxy.shell.http import Tls, _env_proxy, relay_failure
 from credproxy.shell.proxy import (
     _NO_API,
+    API_MOVED,
     CLIENT_GONE_STATUS,
     HEAD_TIMEOUT,
     SEND_TIMEOUT,
@@ -918,6 +919,9 @@ class HttpConn:
         prov = lp.loop.core.providers.get(x.key.provider)
         if prov is None or prov.api is None:  # (a reload took it away while the token came)
             self.refuse(x, HttpError(404, _NO_API), now)
+            return
+        if prov.api.base_url != x.origin.url:  # (or moved it: its headers are not for there)
+            self.refuse(x, HttpError(503, API_MOVED, [(b"retry-after", b"1")]), now)
             return
         try:
             filled = lp.filled(self.state.id, x.key, ready, prov.api, self.state.grants)

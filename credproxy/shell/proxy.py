@@ -105,6 +105,8 @@ HALF_CLOSE_GRACE = 2.0  # seconds a WebSocket lives after its client's end of in
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request", in the audit line only
 TRIM_AFTER = 1 << 20  # body bytes relayed before the last exchange ending gives memory back
 _NO_API = "no such API in this session (http://credproxy/PROVIDER/...)"
+#: A reload moved the provider's API while a request waited (for its token).
+API_MOVED = "the provider's API moved (a reload) while this request waited; send it again"
 NOT_SERVED_LOG_INTERVAL = 60.0  # seconds between api_not_served lines of a session and cause
 NOT_SERVED_MEMORY = 1024  # (session, provider, cause) throttles kept; then forgotten at once
 #: Why a request to a provider's API was not served, as the host's log says it, and the fix.
@@ -754,7 +756,9 @@ class ApiProxy:
     ) -> UpstreamResponse:
         """Send *x*'s request upstream with *key*'s token (*content*: bytes or an iterator)."""
         headers = httprules.upstream_headers(
-            x.req.headers, self._template(x.session, key, entry), self.cfg.proxy.strip_headers
+            x.req.headers,
+            self._template(x.session, key, entry, x.route.base_url),
+            self.cfg.proxy.strip_headers,
         )
         if not any(name.lower() == b"accept-encoding" for name, _ in headers):
             # httpx would ask for gzip on its own, and the body is relayed as
@@ -769,21 +773,27 @@ class ApiProxy:
         except UpstreamUnavailable as exc:
             raise HttpError(502, str(exc)) from None
 
-    def _api(self, key: Key) -> Api:
-        """*key*'s provider's ``api`` section as configured now.
+    def _api(self, key: Key, base_url: str | None = None) -> Api:
+        """*key*'s provider's ``api`` section as configured now (at *base_url*, if given).
 
         Raises:
-            HttpError: 404, a reload took it away while the request waited.
+            HttpError: a reload took it away (404) or moved it (503: the
+                request was routed to the old ``base_url``, and the new
+                section's headers are not for that host) while the request waited.
         """
         prov = self.cfg.providers.get(key.provider)
         if prov is None or prov.api is None:
             raise HttpError(404, _NO_API)
+        if base_url is not None and prov.api.base_url != base_url:
+            raise HttpError(503, API_MOVED, [(b"retry-after", b"1")])
         return prov.api
 
-    def _template(self, session: Session, key: Key, entry: Entry | None) -> dict[str, str]:
+    def _template(
+        self, session: Session, key: Key, entry: Entry | None, base_url: str
+    ) -> dict[str, str]:
         """The provider's headers filled in from the token and keys (``{client}`` left in place)."""
         fields = token_fields(entry.token) if entry is not None else {}
-        headers = self._api(key).headers
+        headers = self._api(key, base_url).headers
         return fill_headers(headers, fields, key, session.grants, self.ops.store.read_key)
 
     async def _relay(self, x: Exchange, upstream: UpstreamResponse) -> None:
