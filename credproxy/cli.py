@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`credproxy status | head -1`): nothing to say,
+        # and nothing more written at exit (Python's own advice for SIGPIPE).
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 def _parser() -> Any:
@@ -402,7 +409,7 @@ def import_token(provider: str, bucket: str, file: str, *, force: bool = False) 
     source = "standard input" if file == "-" else file
     try:
         if file == "-":
-            text = sys.stdin.read()
+            text = _stdin_text("the token (read from stdin)")
         else:
             with open(file, encoding="utf-8") as f:
                 text = f.read()
@@ -410,6 +417,8 @@ def import_token(provider: str, bucket: str, file: str, *, force: bool = False) 
         raise NotFound(f"{source} does not exist (give the token file's path)") from None
     except OSError as exc:
         raise UsageError(f"cannot read {source}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{source} is not UTF-8 text (a token file is JSON)") from None
     try:
         raw = json.loads(text)
     except ValueError as exc:
@@ -575,6 +584,16 @@ def cmd_logout(ns: Any) -> int:
     return EXIT_OK
 
 
+def _stdin_text(what: str) -> str:
+    """All of standard input as text; not UTF-8 is a usage error (it would fail later)."""
+    try:
+        text = sys.stdin.read()
+        text.encode("utf-8")  # (undecodable bytes come as surrogates in a C locale)
+    except UnicodeError:
+        raise UsageError(f"{what} is not UTF-8 text") from None
+    return text
+
+
 def cmd_key_set(ns: Any) -> int:
     import os
 
@@ -583,7 +602,7 @@ def cmd_key_set(ns: Any) -> int:
     check_name("key", ns.name)
     if sys.stdin.isatty():
         print(f"Enter the value of {ns.name}, then Ctrl-D:", file=sys.stderr)
-    value = sys.stdin.read()
+    value = _stdin_text("the key value (read from stdin)")
     if value.endswith("\n"):
         value = value[:-1]
     if not value:
@@ -885,6 +904,11 @@ def _render_status(st: dict[str, Any]) -> str:
             bits.append("RE-AUTH REQUIRED")
         if t.get("failures"):
             bits.append(f"{t['failures']} consecutive failures (last: {t.get('last_error')})")
+        if t.get("unsaved_since"):
+            bits.append(
+                f"NOT ON DISK since {t['unsaved_since']} (kept in memory; "
+                f"{t.get('save_failures', 0)} failed writes: {t.get('last_error')})"
+            )
         if t.get("next_renewal"):
             bits.append(f"next renewal {t['next_renewal']}")
         lines.append(f"  {t['provider']}:{t['bucket']}: " + ", ".join(bits))
@@ -912,7 +936,11 @@ def cmd_install_units(ns: Any) -> int:
     exe = os.path.abspath(found) if found else str(Path(sys.argv[0]).resolve())
     config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     dest = Path(config_home) / "systemd" / "user"
-    written = units.install_units(dest, exe)
+    try:
+        written = units.install_units(dest, exe)
+    except OSError as exc:
+        where = exc.filename or dest
+        raise CredproxyError(f"cannot write the units in {where}: {exc.strerror}") from None
     for path in written:
         print(f"wrote {path}")
     if any(Path(exe).is_relative_to(tmp) for tmp in ("/tmp", "/var/tmp")):  # noqa: S108

@@ -387,6 +387,9 @@ def token_main(argv: list[str]) -> int:
     hint = _grant_form_hint(provider)
     if hint:
         return _usage(hint)
+    for what, value in (("PROVIDER", provider), ("--bucket", bucket)):
+        if value is not None and not _sendable(value):
+            return _usage(f"{what} is not a name ({NAME_RULE})")
     stdin = sys.stdin.read(STDIN_LIMIT) if fmt == "docker" and sys.stdin else ""
     if fmt == "kubectl":  # (kubectl's request: the ExecCredential version it reads)
         stdin = os.environ.get("KUBERNETES_EXEC_INFO", "")
@@ -461,6 +464,8 @@ def key_get_main(argv: list[str]) -> int:
         return _key_usage("NAME is required")
     if name.startswith("key:"):
         name = name[4:]  # the grant's spelling, key:NAME, means the same key
+    if not _sendable(name):
+        return _key_usage(f"NAME is not a name ({NAME_RULE})")
     try:
         with Client() as client:
             value = client.get_api_key(name)
@@ -493,6 +498,23 @@ def print_out(out: str) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
     return EXIT_OK
+
+
+#: What the daemon takes as a name (credproxy.core.names; kept here: this client is stdlib only).
+NAME_RULE = "1-64 of A-Z a-z 0-9 . _ @ - (not . or ..)"
+
+
+def _sendable(name: str) -> bool:
+    """Whether *name* may be a name at all: short, and text (not undecodable bytes).
+
+    The daemon says what is wrong with any other; these could not even reach it
+    (a lone surrogate is no JSON, a long one no frame).
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return 0 < len(name) <= 64
 
 
 def _usage(message: str) -> int:

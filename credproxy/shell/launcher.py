@@ -51,6 +51,7 @@ from credproxy.errors import (
 from credproxy.inner.client import CAPABILITY_ENV, CAPABILITY_FD_ENV, Client
 from credproxy.inner.forward import wait_forwarding_signals
 from credproxy.shell import paths
+from credproxy.shell.paths import UNIX_PATH_MAX
 
 AUTOSTART_IDLE_EXIT = 30.0  # seconds an auto-started daemon lingers after the last session
 # Seconds to wait for a started daemon to answer. One started while the last
@@ -69,6 +70,7 @@ def run(
     capability: bool,
 ) -> int:
     control = paths.control_socket()
+    _check_socket_room(paths.sessions_dir() / ("0" * 16 + ".sock"))
     cfg = _config(control)
     grants = allow or ([] if cfg is None else list(cfg.sandbox.default_allow))
     if not grants:
@@ -78,6 +80,11 @@ def run(
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if name is not None:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError("--name is not UTF-8 text") from None
     parsed = Grants.parse(grants)  # a malformed grant is refused before any daemon starts
     if cfg is not None:
         _warn_grants(parsed, cfg)
@@ -85,7 +92,9 @@ def run(
     payload: dict[str, Any] = {
         "grants": grants,
         "allow_uids": allow_uids,
-        "name": name or Path(cmd[0]).name[:128],  # (a name given is checked, not cut)
+        # (A name given is checked, not cut; the command's own file name is
+        # made sendable: bytes that are not UTF-8 become U+FFFD.)
+        "name": name or os.fsencode(Path(cmd[0]).name).decode("utf-8", "replace")[:128],
     }
     if cap:
         payload["capability"] = cap
@@ -281,6 +290,25 @@ def _put_back(fd: int, saved: tuple[int, bool] | None) -> None:
     os.close(copy)
 
 
+def _check_socket_room(longest: Path) -> None:
+    """Refuse a runtime directory too deep for the sockets under it (*longest*, a session's).
+
+    A Unix socket's path has at most 107 bytes: deeper, neither the daemon nor
+    a session could listen, and the failure would come late and vague.
+
+    Raises:
+        UsageError: the path is too long (the message says what to do).
+    """
+    size = len(os.fsencode(longest))
+    if size > UNIX_PATH_MAX - 1:
+        raise UsageError(
+            f"the runtime directory {longest.parent.parent} is too deep: its session "
+            f"sockets' paths would be {size} bytes, and a Unix socket's may have "
+            f"{UNIX_PATH_MAX - 1} at most; set CREDPROXY_RUNTIME_DIR (or XDG_RUNTIME_DIR) "
+            "to a shorter directory"
+        )
+
+
 def open_session(control: Path, payload: dict[str, Any]) -> dict[str, Any]:
     """Open a session with *payload* on the daemon at *control*, starting one if none answers.
 
@@ -346,21 +374,20 @@ def ensure_daemon(control: Path) -> int:
         log_path = runtime / "daemon.log"
         log_fd = paths.open_nofollow(log_path, os.O_WRONLY | os.O_APPEND, "daemon log")
         with open(log_fd, "ab") as log_file:
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "credproxy",
-                    "serve",
-                    "--idle-exit",
-                    str(AUTOSTART_IDLE_EXIT),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-                env=dict(os.environ, CREDPROXY_RUNTIME_DIR=str(runtime)),
-            )
+            serve = [sys.executable, "-m", "credproxy", "serve"]
+            try:
+                subprocess.Popen(
+                    [*serve, "--idle-exit", str(AUTOSTART_IDLE_EXIT)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    start_new_session=True,
+                    env=dict(os.environ, CREDPROXY_RUNTIME_DIR=str(runtime)),
+                )
+            except OSError as exc:  # (out of processes or memory)
+                raise DaemonUnavailable(
+                    f"cannot start the credproxy daemon ({exc.strerror})"
+                ) from None
     finally:
         os.umask(old)
     deadline = time.monotonic() + STARTUP_TIMEOUT

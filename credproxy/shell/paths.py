@@ -86,6 +86,7 @@ def sessions_dir() -> Path:
     return runtime_dir() / "s"
 
 
+UNIX_PATH_MAX = 108  # a Unix socket path's room on Linux (sun_path), its final NUL included
 PRIVATE = 0o700
 SEARCHABLE = 0o711  # others may pass through (to a socket opened for them), never list
 

@@ -22,6 +22,7 @@ from credproxy.core import httprules
 from credproxy.core.protocol import handshake_error
 from credproxy.errors import CredproxyError
 from credproxy.shell import logs, paths
+from credproxy.shell.paths import UNIX_PATH_MAX
 
 log = logs.get("credproxy.server")
 _PEERCRED = struct.Struct("3i")
@@ -125,7 +126,14 @@ async def bind_unix(
             _bind_with_umask(sock, path, umask)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
-                raise CredproxyError(f"cannot bind {path}: {exc.strerror}") from None
+                why = exc.strerror or str(exc)  # ("AF_UNIX path too long" has no errno)
+                if len(os.fsencode(path)) >= UNIX_PATH_MAX:
+                    why = (
+                        f"the path is {len(os.fsencode(path))} bytes, and a Unix socket's "
+                        f"may have {UNIX_PATH_MAX - 1} at most; set CREDPROXY_RUNTIME_DIR "
+                        "(or XDG_RUNTIME_DIR) to a shorter directory"
+                    )
+                raise CredproxyError(f"cannot bind {path}: {why}") from None
             await _reclaim(path)
             _bind_with_umask(sock, path, umask)
         sock.listen(backlog)

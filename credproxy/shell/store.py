@@ -451,6 +451,8 @@ def _remove(path: Path) -> bool:
         path.unlink()
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        raise StoreError(f"cannot remove {path}: {exc.strerror}") from None
     _fsync_dir(path.parent)
     return True
 

@@ -1,0 +1,150 @@
+"""What the command line says when the user's input or the machine gets in the way.
+
+Each is a command a user can type, run as the installed ``credproxy``: one
+line that says why (and what to do), the documented exit code, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from conftest import CREDPROXY, Dirs, cli, stop_daemon
+from credproxy.cli import _render_status
+
+
+def _run_bytes(
+    dirs: Dirs, *args: bytes | str, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [CREDPROXY, *args],
+        input=input,
+        capture_output=True,
+        timeout=60,
+        env=dirs.env(),
+        check=False,
+    )
+
+
+def test_status_into_a_pipe_that_closes_early_says_nothing_more(dirs: Dirs) -> None:
+    """`credproxy status | head -1`: no BrokenPipeError traceback."""
+    proc = subprocess.run(
+        ["sh", "-c", f"'{CREDPROXY}' status | true; '{CREDPROXY}' status --json | true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dirs.env(),
+        check=False,
+    )
+    assert proc.stderr == ""
+
+
+def test_input_that_is_not_utf8_is_refused_in_one_line(dirs: Dirs) -> None:
+    """`key set` and `import` (a file, or stdin) of bytes that are not UTF-8: exit 2, one line, nothing stored."""
+    refused = _run_bytes(dirs, "key", "set", "k", input=b"ab\xffcd")
+    assert refused.returncode == 2
+    assert (
+        refused.stderr == b"credproxy key: the key value (read from stdin) is not UTF-8 text\n"
+    )
+    bad = dirs.root / "bad.json"
+    bad.write_bytes(b'{"access_token":"\xff"}')
+    for args, stdin in (((str(bad),), None), ((), bad.read_bytes())):
+        proc = _run_bytes(dirs, "import", "p", *args, input=stdin)
+        assert proc.returncode == 2 and b"is not UTF-8 text" in proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
+    assert not (dirs.state / "keys" / "k").exists()
+    assert not (dirs.state / "tokens" / "p").exists()
+
+
+def test_run_of_a_command_whose_file_name_is_not_utf8(dirs: Dirs) -> None:
+    """The session's name comes from the command's file name (here caf\\xe9 in Latin-1): it runs."""
+    script = dirs.root / os.fsdecode(b"caf\xe9")
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    try:
+        proc = _run_bytes(dirs, "run", "--allow", "*", "--", os.fsencode(script))
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        named = _run_bytes(dirs, "run", "--name", b"\xff", "--allow", "*", "--", "true")
+        assert (named.returncode, named.stderr) == (
+            2,
+            b"credproxy run: --name is not UTF-8 text\n",
+        )
+    finally:
+        stop_daemon(dirs)
+
+
+def test_a_name_that_cannot_be_sent_is_a_usage_error_inside_the_sandbox(dirs: Dirs) -> None:
+    """`credproxy token` and `key get` with a name that is not UTF-8 or longer than any name: exit 2 with the name rule, not 'connection lost'."""
+    inner = (
+        f"'{CREDPROXY}' token \"$(printf '\\377')\"; echo rc=$?; "
+        f"'{CREDPROXY}' token $(head -c 70000 /dev/zero | tr '\\0' a); echo rc=$?; "
+        f"'{CREDPROXY}' key get \"$(printf '\\377')\"; echo rc=$?"
+    )
+    try:
+        proc = cli(dirs, "run", "--allow", "*", "--", "sh", "-c", inner)
+    finally:
+        stop_daemon(dirs)
+    assert proc.stdout.split() == ["rc=2", "rc=2", "rc=2"], proc.stderr
+    assert "lost" not in proc.stderr and proc.stderr.count("is not a name (1-64 of") == 3
+    assert max(len(line) for line in proc.stderr.splitlines()) < 300
+
+
+def test_a_runtime_directory_too_deep_for_its_sockets_is_said_at_once(dirs: Dirs) -> None:
+    """A CREDPROXY_RUNTIME_DIR whose session sockets would pass the 107-byte limit: one line that says so and what to do, before any daemon starts."""
+    runtime = dirs.root / ("q" * 100)
+    proc = cli(dirs, "run", "--allow", "*", "--", "true", CREDPROXY_RUNTIME_DIR=str(runtime))
+    assert proc.returncode == 2
+    assert "a Unix socket's may have 107 at most; set CREDPROXY_RUNTIME_DIR" in proc.stderr
+    assert not (runtime / "daemon.log").exists()
+
+
+def test_install_units_that_cannot_be_written_says_so_in_one_line(dirs: Dirs) -> None:
+    config_home = dirs.root / "xdg"
+    config_home.mkdir()
+    (config_home / "systemd").write_text("")  # a file where the directory goes
+    proc = cli(dirs, "install-units", XDG_CONFIG_HOME=str(config_home))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("credproxy install-units: cannot write the units in ")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_key_rm_that_cannot_remove_says_so_in_one_line(dirs: Dirs) -> None:
+    """(Root ignores file modes: a directory where the file goes makes the removal fail.)"""
+    assert cli(dirs, "key", "set", "k", input="v").returncode == 0
+    (dirs.state / "keys" / "k").unlink()
+    (dirs.state / "keys" / "k").mkdir()
+    (dirs.state / "signing").mkdir(mode=0o700, exist_ok=True)
+    (dirs.state / "signing" / "s").mkdir()
+    for args in (("key", "rm", "k"), ("signing-key", "rm", "s")):
+        proc = cli(dirs, *args)
+        assert proc.returncode == 1 and "cannot remove" in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
+
+
+def test_status_says_a_renewed_token_is_only_in_memory() -> None:
+    """A token whose write was refused (kept in memory, its rotated refresh token too) stands out in the text status, as in --json."""
+    text = _render_status(
+        {
+            "daemon": {"pid": 1, "version": "0.1.0", "running_since": "x"},
+            "sessions": [],
+            "tokens": [
+                {
+                    "provider": "s",
+                    "bucket": "default",
+                    "expires_in": 3596,
+                    "failures": 0,
+                    "last_error": "the renewed token is not on disk yet (kept in memory): "
+                    "cannot write /x/tokens/s/default.json: Permission denied",
+                    "refreshable": True,
+                    "reauth_required": False,
+                    "save_failures": 1,
+                    "unsaved_since": "2026-12-06T16:59:26+00:00",
+                    "next_renewal": None,
+                }
+            ],
+            "holds": [],
+            "keys": [],
+        }
+    )
+    assert "NOT ON DISK since 2026-12-06T16:59:26+00:00 (kept in memory; 1 failed writes" in text
