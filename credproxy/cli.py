@@ -349,10 +349,12 @@ def _notify_daemon(provider: str, bucket: str) -> None:
 
     client = Client(paths.control_socket(), timeout=5)
     try:
-        client.connect()
-    except CredproxyError:
-        return  # no daemon runs (or it cannot be reached): the next one reads the store
-    try:
+        try:
+            client.connect()
+        except CredproxyError as exc:
+            if _silent_daemon(paths.control_socket()) is None:
+                return  # no daemon runs: the next one reads the store
+            raise exc
         client.call("token_changed", {"provider": provider, "bucket": bucket})
     except CredproxyError as exc:
         print(
@@ -363,6 +365,31 @@ def _notify_daemon(provider: str, bucket: str) -> None:
         )
     finally:
         client.close()
+
+
+def _silent_daemon(control: Any) -> str | None:
+    """What to say of a daemon that listens on *control* but did not answer; None if none does."""
+    from credproxy.inner.client import listener_pid
+
+    pid = listener_pid(control)
+    if pid is None:
+        return None
+    return (
+        f"the credproxy daemon (pid {pid}) holds {control} but does not answer (stopped, or "
+        f"stuck: see its log); end it with kill -TERM {pid}"
+    )
+
+
+def _other_version(running: Any) -> str | None:
+    """What to say when the running daemon is another version than this command (else None)."""
+    from credproxy._version import __version__
+
+    if running == __version__:
+        return None
+    return (
+        f"the running daemon is version {running}, this credproxy {__version__}: "
+        "`credproxy stop` and the next command starts this one"
+    )
 
 
 def expires_text(left: float) -> str:
@@ -685,8 +712,14 @@ def cmd_status(ns: Any) -> int:
         with Client(paths.control_socket(), timeout=5) as c:
             status = c.call("status")
     except DaemonUnavailable:
+        silent = _silent_daemon(paths.control_socket())
+        if silent is not None:
+            raise DaemonUnavailable(silent) from None
         status = _offline_status()
     _add_grant_problems(status)
+    other = _other_version((status.get("daemon") or {}).get("version"))
+    if other is not None and status.get("daemon"):
+        print(f"credproxy status: warning: {other}", file=sys.stderr)
     if ns.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return EXIT_OK
@@ -756,11 +789,21 @@ def cmd_stop(ns: Any) -> int:
 
     try:
         with Client(paths.control_socket(), timeout=10) as c:
-            pid = int(c.call("ping")["pid"])
+            pong = c.call("ping")
+            pid = int(pong["pid"])
             # The daemon may close the connection as it stops, before the reply.
             with contextlib.suppress(DaemonUnavailable):
-                c.call("stop")
+                try:
+                    c.call("stop")
+                except UsageError:  # (an older daemon: "Unknown operation: stop")
+                    raise UsageError(
+                        f"the running daemon (pid {pid}) is version {pong.get('version')} and "
+                        f"has no stop; end it with kill -TERM {pid}"
+                    ) from None
     except DaemonUnavailable:
+        silent = _silent_daemon(paths.control_socket())
+        if silent is not None:
+            raise DaemonUnavailable(silent) from None
         print("credproxy stop: the daemon is not running")
         return EXIT_OK
     if not _wait_exit(pid, ns.timeout):

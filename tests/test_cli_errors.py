@@ -7,8 +7,14 @@ traceback.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 from conftest import CREDPROXY, Dirs, cli, stop_daemon
 from credproxy.cli import _render_status
@@ -44,9 +50,7 @@ def test_input_that_is_not_utf8_is_refused_in_one_line(dirs: Dirs) -> None:
     """`key set` and `import` (a file, or stdin) of bytes that are not UTF-8: exit 2, one line, nothing stored."""
     refused = _run_bytes(dirs, "key", "set", "k", input=b"ab\xffcd")
     assert refused.returncode == 2
-    assert (
-        refused.stderr == b"credproxy key: the key value (read from stdin) is not UTF-8 text\n"
-    )
+    assert refused.stderr == b"credproxy key: the key value (read from stdin) is not UTF-8 text\n"
     bad = dirs.root / "bad.json"
     bad.write_bytes(b'{"access_token":"\xff"}')
     for args, stdin in (((str(bad),), None), ((), bad.read_bytes())):
@@ -148,3 +152,65 @@ def test_status_says_a_renewed_token_is_only_in_memory() -> None:
         }
     )
     assert "NOT ON DISK since 2026-12-06T16:59:26+00:00 (kept in memory; 1 failed writes" in text
+
+
+def test_a_daemon_that_does_not_answer_is_not_called_not_running(dirs: Dirs) -> None:
+    """A daemon stopped with SIGSTOP (hung): status and stop say it does not answer, with its pid and the way out (exit 1); import warns it was not told; run does not wait to start another."""
+    assert cli(dirs, "run", "--allow", "*", "--", "true").returncode == 0
+    pid = int(json.loads(cli(dirs, "status", "--json").stdout)["daemon"]["pid"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status = cli(dirs, "status")
+        stop = cli(dirs, "stop", "--timeout", "1")
+        token = '{"access_token":"a","refresh_token":"r","expires_in":3600}'
+        imported = cli(dirs, "import", "p", input=token)
+        started = time.monotonic()
+        ran = cli(dirs, "run", "--allow", "*", "--", "true")
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.2)
+        stop_daemon(dirs)
+    said = f"the credproxy daemon (pid {pid}) holds"
+    for proc in (status, stop, ran):
+        assert proc.returncode == 1 and said in proc.stderr, proc.stderr
+        assert f"end it with kill -TERM {pid}" in proc.stderr
+    assert "not running" not in status.stdout + stop.stdout
+    assert imported.returncode == 0 and "warning: the running daemon was not told" in (
+        imported.stderr
+    )
+    assert took < 14, "run waited to start a daemon beside the one that holds the socket"
+
+
+def test_a_daemon_of_another_version_is_named_as_such(dirs: Dirs) -> None:
+    """An upgrade while the old daemon runs (a copy of the package saying 0.0.9, without the stop operation): status warns, and stop says how to end it instead of 'Unknown operation'."""
+    old = dirs.root / "old"
+    shutil.copytree(
+        Path(__file__).resolve().parent.parent / "credproxy",
+        old / "credproxy",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    (old / "credproxy" / "_version.py").write_text('__version__ = "0.0.9"\n')
+    handlers = old / "credproxy" / "shell" / "handlers.py"
+    handlers.write_text(handlers.read_text().replace('            "stop": self.stop,\n', ""))
+    dirs.runtime.mkdir(mode=0o700)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "credproxy", "serve"],
+        env=dirs.env(PYTHONPATH=str(old)),
+        cwd=old,  # (`-m` puts the cwd first: the copy, not the installed package)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if cli(dirs, "status", "--json").stdout.find('"0.0.9"') >= 0:
+                break
+            time.sleep(0.05)
+        status = cli(dirs, "status")
+        stop = cli(dirs, "stop")
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+    assert "warning: the running daemon is version 0.0.9" in status.stderr
+    assert stop.returncode == 2
+    assert f"is version 0.0.9 and has no stop; end it with kill -TERM {daemon.pid}" in stop.stderr

@@ -500,6 +500,24 @@ def print_out(out: str) -> int:
     return EXIT_OK
 
 
+def listener_pid(path: str | os.PathLike[str]) -> int | None:
+    """The pid of the process listening on the Unix socket *path*, whether or not it answers.
+
+    For telling a daemon that does not answer (stopped, stuck) from none: the
+    kernel queues the connection and names the listener (``SO_PEERCRED``)
+    before it has accepted anything. None if nothing listens.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(os.fspath(path))
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError:
+            return None
+    pid = int.from_bytes(creds[:4], sys.byteorder)
+    return pid or None
+
+
 #: What the daemon takes as a name (credproxy.core.names; kept here: this client is stdlib only).
 NAME_RULE = "1-64 of A-Z a-z 0-9 . _ @ - (not . or ..)"
 

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from credproxy._version import __version__
 from credproxy.core.config import Config
 from credproxy.core.grants import Grants
 from credproxy.errors import (
@@ -48,7 +49,7 @@ from credproxy.errors import (
     DaemonUnavailable,
     UsageError,
 )
-from credproxy.inner.client import CAPABILITY_ENV, CAPABILITY_FD_ENV, Client
+from credproxy.inner.client import CAPABILITY_ENV, CAPABILITY_FD_ENV, Client, listener_pid
 from credproxy.inner.forward import wait_forwarding_signals
 from credproxy.shell import paths
 from credproxy.shell.paths import UNIX_PATH_MAX
@@ -345,6 +346,12 @@ def ensure_daemon(control: Path) -> int:
     pid = _ping(control)
     if pid is not None:
         return pid
+    silent = listener_pid(control)
+    if silent is not None:  # (not one to replace: it holds the socket and the lock)
+        raise DaemonUnavailable(
+            f"the credproxy daemon (pid {silent}) holds {control} but does not answer "
+            f"(stopped, or stuck: see its log); end it with kill -TERM {silent}"
+        )
     unit = _enabled_socket_unit()
     if unit is not None:
         # The socket unit should have answered: say so instead of covering up
@@ -414,6 +421,13 @@ def _ping(control: Path) -> int | None:
     """The pid of the daemon that answers on *control*; None if none does."""
     try:
         with Client(control, timeout=5) as c:
-            return int(c.call("ping")["pid"])
+            pong = c.call("ping")
     except (DaemonUnavailable, UsageError):
         return None
+    if pong.get("version") != __version__:
+        print(
+            f"credproxy: warning: the running daemon is version {pong.get('version')}, this "
+            f"credproxy {__version__}: `credproxy stop` and the next command starts this one",
+            file=sys.stderr,
+        )
+    return int(pong["pid"])
