@@ -862,6 +862,10 @@ def _add_grant_problems(status: dict[str, Any]) -> None:
         ]
 
 
+def _failures(count: int) -> str:
+    return f"{count} failure" if count == 1 else f"{count} failures"
+
+
 def _offline_status() -> dict[str, Any]:
     import time
     from datetime import UTC, datetime
@@ -890,7 +894,14 @@ def _offline_status() -> dict[str, Any]:
             entry["expires_in"] = None if exp is None else round(exp - now)
             entry["refreshable"] = bool(tok.get("refresh_token")) and exp is not None
             tokens.append(entry)
-    return {"daemon": None, "sessions": [], "tokens": tokens, "keys": store.key_names()}
+    # (No daemon: no sessions, no holds, no failures counted; the same keys as online.)
+    return {
+        "daemon": None,
+        "sessions": [],
+        "tokens": tokens,
+        "holds": [],
+        "keys": store.key_names(),
+    }
 
 
 def _render_status(st: dict[str, Any]) -> str:
@@ -921,7 +932,7 @@ def _render_status(st: dict[str, Any]) -> str:
                 else f"next renewal {r['next_renewal']} (in {r['next_renewal_in']} s)"
             )
             extra = (
-                f", {r['failures']} failures, last error: {r['last_error']}"
+                f", {_failures(r['failures'])}, last error: {r['last_error']}"
                 if r["failures"]
                 else ""
             )
@@ -946,7 +957,7 @@ def _render_status(st: dict[str, Any]) -> str:
         if t.get("reauth_required"):
             bits.append("RE-AUTH REQUIRED")
         if t.get("failures"):
-            bits.append(f"{t['failures']} consecutive failures (last: {t.get('last_error')})")
+            bits.append(f"{_failures(t['failures'])} in a row (last: {t.get('last_error')})")
         if t.get("unsaved_since"):
             bits.append(
                 f"NOT ON DISK since {t['unsaved_since']} (kept in memory; "

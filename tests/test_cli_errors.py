@@ -214,3 +214,9 @@ def test_a_daemon_of_another_version_is_named_as_such(dirs: Dirs) -> None:
     assert "warning: the running daemon is version 0.0.9" in status.stderr
     assert stop.returncode == 2
     assert f"is version 0.0.9 and has no stop; end it with kill -TERM {daemon.pid}" in stop.stderr
+
+
+def test_status_json_has_the_same_keys_without_a_daemon(dirs: Dirs) -> None:
+    """A script reading `status --json` finds holds (empty) whether or not a daemon runs."""
+    offline = json.loads(cli(dirs, "status", "--json").stdout)
+    assert offline["daemon"] is None and offline["holds"] == []
