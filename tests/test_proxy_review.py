@@ -326,6 +326,31 @@ async def test_a_refusal_reaches_a_client_still_streaming_its_body_at_once(
     closed.close()
 
 
+async def _reloaded_while_waiting(
+    live: Any, the_idp: WatchedIdP, method: str, new_config: str
+) -> tuple[int, Any, bytes]:
+    """*method* /dev/models with an expired token at a slow IdP; while it waits, the config becomes *new_config* and is reloaded: the answer."""
+    expired = the_idp.mint()
+    expired["expiry"] = time.time() - 60  # serving it needs a refresh
+    live.store.write("dev", "default", expired)
+    http = await HttpClient.connect((await live.session("*")).socket_path)
+    the_idp.fail_next("slow", delay=1.5)
+    answer: list[tuple[int, Any, bytes]] = []
+
+    async def ask() -> None:
+        answer.append(await http.call(method, "/dev/models"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        with trio.fail_after(10):
+            await the_idp.slow_started.wait()  # the request waits for its token now
+        edit(live.dirs.config, new_config)
+        await live.daemon.reload("command")
+    await http.aclose()
+    (got,) = answer
+    return got
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD"])  # GET: the loop's relay; HEAD: the trio side
 @pytest.mark.parametrize("change", ["api_removed", "provider_renamed"])
 async def test_a_reload_that_takes_the_api_away_while_a_request_waits_for_its_token(
@@ -339,26 +364,9 @@ async def test_a_reload_that_takes_the_api_away_while_a_request_waits_for_its_to
     """A reload that removes the provider's api section (or renames the provider) while a request waits for a refresh: the request gets the 404 a later one gets, not a 500 and a crash in the log."""
     the_idp, url = idp
     live = await start_live(provider("dev", url, api=upstream.url))
-    expired = the_idp.mint()
-    expired["expiry"] = time.time() - 60  # serving it needs a refresh
-    live.store.write("dev", "default", expired)
-    s = await live.session("*")
-    http = await HttpClient.connect(s.socket_path)
-    the_idp.fail_next("slow", delay=1.5)
-    answer: list[tuple[int, Any, bytes]] = []
-
-    async def ask() -> None:
-        answer.append(await http.call(method, "/dev/models"))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ask)
-        with trio.fail_after(10):
-            await the_idp.slow_started.wait()  # the request waits for its token now
-        renamed = provider("dev2", url, upstream.url)
-        edit(live.dirs.config, provider("dev", url) if change == "api_removed" else renamed)
-        await live.daemon.reload("command")
-    await http.aclose()
-    ((status, _, body),) = answer
+    renamed = provider("dev2", url, upstream.url)
+    new = provider("dev", url) if change == "api_removed" else renamed
+    status, _, body = await _reloaded_while_waiting(live, the_idp, method, new)
     assert status == 404, (status, body)
     crashes = [e["event"] for e in no_secrets_in_logs if e["event"].endswith(("crashed", "failed"))]
     assert crashes == []
@@ -383,24 +391,7 @@ async def test_a_reload_that_moves_the_api_while_a_request_waits_sends_nothing_t
 
     live = await start_live(api(upstream.url))
     live.store.write_key("bkey", "CANARY-for-v2-only")
-    expired = the_idp.mint()
-    expired["expiry"] = time.time() - 60  # serving it needs a refresh
-    live.store.write("dev", "default", expired)
-    http = await HttpClient.connect((await live.session("*")).socket_path)
-    the_idp.fail_next("slow", delay=1.5)
-    answer: list[tuple[int, Any, bytes]] = []
-
-    async def ask() -> None:
-        answer.append(await http.call(method, "/dev/models"))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ask)
-        with trio.fail_after(10):
-            await the_idp.slow_started.wait()
-        moved = api(upstream.url.replace("/v1", "/v2"), ', X-Api-Key = "{key:bkey}"')
-        edit(live.dirs.config, moved)
-        await live.daemon.reload("command")
-    await http.aclose()
-    ((status, _, _),) = answer
+    moved = api(upstream.url.replace("/v1", "/v2"), ', X-Api-Key = "{key:bkey}"')
+    status, _, _ = await _reloaded_while_waiting(live, the_idp, method, moved)
     assert status == 503
     assert upstream.received == []

@@ -28,6 +28,7 @@ import pytest
 import trio
 import trio.testing
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
+from test_refresh_coordination import _wait_stopped
 from test_systemd_user import User, host_marker, machine, user  # noqa: F401
 
 from conftest import CREDPROXY, Dirs, Peer, cli
@@ -552,7 +553,7 @@ def test_an_edit_saved_while_credproxy_serve_starts_is_loaded(
     up (stopped there by a checkpoint): the file watch loads the edit once the daemon runs."""
     dirs.config.write_text(provider("dev", "https://idp.example/token"))
     daemon = daemon_process(CREDPROXY_FAULT="daemon-config-read")
-    assert _wait_stopped(daemon.proc.pid), daemon.log.read_text()
+    assert _wait_stopped(daemon.proc.pid, timeout=15), daemon.log.read_text()
     edit(
         dirs.config,
         provider("dev", "https://idp.example/token") + provider("dev2", "https://idp.example/t"),
@@ -598,20 +599,6 @@ async def test_serve_loads_an_edit_made_after_its_config_was_read(
     finally:
         daemon.stop()
         await endpoint.aclose()
-
-
-def _wait_stopped(pid: int, timeout: float = 15) -> bool:
-    """Wait until process *pid* is stopped (state T: a ``CREDPROXY_FAULT`` checkpoint)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return False
-        if state == "T":
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def test_reload_and_stop_without_a_daemon(dirs: Dirs) -> None:
