@@ -104,8 +104,9 @@ def test_choose_flow_prefers_the_request_then_the_config_then_device() -> None:
 
 def test_choose_flow_names_the_missing_endpoint() -> None:
     """A flow whose endpoint is not configured fails with a message naming the key."""
-    with pytest.raises(LoginFailed, match="neither authorization_url nor device"):
-        login.choose_flow("p", _provider(), None)
+    for flow in (None, "device", "loopback", "paste"):  # (no advice that points back)
+        with pytest.raises(LoginFailed, match="neither authorization_url nor device"):
+            login.choose_flow("p", _provider(), flow)
     with pytest.raises(LoginFailed, match="no device_authorization_url"):
         login.choose_flow("p", _provider(authorization_url="https://i/a"), "device")
     with pytest.raises(LoginFailed, match="no authorization_url"):

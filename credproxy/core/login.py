@@ -172,17 +172,14 @@ def choose_flow(name: str, provider: Provider, requested: str | None) -> Flow:
             f"provider {name} has grant {provider.grant!r}: its tokens are minted from its "
             "key on the host, so there is nothing to log in to (docs/signing.md)"
         )
-    flow = requested or provider.flow
-    if flow is None:
-        if provider.device_authorization_url:
-            flow = "device"
-        elif provider.authorization_url:
-            flow = "loopback"
-        else:
-            raise LoginFailed(
-                f"provider {name} has neither authorization_url nor device_authorization_url "
-                "in the configuration; add one (or a preset) to log in"
-            )
+    if not provider.device_authorization_url and not provider.authorization_url:
+        # (Said whatever --flow asks for: no flow could run.)
+        raise LoginFailed(
+            f"provider {name} has neither authorization_url nor device_authorization_url "
+            "in the configuration; add one (or a preset) to log in"
+        )
+    default = "device" if provider.device_authorization_url else "loopback"
+    flow = requested or provider.flow or default
     if flow not in FLOWS:
         raise LoginFailed(f"unknown flow {flow!r}; use one of {', '.join(FLOWS)}")
     if flow == "device" and not provider.device_authorization_url:
