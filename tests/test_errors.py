@@ -184,7 +184,7 @@ def _config_with_dev(dirs: Dirs) -> None:
 
 
 def test_run_warns_at_once_about_grants_that_give_nothing(background_daemon: Dirs) -> None:
-    """`--allow nosuch`, `api:dev` without an api section and a key never stored are each one warning on run's stderr, with the fix; the command still runs."""
+    """`--allow nosuch`, `api:dev` without an api section, a key never stored and `dev` without a stored login are each one warning on run's stderr, with the fix; the command still runs."""
     dirs = background_daemon
     _config_with_dev(dirs)
     out = cli(
@@ -197,6 +197,8 @@ def test_run_warns_at_once_about_grants_that_give_nothing(background_daemon: Dir
     assert out.stdout == "ran\n"
     cfg = dirs.config
     assert out.stderr.splitlines() == [
+        "credproxy run: warning: grant 'dev': provider dev has no stored login; log in on the "
+        'host: credproxy login dev (the sandbox is told only "not found"; running anyway)',
         "credproxy run: warning: grant 'nosuch': provider nosuch is not configured and has no "
         f"stored login; add [providers.nosuch] to {cfg} (a preset is quickest: see "
         'docs/providers.md), or fix the grant (the sandbox is told only "not found"; '
@@ -499,3 +501,28 @@ def test_login_says_what_the_preset_needs_before_starting(dirs: Dirs, preset: st
     line = one_line(out.stderr)
     assert line.startswith("credproxy login: provider work needs scopes to log in: "), line
     assert f"set it in [providers.work] of {dirs.config}" in line
+
+
+def test_a_grant_of_a_provider_without_a_stored_login_is_a_problem_said_on_the_host() -> None:
+    """A login provider without a stored login gives the sandbox nothing: the host is told how to log in; one served by API keys alone, a signing provider and one with a login are fine."""
+    from pathlib import Path
+
+    from credproxy.core.config import parse
+    from credproxy.core.grantcheck import grant_problems
+    from credproxy.core.grants import Grants
+
+    cfg = parse(
+        '[providers.dev]\ntoken_url = "https://idp.example/t"\nclient_id = "c"\n'
+        '[providers.keys]\n[providers.keys.api]\nbase_url = "https://api.example"\n'
+        'headers = { X-Api-Key = "{key:k}" }\n'
+        '[providers.gh]\ngrant = "github-app"\napp_id = 1\ninstallation_id = 2\n'
+        'private_key = "/k.pem"\n',
+        Path("config.toml"),
+    )
+    grants = Grants.parse(["dev", "keys", "gh", "dev:work"])
+    problems = grant_problems(grants, cfg.providers, [], ["k"], "config.toml")
+    assert [(p.grant, p.cause) for p in problems] == [("dev", "no_login"), ("dev:work", "no_login")]
+    assert problems[0].line() == (
+        "grant 'dev': provider dev has no stored login; log in on the host: credproxy login dev"
+    )
+    assert grant_problems(grants, cfg.providers, ["dev"], ["k"], "config.toml") == []

@@ -24,7 +24,7 @@ class GrantProblem(NamedTuple):
     """One grant that gives the session nothing, why, and the fix (never a secret)."""
 
     grant: str  # as the user wrote it: P, P:B, P:B1,B2, api:P, api:P:B, key:NAME
-    cause: str  # not_configured, no_api_section, key_missing, unknown_bucket
+    cause: str  # not_configured, no_api_section, key_missing, unknown_bucket, no_login
     message: str
     fix: str
 
@@ -100,8 +100,20 @@ def grant_problems(
             )
             continue
         prov = providers.get(head)
-        if sep and prov is not None:
+        if prov is None:
+            continue
+        if sep:
             found.extend(_unknown_buckets(spec, head, prov, tail, config_file))
+        keys_only = prov.api is not None and not prov.api.uses_token()
+        if head not in stored and prov.grant not in SIGNING_GRANTS and not keys_only:
+            found.append(
+                GrantProblem(
+                    spec,
+                    "no_login",
+                    f"provider {head} has no stored login",
+                    f"log in on the host: credproxy login {head}",
+                )
+            )
     return found
 
 

@@ -69,6 +69,7 @@ _GRANT_EVENTS = {
     "no_api_section": "grant_no_api",
     "key_missing": "grant_key_missing",
     "unknown_bucket": "grant_unknown_bucket",
+    "no_login": "grant_no_login",
 }
 _encoder = msgspec.json.Encoder()
 
