@@ -344,17 +344,17 @@ def _store() -> Any:
 
 def _notify_daemon(provider: str, bucket: str) -> None:
     """Tell a running daemon that a token changed; fine if none runs, said if it did not hear."""
-    from credproxy.inner.client import Client
+    from credproxy.inner.client import Client, silent_daemon
     from credproxy.shell import paths
 
     client = Client(paths.control_socket(), timeout=5)
     try:
         try:
             client.connect()
-        except CredproxyError as exc:
-            if _silent_daemon(paths.control_socket()) is None:
+        except CredproxyError:
+            if silent_daemon(paths.control_socket()) is None:
                 return  # no daemon runs: the next one reads the store
-            raise exc
+            raise
         client.call("token_changed", {"provider": provider, "bucket": bucket})
     except CredproxyError as exc:
         print(
@@ -365,31 +365,6 @@ def _notify_daemon(provider: str, bucket: str) -> None:
         )
     finally:
         client.close()
-
-
-def _silent_daemon(control: Any) -> str | None:
-    """What to say of a daemon that listens on *control* but did not answer; None if none does."""
-    from credproxy.inner.client import listener_pid
-
-    pid = listener_pid(control)
-    if pid is None:
-        return None
-    return (
-        f"the credproxy daemon (pid {pid}) holds {control} but does not answer (stopped, or "
-        f"stuck: see its log); end it with kill -TERM {pid}"
-    )
-
-
-def _other_version(running: Any) -> str | None:
-    """What to say when the running daemon is another version than this command (else None)."""
-    from credproxy._version import __version__
-
-    if running == __version__:
-        return None
-    return (
-        f"the running daemon is version {running}, this credproxy {__version__}: "
-        "`credproxy stop` and the next command starts this one"
-    )
 
 
 def expires_text(left: float) -> str:
@@ -705,20 +680,21 @@ def cmd_signing_key_rm(ns: Any) -> int:
 def cmd_status(ns: Any) -> int:
     import json
 
-    from credproxy.inner.client import Client
+    from credproxy.inner.client import Client, silent_daemon
     from credproxy.shell import paths
+    from credproxy.shell.launcher import version_mismatch
 
     try:
         with Client(paths.control_socket(), timeout=5) as c:
             status = c.call("status")
     except DaemonUnavailable:
-        silent = _silent_daemon(paths.control_socket())
+        silent = silent_daemon(paths.control_socket())
         if silent is not None:
             raise DaemonUnavailable(silent) from None
         status = _offline_status()
     _add_grant_problems(status)
-    other = _other_version((status.get("daemon") or {}).get("version"))
-    if other is not None and status.get("daemon"):
+    other = status.get("daemon") and version_mismatch(status["daemon"].get("version"))
+    if other:
         print(f"credproxy status: warning: {other}", file=sys.stderr)
     if ns.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -784,7 +760,7 @@ def cmd_reload(ns: Any) -> int:
 def cmd_stop(ns: Any) -> int:
     import contextlib
 
-    from credproxy.inner.client import Client
+    from credproxy.inner.client import Client, silent_daemon
     from credproxy.shell import paths
 
     try:
@@ -801,7 +777,7 @@ def cmd_stop(ns: Any) -> int:
                         f"has no stop; end it with kill -TERM {pid}"
                     ) from None
     except DaemonUnavailable:
-        silent = _silent_daemon(paths.control_socket())
+        silent = silent_daemon(paths.control_socket())
         if silent is not None:
             raise DaemonUnavailable(silent) from None
         print("credproxy stop: the daemon is not running")

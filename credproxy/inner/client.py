@@ -500,12 +500,12 @@ def print_out(out: str) -> int:
     return EXIT_OK
 
 
-def listener_pid(path: str | os.PathLike[str]) -> int | None:
-    """The pid of the process listening on the Unix socket *path*, whether or not it answers.
+def silent_daemon(path: str | os.PathLike[str]) -> str | None:
+    """What to say of a daemon that listens on the control socket *path* but did not answer.
 
-    For telling a daemon that does not answer (stopped, stuck) from none: the
-    kernel queues the connection and names the listener (``SO_PEERCRED``)
-    before it has accepted anything. None if nothing listens.
+    None when nothing listens there (no daemon runs). The kernel queues a
+    connection and names the listener (``SO_PEERCRED``) before it has accepted
+    anything, so a stopped or stuck daemon is told from none.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
@@ -515,7 +515,12 @@ def listener_pid(path: str | os.PathLike[str]) -> int | None:
         except OSError:
             return None
     pid = int.from_bytes(creds[:4], sys.byteorder)
-    return pid or None
+    if not pid:
+        return None
+    return (
+        f"the credproxy daemon (pid {pid}) holds {os.fspath(path)} but does not answer "
+        f"(stopped, or stuck: see its log); end it with kill -TERM {pid}"
+    )
 
 
 #: What the daemon takes as a name (credproxy.core.names; kept here: this client is stdlib only).

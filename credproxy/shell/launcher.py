@@ -49,7 +49,12 @@ from credproxy.errors import (
     DaemonUnavailable,
     UsageError,
 )
-from credproxy.inner.client import CAPABILITY_ENV, CAPABILITY_FD_ENV, Client, listener_pid
+from credproxy.inner.client import (
+    CAPABILITY_ENV,
+    CAPABILITY_FD_ENV,
+    Client,
+    silent_daemon,
+)
 from credproxy.inner.forward import wait_forwarding_signals
 from credproxy.shell import paths
 from credproxy.shell.paths import UNIX_PATH_MAX
@@ -160,7 +165,7 @@ def _config(control: Path) -> Config | None:
     try:
         return paths.load_config(path)
     except ConfigError as exc:
-        if _answers(control):
+        if _ping(control) is not None:
             print(
                 f"credproxy run: warning: {exc}; the running daemon keeps the configuration "
                 f"it runs with until {path} is fixed",
@@ -343,15 +348,15 @@ def ensure_daemon(control: Path) -> int:
     Raises:
         DaemonUnavailable: none came up in time (its log is named).
     """
-    pid = _ping(control)
-    if pid is not None:
-        return pid
-    silent = listener_pid(control)
+    pong = _ping(control)
+    if pong is not None:
+        mismatch = version_mismatch(pong.get("version"))
+        if mismatch is not None:
+            print(f"credproxy run: warning: {mismatch}", file=sys.stderr)
+        return int(pong["pid"])
+    silent = silent_daemon(control)
     if silent is not None:  # (not one to replace: it holds the socket and the lock)
-        raise DaemonUnavailable(
-            f"the credproxy daemon (pid {silent}) holds {control} but does not answer "
-            f"(stopped, or stuck: see its log); end it with kill -TERM {silent}"
-        )
+        raise DaemonUnavailable(silent)
     unit = _enabled_socket_unit()
     if unit is not None:
         # The socket unit should have answered: say so instead of covering up
@@ -381,10 +386,16 @@ def ensure_daemon(control: Path) -> int:
         log_path = runtime / "daemon.log"
         log_fd = paths.open_nofollow(log_path, os.O_WRONLY | os.O_APPEND, "daemon log")
         with open(log_fd, "ab") as log_file:
-            serve = [sys.executable, "-m", "credproxy", "serve"]
             try:
                 subprocess.Popen(
-                    [*serve, "--idle-exit", str(AUTOSTART_IDLE_EXIT)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "credproxy",
+                        "serve",
+                        "--idle-exit",
+                        str(AUTOSTART_IDLE_EXIT),
+                    ],
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
@@ -399,9 +410,9 @@ def ensure_daemon(control: Path) -> int:
         os.umask(old)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
-        pid = _ping(control)
-        if pid is not None:
-            return pid
+        pong = _ping(control)
+        if pong is not None:  # (the daemon started here: this version)
+            return int(pong["pid"])
         time.sleep(0.02)
     raise DaemonUnavailable(f"the credproxy daemon did not start; see {log_path}")
 
@@ -413,21 +424,20 @@ def _enabled_socket_unit() -> Path | None:
     return link if os.path.lexists(link) else None
 
 
-def _answers(control: Path) -> bool:
-    return _ping(control) is not None
+def version_mismatch(running: object) -> str | None:
+    """What to say when the running daemon (version *running*) is not this credproxy's."""
+    if running == __version__:
+        return None
+    return (
+        f"the running daemon is version {running}, this credproxy {__version__}: "
+        "`credproxy stop` and the next command starts this one"
+    )
 
 
-def _ping(control: Path) -> int | None:
-    """The pid of the daemon that answers on *control*; None if none does."""
+def _ping(control: Path) -> dict[str, Any] | None:
+    """The answer (pid, version) of the daemon on *control*; None if none answers."""
     try:
         with Client(control, timeout=5) as c:
-            pong = c.call("ping")
+            return c.call("ping")
     except (DaemonUnavailable, UsageError):
         return None
-    if pong.get("version") != __version__:
-        print(
-            f"credproxy: warning: the running daemon is version {pong.get('version')}, this "
-            f"credproxy {__version__}: `credproxy stop` and the next command starts this one",
-            file=sys.stderr,
-        )
-    return int(pong["pid"])
