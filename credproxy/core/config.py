@@ -204,17 +204,21 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     strategy: Literal["fill-first", "sticky", "round-robin"] = "fill-first"
     api: Api | None = None
 
-    def mints(self, bucket: str) -> bool:
-        """True if this provider mints *bucket*'s tokens with a key on the host.
+    def minted_buckets(self) -> frozenset[str]:
+        """The buckets this provider mints with a key on the host (none: not a signing grant).
 
         A signing grant mints the buckets the configuration names: ``default``,
         its ``buckets`` and the ones it narrows; any other name has no token,
         as a bucket never logged in to has none (a typo must not get the
         installation's whole token, nor make the issuer mint per made-up name).
         """
-        return self.grant in SIGNING_GRANTS and (
-            bucket == DEFAULT_BUCKET or bucket in self.buckets or bucket in self.narrow
-        )
+        if self.grant not in SIGNING_GRANTS:
+            return frozenset()
+        return frozenset({DEFAULT_BUCKET, *self.buckets, *self.narrow})
+
+    def mints(self, bucket: str) -> bool:
+        """True if this provider mints *bucket*'s tokens (:meth:`minted_buckets`)."""
+        return bucket in self.minted_buckets()
 
     def minted_with(self, bucket: str) -> str:
         """A digest of what *bucket*'s tokens are minted from (for :data:`MINTED_WITH`).

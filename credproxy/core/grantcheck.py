@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 from credproxy.core.config import SIGNING_GRANTS, Provider
 from credproxy.core.grants import Grants
-from credproxy.core.names import DEFAULT_BUCKET
 
 __all__ = ["GrantProblem", "grant_problems"]
 
@@ -126,7 +125,7 @@ def _unknown_buckets(
     unknown = [b for b in buckets.split(",") if not prov.mints(b)]
     if not unknown:
         return []
-    named = ", ".join(sorted({DEFAULT_BUCKET, *prov.buckets, *prov.narrow}))
+    named = ", ".join(sorted(prov.minted_buckets()))
     return [
         GrantProblem(
             spec,

@@ -41,7 +41,7 @@ import trio
 
 from credproxy.core.config import SIGNING_GRANTS, Config, Provider
 from credproxy.core.failover import BucketMarks
-from credproxy.core.names import DEFAULT_BUCKET, Key
+from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint
 from credproxy.core.servecore import Hold, Release, ServingCore
 from credproxy.errors import ConfigError, CredproxyError, StoreError, UsageError
@@ -367,9 +367,8 @@ class Daemon:
             )
         keys = {Key(p, b) for p in self.store.providers() for b in self.store.buckets(p)}
         for name, prov in self.cfg.providers.items():
-            if prov.grant in SIGNING_GRANTS:  # minted on first use: listed before then too
-                buckets = {DEFAULT_BUCKET, *prov.buckets, *prov.narrow}
-                keys.update(Key(name, b) for b in buckets)
+            # Minted on first use: listed before then too.
+            keys.update(Key(name, b) for b in prov.minted_buckets())
         tokens = [self._token_status(key, now) for key in sorted(keys)]
         return {
             "daemon": {
