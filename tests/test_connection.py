@@ -13,6 +13,8 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from credproxy.core.config import Limits
 from credproxy.core.connection import GENERIC_ERROR, NEED_DATA, Connection, Request, Send
@@ -368,3 +370,59 @@ def test_sharing_an_id_not_in_flight_changes_nothing() -> None:
     server.receive_data(request("r3") + request("r4"))
     assert isinstance(server.next_event(), Request)
     assert isinstance(server.next_event(), Send)
+
+
+def _drive(conn: Connection, reads: list[bytes], *, whole: bool) -> list[object]:
+    """What a driver sees for *reads*, taking whole frames at once (``whole``) or not."""
+    seen: list[object] = []
+    for i, data in enumerate(reads):
+        now = float(i)
+        try:
+            event = conn.take(data, now) if whole else None
+            if event is None:
+                if not whole:
+                    conn.receive_data(data)
+                while (event := conn.next_event(now)) is not NEED_DATA:
+                    seen.append(event)
+                conn.after_read(now)
+            else:
+                seen.append(event)
+        except ProtocolError as exc:
+            seen.append(type(exc))
+            break
+        seen.append((conn.deadline(), conn.in_flight, conn.buffered))
+    return seen
+
+
+_FRAMES = st.one_of(
+    st.builds(request, st.text(min_size=0, max_size=3), st.sampled_from(["get_token", ""])),
+    st.just(HANDSHAKE),
+    st.binary(max_size=12).map(lambda b: len(b).to_bytes(4, "big") + b),  # not JSON
+    st.just(b'\x00\x00\x00\x02{"'),  # a body that ends mid-object
+    st.binary(max_size=6),  # stray bytes
+)
+
+
+@given(
+    frames=st.lists(_FRAMES, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=4),
+    rate=st.sampled_from([0.0, 1.0]),
+)
+def test_taking_a_whole_frame_is_the_same_as_buffering_it(
+    frames: list[bytes], cuts: list[int], rate: float
+) -> None:
+    """The usual read's shortcut (a whole frame taken at once) gives a peer what splitting would.
+
+    Whatever the reads (whole frames, frames cut anywhere, several in one read,
+    garbage, the handshake again), the events, the errors, the deadline, the
+    requests in flight and the bytes left buffered are the same either way.
+    """
+    stream = HANDSHAKE + b"".join(frames)
+    points = sorted({min(c, len(stream)) for c in cuts})
+    reads = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    frames_read = [HANDSHAKE, *frames] if not cuts else reads
+    limits = Limits(requests_per_second=rate, request_burst=1)
+    for chunks in (frames_read, reads):
+        assert _drive(Connection(limits, 0.0), chunks, whole=True) == _drive(
+            Connection(limits, 0.0), chunks, whole=False
+        )

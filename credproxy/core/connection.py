@@ -35,11 +35,15 @@ from credproxy.core.config import Limits
 from credproxy.core.protocol import (
     BODY_DEADLINE,
     CLOSED,
+    HEADER_SIZE,
+    MAX_FRAME,
     NEED_DATA,
+    OPEN,
     Event,
     Request,
     Send,
     ServerConnection,
+    unpack_header,
 )
 from credproxy.errors import AllBucketsExhausted, CredproxyError, RateLimited
 
@@ -118,9 +122,43 @@ class Connection:
         event = protocol.next_event()
         if event is NEED_DATA:
             return event
-        self._idle_deadline = now + self._idle  # a frame completed
+        return self._completed(event, now)
+
+    def take(self, data: bytes, now: float) -> Event | None:
+        """The event of *data* if it is one whole request frame, else None.
+
+        The usual read (a request whole in one read, nothing buffered before
+        it, the handshake done) is answered without storing and splitting
+        it: same checks, same event as :meth:`receive_data` then
+        :meth:`next_event` would give. Anything else is stored and None
+        returned: the caller goes on with :meth:`next_event`.
+
+        Raises:
+            ProtocolError: the peer broke framing; close without replying.
+        """
+        reader = self._reader
+        size = len(data) - HEADER_SIZE
+        if (
+            reader.data
+            or reader.buf
+            or reader.need is not None
+            or self.protocol.state is not OPEN
+            or not 0 <= size <= MAX_FRAME
+            or unpack_header(data, 0)[0] != size
+        ):
+            reader.feed(data)
+            return None
+        return self._completed(self.protocol.request(data[HEADER_SIZE:]), now)
+
+    def _completed(self, event: Event, now: float) -> Event:
+        """*event* came from a whole frame: the deadlines move, and a request spends its rate."""
+        self._idle_deadline = now + self._idle
         self._body_deadline = math.inf
-        if self._limited and isinstance(event, Request):
+        return self._limit(event, now) if self._limited else event
+
+    def _limit(self, event: Event, now: float) -> Event:
+        """*event*, or the ``RATE_LIMITED`` answer if it is a request over the rate."""
+        if isinstance(event, Request):
             wait = self._rate.take(now)
             if wait:
                 limited = RateLimited(

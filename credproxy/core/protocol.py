@@ -52,8 +52,8 @@ BODY_DEADLINE = 5.0  # seconds for a body to follow its header
 MIN_VERSION, MAX_VERSION = 1, 2
 MAX_ID_LENGTH = 128
 
-_HEADER = 4
-_unpack_header = struct.Struct(">I").unpack_from
+HEADER_SIZE = 4  # a frame's length prefix (big-endian)
+unpack_header = struct.Struct(">I").unpack_from
 _pack_header = struct.Struct(">I").pack
 _OK = b',"ok":true,"data":'
 _OK_SIZE = len(b'{"id":') + len(_OK) + len(b"}")  # a reply's body less the id and the data
@@ -71,7 +71,7 @@ class MalformedFrame(ProtocolError):
 
 def frame(payload: bytes) -> bytes:
     """Prefix *payload* with its 4-byte big-endian length."""
-    return len(payload).to_bytes(_HEADER, "big") + payload
+    return len(payload).to_bytes(HEADER_SIZE, "big") + payload
 
 
 def encode(obj: Any) -> bytes:
@@ -119,24 +119,24 @@ class FrameReader:
         data = self.data
         if data:
             pos = self._pos
-            if len(data) - pos >= _HEADER:
-                need: int = _unpack_header(data, pos)[0]  # (_length, inline: the usual case)
+            if len(data) - pos >= HEADER_SIZE:
+                need: int = unpack_header(data, pos)[0]  # (_length, inline: the usual case)
                 if need > self._max:
                     self._length(data, pos)  # raises
-                end = pos + _HEADER + need
+                end = pos + HEADER_SIZE + need
                 if end <= len(data):
                     if end == len(data):
                         self.data, self._pos = b"", 0
                     else:
                         self._pos = end
-                    return data[pos + _HEADER : end]
+                    return data[pos + HEADER_SIZE : end]
             self._spill()  # the rest is part of a frame: buffer it until it is whole
         buf = self.buf
         if self.need is None:
-            if len(buf) < _HEADER:
+            if len(buf) < HEADER_SIZE:
                 return None
             self.need = self._length(buf, 0)
-            del buf[:_HEADER]
+            del buf[:HEADER_SIZE]
         need = self.need
         if len(buf) < need:
             return None
@@ -147,7 +147,7 @@ class FrameReader:
 
     def _length(self, data: bytes | bytearray, pos: int) -> int:
         """The body length the header at *pos* announces (raises if over the limit)."""
-        need: int = _unpack_header(data, pos)[0]
+        need: int = unpack_header(data, pos)[0]
         if need > self._max:
             raise FrameTooLarge(f"frame of {need} bytes exceeds the {self._max}-byte limit")
         return need
@@ -176,11 +176,11 @@ class FrameReader:
         data, pos = self.data, self._pos
         if data:
             left = len(data) - pos
-            return left >= _HEADER and left - _HEADER >= _unpack_header(data, pos)[0]
+            return left >= HEADER_SIZE and left - HEADER_SIZE >= unpack_header(data, pos)[0]
         buf = self.buf
         if self.need is not None:
             return len(buf) >= self.need
-        return len(buf) >= _HEADER and len(buf) - _HEADER >= _unpack_header(buf, 0)[0]
+        return len(buf) >= HEADER_SIZE and len(buf) - HEADER_SIZE >= unpack_header(buf, 0)[0]
 
 
 def decode_object(payload: bytes) -> dict[str, Any]:
@@ -202,7 +202,7 @@ class Request(msgspec.Struct, frozen=True, gc=False):
     """A well-formed request the caller must answer exactly once.
 
     A struct rather than a dataclass: a well-typed request frame is decoded
-    straight into one (see :meth:`ServerConnection._request`).
+    straight into one (see :meth:`ServerConnection.request`).
     """
 
     id: str
@@ -214,7 +214,7 @@ _request_decoder = msgspec.json.Decoder(Request)
 
 
 class _Envelope(msgspec.Struct, gc=False):
-    """A request frame's fields as they came (checked by :meth:`ServerConnection._request`).
+    """A request frame's fields as they came (checked by :meth:`ServerConnection.request`).
 
     Decoding into it gives what ``dict.get`` on the decoded object would (a
     missing field is None, a repeated one keeps its last value, others are
@@ -364,7 +364,7 @@ class ServerConnection:
             if payload is None:
                 return NEED_DATA
             if state == OPEN:
-                return self._request(payload)
+                return self.request(payload)
             obj = decode_object(payload)
         except ProtocolError:
             self.state = CLOSED
@@ -394,7 +394,12 @@ class ServerConnection:
             encode({"v": version, "op": "handshake", "ok": True, "data": {"version": version}})
         )
 
-    def _request(self, body: bytes) -> Request | Send:
+    def request(self, body: bytes) -> Request | Send:
+        """The request in frame payload *body* of an open connection, or the error it gets.
+
+        Raises:
+            ProtocolError: the payload is not a JSON object.
+        """
         # An id, an op and a payload object, decoded straight into a Request;
         # anything else takes the long way (see _envelope for bytes over 0x7f).
         req: Request | Send | None
@@ -403,7 +408,12 @@ class ServerConnection:
         except (msgspec.DecodeError, RecursionError):
             req = None
         if req is None or not 0 < len(req.id) <= MAX_ID_LENGTH or not req.op:
-            req = self._checked(_envelope(body))
+            try:
+                envelope = _envelope(body)
+            except ProtocolError:
+                self.state = CLOSED
+                raise
+            req = self._checked(envelope)
             if isinstance(req, Send):
                 return req
         rid = req.id
