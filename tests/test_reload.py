@@ -4,7 +4,9 @@ The config file is edited under a running daemon, in this process (``serve``
 with ``config_path``) and as the real ``credproxy serve``; ``credproxy reload``,
 SIGHUP and the file watch make a running session see a new provider (a
 ``get_token`` that was "not configured" now refreshes) and a new ``api``
-section (a proxied request that was 404 reaches a loopback upstream). A bad
+section (a proxied request that was 404 reaches a loopback upstream); a
+reload that moves, changes or removes an ``api`` section closes the WebSockets
+opened under it (``tests/test_websocket.py``'s echo server) and no others. A bad
 edit keeps the old configuration and says where. ``credproxy stop`` with a
 refresh on its way to the identity provider returns once the daemon is gone,
 and the new token is on disk.
@@ -18,6 +20,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +33,9 @@ import trio.testing
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
 from test_refresh_coordination import _wait_stopped
 from test_systemd_user import User, host_marker, machine, user  # noqa: F401
+from test_websocket import EchoServer, _audit, _connect, ca, echo  # noqa: F401
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.server import Request, Response, ServerConnection
 
 from conftest import CREDPROXY, Dirs, Peer, cli
 from credproxy import devidp
@@ -44,6 +50,7 @@ from credproxy.shell.store import TokenStore
 from systemd_boot import unavailable
 
 SYSTEMD_UNAVAILABLE = unavailable()
+WAIT = 10.0  # seconds any one step may take before a test gives up (never a timing claim)
 
 
 class WatchedIdP(DevIdP):
@@ -333,6 +340,135 @@ async def test_reload_applies_limits_to_new_connections(
     assert (await kept.call("get_token", {"provider": "dev"}))["ok"] is True
     kept.close()
     refused.close()
+
+
+#: What a reload may do to dev's [providers.dev.api] section (the config's text, from
+#: provider()'s): move base_url to another host, change the headers sent, take it away.
+API_CHANGES: dict[str, Callable[[str], str]] = {
+    "moved": lambda text: text.replace(
+        'base_url = "http://127.0.0.1:', 'base_url = "http://localhost:'
+    ),
+    "headers": lambda text: text.replace(
+        '{ Authorization = "Bearer {access_token}" }',
+        '{ Authorization = "Bearer {access_token}", X-Host = "changed" }',
+        1,
+    ),
+    "removed": lambda text: text.split("[providers.dev.api]")[0],
+}
+
+
+def websocket_config(url: str, echo_url: str) -> tuple[str, str]:
+    """dev's and dev2's sections, each with an api section at the echo server."""
+    return provider("dev", url, api=echo_url), provider("dev2", url, api=echo_url)
+
+
+@pytest.mark.parametrize("echo", ["plain"], indirect=True)
+@pytest.mark.parametrize("change", sorted(API_CHANGES))
+async def test_a_reload_that_changes_an_api_section_ends_its_open_websockets(
+    start_live: StartLive,
+    idp: tuple[WatchedIdP, str],
+    echo: EchoServer,  # noqa: F811
+    change: str,
+    no_secrets_in_logs: list[dict[str, Any]],
+) -> None:
+    """An open WebSocket of dev stays open through a reload that leaves [providers.dev.api]
+    as it was (dev's scopes, [limits]), and is closed by one that moves, changes or removes
+    it (audit ended=reload); dev2's, whose section is unchanged, stays open throughout."""
+    the_idp, url = idp
+    dev, dev2 = websocket_config(url, echo.url)
+    live = await start_live(dev + dev2)
+    live.store.write("dev", "default", the_idp.mint())
+    live.store.write("dev2", "default", the_idp.mint())
+    s = await live.session("dev", "dev2")
+
+    async def reload(text: str) -> str:
+        edit(live.dirs.config, text)
+        done = await live.reload_cli()
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def talk() -> str:
+        with _connect(s.socket_path) as ws, _connect(s.socket_path, "/dev2/echo") as other:
+            ws.send("before")
+            assert ws.recv(WAIT) == "before"
+            unrelated = dev.replace(
+                'client_id = "credproxy-dev"\n', 'client_id = "credproxy-dev"\nscopes = ["more"]\n'
+            )
+            said = trio.from_thread.run(
+                reload, unrelated + dev2 + "[limits]\nmax_connections = 64\n"
+            )
+            assert "providers changed: dev" in said
+            ws.send("after an unrelated reload")
+            assert ws.recv(WAIT) == "after an unrelated reload"
+
+            said = trio.from_thread.run(reload, API_CHANGES[change](dev) + dev2)
+            assert "providers changed: dev" in said and "dev2" not in said
+            with pytest.raises(ConnectionClosed):
+                ws.recv(WAIT)
+            other.send("still")
+            assert other.recv(WAIT) == "still"
+        return "closed"
+
+    assert await trio.to_thread.run_sync(talk) == "closed"
+    lines = await _audit(no_secrets_in_logs, 2)
+    assert sorted((line["provider"], line["status"], line["ended"]) for line in lines) == [
+        ("dev", 101, "reload"),
+        ("dev2", 101, "upstream"),  # (closed in the end by its client's close frame)
+    ]
+    assert sorted(await echo.wait_ended(2)) == ["broken", "closed"]
+
+
+@pytest.mark.parametrize("echo", ["plain"], indirect=True)
+@pytest.mark.parametrize(
+    ("change", "status", "said"),
+    [
+        ("moved", 503, b"moved (a reload)"),
+        ("headers", 503, b"changed (a reload)"),
+        ("removed", 404, b"no such API"),
+    ],
+    ids=["moved", "headers", "removed"],
+)
+async def test_a_reload_while_a_websocket_handshake_is_on_its_way_refuses_it(
+    start_live: StartLive,
+    idp: tuple[WatchedIdP, str],
+    echo: EchoServer,  # noqa: F811
+    change: str,
+    status: int,
+    said: bytes,
+) -> None:
+    """A reload that moves or changes dev's api section while a WebSocket handshake sent under
+    the old one waits for the upstream's 101: the client gets 503 (send it again) or, with the
+    section gone, 404; no tunnel is opened with the old section's credentials."""
+    the_idp, url = idp
+    dev, dev2 = websocket_config(url, echo.url)
+    live = await start_live(dev + dev2)
+    live.store.write("dev", "default", the_idp.mint())
+    s = await live.session("dev")
+    in_handshake, go_on = threading.Event(), threading.Event()
+
+    def slow(conn: ServerConnection, request: Request) -> Response | None:
+        in_handshake.set()
+        go_on.wait(WAIT)
+        return None  # (accepted: 101)
+
+    echo.refusals.append(slow)
+
+    def talk() -> int:
+        with pytest.raises(InvalidStatus) as refused:
+            _connect(s.socket_path)
+        assert said in refused.value.response.body
+        return refused.value.response.status_code
+
+    async def reload_meanwhile() -> None:
+        await trio.to_thread.run_sync(in_handshake.wait, WAIT)
+        edit(live.dirs.config, API_CHANGES[change](dev) + dev2)
+        await live.daemon.reload("signal")
+        go_on.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reload_meanwhile)
+        assert await trio.to_thread.run_sync(talk) == status
+    assert len(echo.handshakes) == 1
 
 
 # --- the real `credproxy serve` --------------------------------------------------------

@@ -196,7 +196,8 @@ class Daemon:
         self.tokens.cfg = cfg  # serving decisions, renewal, notify
         self.tokens.refresher.cfg = cfg  # where each refresh goes
         self.tokens.holds.cfg = cfg.failover  # quota holds set from now on
-        self.proxy.cfg = cfg  # api sections, proxy limits
+        # api sections, proxy limits; a WebSocket whose api section changed ends
+        self.proxy.reconfigure(cfg)
         self.loop.limits = cfg.limits  # sandbox connections accepted from now on
         await self.sessions.reconfigure(cfg.providers, cfg.limits.max_connections)
         for key in self.tokens.stale_mints():
@@ -271,14 +272,14 @@ class Daemon:
         log.info("holds_released", provider=provider, bucket=bucket, released=ended)
         return ended
 
-    def known(self) -> tuple[Mapping[str, Provider], set[str], list[str]]:
-        """What a grant may name: configured providers, providers with a stored token, API keys.
+    def known(self) -> tuple[Mapping[str, Provider], set[Key], list[str]]:
+        """What a grant may name: configured providers, stored logins, API keys.
 
         Raises:
             StoreError: the store could not be listed.
         """
         store = self.store
-        stored = {p for p in store.providers() if store.buckets(p)}
+        stored = {Key(p, b) for p in store.providers() for b in store.buckets(p)}
         return self.cfg.providers, stored, store.key_names()
 
     def holds(self) -> list[dict[str, Any]]:

@@ -58,7 +58,9 @@ a client's half-close, which is how a close reaches it through ``forward``,
 replies on their way still reach it for :data:`HALF_CLOSE_GRACE`); it counts as a
 request in flight throughout, and its audit line, written when it ends, says
 ``101``, the bytes each way (``bytes``, ``bytes_up``) and which side ended it.
-A logout of the login whose token opened it ends it too (:meth:`ApiProxy.end_tunnels`).
+A logout of the login whose token opened it ends it too (:meth:`ApiProxy.end_tunnels`),
+and so does a reload that changes or removes the ``api`` section it was opened
+under (:meth:`ApiProxy.reconfigure`): its host and credential are the old ones.
 Any other answer is relayed as a response; a ``401`` is retried as above.
 """
 
@@ -107,6 +109,11 @@ TRIM_AFTER = 1 << 20  # body bytes relayed before the last exchange ending gives
 _NO_API = "no such API in this session (http://credproxy/PROVIDER/...)"
 #: A reload moved the provider's API while a request waited (for its token).
 API_MOVED = "the provider's API moved (a reload) while this request waited; send it again"
+#: A reload changed the provider's API (its base URL or headers) while a WebSocket
+#: handshake sent under the old one waited for its 101.
+API_CHANGED = (
+    "the provider's API changed (a reload) while this WebSocket handshake waited; send it again"
+)
 NOT_SERVED_LOG_INTERVAL = 60.0  # seconds between api_not_served lines of a session and cause
 NOT_SERVED_MEMORY = 1024  # (session, provider, cause) throttles kept; then forgotten at once
 #: Why a request to a provider's API was not served, as the host's log says it, and the fix.
@@ -198,6 +205,21 @@ class Exchange:
     body: Body
     websocket: bool = False  # a WebSocket handshake (httprules.is_websocket_upgrade)
     logouts: int = 0  # ApiProxy's count of logouts when it began (a WebSocket's check)
+    api: Api | None = None  # the api section its last upstream request was sent under
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """One open WebSocket: the ``api`` section it was opened under, and its audit line."""
+
+    api: Api
+    audit: Audit
+
+    def end(self, scope: trio.CancelScope, why: str) -> None:
+        """End it (*scope* is its relay's), saying *why* unless it is ending already."""
+        if self.audit.ended is None:
+            self.audit.ended = why
+        scope.cancel()
 
 
 class ApiProxy:
@@ -211,8 +233,9 @@ class ApiProxy:
         self.ledger = Ledger()  # streams in flight, kept bodies: counted with the loop's relay
         self.hangups = Hangups()  # run by the daemon: ApiProxy.hangups.run()
         self._said: dict[tuple[str, str, str], Throttle] = {}
-        # The open WebSockets, by the key whose token opened them (ended by a logout).
-        self._tunnels: dict[Key, dict[trio.CancelScope, Audit]] = {}
+        # The open WebSockets, by the key whose token opened them (ended by a
+        # logout, or a reload that changes their api section).
+        self._tunnels: dict[Key, dict[trio.CancelScope, Tunnel]] = {}
         self._logouts = 0  # logouts so far
         self._logged_out: dict[Key, int] = {}  # each key's last one (its number)
 
@@ -225,11 +248,34 @@ class ApiProxy:
         self._logouts += 1
         self._logged_out[key] = self._logouts
         tunnels = self._tunnels.pop(key, {})
-        for scope, audit in tunnels.items():
-            if audit.ended is None:
-                audit.ended = "logout"
-            scope.cancel()
+        for scope, tunnel in tunnels.items():
+            tunnel.end(scope, "logout")
         return len(tunnels)
+
+    def reconfigure(self, cfg: Config) -> int:
+        """Serve with *cfg* from now on (a reload); returns the WebSockets it ended.
+
+        An open WebSocket whose provider's ``api`` section *cfg* changes or
+        removes ends (``ended=reload``): it was opened on the old ``base_url``
+        with the old section's headers, which are what the reload replaces. One
+        whose section *cfg* keeps as it was (another provider changed, or its
+        own outside ``api``) stays open. One whose handshake is still on its
+        way is refused when its ``101`` comes (:meth:`_tunnel`).
+        """
+        self.cfg = cfg
+        ended = 0
+        for key, tunnels in self._tunnels.items():
+            api = self._configured_api(key.provider)
+            for scope, tunnel in tunnels.items():
+                if tunnel.api != api and not scope.cancel_called:
+                    tunnel.end(scope, "reload")
+                    ended += 1
+        return ended
+
+    def _configured_api(self, provider: str) -> Api | None:
+        """*provider*'s ``api`` section as configured now (None: none, or no such provider)."""
+        prov = self.cfg.providers.get(provider)
+        return None if prov is None else prov.api
 
     def pace(self) -> BodyPace:
         return BodyPace(self.cfg.proxy.body_timeout, self.cfg.proxy.body_min_rate)
@@ -755,9 +801,10 @@ class ApiProxy:
         self, x: Exchange, key: Key, entry: Entry | None, content: Any
     ) -> UpstreamResponse:
         """Send *x*'s request upstream with *key*'s token (*content*: bytes or an iterator)."""
+        x.api = self._api(key, x.route.base_url)
         headers = httprules.upstream_headers(
             x.req.headers,
-            self._template(x.session, key, entry, x.route.base_url),
+            self._template(x.session, key, entry, x.api),
             self.cfg.proxy.strip_headers,
         )
         if not any(name.lower() == b"accept-encoding" for name, _ in headers):
@@ -781,20 +828,19 @@ class ApiProxy:
                 request was routed to the old ``base_url``, and the new
                 section's headers are not for that host) while the request waited.
         """
-        prov = self.cfg.providers.get(key.provider)
-        if prov is None or prov.api is None:
+        api = self._configured_api(key.provider)
+        if api is None:
             raise HttpError(404, _NO_API)
-        if base_url is not None and prov.api.base_url != base_url:
+        if base_url is not None and api.base_url != base_url:
             raise HttpError(503, API_MOVED, [(b"retry-after", b"1")])
-        return prov.api
+        return api
 
     def _template(
-        self, session: Session, key: Key, entry: Entry | None, base_url: str
+        self, session: Session, key: Key, entry: Entry | None, api: Api
     ) -> dict[str, str]:
-        """The provider's headers filled in from the token and keys (``{client}`` left in place)."""
+        """*api*'s headers filled in from the token and keys (``{client}`` left in place)."""
         fields = token_fields(entry.token) if entry is not None else {}
-        headers = self._api(key, base_url).headers
-        return fill_headers(headers, fields, key, session.grants, self.ops.store.read_key)
+        return fill_headers(api.headers, fields, key, session.grants, self.ops.store.read_key)
 
     async def _relay(self, x: Exchange, upstream: UpstreamResponse) -> None:
         """Send the upstream's answer as it arrives (a hang-up cancels it: :class:`Hangups`)."""
@@ -835,24 +881,35 @@ class ApiProxy:
         after the client's end of input, when the client hangs up
         (:class:`Hangups`), or the session closes; the upstream connection is
         then closed (:meth:`_attempts`), and the client's with it (:meth:`serve`).
+        A logout of its login or a reload of its ``api`` section ends it too
+        (:meth:`end_tunnels`, :meth:`reconfigure`), and refuses it when it came
+        while the handshake was on its way.
         """
         tunnel = upstream.tunnel
         assert tunnel is not None
-        key = x.audit.key
+        key, api = x.audit.key, x.api
         assert key is not None
+        assert api is not None
         if not httprules.websocket_accepted(upstream.headers):
             raise HttpError(502, "the upstream switched to a protocol other than WebSocket")
         if self._logged_out.get(key, 0) > x.logouts:
             # Its login was removed while the handshake was on its way.
             raise HttpError(404, f"{key.provider}:{key.bucket} has no stored login on the host")
-        head = h11.InformationalResponse(
-            status_code=101, headers=httprules.switch_headers(upstream.headers)
+        if self._configured_api(key.provider) != api:
+            # A reload changed the section it was sent under while it was on its
+            # way: it went to the old host, or with the old headers.
+            self._api(key, x.route.base_url)  # 404 (taken away) or 503 (moved)
+            raise HttpError(503, API_CHANGED, [(b"retry-after", b"1")])
+        head = x.conn.send(
+            h11.InformationalResponse(
+                status_code=101, headers=httprules.switch_headers(upstream.headers)
+            )
         )
-        await self._send_all(x.stream, x.conn.send(head))
         x.audit.upgraded = True
         early, client_closed = x.conn.trailing_data  # what the client sent after its head
         idle = self.cfg.limits.idle_timeout
         audit = x.audit
+        opened = Tunnel(api, audit)
         client_ended = False
 
         def moved() -> None:
@@ -860,9 +917,7 @@ class ApiProxy:
                 scope.deadline = _now() + idle
 
         def end(why: str) -> None:
-            if audit.ended is None:
-                audit.ended = why
-            scope.cancel()
+            opened.end(scope, why)
 
         async def to_upstream() -> None:
             try:
@@ -908,12 +963,12 @@ class ApiProxy:
             except GONE:
                 end("client")
 
-        key = audit.key
-        assert key is not None
         with trio.CancelScope(deadline=_now() + idle) as scope:
+            # Counted open before its 101 is sent: a logout or reload meanwhile ends it.
             open_now = self._tunnels.setdefault(key, {})
-            open_now[scope] = audit
+            open_now[scope] = opened
             try:
+                await self._send_all(x.stream, head)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(to_upstream)
                     nursery.start_soon(to_client)
