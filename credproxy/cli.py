@@ -49,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "import" and not any(e.startswith("-") and e != "-" for e in extra):
         ns.args += extra  # `import PROVIDER --bucket B FILE`: FILE comes after the option
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        words = (
+            ns.command,
+            getattr(ns, "key_command", None),
+            getattr(ns, "signing_key_command", None),
+        )
+        prog = " ".join(["credproxy", *(w for w in words if w)])
+        _usage_error(prog, f"unrecognized arguments: {' '.join(extra)}")
     if ns.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -75,7 +81,14 @@ def _parser() -> Any:
 
     from credproxy._version import __version__ as version
 
-    p = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        """argparse's parser, whose usage errors are one line (as every failure's)."""
+
+        def error(self, message: str) -> NoReturn:
+            _usage_error(self.prog, message)
+
+    # (Subparsers are made of the same class as their parent.)
+    p = Parser(
         prog="credproxy",
         description="Serve OAuth access tokens to sandboxes; keep refresh tokens on the host.",
         epilog="`credproxy COMMAND --help` says more about each command; the exit codes "
@@ -411,6 +424,13 @@ def import_token(provider: str, bucket: str, file: str, *, force: bool = False) 
     source = "standard input" if file == "-" else file
     try:
         if file == "-":
+            if sys.stdin.isatty():
+                print(
+                    f"Paste the token JSON for {provider}:{bucket} (access_token, with "
+                    "refresh_token and expires_in or expiry), then press Ctrl-D on a line "
+                    "of its own:",
+                    file=sys.stderr,
+                )
             text = _stdin_text("the token (read from stdin)")
         else:
             with open(file, encoding="utf-8") as f:
@@ -537,8 +557,8 @@ def cmd_login(ns: Any) -> int:
     import signal
 
     from credproxy.core import login
-    from credproxy.core.names import check_name
-    from credproxy.errors import NotFound
+    from credproxy.core.names import DEFAULT_BUCKET, check_name
+    from credproxy.errors import NotFound, StoreError
     from credproxy.shell import paths
     from credproxy.shell.login import log_in
 
@@ -569,6 +589,14 @@ def cmd_login(ns: Any) -> int:
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         store_token(ns.provider, ns.bucket, token)
+    except StoreError as exc:
+        # The token is lost with this process (only a new login gets another).
+        bucket = "" if ns.bucket == DEFAULT_BUCKET else f" --bucket {ns.bucket}"
+        raise StoreError(
+            f"the login succeeded but its token was not stored: {exc}; check that the state "
+            f"directory {paths.state_dir()} is yours and writable and that its disk has free "
+            f"space, then log in again: credproxy login {ns.provider}{bucket}"
+        ) from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return EXIT_OK
@@ -704,8 +732,10 @@ def cmd_status(ns: Any) -> int:
 
 
 def cmd_release(ns: Any) -> int:
+    """End the quota holds on PROVIDER[:BUCKET]; nothing held there is "not found" (exit 3)."""
     from credproxy.core.names import check_name
-    from credproxy.inner.client import Client
+    from credproxy.errors import NotFound
+    from credproxy.inner.client import Client, silent_daemon
     from credproxy.shell import paths
 
     provider, colon, bucket = ns.target.partition(":")
@@ -718,8 +748,15 @@ def cmd_release(ns: Any) -> int:
         with Client(paths.control_socket(), timeout=5) as c:
             released = c.call("release", payload)["released"]
     except DaemonUnavailable:
-        print("credproxy release: the daemon is not running (and holds no bucket)", file=sys.stderr)
-        return EXIT_OK
+        silent = silent_daemon(paths.control_socket())
+        if silent is not None:
+            raise DaemonUnavailable(silent) from None
+        raise NotFound(
+            f"no quota hold on {ns.target}: the daemon is not running, and holds live in "
+            "its memory only"
+        ) from None
+    if not released:  # (as logout and key rm of what is not there: not found)
+        raise NotFound(f"no quota hold on {ns.target}; `credproxy status` lists the holds")
     print(f"released {released} hold{'s' if released != 1 else ''} on {ns.target}")
     return EXIT_OK
 
@@ -824,7 +861,7 @@ def _add_grant_problems(status: dict[str, Any]) -> None:
     except ConfigError as exc:
         status["config_error"] = str(exc)
         return
-    stored = {t["provider"] for t in status.get("tokens", [])}
+    stored = {(t["provider"], t["bucket"]) for t in status.get("tokens", [])}
     for s in status["sessions"]:
         try:
             grants = Grants.parse(list(s.get("grants", [])))
@@ -1002,6 +1039,12 @@ def cmd_run(ns: Any) -> int:
         name=ns.name,
         capability=ns.capability,
     )
+
+
+def _usage_error(prog: str, message: str) -> NoReturn:
+    """Say a usage error of command *prog* in one line on stderr, with where its help is; exit 2."""
+    print(f"{prog}: {message} (see {prog} --help)", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
 
 
 def _die_usage(message: str) -> NoReturn:

@@ -220,3 +220,73 @@ def test_status_json_has_the_same_keys_without_a_daemon(dirs: Dirs) -> None:
     """A script reading `status --json` finds holds (empty) whether or not a daemon runs."""
     offline = json.loads(cli(dirs, "status", "--json").stdout)
     assert offline["daemon"] is None and offline["holds"] == []
+
+
+def test_release_of_a_bucket_that_is_not_held_exits_not_found(background_daemon: Dirs) -> None:
+    """`credproxy release P` with nothing held, with or without a daemon: exit 3 and one line that says so and where the holds are listed."""
+    dirs = background_daemon
+    offline = cli(dirs, "release", "nosuch")
+    assert (offline.returncode, offline.stdout) == (3, "")
+    assert offline.stderr == (
+        "credproxy release: no quota hold on nosuch: the daemon is not running, and holds "
+        "live in its memory only\n"
+    )
+    online = cli(dirs, "run", "--allow", "*", "--", CREDPROXY, "release", "nosuch:work")
+    assert (online.returncode, online.stdout) == (3, "")
+    assert online.stderr == (
+        "credproxy release: no quota hold on nosuch:work; `credproxy status` lists the holds\n"
+    )
+
+
+def test_a_usage_error_is_one_line_that_points_at_the_help(dirs: Dirs) -> None:
+    """argparse's usage errors (a missing argument, an unknown option or command, a bad value): exit 2 and one line naming the command and its --help, no usage block."""
+    cases = {
+        ("login",): "credproxy login: the following arguments are required: provider "
+        "(see credproxy login --help)",
+        ("status", "--bogus"): "credproxy status: unrecognized arguments: --bogus "
+        "(see credproxy status --help)",
+        ("key", "set", "k", "extra"): "credproxy key set: unrecognized arguments: extra "
+        "(see credproxy key set --help)",
+        ("stop", "--timeout", "soon"): "credproxy stop: argument --timeout: 'soon' is not "
+        "a number of seconds (see credproxy stop --help)",
+        ("key",): "credproxy key: the following arguments are required: ACTION "
+        "(see credproxy key --help)",
+        ("--bogus",): "credproxy: unrecognized arguments: --bogus (see credproxy --help)",
+    }
+    for args, said in cases.items():
+        proc = cli(dirs, *args)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", said + "\n"), args
+    unknown = cli(dirs, "frobnicate")
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("credproxy: argument COMMAND: invalid choice: 'frobnicate'")
+    assert unknown.stderr.endswith(" (see credproxy --help)\n")
+    assert len(unknown.stderr.splitlines()) == 1
+
+
+def test_import_from_a_terminal_says_what_to_paste(dirs: Dirs) -> None:
+    """`credproxy import P` with a terminal on stdin prompts on stderr (what to paste, Ctrl-D to end) and stores what was typed; from a pipe it says nothing."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [CREDPROXY, "import", "p", "--bucket", "work"],
+            stdin=follower,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dirs.env(),
+        )
+        os.close(follower)
+        os.write(leader, json.dumps({"access_token": "AT-CANARY"}).encode() + b"\n")
+        os.write(leader, b"\x04")  # Ctrl-D on a line of its own: end of input
+        out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(leader)
+    assert proc.returncode == 0, err
+    assert err.decode() == (
+        "Paste the token JSON for p:work (access_token, with refresh_token and expires_in "
+        "or expiry), then press Ctrl-D on a line of its own:\n"
+    )
+    assert out.decode().startswith("stored p:work (")
+    piped = cli(dirs, "import", "q", input=json.dumps({"access_token": "AT-CANARY"}))
+    assert (piped.returncode, piped.stderr) == (0, "")

@@ -510,6 +510,7 @@ def test_a_grant_of_a_provider_without_a_stored_login_is_a_problem_said_on_the_h
     from credproxy.core.config import parse
     from credproxy.core.grantcheck import grant_problems
     from credproxy.core.grants import Grants
+    from credproxy.core.names import Key
 
     cfg = parse(
         '[providers.dev]\ntoken_url = "https://idp.example/t"\nclient_id = "c"\n'
@@ -525,4 +526,60 @@ def test_a_grant_of_a_provider_without_a_stored_login_is_a_problem_said_on_the_h
     assert problems[0].line() == (
         "grant 'dev': provider dev has no stored login; log in on the host: credproxy login dev"
     )
-    assert grant_problems(grants, cfg.providers, ["dev"], ["k"], "config.toml") == []
+    logged_in = [Key("dev"), Key("dev", "work")]
+    assert grant_problems(grants, cfg.providers, logged_in, ["k"], "config.toml") == []
+
+
+def test_a_grant_of_a_bucket_without_a_stored_login_is_a_problem_said_on_the_host() -> None:
+    """Logins are per bucket: with only dev:default stored, dev:work (and home of the profile dev:default,home) is a no_login problem naming the bucket to log in; the bare grant dev and a signing provider's buckets are fine."""
+    from pathlib import Path
+
+    from credproxy.core.config import parse
+    from credproxy.core.grantcheck import grant_problems
+    from credproxy.core.grants import Grants
+    from credproxy.core.names import Key
+
+    cfg = parse(
+        '[providers.dev]\ntoken_url = "https://idp.example/t"\nclient_id = "c"\n'
+        '[providers.gh]\ngrant = "github-app"\napp_id = 1\ninstallation_id = 2\n'
+        'private_key = "/k.pem"\n',
+        Path("config.toml"),
+    )
+    grants = Grants.parse(["dev", "dev:work", "dev:default,home", "gh:default", "dev:default"])
+    problems = grant_problems(grants, cfg.providers, [Key("dev")], [], "config.toml")
+    assert [p.line() for p in problems] == [
+        "grant 'dev:work': provider dev has no stored login for bucket work; "
+        "log in on the host: credproxy login dev --bucket work",
+        "grant 'dev:default,home': provider dev has no stored login for bucket home; "
+        "log in on the host: credproxy login dev --bucket home",
+    ]
+    assert {p.cause for p in problems} == {"no_login"}
+    nothing = grant_problems(Grants.parse(["dev:work"]), cfg.providers, [], [], "config.toml")
+    assert [p.line() for p in nothing] == [
+        "grant 'dev:work': provider dev has no stored login for bucket work; "
+        "log in on the host: credproxy login dev --bucket work"
+    ]
+    logged_in = [Key("dev"), Key("dev", "work"), Key("dev", "home")]
+    assert grant_problems(grants, cfg.providers, logged_in, [], "config.toml") == []
+
+
+def test_run_warns_about_a_granted_bucket_without_a_login(background_daemon: Dirs) -> None:
+    """With only dev:default stored, `run --allow dev:work` warns with the `credproxy login dev --bucket work` to run, and the daemon logs it; `--allow dev:default` does not warn."""
+    dirs = background_daemon
+    _config_with_dev(dirs)
+    stored = cli(dirs, "import", "dev", input=json.dumps({"access_token": "AT-CANARY"}))
+    assert stored.returncode == 0, stored.stderr
+    work = cli(dirs, "run", "--allow", "dev:work", "--", "true")
+    assert work.returncode == 0, work.stderr
+    assert one_line(work.stderr) == (
+        "credproxy run: warning: grant 'dev:work': provider dev has no stored login for bucket "
+        "work; log in on the host: credproxy login dev --bucket work (the sandbox is told only "
+        '"not found"; running anyway)'
+    )
+    default = cli(dirs, "run", "--allow", "dev:default", "--", "true")
+    assert (default.returncode, default.stderr) == (0, "")
+    events = [json.loads(line) for line in (dirs.runtime / "daemon.log").read_text().splitlines()]
+    logged = [e for e in events if e.get("event") == "grant_no_login"]
+    assert [(e["grant"], e["fix"]) for e in logged] == [
+        ("dev:work", "log in on the host: credproxy login dev --bucket work")
+    ], "the daemon logs the same, once, for the session that has the problem"

@@ -383,6 +383,29 @@ def test_paste_flow_with_the_redirect_url(dirs: Dirs, idp: Idp, login_dev: Login
     assert_logged_in(dirs, login, idp)
 
 
+def test_a_login_the_store_cannot_keep_says_what_to_check_and_to_log_in_again(
+    dirs: Dirs, idp: Idp, login_dev: LoginDev
+) -> None:
+    """The login succeeds but its token cannot be written (a file where tokens/dev goes): exit 1, one line with the cause, the state directory to check and the command to log in again."""
+    dirs.state.mkdir(mode=0o700)
+    (dirs.state / "tokens").mkdir(mode=0o700)
+    (dirs.state / "tokens" / "dev").write_text("")  # (root ignores modes: a file, not a dir)
+    login = login_dev("--flow", "paste", "--bucket", "work")
+    redirect = httpx.get(login.auth_url()).headers["location"]
+    login.line(lambda s: "paste the code" in s)
+    login.type_line(redirect)
+    assert login.finish() == 1
+    last = login.stderr.strip().splitlines()[-1]
+    assert last == (
+        "credproxy login: the login succeeded but its token was not stored: cannot create "
+        f"{dirs.state}/tokens/dev: File exists; check that the state directory {dirs.state} "
+        "is yours and writable and that its disk has free space, then log in again: "
+        "credproxy login dev --bucket work"
+    ), login.stderr
+    assert "Traceback" not in login.stderr
+    assert_no_secrets(login, idp)
+
+
 def test_paste_flow_refuses_a_url_with_the_wrong_state(
     dirs: Dirs, old_store: Snapshot, login_dev: LoginDev
 ) -> None:

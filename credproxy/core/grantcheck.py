@@ -5,7 +5,11 @@ configured answers exactly as one that is not granted (no enumeration). The
 host is told instead: ``credproxy run`` warns at once on its stderr, the
 daemon logs it when the session opens, and ``credproxy status`` lists it. All
 three call :func:`grant_problems` with what they know (the configured
-providers, the providers with a stored login, the stored API keys).
+providers, the stored logins, the stored API keys).
+
+A login is stored per bucket, so the check is per bucket: ``dev:work`` is a
+problem while only ``dev:default`` is logged in (a bare ``dev`` is one while no
+bucket of it is).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import NamedTuple
 
 from credproxy.core.config import SIGNING_GRANTS, Provider
 from credproxy.core.grants import Grants
+from credproxy.core.names import DEFAULT_BUCKET
 
 __all__ = ["GrantProblem", "grant_problems"]
 
@@ -34,7 +39,7 @@ class GrantProblem(NamedTuple):
 def grant_problems(
     grants: Grants,
     providers: Mapping[str, Provider],
-    stored: Collection[str],
+    stored: Collection[tuple[str, str]],
     keys: Collection[str] | None,
     config_file: str,
 ) -> list[GrantProblem]:
@@ -42,10 +47,13 @@ def grant_problems(
 
     Args:
         providers: the configured providers.
-        stored: the providers that have at least one stored token.
+        stored: the stored logins, as ``(provider, bucket)`` pairs (a
+            :class:`~credproxy.core.names.Key` is one).
         keys: the stored API keys' names (None: not known, not checked).
         config_file: the config file's path, for the fix.
     """
+    pairs = {(p, b) for p, b in stored}
+    with_login = {p for p, _ in pairs}
     found: list[GrantProblem] = []
     for spec in grants.specs():
         head, sep, tail = spec.partition(":")
@@ -87,7 +95,7 @@ def grant_problems(
             elif bucket:
                 found.extend(_unknown_buckets(spec, tail, prov, bucket, config_file))
             continue
-        if head not in providers and head not in stored:
+        if head not in providers and head not in with_login:
             found.append(
                 GrantProblem(
                     spec,
@@ -104,16 +112,32 @@ def grant_problems(
         if sep:
             found.extend(_unknown_buckets(spec, head, prov, tail, config_file))
         keys_only = prov.api is not None and not prov.api.uses_token()
-        if head not in stored and prov.grant not in SIGNING_GRANTS and not keys_only:
-            found.append(
-                GrantProblem(
-                    spec,
-                    "no_login",
-                    f"provider {head} has no stored login",
-                    f"log in on the host: credproxy login {head}",
-                )
-            )
+        if prov.grant in SIGNING_GRANTS or keys_only:
+            continue  # (minted, or served by API keys: no login)
+        if not sep:
+            if head not in with_login:
+                found.append(_no_login(spec, head, None))
+            continue
+        found.extend(_no_login(spec, head, b) for b in tail.split(",") if (head, b) not in pairs)
     return found
+
+
+def _no_login(spec: str, name: str, bucket: str | None) -> GrantProblem:
+    """A login provider's grant (*bucket*: one bucket of it) that no stored login serves."""
+    if bucket is None:
+        return GrantProblem(
+            spec,
+            "no_login",
+            f"provider {name} has no stored login",
+            f"log in on the host: credproxy login {name}",
+        )
+    option = "" if bucket == DEFAULT_BUCKET else f" --bucket {bucket}"
+    return GrantProblem(
+        spec,
+        "no_login",
+        f"provider {name} has no stored login for bucket {bucket}",
+        f"log in on the host: credproxy login {name}{option}",
+    )
 
 
 def _unknown_buckets(

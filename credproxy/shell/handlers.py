@@ -437,10 +437,10 @@ class ControlOps:
         release: Callable[[str, str | None], Awaitable[int]],
         reload: Callable[[], Awaitable[dict[str, Any]]],
         stop: Callable[[], None],
-        known: Callable[[], tuple[Mapping[str, Provider], set[str], list[str]]],
+        known: Callable[[], tuple[Mapping[str, Provider], set[Key], list[str]]],
     ) -> None:
-        # What a grant may name: the configured providers, the providers with a
-        # stored token, the stored API keys (read when a session opens).
+        # What a grant may name: the configured providers, the stored logins,
+        # the stored API keys (read when a session opens).
         self._known = known
         self.sessions = sessions
         self._token_changed = token_changed

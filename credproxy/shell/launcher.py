@@ -182,7 +182,8 @@ def _warn_grants(grants: Grants, cfg: Config) -> None:
 
     try:
         store = TokenStore(paths.state_dir())
-        stored, keys = store.providers(), store.key_names()
+        stored = {(p, b) for p in store.providers() for b in store.buckets(p)}
+        keys = store.key_names()
     except (CredproxyError, OSError):
         return  # the store cannot be listed: the daemon says why when it starts
     for problem in grant_problems(grants, cfg.providers, stored, keys, str(paths.config_file())):
