@@ -1031,7 +1031,7 @@ def cmd_run(ns: Any) -> int:
     if cmd[:1] == ["--"]:
         cmd = cmd[1:]
     if not cmd:
-        _die_usage("run needs a command: credproxy run --allow GRANT -- CMD [ARGS...]")
+        _usage_error("credproxy run", "a command is needed: credproxy run --allow GRANT -- CMD")
     return launcher.run(
         cmd,
         allow=ns.allow,
@@ -1044,11 +1044,6 @@ def cmd_run(ns: Any) -> int:
 def _usage_error(prog: str, message: str) -> NoReturn:
     """Say a usage error of command *prog* in one line on stderr, with where its help is; exit 2."""
     print(f"{prog}: {message} (see {prog} --help)", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
-
-
-def _die_usage(message: str) -> NoReturn:
-    print(f"credproxy: {message}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
 
 

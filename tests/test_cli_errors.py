@@ -252,6 +252,8 @@ def test_a_usage_error_is_one_line_that_points_at_the_help(dirs: Dirs) -> None:
         ("key",): "credproxy key: the following arguments are required: ACTION "
         "(see credproxy key --help)",
         ("--bogus",): "credproxy: unrecognized arguments: --bogus (see credproxy --help)",
+        ("run", "--allow", "dev"): "credproxy run: a command is needed: credproxy run "
+        "--allow GRANT -- CMD (see credproxy run --help)",
     }
     for args, said in cases.items():
         proc = cli(dirs, *args)
