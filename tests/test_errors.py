@@ -563,6 +563,32 @@ def test_a_grant_of_a_bucket_without_a_stored_login_is_a_problem_said_on_the_hos
     assert grant_problems(grants, cfg.providers, logged_in, [], "config.toml") == []
 
 
+def test_an_api_grant_of_a_bucket_without_a_login_is_a_problem_said_on_the_host() -> None:
+    """api:dev:work with only dev:default logged in is a no_login problem, as dev:work is; api:dev is fine then, and an API served by keys alone needs no login."""
+    from pathlib import Path
+
+    from credproxy.core.config import parse
+    from credproxy.core.grantcheck import grant_problems
+    from credproxy.core.grants import Grants
+    from credproxy.core.names import Key
+
+    cfg = parse(
+        '[providers.dev]\ntoken_url = "https://idp.example/t"\nclient_id = "c"\n'
+        '[providers.dev.api]\nbase_url = "https://api.example"\n'
+        '[providers.keys]\n[providers.keys.api]\nbase_url = "https://keys.example"\n'
+        'headers = { X-Api-Key = "{key:k}" }\n',
+        Path("config.toml"),
+    )
+    grants = Grants.parse(["api:dev:work", "api:dev", "api:keys"])
+    problems = grant_problems(grants, cfg.providers, [Key("dev")], ["k"], "config.toml")
+    assert [p.line() for p in problems] == [
+        "grant 'api:dev:work': provider dev has no stored login for bucket work; "
+        "log in on the host: credproxy login dev --bucket work"
+    ]
+    nothing = grant_problems(Grants.parse(["api:dev"]), cfg.providers, [], ["k"], "config.toml")
+    assert [(p.grant, p.cause) for p in nothing] == [("api:dev", "no_login")]
+
+
 def test_run_warns_about_a_granted_bucket_without_a_login(background_daemon: Dirs) -> None:
     """With only dev:default stored, `run --allow dev:work` warns with the `credproxy login dev --bucket work` to run, and the daemon logs it; `--allow dev:default` does not warn."""
     dirs = background_daemon

@@ -92,8 +92,10 @@ def grant_problems(
                         f"add [providers.{tail}.api] (base_url, headers) to {config_file}",
                     )
                 )
-            elif bucket:
-                found.extend(_unknown_buckets(spec, tail, prov, bucket, config_file))
+            else:
+                if bucket:
+                    found.extend(_unknown_buckets(spec, tail, prov, bucket, config_file))
+                found.extend(_logins_missing(spec, tail, prov, bucket, pairs, with_login))
             continue
         if head not in providers and head not in with_login:
             found.append(
@@ -111,15 +113,24 @@ def grant_problems(
             continue
         if sep:
             found.extend(_unknown_buckets(spec, head, prov, tail, config_file))
-        keys_only = prov.api is not None and not prov.api.uses_token()
-        if prov.grant in SIGNING_GRANTS or keys_only:
-            continue  # (minted, or served by API keys: no login)
-        if not sep:
-            if head not in with_login:
-                found.append(_no_login(spec, head, None))
-            continue
-        found.extend(_no_login(spec, head, b) for b in tail.split(",") if (head, b) not in pairs)
+        found.extend(_logins_missing(spec, head, prov, tail, pairs, with_login))
     return found
+
+
+def _logins_missing(
+    spec: str,
+    name: str,
+    prov: Provider,
+    buckets: str,
+    pairs: set[tuple[str, str]],
+    with_login: set[str],
+) -> list[GrantProblem]:
+    """A ``no_login`` problem for each of *buckets* (``""``: any bucket) not logged in."""
+    if prov.grant in SIGNING_GRANTS or (prov.api is not None and not prov.api.uses_token()):
+        return []  # (minted, or served by API keys: no login)
+    if not buckets:
+        return [] if name in with_login else [_no_login(spec, name, None)]
+    return [_no_login(spec, name, b) for b in buckets.split(",") if (name, b) not in pairs]
 
 
 def _no_login(spec: str, name: str, bucket: str | None) -> GrantProblem:

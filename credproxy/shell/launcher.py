@@ -187,9 +187,12 @@ def _warn_grants(grants: Grants, cfg: Config) -> None:
     except (CredproxyError, OSError):
         return  # the store cannot be listed: the daemon says why when it starts
     for problem in grant_problems(grants, cfg.providers, stored, keys, str(paths.config_file())):
+        says = problem.cause == "no_api_section" or (
+            problem.cause == "no_login" and problem.grant.startswith("api:")
+        )
         told = (
             "its API requests get a 404 that says so"
-            if problem.cause == "no_api_section"
+            if says
             else 'the sandbox is told only "not found"'
         )
         print(f"credproxy run: warning: {problem.line()} ({told}; running anyway)", file=sys.stderr)
