@@ -20,7 +20,6 @@ import json
 import re
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,9 +32,8 @@ import trio.testing
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
 from test_refresh_coordination import _wait_stopped
 from test_systemd_user import User, host_marker, machine, user  # noqa: F401
-from test_websocket import EchoServer, _audit, _connect, ca, echo  # noqa: F401
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.server import Request, Response, ServerConnection
+from test_websocket import EchoServer, _audit, _connect, ca, echo, refused_while  # noqa: F401
+from websockets.exceptions import ConnectionClosed
 
 from conftest import CREDPROXY, Dirs, Peer, cli
 from credproxy import devidp
@@ -444,30 +442,12 @@ async def test_a_reload_while_a_websocket_handshake_is_on_its_way_refuses_it(
     live = await start_live(dev + dev2)
     live.store.write("dev", "default", the_idp.mint())
     s = await live.session("dev")
-    in_handshake, go_on = threading.Event(), threading.Event()
 
-    def slow(conn: ServerConnection, request: Request) -> Response | None:
-        in_handshake.set()
-        go_on.wait(WAIT)
-        return None  # (accepted: 101)
-
-    echo.refusals.append(slow)
-
-    def talk() -> int:
-        with pytest.raises(InvalidStatus) as refused:
-            _connect(s.socket_path)
-        assert said in refused.value.response.body
-        return refused.value.response.status_code
-
-    async def reload_meanwhile() -> None:
-        await trio.to_thread.run_sync(in_handshake.wait, WAIT)
+    async def reload() -> None:
         edit(live.dirs.config, API_CHANGES[change](dev) + dev2)
         await live.daemon.reload("signal")
-        go_on.set()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reload_meanwhile)
-        assert await trio.to_thread.run_sync(talk) == status
+    assert await refused_while(echo, s.socket_path, said, reload) == status
     assert len(echo.handshakes) == 1
 
 

@@ -23,7 +23,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -545,11 +545,11 @@ async def test_a_websocket_dropped_behind_forward_closes_its_upstream(
     assert (line["status"], line["ended"]) == (101, "client")
 
 
-async def test_a_logout_while_the_handshake_is_on_its_way_refuses_it(
-    start_daemon: StartDaemon, echo: EchoServer
-) -> None:
-    """`credproxy logout` while a WebSocket handshake sent with its token waits for the upstream's 101: the client gets 404 (no stored login), no tunnel."""
-    h, s = await _setup(start_daemon, echo)
+async def refused_while(
+    echo: EchoServer, socket_path: Path, said: bytes, meanwhile: Callable[[], Awaitable[None]]
+) -> int:
+    """The status a WebSocket handshake gets when *meanwhile* runs while the upstream holds
+    it before its 101; the refusal's body must say *said*."""
     in_handshake, go_on = threading.Event(), threading.Event()
 
     def slow(conn: ServerConnection, request: Request) -> Response | None:
@@ -561,19 +561,31 @@ async def test_a_logout_while_the_handshake_is_on_its_way_refuses_it(
 
     def talk() -> int:
         with pytest.raises(InvalidStatus) as refused:
-            _connect(s.socket_path)
-        assert b"no stored login" in refused.value.response.body
+            _connect(socket_path)
+        assert said in refused.value.response.body
         return refused.value.response.status_code
 
-    async def logout_meanwhile() -> None:
+    async def then() -> None:
         await trio.to_thread.run_sync(in_handshake.wait, WAIT)
-        h.store.remove("dev", "default")
-        await h.daemon.token_changed(("dev", "default"))
+        await meanwhile()
         go_on.set()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(logout_meanwhile)
-        assert await trio.to_thread.run_sync(talk) == 404
+        nursery.start_soon(then)
+        return await trio.to_thread.run_sync(talk)
+
+
+async def test_a_logout_while_the_handshake_is_on_its_way_refuses_it(
+    start_daemon: StartDaemon, echo: EchoServer
+) -> None:
+    """`credproxy logout` while a WebSocket handshake sent with its token waits for the upstream's 101: the client gets 404 (no stored login), no tunnel."""
+    h, s = await _setup(start_daemon, echo)
+
+    async def logout() -> None:
+        h.store.remove("dev", "default")
+        await h.daemon.token_changed(("dev", "default"))
+
+    assert await refused_while(echo, s.socket_path, b"no stored login", logout) == 404
 
 
 async def test_a_refused_upgrade_leaves_the_connection_open_for_the_next_request(
