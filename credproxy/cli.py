@@ -265,6 +265,7 @@ def _parser() -> Any:
         help="end the quota holds on a provider's buckets (all of them, or P:B for one)",
         description="End the quota holds on PROVIDER (every bucket) or PROVIDER:BUCKET, "
         "whoever set them: the daemon (an upstream 429) or a sandbox (report_failure). "
+        "Every session's failover profile of PROVIDER starts again from its first bucket. "
         "`credproxy status` lists the holds.",
     )
     s.add_argument("target", metavar="PROVIDER[:BUCKET]")
@@ -755,9 +756,15 @@ def cmd_release(ns: Any) -> int:
             f"no quota hold on {ns.target}: the daemon is not running, and holds live in "
             "its memory only"
         ) from None
-    if not released:  # (as logout and key rm of what is not there: not found)
-        raise NotFound(f"no quota hold on {ns.target}; `credproxy status` lists the holds")
-    print(f"released {released} hold{'s' if released != 1 else ''} on {ns.target}")
+    if released:
+        print(f"released {released} hold{'s' if released != 1 else ''} on {ns.target}")
+    else:
+        # Not "not found": the release was done (the sessions' profiles of the
+        # provider start again from their first bucket), with no hold to end.
+        print(
+            f"no quota hold on {ns.target} (`credproxy status` lists the holds); "
+            f"profiles of {provider} start again from their first bucket"
+        )
     return EXIT_OK
 
 

@@ -222,8 +222,8 @@ def test_status_json_has_the_same_keys_without_a_daemon(dirs: Dirs) -> None:
     assert offline["daemon"] is None and offline["holds"] == []
 
 
-def test_release_of_a_bucket_that_is_not_held_exits_not_found(background_daemon: Dirs) -> None:
-    """`credproxy release P` with nothing held, with or without a daemon: exit 3 and one line that says so and where the holds are listed."""
+def test_release_of_a_bucket_that_is_not_held_says_so(background_daemon: Dirs) -> None:
+    """`credproxy release P` without a daemon: exit 3, holds live in its memory; with one and nothing held: exit 0, saying so and that P's profiles start again from their first bucket."""
     dirs = background_daemon
     offline = cli(dirs, "release", "nosuch")
     assert (offline.returncode, offline.stdout) == (3, "")
@@ -232,9 +232,10 @@ def test_release_of_a_bucket_that_is_not_held_exits_not_found(background_daemon:
         "live in its memory only\n"
     )
     online = cli(dirs, "run", "--allow", "*", "--", CREDPROXY, "release", "nosuch:work")
-    assert (online.returncode, online.stdout) == (3, "")
-    assert online.stderr == (
-        "credproxy release: no quota hold on nosuch:work; `credproxy status` lists the holds\n"
+    assert (online.returncode, online.stderr) == (0, "")
+    assert online.stdout == (
+        "no quota hold on nosuch:work (`credproxy status` lists the holds); "
+        "profiles of nosuch start again from their first bucket\n"
     )
 
 

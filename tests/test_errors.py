@@ -589,6 +589,28 @@ def test_an_api_grant_of_a_bucket_without_a_login_is_a_problem_said_on_the_host(
     assert [(p.grant, p.cause) for p in nothing] == [("api:dev", "no_login")]
 
 
+def test_a_bucket_of_a_provider_known_only_from_the_store_or_of_its_profile_needs_a_login() -> None:
+    """dev taken out of the config but dev:default still stored: dev:work is a no_login problem. A bare grant of a provider with configured buckets is its profile: each bucket of it is checked, as dev:a,b's are."""
+    from pathlib import Path
+
+    from credproxy.core.config import parse
+    from credproxy.core.grantcheck import grant_problems
+    from credproxy.core.grants import Grants
+    from credproxy.core.names import Key
+
+    gone = grant_problems(Grants.parse(["dev:work"]), {}, [Key("dev")], [], "config.toml")
+    assert [(p.grant, p.cause) for p in gone] == [("dev:work", "no_login")]
+    cfg = parse(
+        '[providers.dev]\ntoken_url = "https://idp.example/t"\nclient_id = "c"\n'
+        'buckets = ["a", "b"]\n',
+        Path("config.toml"),
+    )
+    stored = [Key("dev", "a")]
+    for grant in ("dev:a,b", "dev"):
+        problems = grant_problems(Grants.parse([grant]), cfg.providers, stored, [], "c")
+        assert [p.message for p in problems] == ["provider dev has no stored login for bucket b"]
+
+
 def test_run_warns_about_a_granted_bucket_without_a_login(background_daemon: Dirs) -> None:
     """With only dev:default stored, `run --allow dev:work` warns with the `credproxy login dev --bucket work` to run, and the daemon logs it; `--allow dev:default` does not warn."""
     dirs = background_daemon

@@ -7,12 +7,13 @@ provider's configured ``buckets``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import trio
 import trio.testing
 
-from conftest import Harness, StartDaemon
+from conftest import Harness, StartDaemon, cli
 
 HOUR = 3600.0
 LONG = {"idle_timeout": 1e9}
@@ -86,6 +87,27 @@ async def test_sticky_stays_on_the_bucket_that_served_after_the_hold_ends(
     await trio.sleep(121)
     assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["b"]
     await p.call("report_failure", {"provider": "dev", "bucket": "b", "reason": "quota-exhausted"})
+    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["a"]
+
+
+async def test_release_with_no_hold_left_still_sends_a_sticky_profile_back(
+    start_daemon: StartDaemon,
+) -> None:
+    """After a's hold has ended, sticky stays on b; `credproxy release dev` then makes a serve again, and says there was no hold to end, exit 0 (not "not found": it did something)."""
+    h = await start_daemon(limits=LONG, providers={"dev": {"strategy": "sticky"}})
+    first = _login(h, "a", "b")
+    s = await h.session("dev:a,b")
+    p = await h.peer(s)
+    await p.call("get_token", {"provider": "dev"})
+    await p.call(
+        "report_failure", {"provider": "dev", "bucket": "a", "status": 429, "retryAfter": 1}
+    )
+    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["b"]
+    await trio.sleep(1.5)  # (the real clock: the CLI below is another process)
+    assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["b"]
+    done = await trio.to_thread.run_sync(functools.partial(cli, h.dirs, "release", "dev"))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("no quota hold on dev ")
     assert (await p.call("get_token", {"provider": "dev"}))["data"]["access_token"] == first["a"]
 
 

@@ -109,9 +109,7 @@ def grant_problems(
             )
             continue
         prov = providers.get(head)
-        if prov is None:
-            continue
-        if sep:
+        if prov is not None and sep:
             found.extend(_unknown_buckets(spec, head, prov, tail, config_file))
         found.extend(_logins_missing(spec, head, prov, tail, pairs, with_login))
     return found
@@ -120,17 +118,26 @@ def grant_problems(
 def _logins_missing(
     spec: str,
     name: str,
-    prov: Provider,
+    prov: Provider | None,
     buckets: str,
     pairs: set[tuple[str, str]],
     with_login: set[str],
 ) -> list[GrantProblem]:
-    """A ``no_login`` problem for each of *buckets* (``""``: any bucket) not logged in."""
-    if prov.grant in SIGNING_GRANTS or (prov.api is not None and not prov.api.uses_token()):
+    """A ``no_login`` problem for each bucket of the grant that no login serves.
+
+    *buckets* are those the grant names; a grant of the whole provider
+    (``""``) has its configured ``buckets`` (its profile, as the serving core
+    makes it), or else any bucket logged in will do. *prov* is None for a
+    provider known only from the store (it was taken out of the config).
+    """
+    if prov is not None and (
+        prov.grant in SIGNING_GRANTS or (prov.api is not None and not prov.api.uses_token())
+    ):
         return []  # (minted, or served by API keys: no login)
-    if not buckets:
+    named = buckets.split(",") if buckets else list(prov.buckets) if prov is not None else []
+    if not named:
         return [] if name in with_login else [_no_login(spec, name, None)]
-    return [_no_login(spec, name, b) for b in buckets.split(",") if (name, b) not in pairs]
+    return [_no_login(spec, name, b) for b in named if (name, b) not in pairs]
 
 
 def _no_login(spec: str, name: str, bucket: str | None) -> GrantProblem:
