@@ -151,6 +151,37 @@ def dirs(tmp_short: Path) -> Dirs:
     return Dirs(tmp_short, tmp_short / "state", tmp_short / "run", tmp_short / "config.toml")
 
 
+async def serve_config_file(
+    nursery: trio.Nursery,
+    dirs: Dirs,
+    endpoint: HttpTokenEndpoint,
+    *,
+    cfg: Config | None = None,
+    store: TokenStore | None = None,
+    config_poll: float | None = None,
+    **options: Any,
+) -> Daemon:
+    """The daemon on ``dirs.config`` (which `credproxy reload` re-reads), started in *nursery*.
+
+    *cfg*: the configuration it starts with (default: the file's); *options* go to ``serve``.
+    """
+    from credproxy.shell import paths
+
+    daemon: Daemon = await nursery.start(
+        functools.partial(
+            serve,
+            paths.load_config(dirs.config) if cfg is None else cfg,
+            store=TokenStore(dirs.state) if store is None else store,
+            runtime=dirs.runtime,
+            endpoint=endpoint,
+            config_path=dirs.config,
+            config_poll=config_poll,
+            **options,
+        )
+    )
+    return daemon
+
+
 def cli(
     dirs: Dirs, *args: str, input: str | None = None, timeout: float = 30, **env: str
 ) -> subprocess.CompletedProcess[str]:

@@ -35,14 +35,14 @@ from test_systemd_user import User, host_marker, machine, user  # noqa: F401
 from test_websocket import EchoServer, _audit, _connect, ca, echo, refused_while  # noqa: F401
 from websockets.exceptions import ConnectionClosed
 
-from conftest import CREDPROXY, Dirs, Peer, cli
+from conftest import CREDPROXY, Dirs, Peer, cli, serve_config_file
 from credproxy import devidp
 from credproxy.core.grants import Grants
 from credproxy.devidp.idp import DevIdP, Fault
 from credproxy.errors import CredproxyError
 from credproxy.inner.client import Client
 from credproxy.shell import paths
-from credproxy.shell.daemon import Daemon, config_signature, serve
+from credproxy.shell.daemon import Daemon, config_signature
 from credproxy.shell.http import HttpTokenEndpoint
 from credproxy.shell.store import TokenStore
 from systemd_boot import unavailable
@@ -129,16 +129,8 @@ async def start_live(
         dirs.config.write_text(text)
         store = TokenStore(dirs.state)
         endpoint = HttpTokenEndpoint(timeout=10)
-        daemon = await nursery.start(
-            functools.partial(
-                serve,
-                paths.load_config(dirs.config),
-                store=store,
-                runtime=dirs.runtime,
-                endpoint=endpoint,
-                config_path=dirs.config,
-                config_poll=config_poll,
-            )
+        daemon = await serve_config_file(
+            nursery, dirs, endpoint, store=store, config_poll=config_poll
         )
         started.append((daemon, endpoint))
         return Live(daemon, store, idp[0], dirs)
@@ -697,17 +689,8 @@ async def test_serve_loads_an_edit_made_after_its_config_was_read(
         provider("dev", "https://idp.example/token") + provider("dev2", "https://idp.example/t"),
     )
     endpoint = HttpTokenEndpoint(timeout=10)
-    daemon = await nursery.start(
-        functools.partial(
-            serve,
-            cfg,
-            store=TokenStore(dirs.state),
-            runtime=dirs.runtime,
-            endpoint=endpoint,
-            config_path=dirs.config,
-            config_seen=seen,
-            config_poll=0.05,
-        )
+    daemon = await serve_config_file(
+        nursery, dirs, endpoint, cfg=cfg, config_seen=seen, config_poll=0.05
     )
     try:
         await trio.sleep(1.0)  # twenty looks at the file

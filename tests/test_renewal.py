@@ -9,7 +9,6 @@ shows up as ``reuse_count`` > 0 and an ``invalid_grant``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import pytest
@@ -17,11 +16,9 @@ import trio
 import trio.testing
 from test_reload import edit, provider
 
-from conftest import Dirs, Harness, Peer, StartDaemon, WallClock
+from conftest import Dirs, Harness, Peer, StartDaemon, WallClock, serve_config_file
 from credproxy import devidp
 from credproxy.core.grants import Grants
-from credproxy.shell import paths
-from credproxy.shell.daemon import serve
 from credproxy.shell.http import HttpTokenEndpoint
 from credproxy.shell.store import TokenStore
 
@@ -365,15 +362,18 @@ async def test_refresh_token_op_cooldown(start_daemon: StartDaemon, autojump_clo
     p2.close()
 
 
-async def _refresh_in_flight(start_daemon: StartDaemon) -> tuple[Harness, dict, object, Peer]:
-    """An expired token, a slow IdP, and a get_token whose refresh request is at the IdP now."""
+async def _refresh_in_flight(
+    start_daemon: StartDaemon, delay: float = 3
+) -> tuple[Harness, dict, object, Peer]:
+    """An expired token, an IdP that answers in *delay* s, and a get_token whose refresh
+    request has been at the IdP for a second now."""
     h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
     token = h.idp.mint()
     token["expiry"] = h.wall() - 1
     h.store.write("dev", "default", token)
     s = await h.session("dev")
     p = await h.peer(s)
-    h.idp.fail_next("slow", delay=3)
+    h.idp.fail_next("slow", delay=delay)
     await p.send({"v": 2, "id": "x", "op": "get_token", "payload": {"provider": "dev"}})
     await trio.sleep(1)
     return h, token, s, p
@@ -544,18 +544,8 @@ async def test_reloaded_renewal_settings_reach_a_running_sessions_timer(
     store = TokenStore(dirs.state)
     store.write("dev", "default", the_idp.mint())
     endpoint = HttpTokenEndpoint(wall_clock=wall, timeout=10)
-    daemon = await nursery.start(
-        functools.partial(
-            serve,
-            paths.load_config(dirs.config),
-            store=store,
-            runtime=dirs.runtime,
-            endpoint=endpoint,
-            wall_clock=wall,
-            boot_clock=wall.boot,
-            config_path=dirs.config,
-            config_poll=None,
-        )
+    daemon = await serve_config_file(
+        nursery, dirs, endpoint, store=store, wall_clock=wall, boot_clock=wall.boot
     )
     try:
         s = await daemon.open_session(Grants.parse(["dev"]), frozenset(), "old", None, None)
@@ -577,3 +567,33 @@ async def test_reloaded_renewal_settings_reach_a_running_sessions_timer(
     finally:
         daemon.stop()
         await endpoint.aclose()
+
+
+@pytest.mark.parametrize("step", [-HOUR, HOUR], ids=["put-back", "put-forward"])
+async def test_a_clock_step_while_the_idp_holds_its_answer_does_not_move_the_renewal(
+    start_daemon: StartDaemon,
+    autojump_clock: object,
+    no_secrets_in_logs: list[dict],
+    step: float,
+) -> None:
+    """The wall clock is stepped an hour (back or forward) between a refresh's request and its answer: the new hour token is renewed 3240-3270 s after it was asked for, as without a step, not an hour late or at once."""
+    h, _, _, p = await _refresh_in_flight(start_daemon, delay=6)
+    asked = h.wall.true() - 1
+    await trio.sleep(2)  # the request is at the IdP, which answers at +6 s
+    assert h.idp.refresh_count == 0
+    h.wall.step(step)
+    reply = await p.recv()
+    assert reply is not None and reply["ok"] is True, reply
+    assert h.idp.is_access_token_valid(reply["data"]["access_token"])
+    assert h.idp.refresh_count == 1
+    # The timer of the token just served: not early (a token that looked dead at once)...
+    await trio.sleep(asked + 3240 - h.wall.true())
+    assert h.idp.refresh_count == 1, "renewed early: the step counted against its life"
+    # ...nor late (a token that looked an hour longer-lived), and nothing served dies.
+    await trio.sleep(31)
+    assert h.idp.refresh_count == 2, "not renewed in time: the step counted for its life"
+    reply = await p.call("get_token", {"provider": "dev"})
+    assert h.idp.is_access_token_valid(reply["data"]["access_token"])
+    assert h.idp.reuse_count == 0
+    (stepped,) = [e for e in no_secrets_in_logs if e["event"] == "clock_step_during_refresh"]
+    assert stepped["step"] == step

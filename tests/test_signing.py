@@ -5,7 +5,9 @@ parses the config with :func:`credproxy.core.config.parse`, and mints with
 :meth:`HttpTokenEndpoint.mint` against :class:`credproxy.devidp.DevIssuers`
 served on 127.0.0.1, which verifies every JWT it receives. What a user could
 observe is checked: the token, what the issuer accepted, and every error
-message (which must never carry the key, a passphrase or a secret).
+message (which must never carry the key, a passphrase or a secret). A key
+rotated in place is followed through the daemon itself (in this process, on
+a config file, reloaded with ``credproxy reload``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,12 +31,16 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from conftest import Dirs, Peer, cli, serve_config_file
 from credproxy import devidp
 from credproxy.core.assertions import MintFailed
 from credproxy.core.config import Provider, parse
+from credproxy.core.grants import Grants
 from credproxy.errors import RefreshFailed
+from credproxy.shell.daemon import Daemon
 from credproxy.shell.http import HttpTokenEndpoint
 from credproxy.shell.signing_keys import SigningKeys
+from credproxy.shell.store import TokenStore
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -636,6 +642,84 @@ async def test_a_missing_passphrase_command_is_named(world: World) -> None:
     )
     with pytest.raises(MintFailed, match="cannot run passphrase_command /nonexistent"):
         await world.endpoint.mint(provider)
+
+
+# -- a key rotated in place, in the daemon ---------------------------------------------------
+
+
+def _rotate_in_place(path: Path, private: Any) -> None:
+    """Write *private* over the key file at *path*: the same inode, size and mtime (a key
+    rotated within one tick of the file system's clock looks unchanged to a stat)."""
+    before = path.stat()
+    path.write_bytes(pem(private))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+
+
+async def test_a_key_rotated_in_place_signs_the_next_token_after_a_reload_and_after_a_restart(
+    nursery: trio.Nursery, dirs: Dirs, no_secrets_in_logs: list[dict[str, Any]]
+) -> None:
+    """A jwt-bearer key file replaced in place (same path, a new key; the issuer now knows only the new one): after `credproxy reload` the sandbox gets a token minted with the new key, not the revoked key's, and so after a restart that follows another rotation."""
+    issuers = devidp.DevIssuers()
+    token_url = await nursery.start(partial(devidp.serve, devidp.DevIdP(), issuers=issuers))
+    key = write_private(dirs.root / "sa.pem", pem(EC_KEY))
+    dirs.config.write_text(
+        f'[providers.sa]\ngrant = "jwt-bearer"\ntoken_url = "{token_url}"\n'
+        f'private_key = "{key}"\nissuer = "agent@example.iam"\n'
+    )
+    issuers.register_assertion_issuer("agent@example.iam", EC_KEY.public_key())
+    store = TokenStore(dirs.state)
+
+    async def token(daemon: Daemon) -> str:
+        session = await daemon.open_session(Grants.parse(["sa"]), frozenset(), "test", None, None)
+        peer = await Peer.connect(session.socket_path)
+        try:
+            assert (await peer.handshake())["ok"] is True
+            reply = await peer.call("get_token", {"provider": "sa"})
+        finally:
+            peer.close()
+        assert reply["ok"] is True, reply
+        assert "minted_with" not in reply["data"]
+        access_token: str = reply["data"]["access_token"]
+        return access_token
+
+    def rotate() -> None:
+        new = ec.generate_private_key(ec.SECP256R1())
+        _rotate_in_place(key, new)
+        issuers.register_assertion_issuer("agent@example.iam", new.public_key())  # the old: revoked
+
+    endpoint = HttpTokenEndpoint(timeout=10, signing_store=store.signing_dir)
+
+    def start(nursery: trio.Nursery) -> Awaitable[Daemon]:
+        return serve_config_file(nursery, dirs, endpoint, store=store)
+
+    try:
+        async with trio.open_nursery() as first:
+            daemon = await start(first)
+            old = await token(daemon)
+            assert await token(daemon) == old and issuers.mint_count == 1
+            rotate()
+            done = await trio.to_thread.run_sync(partial(cli, dirs, "reload"))
+            assert done.returncode == 0, done.stderr
+            rotated = await token(daemon)
+            assert rotated != old and issuers.mint_count == 2 and issuers.refusals == []
+            assert store.read("sa", "default")["access_token"] == rotated
+            daemon.stop()
+        rotate()  # while the daemon is stopped; it starts again with the same config
+        async with trio.open_nursery() as second:
+            daemon = await start(second)
+            restarted = await token(daemon)
+            assert restarted != rotated and issuers.mint_count == 3 and issuers.refusals == []
+            daemon.stop()
+    finally:
+        await endpoint.aclose()
+    said = repr(no_secrets_in_logs)
+    assert store.read("sa", "default")["minted_with"] not in said  # never logged
 
 
 # -- canaries across every failure -----------------------------------------------------------

@@ -488,3 +488,21 @@ async def test_a_token_an_earlier_version_minted_for_a_made_up_bucket_is_not_ser
         Grants.parse(["api:gh:readonyl"]), h.daemon.cfg.providers, [], None, "config.toml"
     )
     assert warned.cause == "unknown_bucket"
+
+
+def test_a_header_template_cannot_name_what_a_minted_token_keeps_to_itself() -> None:
+    """An api header naming {minted_with} or {refresh_token} is refused (502, no such field), on the trio path as on the relay's (which reads the token as served): the digest of what a token was minted from never goes upstream."""
+    from credproxy.core.config import MINTED_WITH
+    from credproxy.core.names import Key
+    from credproxy.shell.proxy import HttpError, fill_headers, token_fields
+
+    stored = {"access_token": "ghs_x", MINTED_WITH: "d" * 64, "refresh_token": "rt", "expiry": 9}
+    fields = token_fields(stored)
+    grants = Grants.parse(["api:gh"])
+    for name in (MINTED_WITH, "refresh_token"):
+        with pytest.raises(HttpError) as refused:
+            fill_headers({"X-Field": f"{{{name}}}"}, fields, Key("gh"), grants, lambda _: None)
+        assert refused.value.status == 502
+        assert stored[name] not in str(refused.value)
+    filled = fill_headers({"A": "token {access_token}"}, fields, Key("gh"), grants, lambda _: None)
+    assert filled == {"A": "token ghs_x"}

@@ -108,6 +108,11 @@ class Narrowing(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 #: (docs/signing.md), rather than refreshed from a stored refresh token.
 SIGNING_GRANTS = frozenset({"jwt-bearer", "client_credentials", "github-app", "signed-jwt"})
 
+#: The grants whose answer says when the token ends on the issuer's clock
+#: (``expires_at``: GitHub's, Copilot's), not how long it lives from the request
+#: (``expires_in``, or a ``signed-jwt``'s ``lifetime``).
+EXPIRES_AT_GRANTS = frozenset({"copilot", "github-app"})
+
 #: ``lifetime`` of a ``signed-jwt``: seconds from ``iat`` to ``exp``. ``iat`` is
 #: backdated 60 s for clock skew, so less than 120 would be spent before it is served;
 #: an hour is what such issuers take (Snowflake's key-pair JWTs).
@@ -220,17 +225,23 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """True if this provider mints *bucket*'s tokens (:meth:`minted_buckets`)."""
         return bucket in self.minted_buckets()
 
-    def minted_with(self, bucket: str) -> str:
+    def minted_with(self, bucket: str, *, key: str | None) -> str:
         """A digest of what *bucket*'s tokens are minted from (for :data:`MINTED_WITH`).
 
         Whom the token is for and what it may do: the grant and its endpoints,
         the key, the claims and scopes, the App and installation, the bucket's
         narrowing. A stored minted token with another digest was minted under
-        another configuration (a narrowing taken back by a reload) and is not
-        served: the bucket is minted again.
+        another configuration (a narrowing taken back by a reload, a key
+        replaced) and is not served: the bucket is minted again.
+
+        *key* is a digest of the key file's content, which the shell reads
+        (``signing_keys.key_digest``; None for a provider without one): the
+        file's path alone would not tell a key rotated in place, the same path
+        with a new key, from the key it replaced.
         """
         narrowing = self.narrow.get(bucket)
         inputs = [
+            key,
             self.grant,
             self.token_url,
             self.client_id,

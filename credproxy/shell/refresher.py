@@ -43,21 +43,35 @@ Health
     Each attempt, success, failure and failed write is recorded in the key's
     :class:`~credproxy.core.renewal.KeyHealth` (the cache's), which is what
     the cooldowns, ``status`` and the renewal timers read.
+
+A clock step while the answer is on its way
+    An ``expires_in`` counts from when the request was sent, and the answer's
+    ``expiry`` is that instant on the wall clock of then. If the wall clock is
+    stepped before the answer arrives, that expiry is off by the step in
+    today's wall-clock terms, and so would be the boot-clock deadline the
+    cache derives from it: an hour late (served after it died) or an hour
+    early (renewed at once). The wall and boot clocks are read when the
+    request is sent (:class:`Sent`), and an answer that arrives after a step
+    has its expiry moved by the step (:func:`expiry_after_step`): its life
+    still counts from before the request, on the boot clock, which no step
+    moves. Not for the grants whose answer says when the token ends on the
+    issuer's clock (``EXPIRES_AT_GRANTS``): a step does not move that instant.
 """
 
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import msgspec
 import trio
 
 from credproxy.core import policy
-from credproxy.core.config import MINTED_WITH, Config, Provider
+from credproxy.core.config import EXPIRES_AT_GRANTS, MINTED_WITH, Config, Provider
 from credproxy.core.names import Key
 from credproxy.core.oauth import TokenEndpoint, merge_refreshed
 from credproxy.core.renewal import KeyHealth
@@ -79,6 +93,29 @@ LOCK_POLL = 0.02  # seconds between flock attempts while another process refresh
 SAVE_RETRY_BASE = 1.0  # seconds before retrying the write of an unsaved token, doubling
 SAVE_RETRY_CAP = 60.0
 MINT_TRIES = 3  # mints in a row while reloads keep changing what a bucket is minted from
+#: Seconds the wall clock must move apart from the boot clock during a request
+#: to count as a step; NTP's slewing parts them by a few parts per million.
+STEP_NOTICED = 1.0
+
+
+class Sent(NamedTuple):
+    """The wall clock and the boot clock when a refresh or mint request was sent."""
+
+    wall: float
+    boot: float
+
+
+def expiry_after_step(expiry: float, sent: Sent, wall_now: float, boot_now: float) -> float:
+    """*expiry*, reckoned on the wall clock at *sent*, on the wall clock of now.
+
+    The step is what the wall clock moved since *sent* beyond what the boot
+    clock did; a difference under :data:`STEP_NOTICED` is none, and *expiry*
+    is kept as it is. The result is ``wall_now + (sent.boot + (expiry -
+    sent.wall) - boot_now)``: the lifetime counted from the boot clock at
+    *sent*, whatever the wall clock did.
+    """
+    step = (wall_now - sent.wall) - (boot_now - sent.boot)
+    return expiry if abs(step) < STEP_NOTICED else expiry + step
 
 
 class Generation(Protocol):
@@ -334,6 +371,7 @@ class Refresher(Generic[G]):
             else:
                 assert stored is not None
                 assert isinstance(rt, str)
+                sent = self._sent()
                 try:
                     new = await self.endpoint.refresh(prov, rt, stored.token.get("scope"))
                 except RotatedUnusable as exc:
@@ -350,6 +388,7 @@ class Refresher(Generic[G]):
                 # no cancellation (session close, shutdown) can land in between;
                 # the bytes go into the reserved file first, which a SIGKILL
                 # after that point cannot take back (recover_pending adopts it).
+                new = self._on_todays_clock(key, prov, new, sent)
                 merged = merge_refreshed(stored.token, new)
             self.store.fault("refresh-got-response")
             health.succeeded(self.wall())  # (a failed write below says so in the same record)
@@ -398,16 +437,65 @@ class Refresher(Generic[G]):
             NotFound: the reload took the bucket (or the provider) away.
         """
         for _ in range(MINT_TRIES):
+            # The key file is read before the mint and after it: a key replaced
+            # meanwhile (the mint may have signed with either) mints again.
+            digest = self.minted_with(prov, bucket)
+            sent = self._sent()
             merged = await self.endpoint.mint(prov, bucket)
-            digest = prov.minted_with(bucket)
+            merged = self._on_todays_clock(Key(provider, bucket), prov, merged, sent)
             now = self.cfg.providers.get(provider)
             if now is None or not now.mints(bucket):
                 raise NotFound(f"{provider}:{bucket} is no longer minted (a reload)")
-            if now.minted_with(bucket) == digest:
+            if self.minted_with(now, bucket) == digest:
                 merged[MINTED_WITH] = digest
                 return merged
             prov = now
         raise RefreshFailed(f"{provider}:{bucket}: its configuration changed while minting")
+
+    def minted_with(self, prov: Provider, bucket: str) -> str:
+        """What *bucket*'s tokens are minted from now: its key's content too (``minted_with``).
+
+        Reads *prov*'s key file (:func:`~credproxy.shell.signing_keys.key_digest`,
+        a few kilobytes): the digest tells a key rotated in place from the one
+        it replaced. Never served or logged.
+        """
+        # Here, not at the top: signing_keys loads cryptography, which a daemon
+        # without a signing grant never needs.
+        from credproxy.shell.signing_keys import key_digest
+
+        return prov.minted_with(bucket, key=key_digest(prov, self.store.signing_dir))
+
+    def _sent(self) -> Sent:
+        """The clocks as a request goes out."""
+        return Sent(self.wall(), self.boot())
+
+    def _on_todays_clock(
+        self, key: Key, prov: Provider, answer: dict[str, Any], sent: Sent
+    ) -> dict[str, Any]:
+        """*answer* with its expiry moved by a wall-clock step since *sent* (module docstring).
+
+        Synchronous: nothing may come between the answer and its write.
+        """
+        expiry = answer.get("expiry")
+        if (
+            prov.grant in EXPIRES_AT_GRANTS
+            or isinstance(expiry, bool)
+            or not isinstance(expiry, int | float)
+            or not math.isfinite(expiry)
+        ):
+            return answer
+        moved = expiry_after_step(expiry, sent, self.wall(), self.boot())
+        if moved == expiry:
+            return answer
+        log.info(
+            "clock_step_during_refresh",
+            provider=key.provider,
+            bucket=key.bucket,
+            step=round(moved - expiry, 1),
+            why="the wall clock was stepped while the answer was on its way; "
+            "the token's life counts from when its request was sent",
+        )
+        return {**answer, "expiry": moved}
 
     def _store_refreshed(
         self,

@@ -13,9 +13,14 @@ not block).
 An encrypted PEM (``ENCRYPTED`` in its armour) is decrypted with the
 passphrase from ``passphrase_file`` or from the standard output of
 ``passphrase_command``, run without a shell, with no input, under a timeout.
-Loaded keys are cached per file and its (device, inode, size, mtime), so a
-command that asks a password manager runs once per key, and a replaced key
-file is read again at the next mint.
+The file is read at every mint, and the key parsed (decrypted) only when its
+content differs from the last read's: a command that asks a password manager
+runs once per key, and a key replaced in place (the same path, a new key, as
+a key rotation does) signs the next mint, whatever the file's times say.
+
+:func:`key_digest` is what a minted token's ``minted_with`` knows of the key:
+a SHA-256 of the file's content, so a reload or a restart after a rotation
+mints anew rather than serving a token of the revoked key.
 
 Errors are :class:`~credproxy.core.assertions.MintFailed` with cause
 ``"key"``: they name the file and say why, never a byte of its content, the
@@ -24,6 +29,7 @@ passphrase or the command's output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -39,17 +45,15 @@ from credproxy.core.assertions import MintFailed, SigningKey, algorithm_for, sig
 from credproxy.core.config import Provider
 from credproxy.core.names import NAME_RULE, is_name
 
-__all__ = ["MAX_KEY_FILE_BYTES", "SigningKeys", "read_private_file"]
+__all__ = ["MAX_KEY_FILE_BYTES", "UNREADABLE_KEY", "SigningKeys", "key_digest", "read_private_file"]
 
 #: A key file, a Google JSON key or a passphrase is a few kilobytes at most.
 MAX_KEY_FILE_BYTES = 64 * 1024
 #: Seconds a passphrase_command may take.
 COMMAND_TIMEOUT = 10.0
 
-_Signature = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 
-
-def read_private_file(path: str, what: str, *, uid: int | None = None) -> tuple[bytes, _Signature]:
+def read_private_file(path: str, what: str, *, uid: int | None = None) -> bytes:
     """The bytes of *path* (``~`` expanded), if it is a private regular file of *uid*.
 
     *what* names the config key in messages (``private_key``). *uid* defaults
@@ -105,7 +109,7 @@ def read_private_file(path: str, what: str, *, uid: int | None = None) -> tuple[
         raise MintFailed(f"cannot read {what} {path}: {reason}", "key") from None
     finally:
         os.close(fd)
-    return b"".join(chunks), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return b"".join(chunks)
 
 
 def _strip_line_end(raw: bytes) -> bytes:
@@ -156,6 +160,37 @@ def _where(value: str, store_dir: Path | None) -> str:
     return str(store_dir / name)
 
 
+#: :func:`key_digest` of a key file that cannot be read now (missing, not
+#: private, too large): like no content it ever had, so a token minted with it
+#: is minted again, and that mint says what is wrong with the file.
+UNREADABLE_KEY = "unreadable"
+
+
+def key_digest(provider: Provider, store_dir: Path | None, *, uid: int | None = None) -> str | None:
+    """A SHA-256 of the content of *provider*'s key file, or None when it has none.
+
+    *provider*'s ``private_key`` or ``key_file`` (``store:NAME`` in *store_dir*),
+    read as a mint reads it (a private regular file of *uid*), every time: a
+    key replaced in place has another digest. :data:`UNREADABLE_KEY` when the
+    file cannot be read. Blocking (a file of a few kilobytes at most).
+
+    It goes into ``Provider.minted_with``'s digest, which is stored with the
+    token and never served or logged (a SHA-256 of a key says nothing of it).
+    """
+    try:
+        source = _source(provider, store_dir)
+        if source is None:
+            return None
+        data = read_private_file(source.path, source.what, uid=uid)
+    except MintFailed:
+        return UNREADABLE_KEY
+    return _digest(data)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class SigningKeys:
     """The signing keys of every provider, loaded on demand and cached.
 
@@ -174,7 +209,7 @@ class SigningKeys:
         self._store_dir = store_dir
         self._timeout = command_timeout
         self._uid = os.getuid() if uid is None else uid
-        self._cache: dict[_Source, tuple[_Signature, SigningKey]] = {}
+        self._cache: dict[_Source, tuple[str, SigningKey]] = {}  # (content digest, key)
         self._locks: dict[_Source, trio.Lock] = {}
 
     def __repr__(self) -> str:
@@ -191,15 +226,18 @@ class SigningKeys:
         source = _source(provider, self._store_dir)
         if source is None:
             return None
-        cached = self._cache.get(source)
-        if cached is not None and self._unchanged(source.path, cached[0]):
-            return cached[1]  # the common case: a stat, no thread, no parse
         lock = self._locks.setdefault(source, trio.Lock())
         async with lock:
-            data, signature = await trio.to_thread.run_sync(self._read, source.path, source.what)
+            # Read every time and compared by content: a key rotated in place
+            # may keep the file's inode, size and even mtime (two writes in one
+            # tick of the file system's clock), and must still sign. Read here,
+            # not in a thread, as the token store's files are: a private regular
+            # file of a few kilobytes (anything else is refused unread).
+            data = self._read(source.path, source.what)
+            digest = _digest(data)
             cached = self._cache.get(source)
-            if cached is not None and cached[0] == signature:
-                return cached[1]
+            if cached is not None and cached[0] == digest:
+                return cached[1]  # the common case: no thread, no parse, no passphrase
             if source.what == "key_file":
                 key = await trio.to_thread.run_sync(_google_key, data, source.path)
             else:
@@ -207,7 +245,7 @@ class SigningKeys:
                 if _encrypted(data):
                     password = await self._passphrase(source)
                 key = await trio.to_thread.run_sync(_pem_key, data, password, source.path)
-            self._cache[source] = (signature, key)
+            self._cache[source] = (digest, key)
             return key
 
     async def read_secret(self, path: str, what: str) -> str:
@@ -216,7 +254,7 @@ class SigningKeys:
         Raises:
             MintFailed: (cause ``"key"``) refused, unreadable, not UTF-8, or empty.
         """
-        data, _ = await trio.to_thread.run_sync(self._read, path, what)
+        data = await trio.to_thread.run_sync(self._read, path, what)
         try:
             secret = data.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -225,26 +263,12 @@ class SigningKeys:
             raise MintFailed(f"{what} {path} is empty", "key")
         return secret
 
-    def _unchanged(self, path: str, signature: _Signature) -> bool:
-        """True if *path* is still the file read as *signature*, still yours and still private."""
-        try:
-            st = os.stat(os.path.expanduser(path))  # as read_private_file opens it
-        except OSError:
-            return False
-        owner = os.getuid() if self._uid is None else self._uid
-        return (
-            stat.S_ISREG(st.st_mode)
-            and st.st_uid == owner
-            and not stat.S_IMODE(st.st_mode) & 0o077
-            and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == signature
-        )
-
-    def _read(self, path: str, what: str) -> tuple[bytes, _Signature]:
+    def _read(self, path: str, what: str) -> bytes:
         return read_private_file(path, what, uid=self._uid)
 
     async def _passphrase(self, source: _Source) -> bytes:
         if source.passphrase_file:
-            data, _ = await trio.to_thread.run_sync(
+            data = await trio.to_thread.run_sync(
                 self._read, source.passphrase_file, "passphrase_file"
             )
             passphrase = _strip_line_end(data)

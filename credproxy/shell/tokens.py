@@ -219,7 +219,8 @@ class Tokens:
         mints = self.mints(key)
         if self._minted_elsewise(key, token):
             # Minted under another configuration (a narrowing taken back, another
-            # key or installation): not served; minted again if the key still mints.
+            # installation) or with another key (a key file replaced, even in
+            # place): not served; minted again if the key still mints.
             expiry = 0.0
         lifetime = old.facts.lifetime if old is not None else None
         boot_deadline = old.facts.boot_deadline if old is not None else None
@@ -267,18 +268,25 @@ class Tokens:
         return self._health.get(key)
 
     def _minted_elsewise(self, key: Key, token: dict[str, Any]) -> bool:
-        """True if *token* is a minted one, or *key* mints, and the two configurations differ."""
+        """True if *token* is a minted one, or *key* mints, and what they are minted from differs.
+
+        What *key* is minted from now includes its key file's content, read
+        here (:meth:`Refresher.minted_with`). A token stored before the
+        digest covered the content differs, and is minted again.
+        """
         minted = token.get(MINTED_WITH)
         prov = self.cfg.providers.get(key.provider)
         if prov is None or not prov.mints(key.bucket):
             return minted is not None
-        return minted != prov.minted_with(key.bucket)
+        return minted != self.refresher.minted_with(prov, key.bucket)
 
     def stale_mints(self) -> list[Key]:
         """The keys whose cached token was minted under another configuration (a reload).
 
-        Their entries are dropped: the next serve reads the store again, finds
-        the token stale, and mints anew.
+        Or with another key: each minting provider's key file is read again
+        here, so a reload after a key was replaced in place finds the tokens
+        of the old key. Their entries are dropped: the next serve reads the
+        store again, finds the token stale, and mints anew.
         """
         stale = [key for key, e in self._entries.items() if self._minted_elsewise(key, e.token)]
         for key in stale:
