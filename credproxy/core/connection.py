@@ -23,7 +23,11 @@ The caller (a driver: :mod:`credproxy.shell.servingloop` for sandbox sockets,
 :mod:`credproxy.shell.streams` for the control socket) reads bytes, calls
 :meth:`receive_data` and :meth:`next_event` until :data:`NEED_DATA`, writes
 what it is given, calls :meth:`after_read` once per read, and closes the
-connection when :meth:`expired` says why.
+connection when :meth:`expired` says why. A driver may give a read to
+:meth:`take` first: a read that is one whole request (the usual one) is its
+event at once, with nothing stored and no :meth:`after_read` to call (a whole
+frame arms no body deadline); any other read is stored, and the driver goes
+on with :meth:`next_event` as above.
 """
 
 from __future__ import annotations
