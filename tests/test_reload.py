@@ -32,8 +32,15 @@ import trio.testing
 from test_proxy import HttpClient, Upstream, upstream  # noqa: F401
 from test_refresh_coordination import _wait_stopped
 from test_systemd_user import User, host_marker, machine, user  # noqa: F401
-from test_websocket import EchoServer, _audit, _connect, ca, echo, refused_while  # noqa: F401
-from websockets.exceptions import ConnectionClosed
+from test_websocket import (  # noqa: F401
+    EchoServer,
+    _audit,
+    ca,
+    echo,
+    one_ends_other_stays,
+    refused_while,
+)
+from websockets.sync.client import ClientConnection
 
 from conftest import CREDPROXY, Dirs, Peer, cli, serve_config_file
 from credproxy import devidp
@@ -377,29 +384,19 @@ async def test_a_reload_that_changes_an_api_section_ends_its_open_websockets(
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    def talk() -> str:
-        with _connect(s.socket_path) as ws, _connect(s.socket_path, "/dev2/echo") as other:
-            ws.send("before")
-            assert ws.recv(WAIT) == "before"
-            unrelated = dev.replace(
-                'client_id = "credproxy-dev"\n', 'client_id = "credproxy-dev"\nscopes = ["more"]\n'
-            )
-            said = trio.from_thread.run(
-                reload, unrelated + dev2 + "[limits]\nmax_connections = 64\n"
-            )
-            assert "providers changed: dev" in said
-            ws.send("after an unrelated reload")
-            assert ws.recv(WAIT) == "after an unrelated reload"
+    def reloads(ws: ClientConnection) -> None:
+        unrelated = dev.replace(
+            'client_id = "credproxy-dev"\n', 'client_id = "credproxy-dev"\nscopes = ["more"]\n'
+        )
+        said = trio.from_thread.run(reload, unrelated + dev2 + "[limits]\nmax_connections = 64\n")
+        assert "providers changed: dev" in said
+        ws.send("after an unrelated reload")
+        assert ws.recv(WAIT) == "after an unrelated reload"
+        said = trio.from_thread.run(reload, API_CHANGES[change](dev) + dev2)
+        assert "providers changed: dev" in said and "dev2" not in said
 
-            said = trio.from_thread.run(reload, API_CHANGES[change](dev) + dev2)
-            assert "providers changed: dev" in said and "dev2" not in said
-            with pytest.raises(ConnectionClosed):
-                ws.recv(WAIT)
-            other.send("still")
-            assert other.recv(WAIT) == "still"
-        return "closed"
-
-    assert await trio.to_thread.run_sync(talk) == "closed"
+    ended = functools.partial(one_ends_other_stays, s.socket_path, "/dev2/echo", reloads)
+    await trio.to_thread.run_sync(ended)
     lines = await _audit(no_secrets_in_logs, 2)
     assert sorted((line["provider"], line["status"], line["ended"]) for line in lines) == [
         ("dev", 101, "reload"),

@@ -367,6 +367,21 @@ async def test_closing_the_session_ends_an_open_websocket(
     assert (line["status"], line["ended"]) == (101, "cancelled")
 
 
+def one_ends_other_stays(
+    socket_path: Path, other_path: str, act: Callable[[ClientConnection], None]
+) -> None:
+    """Two WebSockets, one on /dev/echo and one on *other_path*: after *act* (given the
+    first), the first is closed and the other still echoes."""
+    with _connect(socket_path) as ws, _connect(socket_path, other_path) as other:
+        ws.send("before")
+        assert ws.recv(WAIT) == "before"
+        act(ws)
+        with pytest.raises(ConnectionClosed):
+            ws.recv(WAIT)
+        other.send("still")
+        assert other.recv(WAIT) == "still"
+
+
 async def test_a_logout_ends_an_open_websocket(
     start_daemon: StartDaemon, echo: EchoServer, no_secrets_in_logs: list[Any]
 ) -> None:
@@ -374,19 +389,12 @@ async def test_a_logout_ends_an_open_websocket(
     h, s = await _setup(start_daemon, echo, "dev")
     h.login(bucket="work")
 
-    def talk() -> str:
-        with _connect(s.socket_path) as ws, _connect(s.socket_path, "/dev:work/echo") as other:
-            ws.send("before")
-            assert ws.recv(WAIT) == "before"
-            h.store.remove("dev", "default")
-            trio.from_thread.run(h.daemon.token_changed, ("dev", "default"))
-            with pytest.raises(ConnectionClosed):
-                ws.recv(WAIT)
-            other.send("still")
-            assert other.recv(WAIT) == "still"
-        return "closed"
+    def logout(_: ClientConnection) -> None:
+        h.store.remove("dev", "default")
+        trio.from_thread.run(h.daemon.token_changed, ("dev", "default"))
 
-    assert await trio.to_thread.run_sync(talk) == "closed"
+    ended = functools.partial(one_ends_other_stays, s.socket_path, "/dev:work/echo", logout)
+    await trio.to_thread.run_sync(ended)
     lines = await _audit(no_secrets_in_logs, 2)
     assert sorted((line["bucket"], line["status"], line["ended"]) for line in lines) == [
         ("default", 101, "logout"),
