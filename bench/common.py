@@ -233,6 +233,15 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def wakeups(pid: int) -> int:
+    """The times *pid*'s threads have been put on a CPU so far (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((task / "schedstat").read_text().split()[2])
+    return total
+
+
 def cpu_ns(pid: int) -> int:
     """CPU time *pid* has used so far (all its threads), in ns, from /proc/PID/task/*/schedstat.
 

@@ -181,25 +181,6 @@ def test_gives_up_after_max_failures() -> None:
     assert policy.gives_up(1, Renewal(max_failures=1))
 
 
-# -- wall-clock slices ----------------------------------------------------------------
-
-
-def test_sleep_slice_is_at_most_thirty_seconds() -> None:
-    """A distant deadline is approached in 30 s slices."""
-    assert policy.SLICE == 30
-    assert policy.sleep_slice(NOW + 3600, NOW) == 30
-
-
-def test_sleep_slice_is_the_rest_when_close() -> None:
-    """Within the last slice the timer sleeps exactly until the deadline."""
-    assert policy.sleep_slice(NOW + 12.5, NOW) == 12.5
-
-
-def test_sleep_slice_is_zero_after_a_jump_past_the_deadline() -> None:
-    """A wall clock that jumped past the deadline (suspend) means "fire now"."""
-    assert policy.sleep_slice(NOW, NOW + 7200) == 0
-
-
 # -- token expiry ------------------------------------------------------------------------
 
 

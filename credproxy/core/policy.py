@@ -18,9 +18,9 @@ the state machine that applies them to one timer is
    The jitter spreads the refreshes of many sessions sharing one account.
 
 2. *Is it time yet?*  Deadlines are wall-clock instants, but trio sleeps on a
-   monotonic clock that stops while a laptop is suspended. So timers sleep in
-   slices of at most :data:`SLICE` seconds (:func:`sleep_slice`) and compare
-   the wall clock after each slice: a suspend or a clock jump is noticed
+   monotonic clock that stops while a laptop is suspended. So the clocks are
+   looked at every :data:`SLICE` seconds while a timer sleeps (one look for
+   all of them: ``Tokens.sleep_until``): a suspend or a clock jump is noticed
    within 30 s instead of after the full (now meaningless) monotonic sleep.
 
 3. *How long after a failure?*  Failures back off exponentially
@@ -53,7 +53,6 @@ __all__ = [
     "lead",
     "renewal_deadline",
     "retry_delay",
-    "sleep_slice",
     "token_expiry",
 ]
 
@@ -182,12 +181,3 @@ def retry_delay(failures: int, cfg: Renewal) -> float:
 def gives_up(failures: int, cfg: Renewal) -> bool:
     """True once *failures* consecutive failures reach ``max_failures``."""
     return failures >= cfg.max_failures
-
-
-def sleep_slice(deadline: float, now: float) -> float:
-    """How long a timer should sleep before looking at the wall clock again.
-
-    ``min(SLICE, max(0, deadline - now))``; zero means "fire now". A wall
-    clock that jumped past the deadline (suspend, NTP step) gives zero.
-    """
-    return min(SLICE, max(0.0, deadline - now))

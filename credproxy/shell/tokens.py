@@ -82,6 +82,9 @@ _encoder = msgspec.json.Encoder()
 NOTIFY_TIMEOUT = 10.0  # seconds a [notify] command may run
 MINT_FAILURES_TO_TELL = 3  # consecutive failed mints of a key before the host is told
 RECHECK = 1.0  # seconds a served answer may be reused before the store is looked at again
+#: Seconds the wall or the boot clock must move apart from trio's between two
+#: looks of the clock watch to wake the renewal timers (a suspend, a step).
+CLOCKS_MOVED = 1.0
 
 
 def login_command(key: Key) -> str:
@@ -154,7 +157,12 @@ class Tokens:
         self.wall = wall_clock
         self.boot = boot_clock
         self.rng = rng
-        self._nursery: trio.Nursery | None = refresh_nursery  # for [notify] commands
+        self._nursery: trio.Nursery | None = refresh_nursery  # [notify] commands, the clock watch
+        # Renewal timers asleep (sleep_until), and the one watch of the clocks for them.
+        self._sleepers = 0
+        self._watching = False
+        self._clocks_moved = trio.Event()  # set (and replaced) when the clocks moved apart
+        self._no_sleepers = trio.Event()
         self._entries: dict[Key, Entry] = {}
         self._health: dict[Key, KeyHealth] = {}
         self._told: set[Key] = set()  # keys whose need of a new login the host was told
@@ -175,6 +183,7 @@ class Tokens:
         Unsaved tokens get one last write attempt at once.
         """
         self._nursery = None
+        self._no_sleepers.set()  # (the clock watch ends now, not after its 30 s)
         self.refresher.close()
 
     # -- the cache -----------------------------------------------------------
@@ -598,20 +607,55 @@ class Tokens:
     async def sleep_until(self, deadline: float) -> None:
         """Sleep until the wall-clock instant *deadline*, or as long on the boot clock.
 
-        Both clocks are looked at every 30 s at most: a suspend moves
-        both, and is noticed; a wall clock put back would postpone the
+        trio's clock stops while the machine is suspended, and a wall clock
+        may be stepped: one watch for every sleeper (:meth:`_watch_clocks`)
+        looks at the clocks every 30 s at most, and wakes them all when the
+        clocks moved apart; each works out its wait again. A suspend moves
+        both clocks, and is noticed; a wall clock put back would postpone the
         deadline, but the boot clock, which no step moves, fires it on time; a
-        wall clock put forward fires it early, which is safe.
+        wall clock put forward fires it early, which is safe. (Each timer
+        looking for itself every 30 s woke a daemon with 10,000 timers 330
+        times a second.)
         """
         boot_deadline = self.boot() + (deadline - self.wall())
-        while True:
-            step = min(
-                policy.sleep_slice(deadline, self.wall()),
-                policy.sleep_slice(boot_deadline, self.boot()),
-            )
-            if step <= 0:
-                return
-            await trio.sleep(step)
+        self._sleepers += 1
+        if not self._watching and self._nursery is not None:
+            self._watching = True
+            self._nursery.start_soon(self._watch_clocks)
+        try:
+            while True:
+                step = min(deadline - self.wall(), boot_deadline - self.boot())
+                if step <= 0:
+                    return
+                with trio.move_on_after(step):
+                    await self._clocks_moved.wait()
+        finally:
+            self._sleepers -= 1
+            if not self._sleepers:
+                self._no_sleepers.set()
+
+    async def _watch_clocks(self) -> None:
+        """While anything sleeps: every :data:`~credproxy.core.policy.SLICE` s, wake the
+        sleepers if the wall or the boot clock moved apart from trio's (by
+        :data:`CLOCKS_MOVED` or more: a suspend, a step; not NTP's slewing)."""
+        try:
+            seen = self._clock_offsets()
+            while self._sleepers:
+                self._no_sleepers = trio.Event()
+                with trio.move_on_after(policy.SLICE):
+                    await self._no_sleepers.wait()
+                now = self._clock_offsets()
+                if any(abs(a - b) >= CLOCKS_MOVED for a, b in zip(now, seen, strict=True)):
+                    moved, self._clocks_moved = self._clocks_moved, trio.Event()
+                    moved.set()
+                seen = now
+        finally:
+            self._watching = False
+
+    def _clock_offsets(self) -> tuple[float, float]:
+        """The wall and the boot clock, each less trio's clock."""
+        now = trio.current_time()
+        return self.wall() - now, self.boot() - now
 
     async def keep_renewed(self, timer: RenewalTimer, key: Key, session: str) -> None:
         """Run *timer* until it ends or is cancelled (with its session, or a logout)."""
