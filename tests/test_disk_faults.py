@@ -119,6 +119,14 @@ def _is_live(h: Harness, refresh_token: str) -> bool:
     return status == 200
 
 
+async def _expired(start_daemon: StartDaemon) -> tuple[Harness, dict[str, Any], Peer]:
+    """A daemon whose stored token of dev has just expired, the token, and a session's peer."""
+    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
+    old = h.idp.mint()
+    h.store.write("dev", "default", {**old, "expiry": h.wall() - 5})
+    return h, old, await h.peer(await h.session("dev"))
+
+
 async def _token(p: Peer, op: str = "get_token", bucket: str = "default") -> dict[str, Any]:
     reply = await p.call(op, {"provider": "dev", "bucket": bucket})
     assert reply["ok"] is True, reply
@@ -201,11 +209,7 @@ async def test_disk_filling_during_the_request_cannot_stop_the_write(
     no_secrets_in_logs: list[dict[str, Any]],
 ) -> None:
     """A disk that fills up while the refresh request is in flight still takes the answer: its space was reserved before the request."""
-    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
-    old = h.idp.mint()
-    h.store.write("dev", "default", {**old, "expiry": h.wall() - 5})
-    s = await h.session("dev")
-    p = await h.peer(s)
+    h, old, p = await _expired(start_daemon)
     h.idp.fail_next("slow", delay=5)
     async with trio.open_nursery() as n:
         got: list[dict[str, Any]] = []
@@ -230,11 +234,7 @@ async def test_read_only_disk_without_a_lock_file_fails_the_refresh_cleanly(
     autojump_clock: object,
 ) -> None:
     """On a read-only state disk where the key's lock file cannot be created, the refresh fails as a counted failure and the daemon keeps serving; once writable, it refreshes."""
-    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
-    old = h.idp.mint()
-    h.store.write("dev", "default", {**old, "expiry": h.wall() - 5})
-    s = await h.session("dev")
-    p = await h.peer(s)
+    h, _, p = await _expired(start_daemon)
     small_disk.read_only(True)
     reply = await p.call("get_token", {"provider": "dev"})
     assert reply["ok"] is False and "token_type" not in reply
@@ -256,10 +256,7 @@ async def test_a_temp_file_of_a_failed_write_is_not_adopted_over_the_newer_token
     no_secrets_in_logs: list[dict[str, Any]],
 ) -> None:
     """The disk turns read-only between a write's fsync and its rename (its temp file stays, whole); the daemon refreshes again meanwhile; when the disk is back, the saved token is the newest and its refresh token live, not the older one in the temp file."""
-    h = await start_daemon(lifetime=HOUR, limits=LONG_IDLE)
-    old = h.idp.mint()
-    h.store.write("dev", "default", {**old, "expiry": h.wall() - 5})
-    p = await h.peer(await h.session("dev"))
+    h, _, p = await _expired(start_daemon)
     flipped: list[bool] = []
 
     def fault(name: str) -> None:
