@@ -733,7 +733,7 @@ def cmd_status(ns: Any) -> int:
 
 
 def cmd_release(ns: Any) -> int:
-    """End the quota holds on PROVIDER[:BUCKET]; nothing held there is "not found" (exit 3)."""
+    """End the quota holds on PROVIDER[:BUCKET]; with no daemon running, "not found" (exit 3)."""
     from credproxy.core.names import check_name
     from credproxy.errors import NotFound
     from credproxy.inner.client import Client, silent_daemon

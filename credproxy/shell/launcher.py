@@ -57,7 +57,6 @@ from credproxy.inner.client import (
 )
 from credproxy.inner.forward import wait_forwarding_signals
 from credproxy.shell import paths
-from credproxy.shell.paths import UNIX_PATH_MAX
 
 AUTOSTART_IDLE_EXIT = 30.0  # seconds an auto-started daemon lingers after the last session
 # Seconds to wait for a started daemon to answer. One started while the last
@@ -303,19 +302,17 @@ def _put_back(fd: int, saved: tuple[int, bool] | None) -> None:
 def _check_socket_room(longest: Path) -> None:
     """Refuse a runtime directory too deep for the sockets under it (*longest*, a session's).
 
-    A Unix socket's path has at most 107 bytes: deeper, neither the daemon nor
-    a session could listen, and the failure would come late and vague.
+    Deeper, neither the daemon nor a session could listen, and the failure
+    would come late and vague.
 
     Raises:
         UsageError: the path is too long (the message says what to do).
     """
-    size = len(os.fsencode(longest))
-    if size > UNIX_PATH_MAX - 1:
+    why = paths.socket_path_too_long(longest)
+    if why is not None:
         raise UsageError(
-            f"the runtime directory {longest.parent.parent} is too deep: its session "
-            f"sockets' paths would be {size} bytes, and a Unix socket's may have "
-            f"{UNIX_PATH_MAX - 1} at most; set CREDPROXY_RUNTIME_DIR (or XDG_RUNTIME_DIR) "
-            "to a shorter directory"
+            f"the runtime directory {longest.parent.parent} is too deep for its session "
+            f"sockets: {why}"
         )
 
 

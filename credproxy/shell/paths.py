@@ -87,6 +87,19 @@ def sessions_dir() -> Path:
 
 
 UNIX_PATH_MAX = 108  # a Unix socket path's room on Linux (sun_path), its final NUL included
+
+
+def socket_path_too_long(path: Path) -> str | None:
+    """Why *path* cannot be a Unix socket's (too long, and what to do), or None if it can."""
+    size = len(os.fsencode(path))
+    if size < UNIX_PATH_MAX:
+        return None
+    return (
+        f"the path is {size} bytes, and a Unix socket's may have {UNIX_PATH_MAX - 1} at "
+        "most; set CREDPROXY_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a shorter directory"
+    )
+
+
 PRIVATE = 0o700
 SEARCHABLE = 0o711  # others may pass through (to a socket opened for them), never list
 

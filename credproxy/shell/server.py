@@ -22,7 +22,6 @@ from credproxy.core import httprules
 from credproxy.core.protocol import handshake_error
 from credproxy.errors import CredproxyError
 from credproxy.shell import logs, paths
-from credproxy.shell.paths import UNIX_PATH_MAX
 
 log = logs.get("credproxy.server")
 _PEERCRED = struct.Struct("3i")
@@ -126,13 +125,8 @@ async def bind_unix(
             _bind_with_umask(sock, path, umask)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
-                why = exc.strerror or str(exc)  # ("AF_UNIX path too long" has no errno)
-                if len(os.fsencode(path)) >= UNIX_PATH_MAX:
-                    why = (
-                        f"the path is {len(os.fsencode(path))} bytes, and a Unix socket's "
-                        f"may have {UNIX_PATH_MAX - 1} at most; set CREDPROXY_RUNTIME_DIR "
-                        "(or XDG_RUNTIME_DIR) to a shorter directory"
-                    )
+                # ("AF_UNIX path too long" has no errno)
+                why = paths.socket_path_too_long(path) or exc.strerror or str(exc)
                 raise CredproxyError(f"cannot bind {path}: {why}") from None
             await _reclaim(path)
             _bind_with_umask(sock, path, umask)
