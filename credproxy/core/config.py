@@ -263,6 +263,8 @@ class Provider(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 #: The field of a minted token that says what it was minted from (``Provider.minted_with``).
 MINTED_WITH = "minted_with"
+#: The fields of a stored token that never leave the host (served, or put in a header).
+UNSERVED_FIELDS = frozenset({"refresh_token", MINTED_WITH})
 
 
 #: The Provider fields that hold endpoint URLs: https, or plain http on loopback.

@@ -81,7 +81,7 @@ import h11
 import trio
 
 from credproxy.core import httprules
-from credproxy.core.config import HEADER_FIELD, MINTED_WITH, Api, Config, Provider
+from credproxy.core.config import HEADER_FIELD, UNSERVED_FIELDS, Api, Config, Provider
 from credproxy.core.connection import TokenBucket
 from credproxy.core.grants import Grants
 from credproxy.core.httprules import HOP_BY_HOP, BodyPace, Preamble, error_answer
@@ -1080,18 +1080,11 @@ def route_request(
 
 
 def token_fields(token: Mapping[str, Any]) -> dict[str, str]:
-    """What a header template may name of a token: its scalar fields as served.
-
-    Not the refresh token, nor a minted token's digest (what
-    :func:`~credproxy.shell.tokens.sanitize` leaves out).
-    """
+    """What a header template may name of a token: its scalar fields as served."""
     return {
         k: str(v)
         for k, v in token.items()
-        if k != "refresh_token"
-        and k != MINTED_WITH
-        and isinstance(v, str | int | float)
-        and not isinstance(v, bool)
+        if k not in UNSERVED_FIELDS and isinstance(v, str | int | float) and not isinstance(v, bool)
     }
 
 

@@ -58,7 +58,7 @@ import msgspec
 import trio
 
 from credproxy.core import policy, serving
-from credproxy.core.config import MINTED_WITH, SIGNING_GRANTS, Config
+from credproxy.core.config import MINTED_WITH, SIGNING_GRANTS, UNSERVED_FIELDS, Config
 from credproxy.core.failover import BucketMarks
 from credproxy.core.names import DEFAULT_BUCKET, Key
 from credproxy.core.oauth import TokenEndpoint
@@ -100,7 +100,7 @@ def fingerprint(secret: str) -> str:
 
 def sanitize(token: dict[str, Any]) -> dict[str, Any]:
     """The token as served: everything but ``refresh_token`` (and a minted one's digest)."""
-    return {k: v for k, v in token.items() if k != "refresh_token" and k != MINTED_WITH}
+    return {k: v for k, v in token.items() if k not in UNSERVED_FIELDS}
 
 
 @dataclass(frozen=True, slots=True)
