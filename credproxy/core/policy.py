@@ -45,6 +45,7 @@ from typing import Any
 from credproxy.core.config import Renewal
 
 __all__ = [
+    "CLOCK_STEP",
     "INVALID_EXPIRY",
     "SLICE",
     "expiry_is_invalid",
@@ -56,8 +57,11 @@ __all__ = [
     "token_expiry",
 ]
 
-#: The longest a renewal timer sleeps before it looks at the wall clock again.
+#: Seconds between two looks at the clocks while a renewal timer sleeps.
 SLICE = 30.0
+#: Seconds two clocks (wall, boot, trio's) must move apart to count as a step
+#: or a suspend; NTP's slewing parts them by a few parts per million.
+CLOCK_STEP = 1.0
 
 
 #: What :func:`token_expiry` says of a present but invalid ``expiry``: the

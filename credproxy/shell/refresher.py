@@ -61,7 +61,6 @@ A clock step while the answer is on its way
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 from collections.abc import Callable
 from contextlib import suppress
@@ -93,9 +92,6 @@ LOCK_POLL = 0.02  # seconds between flock attempts while another process refresh
 SAVE_RETRY_BASE = 1.0  # seconds before retrying the write of an unsaved token, doubling
 SAVE_RETRY_CAP = 60.0
 MINT_TRIES = 3  # mints in a row while reloads keep changing what a bucket is minted from
-#: Seconds the wall clock must move apart from the boot clock during a request
-#: to count as a step; NTP's slewing parts them by a few parts per million.
-STEP_NOTICED = 1.0
 
 
 class Sent(NamedTuple):
@@ -109,13 +105,13 @@ def expiry_after_step(expiry: float, sent: Sent, wall_now: float, boot_now: floa
     """*expiry*, reckoned on the wall clock at *sent*, on the wall clock of now.
 
     The step is what the wall clock moved since *sent* beyond what the boot
-    clock did; a difference under :data:`STEP_NOTICED` is none, and *expiry*
+    clock did; a difference under :data:`~credproxy.core.policy.CLOCK_STEP` is none, and *expiry*
     is kept as it is. The result is ``wall_now + (sent.boot + (expiry -
     sent.wall) - boot_now)``: the lifetime counted from the boot clock at
     *sent*, whatever the wall clock did.
     """
     step = (wall_now - sent.wall) - (boot_now - sent.boot)
-    return expiry if abs(step) < STEP_NOTICED else expiry + step
+    return expiry if abs(step) < policy.CLOCK_STEP else expiry + step
 
 
 class Generation(Protocol):
@@ -476,13 +472,8 @@ class Refresher(Generic[G]):
 
         Synchronous: nothing may come between the answer and its write.
         """
-        expiry = answer.get("expiry")
-        if (
-            prov.grant in EXPIRES_AT_GRANTS
-            or isinstance(expiry, bool)
-            or not isinstance(expiry, int | float)
-            or not math.isfinite(expiry)
-        ):
+        expiry = policy.expiry_value(answer.get("expiry"))
+        if prov.grant in EXPIRES_AT_GRANTS or expiry is None:
             return answer
         moved = expiry_after_step(expiry, sent, self.wall(), self.boot())
         if moved == expiry:

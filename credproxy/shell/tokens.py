@@ -82,9 +82,6 @@ _encoder = msgspec.json.Encoder()
 NOTIFY_TIMEOUT = 10.0  # seconds a [notify] command may run
 MINT_FAILURES_TO_TELL = 3  # consecutive failed mints of a key before the host is told
 RECHECK = 1.0  # seconds a served answer may be reused before the store is looked at again
-#: Seconds the wall or the boot clock must move apart from trio's between two
-#: looks of the clock watch to wake the renewal timers (a suspend, a step).
-CLOCKS_MOVED = 1.0
 
 
 def login_command(key: Key) -> str:
@@ -637,7 +634,7 @@ class Tokens:
     async def _watch_clocks(self) -> None:
         """While anything sleeps: every :data:`~credproxy.core.policy.SLICE` s, wake the
         sleepers if the wall or the boot clock moved apart from trio's (by
-        :data:`CLOCKS_MOVED` or more: a suspend, a step; not NTP's slewing)."""
+        :data:`~credproxy.core.policy.CLOCK_STEP` or more: a suspend, a step)."""
         try:
             seen = self._clock_offsets()
             while self._sleepers:
@@ -645,7 +642,7 @@ class Tokens:
                 with trio.move_on_after(policy.SLICE):
                     await self._no_sleepers.wait()
                 now = self._clock_offsets()
-                if any(abs(a - b) >= CLOCKS_MOVED for a, b in zip(now, seen, strict=True)):
+                if any(abs(a - b) >= policy.CLOCK_STEP for a, b in zip(now, seen, strict=True)):
                     moved, self._clocks_moved = self._clocks_moved, trio.Event()
                     moved.set()
                 seen = now
