@@ -952,7 +952,7 @@ def print_table(report: Report) -> None:
     print()
     print(
         f"credproxy benchmark ({report.mode} mode, {report.details['machine']['cpus']} CPUs, "
-        f"Python {report.details['machine']['python']})"
+        f"Python {report.details['machine']['python']}, {report.details['machine']['interpreter']})"
     )
     print(line(head))
     print(line(tuple("-" * w for w in widths)))
@@ -966,6 +966,26 @@ def print_table(report: Report) -> None:
 
 
 # -- main ------------------------------------------------------------------------------------
+
+
+def interpreter() -> str:
+    """The interpreter behind this one (and every child): its file, and how libpython is linked.
+
+    The same credproxy costs about 15 % less CPU per proxied request on an
+    interpreter with libpython linked in and built with PGO and LTO (Debian's
+    ``/usr/bin/python3``, the one its package runs) than on a shared-libpython
+    build without them (pyenv's default): figures from different
+    interpreters are not comparable (docs/design.md section 9.4).
+    """
+    exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    try:
+        with open("/proc/self/maps") as maps:
+            shared = sorted(
+                {line.rsplit("/", 1)[-1].strip() for line in maps if "/libpython" in line}
+            )
+    except OSError:
+        return exe
+    return f"{exe}, " + (f"shared {shared[0]}" if shared else "libpython linked in")
 
 
 def run(mode: Mode, keep: bool, figures: frozenset[int] = ALL_FIGURES) -> Report:
@@ -988,6 +1008,7 @@ def run(mode: Mode, keep: bool, figures: frozenset[int] = ALL_FIGURES) -> Report
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "executable": sys.executable,
+        "interpreter": interpreter(),
         "loadavg_start": os.getloadavg(),
     }
     raise_nofile(mode.herd + 256)

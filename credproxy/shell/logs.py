@@ -119,8 +119,18 @@ def info_line(event: str, fields: dict[str, Any]) -> None:
     elif _out is None:
         structlog.get_logger().info(event, **fields)
     elif _info:
-        line = {**fields, "event": event, "level": "info"}
-        _out.msg(_serialize(_redact(None, "info", _timestamp(None, "info", line))))
+        line = _timestamp(None, "info", {**fields, "event": event, "level": "info"})
+        names = tuple(fields)
+        safe = _safe_names.get(names)
+        if safe is None:
+            safe = not any(_is_secretish(name) for name in names)
+            if len(_safe_names) < 256:
+                _safe_names[names] = safe
+        _out.msg(_serialize(line if safe else _redact(None, "info", line)))
+
+
+#: info_line's field names, and whether none of them is one _redact hides.
+_safe_names: dict[tuple[str, ...], bool] = {}
 
 
 @contextlib.contextmanager
