@@ -9,6 +9,9 @@ shows up as ``reuse_count`` > 0 and an ``invalid_grant``.
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -597,3 +600,50 @@ async def test_a_clock_step_while_the_idp_holds_its_answer_does_not_move_the_ren
     assert h.idp.reuse_count == 0
     (stepped,) = [e for e in no_secrets_in_logs if e["event"] == "clock_step_during_refresh"]
     assert stepped["step"] == step
+
+
+async def _writer_of(fifo: Path) -> int:
+    """A write end of *fifo*, once something has opened it to read (and waits in that open)."""
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # (ENXIO: no reader yet)
+                raise
+        await trio.sleep(0.01)
+
+
+async def test_a_clock_step_while_the_client_secret_is_read_does_not_move_the_renewal(
+    start_daemon: StartDaemon,
+    autojump_clock: object,
+    no_secrets_in_logs: list[dict],
+    tmp_path: Path,
+) -> None:
+    """The wall clock is stepped an hour forward while a refresh reads its client_secret_file (a FIFO the test writes once the step is made), before its request leaves: the new hour token's renewal is due 3240-3270 s after it was asked for (status), not an hour late."""
+    fifo = tmp_path / "client-secret"
+    os.mkfifo(fifo, 0o600)
+    h = await start_daemon(
+        lifetime=HOUR, limits=LONG_IDLE, providers={"dev": {"client_secret_file": str(fifo)}}
+    )
+    token = h.idp.mint()
+    token["expiry"] = h.wall() - 1
+    h.store.write("dev", "default", token)
+    p = await h.peer(await h.session("dev"))
+    asked = h.wall.true()
+    await p.send({"v": 2, "id": "x", "op": "get_token", "payload": {"provider": "dev"}})
+    fd = await _writer_of(fifo)  # the refresh is reading the secret now
+    h.wall.step(HOUR)
+    os.write(fd, b"not-checked-by-this-idp\n")
+    os.close(fd)
+    # The renewal reads a plain file (a FIFO with no writer would hold it for good).
+    (tmp_path / "plain").write_text("not-checked-by-this-idp\n")
+    os.replace(tmp_path / "plain", fifo)
+    reply = await p.recv()
+    assert reply is not None and reply["ok"] is True, reply
+    assert h.idp.refresh_count == 1
+    # Its renewal is due 3240-3270 s after it was asked for (lead 0.1 of an
+    # hour, jitter up to 30 s), as without a step: not an hour late.
+    (renewal,) = (await h.daemon.status())["sessions"][0]["renewals"]
+    assert 3240 <= renewal["next_renewal_in"] + (h.wall.true() - asked) <= 3271, renewal
+    # The request left after the step: its expiry needed no correction.
+    assert not [e for e in no_secrets_in_logs if e["event"] == "clock_step_during_refresh"]

@@ -435,10 +435,10 @@ class _GatedMint:
         self.gate = trio.Event()
         self.waiting = trio.Event()
 
-    async def mint(self, provider: Any, bucket: str = "default") -> dict[str, Any]:
+    async def mint(self, provider: Any, bucket: str = "default", **kw: Any) -> dict[str, Any]:
         self.waiting.set()
         await self.gate.wait()
-        return await self.real.mint(provider, bucket)
+        return await self.real.mint(provider, bucket, **kw)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from credproxy.core.config import Provider
@@ -212,11 +212,19 @@ class TokenEndpoint(Protocol):
     """
 
     async def refresh(
-        self, provider: Provider, refresh_token: str, granted: Any = None
+        self,
+        provider: Provider,
+        refresh_token: str,
+        granted: Any = None,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> dict[str, Any]:
         """Exchange *refresh_token* for a new token (parsed, not merged with the old one).
 
         *granted* is the stored token's ``scope``, if any (:func:`refresh_form`).
+        *clock*, if given, is the wall clock read as the request goes out (the
+        answer's ``expires_in`` counts from that reading): the caller's, so
+        that it knows when that was.
 
         Raises:
             RefreshFailed: a transient failure; worth retrying later.
@@ -224,8 +232,12 @@ class TokenEndpoint(Protocol):
         """
         ...
 
-    async def mint(self, provider: Provider, bucket: str) -> dict[str, Any]:
+    async def mint(
+        self, provider: Provider, bucket: str, *, clock: Callable[[], float] | None = None
+    ) -> dict[str, Any]:
         """A new token for a signing grant (docs/signing.md), in the shape the store keeps.
+
+        *clock* as for :meth:`refresh` (its reading also dates the JWTs signed).
 
         Raises:
             RefreshFailed: minting failed (``MintFailed`` says why and what to do).

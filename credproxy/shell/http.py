@@ -226,7 +226,12 @@ class HttpTokenEndpoint:
         return self._client
 
     async def refresh(
-        self, provider: Provider, refresh_token: str, granted: Any = None
+        self,
+        provider: Provider,
+        refresh_token: str,
+        granted: Any = None,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> dict[str, Any]:
         """Exchange *refresh_token* at ``provider.token_url``.
 
@@ -259,8 +264,9 @@ class HttpTokenEndpoint:
         # The userinfo part of a URL may hold a password; name the host only.
         host = urlsplit(provider.token_url).hostname or "the token endpoint"
         # Taken before sending: expires_in counts from when the IdP answered,
-        # so the computed expiry is early by one round trip, never late.
-        now = self._wall_clock()
+        # so the computed expiry is early by one round trip, never late. (On the
+        # caller's clock when it gives one: a step is reckoned from this reading.)
+        now = (self._wall_clock if clock is None else clock)()
         try:
             status, body = await self._post(
                 provider.token_url,
@@ -299,7 +305,13 @@ class HttpTokenEndpoint:
 
     # -- the signing grants -------------------------------------------------------------
 
-    async def mint(self, provider: Provider, bucket: str = DEFAULT_BUCKET) -> dict[str, Any]:
+    async def mint(
+        self,
+        provider: Provider,
+        bucket: str = DEFAULT_BUCKET,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> dict[str, Any]:
         """A new token for a signing grant (jwt-bearer, client_credentials, github-app, signed-jwt).
 
         Loads the key (cached per file and mtime), signs what the grant needs
@@ -334,7 +346,10 @@ class HttpTokenEndpoint:
             if key is None:
                 raise assertions.MintFailed("a signed-jwt provider needs private_key", "key")
             return assertions.signed_jwt_token(
-                provider, key, now=self._wall_clock(), random=self._random
+                provider,
+                key,
+                now=(self._wall_clock if clock is None else clock)(),
+                random=self._random,
             )
         client_secret = None
         if provider.grant == "client_credentials":
@@ -345,8 +360,9 @@ class HttpTokenEndpoint:
                     provider.client_secret_file, "client_secret_file"
                 )
         # Taken before signing and sending: the JWT's times, and expires_in counted
-        # from here, so the computed expiry errs early.
-        now = self._wall_clock()
+        # from here, so the computed expiry errs early (the caller's clock, as
+        # for refresh).
+        now = (self._wall_clock if clock is None else clock)()
         request = assertions.build_request(
             provider, bucket, key=key, client_secret=client_secret, now=now, random=self._random
         )

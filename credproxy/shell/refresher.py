@@ -50,8 +50,9 @@ A clock step while the answer is on its way
     stepped before the answer arrives, that expiry is off by the step in
     today's wall-clock terms, and so would be the boot-clock deadline the
     cache derives from it: an hour late (served after it died) or an hour
-    early (renewed at once). The wall and boot clocks are read when the
-    request is sent (:class:`Sent`), and an answer that arrives after a step
+    early (renewed at once). The wall and boot clocks are read together when the
+    endpoint reads the wall clock for the request, just before it is sent
+    (:class:`SendClock`: after any secret or key was read), and an answer that arrives after a step
     has its expiry moved by the step (:func:`expiry_after_step`): its life
     still counts from before the request, on the boot clock, which no step
     moves. Not for the grants whose answer says when the token ends on the
@@ -99,6 +100,23 @@ class Sent(NamedTuple):
 
     wall: float
     boot: float
+
+
+class SendClock:
+    """The wall clock an endpoint reads as its request goes out; notes the boot clock with it.
+
+    :attr:`sent` is that reading (until the endpoint reads the clock, the
+    time this was made): a step is reckoned from when the request left, not
+    from before a secret or a key was read for it.
+    """
+
+    def __init__(self, wall: Callable[[], float], boot: Callable[[], float]) -> None:
+        self._wall, self._boot = wall, boot
+        self.sent = Sent(wall(), boot())
+
+    def __call__(self) -> float:
+        self.sent = Sent(self._wall(), self._boot())
+        return self.sent.wall
 
 
 def expiry_after_step(expiry: float, sent: Sent, wall_now: float, boot_now: float) -> float:
@@ -367,9 +385,11 @@ class Refresher(Generic[G]):
             else:
                 assert stored is not None
                 assert isinstance(rt, str)
-                sent = self._sent()
+                clock = self._send_clock()
                 try:
-                    new = await self.endpoint.refresh(prov, rt, stored.token.get("scope"))
+                    new = await self.endpoint.refresh(
+                        prov, rt, stored.token.get("scope"), clock=clock
+                    )
                 except RotatedUnusable as exc:
                     # No usable token, but the old refresh token is spent: the
                     # new one is stored (with the old access token) before the
@@ -384,7 +404,7 @@ class Refresher(Generic[G]):
                 # no cancellation (session close, shutdown) can land in between;
                 # the bytes go into the reserved file first, which a SIGKILL
                 # after that point cannot take back (recover_pending adopts it).
-                new = self._on_todays_clock(key, prov, new, sent)
+                new = self._on_todays_clock(key, prov, new, clock.sent)
                 merged = merge_refreshed(stored.token, new)
             self.store.fault("refresh-got-response")
             health.succeeded(self.wall())  # (a failed write below says so in the same record)
@@ -436,9 +456,9 @@ class Refresher(Generic[G]):
             # The key file is read before the mint and after it: a key replaced
             # meanwhile (the mint may have signed with either) mints again.
             digest = self.minted_with(prov, bucket)
-            sent = self._sent()
-            merged = await self.endpoint.mint(prov, bucket)
-            merged = self._on_todays_clock(Key(provider, bucket), prov, merged, sent)
+            clock = self._send_clock()
+            merged = await self.endpoint.mint(prov, bucket, clock=clock)
+            merged = self._on_todays_clock(Key(provider, bucket), prov, merged, clock.sent)
             now = self.cfg.providers.get(provider)
             if now is None or not now.mints(bucket):
                 raise NotFound(f"{provider}:{bucket} is no longer minted (a reload)")
@@ -461,9 +481,9 @@ class Refresher(Generic[G]):
 
         return prov.minted_with(bucket, key=key_digest(prov, self.store.signing_dir))
 
-    def _sent(self) -> Sent:
-        """The clocks as a request goes out."""
-        return Sent(self.wall(), self.boot())
+    def _send_clock(self) -> SendClock:
+        """The clock a request's endpoint reads as it sends (:class:`SendClock`)."""
+        return SendClock(self.wall, self.boot)
 
     def _on_todays_clock(
         self, key: Key, prov: Provider, answer: dict[str, Any], sent: Sent
