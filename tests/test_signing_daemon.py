@@ -10,6 +10,7 @@ errors and the log (never the key).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import trio.testing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_proxy import HttpClient, Upstream, answer, upstream  # noqa: F401
+from test_renewal import _writer_of
 
 from conftest import CREDPROXY, Dirs, Harness, StartDaemon
 from credproxy.core.config import Narrowing
@@ -506,3 +508,52 @@ def test_a_header_template_cannot_name_what_a_minted_token_keeps_to_itself() -> 
         assert stored[name] not in str(refused.value)
     filled = fill_headers({"A": "token {access_token}"}, fields, Key("gh"), grants, lambda _: None)
     assert filled == {"A": "token ghs_x"}
+
+
+async def test_a_clock_step_while_a_key_is_unlocked_does_not_move_the_minted_tokens_renewal(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    no_secrets_in_logs: list[dict[str, Any]],
+) -> None:
+    """The host's clock, a minute ahead, is put right while the first mint waits for its key's passphrase (a passphrase_command reading a FIFO; trio's real clock, for the command's time limit): the JWT is dated after the step and taken, and the hour token's renewal is due 3240-3270 s after the mint (status), not a minute early."""
+    key = tmp_path / "sa.pem"
+    key.write_bytes(
+        RSA_KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"unlock-CANARY"),
+        )
+    )
+    key.chmod(0o600)
+    fifo = tmp_path / "passphrase"
+    os.mkfifo(fifo, 0o600)
+    h = await start_daemon(
+        HOUR,
+        issuers=True,
+        limits={"idle_timeout": 1e9},
+        providers={
+            "sa": {
+                "grant": "jwt-bearer",
+                "token_url": "{idp}/token",
+                "private_key": str(key),
+                "passphrase_command": ["cat", str(fifo)],
+                "issuer": "agent@example.iam",
+            }
+        },
+    )
+    _issuers(h).register_assertion_issuer("agent@example.iam", RSA_KEY.public_key())
+    h.wall.step(60)  # the host is a minute ahead
+    p = await h.peer(await h.session("sa"))
+    await p.send({"v": 2, "id": "m", "op": "get_token", "payload": {"provider": "sa"}})
+    fd = await _writer_of(fifo)  # the mint waits for the passphrase
+    h.wall.step(-60)  # NTP puts the clock right
+    os.write(fd, b"unlock-CANARY\n")
+    os.close(fd)
+    reply = await p.recv()
+    assert reply is not None and reply["ok"] is True, reply
+    assert _issuers(h).refusals == []
+    # Due 3240-3270 s after the mint (lead 0.1 of an hour, jitter up to 30 s);
+    # with the step counted, a minute sooner.
+    (renewal,) = (await h.daemon.status())["sessions"][0]["renewals"]
+    assert 3230 <= renewal["next_renewal_in"] <= 3270, renewal
+    assert not [e for e in no_secrets_in_logs if e["event"] == "clock_step_during_refresh"]
