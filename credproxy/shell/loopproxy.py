@@ -174,8 +174,7 @@ def _header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     """
     if not headers:
         return b""
-    # (One loop, no comprehension: on Python 3.11 each one is a function made
-    # and called, which cost more than the lines themselves.)
+    # (One loop, no comprehensions: on Python 3.11 each one makes and calls a function.)
     lines: list[bytes] = []
     for name, value in headers:
         lines += (name, b": ", value, b"\r\n")

@@ -50,13 +50,14 @@ A clock step while the answer is on its way
     stepped before the answer arrives, that expiry is off by the step in
     today's wall-clock terms, and so would be the boot-clock deadline the
     cache derives from it: an hour late (served after it died) or an hour
-    early (renewed at once). The wall and boot clocks are read together when the
-    endpoint reads the wall clock for the request, just before it is sent
-    (:class:`SendClock`: after any secret or key was read), and an answer that arrives after a step
-    has its expiry moved by the step (:func:`expiry_after_step`): its life
-    still counts from before the request, on the boot clock, which no step
-    moves. Not for the grants whose answer says when the token ends on the
-    issuer's clock (``EXPIRES_AT_GRANTS``): a step does not move that instant.
+    early (renewed at once). The wall and boot clocks are read together
+    when the endpoint reads the wall clock for the request, just before it
+    is sent (:class:`SendClock`: after any secret or key was read), and an
+    answer that arrives after a step has its expiry moved by the step
+    (:func:`expiry_after_step`): its life still counts from before the
+    request, on the boot clock, which no step moves. Not for the grants
+    whose answer says when the token ends on the issuer's clock
+    (``EXPIRES_AT_GRANTS``): a step does not move that instant.
 """
 
 from __future__ import annotations
