@@ -596,8 +596,15 @@ def test_watchdog_pings_stop_while_the_serving_loop_hangs(
             notify_socket, lambda got: any(d.startswith(b"STATUS=1 sessions") for d in got), 15
         )
         assert any(d.startswith(b"STATUS=1 sessions") for d in opened), opened
-        time.sleep(1.5)  # (the sandbox's request has reached the loop, which hangs on it)
-        got = receive_until(notify_socket, lambda got: False, 1.2)
+        # Once the sandbox's request reaches the loop (a process start away, which
+        # a busy machine makes slow), the pings stop: a 1.2 s window (three ping
+        # intervals) without one, waited for rather than assumed after a sleep.
+        deadline = time.monotonic() + 15
+        got = []
+        while time.monotonic() < deadline:
+            got = receive_until(notify_socket, lambda got: False, 1.2)
+            if b"WATCHDOG=1" not in got:
+                break
         assert got.count(b"WATCHDOG=1") == 0, got
         assert "serving_loop_unresponsive" in stderr.read_text()
     finally:
