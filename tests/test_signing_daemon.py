@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_proxy import HttpClient, Upstream, answer, upstream  # noqa: F401
 from test_renewal import _writer_of
+from test_signing import pem, write_private
 
 from conftest import CREDPROXY, Dirs, Harness, StartDaemon
 from credproxy.core.config import Narrowing
@@ -516,15 +517,7 @@ async def test_a_clock_step_while_a_key_is_unlocked_does_not_move_the_minted_tok
     no_secrets_in_logs: list[dict[str, Any]],
 ) -> None:
     """The host's clock, a minute ahead, is put right while the first mint waits for its key's passphrase (a passphrase_command reading a FIFO; trio's real clock, for the command's time limit): the JWT is dated after the step and taken, and the hour token's renewal is due 3240-3270 s after the mint (status), not a minute early."""
-    key = tmp_path / "sa.pem"
-    key.write_bytes(
-        RSA_KEY.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"unlock-CANARY"),
-        )
-    )
-    key.chmod(0o600)
+    key = write_private(tmp_path / "sa.pem", pem(RSA_KEY, "unlock-CANARY"))
     fifo = tmp_path / "passphrase"
     os.mkfifo(fifo, 0o600)
     h = await start_daemon(

@@ -225,6 +225,10 @@ class HttpTokenEndpoint:
             )
         return self._client
 
+    def _now(self, clock: Callable[[], float] | None) -> float:
+        """The wall clock as a request goes out: the caller's *clock* if it gave one."""
+        return (self._wall_clock if clock is None else clock)()
+
     async def refresh(
         self,
         provider: Provider,
@@ -266,7 +270,7 @@ class HttpTokenEndpoint:
         # Taken before sending: expires_in counts from when the IdP answered,
         # so the computed expiry is early by one round trip, never late. (On the
         # caller's clock when it gives one: a step is reckoned from this reading.)
-        now = (self._wall_clock if clock is None else clock)()
+        now = self._now(clock)
         try:
             status, body = await self._post(
                 provider.token_url,
@@ -348,7 +352,7 @@ class HttpTokenEndpoint:
             return assertions.signed_jwt_token(
                 provider,
                 key,
-                now=(self._wall_clock if clock is None else clock)(),
+                now=self._now(clock),
                 random=self._random,
             )
         client_secret = None
@@ -362,7 +366,7 @@ class HttpTokenEndpoint:
         # Taken before signing and sending: the JWT's times, and expires_in counted
         # from here, so the computed expiry errs early (the caller's clock, as
         # for refresh).
-        now = (self._wall_clock if clock is None else clock)()
+        now = self._now(clock)
         request = assertions.build_request(
             provider, bucket, key=key, client_secret=client_secret, now=now, random=self._random
         )

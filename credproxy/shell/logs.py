@@ -34,6 +34,8 @@ _SAFE_KEYS = frozenset({"event", "level", "timestamp", "fp", "token_type", "toke
 
 
 _secretish_memo: dict[str, bool] = {}
+#: info_line's field names, and whether none of them is one _redact hides.
+_safe_names: dict[tuple[str, ...], bool] = {}
 
 
 def _is_secretish(key: str) -> bool:
@@ -127,10 +129,6 @@ def info_line(event: str, fields: dict[str, Any]) -> None:
             if len(_safe_names) < 256:
                 _safe_names[names] = safe
         _out.msg(_serialize(line if safe else _redact(None, "info", line)))
-
-
-#: info_line's field names, and whether none of them is one _redact hides.
-_safe_names: dict[tuple[str, ...], bool] = {}
 
 
 @contextlib.contextmanager
